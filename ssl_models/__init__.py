@@ -1,0 +1,1 @@
+"""Domains, backbones and self-supervised methods, each registered by its own module."""

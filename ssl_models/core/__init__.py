@@ -1,0 +1,1 @@
+"""The domain contract and shared helpers every domain module builds on."""

@@ -1,0 +1,139 @@
+"""The contract every domain module fulfils, and the registry that finds it by name.
+
+Stages in `tasks/` talk to a domain only through `Domain`; adding a domain is one module in
+`ssl_models/` that registers a `Domain` subclass, plus one block in params.yaml.
+"""
+
+from __future__ import annotations
+
+import importlib
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from ssl_models.core.config import DomainConfig
+from ssl_models.core.errors import PipelineError
+from ssl_models.core.registry import Registry
+
+
+@dataclass
+class Record:
+    """One sample found by a reader: a document, a volume, a clip or a slide.
+
+    `key` is how the labels CSV names it (the path relative to the corpus, or
+    `path#L<n>` for a record inside a file); `sha256` hashes its content.
+    """
+
+    key: str
+    sha256: str
+    n_bytes: int
+    meta: dict[str, Any] = field(default_factory=dict)
+    content: Any = None  # the decoded sample for preprocess; never written to the manifest
+
+
+@dataclass
+class Rejected:
+    """A record inside a readable file that cannot be used (a bad line in a JSONL file)."""
+
+    key: str
+    reason: str
+
+
+class Encoder(nn.Module, ABC):
+    """Maps a batch of samples to one feature vector each: [batch, dim]."""
+
+    dim: int
+
+    @abstractmethod
+    def collate(self, samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        """Turn rows of the labeled shard into model inputs."""
+
+    @abstractmethod
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor: ...
+
+    @abstractmethod
+    def save(self, out_dir: Path) -> None:
+        """Write the encoder so that it can be loaded again without this code's state."""
+
+
+class PretrainMethod(nn.Module, ABC):
+    """A self-supervised objective on a backbone: `forward(batch) -> loss`."""
+
+    @abstractmethod
+    def collate(self, samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        """Turn rows of the pretraining shard into a batch (views, masks...)."""
+
+    @abstractmethod
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor: ...
+
+    @abstractmethod
+    def embed(self, samples: list[dict[str, Any]]) -> torch.Tensor:
+        """Pooled backbone features [batch, dim] of clean (un-augmented) pretraining rows,
+        for RankMe at each checkpoint."""
+
+
+class Domain(ABC):
+    """Readers, default data, preprocessing, SSL methods and encoders for one kind of data."""
+
+    name: str = ""
+    suffixes: tuple[str, ...] = ()
+
+    @abstractmethod
+    def read(self, path: Path, key: str, cfg: DomainConfig) -> Iterator[Record | Rejected]:
+        """Yield the records of one raw file; raise `UnreadableFileError` with a reason
+        when the whole file is unusable."""
+
+    @abstractmethod
+    def write_default_data(self, out_dir: Path, cfg: DomainConfig) -> None:
+        """Lay out the embedded default corpus (`out_dir/corpus/`) and `out_dir/labels.csv`."""
+
+    @abstractmethod
+    def preprocess(self, cfg: DomainConfig, manifest: list[dict[str, Any]], out_dir: Path) -> dict[str, Any]:
+        """Write `pretrain_train`, `pretrain_val` and `labeled` Arrow datasets under `out_dir`;
+        return a summary (counts, what the shards hold)."""
+
+    @abstractmethod
+    def pretrain_dataset(self, shards_dir: Path, split: str) -> Sequence[dict[str, Any]]:
+        """The `train` or `val` pretraining rows, indexable (a `datasets.Dataset`)."""
+
+    @abstractmethod
+    def build_pretrain_method(self, cfg: DomainConfig, shards_dir: Path) -> PretrainMethod: ...
+
+    @abstractmethod
+    def save_pretrained(self, method: PretrainMethod, out_dir: Path) -> None:
+        """Write the pretrained backbone (and what it needs, e.g. a tokenizer) to `out_dir`."""
+
+    @abstractmethod
+    def load_encoder(self, init: str, cfg: DomainConfig, shards_dir: Path,
+                     pretrained_dir: Path, seed: int) -> Encoder:
+        """`ssl`: the pretrained backbone; `scratch`: the same architecture, randomly
+        initialised from `seed`; `generic`: the configured base checkpoint."""
+
+    def available_inits(self, cfg: DomainConfig) -> list[str]:
+        """Initialisations this configuration can offer (no `generic` without a base checkpoint)."""
+        return ["ssl", "scratch"]
+
+    def task_description(self, cfg: DomainConfig, uses_default_data: bool) -> str:
+        """One sentence for the report: what the labeled task is."""
+        return f"classification of {self.name} samples by the `label` column of {cfg.labels}"
+
+
+DOMAINS: Registry[type[Domain]] = Registry("domain module")
+
+
+def get_domain(module: str) -> Domain:
+    """Import `ssl_models.<module>` (which registers itself) and return its domain."""
+    if module not in DOMAINS:
+        try:
+            importlib.import_module(f"ssl_models.{module}")
+        except ModuleNotFoundError as error:
+            if error.name != f"ssl_models.{module}":
+                raise
+            raise PipelineError(
+                f"no domain module ssl_models.{module}; set `module:` in params.yaml to one of the "
+                f"packages under ssl_models/ that registers a domain") from None
+    return DOMAINS.get(module)()

@@ -1,0 +1,124 @@
+"""Legal text: readers, a domain tokenizer, BERT-style backbones and masked-language modelling."""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import transformers
+from datasets import Dataset, load_from_disk
+
+from ssl_models.core.config import DomainConfig, parse_section
+from ssl_models.core.domain import DOMAINS, Domain, Encoder, PretrainMethod, Record, Rejected
+from ssl_models.legal_text.default_data import ATTRIBUTION, write_licensedcode_corpus
+from ssl_models.legal_text.models import (TEXT_METHODS, TextModelConfig, build_masked_lm,
+                                          load_text_encoder)
+from ssl_models.legal_text.preprocessing import (TextPreprocessConfig, build_tokenizer,
+                                                 normalised_text_hash, pack_blocks, save_blocks)
+from ssl_models.legal_text.readers import TEXT_SUFFIXES, read_text_file
+
+transformers.logging.set_verbosity_error()
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TextIngestConfig:
+    """`ingest:` block of a text domain."""
+
+    text_field: str = "text"  # field holding the text in .jsonl records
+    fallback_encoding: str = "latin-1"  # used when UTF-8 fails and detection finds nothing
+    min_characters: int = 1
+
+
+@dataclass
+class LicensedcodeDefaultConfig:
+    """`default_data:` block: how much of the embedded corpus to lay out (all by default)."""
+
+    max_files: int | None = None
+
+
+@DOMAINS.register("legal_text")
+class LegalText(Domain):
+    name = "legal_text"
+    suffixes = TEXT_SUFFIXES
+
+    def _model_cfg(self, cfg: DomainConfig) -> TextModelConfig:
+        return parse_section(TextModelConfig, cfg.model, f"domains.{cfg.name}.model")
+
+    def read(self, path: Path, key: str, cfg: DomainConfig) -> Iterator[Record | Rejected]:
+        options = parse_section(TextIngestConfig, cfg.ingest, f"domains.{cfg.name}.ingest")
+        yield from read_text_file(path, key, options.text_field, options.fallback_encoding,
+                                  options.min_characters)
+
+    def write_default_data(self, out_dir: Path, cfg: DomainConfig) -> None:
+        options = parse_section(LicensedcodeDefaultConfig, cfg.default_data, f"domains.{cfg.name}.default_data")
+        counts = write_licensedcode_corpus(out_dir, options.max_files)
+        log.info("default legal corpus: %(written)d license texts written", counts)
+
+    def preprocess(self, cfg: DomainConfig, manifest: list[dict[str, Any]], out_dir: Path) -> dict[str, Any]:
+        options = parse_section(TextPreprocessConfig, cfg.preprocess, f"domains.{cfg.name}.preprocess")
+        model_cfg = self._model_cfg(cfg)
+        texts = self._read_texts(cfg, manifest)
+        by_split: dict[str, list[str]] = defaultdict(list)
+        for row in manifest:
+            by_split[row["split"]].append(texts[row["key"]])
+        tokenizer = build_tokenizer(options, model_cfg, by_split["train"])
+        tokenizer.save_pretrained(out_dir / "tokenizer")
+        summary: dict[str, Any] = {"tokenizer": options.tokenizer, "vocab_size": len(tokenizer)}
+        for split in ("train", "val"):
+            blocks = pack_blocks(tokenizer, by_split[split], options.block_size)
+            save_blocks(blocks, out_dir / f"pretrain_{split}")
+            summary[f"pretrain_{split}_blocks"] = int(blocks.shape[0])
+            summary[f"pretrain_{split}_tokens"] = int(blocks.size)
+        labeled = [row for row in manifest if row.get("label") is not None]
+        pretrain_near_copies = {normalised_text_hash(texts[r["key"]]) for r in manifest if r["split"] == "train"}
+        test_rows = [r for r in labeled if r["split"] == "test"]
+        summary["labeled_test_near_copies_in_pretraining"] = sum(
+            normalised_text_hash(texts[r["key"]]) in pretrain_near_copies for r in test_rows)
+        Dataset.from_dict({
+            "sample_id": [r["sha256"] for r in labeled],
+            "text": [texts[r["key"]] for r in labeled],
+            "label": [str(r["label"]) for r in labeled],
+            "split": [r["split"] for r in labeled],
+            "group": [str(r.get("group") or r["sha256"]) for r in labeled],
+        }).save_to_disk(str(out_dir / "labeled"))
+        return summary
+
+    def _read_texts(self, cfg: DomainConfig, manifest: list[dict[str, Any]]) -> dict[str, str]:
+        wanted = {row["key"] for row in manifest}
+        texts: dict[str, str] = {}
+        for file in sorted({row["file"] for row in manifest}):
+            for record in self.read(cfg.corpus / file, file, cfg):
+                if isinstance(record, Record) and record.key in wanted:
+                    texts[record.key] = record.content
+        return texts
+
+    def build_pretrain_method(self, cfg: DomainConfig, shards_dir: Path) -> PretrainMethod:
+        model_cfg = self._model_cfg(cfg)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(shards_dir / "tokenizer")
+        method_cls = TEXT_METHODS.get(cfg.pretrain.method)
+        return method_cls(build_masked_lm(model_cfg, tokenizer), tokenizer, model_cfg.max_length,
+                          **cfg.pretrain.options)
+
+    def pretrain_dataset(self, shards_dir: Path, split: str) -> Dataset:
+        return load_from_disk(str(shards_dir / f"pretrain_{split}"))
+
+    def save_pretrained(self, method: PretrainMethod, out_dir: Path) -> None:
+        method.model.save_pretrained(out_dir)
+        method.tokenizer.save_pretrained(out_dir)
+
+    def load_encoder(self, init: str, cfg: DomainConfig, shards_dir: Path,
+                     pretrained_dir: Path, seed: int) -> Encoder:
+        return load_text_encoder(init, self._model_cfg(cfg), pretrained_dir, seed)
+
+    def available_inits(self, cfg: DomainConfig) -> list[str]:
+        return ["ssl", "scratch", "generic"] if self._model_cfg(cfg).base_checkpoint else ["ssl", "scratch"]
+
+    def task_description(self, cfg: DomainConfig, uses_default_data: bool) -> str:
+        if uses_default_data:
+            return ("license-text classification into ScanCode license categories (Permissive, "
+                    "Copyleft, Proprietary Free, ...). " + ATTRIBUTION)
+        return f"document classification by the `label` column of {cfg.labels}"

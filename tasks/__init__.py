@@ -1,0 +1,1 @@
+"""Pipeline stages: plain functions taking a domain name and paths, called by the CLI."""

@@ -1,0 +1,105 @@
+"""finetune: each initialisation x label fraction x seed x protocol on the small labeled set.
+
+Fine-tuning starts from the linear probe's head (LP-FT), so it keeps what the probe found.
+Initialisations: `ssl` (domain-pretrained), `scratch` (same architecture, random init) and
+`generic` (the base checkpoint, when configured). The subset for a (fraction, seed) is the
+same for every initialisation, and every fine-tune gets the same number of steps, so the
+differences are paired and the comparison fair. Test rows never change.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from datasets import load_from_disk
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from ssl_models.core.config import load_domain_config
+from ssl_models.core.domain import get_domain
+from ssl_models.core.errors import PipelineError
+from tasks.io import atomic_dir, write_json
+from tasks.lineage import LineageRecorder
+from tasks.paths import DomainPaths
+from tasks.probes import (embed_rows, finetune_encoder, fit_linear_probe, head_from_probe, knn_probe,
+                          linear_probe, scores)
+from tasks.splits import select_label_subset
+
+log = logging.getLogger("finetune")
+
+
+def load_labeled(shards: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    rows = load_from_disk(str(shards / "labeled")).to_list()
+    pool = [r for r in rows if r["split"] != "test"]
+    test = [r for r in rows if r["split"] == "test"]
+    if not pool or not test:
+        raise PipelineError(f"need labeled samples in both the training and the test split; have "
+                            f"{len(pool)} and {len(test)}: add labels or raise split.test")
+    return pool, test
+
+
+def finetune(domain_name: str) -> list[dict[str, Any]]:
+    cfg = load_domain_config(domain_name)
+    domain = get_domain(cfg.module)
+    paths = DomainPaths(domain_name)
+    settings = cfg.finetune
+    pool, test = load_labeled(paths.shards)
+    classes = sorted({r["label"] for r in pool} | {r["label"] for r in test})
+    test_y = [r["label"] for r in test]
+    available = domain.available_inits(cfg)
+    inits = [i for i in settings.inits if i in available]
+    if skipped := [i for i in settings.inits if i not in available]:
+        log.info("finetune %s: skipping init(s) %s (not configured: e.g. no model.base_checkpoint)", domain_name, skipped)
+    recorder = LineageRecorder(f"finetune@{domain_name}", paths.finetune, seeds=list(settings.seeds),
+                               params={"finetune": asdict(settings), "model": cfg.model},
+                               upstream=[paths.shards, paths.pretrain])
+    results: list[dict[str, Any]] = []
+    runs = len(inits) * len(settings.seeds) * len(settings.label_fractions)
+    progress = tqdm(total=runs, desc=f"finetune {domain_name}", disable=None)
+    with atomic_dir(paths.finetune) as out:
+        for init in inits:
+            cached: np.ndarray | None = None
+            for seed in settings.seeds:
+                encoder = domain.load_encoder(init, cfg, paths.shards, paths.pretrain / "encoder", seed)
+                # ssl and generic encoders do not depend on the seed: embed once
+                features = cached if cached is not None else embed_rows(encoder, pool + test)
+                cached = features if init != "scratch" else None
+                for fraction in settings.label_fractions:
+                    subset = select_label_subset([r["label"] for r in pool], [r["group"] for r in pool], fraction, seed)
+                    base = {"init": init, "label_fraction": fraction, "seed": seed,
+                            "n_train": len(subset), "n_test": len(test)}
+                    train_y = [pool[i]["label"] for i in subset]
+                    for protocol in settings.protocols:
+                        started = time.time()
+                        if protocol == "finetune":
+                            probe = fit_linear_probe(features[subset], train_y, settings.linear_c, seed)
+                            predicted, model, head = finetune_encoder(
+                                encoder, [pool[i] for i in subset], train_y, test, classes, settings, seed,
+                                head_from_probe(probe, encoder.dim, classes))
+                            if settings.save_models and init == "ssl" and seed == settings.seeds[0]:
+                                _save_model(out / "models" / f"{init}_fraction-{fraction}_seed-{seed}", model, head, classes)
+                        elif protocol == "linear":
+                            predicted = linear_probe(features[subset], train_y, features[len(pool):],
+                                                     settings.linear_c, seed)
+                        else:
+                            predicted = knn_probe(features[subset], train_y, features[len(pool):], settings.knn_neighbors)
+                        results.append({**base, "protocol": protocol, **scores(test_y, predicted),
+                                        "seconds": round(time.time() - started, 2)})
+                    progress.update(1)
+        progress.close()
+        write_json(out / "results.json", {"classes": classes, "inits": inits, "results": results})
+        recorder.write(out)
+    log.info("finetune %s: %d results", domain_name, len(results))
+    return results
+
+
+def _save_model(folder: Path, encoder: Any, head: Any, classes: list[str]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    encoder.save(folder / "encoder")
+    save_file({k: v.contiguous() for k, v in head.state_dict().items()}, str(folder / "head.safetensors"))
+    write_json(folder / "classes.json", classes)

@@ -1,0 +1,147 @@
+"""ingest: walk the corpus, read every file with the domain's reader, write the manifest.
+
+One row per usable record (content hash, bytes, domain metadata, split, label, group);
+unreadable files and records go to the quarantine list with their reason; exact duplicates
+are dropped and counted. Splits come from a hash of the group (or of the content), so adding
+files never moves old ones between splits.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from ssl_models.core.config import DomainConfig, load_domain_config
+from ssl_models.core.domain import Domain, Record, Rejected, get_domain
+from ssl_models.core.errors import PipelineError, UnreadableFileError
+from tasks.io import atomic_dir, write_json, write_jsonl
+from tasks.lineage import LineageRecorder, sha256_file
+from tasks.paths import DomainPaths
+from tasks.splits import assign_split
+
+log = logging.getLogger("ingest")
+
+
+def read_labels(path: Path | None) -> dict[str, dict[str, str | None]]:
+    """labels CSV -> {path: {"label", "group"}}; columns `path,label` and optional `group`."""
+    if path is None:
+        return {}
+    if not path.is_file():
+        raise PipelineError(f"labels file {path} not found; set `labels:` in params.yaml or remove it")
+    with open(path, newline="", encoding="utf-8-sig") as handle:
+        reader = csv.DictReader(handle)
+        columns = set(reader.fieldnames or [])
+        if not {"path", "label"} <= columns:
+            raise PipelineError(f"{path}: needs columns path,label (and optionally group); found {sorted(columns)}")
+        labels = {}
+        for row in reader:
+            if row["path"] and row["label"] not in (None, ""):
+                labels[row["path"].strip()] = {"label": row["label"].strip(),
+                                               "group": (row.get("group") or "").strip() or None}
+    return labels
+
+
+def _read_file(domain: Domain, path: Path, key: str, cfg: DomainConfig) -> tuple[list[Record], list[dict]]:
+    records, rejected = [], []
+    try:
+        for item in domain.read(path, key, cfg):
+            if isinstance(item, Rejected):
+                rejected.append({"key": item.key, "reason": item.reason})
+            else:
+                item.content = None  # the manifest keeps hashes and metadata, not content
+                records.append(item)
+    except UnreadableFileError as error:
+        return [], [{"key": key, "reason": error.reason}]
+    except Exception as error:  # a reader bug or an exotic file must not stop the run
+        return [], [{"key": key, "reason": f"reader failed: {type(error).__name__}: {error}"}]
+    return records, rejected
+
+
+def ingest(domain_name: str) -> dict[str, Any]:
+    """Run the ingest stage for one domain; returns its summary."""
+    cfg = load_domain_config(domain_name)
+    domain = get_domain(cfg.module)
+    paths = DomainPaths(domain_name)
+    if not cfg.corpus.is_dir():
+        raise PipelineError(f"corpus folder {cfg.corpus} not found; set domains.{domain_name}.corpus in params.yaml")
+    labels = read_labels(cfg.labels)
+    recorder = LineageRecorder(f"ingest@{domain_name}", paths.manifest,
+                               params={"module": cfg.module, "corpus": str(cfg.corpus),
+                                       "labels": str(cfg.labels) if cfg.labels else None,
+                                       "split": asdict(cfg.split), "ingest": cfg.ingest})
+    files = sorted(p for p in cfg.corpus.rglob("*") if p.is_file())
+    rows: list[dict[str, Any]] = []
+    quarantine: list[dict[str, str]] = []
+    duplicates: list[dict[str, str]] = []
+    canonical: dict[str, str] = {}  # content hash -> first key with it
+    alias: dict[str, str] = {}  # duplicate key -> kept key
+    raw_inputs: dict[str, str] = {}
+    hidden = 0
+    for path in tqdm(files, desc=f"ingest {domain_name}", unit="file", disable=None):
+        key = path.relative_to(cfg.corpus).as_posix()
+        if any(part.startswith(".") for part in Path(key).parts):
+            hidden += 1
+            continue
+        raw_inputs[key] = sha256_file(path)
+        if path.suffix.lower() not in domain.suffixes:
+            quarantine.append({"key": key, "reason": f"unsupported file type {path.suffix!r}; "
+                               f"{domain.name} reads {', '.join(domain.suffixes)}"})
+            continue
+        records, rejected = _read_file(domain, path, key, cfg)
+        quarantine.extend(rejected)
+        for record in records:
+            if record.sha256 in canonical:
+                alias[record.key] = canonical[record.sha256]
+                duplicates.append({"key": record.key, "duplicate_of": canonical[record.sha256]})
+                continue
+            canonical[record.sha256] = record.key
+            rows.append({"key": record.key, "file": key, "sha256": record.sha256,
+                         "bytes": record.n_bytes, **record.meta})
+    summary = _attach_labels_and_splits(rows, labels, alias, quarantine, cfg)
+    summary.update(files=len(files), hidden_files_skipped=hidden, records=len(rows),
+                   quarantined=len(quarantine), duplicates_dropped=len(duplicates))
+    with atomic_dir(paths.manifest) as out:
+        write_jsonl(out / "manifest.jsonl", rows)
+        write_jsonl(out / "quarantine.jsonl", quarantine)
+        write_jsonl(out / "duplicates.jsonl", duplicates)
+        write_json(out / "summary.json", summary)
+        recorder.raw_inputs = raw_inputs
+        recorder.write(out)
+    log.info("ingest %s: %d records, %d quarantined, %d duplicates dropped, %d labeled",
+             domain_name, len(rows), len(quarantine), len(duplicates), summary["labeled"])
+    return summary
+
+
+def _attach_labels_and_splits(rows: list[dict[str, Any]], labels: dict[str, dict[str, str | None]],
+                              alias: dict[str, str], quarantine: list[dict[str, str]],
+                              cfg: DomainConfig) -> dict[str, Any]:
+    by_key = {row["key"]: row for row in rows}
+    quarantined = {q["key"] for q in quarantine}
+    missing, on_quarantined, conflicting = [], 0, 0
+    for key, value in labels.items():
+        row = by_key.get(alias.get(key, key))
+        if row is None:
+            if key in quarantined:
+                on_quarantined += 1
+            else:
+                missing.append(key)
+            continue
+        if row.get("label") is not None and row["label"] != value["label"]:
+            conflicting += 1  # two identical files labeled differently: the first label stays
+            continue
+        row["label"], row["group"] = value["label"], value["group"]
+    for row in rows:
+        row.setdefault("label", None)
+        row.setdefault("group", None)
+        row["split"] = assign_split(row["group"] or row["sha256"], cfg.split.val, cfg.split.test, cfg.split.salt)
+    labeled = [r for r in rows if r["label"] is not None]
+    return {"labeled": len(labeled),
+            "labeled_by_split": {s: sum(r["split"] == s for r in labeled) for s in ("train", "val", "test")},
+            "records_by_split": {s: sum(r["split"] == s for r in rows) for s in ("train", "val", "test")},
+            "labels_without_file": len(missing), "labels_without_file_examples": missing[:10],
+            "labels_on_quarantined_files": on_quarantined, "labels_conflicting_on_duplicates": conflicting}

@@ -1,0 +1,39 @@
+"""preprocess: turn the manifest's records into a few large Arrow shards, deterministically.
+
+The domain writes `pretrain_train`, `pretrain_val` (unlabeled, for SSL and RankMe) and
+`labeled` (every labeled record with its split and group). Pretraining uses the train split
+only, so labeled test samples are never pretrained on; the summary counts any exact copies.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from ssl_models.core.config import load_domain_config
+from ssl_models.core.domain import get_domain
+from tasks.io import atomic_dir, read_jsonl, write_json
+from tasks.lineage import LineageRecorder
+from tasks.paths import DomainPaths
+
+log = logging.getLogger("preprocess")
+
+
+def preprocess(domain_name: str) -> dict[str, Any]:
+    cfg = load_domain_config(domain_name)
+    domain = get_domain(cfg.module)
+    paths = DomainPaths(domain_name)
+    manifest = read_jsonl(paths.manifest / "manifest.jsonl")
+    recorder = LineageRecorder(f"preprocess@{domain_name}", paths.shards,
+                               params={"corpus": str(cfg.corpus), "preprocess": cfg.preprocess, "model": cfg.model},
+                               upstream=[paths.manifest])
+    pretrained_on = {row["sha256"] for row in manifest if row["split"] == "train"}
+    test_labeled = [row for row in manifest if row.get("label") is not None and row["split"] == "test"]
+    with atomic_dir(paths.shards) as out:
+        summary = domain.preprocess(cfg, manifest, out)
+        summary["labeled_test"] = len(test_labeled)
+        summary["labeled_test_exact_copies_in_pretraining"] = sum(r["sha256"] in pretrained_on for r in test_labeled)
+        write_json(out / "summary.json", summary)
+        recorder.write(out)
+    log.info("preprocess %s: %s", domain_name, summary)
+    return summary

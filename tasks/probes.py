@@ -1,0 +1,102 @@
+"""The three protocols that measure an encoder on a few labels: linear probe, kNN, fine-tune."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import numpy as np
+import torch
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import accuracy_score, f1_score
+from sklearn.neighbors import KNeighborsClassifier
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+from transformers import get_cosine_schedule_with_warmup
+
+from ssl_models.core.config import FinetuneConfig
+from ssl_models.core.domain import Encoder
+
+
+@torch.no_grad()
+def embed_rows(encoder: Encoder, rows: list[dict[str, Any]], batch_size: int = 64) -> np.ndarray:
+    encoder.eval()
+    chunks = [encoder(encoder.collate(rows[i:i + batch_size])) for i in range(0, len(rows), batch_size)]
+    return torch.cat(chunks).float().numpy()
+
+
+def scores(y_true: list[str], y_pred: list[str]) -> dict[str, float]:
+    return {"macro_f1": float(f1_score(y_true, y_pred, average="macro", zero_division=0)),
+            "accuracy": float(accuracy_score(y_true, y_pred))}
+
+
+def fit_linear_probe(train_x: np.ndarray, train_y: list[str], c: float, seed: int):
+    """Logistic regression on standardised frozen features (None when only one class)."""
+    if len(set(train_y)) < 2:
+        return None
+    probe = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=500, random_state=seed))
+    return probe.fit(train_x, train_y)
+
+
+def linear_probe(train_x: np.ndarray, train_y: list[str], test_x: np.ndarray, c: float, seed: int) -> list[str]:
+    probe = fit_linear_probe(train_x, train_y, c, seed)
+    return [train_y[0]] * len(test_x) if probe is None else list(probe.predict(test_x))
+
+
+def head_from_probe(probe, dim: int, classes: list[str]) -> torch.nn.Linear:
+    """A linear head that computes the fitted probe's logits on raw features (the scaler folded
+    in), for LP-FT: Kumar et al., "Fine-Tuning can Distort Pretrained Features and
+    Underperform Out-of-Distribution", ICLR 2022. Classes absent from the subset start low."""
+    head = torch.nn.Linear(dim, len(classes))
+    if probe is None:
+        return head
+    scaler, logistic = probe[0], probe[-1]
+    weight = logistic.coef_ / scaler.scale_
+    bias = logistic.intercept_ - weight @ scaler.mean_
+    if len(logistic.classes_) == 2:  # sklearn keeps one row for two classes
+        weight, bias = np.stack([-weight[0] / 2, weight[0] / 2]), np.array([-bias[0] / 2, bias[0] / 2])
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.fill_(float(bias.min()) - 5.0)
+        for row, label in enumerate(logistic.classes_):
+            head.weight[classes.index(label)] = torch.as_tensor(weight[row], dtype=torch.float32)
+            head.bias[classes.index(label)] = float(bias[row])
+    return head
+
+
+def knn_probe(train_x: np.ndarray, train_y: list[str], test_x: np.ndarray, neighbors: int) -> list[str]:
+    knn = KNeighborsClassifier(n_neighbors=min(neighbors, len(train_y)), metric="cosine")
+    return list(knn.fit(train_x, train_y).predict(test_x))
+
+
+def finetune_encoder(encoder: Encoder, train_rows: list[dict[str, Any]], train_y: list[str],
+                     test_rows: list[dict[str, Any]], classes: list[str], cfg: FinetuneConfig,
+                     seed: int, head: torch.nn.Linear) -> tuple[list[str], Encoder, torch.nn.Linear]:
+    """Train a copy of the encoder and `head` (a copy of it) for `cfg.steps` steps, the same
+    budget for every initialisation; returns test predictions and the trained modules."""
+    torch.manual_seed(seed)
+    model = copy.deepcopy(encoder)
+    head = copy.deepcopy(head)
+    optimizer = torch.optim.AdamW([{"params": model.parameters(), "lr": cfg.learning_rate},
+                                   {"params": head.parameters(), "lr": cfg.head_learning_rate}])
+    scheduler = get_cosine_schedule_with_warmup(optimizer, max(1, cfg.steps // 10), cfg.steps)
+    targets = torch.tensor([classes.index(y) for y in train_y])
+    generator = torch.Generator().manual_seed(seed)
+    order: list[int] = []
+    model.train()
+    for _ in range(cfg.steps):
+        if len(order) < cfg.batch_size:
+            order += torch.randperm(len(train_rows), generator=generator).tolist() * max(
+                1, cfg.batch_size // max(1, len(train_rows)))
+        batch_ids, order = order[:cfg.batch_size], order[cfg.batch_size:]
+        logits = head(model(model.collate([train_rows[i] for i in batch_ids])))
+        loss = torch.nn.functional.cross_entropy(logits, targets[batch_ids])
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+    model.eval()
+    with torch.no_grad():
+        features = torch.from_numpy(embed_rows(model, test_rows))
+        predictions = head(features).argmax(dim=1).tolist()
+    return [classes[i] for i in predictions], model, head
