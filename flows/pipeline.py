@@ -11,6 +11,7 @@ executes no stage. Prefect adds retries, run history, schedules and artifacts.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from pathlib import Path
@@ -47,6 +48,7 @@ def run_stage(stage: str, domain: str, root: str) -> bool:
     from dvc.repo import Repo
 
     _stage_environment()
+    logging.getLogger("dvc").propagate = False  # DVC prints its own lines; no second copy via Prefect
     with Repo(root) as repo:
         reproduced = repo.reproduce(f"{stage}@{domain}", single_item=True)
     ran = bool(reproduced)

@@ -39,6 +39,16 @@ def aggregate(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return summary
 
 
+def flat_summary(summary: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, float]]]:
+    """Primary-metric means as protocol -> pct<labels> -> init, the nesting `dvc metrics show`
+    and `dvc exp show` flatten into columns such as `summary.linear.pct10.ssl`."""
+    table: dict[str, dict[str, dict[str, float]]] = defaultdict(lambda: defaultdict(dict))
+    for row in summary:
+        if row["metric"] == PRIMARY_METRIC:
+            table[row["protocol"]][f"pct{100 * row['label_fraction']:g}"][row["init"]] = row["mean"]
+    return {protocol: dict(by_fraction) for protocol, by_fraction in table.items()}
+
+
 def paired_differences(results: list[dict[str, Any]], metric: str = PRIMARY_METRIC) -> list[dict[str, Any]]:
     """ssl minus each baseline, seed by seed on the same label subset, per protocol and fraction."""
     by_key = {(r["init"], r["protocol"], r["label_fraction"], r["seed"]): r[metric] for r in results}
@@ -96,6 +106,7 @@ def evaluate(domain_name: str) -> dict[str, Any]:
                                upstream=[paths.finetune, paths.pretrain, paths.shards])
     summary = aggregate(finetuned["results"])
     metrics = {"domain": domain_name, "primary_metric": PRIMARY_METRIC, "results": summary,
+               "summary": flat_summary(summary),
                "labeled_test": shards_summary["labeled_test"],
                "labeled_test_in_pretraining_corpus": shards_summary["labeled_test_exact_copies_in_pretraining"]}
     with atomic_dir(paths.evaluation) as out:

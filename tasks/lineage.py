@@ -146,19 +146,32 @@ def chain(artifact: Path) -> list[dict[str, Any]]:
 
 
 def show(artifact: Path) -> str:
-    """A readable chain: artifact, stage, code, params digest, down to raw file hashes."""
-    lines = []
-    for depth, record in enumerate(chain(artifact)):
+    """A readable tree: each artifact with its stage, code, params digest and outputs digest,
+    its upstream indented below it, down to the raw corpus' file hashes."""
+    lines: list[str] = []
+    shown: set[str] = set()
+
+    def visit(path: Path, depth: int) -> None:
+        pad = "  " * depth
+        record = read_record(path)
+        if str(path) in shown:
+            lines.append(f"{pad}{record['artifact']}  [{record['stage']}]  (shown above)")
+            return
+        shown.add(str(path))
         code = record["code"]
         params_digest = hashlib.sha256(json.dumps(record["params"], sort_keys=True).encode()).hexdigest()
-        lines.append(f"{'  ' * min(depth, 6)}{record['artifact']}  [{record['stage']}]")
-        lines.append(f"{'  ' * min(depth, 6)}  outputs {record['outputs_digest'][:16]} ({len(record['outputs'])} files)"
+        lines.append(f"{pad}{record['artifact']}  [{record['stage']}]")
+        lines.append(f"{pad}  outputs {record['outputs_digest'][:16]} ({len(record['outputs'])} files)"
                      f"  code {str(code['commit'])[:12]}{' (dirty)' if code['dirty'] else ''}"
                      f"  params {params_digest[:12]}  ended {record['ended']}"
                      + (f"  prefect run {record['prefect_flow_run_id']}" if record.get("prefect_flow_run_id") else ""))
         if "raw_inputs" in record:
-            lines.append(f"{'  ' * min(depth, 6)}  raw corpus {record['params'].get('corpus')}: "
+            lines.append(f"{pad}  raw corpus {record['params'].get('corpus')}: "
                          f"{len(record['raw_inputs'])} files, digest {record['raw_inputs_digest'][:16]}")
+        for up in record["upstream"]:
+            visit(Path(up["artifact"]), depth + 1)
+
+    visit(artifact, 0)
     return "\n".join(lines)
 
 
