@@ -11,6 +11,7 @@ executes no stage. Prefect adds retries, run history, schedules and artifacts.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -49,7 +50,8 @@ def run_stage(stage: str, domain: str, root: str) -> bool:
 
     _stage_environment()
     logging.getLogger("dvc").propagate = False  # DVC prints its own lines; no second copy via Prefect
-    with Repo(root) as repo:
+    # DVC resolves some output paths against the working directory, so work from the root.
+    with contextlib.chdir(root), Repo(".") as repo:
         reproduced = repo.reproduce(f"{stage}@{domain}", single_item=True)
     ran = bool(reproduced)
     get_run_logger().info("%s@%s: %s", stage, domain, "ran" if ran else "up to date, skipped")

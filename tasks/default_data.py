@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 
 from ssl_models.core.config import load_domain_config
-from ssl_models.core.domain import get_domain
+from ssl_models.core.domain import load_domain
 from tasks.io import atomic_dir
 from tasks.lineage import LineageRecorder
 from tasks.paths import DomainPaths
@@ -15,7 +15,7 @@ log = logging.getLogger("default_data")
 
 def default_data(domain_name: str) -> None:
     cfg = load_domain_config(domain_name)
-    domain = get_domain(cfg.module)
+    domain = load_domain(cfg)
     paths = DomainPaths(domain_name)
     recorder = LineageRecorder(f"default_data@{domain_name}", paths.default_data,
                                params={"module": cfg.module, "default_data": cfg.default_data})

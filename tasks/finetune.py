@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from ssl_models.core.config import load_domain_config
-from ssl_models.core.domain import get_domain
+from ssl_models.core.domain import load_domain
 from ssl_models.core.errors import PipelineError
 from tasks.io import atomic_dir, write_json
 from tasks.lineage import LineageRecorder
@@ -45,7 +45,7 @@ def load_labeled(shards: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any
 
 def finetune(domain_name: str) -> list[dict[str, Any]]:
     cfg = load_domain_config(domain_name)
-    domain = get_domain(cfg.module)
+    domain = load_domain(cfg)
     paths = DomainPaths(domain_name)
     settings = cfg.finetune
     pool, test = load_labeled(paths.shards)

@@ -17,7 +17,7 @@ from typing import Any
 from tqdm import tqdm
 
 from ssl_models.core.config import DomainConfig, load_domain_config
-from ssl_models.core.domain import Domain, Record, Rejected, get_domain
+from ssl_models.core.domain import Domain, Record, Rejected, load_domain
 from ssl_models.core.errors import PipelineError, UnreadableFileError
 from tasks.io import atomic_dir, write_json, write_jsonl
 from tasks.lineage import LineageRecorder, sha256_file
@@ -65,7 +65,7 @@ def _read_file(domain: Domain, path: Path, key: str, cfg: DomainConfig) -> tuple
 def ingest(domain_name: str) -> dict[str, Any]:
     """Run the ingest stage for one domain; returns its summary."""
     cfg = load_domain_config(domain_name)
-    domain = get_domain(cfg.module)
+    domain = load_domain(cfg)
     paths = DomainPaths(domain_name)
     if not cfg.corpus.is_dir():
         raise PipelineError(f"corpus folder {cfg.corpus} not found; set domains.{domain_name}.corpus in params.yaml")

@@ -11,7 +11,7 @@ import logging
 from typing import Any
 
 from ssl_models.core.config import load_domain_config
-from ssl_models.core.domain import get_domain
+from ssl_models.core.domain import load_domain
 from tasks.io import atomic_dir, read_jsonl, write_json
 from tasks.lineage import LineageRecorder
 from tasks.paths import DomainPaths
@@ -21,7 +21,7 @@ log = logging.getLogger("preprocess")
 
 def preprocess(domain_name: str) -> dict[str, Any]:
     cfg = load_domain_config(domain_name)
-    domain = get_domain(cfg.module)
+    domain = load_domain(cfg)
     paths = DomainPaths(domain_name)
     manifest = read_jsonl(paths.manifest / "manifest.jsonl")
     recorder = LineageRecorder(f"preprocess@{domain_name}", paths.shards,

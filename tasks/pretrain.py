@@ -22,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 from ssl_models.core.config import DomainConfig, load_domain_config
-from ssl_models.core.domain import PretrainMethod, get_domain
+from ssl_models.core.domain import PretrainMethod, load_domain
 from ssl_models.core.errors import PipelineError
 from ssl_models.core.rankme import effective_rank
 from tasks.io import atomic_dir, write_json
@@ -94,7 +94,7 @@ def rankme(method: PretrainMethod, rows: list[dict[str, Any]], batch_size: int) 
 
 def pretrain(domain_name: str) -> dict[str, Any]:
     cfg = load_domain_config(domain_name)
-    domain = get_domain(cfg.module)
+    domain = load_domain(cfg)
     paths = DomainPaths(domain_name)
     settings = cfg.pretrain
     torch.use_deterministic_algorithms(True, warn_only=True)

@@ -9,7 +9,7 @@ from typing import Any
 import markdown
 
 from ssl_models.core.config import load_domain_config
-from ssl_models.core.domain import get_domain
+from ssl_models.core.domain import load_domain
 from tasks.figures import plot_label_efficiency, plot_pretraining
 from tasks.io import atomic_dir, read_json
 from tasks.lineage import LineageRecorder, show
@@ -102,7 +102,7 @@ def build_markdown(domain_name: str, task: str, metrics: dict[str, Any], compari
 
 def report(domain_name: str) -> str:
     cfg = load_domain_config(domain_name)
-    domain = get_domain(cfg.module)
+    domain = load_domain(cfg)
     paths = DomainPaths(domain_name)
     metrics = read_json(paths.evaluation / "metrics.json")
     comparisons = read_json(paths.evaluation / "comparisons.json")

@@ -113,6 +113,10 @@ class Domain(ABC):
         """`ssl`: the pretrained backbone; `scratch`: the same architecture, randomly
         initialised from `seed`; `generic`: the configured base checkpoint."""
 
+    def validate(self, cfg: DomainConfig) -> None:
+        """Parse every domain-specific section and look up method and backbone names, so a
+        typo fails when any stage starts, not an hour into training."""
+
     def available_inits(self, cfg: DomainConfig) -> list[str]:
         """Initialisations this configuration can offer (no `generic` without a base checkpoint)."""
         return ["ssl", "scratch"]
@@ -123,6 +127,13 @@ class Domain(ABC):
 
 
 DOMAINS: Registry[type[Domain]] = Registry("domain module")
+
+
+def load_domain(cfg: DomainConfig) -> Domain:
+    """The domain module named by `cfg.module`, with the whole domain block validated."""
+    domain = get_domain(cfg.module)
+    domain.validate(cfg)
+    return domain
 
 
 def get_domain(module: str) -> Domain:

@@ -48,6 +48,14 @@ class LegalText(Domain):
     def _model_cfg(self, cfg: DomainConfig) -> TextModelConfig:
         return parse_section(TextModelConfig, cfg.model, f"domains.{cfg.name}.model")
 
+    def validate(self, cfg: DomainConfig) -> None:
+        where = f"domains.{cfg.name}"
+        parse_section(TextIngestConfig, cfg.ingest, f"{where}.ingest")
+        parse_section(TextPreprocessConfig, cfg.preprocess, f"{where}.preprocess")
+        parse_section(LicensedcodeDefaultConfig, cfg.default_data, f"{where}.default_data")
+        self._model_cfg(cfg)
+        TEXT_METHODS.get(cfg.pretrain.method)
+
     def read(self, path: Path, key: str, cfg: DomainConfig) -> Iterator[Record | Rejected]:
         options = parse_section(TextIngestConfig, cfg.ingest, f"domains.{cfg.name}.ingest")
         yield from read_text_file(path, key, options.text_field, options.fallback_encoding,

@@ -1,0 +1,30 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.conftest import stage_env, tiny_params, write_params
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "tasks", *args], capture_output=True, text=True, env=stage_env())
+
+
+def test_unknown_method_fails_in_one_line_with_valid_names(tiny_project: Path) -> None:
+    write_params(tiny_project, tiny_params(pretrain={"method": "mlmm"}))
+    (tiny_project / "data/legal/shards/tokenizer").mkdir(parents=True)
+    result = run_cli("pretrain", "legal")
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert "unknown text SSL method 'mlmm'; valid names: mlm" in result.stderr
+
+
+def test_typo_in_a_setting_and_missing_corpus_are_named(tiny_project: Path) -> None:
+    write_params(tiny_project, tiny_params(finetune={"label_fraction": [0.1]}))
+    result = run_cli("finetune", "legal")
+    assert result.returncode == 2 and "unknown setting(s) ['label_fraction']" in result.stderr
+    write_params(tiny_project, tiny_params(corpus="/nowhere"))
+    result = run_cli("ingest", "legal")
+    assert result.returncode == 2 and "corpus folder /nowhere not found" in result.stderr
+    assert "Traceback" not in result.stderr

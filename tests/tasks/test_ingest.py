@@ -1,0 +1,86 @@
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from ssl_models.core.errors import PipelineError
+from tasks.ingest import ingest
+from tasks.io import read_json, read_jsonl
+from tests.conftest import tiny_params, write_params
+
+
+def make_corpus(root: Path) -> None:
+    corpus = root / "corpus"
+    (corpus / "contracts").mkdir(parents=True)
+    for i in range(24):
+        (corpus / "contracts" / f"c{i}.txt").write_text(f"Contract {i}. The supplier shall deliver {i} units.\n")
+    (corpus / "contracts" / "copy_of_c0.txt").write_text("Contract 0. The supplier shall deliver 0 units.\n")
+    (corpus / "empty.txt").write_bytes(b"")
+    (corpus / "scan.txt").write_bytes(b"\x00\x01\x02binary\x00")
+    (corpus / "photo.png").write_bytes(b"\x89PNG")
+    (corpus / ".DS_Store").write_bytes(b"junk")
+    (corpus / "records.jsonl").write_text(json.dumps({"text": "A clause in a record."}) + "\n{broken\n")
+    with open(root / "labels.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["path", "label", "group"])
+        for i in range(24):
+            writer.writerow([f"contracts/c{i}.txt", "supply" if i % 2 else "service", f"case-{i // 4}"])
+        writer.writerow(["empty.txt", "service", ""])
+        writer.writerow(["missing.txt", "service", ""])
+
+
+@pytest.fixture
+def corpus_project(tiny_project: Path) -> Path:
+    make_corpus(tiny_project)
+    write_params(tiny_project, tiny_params(corpus="corpus", labels="labels.csv", split={"test": 0.3, "val": 0.1}))
+    return tiny_project
+
+
+def test_manifest_quarantine_and_duplicates(corpus_project: Path) -> None:
+    summary = ingest("legal")
+    manifest = read_jsonl(Path("data/legal/manifest/manifest.jsonl"))
+    quarantine = {q["key"]: q["reason"] for q in read_jsonl(Path("data/legal/manifest/quarantine.jsonl"))}
+    keys = {row["key"] for row in manifest}
+    assert "contracts/c3.txt" in keys and "records.jsonl#L1" in keys
+    assert "contracts/copy_of_c0.txt" not in keys and summary["duplicates_dropped"] == 1
+    assert quarantine["empty.txt"] == "empty file"
+    assert "binary" in quarantine["scan.txt"]
+    assert "unsupported file type" in quarantine["photo.png"]
+    assert "invalid JSON" in quarantine["records.jsonl#L2"]
+    assert summary["hidden_files_skipped"] == 1
+    assert summary["labels_without_file"] == 1 and summary["labels_on_quarantined_files"] == 1
+    row = next(r for r in manifest if r["key"] == "contracts/c5.txt")
+    assert row["label"] == "supply" and row["group"] == "case-1" and len(row["sha256"]) == 64
+    assert row["characters"] == len("Contract 5. The supplier shall deliver 5 units.\n")
+
+
+def test_groups_never_straddle_splits_and_splits_are_stable(corpus_project: Path) -> None:
+    ingest("legal")
+    first = {r["key"]: r["split"] for r in read_jsonl(Path("data/legal/manifest/manifest.jsonl"))}
+    by_group: dict[str, set[str]] = {}
+    for row in read_jsonl(Path("data/legal/manifest/manifest.jsonl")):
+        if row["group"]:
+            by_group.setdefault(row["group"], set()).add(row["split"])
+    assert all(len(splits) == 1 for splits in by_group.values())
+    assert len({s for splits in by_group.values() for s in splits}) > 1  # groups do land in several splits
+    (corpus_project / "corpus" / "new.txt").write_text("A new judgment arrives later.")
+    ingest("legal")
+    second = {r["key"]: r["split"] for r in read_jsonl(Path("data/legal/manifest/manifest.jsonl"))}
+    assert {k: second[k] for k in first} == first  # adding a file moves no old one
+
+
+def test_lineage_records_raw_file_hashes(corpus_project: Path) -> None:
+    ingest("legal")
+    record = read_json(Path("data/legal/manifest/lineage.json"))
+    assert record["artifact"] == "data/legal/manifest"
+    assert set(record["raw_inputs"]) >= {"contracts/c0.txt", "empty.txt", "photo.png"}
+    assert record["params"]["corpus"] == "corpus"
+
+
+def test_bad_labels_csv_is_a_clear_error(corpus_project: Path) -> None:
+    (corpus_project / "labels.csv").write_text("file,category\na.txt,x\n")
+    with pytest.raises(PipelineError, match="needs columns path,label"):
+        ingest("legal")
