@@ -1,0 +1,61 @@
+"""Wall time of each stage of one domain's default pipeline from a clean copy, then of a
+no-op `dvc repro`, on this machine. Prints a table; figures go into BENCHMARKS.md.
+
+    .venv/bin/python benchmarks/pipeline_timing.py [--domain legal]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+STAGES = ["default_data", "ingest", "preprocess", "pretrain", "finetune", "evaluate", "report"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--domain", default="legal")
+    args = parser.parse_args()
+    scripts = Path(sys.executable).parent
+    env = {**os.environ, "PATH": f"{scripts}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"}
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        for name in ("ssl_models", "tasks", "flows"):
+            shutil.copytree(REPO / name, folder / name, ignore=shutil.ignore_patterns("__pycache__"))
+        for name in ("dvc.yaml", "params.yaml", ".gitignore"):
+            shutil.copy(REPO / name, folder / name)
+        run = lambda *cmd: subprocess.run(cmd, cwd=folder, env=env, check=True, capture_output=True, text=True)  # noqa: E731
+        run("git", "init", "-q")
+        run(str(scripts / "dvc"), "init", "-q")
+        run("git", "add", "-A")
+        run("git", "-c", "user.name=b", "-c", "user.email=b@b", "commit", "-qm", "bench")
+        rows = []
+        for stage in STAGES:
+            started = time.perf_counter()
+            run(str(scripts / "dvc"), "repro", "-s", f"{stage}@{args.domain}")
+            rows.append((stage, time.perf_counter() - started))
+        started = time.perf_counter()
+        output = run(str(scripts / "dvc"), "repro").stdout
+        noop = time.perf_counter() - started
+        assert "Running stage" not in output
+        print(f"machine: {platform.machine()}, {os.cpu_count()} cores, python {platform.python_version()}")
+        print(f"{'stage':<14}{'seconds':>9}")
+        for stage, seconds in rows:
+            print(f"{stage:<14}{seconds:>9.1f}")
+        print(f"{'total':<14}{sum(s for _, s in rows):>9.1f}")
+        print(f"{'no-op repro':<14}{noop:>9.1f}")
+        report = folder / "reports" / args.domain / "report" / "report.md"
+        text = report.read_text()
+        print(text[text.index("## Verdict"): text.index("## Pretraining")])
+
+
+if __name__ == "__main__":
+    main()
