@@ -26,8 +26,15 @@ from ssl_models.core.errors import PipelineError
 from tasks.io import atomic_dir, write_json
 from tasks.lineage import LineageRecorder
 from tasks.paths import DomainPaths
-from tasks.probes import (embed_rows, finetune_encoder, fit_linear_probe, head_from_probe, knn_probe,
-                          linear_probe, scores)
+from tasks.probes import (
+    embed_rows,
+    finetune_encoder,
+    fit_linear_probe,
+    head_from_probe,
+    knn_probe,
+    linear_probe,
+    scores,
+)
 from tasks.splits import select_label_subset
 
 log = logging.getLogger("finetune")

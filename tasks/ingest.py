@@ -58,7 +58,9 @@ def _read_file(domain: Domain, path: Path, key: str, cfg: DomainConfig) -> tuple
     except UnreadableFileError as error:
         return [], [{"key": key, "reason": error.reason}]
     except Exception as error:  # a reader bug or an exotic file must not stop the run
-        return [], [{"key": key, "reason": f"reader failed: {type(error).__name__}: {error}"}]
+        # library messages often quote the path; the reason must not carry a file name
+        message = str(error).replace(str(path), "<file>").replace(path.name, "<file>")
+        return [], [{"key": key, "reason": f"reader failed: {type(error).__name__}: {message}"}]
     return records, rejected
 
 

@@ -11,13 +11,12 @@ import json
 import os
 import platform
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any
-
-import torch
 
 from ssl_models.core.errors import PipelineError
 
@@ -69,9 +68,12 @@ def environment() -> dict[str, Any]:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             continue
-    hardware = {"machine": platform.machine(), "processor": platform.processor() or None,
-                "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+    hardware: dict[str, Any] = {"machine": platform.machine(), "processor": platform.processor() or None,
+                                "cpu_count": os.cpu_count()}
+    torch = sys.modules.get("torch")  # only stages that compute with torch have it loaded
+    if torch is not None:
+        hardware["torch_threads"] = torch.get_num_threads()
+        hardware["cuda"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     return {"python": platform.python_version(), "platform": platform.platform(),
             "packages": versions, "hardware": hardware}
 

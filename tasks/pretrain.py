@@ -22,8 +22,9 @@ import torch
 from tqdm import tqdm
 
 from ssl_models.core.config import DomainConfig, load_domain_config
-from ssl_models.core.domain import PretrainMethod, load_domain
+from ssl_models.core.domain import load_domain
 from ssl_models.core.errors import PipelineError
+from ssl_models.core.modules import PretrainMethod
 from ssl_models.core.rankme import effective_rank
 from tasks.io import atomic_dir, write_json
 from tasks.lineage import LineageRecorder, read_record

@@ -15,7 +15,7 @@ from sklearn.preprocessing import StandardScaler
 from transformers import get_cosine_schedule_with_warmup
 
 from ssl_models.core.config import FinetuneConfig
-from ssl_models.core.domain import Encoder
+from ssl_models.core.modules import Encoder
 
 
 @torch.no_grad()

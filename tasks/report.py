@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from pathlib import Path
+from collections import Counter
 from typing import Any
 
 import markdown
@@ -11,7 +11,7 @@ import markdown
 from ssl_models.core.config import load_domain_config
 from ssl_models.core.domain import load_domain
 from tasks.figures import plot_label_efficiency, plot_pretraining
-from tasks.io import atomic_dir, read_json
+from tasks.io import atomic_dir, read_json, read_jsonl
 from tasks.lineage import LineageRecorder, show
 from tasks.paths import DomainPaths
 
@@ -47,12 +47,23 @@ def results_table(metrics: dict[str, Any]) -> list[str]:
     return lines
 
 
+def quarantine_lines(quarantine: list[dict[str, str]]) -> list[str]:
+    """Counts per reason (no file names: they may identify a person)."""
+    if not quarantine:
+        return ["No file was quarantined."]
+    reasons = Counter(q["reason"] for q in quarantine)
+    return [f"{len(quarantine)} quarantined (full list with files in the manifest's `quarantine.jsonl`):", ""] + [
+        f"- {count} × {reason}" for reason, count in reasons.most_common(10)]
+
+
 def build_markdown(domain_name: str, task: str, metrics: dict[str, Any], comparisons: list[dict[str, Any]],
                    ingest_summary: dict[str, Any], shards_summary: dict[str, Any],
-                   pretrain_log: dict[str, Any], lineage_text: str) -> str:
+                   pretrain_log: dict[str, Any], lineage_text: str, quarantine: list[dict[str, str]]) -> str:
     last = pretrain_log["checkpoints"][-1]
     first = pretrain_log["checkpoints"][0]
     n_seeds = max(r["n_seeds"] for r in metrics["results"])
+    by_split = ", ".join(f"{count} {split}" for split, count in ingest_summary["labeled_by_split"].items())
+    has_generic = any(r["init"] == "generic" for r in metrics["results"])
     return "\n".join([
         f"# Domain pretraining report: {domain_name}",
         "",
@@ -60,13 +71,19 @@ def build_markdown(domain_name: str, task: str, metrics: dict[str, Any], compari
         "",
         f"**Data.** {ingest_summary['records']} records ingested from {ingest_summary['files']} files; "
         f"{ingest_summary['quarantined']} quarantined, {ingest_summary['duplicates_dropped']} exact duplicates dropped. "
-        f"{ingest_summary['labeled']} labeled ({ingest_summary['labeled_by_split']}). Test set: "
+        f"{ingest_summary['labeled']} labeled ({by_split}). Test set: "
         f"{metrics['labeled_test']} labeled samples, of which {metrics['labeled_test_in_pretraining_corpus']} "
         f"appear verbatim in the pretraining corpus"
         + (f" and {shards_summary['labeled_test_near_copies_in_pretraining']} as near-copies (same words, other "
            f"spacing or case)" if "labeled_test_near_copies_in_pretraining" in shards_summary else "") + ".",
         "",
+        *quarantine_lines(quarantine),
+        "",
         "## Verdict",
+        "",
+        "Initialisations: `ssl` is the domain-pretrained encoder, `scratch` the same architecture with "
+        "random weights" + (", `generic` the base checkpoint without domain pretraining." if has_generic else
+                             "; no generic checkpoint is configured (set `model.base_checkpoint` to compare with one)."),
         "",
         f"Domain-pretrained encoder (`ssl`) against the baselines, primary metric `{metrics['primary_metric']}`, "
         f"paired over {n_seeds} seeds on the same label subsets; a verdict is `beat` or `lost to` only "
@@ -115,7 +132,8 @@ def report(domain_name: str) -> str:
         plot_pretraining(pretrain_log, out / "pretraining.png")
         text = build_markdown(domain_name, domain.task_description(cfg, uses_default), metrics, comparisons,
                               read_json(paths.manifest / "summary.json"), read_json(paths.shards / "summary.json"),
-                              pretrain_log, show(paths.evaluation))
+                              pretrain_log, show(paths.evaluation),
+                              read_jsonl(paths.manifest / "quarantine.jsonl"))
         (out / "report.md").write_text(text)
         html = markdown.markdown(text, extensions=["tables", "fenced_code"])
         (out / "report.html").write_text(

@@ -6,8 +6,7 @@ import math
 
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
-from transformers import (get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup,
-                          get_wsd_schedule)
+from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup, get_wsd_schedule
 
 from ssl_models.core.config import PretrainConfig
 

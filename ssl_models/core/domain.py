@@ -10,14 +10,14 @@ import importlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 from ssl_models.core.config import DomainConfig
 from ssl_models.core.errors import PipelineError
 from ssl_models.core.registry import Registry
+
+if TYPE_CHECKING:  # torch is imported by the stages that train, not by ingest
+    from ssl_models.core.modules import Encoder, PretrainMethod
 
 
 @dataclass
@@ -41,39 +41,6 @@ class Rejected:
 
     key: str
     reason: str
-
-
-class Encoder(nn.Module, ABC):
-    """Maps a batch of samples to one feature vector each: [batch, dim]."""
-
-    dim: int
-
-    @abstractmethod
-    def collate(self, samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        """Turn rows of the labeled shard into model inputs."""
-
-    @abstractmethod
-    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor: ...
-
-    @abstractmethod
-    def save(self, out_dir: Path) -> None:
-        """Write the encoder so that it can be loaded again without this code's state."""
-
-
-class PretrainMethod(nn.Module, ABC):
-    """A self-supervised objective on a backbone: `forward(batch) -> loss`."""
-
-    @abstractmethod
-    def collate(self, samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        """Turn rows of the pretraining shard into a batch (views, masks...)."""
-
-    @abstractmethod
-    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor: ...
-
-    @abstractmethod
-    def embed(self, samples: list[dict[str, Any]]) -> torch.Tensor:
-        """Pooled backbone features [batch, dim] of clean (un-augmented) pretraining rows,
-        for RankMe at each checkpoint."""
 
 
 class Domain(ABC):

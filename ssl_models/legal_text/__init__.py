@@ -4,40 +4,29 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
-
-import transformers
-from datasets import Dataset, load_from_disk
+from typing import TYPE_CHECKING, Any, Iterator
 
 from ssl_models.core.config import DomainConfig, parse_section
-from ssl_models.core.domain import DOMAINS, Domain, Encoder, PretrainMethod, Record, Rejected
+from ssl_models.core.domain import DOMAINS, Domain, Record, Rejected
+from ssl_models.legal_text.config import (
+    TEXT_METHODS,
+    LicensedcodeDefaultConfig,
+    TextIngestConfig,
+    TextModelConfig,
+    TextPreprocessConfig,
+)
 from ssl_models.legal_text.default_data import ATTRIBUTION, write_licensedcode_corpus
-from ssl_models.legal_text.models import (TEXT_METHODS, TextModelConfig, build_masked_lm,
-                                          load_text_encoder)
-from ssl_models.legal_text.preprocessing import (TextPreprocessConfig, build_tokenizer,
-                                                 normalised_text_hash, pack_blocks, save_blocks)
 from ssl_models.legal_text.readers import TEXT_SUFFIXES, read_text_file
 
-transformers.logging.set_verbosity_error()
+if TYPE_CHECKING:
+    from datasets import Dataset
+
+    from ssl_models.core.modules import Encoder, PretrainMethod
+
+# Model code (torch, transformers, datasets) is imported by the methods that need it, so that
+# default_data and ingest start in a second instead of eight.
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class TextIngestConfig:
-    """`ingest:` block of a text domain."""
-
-    text_field: str = "text"  # field holding the text in .jsonl records
-    fallback_encoding: str = "latin-1"  # used when UTF-8 fails and detection finds nothing
-    min_characters: int = 1
-
-
-@dataclass
-class LicensedcodeDefaultConfig:
-    """`default_data:` block: how much of the embedded corpus to lay out (all by default)."""
-
-    max_files: int | None = None
 
 
 @DOMAINS.register("legal_text")
@@ -54,7 +43,7 @@ class LegalText(Domain):
         parse_section(TextPreprocessConfig, cfg.preprocess, f"{where}.preprocess")
         parse_section(LicensedcodeDefaultConfig, cfg.default_data, f"{where}.default_data")
         self._model_cfg(cfg)
-        TEXT_METHODS.get(cfg.pretrain.method)
+        TEXT_METHODS.check(cfg.pretrain.method)
 
     def read(self, path: Path, key: str, cfg: DomainConfig) -> Iterator[Record | Rejected]:
         options = parse_section(TextIngestConfig, cfg.ingest, f"domains.{cfg.name}.ingest")
@@ -67,6 +56,10 @@ class LegalText(Domain):
         log.info("default legal corpus: %(written)d license texts written", counts)
 
     def preprocess(self, cfg: DomainConfig, manifest: list[dict[str, Any]], out_dir: Path) -> dict[str, Any]:
+        from datasets import Dataset
+
+        from ssl_models.legal_text.preprocessing import build_tokenizer, normalised_text_hash, pack_blocks, save_blocks
+
         options = parse_section(TextPreprocessConfig, cfg.preprocess, f"domains.{cfg.name}.preprocess")
         model_cfg = self._model_cfg(cfg)
         texts = self._read_texts(cfg, manifest)
@@ -105,13 +98,19 @@ class LegalText(Domain):
         return texts
 
     def build_pretrain_method(self, cfg: DomainConfig, shards_dir: Path) -> PretrainMethod:
+        from transformers import AutoTokenizer
+
+        from ssl_models.legal_text.models import build_masked_lm
+
         model_cfg = self._model_cfg(cfg)
-        tokenizer = transformers.AutoTokenizer.from_pretrained(shards_dir / "tokenizer")
+        tokenizer = AutoTokenizer.from_pretrained(shards_dir / "tokenizer")
         method_cls = TEXT_METHODS.get(cfg.pretrain.method)
         return method_cls(build_masked_lm(model_cfg, tokenizer), tokenizer, model_cfg.max_length,
                           **cfg.pretrain.options)
 
     def pretrain_dataset(self, shards_dir: Path, split: str) -> Dataset:
+        from datasets import load_from_disk
+
         return load_from_disk(str(shards_dir / f"pretrain_{split}"))
 
     def save_pretrained(self, method: PretrainMethod, out_dir: Path) -> None:
@@ -120,6 +119,8 @@ class LegalText(Domain):
 
     def load_encoder(self, init: str, cfg: DomainConfig, shards_dir: Path,
                      pretrained_dir: Path, seed: int) -> Encoder:
+        from ssl_models.legal_text.models import load_text_encoder
+
         return load_text_encoder(init, self._model_cfg(cfg), pretrained_dir, seed)
 
     def available_inits(self, cfg: DomainConfig) -> list[str]:

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import yaml
 
+SafeLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # the C parser is ~10x faster
+
 from ssl_models.core.errors import PipelineError
 
 ATTRIBUTION = (
@@ -33,7 +35,7 @@ def split_front_matter(raw: str) -> tuple[dict, str]:
     parts = raw.split("---\n", 2)
     if len(parts) < 3:
         return {}, raw
-    return yaml.safe_load(parts[1]) or {}, parts[2]
+    return yaml.load(parts[1], Loader=SafeLoader) or {}, parts[2]
 
 
 def write_licensedcode_corpus(out_dir: Path, max_files: int | None = None) -> dict[str, int]:

@@ -3,34 +3,26 @@
 from __future__ import annotations
 
 import importlib.util
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import (AutoModel, AutoModelForMaskedLM, BertConfig, BertForMaskedLM,
-                          DataCollatorForLanguageModeling, PreTrainedModel,
-                          PreTrainedTokenizerBase)
+import transformers
+from transformers import (
+    AutoModel,
+    AutoModelForMaskedLM,
+    BertConfig,
+    BertForMaskedLM,
+    DataCollatorForLanguageModeling,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
-from ssl_models.core.domain import Encoder, PretrainMethod
 from ssl_models.core.errors import PipelineError
-from ssl_models.core.registry import Registry
+from ssl_models.core.modules import Encoder, PretrainMethod
+from ssl_models.legal_text.config import TEXT_METHODS, TextModelConfig
 
-
-@dataclass
-class TextModelConfig:
-    """`model:` block of a text domain."""
-
-    base_checkpoint: str | None = None  # local Hugging Face folder, or package:<module>/<subdir>
-    hidden_size: int = 128
-    num_layers: int = 2
-    num_heads: int = 2
-    intermediate_size: int = 512
-    max_length: int = 128  # tokens per labeled text for probes and fine-tuning
-
-    def validate(self, where: str) -> None:
-        if self.hidden_size % self.num_heads:
-            raise PipelineError(f"params.yaml {where}: hidden_size must be divisible by num_heads")
+transformers.logging.set_verbosity_error()
 
 
 def resolve_checkpoint(reference: str) -> Path:
@@ -83,9 +75,6 @@ class TextEncoder(Encoder):
     def save(self, out_dir: Path) -> None:
         self.model.save_pretrained(out_dir)
         self.tokenizer.save_pretrained(out_dir)
-
-
-TEXT_METHODS: Registry[type[PretrainMethod]] = Registry("text SSL method")
 
 
 @TEXT_METHODS.register("mlm")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
@@ -14,27 +13,11 @@ from tokenizers import BertWordPieceTokenizer
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from ssl_models.core.errors import PipelineError
-from ssl_models.legal_text.models import TextModelConfig, resolve_checkpoint
+from ssl_models.legal_text.config import TextModelConfig, TextPreprocessConfig
+from ssl_models.legal_text.models import resolve_checkpoint
 
 SPECIAL_TOKENS = {"unk_token": "[UNK]", "pad_token": "[PAD]", "cls_token": "[CLS]",
                   "sep_token": "[SEP]", "mask_token": "[MASK]"}
-
-
-@dataclass
-class TextPreprocessConfig:
-    """`preprocess:` block of a text domain."""
-
-    tokenizer: str = "train"  # train: a WordPiece vocabulary learned on the corpus; base: the base model's
-    vocab_size: int = 8000
-    min_frequency: int = 2
-    lowercase: bool = True
-    block_size: int = 128  # tokens per pretraining block
-
-    def validate(self, where: str) -> None:
-        if self.tokenizer not in ("train", "base"):
-            raise PipelineError(f"params.yaml {where}.tokenizer: {self.tokenizer!r} is not train or base")
-        if self.block_size < 8:
-            raise PipelineError(f"params.yaml {where}.block_size must be at least 8")
 
 
 def build_tokenizer(cfg: TextPreprocessConfig, model_cfg: TextModelConfig,

@@ -13,7 +13,7 @@ def test_verify_passes_then_names_a_changed_raw_file_and_artifact(ingested_proje
     problems = verify(Path("data/legal/shards"))
     assert problems == [f"raw file {raw}: content changed"]
     (Path("data/legal/manifest") / "summary.json").write_text("{}")
-    assert f"data/legal/manifest/summary.json: content changed" in verify(Path("data/legal/shards"))
+    assert "data/legal/manifest/summary.json: content changed" in verify(Path("data/legal/shards"))
 
 
 def test_rebuilt_upstream_is_detected_and_show_reaches_raw_hashes(ingested_project: Path) -> None:
