@@ -76,7 +76,8 @@ def ingest(domain_name: str) -> dict[str, Any]:
                                params={"module": cfg.module, "corpus": str(cfg.corpus),
                                        "labels": str(cfg.labels) if cfg.labels else None,
                                        "split": asdict(cfg.split), "ingest": cfg.ingest})
-    files = sorted(p for p in cfg.corpus.rglob("*") if p.is_file())
+    labels_file = cfg.labels.resolve() if cfg.labels else None  # may sit inside the corpus folder
+    files = sorted(p for p in cfg.corpus.rglob("*") if p.is_file() and p.resolve() != labels_file)
     rows: list[dict[str, Any]] = []
     quarantine: list[dict[str, str]] = []
     duplicates: list[dict[str, str]] = []

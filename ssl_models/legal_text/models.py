@@ -23,6 +23,7 @@ from ssl_models.core.modules import Encoder, PretrainMethod
 from ssl_models.legal_text.config import TEXT_METHODS, TextModelConfig
 
 transformers.logging.set_verbosity_error()
+transformers.utils.logging.disable_progress_bar()  # loading a small checkpoint takes milliseconds
 
 
 def resolve_checkpoint(reference: str) -> Path:

@@ -23,7 +23,7 @@ def make_corpus(root: Path) -> None:
     (corpus / "photo.png").write_bytes(b"\x89PNG")
     (corpus / ".DS_Store").write_bytes(b"junk")
     (corpus / "records.jsonl").write_text(json.dumps({"text": "A clause in a record."}) + "\n{broken\n")
-    with open(root / "labels.csv", "w", newline="") as handle:
+    with open(corpus / "labels.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["path", "label", "group"])
         for i in range(24):
@@ -35,7 +35,7 @@ def make_corpus(root: Path) -> None:
 @pytest.fixture
 def corpus_project(tiny_project: Path) -> Path:
     make_corpus(tiny_project)
-    write_params(tiny_project, tiny_params(corpus="corpus", labels="labels.csv", split={"test": 0.3, "val": 0.1}))
+    write_params(tiny_project, tiny_params(corpus="corpus", labels="corpus/labels.csv", split={"test": 0.3, "val": 0.1}))
     return tiny_project
 
 
@@ -51,6 +51,7 @@ def test_manifest_quarantine_and_duplicates(corpus_project: Path) -> None:
     assert "unsupported file type" in quarantine["photo.png"]
     assert "invalid JSON" in quarantine["records.jsonl#L2"]
     assert summary["hidden_files_skipped"] == 1
+    assert "labels.csv" not in quarantine  # the labels file inside the corpus is not a document
     assert summary["labels_without_file"] == 1 and summary["labels_on_quarantined_files"] == 1
     row = next(r for r in manifest if r["key"] == "contracts/c5.txt")
     assert row["label"] == "supply" and row["group"] == "case-1" and len(row["sha256"]) == 64
@@ -81,6 +82,6 @@ def test_lineage_records_raw_file_hashes(corpus_project: Path) -> None:
 
 
 def test_bad_labels_csv_is_a_clear_error(corpus_project: Path) -> None:
-    (corpus_project / "labels.csv").write_text("file,category\na.txt,x\n")
+    (corpus_project / "corpus" / "labels.csv").write_text("file,category\na.txt,x\n")
     with pytest.raises(PipelineError, match="needs columns path,label"):
         ingest("legal")
