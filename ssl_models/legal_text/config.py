@@ -16,6 +16,7 @@ if TYPE_CHECKING:
 
 TEXT_METHODS: Registry[type[PretrainMethod]] = Registry("text SSL method")
 TEXT_METHODS.register_lazy("mlm", "ssl_models.legal_text.models:MaskedLanguageModeling")
+TEXT_METHODS.register_lazy("mlm_span_contrastive", "ssl_models.legal_text.models:MaskedLanguageModelingWithSpanContrast")
 
 
 @dataclass
