@@ -16,13 +16,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from datasets import load_from_disk
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from ssl_models.core.config import load_domain_config
+from ssl_models.core.config import FinetuneConfig, load_domain_config
 from ssl_models.core.domain import load_domain
 from ssl_models.core.errors import PipelineError
+from ssl_models.core.modules import Encoder
 from tasks.io import atomic_dir, write_json
 from tasks.lineage import LineageRecorder
 from tasks.paths import DomainPaths
@@ -80,21 +82,12 @@ def finetune(domain_name: str) -> list[dict[str, Any]]:
                     subset = select_label_subset([r["label"] for r in pool], [r["group"] for r in pool], fraction, seed)
                     base = {"init": init, "label_fraction": fraction, "seed": seed,
                             "n_train": len(subset), "n_test": len(test)}
-                    train_y = [pool[i]["label"] for i in subset]
                     for protocol in settings.protocols:
                         started = time.time()
-                        if protocol == "finetune":
-                            probe = fit_linear_probe(features[subset], train_y, settings.linear_c, seed)
-                            predicted, model, head = finetune_encoder(
-                                encoder, [pool[i] for i in subset], train_y, test, classes, settings, seed,
-                                head_from_probe(probe, encoder.dim, classes))
-                            if settings.save_models and init == "ssl" and seed == settings.seeds[0]:
-                                _save_model(out / "models" / f"{init}_fraction-{fraction}_seed-{seed}", model, head, classes)
-                        elif protocol == "linear":
-                            predicted = linear_probe(features[subset], train_y, features[len(pool):],
-                                                     settings.linear_c, seed)
-                        else:
-                            predicted = knn_probe(features[subset], train_y, features[len(pool):], settings.knn_neighbors)
+                        predicted, trained = run_protocol(protocol, encoder, features, pool, test, subset,
+                                                          classes, settings, seed)
+                        if trained and settings.save_models and init == "ssl" and seed == settings.seeds[0]:
+                            _save_model(out / "models" / f"{init}_fraction-{fraction}_seed-{seed}", *trained, classes)
                         results.append({**base, "protocol": protocol, **scores(test_y, predicted),
                                         "seconds": round(time.time() - started, 2)})
                     progress.update(1)
@@ -103,6 +96,23 @@ def finetune(domain_name: str) -> list[dict[str, Any]]:
         recorder.write(out)
     log.info("finetune %s: %d results", domain_name, len(results))
     return results
+
+
+def run_protocol(protocol: str, encoder: Encoder, features: np.ndarray, pool: list[dict[str, Any]],
+                 test: list[dict[str, Any]], subset: list[int], classes: list[str], settings: FinetuneConfig,
+                 seed: int) -> tuple[list[str], tuple[Encoder, torch.nn.Linear] | None]:
+    """Test predictions of one protocol trained on `subset` of the pool (features: pool then test),
+    and the fine-tuned modules when the protocol trains the encoder."""
+    train_y = [pool[i]["label"] for i in subset]
+    test_features = features[len(pool):]
+    if protocol == "linear":
+        return linear_probe(features[subset], train_y, test_features, settings.linear_c, seed), None
+    if protocol == "knn":
+        return knn_probe(features[subset], train_y, test_features, settings.knn_neighbors), None
+    probe = fit_linear_probe(features[subset], train_y, settings.linear_c, seed)
+    predicted, model, head = finetune_encoder(encoder, [pool[i] for i in subset], train_y, test, classes,
+                                              settings, seed, head_from_probe(probe, encoder.dim, classes))
+    return predicted, (model, head)
 
 
 def _save_model(folder: Path, encoder: Any, head: Any, classes: list[str]) -> None:

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 from ssl_models.core.config import DomainConfig, parse_section
 from ssl_models.core.domain import DOMAINS, Domain, Record, Rejected
+from ssl_models.core.errors import PipelineError
 from ssl_models.legal_text.config import (
     TEXT_METHODS,
     LicensedcodeDefaultConfig,
@@ -105,8 +106,12 @@ class LegalText(Domain):
         model_cfg = self._model_cfg(cfg)
         tokenizer = AutoTokenizer.from_pretrained(shards_dir / "tokenizer")
         method_cls = TEXT_METHODS.get(cfg.pretrain.method)
-        return method_cls(build_masked_lm(model_cfg, tokenizer), tokenizer, model_cfg.max_length,
-                          **cfg.pretrain.options)
+        model = build_masked_lm(model_cfg, tokenizer)
+        try:
+            return method_cls(model, tokenizer, model_cfg.max_length, **cfg.pretrain.options)
+        except TypeError as error:
+            raise PipelineError(f"params.yaml domains.{cfg.name}.pretrain.options do not fit method "
+                                f"{cfg.pretrain.method!r}: {error}") from None
 
     def pretrain_dataset(self, shards_dir: Path, split: str) -> Dataset:
         from datasets import load_from_disk
