@@ -27,22 +27,36 @@ from tasks.splits import assign_split
 log = logging.getLogger("ingest")
 
 
-def read_labels(path: Path | None) -> dict[str, dict[str, str | None]]:
-    """labels CSV -> {path: {"label", "group"}}; columns `path,label` and optional `group`."""
+def normalise_label_path(value: str, corpus: Path) -> str:
+    """`./a/b.txt`, `a\\b.txt` and an absolute path inside the corpus all name `a/b.txt`."""
+    key = value.strip().replace("\\", "/")
+    path = Path(key)
+    if path.is_absolute():
+        try:
+            return path.resolve().relative_to(corpus.resolve()).as_posix()
+        except ValueError:
+            return key
+    return path.as_posix()
+
+
+def read_labels(path: Path | None, corpus: Path) -> dict[str, dict[str, str | None]]:
+    """labels CSV -> {path relative to the corpus: {"label", "group"}}; columns `path,label` and
+    an optional `group`. A record inside a .jsonl file is `file.jsonl#L<line>`."""
     if path is None:
         return {}
     if not path.is_file():
         raise PipelineError(f"labels file {path} not found; set `labels:` in params.yaml or remove it")
     with open(path, newline="", encoding="utf-8-sig") as handle:
         reader = csv.DictReader(handle)
-        columns = set(reader.fieldnames or [])
+        columns = {c.strip() for c in reader.fieldnames or []}
         if not {"path", "label"} <= columns:
             raise PipelineError(f"{path}: needs columns path,label (and optionally group); found {sorted(columns)}")
         labels = {}
         for row in reader:
-            if row["path"] and row["label"] not in (None, ""):
-                labels[row["path"].strip()] = {"label": row["label"].strip(),
-                                               "group": (row.get("group") or "").strip() or None}
+            row = {k.strip(): v for k, v in row.items() if k}
+            if row.get("path") and row.get("label") not in (None, ""):
+                labels[normalise_label_path(row["path"], corpus)] = {
+                    "label": row["label"].strip(), "group": (row.get("group") or "").strip() or None}
     return labels
 
 
@@ -71,7 +85,7 @@ def ingest(domain_name: str) -> dict[str, Any]:
     paths = DomainPaths(domain_name)
     if not cfg.corpus.is_dir():
         raise PipelineError(f"corpus folder {cfg.corpus} not found; set domains.{domain_name}.corpus in params.yaml")
-    labels = read_labels(cfg.labels)
+    labels = read_labels(cfg.labels, cfg.corpus)
     recorder = LineageRecorder(f"ingest@{domain_name}", paths.manifest,
                                params={"module": cfg.module, "corpus": str(cfg.corpus),
                                        "labels": str(cfg.labels) if cfg.labels else None,

@@ -10,6 +10,7 @@ from typing import Iterable
 import numpy as np
 from datasets import Dataset
 from tokenizers import BertWordPieceTokenizer
+from tokenizers.models import WordPiece
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from ssl_models.core.errors import PipelineError
@@ -36,8 +37,20 @@ def build_tokenizer(cfg: TextPreprocessConfig, model_cfg: TextModelConfig,
     wordpiece = BertWordPieceTokenizer(lowercase=cfg.lowercase)
     wordpiece.train_from_iterator(train_texts, vocab_size=cfg.vocab_size, min_frequency=cfg.min_frequency,
                                   special_tokens=list(SPECIAL_TOKENS.values()), show_progress=False)
+    renumber_deterministically(wordpiece)
     return PreTrainedTokenizerFast(tokenizer_object=wordpiece, model_max_length=cfg.block_size,
                                    **SPECIAL_TOKENS)
+
+
+def renumber_deterministically(wordpiece: BertWordPieceTokenizer) -> None:
+    """The trainer learns the same vocabulary every run but numbers its alphabet in hash-map
+    order, which differs between processes; number it by token instead (special tokens keep
+    their places). WordPiece splits words by the vocabulary alone, so only the ids change."""
+    learned = wordpiece.get_vocab()
+    specials = sorted((t for t in SPECIAL_TOKENS.values() if t in learned), key=learned.get)
+    ordered = specials + sorted(t for t in learned if t not in SPECIAL_TOKENS.values())
+    wordpiece._tokenizer.model = WordPiece({token: i for i, token in enumerate(ordered)},
+                                           unk_token=SPECIAL_TOKENS["unk_token"])
 
 
 def pack_blocks(tokenizer: PreTrainedTokenizerBase, texts: Iterable[str], block_size: int) -> np.ndarray:

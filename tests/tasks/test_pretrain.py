@@ -74,3 +74,14 @@ def test_checkpoints_of_another_configuration_are_not_resumed(ingested_project: 
     write_params(ingested_project, tiny_params(pretrain={"learning_rate": 0.01}))
     pretrain("legal")
     assert_identical(clean, final_weights())  # started over instead of resuming a foreign run
+
+
+def test_preprocess_in_two_processes_gives_identical_shards(ingested_project: Path) -> None:
+    """The WordPiece trainer numbers its alphabet in hash-map order, which changes between
+    processes; the shards (and so the pretrained weights) must not."""
+    digests = []
+    for _ in range(2):
+        subprocess.run([sys.executable, "-m", "tasks", "preprocess", "legal"], env=stage_env(), check=True,
+                       capture_output=True)
+        digests.append(read_json(Path("data/legal/shards/lineage.json"))["outputs"])
+    assert digests[0] == digests[1]
