@@ -41,9 +41,12 @@ class LegalText(Domain):
     def validate(self, cfg: DomainConfig) -> None:
         where = f"domains.{cfg.name}"
         parse_section(TextIngestConfig, cfg.ingest, f"{where}.ingest")
-        parse_section(TextPreprocessConfig, cfg.preprocess, f"{where}.preprocess")
+        preprocess = parse_section(TextPreprocessConfig, cfg.preprocess, f"{where}.preprocess")
         parse_section(LicensedcodeDefaultConfig, cfg.default_data, f"{where}.default_data")
-        self._model_cfg(cfg)
+        base = self._model_cfg(cfg).base_checkpoint
+        if (preprocess.tokenizer == "base") != bool(base):
+            raise PipelineError(f"params.yaml {where}: preprocess.tokenizer: base goes with model.base_checkpoint "
+                                "(the checkpoint's vocabulary), tokenizer: train with a model from scratch")
         TEXT_METHODS.check(cfg.pretrain.method)
 
     def read(self, path: Path, key: str, cfg: DomainConfig) -> Iterator[Record | Rejected]:

