@@ -89,7 +89,6 @@ class LineageRecorder:
     seeds: list[int] = field(default_factory=list)
     raw_inputs: dict[str, str] | None = None  # raw file -> sha256, for the first stage only
     started: float = field(default_factory=time.time)
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def write(self, folder: Path | None = None) -> dict[str, Any]:
         """Hash the artifact's files and write the record; `folder` is where the files are
@@ -110,7 +109,6 @@ class LineageRecorder:
                          for up in self.upstream],
             "outputs": outputs,
             "outputs_digest": digest_of(outputs),
-            **self.extra,
         }
         if self.raw_inputs is not None:
             record["raw_inputs"] = self.raw_inputs

@@ -126,11 +126,10 @@ class DomainConfig:
     pretrain: PretrainConfig
     finetune: FinetuneConfig
     default_data: dict[str, Any]
-    raw: dict[str, Any]
 
 
 DOMAIN_KEYS = {"module", "corpus", "labels", "split", "ingest", "preprocess", "model",
-               "pretrain", "finetune", "default_data", "report"}
+               "pretrain", "finetune", "default_data"}
 
 
 def load_params(params_path: Path = Path("params.yaml")) -> dict[str, Any]:
@@ -168,5 +167,4 @@ def load_domain_config(domain: str, params_path: Path = Path("params.yaml")) -> 
         pretrain=parse_section(PretrainConfig, block.get("pretrain"), f"{where}.pretrain"),
         finetune=parse_section(FinetuneConfig, block.get("finetune"), f"{where}.finetune"),
         default_data=dict(block.get("default_data") or {}),
-        raw=block,
     )
