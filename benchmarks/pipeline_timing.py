@@ -17,6 +17,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from tests.conftest import copy_project_code  # noqa: E402  (git + dvc init of a project copy)
+
 STAGES = ["default_data", "ingest", "preprocess", "pretrain", "finetune", "evaluate", "report"]
 
 
@@ -28,15 +31,9 @@ def main() -> None:
     env = {**os.environ, "PATH": f"{scripts}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"}
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        for name in ("ssl_models", "tasks", "flows"):
-            shutil.copytree(REPO / name, folder / name, ignore=shutil.ignore_patterns("__pycache__"))
-        for name in ("dvc.yaml", "params.yaml", ".gitignore"):
-            shutil.copy(REPO / name, folder / name)
+        shutil.copy(REPO / "params.yaml", folder / "params.yaml")
+        copy_project_code(folder)
         run = lambda *cmd: subprocess.run(cmd, cwd=folder, env=env, check=True, capture_output=True, text=True)  # noqa: E731
-        run("git", "init", "-q")
-        run(str(scripts / "dvc"), "init", "-q")
-        run("git", "add", "-A")
-        run("git", "-c", "user.name=b", "-c", "user.email=b@b", "commit", "-qm", "bench")
         rows = []
         for stage in STAGES:
             started = time.perf_counter()

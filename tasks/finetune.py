@@ -67,6 +67,10 @@ def finetune(domain_name: str) -> list[dict[str, Any]]:
     recorder = LineageRecorder(f"finetune@{domain_name}", paths.finetune, seeds=list(settings.seeds),
                                params={"finetune": asdict(settings), "model": cfg.model},
                                upstream=[paths.shards, paths.pretrain])
+    # one subset per (fraction, seed), the same object for every init: the runs are paired
+    subsets = {(fraction, seed): select_label_subset([r["label"] for r in pool], [r["group"] for r in pool],
+                                                     fraction, seed)
+               for fraction in settings.label_fractions for seed in settings.seeds}
     results: list[dict[str, Any]] = []
     runs = len(inits) * len(settings.seeds) * len(settings.label_fractions)
     progress = tqdm(total=runs, desc=f"finetune {domain_name}", disable=None)
@@ -79,7 +83,7 @@ def finetune(domain_name: str) -> list[dict[str, Any]]:
                 features = cached if cached is not None else embed_rows(encoder, pool + test)
                 cached = features if init != "scratch" else None
                 for fraction in settings.label_fractions:
-                    subset = select_label_subset([r["label"] for r in pool], [r["group"] for r in pool], fraction, seed)
+                    subset = subsets[(fraction, seed)]
                     base = {"init": init, "label_fraction": fraction, "seed": seed,
                             "n_train": len(subset), "n_test": len(test)}
                     for protocol in settings.protocols:

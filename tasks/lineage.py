@@ -127,37 +127,39 @@ def read_record(artifact: Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def chain(artifact: Path) -> list[dict[str, Any]]:
-    """The records from `artifact` down to the raw corpus, depth first, each once."""
+def walk(artifact: Path) -> list[tuple[int, dict[str, Any], bool]]:
+    """(depth, record, seen before) from `artifact` down to the raw corpus, depth first."""
     seen: set[str] = set()
-    ordered: list[dict[str, Any]] = []
+    visits: list[tuple[int, dict[str, Any], bool]] = []
 
-    def visit(path: Path) -> None:
-        if str(path) in seen:
+    def visit(path: Path, depth: int) -> None:
+        record = read_record(path)
+        repeated = str(path) in seen
+        visits.append((depth, record, repeated))
+        if repeated:
             return
         seen.add(str(path))
-        record = read_record(path)
-        ordered.append(record)
         for up in record["upstream"]:
-            visit(Path(up["artifact"]))
+            visit(Path(up["artifact"]), depth + 1)
 
-    visit(artifact)
-    return ordered
+    visit(artifact, 0)
+    return visits
+
+
+def chain(artifact: Path) -> list[dict[str, Any]]:
+    """The records from `artifact` down to the raw corpus, each once."""
+    return [record for _, record, repeated in walk(artifact) if not repeated]
 
 
 def show(artifact: Path) -> str:
     """A readable tree: each artifact with its stage, code, params digest and outputs digest,
     its upstream indented below it, down to the raw corpus' file hashes."""
     lines: list[str] = []
-    shown: set[str] = set()
-
-    def visit(path: Path, depth: int) -> None:
+    for depth, record, repeated in walk(artifact):
         pad = "  " * depth
-        record = read_record(path)
-        if str(path) in shown:
+        if repeated:
             lines.append(f"{pad}{record['artifact']}  [{record['stage']}]  (shown above)")
-            return
-        shown.add(str(path))
+            continue
         code = record["code"]
         params_digest = hashlib.sha256(json.dumps(record["params"], sort_keys=True).encode()).hexdigest()
         lines.append(f"{pad}{record['artifact']}  [{record['stage']}]")
@@ -168,10 +170,6 @@ def show(artifact: Path) -> str:
         if "raw_inputs" in record:
             lines.append(f"{pad}  raw corpus {record['params'].get('corpus')}: "
                          f"{len(record['raw_inputs'])} files, digest {record['raw_inputs_digest'][:16]}")
-        for up in record["upstream"]:
-            visit(Path(up["artifact"]), depth + 1)
-
-    visit(artifact, 0)
     return "\n".join(lines)
 
 
