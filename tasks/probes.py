@@ -85,9 +85,8 @@ def finetune_encoder(encoder: Encoder, train_rows: list[dict[str, Any]], train_y
     order: list[int] = []
     model.train()
     for _ in range(cfg.steps):
-        if len(order) < cfg.batch_size:
-            order += torch.randperm(len(train_rows), generator=generator).tolist() * max(
-                1, cfg.batch_size // max(1, len(train_rows)))
+        while len(order) < cfg.batch_size:  # fresh permutations, also when the subset is smaller than a batch
+            order += torch.randperm(len(train_rows), generator=generator).tolist()
         batch_ids, order = order[:cfg.batch_size], order[cfg.batch_size:]
         logits = head(model(model.collate([train_rows[i] for i in batch_ids])))
         loss = torch.nn.functional.cross_entropy(logits, targets[batch_ids])
