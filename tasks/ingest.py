@@ -1,6 +1,7 @@
-"""ingest: walk the corpus, read every file with the domain's reader, write the manifest.
+"""ingest: walk the corpus, read every source with the domain's reader, write the manifest.
 
-One row per usable record (content hash, bytes, domain metadata, split, label, group);
+One row per usable record (content hash, bytes, domain metadata, split, label, group); when
+the domain pseudonymises, keys and groups are salted hashes and no file name is written;
 unreadable files and records go to the quarantine list with their reason; exact duplicates
 are dropped and counted. Splits come from a hash of the group (or of the content), so adding
 files never moves old ones between splits.
@@ -17,11 +18,12 @@ from typing import Any
 from tqdm import tqdm
 
 from ssl_models.core.config import DomainConfig, load_domain_config
-from ssl_models.core.domain import Domain, Record, Rejected, load_domain
+from ssl_models.core.domain import Domain, Record, Rejected, Source, load_domain
 from ssl_models.core.errors import PipelineError, UnreadableFileError
 from tasks.io import atomic_dir, write_json, write_jsonl
 from tasks.lineage import LineageRecorder, sha256_file
 from tasks.paths import DomainPaths
+from tasks.sources import discover, public_namer
 from tasks.splits import assign_split
 
 log = logging.getLogger("ingest")
@@ -60,22 +62,28 @@ def read_labels(path: Path | None, corpus: Path) -> dict[str, dict[str, str | No
     return labels
 
 
-def _read_file(domain: Domain, path: Path, key: str, cfg: DomainConfig) -> tuple[list[Record], list[dict]]:
+def _read_source(domain: Domain, source: Source, cfg: DomainConfig) -> tuple[list[Record], list[dict]]:
     records, rejected = [], []
     try:
-        for item in domain.read(path, key, cfg):
+        for item in domain.read(source, cfg):
             if isinstance(item, Rejected):
                 rejected.append({"key": item.key, "reason": item.reason})
             else:
                 item.content = None  # the manifest keeps hashes and metadata, not content
                 records.append(item)
     except UnreadableFileError as error:
-        return [], [{"key": key, "reason": error.reason}]
+        return [], [{"key": source.key, "reason": error.reason}]
     except Exception as error:  # a reader bug or an exotic file must not stop the run
-        # library messages often quote the path; the reason must not carry a file name
-        message = str(error).replace(str(path), "<file>").replace(path.name, "<file>")
-        return [], [{"key": key, "reason": f"reader failed: {type(error).__name__}: {message}"}]
+        return [], [{"key": source.key, "reason": f"reader failed: {type(error).__name__}: "
+                     f"{_without_names(str(error), source)}"}]
     return records, rejected
+
+
+def _without_names(message: str, source: Source) -> str:
+    """Library messages often quote the path; a quarantine reason must not carry a file name."""
+    for path in source.paths:
+        message = message.replace(str(path), "<file>").replace(path.name, "<file>")
+    return message
 
 
 def ingest(domain_name: str) -> dict[str, Any]:
@@ -85,43 +93,42 @@ def ingest(domain_name: str) -> dict[str, Any]:
     paths = DomainPaths(domain_name)
     if not cfg.corpus.is_dir():
         raise PipelineError(f"corpus folder {cfg.corpus} not found; set domains.{domain_name}.corpus in params.yaml")
-    labels = read_labels(cfg.labels, cfg.corpus)
+    public = public_namer(domain, cfg)
+    labels = {public("key", key): {"label": value["label"],
+                                   "group": public("group", value["group"]) if value["group"] else None}
+              for key, value in read_labels(cfg.labels, cfg.corpus).items()}
     recorder = LineageRecorder(f"ingest@{domain_name}", paths.manifest,
                                params={"module": cfg.module, "corpus": str(cfg.corpus),
                                        "labels": str(cfg.labels) if cfg.labels else None,
-                                       "split": asdict(cfg.split), "ingest": cfg.ingest})
-    labels_file = cfg.labels.resolve() if cfg.labels else None  # may sit inside the corpus folder
-    files = sorted(p for p in cfg.corpus.rglob("*") if p.is_file() and p.resolve() != labels_file)
+                                       "split": asdict(cfg.split), "ingest": cfg.ingest,
+                                       "privacy": {**asdict(cfg.privacy),
+                                                   "pseudonymised": domain.pseudonymises(cfg)}})
+    found = discover(domain, cfg, public)
+    quarantine: list[dict[str, str]] = [
+        {"key": key, "reason": f"unsupported file type; {domain.name} reads {', '.join(domain.suffixes)}"}
+        for key in found.unsupported] + found.rejected
     rows: list[dict[str, Any]] = []
-    quarantine: list[dict[str, str]] = []
     duplicates: list[dict[str, str]] = []
     canonical: dict[str, str] = {}  # content hash -> first key with it
     alias: dict[str, str] = {}  # duplicate key -> kept key
-    raw_inputs: dict[str, str] = {}
-    hidden = 0
-    for path in tqdm(files, desc=f"ingest {domain_name}", unit="file", disable=None):
-        key = path.relative_to(cfg.corpus).as_posix()
-        if any(part.startswith(".") for part in Path(key).parts):
-            hidden += 1
-            continue
-        raw_inputs[key] = sha256_file(path)
-        if path.suffix.lower() not in domain.suffixes:
-            quarantine.append({"key": key, "reason": f"unsupported file type {path.suffix!r}; "
-                               f"{domain.name} reads {', '.join(domain.suffixes)}"})
-            continue
-        records, rejected = _read_file(domain, path, key, cfg)
-        quarantine.extend(rejected)
+    raw_inputs = {key: sha256_file(path) for key, path in found.files}
+    for source_key, source in tqdm(found.sources.items(), desc=f"ingest {domain_name}", unit="source", disable=None):
+        records, rejected = _read_source(domain, source, cfg)
+        quarantine.extend({"key": public("key", item["key"]), "reason": item["reason"]} for item in rejected)
         for record in records:
+            key = public("key", record.key)
             if record.sha256 in canonical:
-                alias[record.key] = canonical[record.sha256]
-                duplicates.append({"key": record.key, "duplicate_of": canonical[record.sha256]})
+                alias[key] = canonical[record.sha256]
+                duplicates.append({"key": key, "duplicate_of": canonical[record.sha256]})
                 continue
-            canonical[record.sha256] = record.key
-            rows.append({"key": record.key, "file": key, "sha256": record.sha256,
+            canonical[record.sha256] = key
+            rows.append({"key": key, "source": source_key, "sha256": record.sha256,
                          "bytes": record.n_bytes, **record.meta})
     summary = _attach_labels_and_splits(rows, labels, alias, quarantine, cfg)
-    summary.update(files=len(files), hidden_files_skipped=hidden, records=len(rows),
-                   quarantined=len(quarantine), duplicates_dropped=len(duplicates))
+    summary.update(files=len(found.files) + found.hidden, sources=len(found.sources),
+                   hidden_files_skipped=found.hidden, records=len(rows),
+                   quarantined=len(quarantine), duplicates_dropped=len(duplicates),
+                   pseudonymised=domain.pseudonymises(cfg))
     with atomic_dir(paths.manifest) as out:
         write_jsonl(out / "manifest.jsonl", rows)
         write_jsonl(out / "quarantine.jsonl", quarantine)
@@ -151,10 +158,11 @@ def _attach_labels_and_splits(rows: list[dict[str, Any]], labels: dict[str, dict
         if row.get("label") is not None and row["label"] != value["label"]:
             conflicting += 1  # two identical files labeled differently: the first label stays
             continue
-        row["label"], row["group"] = value["label"], value["group"]
+        row["label"] = value["label"]
+        row["group"] = value["group"] or row.get("group")
     for row in rows:
         row.setdefault("label", None)
-        row.setdefault("group", None)
+        row.setdefault("group", None)  # a domain's reader may give one (a pseudonymised patient)
         row["split"] = assign_split(row["group"] or row["sha256"], cfg.split.val, cfg.split.test, cfg.split.salt)
     labeled = [r for r in rows if r["label"] is not None]
     return {"labeled": len(labeled),

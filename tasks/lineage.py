@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ssl_models.core.errors import PipelineError
+from ssl_models.core.privacy import pseudonymiser
 
 RECORD_NAME = "lineage.json"
 PACKAGES = ("torch", "transformers", "tokenizers", "datasets", "dvc", "prefect", "monai",
@@ -192,11 +193,26 @@ def verify(artifact: Path) -> list[str]:
             if current != up["outputs_digest"]:
                 problems.append(f"{up['artifact']}: re-made since {path} was built from it")
         if "raw_inputs" in record:
-            corpus = Path(record["params"]["corpus"])
-            for name, digest in record["raw_inputs"].items():
-                raw = corpus / name
-                if not raw.exists():
-                    problems.append(f"raw file {raw}: missing")
-                elif sha256_file(raw) != digest:
-                    problems.append(f"raw file {raw}: content changed")
+            problems.extend(_verify_raw_inputs(record))
+    return problems
+
+
+def _verify_raw_inputs(record: dict[str, Any]) -> list[str]:
+    """Re-hash the raw corpus; pseudonymised names are matched through the salt, and a
+    problem names a pseudonymised file by its pseudonym only."""
+    corpus = Path(record["params"]["corpus"])
+    privacy = record["params"].get("privacy") or {}
+    if privacy.get("pseudonymised"):
+        public = pseudonymiser(privacy["salt_file"], create=False)
+        files = {public("key", p.relative_to(corpus).as_posix()): p for p in corpus.rglob("*") if p.is_file()}
+    else:
+        files = {name: corpus / name for name in record["raw_inputs"]}
+    problems = []
+    for name, digest in record["raw_inputs"].items():
+        raw = files.get(name)
+        shown = f"{corpus}/{name}"
+        if raw is None or not raw.exists():
+            problems.append(f"raw file {shown}: missing")
+        elif sha256_file(raw) != digest:
+            problems.append(f"raw file {shown}: content changed")
     return problems

@@ -8,13 +8,16 @@ only, so labeled test samples are never pretrained on; the summary counts any ex
 from __future__ import annotations
 
 import logging
+from dataclasses import asdict
 from typing import Any
 
 from ssl_models.core.config import load_domain_config
-from ssl_models.core.domain import load_domain
+from ssl_models.core.domain import Source, load_domain
+from ssl_models.core.errors import PipelineError
 from tasks.io import atomic_dir, read_jsonl, write_json
 from tasks.lineage import LineageRecorder
 from tasks.paths import DomainPaths
+from tasks.sources import discover, public_namer
 
 log = logging.getLogger("preprocess")
 
@@ -25,12 +28,21 @@ def preprocess(domain_name: str) -> dict[str, Any]:
     paths = DomainPaths(domain_name)
     manifest = read_jsonl(paths.manifest / "manifest.jsonl")
     recorder = LineageRecorder(f"preprocess@{domain_name}", paths.shards,
-                               params={"corpus": str(cfg.corpus), "preprocess": cfg.preprocess, "model": cfg.model},
+                               params={"corpus": str(cfg.corpus), "privacy": asdict(cfg.privacy),
+                                       "preprocess": cfg.preprocess, "model": cfg.model},
                                upstream=[paths.manifest])
     pretrained_on = {row["sha256"] for row in manifest if row["split"] == "train"}
     test_labeled = [row for row in manifest if row.get("label") is not None and row["split"] == "test"]
+    sources = discover(domain, cfg, public_namer(domain, cfg, create_salt=False)).sources
+
+    def locate(row: dict[str, Any]) -> Source:
+        if row["source"] not in sources:
+            raise PipelineError(f"a source of the manifest is no longer in {cfg.corpus} (or the salt changed); "
+                                f"re-run ingest@{domain_name}")
+        return sources[row["source"]]
+
     with atomic_dir(paths.shards) as out:
-        summary = domain.preprocess(cfg, manifest, out)
+        summary = domain.preprocess(cfg, manifest, out, locate)
         summary["labeled_test"] = len(test_labeled)
         summary["labeled_test_exact_copies_in_pretraining"] = sum(r["sha256"] in pretrained_on for r in test_labeled)
         write_json(out / "summary.json", summary)

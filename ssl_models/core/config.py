@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 import yaml
 
 from ssl_models.core.errors import PipelineError
+from ssl_models.core.privacy import PrivacyConfig
 
 C = TypeVar("C")
 
@@ -37,9 +38,13 @@ def parse_section(cls: type[C], values: dict[str, Any] | None, where: str) -> C:
     return section
 
 
-def _require(condition: bool, where: str, message: str) -> None:
+def require(condition: bool, where: str, message: str) -> None:
+    """Fail with the setting's place in params.yaml unless `condition` holds (for `validate` methods)."""
     if not condition:
         raise PipelineError(f"params.yaml {where}: {message}")
+
+
+_require = require
 
 
 @dataclass
@@ -126,10 +131,11 @@ class DomainConfig:
     pretrain: PretrainConfig
     finetune: FinetuneConfig
     default_data: dict[str, Any]
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
 
 DOMAIN_KEYS = {"module", "corpus", "labels", "split", "ingest", "preprocess", "model",
-               "pretrain", "finetune", "default_data"}
+               "pretrain", "finetune", "default_data", "privacy"}
 
 
 def load_params(params_path: Path = Path("params.yaml")) -> dict[str, Any]:
@@ -167,4 +173,5 @@ def load_domain_config(domain: str, params_path: Path = Path("params.yaml")) -> 
         pretrain=parse_section(PretrainConfig, block.get("pretrain"), f"{where}.pretrain"),
         finetune=parse_section(FinetuneConfig, block.get("finetune"), f"{where}.finetune"),
         default_data=dict(block.get("default_data") or {}),
+        privacy=parse_section(PrivacyConfig, block.get("privacy"), f"{where}.privacy"),
     )

@@ -10,7 +10,7 @@ import importlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 from ssl_models.core.config import DomainConfig
 from ssl_models.core.errors import PipelineError
@@ -21,11 +21,24 @@ if TYPE_CHECKING:  # torch is imported by the stages that train, not by ingest
 
 
 @dataclass
+class Source:
+    """What one `read` call reads: usually one file; a DICOM series is a folder of slices.
+
+    `key` is how the labels CSV names it: the path relative to the corpus (of the file, or
+    of the folder for a series).
+    """
+
+    key: str
+    paths: list[Path]
+
+
+@dataclass
 class Record:
     """One sample found by a reader: a document, a volume, a clip or a slide.
 
-    `key` is how the labels CSV names it (the path relative to the corpus, or
-    `path#L<n>` for a record inside a file); `sha256` hashes its content.
+    `key` is how the labels CSV names it (the source's key, or `path#L<n>` for a record
+    inside a file); `sha256` hashes its content. `meta` may carry a `group` (e.g. a
+    pseudonymised patient) used for splits when the labels CSV gives none.
     """
 
     key: str
@@ -48,20 +61,38 @@ class Domain(ABC):
 
     name: str = ""
     suffixes: tuple[str, ...] = ()
+    pseudonymise_by_default = False  # medical data: keys, groups and patients become salted hashes
+
+    def accepts(self, path: Path) -> bool:
+        """Whether `path` is a file this domain reads (others are quarantined as unsupported)."""
+        return path.suffix.lower() in self.suffixes
+
+    def sources(self, files: list[Path], corpus: Path, cfg: DomainConfig) -> Iterator[Source | Rejected]:
+        """Group the accepted files of the corpus into sources, one `read` each; by default one
+        file is one source. A domain whose samples span files (DICOM series) overrides this."""
+        for path in files:
+            yield Source(path.relative_to(corpus).as_posix(), [path])
+
+    def pseudonymises(self, cfg: DomainConfig) -> bool:
+        """Whether keys, file names and groups leave ingest only as salted hashes."""
+        setting = cfg.privacy.pseudonymise
+        return self.pseudonymise_by_default if setting is None else setting
 
     @abstractmethod
-    def read(self, path: Path, key: str, cfg: DomainConfig) -> Iterator[Record | Rejected]:
-        """Yield the records of one raw file; raise `UnreadableFileError` with a reason
-        when the whole file is unusable."""
+    def read(self, source: Source, cfg: DomainConfig) -> Iterator[Record | Rejected]:
+        """Yield the records of one source; raise `UnreadableFileError` with a reason when
+        the whole source is unusable. A reason never quotes a file name or a header value."""
 
     @abstractmethod
     def write_default_data(self, out_dir: Path, cfg: DomainConfig) -> None:
         """Lay out the embedded default corpus (`out_dir/corpus/`) and `out_dir/labels.csv`."""
 
     @abstractmethod
-    def preprocess(self, cfg: DomainConfig, manifest: list[dict[str, Any]], out_dir: Path) -> dict[str, Any]:
+    def preprocess(self, cfg: DomainConfig, manifest: list[dict[str, Any]], out_dir: Path,
+                   locate: Callable[[dict[str, Any]], Source]) -> dict[str, Any]:
         """Write `pretrain_train`, `pretrain_val` and `labeled` Arrow datasets under `out_dir`;
-        return a summary (counts, what the shards hold)."""
+        return a summary (counts, what the shards hold). `locate(row)` gives the source a
+        manifest row was read from (the manifest holds no file names when pseudonymised)."""
 
     @abstractmethod
     def pretrain_dataset(self, shards_dir: Path, split: str) -> Sequence[dict[str, Any]]:

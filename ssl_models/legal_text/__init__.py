@@ -5,10 +5,10 @@ from __future__ import annotations
 import logging
 from collections import defaultdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from ssl_models.core.config import DomainConfig, parse_section
-from ssl_models.core.domain import DOMAINS, Domain, Record, Rejected
+from ssl_models.core.domain import DOMAINS, Domain, Record, Rejected, Source
 from ssl_models.core.errors import PipelineError
 from ssl_models.legal_text.config import (
     TEXT_METHODS,
@@ -49,9 +49,9 @@ class LegalText(Domain):
                                 "(the checkpoint's vocabulary), tokenizer: train with a model from scratch")
         TEXT_METHODS.check(cfg.pretrain.method)
 
-    def read(self, path: Path, key: str, cfg: DomainConfig) -> Iterator[Record | Rejected]:
+    def read(self, source: Source, cfg: DomainConfig) -> Iterator[Record | Rejected]:
         options = parse_section(TextIngestConfig, cfg.ingest, f"domains.{cfg.name}.ingest")
-        yield from read_text_file(path, key, options.text_field, options.fallback_encoding,
+        yield from read_text_file(source.paths[0], source.key, options.text_field, options.fallback_encoding,
                                   options.min_characters)
 
     def write_default_data(self, out_dir: Path, cfg: DomainConfig) -> None:
@@ -59,14 +59,15 @@ class LegalText(Domain):
         counts = write_licensedcode_corpus(out_dir, options.max_files)
         log.info("default legal corpus: %(written)d license texts written", counts)
 
-    def preprocess(self, cfg: DomainConfig, manifest: list[dict[str, Any]], out_dir: Path) -> dict[str, Any]:
+    def preprocess(self, cfg: DomainConfig, manifest: list[dict[str, Any]], out_dir: Path,
+                   locate: Callable[[dict[str, Any]], Source]) -> dict[str, Any]:
         from datasets import Dataset
 
         from ssl_models.legal_text.preprocessing import build_tokenizer, normalised_text_hash, pack_blocks, save_blocks
 
         options = parse_section(TextPreprocessConfig, cfg.preprocess, f"domains.{cfg.name}.preprocess")
         model_cfg = self._model_cfg(cfg)
-        texts = self._read_texts(cfg, manifest)
+        texts = self._read_texts(cfg, manifest, locate)
         by_split: dict[str, list[str]] = defaultdict(list)
         for row in manifest:
             by_split[row["split"]].append(texts[row["key"]])
@@ -92,13 +93,17 @@ class LegalText(Domain):
         }).save_to_disk(str(out_dir / "labeled"))
         return summary
 
-    def _read_texts(self, cfg: DomainConfig, manifest: list[dict[str, Any]]) -> dict[str, str]:
-        wanted = {row["key"] for row in manifest}
+    def _read_texts(self, cfg: DomainConfig, manifest: list[dict[str, Any]],
+                    locate: Callable[[dict[str, Any]], Source]) -> dict[str, str]:
+        """Manifest key -> text; a JSONL file is read once for all its records."""
+        by_source: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        for row in manifest:
+            by_source[row["source"]].append(row)
         texts: dict[str, str] = {}
-        for file in sorted({row["file"] for row in manifest}):
-            for record in self.read(cfg.corpus / file, file, cfg):
-                if isinstance(record, Record) and record.key in wanted:
-                    texts[record.key] = record.content
+        for rows in by_source.values():
+            by_hash = {record.sha256: record.content for record in self.read(locate(rows[0]), cfg)
+                       if isinstance(record, Record)}
+            texts.update((row["key"], by_hash[row["sha256"]]) for row in rows)
         return texts
 
     def build_pretrain_method(self, cfg: DomainConfig, shards_dir: Path) -> PretrainMethod:

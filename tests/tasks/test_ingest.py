@@ -85,3 +85,33 @@ def test_bad_labels_csv_is_a_clear_error(corpus_project: Path) -> None:
     (corpus_project / "corpus" / "labels.csv").write_text("file,category\na.txt,x\n")
     with pytest.raises(PipelineError, match="needs columns path,label"):
         ingest("legal")
+
+
+def test_pseudonymised_ingest_writes_no_file_name_and_still_joins_labels(corpus_project: Path) -> None:
+    """With `privacy.pseudonymise`, keys, groups and raw-file names leave ingest as salted hashes;
+    labels still reach their files, preprocess still finds them, and verify still re-hashes them."""
+    from tasks.lineage import verify
+    from tasks.preprocess import preprocess
+
+    write_params(corpus_project, tiny_params(corpus="corpus", labels="corpus/labels.csv",
+                                             split={"test": 0.3, "val": 0.1},
+                                             privacy={"pseudonymise": True, "salt_file": "secret/salt"}))
+    summary = ingest("legal")
+    assert summary["pseudonymised"] and summary["labeled"] == 24
+    assert (corpus_project / "secret" / "salt").stat().st_mode & 0o077 == 0  # readable by the owner only
+    written = "".join(p.read_text() for p in Path("data/legal/manifest").iterdir())
+    for name in ("c5.txt", "contracts", "empty.txt", "photo.png", "records.jsonl", "case-1"):  # hex holds "c5"
+        assert name not in written
+    manifest = read_jsonl(Path("data/legal/manifest/manifest.jsonl"))
+    assert all(row["key"].startswith("key-") and row["source"].startswith("key-") for row in manifest)
+    assert {row["group"] for row in manifest if row["label"]} <= {r["group"] for r in manifest}
+    assert len({row["group"] for row in manifest if row["label"]}) == 6  # six cases, six pseudonyms
+    preprocess("legal")
+    assert verify(Path("data/legal/shards")) == []
+    (corpus_project / "corpus" / "contracts" / "c5.txt").write_text("edited")
+    problems = verify(Path("data/legal/shards"))
+    assert len(problems) == 1 and "content changed" in problems[0] and "c5.txt" not in problems[0]
+    # a second run on the same machine gives the same pseudonyms (the salt file is reused)
+    (corpus_project / "corpus" / "contracts" / "c5.txt").write_text("Contract 5. The supplier shall deliver 5 units.\n")
+    ingest("legal")
+    assert read_jsonl(Path("data/legal/manifest/manifest.jsonl")) == manifest

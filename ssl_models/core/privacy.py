@@ -1,0 +1,61 @@
+"""Pseudonyms for private data: salted hashes that stand in for file names and patient ids.
+
+A key, a group or a patient id of a domain that pseudonymises never reaches a manifest, shard,
+log, report or lineage record in clear; what does is `HMAC-SHA256(salt, value)`, truncated.
+The salt is a secret kept in a file outside version control (created on first use), so
+nobody without it can test a guessed name against a pseudonym, while the same data keeps
+the same pseudonyms from run to run on the machine that holds it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+
+from ssl_models.core.errors import PipelineError
+
+
+@dataclass
+class PrivacyConfig:
+    """`pseudonymise`: null follows the domain (on for medical data); `salt_file`: the secret."""
+
+    pseudonymise: bool | None = None
+    salt_file: str = ".secrets/pseudonym-salt"
+
+
+def load_salt(path: Path, create: bool = True) -> bytes:
+    """The salt in `path`; a new random one is written (owner-readable only) when absent."""
+    if path.exists():
+        salt = path.read_bytes().strip()
+        if len(salt) < 16:
+            raise PipelineError(f"salt file {path} holds {len(salt)} bytes; it needs at least 16 "
+                                "(delete it to have a new one made)")
+        return salt
+    if not create:
+        raise PipelineError(f"salt file {path} not found: pseudonyms cannot be recomputed without it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    salt = secrets.token_hex(32).encode()
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(descriptor, "wb") as handle:
+        handle.write(salt)
+    return salt
+
+
+class Pseudonymiser:
+    """`pseudonymiser("patient", "DOE^JOHN") -> "patient-3f9c..."`: the same value and salt give
+    the same pseudonym; a kind prefix keeps patient, study and file pseudonyms apart."""
+
+    def __init__(self, salt: bytes) -> None:
+        self._salt = salt
+
+    def __call__(self, kind: str, value: str) -> str:
+        digest = hmac.new(self._salt, f"{kind}\x00{value}".encode(), hashlib.sha256).hexdigest()
+        return f"{kind}-{digest[:20]}"
+
+
+def pseudonymiser(salt_file: str | Path, create: bool = True) -> Pseudonymiser:
+    return Pseudonymiser(load_salt(Path(salt_file), create))
