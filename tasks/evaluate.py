@@ -18,8 +18,14 @@ from tasks.lineage import LineageRecorder
 from tasks.paths import DomainPaths
 
 log = logging.getLogger("evaluate")
-PRIMARY_METRIC = "macro_f1"
-METRICS = ("macro_f1", "accuracy")
+METRICS = ("auroc", "macro_f1", "accuracy")
+
+
+def primary_metric(classes: list[str], results: list[dict[str, Any]]) -> str:
+    """AUROC for two classes (threshold-free, fair to imbalanced sets), macro-F1 otherwise."""
+    if len(classes) == 2 and results and all("auroc" in r for r in results):
+        return "auroc"
+    return "macro_f1"
 
 
 def aggregate(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -29,7 +35,7 @@ def aggregate(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
         groups[(row["init"], row["protocol"], row["label_fraction"])].append(row)
     summary = []
     for (init, protocol, fraction), rows in sorted(groups.items()):
-        for metric in METRICS:
+        for metric in (m for m in METRICS if all(m in r for r in rows)):
             values = np.array([r[metric] for r in rows])
             summary.append({"init": init, "protocol": protocol, "label_fraction": fraction, "metric": metric,
                             "mean": round(float(values.mean()), 4),
@@ -39,17 +45,17 @@ def aggregate(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return summary
 
 
-def flat_summary(summary: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, float]]]:
+def flat_summary(summary: list[dict[str, Any]], metric: str) -> dict[str, dict[str, dict[str, float]]]:
     """Primary-metric means as protocol -> pct<labels> -> init, the nesting `dvc metrics show`
     and `dvc exp show` flatten into columns such as `summary.linear.pct10.ssl`."""
     table: dict[str, dict[str, dict[str, float]]] = defaultdict(lambda: defaultdict(dict))
     for row in summary:
-        if row["metric"] == PRIMARY_METRIC:
+        if row["metric"] == metric:
             table[row["protocol"]][f"pct{100 * row['label_fraction']:g}"][row["init"]] = row["mean"]
     return {protocol: dict(by_fraction) for protocol, by_fraction in table.items()}
 
 
-def paired_differences(results: list[dict[str, Any]], metric: str = PRIMARY_METRIC) -> list[dict[str, Any]]:
+def paired_differences(results: list[dict[str, Any]], metric: str) -> list[dict[str, Any]]:
     """ssl minus each baseline, seed by seed on the same label subset, per protocol and fraction."""
     by_key = {(r["init"], r["protocol"], r["label_fraction"], r["seed"]): r[metric] for r in results}
     comparisons = []
@@ -78,11 +84,11 @@ def verdict(diffs: np.ndarray) -> str:
     return "no clear difference"
 
 
-def write_plot_data(out: Path, summary: list[dict[str, Any]], pretrain_log: dict[str, Any]) -> None:
+def write_plot_data(out: Path, summary: list[dict[str, Any]], pretrain_log: dict[str, Any], metric: str) -> None:
     """CSV files that `dvc plots show` renders: one column per init/protocol series."""
     series = sorted({(r["init"], r["protocol"]) for r in summary})
     fractions = sorted({r["label_fraction"] for r in summary})
-    means = {(r["init"], r["protocol"], r["label_fraction"]): r["mean"] for r in summary if r["metric"] == PRIMARY_METRIC}
+    means = {(r["init"], r["protocol"], r["label_fraction"]): r["mean"] for r in summary if r["metric"] == metric}
     with open(out / "label_efficiency.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["label_fraction", *[f"{i}_{p}" for i, p in series]])
@@ -105,12 +111,13 @@ def evaluate(domain_name: str) -> dict[str, Any]:
                                params={"finetune": asdict(cfg.finetune)},
                                upstream=[paths.finetune, paths.pretrain, paths.shards])
     summary = aggregate(finetuned["results"])
-    metrics = {"domain": domain_name, "primary_metric": PRIMARY_METRIC, "results": summary,
-               "summary": flat_summary(summary),
+    metric = primary_metric(finetuned["classes"], finetuned["results"])
+    metrics = {"domain": domain_name, "primary_metric": metric, "results": summary,
+               "summary": flat_summary(summary, metric),
                "labeled_test": shards_summary["labeled_test"],
                "labeled_test_in_pretraining_corpus": shards_summary["labeled_test_exact_copies_in_pretraining"]}
     with atomic_dir(paths.evaluation) as out:
-        write_json(out / "comparisons.json", paired_differences(finetuned["results"]))
+        write_json(out / "comparisons.json", paired_differences(finetuned["results"], metric))
         write_json(out / "results_per_seed.json", finetuned["results"])
         write_json(out / "metrics.json", metrics)
         recorder.write(out)
@@ -118,6 +125,6 @@ def evaluate(domain_name: str) -> dict[str, Any]:
     # evaluation/ is the one the lineage record hashes.
     write_json(paths.metrics, metrics)
     paths.plots.mkdir(parents=True, exist_ok=True)
-    write_plot_data(paths.plots, summary, pretrain_log)
+    write_plot_data(paths.plots, summary, pretrain_log, metric)
     log.info("evaluate %s: %d aggregated results", domain_name, len(summary))
     return metrics

@@ -88,11 +88,12 @@ def finetune(domain_name: str) -> list[dict[str, Any]]:
                             "n_train": len(subset), "n_test": len(test)}
                     for protocol in settings.protocols:
                         started = time.time()
-                        predicted, trained = run_protocol(protocol, encoder, features, pool, test, subset,
-                                                          classes, settings, seed)
+                        predicted, probabilities, trained = run_protocol(
+                            protocol, encoder, features, pool, test, subset, classes, settings, seed)
                         if trained and settings.save_models and init == "ssl" and seed == settings.seeds[0]:
                             _save_model(out / "models" / f"{init}_fraction-{fraction}_seed-{seed}", *trained, classes)
-                        results.append({**base, "protocol": protocol, **scores(test_y, predicted),
+                        results.append({**base, "protocol": protocol,
+                                        **scores(test_y, predicted, probabilities, classes),
                                         "seconds": round(time.time() - started, 2)})
                     progress.update(1)
         progress.close()
@@ -104,19 +105,20 @@ def finetune(domain_name: str) -> list[dict[str, Any]]:
 
 def run_protocol(protocol: str, encoder: Encoder, features: np.ndarray, pool: list[dict[str, Any]],
                  test: list[dict[str, Any]], subset: list[int], classes: list[str], settings: FinetuneConfig,
-                 seed: int) -> tuple[list[str], tuple[Encoder, torch.nn.Linear] | None]:
-    """Test predictions of one protocol trained on `subset` of the pool (features: pool then test),
-    and the fine-tuned modules when the protocol trains the encoder."""
+                 seed: int) -> tuple[list[str], np.ndarray, tuple[Encoder, torch.nn.Linear] | None]:
+    """Test predictions and class probabilities of one protocol trained on `subset` of the pool
+    (features: pool then test), and the fine-tuned modules when the protocol trains the encoder."""
     train_y = [pool[i]["label"] for i in subset]
     test_features = features[len(pool):]
     if protocol == "linear":
-        return linear_probe(features[subset], train_y, test_features, settings.linear_c, seed), None
+        return *linear_probe(features[subset], train_y, test_features, settings.linear_c, seed, classes), None
     if protocol == "knn":
-        return knn_probe(features[subset], train_y, test_features, settings.knn_neighbors), None
+        return *knn_probe(features[subset], train_y, test_features, settings.knn_neighbors, classes), None
     probe = fit_linear_probe(features[subset], train_y, settings.linear_c, seed)
-    predicted, model, head = finetune_encoder(encoder, [pool[i] for i in subset], train_y, test, classes,
-                                              settings, seed, head_from_probe(probe, encoder.dim, classes))
-    return predicted, (model, head)
+    predicted, probabilities, model, head = finetune_encoder(
+        encoder, [pool[i] for i in subset], train_y, test, classes, settings, seed,
+        head_from_probe(probe, encoder.dim, classes))
+    return predicted, probabilities, (model, head)
 
 
 def _save_model(folder: Path, encoder: Any, head: Any, classes: list[str]) -> None:

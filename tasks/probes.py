@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import torch
 from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import accuracy_score, f1_score
+from sklearn.metrics import accuracy_score, f1_score, roc_auc_score
 from sklearn.neighbors import KNeighborsClassifier
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
@@ -25,9 +25,25 @@ def embed_rows(encoder: Encoder, rows: list[dict[str, Any]], batch_size: int = 6
     return torch.cat(chunks).float().numpy()
 
 
-def scores(y_true: list[str], y_pred: list[str]) -> dict[str, float]:
-    return {"macro_f1": float(f1_score(y_true, y_pred, average="macro", zero_division=0)),
-            "accuracy": float(accuracy_score(y_true, y_pred))}
+def scores(y_true: list[str], y_pred: list[str], probabilities: np.ndarray, classes: list[str]) -> dict[str, float]:
+    """macro-F1 and accuracy of the predictions; AUROC of the class probabilities (one-vs-rest
+    macro average beyond two classes), when every class occurs in the test set."""
+    result = {"macro_f1": float(f1_score(y_true, y_pred, average="macro", zero_division=0)),
+              "accuracy": float(accuracy_score(y_true, y_pred))}
+    if set(y_true) == set(classes):
+        if len(classes) == 2:
+            result["auroc"] = float(roc_auc_score([y == classes[1] for y in y_true], probabilities[:, 1]))
+        else:
+            result["auroc"] = float(roc_auc_score(y_true, probabilities, multi_class="ovr", labels=classes))
+    return result
+
+
+def _spread(model_classes: list[str], probabilities: np.ndarray, classes: list[str]) -> np.ndarray:
+    """Probabilities over the subset's classes -> columns of all `classes` (0 for absent ones)."""
+    full = np.zeros((len(probabilities), len(classes)))
+    for column, label in enumerate(model_classes):
+        full[:, classes.index(label)] = probabilities[:, column]
+    return full
 
 
 def fit_linear_probe(train_x: np.ndarray, train_y: list[str], c: float, seed: int):
@@ -38,9 +54,13 @@ def fit_linear_probe(train_x: np.ndarray, train_y: list[str], c: float, seed: in
     return probe.fit(train_x, train_y)
 
 
-def linear_probe(train_x: np.ndarray, train_y: list[str], test_x: np.ndarray, c: float, seed: int) -> list[str]:
+def linear_probe(train_x: np.ndarray, train_y: list[str], test_x: np.ndarray, c: float, seed: int,
+                 classes: list[str]) -> tuple[list[str], np.ndarray]:
+    """Test predictions and class probabilities (columns in `classes` order)."""
     probe = fit_linear_probe(train_x, train_y, c, seed)
-    return [train_y[0]] * len(test_x) if probe is None else list(probe.predict(test_x))
+    if probe is None:
+        return [train_y[0]] * len(test_x), _spread([train_y[0]], np.ones((len(test_x), 1)), classes)
+    return list(probe.predict(test_x)), _spread(list(probe.classes_), probe.predict_proba(test_x), classes)
 
 
 def head_from_probe(probe, dim: int, classes: list[str]) -> torch.nn.Linear:
@@ -64,16 +84,17 @@ def head_from_probe(probe, dim: int, classes: list[str]) -> torch.nn.Linear:
     return head
 
 
-def knn_probe(train_x: np.ndarray, train_y: list[str], test_x: np.ndarray, neighbors: int) -> list[str]:
-    knn = KNeighborsClassifier(n_neighbors=min(neighbors, len(train_y)), metric="cosine")
-    return list(knn.fit(train_x, train_y).predict(test_x))
+def knn_probe(train_x: np.ndarray, train_y: list[str], test_x: np.ndarray, neighbors: int,
+              classes: list[str]) -> tuple[list[str], np.ndarray]:
+    knn = KNeighborsClassifier(n_neighbors=min(neighbors, len(train_y)), metric="cosine").fit(train_x, train_y)
+    return list(knn.predict(test_x)), _spread(list(knn.classes_), knn.predict_proba(test_x), classes)
 
 
 def finetune_encoder(encoder: Encoder, train_rows: list[dict[str, Any]], train_y: list[str],
                      test_rows: list[dict[str, Any]], classes: list[str], cfg: FinetuneConfig,
-                     seed: int, head: torch.nn.Linear) -> tuple[list[str], Encoder, torch.nn.Linear]:
+                     seed: int, head: torch.nn.Linear) -> tuple[list[str], np.ndarray, Encoder, torch.nn.Linear]:
     """Train a copy of the encoder and `head` (a copy of it) for `cfg.steps` steps, the same
-    budget for every initialisation; returns test predictions and the trained modules."""
+    budget for every initialisation; returns test predictions, probabilities and the trained modules."""
     torch.manual_seed(seed)
     model = copy.deepcopy(encoder)
     head = copy.deepcopy(head)
@@ -97,5 +118,6 @@ def finetune_encoder(encoder: Encoder, train_rows: list[dict[str, Any]], train_y
     model.eval()
     with torch.no_grad():
         features = torch.from_numpy(embed_rows(model, test_rows))
-        predictions = head(features).argmax(dim=1).tolist()
-    return [classes[i] for i in predictions], model, head
+        probabilities = torch.softmax(head(features), dim=1)
+    predictions = probabilities.argmax(dim=1).tolist()
+    return [classes[i] for i in predictions], probabilities.numpy(), model, head
