@@ -1,0 +1,173 @@
+"""The spectrogram backbone (a small Transformer over log-mel patches) and its encoder wrapper.
+
+Tokens are patches of `patch_frames` x `patch_mels` log-mel bins; with all mel bins in a patch
+they are SSAST's frame-based patches, which Gong et al. (AAAI 2022) found best for speech.
+The per-bin normalisation statistics of the training split are buffers of the model, saved
+with its weights.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ssl_models.audio.config import AudioModelConfig
+from ssl_models.audio.features import InputSpec, decode_row, pad_batch
+from ssl_models.core.errors import PipelineError
+from ssl_models.core.modules import Encoder
+
+CONFIG_FILE, WEIGHTS_FILE = "audio_backbone.json", "model.safetensors"
+
+
+class SpectrogramTransformer(nn.Module):
+    """Patch embedding + learned positions + pre-norm Transformer encoder over log-mel clips."""
+
+    def __init__(self, n_mels: int, clip_frames: int, hidden_size: int, num_layers: int, num_heads: int,
+                 intermediate_size: int, patch_frames: int, patch_mels: int, dropout: float = 0.0,
+                 mean: list[float] | None = None, std: list[float] | None = None) -> None:
+        super().__init__()
+        patch_mels = patch_mels or n_mels
+        if n_mels % patch_mels:
+            raise PipelineError(f"model.patch_mels {patch_mels} must divide preprocess.n_mels {n_mels}")
+        self.config = {"n_mels": n_mels, "clip_frames": clip_frames, "hidden_size": hidden_size,
+                       "num_layers": num_layers, "num_heads": num_heads, "intermediate_size": intermediate_size,
+                       "patch_frames": patch_frames, "patch_mels": patch_mels, "dropout": dropout}
+        self.patch_frames, self.patch_mels = patch_frames, patch_mels
+        self.time_patches = -(-clip_frames // patch_frames)
+        self.mel_patches = n_mels // patch_mels
+        self.patch_dim = patch_frames * patch_mels
+        self.register_buffer("mean", torch.tensor(mean or [0.0] * n_mels))
+        self.register_buffer("std", torch.tensor(std or [1.0] * n_mels))
+        self.patch_embedding = nn.Linear(self.patch_dim, hidden_size)
+        self.position = nn.Parameter(torch.randn(1, self.time_patches * self.mel_patches, hidden_size) * 0.02)
+        layer = nn.TransformerEncoderLayer(hidden_size, num_heads, intermediate_size, dropout,
+                                           activation="gelu", batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, num_layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(hidden_size)
+        self.dim = hidden_size
+
+    def normalise(self, log_mel: torch.Tensor) -> torch.Tensor:
+        return (log_mel - self.mean) / self.std
+
+    def patchify(self, frames: torch.Tensor) -> torch.Tensor:
+        """[batch, frames, mels] -> [batch, tokens, patch_dim], time-major; frames padded with zeros."""
+        batch, n_frames, _ = frames.shape
+        missing = self.time_patches * self.patch_frames - n_frames
+        if missing > 0:
+            frames = nn.functional.pad(frames, (0, 0, 0, missing))
+        frames = frames[:, : self.time_patches * self.patch_frames]
+        patches = frames.reshape(batch, self.time_patches, self.patch_frames, self.mel_patches, self.patch_mels)
+        return patches.permute(0, 1, 3, 2, 4).reshape(batch, -1, self.patch_dim)
+
+    def token_padding(self, lengths: torch.Tensor) -> torch.Tensor:
+        """[batch, tokens] True where a token starts past the clip's end."""
+        starts = torch.arange(self.time_patches, device=lengths.device) * self.patch_frames
+        padded = starts[None, :] >= lengths[:, None]
+        return padded.repeat_interleave(self.mel_patches, dim=1)
+
+    def encode_tokens(self, tokens: torch.Tensor, padding: torch.Tensor) -> torch.Tensor:
+        hidden = self.encoder(tokens + self.position[:, : tokens.shape[1]], src_key_padding_mask=padding)
+        return self.norm(hidden)
+
+    def forward(self, normalised: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Hidden states [batch, tokens, hidden] of normalised frames, and the padding mask."""
+        padding = self.token_padding(lengths)
+        return self.encode_tokens(self.patch_embedding(self.patchify(normalised)), padding), padding
+
+    def pool(self, hidden: torch.Tensor, padding: torch.Tensor) -> torch.Tensor:
+        keep = (~padding).unsqueeze(-1).to(hidden.dtype)
+        return (hidden * keep).sum(1) / keep.sum(1).clamp(min=1.0)
+
+    def save(self, out_dir: Path) -> None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        config = {**self.config, "mean": self.mean.tolist(), "std": self.std.tolist()}
+        (out_dir / CONFIG_FILE).write_text(json.dumps(config, indent=1))
+        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(out_dir / WEIGHTS_FILE))
+
+    @classmethod
+    def load(cls, folder: Path, weights: bool = True) -> SpectrogramTransformer:
+        if not (folder / CONFIG_FILE).exists():
+            raise PipelineError(f"{folder} holds no spectrogram backbone ({CONFIG_FILE}); set model.base_checkpoint "
+                                "to the `encoder` folder of an earlier audio pretraining")
+        model = cls(**json.loads((folder / CONFIG_FILE).read_text()))
+        if weights:
+            model.load_state_dict(load_file(str(folder / WEIGHTS_FILE)))
+        return model
+
+
+def collate_spectrograms(samples: list[dict[str, Any]], spec: InputSpec) -> dict[str, torch.Tensor]:
+    frames, lengths = pad_batch([decode_row(s, spec.width) for s in samples], spec.clip_steps)
+    return {"log_mel": torch.from_numpy(frames), "lengths": torch.from_numpy(lengths)}
+
+
+class SpectrogramEncoder(Encoder):
+    """Mean of the backbone's hidden states over the clip's tokens."""
+
+    def __init__(self, backbone: SpectrogramTransformer, spec: InputSpec) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.spec = spec
+        self.dim = backbone.dim
+
+    def collate(self, samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        return collate_spectrograms(samples, self.spec)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        hidden, padding = self.backbone(self.backbone.normalise(batch["log_mel"]), batch["lengths"])
+        return self.backbone.pool(hidden, padding)
+
+    def save(self, out_dir: Path) -> None:
+        self.backbone.save(out_dir)
+
+
+def frame_padding(lengths: torch.Tensor, n_frames: int) -> torch.Tensor:
+    """[batch, frames] True past each clip's end."""
+    return torch.arange(n_frames, device=lengths.device)[None, :] >= lengths[:, None]
+
+
+def stats_of(shards_dir: Path) -> tuple[list[float] | None, list[float] | None]:
+    path = shards_dir / "normalisation.json"
+    if not path.exists():
+        return None, None
+    stats = json.loads(path.read_text())
+    return stats["mean"], stats["std"]
+
+
+def build_spectrogram_backbone(model_cfg: AudioModelConfig, spec: InputSpec,
+                               shards_dir: Path) -> SpectrogramTransformer:
+    """From the base checkpoint (continued pretraining) or from scratch; either way normalised
+    with the statistics of this corpus' training split."""
+    mean, std = stats_of(shards_dir)
+    if model_cfg.base_checkpoint:
+        backbone = SpectrogramTransformer.load(Path(model_cfg.base_checkpoint))
+        if backbone.config["n_mels"] != spec.width:
+            raise PipelineError(f"model.base_checkpoint has {backbone.config['n_mels']} mel bins; "
+                                f"set preprocess.n_mels: {backbone.config['n_mels']}")
+        if mean is not None:
+            backbone.mean.copy_(torch.tensor(mean))
+            backbone.std.copy_(torch.tensor(std))
+        return backbone
+    return SpectrogramTransformer(
+        n_mels=spec.width, clip_frames=spec.clip_steps, hidden_size=model_cfg.hidden_size,
+        num_layers=model_cfg.num_layers, num_heads=model_cfg.num_heads,
+        intermediate_size=model_cfg.intermediate_size, patch_frames=model_cfg.patch_frames,
+        patch_mels=model_cfg.patch_mels, dropout=model_cfg.dropout, mean=mean, std=std)
+
+
+def load_spectrogram_encoder(init: str, model_cfg: AudioModelConfig, pretrained_dir: Path, seed: int,
+                             spec: InputSpec) -> SpectrogramEncoder:
+    """ssl: the pretrained backbone; scratch: its architecture and normalisation, random weights
+    from `seed`; generic: the base checkpoint as it is."""
+    if init == "generic":
+        backbone = SpectrogramTransformer.load(Path(str(model_cfg.base_checkpoint)))
+    elif init == "ssl":
+        backbone = SpectrogramTransformer.load(pretrained_dir)
+    else:
+        torch.manual_seed(seed)
+        backbone = SpectrogramTransformer.load(pretrained_dir, weights=False)
+    return SpectrogramEncoder(backbone, spec)

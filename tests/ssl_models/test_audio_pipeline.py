@@ -1,0 +1,167 @@
+"""The audio domain through the stages: generated default data, speaker-disjoint splits,
+quarantine in ingest, and the whole path on a folder of mixed formats and rates."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile
+
+from tasks.io import read_json, read_jsonl
+from tests.conftest import write_params
+from tests.ssl_models.test_audio_readers import FSDD, write_bad_files
+
+TINY_AUDIO = {
+    "module": "audio",
+    "corpus": "data/audio/default/corpus",
+    "labels": "data/audio/default/labels.csv",
+    "default_data": {"speakers": 8, "takes": 1, "sentences": True},
+    "split": {"val": 0.2, "test": 0.25, "salt": "split-v1"},
+    "ingest": {"sample_rate": 8000, "segment_seconds": 4.0, "group_by": "folder"},
+    "preprocess": {"input": "log_mel", "n_mels": 16, "n_fft": 200, "hop_length": 80, "clip_seconds": 0.8},
+    "model": {"hidden_size": 16, "num_layers": 1, "num_heads": 2, "intermediate_size": 32, "cpu_threads": 1},
+    "pretrain": {"method": "tera", "steps": 6, "batch_size": 8, "learning_rate": 0.002, "warmup_steps": 1,
+                 "checkpoint_every": 3, "rankme_samples": 16, "seed": 0},
+    "finetune": {"label_fractions": [1.0], "seeds": [0, 1], "protocols": ["linear", "knn", "finetune"],
+                 "steps": 2, "batch_size": 8},
+}
+
+
+def audio_params(**sections: dict) -> dict:
+    block = json.loads(json.dumps(TINY_AUDIO))
+    for name, values in sections.items():
+        if isinstance(values, dict):
+            block.setdefault(name, {}).update(values)
+        else:
+            block[name] = values
+    return {"domains": {"audio": block}}
+
+
+@pytest.fixture
+def audio_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    write_params(tmp_path, audio_params())
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def corpus_digest(folder: Path) -> str:
+    """The corpus' files and the labels (not the lineage record, which holds times)."""
+    digest = hashlib.sha256()
+    for path in sorted([*(folder / "corpus").rglob("*.wav"), folder / "labels.csv"]):
+        digest.update(path.relative_to(folder).as_posix().encode() + path.read_bytes())
+    return digest.hexdigest()
+
+
+def test_the_generated_default_is_the_same_files_every_run_and_splits_never_share_a_speaker(audio_project: Path) -> None:
+    from tasks.default_data import default_data
+    from tasks.ingest import ingest
+
+    default_data("audio")
+    first = corpus_digest(Path("data/audio/default"))
+    default_data("audio")
+    assert corpus_digest(Path("data/audio/default")) == first
+    labels = list(csv.DictReader(open("data/audio/default/labels.csv")))
+    assert len(labels) == 8 * 10 and {r["label"] for r in labels} == {str(d) for d in range(10)}
+    summary = ingest("audio")
+    assert summary["quarantined"] == 0 and summary["labeled"] == 80
+    rows = read_jsonl(Path("data/audio/manifest/manifest.jsonl"))
+    passages = [r for r in rows if "passage.wav#t=" in r["key"]]
+    assert len(passages) >= 8  # each speaker's passage is longer than one 4 s segment
+    split_of_group: dict[str, set[str]] = {}
+    for row in rows:
+        split_of_group.setdefault(row["group"], set()).add(row["split"])
+    assert all(len(splits) == 1 for splits in split_of_group.values()), split_of_group
+    assert {"train", "test"} <= {s for splits in split_of_group.values() for s in splits}
+
+
+def test_ingest_quarantines_each_bad_file_with_its_reason_and_keeps_the_good_ones(audio_project: Path) -> None:
+    from tasks.ingest import ingest
+
+    expected = write_bad_files(audio_project / "corpus")
+    soundfile.write(audio_project / "corpus" / "good.wav", 0.3 * np.sin(np.arange(8000) / 3.0), 16000)
+    (audio_project / "corpus" / "notes.txt").write_text("not audio")
+    write_params(audio_project, audio_params(corpus="corpus", labels=None))
+    summary = ingest("audio")
+    reasons = {q["key"]: q["reason"] for q in read_jsonl(Path("data/audio/manifest/quarantine.jsonl"))}
+    assert summary["records"] == 1
+    for name, fragment in expected.items():
+        assert fragment in reasons[name], (name, reasons.get(name))
+    assert "unsupported file type" in reasons["notes.txt"]
+
+
+def write_mixed_format_corpus(root: Path, default_corpus: Path) -> None:
+    """The generated speech re-encoded as flac, ogg, mp3 and wav at 8 to 48 kHz, mono and stereo,
+    in per-speaker folders; labels written with ./ and backslashes, speaker as group."""
+    import soxr
+
+    corpus = root / "calls"
+    formats = [("flac", 44100, 1), ("ogg", 16000, 2), ("mp3", 22050, 1), ("wav", 8000, 2), ("wav", 48000, 1)]
+    rows = []
+    for index, path in enumerate(sorted(default_corpus.glob("*/[0-9]_0.wav"))):
+        samples, rate = soundfile.read(path, dtype="float32")
+        suffix, new_rate, channels = formats[index % len(formats)]
+        samples = soxr.resample(samples, rate, new_rate)
+        if channels == 2:
+            samples = np.stack([samples, 0.5 * samples], axis=1)
+        speaker = path.parent.name
+        (corpus / speaker).mkdir(parents=True, exist_ok=True)
+        target = corpus / speaker / f"{path.stem}.{suffix}"
+        soundfile.write(target, samples, new_rate)
+        written = f"./{speaker}/{target.name}" if index % 2 else f"{speaker}\\{target.name}"
+        rows.append((written, path.stem.split("_")[0], speaker))
+    with open(root / "labels.csv", "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["path", "label", "group"])
+        writer.writerows(rows)
+
+
+@pytest.mark.parametrize("method,input_kind", [("tera", "log_mel"), ("wav2vec2", "waveform")])
+def test_whole_audio_path_on_a_mixed_format_folder(audio_project: Path, method: str, input_kind: str) -> None:
+    from ssl_models.audio.default_data import write_spoken_digits
+    from tasks.cli import stage_functions
+
+    write_spoken_digits(audio_project / "generated", n_speakers=8, takes=1, sentences=False)
+    write_mixed_format_corpus(audio_project, audio_project / "generated" / "corpus")
+    write_params(audio_project, audio_params(corpus="calls", labels="labels.csv", pretrain={"method": method},
+                                             preprocess={"input": input_kind}))
+    stages = stage_functions()
+    for stage in ("ingest", "preprocess", "pretrain", "finetune", "evaluate", "report"):
+        stages[stage]("audio")
+    summary = read_json(Path("data/audio/manifest/summary.json"))
+    assert summary["quarantined"] == 0 and summary["labels_without_file"] == 0
+    assert summary["labeled"] == summary["records"] == 80
+    shards = read_json(Path("data/audio/shards/summary.json"))
+    assert shards["input"] == input_kind and shards["labeled_test_exact_copies_in_pretraining"] == 0
+    metrics = read_json(Path("reports/audio/metrics.json"))
+    assert {r["init"] for r in metrics["results"]} == {"ssl", "scratch"}
+    assert Path("reports/audio/report/report.html").read_text().startswith("<!doctype html>")
+
+
+@pytest.mark.skipif(not FSDD.is_dir(), reason="shared FSDD recordings (../shared/data/audio-fsdd) not present")
+def test_fsdd_speakers_never_cross_splits(audio_project: Path) -> None:
+    from tasks.ingest import ingest
+
+    corpus = audio_project / "fsdd"
+    corpus.mkdir()
+    rows = []
+    for path in sorted(FSDD.glob("*_*_[0-4].wav")):  # 5 takes of each digit by each of the 6 speakers
+        (corpus / path.name).symlink_to(path)
+        digit, speaker, _ = path.stem.split("_")
+        rows.append((path.name, digit, speaker))
+    with open(audio_project / "labels.csv", "w", newline="") as handle:
+        csv.writer(handle).writerows([("path", "label", "group"), *rows])
+    write_params(audio_project, audio_params(corpus="fsdd", labels="labels.csv",
+                                             split={"val": 0.1, "test": 0.1, "salt": "split-v1"}))
+    summary = ingest("audio")
+    assert summary["labeled"] == 300 and summary["quarantined"] == 0
+    manifest = read_jsonl(Path("data/audio/manifest/manifest.jsonl"))
+    speakers_by_split: dict[str, set[str]] = {}
+    for row in manifest:
+        speakers_by_split.setdefault(row["split"], set()).add(row["group"])
+    assert speakers_by_split["test"] == {"nicolas", "theo"}  # the split the FSDD benchmark reports on
+    assert not speakers_by_split["test"] & (speakers_by_split["train"] | speakers_by_split.get("val", set()))
