@@ -1,0 +1,78 @@
+"""preprocess for slides: tile every source of the manifest and write Arrow shards.
+
+`pretrain_train` / `pretrain_val` hold the tiles of those splits (labeled or not; test tiles
+never), `labeled` one row per labeled tile (or per labeled slide, with a bag of its tiles).
+Every tile row carries its source's key, its coordinates at the tiled level, its split and
+its group, so tiles of one slide (or spatial block) never straddle train and test.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections import Counter
+from pathlib import Path
+from typing import Any, Callable
+
+from datasets import Dataset
+from tqdm import tqdm
+
+from ssl_models.core.domain import Source
+from ssl_models.histopathology.config import HistoPreprocessConfig
+from ssl_models.histopathology.readers import open_slide
+from ssl_models.histopathology.tiling import evenly_spaced, tile_slide
+
+log = logging.getLogger("preprocess")
+
+
+def write_tile_shards(manifest: list[dict[str, Any]], locate: Callable[[dict[str, Any]], Source],
+                      options: HistoPreprocessConfig, split_of_block: Callable[[str], str],
+                      out_dir: Path) -> dict[str, Any]:
+    pretrain: dict[str, dict[str, list]] = {s: {"pixels": [], "source": [], "x": [], "y": []} for s in ("train", "val")}
+    labeled: list[dict[str, Any]] = []
+    counts: Counter = Counter()
+    failed, normalised = 0, 0
+    for row in tqdm(manifest, desc="tile slides", unit="slide", disable=None):
+        try:
+            with open_slide(locate(row).paths[0]) as slide:
+                result = tile_slide(slide, options)
+        except Exception as error:  # pixels that decoded at ingest but fail deeper in the pyramid
+            failed += 1
+            log.warning("preprocess: a slide could not be tiled (%s); skipped", type(error).__name__)
+            continue
+        counts.update(result.counts)
+        normalised += result.stain_normalised
+        group = str(row.get("group") or row["sha256"])
+        tile_rows = []
+        for tile in result.tiles:
+            if options.spatial_block:
+                tile_group = f"{group}:block-{tile.x // options.spatial_block}-{tile.y // options.spatial_block}"
+                split = split_of_block(tile_group)
+            else:
+                tile_group, split = group, row["split"]
+            blob = tile.pixels.tobytes()
+            if split in pretrain:
+                for column, value in (("pixels", blob), ("source", row["key"]), ("x", tile.x), ("y", tile.y)):
+                    pretrain[split][column].append(value)
+            sample_id = hashlib.sha256(f"{row['sha256']}:{tile.level}:{tile.x}:{tile.y}".encode()).hexdigest()
+            tile_rows.append({"sample_id": sample_id, "pixels": [blob], "label": str(row.get("label")),
+                              "split": split, "group": tile_group, "source": row["key"], "x": tile.x, "y": tile.y})
+        if row.get("label") is None or not tile_rows:
+            continue
+        if options.labeled_unit == "tile":
+            labeled.extend(tile_rows)
+        else:  # one row per slide: a bag of its tiles, mean-pooled by the encoder
+            bag = evenly_spaced(tile_rows, options.max_tiles_per_slide_bag)
+            labeled.append({"sample_id": row["sha256"], "pixels": [blob for t in bag for blob in t["pixels"]],
+                            "label": str(row["label"]), "split": row["split"], "group": group,
+                            "source": row["key"], "x": -1, "y": -1})
+    for split, columns in pretrain.items():
+        Dataset.from_dict(columns).save_to_disk(str(out_dir / f"pretrain_{split}"))
+    columns = ("sample_id", "pixels", "label", "split", "group", "source", "x", "y")
+    Dataset.from_dict({c: [r[c] for r in labeled] for c in columns}).save_to_disk(str(out_dir / "labeled"))
+    return {"tile_size": options.stored_size, "level": options.level, "labeled_unit": options.labeled_unit,
+            "sources_tiled": len(manifest) - failed, "sources_failed": failed,
+            "sources_stain_normalised": normalised, "tile_positions": dict(sorted(counts.items())),
+            "pretrain_train_tiles": len(pretrain["train"]["pixels"]),
+            "pretrain_val_tiles": len(pretrain["val"]["pixels"]),
+            "labeled_rows_by_split": {s: sum(r["split"] == s for r in labeled) for s in ("train", "val", "test")}}

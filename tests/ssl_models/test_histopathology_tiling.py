@@ -1,0 +1,145 @@
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ssl_models.core.config import SplitConfig
+from ssl_models.core.domain import Source
+from ssl_models.histopathology import block_split
+from ssl_models.histopathology.config import HistoPreprocessConfig
+from ssl_models.histopathology.readers import open_slide
+from ssl_models.histopathology.shards import write_tile_shards
+from ssl_models.histopathology.stain import MacenkoNormaliser
+from ssl_models.histopathology.tiling import tile_slide
+from tests.ssl_models.histo_files import SHARED, ihc, needs_shared, save_png, tissue_on_glass
+
+
+def tile(path: Path, **settings):
+    with open_slide(path) as slide:
+        return tile_slide(slide, HistoPreprocessConfig(**settings))
+
+
+def test_background_tiles_are_rejected_and_counted(tmp_path: Path) -> None:
+    path = save_png(tmp_path / "half.png", tissue_on_glass(ihc(32, 0, 128), glass_width=128))
+    result = tile(path, tile_size=32)
+    # 4 x 8 grid: the 16 positions on glass are background; tissue tiles (some are pale lumen) stay
+    assert result.counts["background"] + result.counts["accepted"] == 32
+    assert result.counts["background"] >= 16
+    assert all(t.x < 128 for t in result.tiles) and result.counts["accepted"] >= 10
+    assert all(t.tissue_fraction >= 0.5 for t in result.tiles)
+    assert all(t.pixels.shape == (32, 32, 3) for t in result.tiles)
+
+
+@needs_shared
+def test_real_svs_is_tiled_at_a_level_with_coordinates_deterministically() -> None:
+    slide = SHARED / "svs-images" / "tcga-cr-7395-01a-01-ts1.svs"
+    first = tile(slide, level=1, tile_size=64, scale=0.5, max_tiles_per_source=100)
+    again = tile(slide, level=1, tile_size=64, scale=0.5, max_tiles_per_source=100)
+    assert first.level == 1 and len(first.tiles) == 100
+    assert first.counts["background"] > 100  # the slide has wide empty glass around the tissue
+    width, height = 2221, 1783  # level 1
+    assert all(0 <= t.x <= width - 64 and 0 <= t.y <= height - 64 for t in first.tiles)
+    assert all(t.pixels.shape == (32, 32, 3) for t in first.tiles)  # stored at half size
+    assert [(t.x, t.y) for t in first.tiles] == [(t.x, t.y) for t in again.tiles]
+    assert all(np.array_equal(a.pixels, b.pixels) for a, b in zip(first.tiles, again.tiles))
+    with open_slide(slide) as opened:  # coordinates point back at the tissue they were cut from
+        t = first.tiles[17]
+        region = opened.read(1, t.x, t.y, 64, 64)
+    from PIL import Image
+
+    assert np.array_equal(np.asarray(Image.fromarray(region).resize((32, 32), Image.Resampling.BILINEAR)), t.pixels)
+
+
+@needs_shared
+def test_pen_marks_are_rejected_and_clean_tissue_is_kept() -> None:
+    pen = tile(SHARED / "tiles" / "no-tissue-green-pen.png", tile_size=64)
+    red = tile(SHARED / "tiles" / "no-tissue-red-pen.png", tile_size=64)
+    clean = tile(SHARED / "tiles" / "tissue-level0-7352-11762-7864-12274.png", tile_size=64)
+    assert pen.counts["pen_mark"] >= 20 and pen.counts["accepted"] <= 2
+    # red ink: the bright strokes are caught; its dark, out-of-focus purple core looks like
+    # hematoxylin by colour alone and is kept
+    assert red.counts["pen_mark"] >= 15
+    assert clean.counts["pen_mark"] == 0 and clean.counts["accepted"] >= 40
+
+
+def test_macenko_brings_differently_stained_copies_together() -> None:
+    tissue = ihc(0, 0, 256).astype(np.float64)
+    # the same tissue scanned with another stain intensity: optical densities scaled per channel
+    od = -np.log((tissue + 1) / 240)
+    restained = np.clip(240 * np.exp(-od * np.array([1.4, 0.8, 1.1])) - 1, 0, 255).astype(np.uint8)
+    original = tissue.astype(np.uint8)
+    before = np.abs(original.astype(int) - restained).mean()
+    after = np.abs(MacenkoNormaliser(original).apply(original).astype(int)
+                   - MacenkoNormaliser(restained).apply(restained)).mean()
+    assert after < before / 2
+
+
+def write_slides(root: Path) -> list[dict]:
+    """Six 'slides' (real IHC crops on glass) of three patients; a manifest as ingest writes it."""
+    rows = []
+    for i in range(6):
+        path = save_png(root / f"slide-{i}.png", tissue_on_glass(ihc(64 * (i % 3), 64 * (i // 3), 192), 32))
+        rows.append({"key": path.name, "sha256": f"{i:064d}", "label": ["a", "b"][i % 2],
+                     "group": f"patient-{i // 2}", "split": ["train", "test", "val"][i // 2]})
+    return rows
+
+
+def shards(tmp_path: Path, rows: list[dict], **settings) -> tuple[dict, object, dict]:
+    from datasets import load_from_disk
+
+    options = HistoPreprocessConfig(tile_size=32, **settings)
+    summary = write_tile_shards(rows, lambda r: Source(r["key"], [tmp_path / r["key"]]), options,
+                                lambda unit: block_split(unit, SplitConfig(val=0.1, test=0.3)), tmp_path / "out")
+    pretrain = {s: load_from_disk(str(tmp_path / "out" / f"pretrain_{s}")) for s in ("train", "val")}
+    return summary, load_from_disk(str(tmp_path / "out" / "labeled")), pretrain
+
+
+def test_tiles_of_one_slide_or_patient_never_straddle_splits(tmp_path: Path) -> None:
+    rows = write_slides(tmp_path)
+    summary, labeled, pretrain = shards(tmp_path, rows)
+    splits_of = defaultdict(set)
+    for row in labeled:
+        splits_of[row["source"]].add(row["split"])
+        splits_of[row["group"]].add(row["split"])
+    assert all(len(splits) == 1 for splits in splits_of.values())
+    assert {r["split"] for r in labeled} == {"train", "val", "test"}
+    test_sources = {r["key"] for r in rows if r["split"] == "test"}
+    assert not test_sources & (set(pretrain["train"]["source"]) | set(pretrain["val"]["source"]))
+    assert summary["pretrain_train_tiles"] == sum(r["split"] == "train" for r in labeled)
+    assert all(len(r["pixels"]) == 1 for r in labeled)
+
+
+def test_spatial_blocks_split_a_slide_without_sharing_pixels(tmp_path: Path) -> None:
+    rows = write_slides(tmp_path)
+    summary, labeled, _ = shards(tmp_path, rows, stride=16, spatial_block=64)
+    assert summary["tile_positions"]["straddles_spatial_block"] > 0
+    per_block = defaultdict(set)
+    for row in labeled:
+        per_block[row["group"]].add(row["split"])
+        assert row["x"] // 64 == (row["x"] + 31) // 64 and row["y"] // 64 == (row["y"] + 31) // 64
+    assert all(len(splits) == 1 for splits in per_block.values())
+    # one slide now feeds several splits, block by block
+    assert max(len({r["split"] for r in labeled if r["source"] == s}) for s in {r["source"] for r in labeled}) >= 2
+
+
+def test_slide_level_rows_hold_a_bag_that_the_encoder_mean_pools(tmp_path: Path) -> None:
+    import torch
+
+    from ssl_models.histopathology.backbones import TileEncoder, build_backbone
+    from ssl_models.histopathology.config import HistoModelConfig
+
+    rows = write_slides(tmp_path)
+    _, labeled, _ = shards(tmp_path, rows, labeled_unit="slide", max_tiles_per_slide_bag=5)
+    assert len(labeled) == 6 and all(len(r["pixels"]) == 5 for r in labeled)
+    model_cfg = HistoModelConfig(width=8)
+    torch.manual_seed(0)
+    encoder = TileEncoder(build_backbone(model_cfg, 32), model_cfg, 32).eval()
+    samples = [labeled[0], labeled[1]]
+    with torch.no_grad():
+        slides = encoder(encoder.collate(samples))
+        tiles = encoder(encoder.collate([{"pixels": [p]} for p in samples[0]["pixels"]]))
+    assert slides.shape == (2, encoder.dim)
+    assert torch.allclose(slides[0], tiles.mean(0), atol=1e-5)
