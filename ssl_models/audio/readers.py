@@ -100,7 +100,7 @@ def read_audio_file(path: Path, key: str, options: AudioIngestConfig) -> Iterato
     A record's content is its float32 mono waveform at `options.sample_rate`."""
     rate = options.sample_rate
     folder = Path(key).parent.as_posix()
-    group = {"group": folder} if options.group_by == "folder" and folder != "." else {}
+    group = folder if options.group_by == "folder" and folder != "." else None
     suffix = path.suffix.lower().lstrip(".")
     info_rate, channels = _header(path)
     chunks = stream_mono(path, rate)
@@ -120,11 +120,13 @@ def read_audio_file(path: Path, key: str, options: AudioIngestConfig) -> Iterato
             continue
         samples = np.ascontiguousarray(samples, dtype=np.float32)
         meta = {"format": suffix, "source_sample_rate": info_rate, "channels": channels,
-                "seconds": round(len(samples) / rate, 3), **group}
+                "seconds": round(len(samples) / rate, 3)}
         if not whole_file:
             meta["start_seconds"] = round(start / rate, 3)
-        yield Record(key=clip_key, sha256=hashlib.sha256(samples.tobytes()).hexdigest(),
-                     n_bytes=samples.nbytes, meta=meta, content=samples)
+        record = Record(key=clip_key, sha256=hashlib.sha256(samples.tobytes()).hexdigest(),
+                        n_bytes=samples.nbytes, meta=meta, content=samples)
+        record.group = group  # the speaker's folder keeps all of its clips in one split
+        yield record
 
 
 def _header(path: Path) -> tuple[int, int]:

@@ -29,6 +29,11 @@ class SpectrogramMethod(PretrainMethod):
         hidden, padding = self.backbone(self.backbone.normalise(batch["log_mel"]), batch["lengths"])
         return self.backbone.pool(hidden, padding)
 
+    def clean_frames(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Normalised frames, zero past each clip's end."""
+        valid = ~frame_padding(batch["lengths"], batch["log_mel"].shape[1])
+        return self.backbone.normalise(batch["log_mel"]) * valid.unsqueeze(-1)
+
     def unpatchify(self, patches: torch.Tensor) -> torch.Tensor:
         """[batch, tokens, patch_dim] -> [batch, frames, mels], the inverse of `patchify`."""
         b = self.backbone
@@ -88,7 +93,7 @@ class TERA(SpectrogramMethod):
         return altered * valid.unsqueeze(-1), positions
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        clean = self.backbone.normalise(batch["log_mel"]) * (~frame_padding(batch["lengths"], batch["log_mel"].shape[1])).unsqueeze(-1)
+        clean = self.clean_frames(batch)
         altered, positions = self.alter(clean, batch["lengths"])
         hidden, _ = self.backbone(altered, batch["lengths"])
         predicted = self.unpatchify(self.reconstruction(hidden))[:, : clean.shape[1]]
@@ -118,7 +123,7 @@ class MaskedSpectrogramModeling(SpectrogramMethod):
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         b = self.backbone
-        patches = b.patchify(b.normalise(batch["log_mel"]) * (~frame_padding(batch["lengths"], batch["log_mel"].shape[1])).unsqueeze(-1))
+        patches = b.patchify(self.clean_frames(batch))
         padding = b.token_padding(batch["lengths"])
         valid_tokens = int((~padding).sum(1).min())
         n_masked = max(2, int(self.mask_fraction * valid_tokens))

@@ -37,7 +37,8 @@ def small_config(model_cfg: AudioModelConfig) -> Wav2Vec2Config:
         num_negatives=20, hidden_dropout=model_cfg.dropout, attention_dropout=model_cfg.dropout,
         activation_dropout=0.0, feat_proj_dropout=0.0, feat_quantizer_dropout=0.0, final_dropout=0.0,
         layerdrop=0.0, diversity_loss_weight=0.1,
-        mask_time_prob=0.05, mask_time_length=2)  # mask_time_prob > 0 creates the mask embedding; mild SpecAugment when fine-tuning
+        # mask_time_prob > 0 makes transformers create the mask embedding; mild SpecAugment in fine-tuning
+        mask_time_prob=0.05, mask_time_length=2)
 
 
 def collate_waveforms(samples: list[dict[str, Any]], spec: InputSpec) -> dict[str, torch.Tensor]:

@@ -65,7 +65,8 @@ def test_the_generated_default_is_the_same_files_every_run_and_splits_never_shar
     first = corpus_digest(Path("data/audio/default"))
     default_data("audio")
     assert corpus_digest(Path("data/audio/default")) == first
-    labels = list(csv.DictReader(open("data/audio/default/labels.csv")))
+    with open("data/audio/default/labels.csv", newline="") as handle:
+        labels = list(csv.DictReader(handle))
     assert len(labels) == 8 * 10 and {r["label"] for r in labels} == {str(d) for d in range(10)}
     summary = ingest("audio")
     assert summary["quarantined"] == 0 and summary["labeled"] == 80
@@ -165,3 +166,30 @@ def test_fsdd_speakers_never_cross_splits(audio_project: Path) -> None:
         speakers_by_split.setdefault(row["split"], set()).add(row["group"])
     assert speakers_by_split["test"] == {"nicolas", "theo"}  # the split the FSDD benchmark reports on
     assert not speakers_by_split["test"] & (speakers_by_split["train"] | speakers_by_split.get("val", set()))
+
+
+def test_continued_pretraining_from_a_local_checkpoint_and_the_generic_init(audio_project: Path) -> None:
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    from tasks.cli import stage_functions
+
+    stages = stage_functions()
+    for stage in ("default_data", "ingest", "preprocess", "pretrain"):
+        stages[stage]("audio")
+    shutil.copytree("models/audio/pretrain/encoder", "base_encoder")
+    first_losses = [loss for _, loss in read_json(Path("models/audio/pretrain/log.json"))["loss"]]
+    write_params(audio_project, audio_params(
+        model={"base_checkpoint": "base_encoder"},
+        finetune={"inits": ["ssl", "scratch", "generic"], "seeds": [0], "protocols": ["linear", "knn"]}))
+    for stage in ("pretrain", "finetune", "evaluate"):
+        stages[stage]("audio")
+    continued_losses = [loss for _, loss in read_json(Path("models/audio/pretrain/log.json"))["loss"]]
+    assert continued_losses[0] < first_losses[0]  # it starts from the checkpoint, not from random weights
+    base = load_file("base_encoder/model.safetensors")
+    continued = load_file("models/audio/pretrain/encoder/model.safetensors")
+    assert not torch.equal(base["patch_embedding.weight"], continued["patch_embedding.weight"])
+    metrics = read_json(Path("reports/audio/metrics.json"))
+    assert {r["init"] for r in metrics["results"]} == {"ssl", "scratch", "generic"}

@@ -137,7 +137,7 @@ def test_the_folder_is_the_group_when_asked(tmp_path: Path) -> None:
     soundfile.write(tmp_path / "speaker7" / "a.wav", tone(0.5, 16000), 16000)
     [record] = read_audio_file(tmp_path / "speaker7" / "a.wav", "speaker7/a.wav", AudioIngestConfig(group_by="folder"))
     [ungrouped] = read_audio_file(tmp_path / "speaker7" / "a.wav", "speaker7/a.wav", AudioIngestConfig())
-    assert record.meta["group"] == "speaker7" and "group" not in ungrouped.meta
+    assert record.group == "speaker7" and ungrouped.group is None
 
 
 @pytest.mark.skipif(not FSDD.is_dir(), reason="shared FSDD recordings (../shared/data/audio-fsdd) not present")
