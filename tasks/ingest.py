@@ -23,7 +23,7 @@ from ssl_models.core.errors import PipelineError, UnreadableFileError
 from tasks.io import atomic_dir, write_json, write_jsonl
 from tasks.lineage import LineageRecorder, sha256_file
 from tasks.paths import DomainPaths
-from tasks.sources import discover, public_namer
+from tasks.sources import Namer, discover, public_namer
 from tasks.splits import assign_split
 
 log = logging.getLogger("ingest")
@@ -94,9 +94,7 @@ def ingest(domain_name: str) -> dict[str, Any]:
     if not cfg.corpus.is_dir():
         raise PipelineError(f"corpus folder {cfg.corpus} not found; set domains.{domain_name}.corpus in params.yaml")
     public = public_namer(domain, cfg)
-    labels = {public("key", key): {"label": value["label"],
-                                   "group": public("group", value["group"]) if value["group"] else None}
-              for key, value in read_labels(cfg.labels, cfg.corpus).items()}
+    labels = {public("key", key): value for key, value in read_labels(cfg.labels, cfg.corpus).items()}
     recorder = LineageRecorder(f"ingest@{domain_name}", paths.manifest,
                                params={"module": cfg.module, "corpus": str(cfg.corpus),
                                        "labels": str(cfg.labels) if cfg.labels else None,
@@ -112,6 +110,7 @@ def ingest(domain_name: str) -> dict[str, Any]:
     canonical: dict[str, str] = {}  # content hash -> first key with it
     alias: dict[str, str] = {}  # duplicate key -> kept key
     raw_inputs = {key: sha256_file(path) for key, path in found.files}
+    reader_groups: dict[str, str] = {}  # key -> the group a reader found (a patient), private
     for source_key, source in tqdm(found.sources.items(), desc=f"ingest {domain_name}", unit="source", disable=None):
         records, rejected = _read_source(domain, source, cfg)
         quarantine.extend({"key": public("key", item["key"]), "reason": item["reason"]} for item in rejected)
@@ -122,9 +121,11 @@ def ingest(domain_name: str) -> dict[str, Any]:
                 duplicates.append({"key": key, "duplicate_of": canonical[record.sha256]})
                 continue
             canonical[record.sha256] = key
+            if record.group:
+                reader_groups[key] = record.group
             rows.append({"key": key, "source": source_key, "sha256": record.sha256,
                          "bytes": record.n_bytes, **record.meta})
-    summary = _attach_labels_and_splits(rows, labels, alias, quarantine, cfg)
+    summary = _attach_labels_and_splits(rows, labels, reader_groups, alias, quarantine, cfg, public)
     summary.update(files=len(found.files) + found.hidden, sources=len(found.sources),
                    hidden_files_skipped=found.hidden, records=len(rows),
                    quarantined=len(quarantine), duplicates_dropped=len(duplicates),
@@ -142,8 +143,12 @@ def ingest(domain_name: str) -> dict[str, Any]:
 
 
 def _attach_labels_and_splits(rows: list[dict[str, Any]], labels: dict[str, dict[str, str | None]],
-                              alias: dict[str, str], quarantine: list[dict[str, str]],
-                              cfg: DomainConfig) -> dict[str, Any]:
+                              reader_groups: dict[str, str], alias: dict[str, str],
+                              quarantine: list[dict[str, str]], cfg: DomainConfig, public: Namer) -> dict[str, Any]:
+    """Label each row, give it its group (the labels CSV's, else the reader's) and its split.
+    The split hashes the private group with the public split salt, so it does not depend on the
+    pseudonym salt: the same data splits the same way on every machine."""
+    groups = dict(reader_groups)
     by_key = {row["key"]: row for row in rows}
     quarantined = {q["key"] for q in quarantine}
     missing, on_quarantined, conflicting = [], 0, 0
@@ -159,11 +164,13 @@ def _attach_labels_and_splits(rows: list[dict[str, Any]], labels: dict[str, dict
             conflicting += 1  # two identical files labeled differently: the first label stays
             continue
         row["label"] = value["label"]
-        row["group"] = value["group"] or row.get("group")
+        if value["group"]:
+            groups[row["key"]] = value["group"]
     for row in rows:
         row.setdefault("label", None)
-        row.setdefault("group", None)  # a domain's reader may give one (a pseudonymised patient)
-        row["split"] = assign_split(row["group"] or row["sha256"], cfg.split.val, cfg.split.test, cfg.split.salt)
+        group = groups.get(row["key"])
+        row["group"] = public("group", group) if group else None
+        row["split"] = assign_split(group or row["sha256"], cfg.split.val, cfg.split.test, cfg.split.salt)
     labeled = [r for r in rows if r["label"] is not None]
     return {"labeled": len(labeled),
             "labeled_by_split": {s: sum(r["split"] == s for r in labeled) for s in ("train", "val", "test")},

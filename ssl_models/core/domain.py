@@ -37,8 +37,8 @@ class Record:
     """One sample found by a reader: a document, a volume, a clip or a slide.
 
     `key` is how the labels CSV names it (the source's key, or `path#L<n>` for a record
-    inside a file); `sha256` hashes its content. `meta` may carry a `group` (e.g. a
-    pseudonymised patient) used for splits when the labels CSV gives none.
+    inside a file); `sha256` hashes its content. `group` (a patient) keeps related records in
+    one split when the labels CSV gives no group.
     """
 
     key: str
@@ -46,6 +46,7 @@ class Record:
     n_bytes: int
     meta: dict[str, Any] = field(default_factory=dict)
     content: Any = None  # the decoded sample for preprocess; never written to the manifest
+    group: str | None = None  # e.g. the header's patient id: written only as a pseudonym when private
 
 
 @dataclass

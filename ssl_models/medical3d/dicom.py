@@ -1,0 +1,216 @@
+"""DICOM: group files into series, assemble a series (or a multi-frame file) into one volume.
+
+Only geometry, pixel data and `Modality` are read out of a header. Identifying attributes
+(PatientName, PatientID, birth date, accession number, institution, ... the PS3.15 basic
+profile) never leave this module: the patient becomes a salted pseudonym, and pydicom's
+warnings, which can quote header values, are silenced while reading.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ssl_models.core.domain import Source
+from ssl_models.core.errors import UnreadableFileError
+
+DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
+
+
+def looks_like_dicom(path: Path) -> bool:
+    """A `.dcm` name, or the `DICM` magic at byte 128 (scanners often write files without suffix)."""
+    if path.suffix.lower() in DICOM_SUFFIXES:
+        return True
+    if path.suffix:
+        return False
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(128)
+            return handle.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
+@contextmanager
+def quiet_pydicom() -> Iterator[None]:
+    """pydicom warns about odd values by quoting them (a malformed PatientName, a birth date)."""
+    logger = logging.getLogger("pydicom")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def read_header(path: Path):
+    import pydicom
+
+    with quiet_pydicom():
+        return pydicom.dcmread(path, stop_before_pixels=True, force=True)
+
+
+def group_series(files: list[Path], corpus: Path) -> list[Source]:
+    """One source per SeriesInstanceUID. A source is named by its folder when that folder holds
+    one series of several files, by the file for a single file, else `folder#series-<n>`."""
+    by_series: dict[str, list[Path]] = defaultdict(list)
+    for path in files:
+        try:
+            uid = str(read_header(path).get("SeriesInstanceUID", "")) or f"file:{path}"
+        except Exception:  # unreadable here: read() quarantines it with the reason
+            uid = f"file:{path}"
+        by_series[uid].append(path)
+    per_folder: dict[Path, list[list[Path]]] = defaultdict(list)
+    for paths in by_series.values():
+        per_folder[paths[0].parent].append(sorted(paths))
+    sources = []
+    for folder, series in sorted(per_folder.items()):
+        for index, paths in enumerate(sorted(series)):
+            if len(paths) == 1:
+                key = paths[0].relative_to(corpus).as_posix()
+            elif len(series) == 1:
+                key = folder.relative_to(corpus).as_posix()
+            else:
+                key = f"{folder.relative_to(corpus).as_posix()}#series-{index + 1}"
+            sources.append(Source(key, paths))
+    return sources
+
+
+@dataclass
+class Volume:
+    """Voxels in RAS+ order, spacing in mm along those axes, and what the header says of it."""
+
+    array: np.ndarray  # float32 [x, y, z]
+    spacing: tuple[float, float, float]
+    modality: str  # "ct" or "mr" (other DICOM modalities are kept by name, lower-case)
+    patient: str | None  # the private patient id: the caller pseudonymises it, it is never written
+
+
+def _patient_of(header) -> str | None:
+    for attribute in ("PatientID", "PatientName", "StudyInstanceUID"):
+        value = str(header.get(attribute, "") or "").strip()
+        if value:
+            return f"{attribute}:{value}"
+    return None
+
+
+def _slice_normal(header) -> np.ndarray:
+    orientation = np.array(header.ImageOrientationPatient, dtype=float)
+    return np.cross(orientation[:3], orientation[3:])
+
+
+def _pixels(dataset) -> np.ndarray:
+    if "PixelData" not in dataset:
+        raise UnreadableFileError("DICOM without pixel data")
+    try:
+        pixels = dataset.pixel_array.astype(np.float32)
+    except Exception as error:  # compressed without a decoder, or cut short
+        raise UnreadableFileError(f"DICOM pixel data cannot be decoded ({type(error).__name__})") from None
+    slope = float(dataset.get("RescaleSlope", 1) or 1)
+    intercept = float(dataset.get("RescaleIntercept", 0) or 0)
+    return pixels * slope + intercept
+
+
+def _to_ras(stack: np.ndarray, affine_lps: np.ndarray) -> tuple[np.ndarray, tuple[float, float, float]]:
+    """stack [k, row, col] with its LPS voxel->mm affine (over col, row, k) -> RAS+ array and spacing."""
+    import nibabel as nib
+
+    affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine_lps  # DICOM is LPS, NIfTI RAS
+    image = nib.as_closest_canonical(nib.Nifti1Image(np.ascontiguousarray(stack.transpose(2, 1, 0)), affine))
+    zooms = image.header.get_zooms()[:3]
+    return np.asarray(image.dataobj, dtype=np.float32), (float(zooms[0]), float(zooms[1]), float(zooms[2]))
+
+
+def _affine(first, step: np.ndarray) -> np.ndarray:
+    orientation = np.array(first.ImageOrientationPatient, dtype=float)
+    row_spacing, column_spacing = (float(v) for v in first.PixelSpacing)
+    affine = np.eye(4)
+    affine[:3, 0] = orientation[:3] * column_spacing  # along a row: next column
+    affine[:3, 1] = orientation[3:] * row_spacing  # down a column: next row
+    affine[:3, 2] = step
+    affine[:3, 3] = np.array(first.ImagePositionPatient, dtype=float)
+    return affine
+
+
+def read_series(paths: list[Path], gap_tolerance: float) -> Volume:
+    """Assemble one series (or read one multi-frame / single file) into a RAS volume."""
+    import pydicom
+
+    with quiet_pydicom():
+        try:
+            datasets = [pydicom.dcmread(path, force=True) for path in paths]
+        except Exception as error:
+            raise UnreadableFileError(f"not a readable DICOM file ({type(error).__name__})") from None
+        first = datasets[0]
+        modality = str(first.get("Modality", "")).lower() or "unknown"
+        if len(datasets) == 1:
+            return _read_single(first, modality)
+        return _assemble(datasets, modality, gap_tolerance)
+
+
+def _read_single(dataset, modality: str) -> Volume:
+    pixels = _pixels(dataset)
+    if pixels.ndim == 2:
+        pixels = pixels[None]
+    if pixels.ndim != 3:
+        raise UnreadableFileError(f"DICOM pixel data of shape {pixels.shape} is not a grey-level volume")
+    spacing_between = float(dataset.get("SpacingBetweenSlices", 0) or dataset.get("SliceThickness", 0) or 1.0)
+    frames = getattr(dataset, "PerFrameFunctionalGroupsSequence", None)
+    try:
+        if frames and len(frames) > 1:  # enhanced multi-frame: positions per frame
+            positions = [np.array(f.PlanePositionSequence[0].ImagePositionPatient, dtype=float) for f in frames]
+            shared = dataset.SharedFunctionalGroupsSequence[0]
+            orientation = shared.PlaneOrientationSequence[0].ImageOrientationPatient
+            measures = shared.PixelMeasuresSequence[0]
+
+            class _Geometry:  # the attributes `_affine` reads, from the functional groups
+                ImageOrientationPatient = orientation
+                PixelSpacing = measures.PixelSpacing
+                ImagePositionPatient = positions[0]
+
+            step = (positions[-1] - positions[0]) / (len(positions) - 1)
+            affine = _affine(_Geometry, step)
+        else:
+            affine = _affine(dataset, _slice_normal(dataset) * spacing_between)
+    except (AttributeError, KeyError, IndexError, TypeError, ValueError):
+        # no patient geometry (secondary capture, some multi-frame MR): pixel grid in the file's order
+        affine = np.diag([1.0, 1.0, spacing_between, 1.0])
+        if "PixelSpacing" in dataset:
+            affine[0, 0], affine[1, 1] = (float(v) for v in dataset.PixelSpacing[::-1])
+    array, spacing = _to_ras(pixels, affine)
+    return Volume(array, spacing, modality, _patient_of(dataset))
+
+
+def _assemble(datasets: list, modality: str, gap_tolerance: float) -> Volume:
+    try:
+        normal = _slice_normal(datasets[0])
+        positions = np.array([np.dot(normal, np.array(d.ImagePositionPatient, dtype=float)) for d in datasets])
+    except (AttributeError, TypeError, ValueError):
+        raise UnreadableFileError("DICOM series without slice position or orientation") from None
+    order = np.argsort(positions)
+    datasets = [datasets[i] for i in order]
+    positions = positions[order]
+    gaps = np.diff(positions)
+    if np.any(gaps < 1e-3):
+        raise UnreadableFileError("DICOM series with two slices at the same position")
+    usual = float(np.median(gaps))
+    if np.any(gaps > usual * (1 + gap_tolerance)):
+        missing = int(np.round(gaps.max() / usual)) - 1
+        raise UnreadableFileError(f"DICOM series with missing slices: a gap of {gaps.max():.2f} mm where "
+                                  f"slices are {usual:.2f} mm apart (about {missing} slice(s) missing)")
+    slices = [_pixels(d) for d in datasets]
+    if len({s.shape for s in slices}) != 1:
+        raise UnreadableFileError("DICOM series whose slices differ in size")
+    step = (np.array(datasets[-1].ImagePositionPatient, dtype=float)
+            - np.array(datasets[0].ImagePositionPatient, dtype=float)) / (len(datasets) - 1)
+    array, spacing = _to_ras(np.stack(slices), _affine(datasets[0], step))
+    return Volume(array, spacing, modality, _patient_of(datasets[0]))

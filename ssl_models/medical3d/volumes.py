@@ -1,0 +1,82 @@
+"""Volume files: NIfTI (nibabel) and NRRD (MONAI's reader), reoriented to RAS+ with spacing
+kept, plus the checks every volume passes whatever its format (3D, finite voxels)."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+
+from ssl_models.core.errors import UnreadableFileError
+from ssl_models.medical3d.dicom import Volume
+
+NIFTI_SUFFIXES = (".nii", ".gz")  # .nii.gz ends in .gz
+NRRD_SUFFIXES = (".nrrd", ".nhdr")
+
+
+def read_nifti(path: Path) -> Volume:
+    import nibabel as nib
+
+    try:
+        image = nib.as_closest_canonical(nib.load(path))
+        array = np.asarray(image.dataobj, dtype=np.float32)
+    except Exception as error:  # nibabel raises many types for a file cut short or corrupt
+        raise UnreadableFileError(f"truncated or corrupt NIfTI ({type(error).__name__}: "
+                                  f"{_first_line(error)})") from None
+    zooms = image.header.get_zooms()[:3]
+    return Volume(_first_volume(array), tuple(float(z) for z in zooms), "", None)
+
+
+def read_nrrd(path: Path) -> Volume:
+    import nibabel as nib
+    from monai.transforms import LoadImage
+
+    try:
+        image = LoadImage(reader="NrrdReader", image_only=True)(str(path))
+    except Exception as error:
+        raise UnreadableFileError(f"unreadable NRRD ({type(error).__name__})") from None
+    array = np.asarray(image, dtype=np.float32)
+    canonical = nib.as_closest_canonical(nib.Nifti1Image(_first_volume(array), np.asarray(image.affine)))
+    zooms = canonical.header.get_zooms()[:3]
+    return Volume(np.asarray(canonical.dataobj, dtype=np.float32), tuple(float(z) for z in zooms), "", None)
+
+
+def _first_line(error: Exception) -> str:
+    return (str(error).splitlines() or [""])[0][:120]
+
+
+def _first_volume(array: np.ndarray) -> np.ndarray:
+    """A 4D file (time series, several echoes) contributes its first 3D volume."""
+    while array.ndim > 3:
+        array = array[..., 0]
+    return array
+
+
+def check_volume(volume: Volume, min_slices: int) -> None:
+    """Reject what is not a usable volume: 2D images, and volumes with no finite voxel."""
+    if volume.array.ndim != 3 or min(volume.array.shape) < min_slices:
+        raise UnreadableFileError(f"not a 3D volume: shape {tuple(volume.array.shape)} has fewer than "
+                                  f"{min_slices} slices along an axis (ingest.min_slices)")
+    finite = np.isfinite(volume.array)
+    if not finite.any():
+        raise UnreadableFileError("volume with no finite voxel (all NaN or infinite)")
+    if np.ptp(volume.array[finite]) == 0:
+        raise UnreadableFileError("volume with a single intensity value (blank)")
+
+
+def guess_modality(volume: Volume, setting: str) -> str:
+    """DICOM says; for NIfTI/NRRD, `setting`, or CT when a voxel reaches the HU of air."""
+    if volume.modality:
+        return volume.modality
+    if setting != "auto":
+        return setting
+    return "ct" if float(np.nanmin(volume.array)) < -500 else "mr"
+
+
+def volume_digest(volume: Volume) -> str:
+    """Content identity: voxels, shape and spacing (not headers, so a re-export is a duplicate)."""
+    digest = hashlib.sha256()
+    digest.update(repr((volume.array.shape, np.round(volume.spacing, 4).tolist())).encode())
+    digest.update(np.ascontiguousarray(volume.array, dtype=np.float32).tobytes())
+    return digest.hexdigest()

@@ -1,0 +1,66 @@
+"""Tiny real-format medical files for tests: DICOM series built from pydicom's CT_small.dcm
+(a real CT header) with planted patient data, and small NIfTI volumes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pydicom
+from pydicom.data import get_testdata_file
+from pydicom.uid import generate_uid
+
+
+def write_series(folder: Path, patient_name: str, patient_id: str, n_slices: int = 10, size: int = 16,
+                 slice_step: float = 2.5, drop: int | None = None, file_stem: str = "IM",
+                 contrast: float = 0.0) -> list[Path]:
+    """One CT series (a `SeriesInstanceUID`), slice k filled with 100 * k HU (+ a bright cube of
+    `contrast` HU in its centre); files named in reverse position order, to test sorting."""
+    template = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    folder.mkdir(parents=True, exist_ok=True)
+    series_uid, study_uid = generate_uid(), generate_uid()
+    paths = []
+    for k in range(n_slices):
+        if k == drop:
+            continue
+        ds = template.copy()
+        ds.PatientName, ds.PatientID = patient_name, patient_id
+        ds.PatientBirthDate, ds.AccessionNumber, ds.InstitutionName = "19700101", "ACC-7", "Planted Hospital"
+        ds.SeriesInstanceUID, ds.StudyInstanceUID = series_uid, study_uid
+        ds.SOPInstanceUID = generate_uid()
+        ds.InstanceNumber = k + 1
+        ds.ImagePositionPatient = [-20.0, -20.0, -50.0 + k * slice_step]
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        ds.PixelSpacing = [0.8, 0.7]  # row spacing (mm between rows), column spacing
+        ds.Rows = ds.Columns = size
+        pixels = np.full((size, size), 1024 + 100 * k, dtype=np.int16)  # stored + intercept -1024 = 100 k HU
+        centre = slice(size // 4, 3 * size // 4)
+        pixels[centre, centre] += np.int16(contrast)
+        ds.PixelData = pixels.tobytes()
+        path = folder / f"{file_stem}_{n_slices - k:03d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
+def write_without_pixels(path: Path) -> None:
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    del ds.PixelData
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+
+
+def write_nifti(path: Path, array: np.ndarray, spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(array.astype(np.float32), np.diag([*spacing, 1.0])), path)
+
+
+def blob_volume(rng: np.random.Generator, size: int, with_blob: bool) -> np.ndarray:
+    """Noise in a head-like ball, with or without a bright blob: a binary task a 3D net can learn."""
+    grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, size)] * 3, indexing="ij"))
+    volume = (np.sqrt((grid ** 2).sum(0)) < 0.9) * (100 + 10 * rng.standard_normal((size,) * 3))
+    if with_blob:
+        centre = rng.uniform(-0.4, 0.4, 3)
+        volume += 150 * (np.sqrt(((grid - centre[:, None, None, None]) ** 2).sum(0)) < 0.3)
+    return volume

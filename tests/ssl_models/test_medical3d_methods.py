@@ -1,0 +1,65 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ssl_models.core.config import load_domain_config
+from ssl_models.core.domain import load_domain
+from tests.conftest import write_params
+from tests.ssl_models.medical_files import blob_volume
+from tests.ssl_models.test_medical3d_readers import medical_params
+
+
+def cube_rows(n: int, size: int = 16) -> list[dict]:
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(n):
+        cube = (blob_volume(rng, size, i % 2 == 0) / 250).astype(np.float16)
+        rows.append({"sample_id": str(i), "image": cube.tobytes(), "shape": list(cube.shape)})
+    return rows
+
+
+@pytest.mark.parametrize("method, backbone", [("mae", "vit"), ("vit_inpainting_contrastive", "vit"),
+                                              ("simclr", "resnet")])
+def test_each_method_learns_and_its_backbone_is_what_finetuning_loads(
+        method: str, backbone: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    write_params(tmp_path, medical_params(model={"backbone": backbone}, pretrain={"method": method}))
+    monkeypatch.chdir(tmp_path)
+    cfg = load_domain_config("medical")
+    domain = load_domain(cfg)
+    torch.manual_seed(0)
+    model = domain.build_pretrain_method(cfg, tmp_path)
+    rows = cube_rows(8)
+    batch = model.collate(rows)
+
+    def loss_on_fixed_views() -> float:  # views and masks come from torch's generator
+        torch.manual_seed(123)
+        with torch.no_grad():
+            return model(batch).item()
+
+    before = loss_on_fixed_views()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(15):
+        model(batch).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert loss_on_fixed_views() < 0.9 * before
+    model.eval()
+    domain.save_pretrained(model, tmp_path / "encoder")
+    encoder = domain.load_encoder("ssl", cfg, tmp_path, tmp_path / "encoder", seed=1).eval()
+    with torch.no_grad():
+        assert torch.allclose(encoder(encoder.collate(rows)), model.embed(rows), atol=1e-5)
+        scratch = domain.load_encoder("scratch", cfg, tmp_path, tmp_path / "encoder", seed=1)
+        assert not torch.allclose(scratch(scratch.collate(rows)), model.embed(rows), atol=1e-3)
+
+
+def test_a_vit_method_on_a_resnet_is_a_config_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from ssl_models.core.errors import PipelineError
+
+    write_params(tmp_path, medical_params(model={"backbone": "resnet"}, pretrain={"method": "mae"}))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(PipelineError, match="set model.backbone: vit"):
+        load_domain(load_domain_config("medical"))

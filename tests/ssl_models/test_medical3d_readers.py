@@ -1,0 +1,111 @@
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ssl_models.core.config import load_domain_config
+from ssl_models.core.domain import Record, load_domain
+from ssl_models.core.privacy import pseudonymiser
+from tasks.ingest import ingest
+from tasks.io import read_jsonl
+from tests.conftest import write_params
+from tests.ssl_models.medical_files import blob_volume, write_nifti, write_series, write_without_pixels
+
+TINY_MEDICAL = {
+    "module": "medical3d",
+    "corpus": "corpus",
+    "labels": None,
+    "split": {"val": 0.1, "test": 0.3, "salt": "split-v1"},
+    "privacy": {"salt_file": "secret/salt"},
+    "ingest": {"min_slices": 8},
+    "preprocess": {"spacing": None},
+    "model": {"backbone": "vit", "size": 16, "patch_size": 8, "hidden_size": 24, "num_layers": 1, "num_heads": 2,
+              "mlp_dim": 48, "resnet_widths": [4, 8, 8, 16]},
+    "pretrain": {"method": "mae", "steps": 4, "batch_size": 4, "learning_rate": 0.001, "warmup_steps": 1,
+                 "checkpoint_every": 2, "rankme_samples": 8},
+    "finetune": {"label_fractions": [0.5, 1.0], "seeds": [0], "steps": 2, "batch_size": 4},
+}
+
+
+def medical_params(**overrides) -> dict:
+    block = copy.deepcopy(TINY_MEDICAL)
+    for section, values in overrides.items():
+        if isinstance(values, dict):
+            block[section].update(values)
+        else:
+            block[section] = values
+    return {"domains": {"medical": block}}
+
+
+@pytest.fixture
+def medical_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    write_params(tmp_path, medical_params())
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def read_all() -> list[Record]:
+    cfg = load_domain_config("medical")
+    domain = load_domain(cfg)
+    files = sorted(p for p in cfg.corpus.rglob("*") if p.is_file())
+    return [record for source in domain.sources(files, cfg.corpus, cfg) for record in domain.read(source, cfg)]
+
+
+def test_dicom_series_becomes_one_ras_volume_with_its_spacing(medical_project: Path) -> None:
+    write_series(medical_project / "corpus" / "series", "Doe^Jane", "P1", n_slices=10, slice_step=2.5)
+    (record,) = read_all()
+    volume = record.content
+    assert record.key == "series" and record.meta["modality"] == "ct"
+    assert volume.array.shape == (16, 16, 10)
+    assert np.allclose(volume.spacing, (0.7, 0.8, 2.5))  # columns 0.7 mm, rows 0.8 mm, slices 2.5 mm apart
+    # files were named in reverse order: the volume follows the slice positions, inferior to superior
+    assert [float(volume.array[:, :, k].mean()) for k in range(10)] == [100.0 * k for k in range(10)]
+
+
+def test_two_series_in_one_folder_are_two_volumes(medical_project: Path) -> None:
+    write_series(medical_project / "corpus" / "study", "Doe^Jane", "P1", n_slices=9, file_stem="A")
+    write_series(medical_project / "corpus" / "study", "Doe^Jane", "P1", n_slices=12, file_stem="B")
+    records = read_all()
+    assert sorted(r.content.array.shape[2] for r in records) == [9, 12]
+    assert sorted(r.key for r in records) == ["study#series-1", "study#series-2"]
+
+
+def test_bad_volumes_are_quarantined_with_their_reason(medical_project: Path) -> None:
+    corpus = medical_project / "corpus"
+    write_series(corpus / "good", "A^B", "P1")
+    write_series(corpus / "gappy", "A^B", "P1", n_slices=12, drop=6)
+    write_without_pixels(corpus / "header_only.dcm")
+    write_nifti(corpus / "ok.nii.gz", blob_volume(np.random.default_rng(0), 16, True))
+    write_nifti(corpus / "cut.nii.gz", blob_volume(np.random.default_rng(1), 16, True))
+    (corpus / "cut.nii.gz").write_bytes((corpus / "cut.nii.gz").read_bytes()[:300])
+    write_nifti(corpus / "nan.nii", np.full((12, 12, 12), np.nan))
+    write_nifti(corpus / "slice.nii", np.ones((32, 32, 1)))
+    summary = ingest("medical")
+    public = pseudonymiser("secret/salt")
+    reasons = {q["key"]: q["reason"] for q in read_jsonl(Path("data/medical/manifest/quarantine.jsonl"))}
+    assert "missing slices" in reasons[public("key", "gappy")]
+    assert reasons[public("key", "header_only.dcm")] == "DICOM without pixel data"
+    assert "truncated or corrupt NIfTI" in reasons[public("key", "cut.nii.gz")]
+    assert "no finite voxel" in reasons[public("key", "nan.nii")]
+    assert "not a 3D volume" in reasons[public("key", "slice.nii")]
+    assert summary["records"] == 2 and summary["quarantined"] == 5
+    assert not any("cut.nii" in reason or "gappy" in reason for reason in reasons.values())
+
+
+def test_patients_never_straddle_splits(medical_project: Path) -> None:
+    for patient in range(12):
+        for series in range(2):
+            write_series(medical_project / "corpus" / f"p{patient}" / f"s{series}", f"Patient^{patient}",
+                         f"ID{patient}", n_slices=8 + series, contrast=10 * patient)
+    ingest("medical")
+    manifest = read_jsonl(Path("data/medical/manifest/manifest.jsonl"))
+    assert len(manifest) == 24
+    splits_of: dict[str, set[str]] = {}
+    for row in manifest:
+        splits_of.setdefault(row["group"], set()).add(row["split"])
+    assert len(splits_of) == 12 and all(g.startswith("group-") for g in splits_of)
+    assert all(len(splits) == 1 for splits in splits_of.values())
+    assert len(set().union(*splits_of.values())) > 1
