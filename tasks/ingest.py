@@ -102,6 +102,10 @@ def ingest(domain_name: str) -> dict[str, Any]:
                                        "privacy": {**asdict(cfg.privacy),
                                                    "pseudonymised": domain.pseudonymises(cfg)}})
     found = discover(domain, cfg, public)
+    # a label may name any file of a multi-file source (one slice of a DICOM series): it labels the source
+    member_of = {public("key", path.relative_to(cfg.corpus).as_posix()): key
+                 for key, source in found.sources.items() if len(source.paths) > 1 for path in source.paths}
+    labels = {member_of.get(key, key): value for key, value in labels.items()}
     quarantine: list[dict[str, str]] = [
         {"key": key, "reason": f"unsupported file type; {domain.name} reads {', '.join(domain.suffixes)}"}
         for key in found.unsupported] + found.rejected

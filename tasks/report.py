@@ -52,7 +52,8 @@ def quarantine_lines(quarantine: list[dict[str, str]]) -> list[str]:
     if not quarantine:
         return ["No file was quarantined."]
     reasons = Counter(q["reason"] for q in quarantine)
-    return [f"{len(quarantine)} quarantined (full list with files in the manifest's `quarantine.jsonl`):", ""] + [
+    return [f"{len(quarantine)} quarantined (full list, by key, in the manifest's `quarantine.jsonl`; "
+            "keys are salted pseudonyms when the domain pseudonymises):", ""] + [
         f"- {count} × {reason}" for reason, count in reasons.most_common(10)]
 
 

@@ -95,6 +95,14 @@ def test_bad_volumes_are_quarantined_with_their_reason(medical_project: Path) ->
     assert not any("cut.nii" in reason or "gappy" in reason for reason in reasons.values())
 
 
+def test_a_label_on_one_slice_labels_its_series(medical_project: Path) -> None:
+    slices = write_series(medical_project / "corpus" / "case", "A^B", "P1")
+    (medical_project / "labels.csv").write_text(f"path,label\ncase/{slices[3].name},mass\n")
+    write_params(medical_project, medical_params(labels="labels.csv"))
+    summary = ingest("medical")
+    assert summary["labeled"] == 1 and summary["labels_without_file"] == 0
+
+
 def test_patients_never_straddle_splits(medical_project: Path) -> None:
     for patient in range(12):
         for series in range(2):
