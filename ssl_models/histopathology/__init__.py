@@ -77,11 +77,11 @@ class Histopathology(Domain):
         yield read_slide(source, options.min_side)
 
     def write_default_data(self, out_dir: Path, cfg: DomainConfig) -> None:
-        from ssl_models.histopathology.default_data import write_ihc_tiles
+        from ssl_models.histopathology.default_data import write_ihc_regions
 
         options = parse_section(HistoDefaultConfig, cfg.default_data, f"domains.{cfg.name}.default_data")
-        counts = write_ihc_tiles(out_dir, options)
-        log.info("default histology corpus: %(tiles)d IHC tiles, %(dab_high)d labeled dab-high", counts)
+        counts = write_ihc_regions(out_dir, options)
+        log.info("default histology corpus: %(regions)d IHC regions, %(dab_high)d labeled dab-high", counts)
 
     def preprocess(self, cfg: DomainConfig, manifest: list[dict[str, Any]], out_dir: Path,
                    locate: Callable[[dict[str, Any]], Source] | None = None) -> dict[str, Any]:
@@ -137,12 +137,13 @@ class Histopathology(Domain):
             from ssl_models.histopathology.default_data import ATTRIBUTION
 
             options = parse_section(HistoDefaultConfig, cfg.default_data, f"domains.{cfg.name}.default_data")
-            return (f"tile-level IHC DAB grading on one real image: `dab-high` when at least "
-                    f"{options.high_fraction:.0%} of a {options.tile_size}-pixel tile's pixels carry DAB by colour "
-                    "deconvolution, else `dab-low`. The labels come from that rule, not from a pathologist, so the "
-                    "task shows whether pretraining helps encode stain and texture, not diagnostic value. "
-                    f"Groups are {options.block_size}-pixel spatial blocks of the image: test tiles come from "
-                    "regions never seen in pretraining or training. " + ATTRIBUTION)
+            return (f"IHC DAB grading on one real image, cut into {options.region_size}-pixel regions: a region is "
+                    f"`dab-high` when at least {options.high_fraction:.0%} of its stained pixels carry DAB by colour "
+                    "deconvolution, else `dab-low`; each tile carries its region's label (weak, region-level "
+                    "labels, as slide labels are). The labels come from that rule, not from a pathologist, so the "
+                    "task shows whether pretraining helps encode stain and texture, not diagnostic value. Regions "
+                    "are the split unit: test tiles come from regions never seen in pretraining or training. "
+                    + ATTRIBUTION)
         unit = ("slides (mean of their tiles' embeddings)" if preprocess.labeled_unit == "slide"
                 else "tiles, each labeled with its slide's label")
         splits = (f"spatial blocks of {preprocess.spatial_block} pixels (test tiles come from regions "

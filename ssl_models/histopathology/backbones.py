@@ -37,7 +37,7 @@ def build_backbone(cfg: HistoModelConfig, image_size: int) -> nn.Module:
 
         widths = tuple(cfg.width * 2 ** i for i in range(4))
         # one 3x3 stem conv and no max-pooling: tiles are 32-96 pixels, not 224
-        model = ResNet(BasicBlock, layers=(cfg.depth,) * 4, channels=widths, num_classes=0,
+        model = ResNet(BasicBlock, layers=(cfg.depth,) * 4, channels=widths, num_classes=0, zero_init_last=False,
                        stem_width=max(1, cfg.width // 2), stem_type="deep")  # stem outputs 2 * stem_width
         model.conv1 = nn.Conv2d(3, cfg.width, 3, stride=cfg.stem_stride, padding=1, bias=False)
         model.bn1 = nn.BatchNorm2d(cfg.width)
@@ -72,7 +72,10 @@ class TileEncoder(Encoder):
         return {"images": normalise(decode_tiles(blobs)), "bag": bags}
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        features = self.backbone(batch["images"])
+        # A parameter-free normalisation before any head, as MAE's linear probing adds one:
+        # features of a random or drifting backbone keep one scale, so a probe's head (folded
+        # with its feature scaler for LP-FT) does not saturate when fine-tuning moves them.
+        features = nn.functional.layer_norm(self.backbone(batch["images"]), (self.dim,))
         bags = batch["bag"]
         n_bags = int(bags.max()) + 1 if len(bags) else 0
         if n_bags == len(bags):

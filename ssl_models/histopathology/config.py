@@ -102,17 +102,14 @@ class HistoModelConfig:
 
 @dataclass
 class HistoDefaultConfig:
-    """`default_data:` block: the embedded IHC image cut into labeled tiles."""
+    """`default_data:` block: the embedded IHC image cut into labeled regions."""
 
-    tile_size: int = 32  # pixels of each corpus tile
-    stride: int = 16  # tiles overlap inside a block, never across blocks
-    block_size: int = 64  # spatial block = group: splits never share a block
+    region_size: int = 64  # pixels of each corpus image (one region of the IHC image)
     dab_threshold: float = 0.05  # DAB optical density of a brown pixel (skimage.color.rgb2hed)
-    high_fraction: float = 0.85  # a tile with at least this share of brown pixels is `dab-high`
+    high_fraction: float = 0.85  # regions whose tissue is at least this share brown are `dab-high`
 
     def validate(self, where: str) -> None:
-        _require(self.tile_size >= 8 and self.stride > 0 and self.block_size >= self.tile_size, where,
-                 "need tile_size >= 8, stride > 0 and block_size >= tile_size")
+        _require(self.region_size >= 16, where, "region_size must be at least 16 pixels")
 
 
 @dataclass

@@ -34,12 +34,25 @@ class TilingResult:
     stain_normalised: bool = False
 
 
-def grid_positions(width: int, height: int, tile: int, stride: int) -> list[tuple[int, int]]:
-    """Top-left corners of the tiles covering the level; an image smaller than one tile gets
-    one tile padded with white glass."""
-    xs = list(range(0, max(1, width - tile + 1), stride))
-    ys = list(range(0, max(1, height - tile + 1), stride))
-    return [(x, y) for y in ys for x in xs]
+def grid_positions(width: int, height: int, tile: int, stride: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-left corners (x, y) of the tiles covering the level, row by row; an image smaller
+    than one tile gets one tile padded with white glass."""
+    ys, xs = np.meshgrid(np.arange(0, max(1, height - tile + 1), stride),
+                         np.arange(0, max(1, width - tile + 1), stride), indexing="ij")
+    return xs.ravel(), ys.ravel()
+
+
+def window_fractions(mask: np.ndarray, xs: np.ndarray, ys: np.ndarray, size: int,
+                     fx: float, fy: float) -> np.ndarray:
+    """Share of True in `mask` under each tile (tile coordinates scaled by fx, fy into the mask),
+    for millions of positions at once through an integral image."""
+    integral = np.pad(mask.astype(np.int64).cumsum(0).cumsum(1), ((1, 0), (1, 0)))
+    x0 = np.minimum((xs * fx).astype(int), mask.shape[1] - 1)
+    y0 = np.minimum((ys * fy).astype(int), mask.shape[0] - 1)
+    x1 = np.clip(((xs + size) * fx).astype(int), x0 + 1, mask.shape[1])
+    y1 = np.clip(((ys + size) * fy).astype(int), y0 + 1, mask.shape[0])
+    total = integral[y1, x1] - integral[y0, x1] - integral[y1, x0] + integral[y0, x0]
+    return total / ((x1 - x0) * (y1 - y0))
 
 
 def evenly_spaced(items: list, limit: int) -> list:
@@ -58,20 +71,17 @@ def tile_slide(slide: SlideImage, cfg: HistoPreprocessConfig) -> TilingResult:
     threshold = tissue_threshold(thumbnail, cfg.min_tissue_saturation, cfg.max_tissue_saturation)
     result = TilingResult(level=level, threshold=threshold)
     thumb_tissue = saturation(thumbnail) > threshold
-    # thumbnail pixels per level pixel, to pre-select candidates without reading every tile
-    fx, fy = thumbnail.shape[1] / width, thumbnail.shape[0] / height
-    candidates = []
-    for x, y in grid_positions(width, height, size, stride):
-        if cfg.spatial_block and (x // cfg.spatial_block != (x + size - 1) // cfg.spatial_block
-                                  or y // cfg.spatial_block != (y + size - 1) // cfg.spatial_block):
-            result.counts["straddles_spatial_block"] += 1  # would share pixels with another block
-            continue
-        window = thumb_tissue[int(y * fy):max(int(y * fy) + 1, int((y + size) * fy)),
-                              int(x * fx):max(int(x * fx) + 1, int((x + size) * fx))]
-        if window.mean() < cfg.min_tissue_fraction / 2:  # clearly glass: not worth reading
-            result.counts["background"] += 1
-            continue
-        candidates.append((x, y))
+    xs, ys = grid_positions(width, height, size, stride)
+    if cfg.spatial_block:  # a tile across a block border would share pixels with another block
+        block = cfg.spatial_block
+        inside = (xs // block == (xs + size - 1) // block) & (ys // block == (ys + size - 1) // block)
+        result.counts["straddles_spatial_block"] += int((~inside).sum())
+        xs, ys = xs[inside], ys[inside]
+    # clearly glass on the thumbnail: not worth reading
+    tissue = window_fractions(thumb_tissue, xs, ys, size, thumbnail.shape[1] / width, thumbnail.shape[0] / height)
+    keep = tissue >= cfg.min_tissue_fraction / 2
+    result.counts["background"] += int((~keep).sum())
+    candidates = list(zip(xs[keep].tolist(), ys[keep].tolist()))
     sampled = evenly_spaced(candidates, 4 * cfg.max_tiles_per_source)
     result.counts["not_sampled"] += len(candidates) - len(sampled)
     normaliser = _normaliser(thumbnail, thumb_tissue) if cfg.stain_normalisation == "macenko" else None
@@ -79,13 +89,13 @@ def tile_slide(slide: SlideImage, cfg: HistoPreprocessConfig) -> TilingResult:
     accepted = []
     for x, y in sampled:
         pixels = slide.read(level, x, y, size, size)
-        tissue = float((saturation(pixels) > threshold).mean())
-        if tissue < cfg.min_tissue_fraction:
+        tile_tissue = float((saturation(pixels) > threshold).mean())
+        if tile_tissue < cfg.min_tissue_fraction:
             result.counts["background"] += 1
         elif float(pen_mask(pixels).mean()) > cfg.max_pen_fraction:
             result.counts["pen_mark"] += 1
         else:
-            accepted.append(Tile(x, y, level, pixels, tissue))
+            accepted.append(Tile(x, y, level, pixels, tile_tissue))
     result.tiles = evenly_spaced(accepted, cfg.max_tiles_per_source)
     result.counts["not_sampled"] += len(accepted) - len(result.tiles)
     result.counts["accepted"] = len(result.tiles)

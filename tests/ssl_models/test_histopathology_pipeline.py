@@ -18,9 +18,9 @@ TINY_HISTO = {
     "module": "histopathology",
     "corpus": "data/histo/default/corpus",
     "labels": "data/histo/default/labels.csv",
-    "default_data": {"tile_size": 32, "stride": 32, "block_size": 64},
+    "default_data": {"region_size": 64},
     "split": {"val": 0.1, "test": 0.3, "salt": "split-v1"},
-    "preprocess": {"tile_size": 32},
+    "preprocess": {"tile_size": 32, "stride": 16},
     "model": {"backbone": "resnet", "width": 8, "depth": 1, "torch_threads": 1},
     "pretrain": {"method": "simclr", "steps": 6, "batch_size": 16, "learning_rate": 0.002, "warmup_steps": 1,
                  "checkpoint_every": 3, "rankme_samples": 32, "seed": 0, "options": {"loss": "dcl"}},
@@ -58,20 +58,22 @@ def test_default_histology_path_end_to_end(histo_project: Path) -> None:
         stages[stage]("histo")
     with open("data/histo/default/labels.csv", newline="") as handle:
         labels = list(csv.DictReader(handle))
-    assert len(labels) == 256 and {r["label"] for r in labels} == {"dab-high", "dab-low"}
-    assert len({r["group"] for r in labels}) == 64  # 64-pixel spatial blocks of the real IHC image
+    assert len(labels) == 64 and {r["label"] for r in labels} == {"dab-high", "dab-low"}  # 64-px regions
     shards = read_json(Path("data/histo/shards/summary.json"))
     assert shards["tile_positions"]["background"] > 0  # lumen and glass of the image are rejected
-    assert shards["pretrain_train_tiles"] > 50
-    manifest = read_jsonl(Path("data/histo/manifest/manifest.jsonl"))
-    splits_per_block = {}
-    for row in manifest:
-        splits_per_block.setdefault(row["group"], set()).add(row["split"])
-    assert all(len(s) == 1 for s in splits_per_block.values())
+    assert shards["pretrain_train_tiles"] > 150  # 9 overlapping tiles per region at stride 16
+    from datasets import load_from_disk
+
+    labeled = load_from_disk("data/histo/shards/labeled")
+    splits_per_region = {}
+    for row in labeled:
+        splits_per_region.setdefault(row["source"], set()).add(row["split"])
+    assert all(len(s) == 1 for s in splits_per_region.values()) and len(splits_per_region) > 30
     metrics = read_json(Path("reports/histo/metrics.json"))
     assert {r["init"] for r in metrics["results"]} == {"ssl", "scratch"}
     report = Path("reports/histo/report/report.md").read_text()
     assert "DAB" in report and "not from a pathologist" in report and "scikit-image" in report
+    assert "1 quarantined" not in report and "No file was quarantined" in report
     assert Path("models/histo/pretrain/encoder/model.safetensors").is_file()
 
 
