@@ -31,15 +31,19 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-CASES = [("simclr", "resnet", {"loss": "ntxent"}), ("simclr", "resnet", {"loss": "dcl"}),
-         ("vicreg", "resnet", {}), ("byol", "resnet", {}), ("mae", "vit", {})]
+BSS = {"batch_styles_standardization": True}
+CASES = [("simclr", "resnet", {"loss": "ntxent"}, {}), ("simclr", "resnet", {"loss": "dcl"}, {}),
+         ("simclr", "resnet", {"loss": "dcl"}, BSS), ("vicreg", "resnet", {}, {}), ("byol", "resnet", {}, {}),
+         ("mae", "vit", {}, {})]
+IDS = ["simclr-ntxent", "simclr-dcl", "simclr-dcl-bss", "vicreg", "byol", "mae-vit"]
 
 
-@pytest.mark.parametrize("method_name,backbone,options", CASES, ids=[f"{c[0]}-{c[2].get('loss', c[1])}" for c in CASES])
-def test_each_method_lowers_its_loss_in_a_few_steps(method_name: str, backbone: str, options: dict) -> None:
+@pytest.mark.parametrize("method_name,backbone,options,augment", CASES, ids=IDS)
+def test_each_method_lowers_its_loss_in_a_few_steps(method_name: str, backbone: str, options: dict,
+                                                    augment: dict) -> None:
     torch.manual_seed(0)
     model_cfg = HistoModelConfig(backbone=backbone, width=8 if backbone == "resnet" else 16, depth=1 if backbone == "resnet" else 2)
-    method = HISTO_METHODS.get(method_name)(build_backbone(model_cfg, 32), AugmentConfig(), **options)
+    method = HISTO_METHODS.get(method_name)(build_backbone(model_cfg, 32), AugmentConfig(**augment), **options)
     batch = method.collate(real_tile_rows())
     optimizer = torch.optim.AdamW(method.parameters(), lr=2e-3)
 
