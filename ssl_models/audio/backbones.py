@@ -29,14 +29,17 @@ class SpectrogramTransformer(nn.Module):
 
     def __init__(self, n_mels: int, clip_frames: int, hidden_size: int, num_layers: int, num_heads: int,
                  intermediate_size: int, patch_frames: int, patch_mels: int, dropout: float = 0.0,
-                 mean: list[float] | None = None, std: list[float] | None = None) -> None:
+                 clip_mean: bool = False, pool_segments: int = 1, mean: list[float] | None = None,
+                 std: list[float] | None = None) -> None:
         super().__init__()
         patch_mels = patch_mels or n_mels
         if n_mels % patch_mels:
             raise PipelineError(f"model.patch_mels {patch_mels} must divide preprocess.n_mels {n_mels}")
         self.config = {"n_mels": n_mels, "clip_frames": clip_frames, "hidden_size": hidden_size,
                        "num_layers": num_layers, "num_heads": num_heads, "intermediate_size": intermediate_size,
-                       "patch_frames": patch_frames, "patch_mels": patch_mels, "dropout": dropout}
+                       "patch_frames": patch_frames, "patch_mels": patch_mels, "dropout": dropout,
+                       "clip_mean": clip_mean, "pool_segments": pool_segments}
+        self.clip_mean, self.pool_segments = clip_mean, pool_segments
         self.patch_frames, self.patch_mels = patch_frames, patch_mels
         self.time_patches = -(-clip_frames // patch_frames)
         self.mel_patches = n_mels // patch_mels
@@ -49,10 +52,18 @@ class SpectrogramTransformer(nn.Module):
                                            activation="gelu", batch_first=True, norm_first=True)
         self.encoder = nn.TransformerEncoder(layer, num_layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(hidden_size)
-        self.dim = hidden_size
+        self.hidden_size = hidden_size
+        self.dim = hidden_size * pool_segments
 
-    def normalise(self, log_mel: torch.Tensor) -> torch.Tensor:
-        return (log_mel - self.mean) / self.std
+    def normalise(self, log_mel: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Standardised with the training split's statistics, minus each clip's own mean per
+        mel bin when `clip_mean` (cepstral mean normalisation: removes the channel and much of
+        the speaker's timbre), and zero past each clip's end."""
+        valid = (~frame_padding(lengths, log_mel.shape[1])).unsqueeze(-1).to(log_mel.dtype)
+        frames = (log_mel - self.mean) / self.std * valid
+        if self.clip_mean:
+            frames = (frames - frames.sum(1, keepdim=True) / valid.sum(1, keepdim=True).clamp(min=1.0)) * valid
+        return frames
 
     def patchify(self, frames: torch.Tensor) -> torch.Tensor:
         """[batch, frames, mels] -> [batch, tokens, patch_dim], time-major; frames padded with zeros."""
@@ -80,8 +91,11 @@ class SpectrogramTransformer(nn.Module):
         return self.encode_tokens(self.patch_embedding(self.patchify(normalised)), padding), padding
 
     def pool(self, hidden: torch.Tensor, padding: torch.Tensor) -> torch.Tensor:
-        keep = (~padding).unsqueeze(-1).to(hidden.dtype)
-        return (hidden * keep).sum(1) / keep.sum(1).clamp(min=1.0)
+        """[batch, pool_segments * hidden]: the mean over each of `pool_segments` equal stretches
+        of the clip's real tokens, in time order."""
+        time_index = torch.arange(hidden.shape[1], device=hidden.device) // self.mel_patches
+        n_valid = (~padding).sum(1) // self.mel_patches
+        return segment_pool(hidden, time_index, n_valid, self.pool_segments)
 
     def save(self, out_dir: Path) -> None:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -118,11 +132,26 @@ class SpectrogramEncoder(Encoder):
         return collate_spectrograms(samples, self.spec)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        hidden, padding = self.backbone(self.backbone.normalise(batch["log_mel"]), batch["lengths"])
+        hidden, padding = self.backbone(self.backbone.normalise(batch["log_mel"], batch["lengths"]), batch["lengths"])
         return self.backbone.pool(hidden, padding)
 
     def save(self, out_dir: Path) -> None:
         self.backbone.save(out_dir)
+
+
+def segment_pool(hidden: torch.Tensor, time_index: torch.Tensor, n_valid: torch.Tensor,
+                 segments: int) -> torch.Tensor:
+    """Means of `hidden` [batch, tokens, dim] over `segments` equal time stretches of each clip's
+    first `n_valid` time steps (a stretch holds at least one step), concatenated: [batch, segments * dim].
+    One segment is the plain mean; more keep the order of events, which tells keywords apart."""
+    n_valid = n_valid.clamp(min=1)[:, None]
+    pooled = []
+    for k in range(segments):
+        start = n_valid * k // segments
+        end = torch.maximum(n_valid * (k + 1) // segments, start + 1)
+        inside = ((time_index[None, :] >= start) & (time_index[None, :] < end)).unsqueeze(-1).to(hidden.dtype)
+        pooled.append((hidden * inside).sum(1) / inside.sum(1).clamp(min=1.0))
+    return torch.cat(pooled, dim=1)
 
 
 def frame_padding(lengths: torch.Tensor, n_frames: int) -> torch.Tensor:
@@ -156,7 +185,8 @@ def build_spectrogram_backbone(model_cfg: AudioModelConfig, spec: InputSpec,
         n_mels=spec.width, clip_frames=spec.clip_steps, hidden_size=model_cfg.hidden_size,
         num_layers=model_cfg.num_layers, num_heads=model_cfg.num_heads,
         intermediate_size=model_cfg.intermediate_size, patch_frames=model_cfg.patch_frames,
-        patch_mels=model_cfg.patch_mels, dropout=model_cfg.dropout, mean=mean, std=std)
+        patch_mels=model_cfg.patch_mels, dropout=model_cfg.dropout, clip_mean=model_cfg.clip_mean,
+        pool_segments=model_cfg.pool_segments, mean=mean, std=std)
 
 
 def load_spectrogram_encoder(init: str, model_cfg: AudioModelConfig, pretrained_dir: Path, seed: int,

@@ -78,11 +78,15 @@ class AudioModelConfig:
     patch_frames: int = 2  # spectrogram backbones: frames per token (SSAST's frame-based patches)
     patch_mels: int = 0  # mel bins per token; 0 = all bins (a token spans the whole frequency axis)
     dropout: float = 0.0
+    pool_segments: int = 1  # clip embedding: means over this many equal time stretches, concatenated
+                            # (1: the plain mean; 4 keeps the order of sounds, which tells keywords apart)
+    clip_mean: bool = False  # spectrogram backbones: subtract each clip's mean per mel bin (cepstral mean norm.)
     cpu_threads: int = 0  # torch threads for training and embedding; 0 = torch's default. 1 suits
                           # small models on a busy CPU (threads of tiny matrix products mostly wait)
 
     def validate(self, where: str) -> None:
         _require(self.hidden_size % self.num_heads == 0, where, "hidden_size must be divisible by num_heads")
+        _require(self.pool_segments >= 1, where, "pool_segments must be at least 1")
         _require(self.cpu_threads >= 0, where, "cpu_threads must be >= 0 (0: torch's default)")
         _require(self.num_layers > 0 and self.patch_frames > 0 and self.patch_mels >= 0, where,
                  "num_layers and patch_frames must be positive, patch_mels >= 0")

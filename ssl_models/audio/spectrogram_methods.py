@@ -26,13 +26,12 @@ class SpectrogramMethod(PretrainMethod):
 
     def embed(self, samples: list[dict[str, Any]]) -> torch.Tensor:
         batch = self.collate(samples)
-        hidden, padding = self.backbone(self.backbone.normalise(batch["log_mel"]), batch["lengths"])
+        hidden, padding = self.backbone(self.backbone.normalise(batch["log_mel"], batch["lengths"]), batch["lengths"])
         return self.backbone.pool(hidden, padding)
 
     def clean_frames(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Normalised frames, zero past each clip's end."""
-        valid = ~frame_padding(batch["lengths"], batch["log_mel"].shape[1])
-        return self.backbone.normalise(batch["log_mel"]) * valid.unsqueeze(-1)
+        return self.backbone.normalise(batch["log_mel"], batch["lengths"])
 
     def unpatchify(self, patches: torch.Tensor) -> torch.Tensor:
         """[batch, tokens, patch_dim] -> [batch, frames, mels], the inverse of `patchify`."""
@@ -58,8 +57,8 @@ class TERA(SpectrogramMethod):
         super().__init__(backbone, spec)
         self.time_fraction, self.time_block = time_fraction, time_block
         self.max_freq_band, self.noise_probability, self.noise_std = max_freq_band, noise_probability, noise_std
-        self.reconstruction = nn.Sequential(nn.Linear(backbone.dim, backbone.dim), nn.GELU(),
-                                            nn.Linear(backbone.dim, backbone.patch_dim))
+        self.reconstruction = nn.Sequential(nn.Linear(backbone.hidden_size, backbone.hidden_size), nn.GELU(),
+                                            nn.Linear(backbone.hidden_size, backbone.patch_dim))
 
     def alter(self, clean: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Altered frames and a [batch, frames, mels] mask of the altered positions."""
@@ -115,11 +114,11 @@ class MaskedSpectrogramModeling(SpectrogramMethod):
                  generative_weight: float = 10.0) -> None:
         super().__init__(backbone, spec)
         self.mask_fraction, self.generative_weight = mask_fraction, generative_weight
-        self.mask_embedding = nn.Parameter(torch.zeros(backbone.dim))
-        self.discriminative = nn.Sequential(nn.Linear(backbone.dim, backbone.dim), nn.GELU(),
-                                            nn.Linear(backbone.dim, backbone.patch_dim))
-        self.generative = nn.Sequential(nn.Linear(backbone.dim, backbone.dim), nn.GELU(),
-                                        nn.Linear(backbone.dim, backbone.patch_dim))
+        self.mask_embedding = nn.Parameter(torch.zeros(backbone.hidden_size))
+        self.discriminative = nn.Sequential(nn.Linear(backbone.hidden_size, backbone.hidden_size), nn.GELU(),
+                                            nn.Linear(backbone.hidden_size, backbone.patch_dim))
+        self.generative = nn.Sequential(nn.Linear(backbone.hidden_size, backbone.hidden_size), nn.GELU(),
+                                        nn.Linear(backbone.hidden_size, backbone.patch_dim))
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         b = self.backbone

@@ -18,6 +18,7 @@ import transformers
 from transformers import Wav2Vec2Config, Wav2Vec2ForPreTraining, Wav2Vec2Model
 from transformers.models.wav2vec2.modeling_wav2vec2 import _compute_mask_indices, _sample_negative_indices
 
+from ssl_models.audio.backbones import segment_pool
 from ssl_models.audio.config import AUDIO_METHODS, AudioModelConfig
 from ssl_models.audio.features import InputSpec, decode_row, pad_batch
 from ssl_models.core.errors import PipelineError
@@ -38,7 +39,7 @@ def small_config(model_cfg: AudioModelConfig) -> Wav2Vec2Config:
         activation_dropout=0.0, feat_proj_dropout=0.0, feat_quantizer_dropout=0.0, final_dropout=0.0,
         layerdrop=0.0, diversity_loss_weight=0.1,
         # mask_time_prob > 0 makes transformers create the mask embedding; mild SpecAugment in fine-tuning
-        mask_time_prob=0.05, mask_time_length=2)
+        mask_time_prob=0.05, mask_time_length=2, pool_segments=model_cfg.pool_segments)
 
 
 def collate_waveforms(samples: list[dict[str, Any]], spec: InputSpec) -> dict[str, torch.Tensor]:
@@ -53,11 +54,10 @@ def collate_waveforms(samples: list[dict[str, Any]], spec: InputSpec) -> dict[st
     return {"input_values": torch.from_numpy(waves), "attention_mask": torch.from_numpy(mask.astype(np.int64))}
 
 
-def pooled(model: Wav2Vec2Model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def pooled(model: Wav2Vec2Model, batch: dict[str, torch.Tensor], segments: int) -> torch.Tensor:
     hidden = model(batch["input_values"], attention_mask=batch["attention_mask"]).last_hidden_state
     frames = model._get_feature_vector_attention_mask(hidden.shape[1], batch["attention_mask"])
-    keep = frames.unsqueeze(-1).to(hidden.dtype)
-    return (hidden * keep).sum(1) / keep.sum(1).clamp(min=1.0)
+    return segment_pool(hidden, torch.arange(hidden.shape[1]), frames.sum(1), segments)
 
 
 @AUDIO_METHODS.register("wav2vec2")
@@ -68,6 +68,7 @@ class Wav2Vec2Contrastive(PretrainMethod):
     def __init__(self, model: Wav2Vec2ForPreTraining, spec: InputSpec, mask_probability: float = 0.5,
                  mask_length: int = 4, gumbel_temperature: float = 1.0) -> None:
         super().__init__()
+        self.pool_segments = int(getattr(model.config, "pool_segments", 1))
         self.model, self.spec = model, spec
         self.mask_probability, self.mask_length = mask_probability, mask_length
         self.model.set_gumbel_temperature(gumbel_temperature)
@@ -92,20 +93,21 @@ class Wav2Vec2Contrastive(PretrainMethod):
         return output.loss / batch["mask_time_indices"].sum().clamp(min=1)
 
     def embed(self, samples: list[dict[str, Any]]) -> torch.Tensor:
-        return pooled(self.model.wav2vec2, collate_waveforms(samples, self.spec))
+        return pooled(self.model.wav2vec2, collate_waveforms(samples, self.spec), self.pool_segments)
 
 
 class Wav2Vec2Encoder(Encoder):
     def __init__(self, model: Wav2Vec2Model, spec: InputSpec) -> None:
         super().__init__()
         self.model, self.spec = model, spec
-        self.dim = int(model.config.hidden_size)
+        self.pool_segments = int(getattr(model.config, "pool_segments", 1))
+        self.dim = int(model.config.hidden_size) * self.pool_segments
 
     def collate(self, samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         return collate_waveforms(samples, self.spec)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return pooled(self.model, batch)
+        return pooled(self.model, batch, self.pool_segments)
 
     def save(self, out_dir: Path) -> None:
         self.model.save_pretrained(out_dir)
@@ -121,7 +123,9 @@ def _checkpoint_folder(reference: str) -> Path:
 def build_wav2vec2(model_cfg: AudioModelConfig) -> Wav2Vec2ForPreTraining:
     """From the base checkpoint when one is set (continued pretraining), else a small model from scratch."""
     if model_cfg.base_checkpoint:
-        return Wav2Vec2ForPreTraining.from_pretrained(_checkpoint_folder(model_cfg.base_checkpoint))
+        model = Wav2Vec2ForPreTraining.from_pretrained(_checkpoint_folder(model_cfg.base_checkpoint))
+        model.config.pool_segments = model_cfg.pool_segments
+        return model
     return Wav2Vec2ForPreTraining(small_config(model_cfg))
 
 
@@ -129,6 +133,7 @@ def load_wav2vec2_encoder(init: str, model_cfg: AudioModelConfig, pretrained_dir
                           spec: InputSpec) -> Wav2Vec2Encoder:
     if init == "generic":
         model = Wav2Vec2Model.from_pretrained(_checkpoint_folder(str(model_cfg.base_checkpoint)))
+        model.config.pool_segments = model_cfg.pool_segments
     elif init == "ssl":
         model = Wav2Vec2Model.from_pretrained(pretrained_dir)
     else:
