@@ -39,11 +39,11 @@ OVERRIDES = {
 }
 
 
-def layout_fsdd(folder: Path) -> int:
+def layout_fsdd(folder: Path, recordings: Path) -> int:
     corpus = folder / "fsdd" / "corpus"
     corpus.mkdir(parents=True)
     rows = []
-    for path in sorted(FSDD.glob("*.wav")):
+    for path in sorted(recordings.glob("*.wav")):
         shutil.copy(path, corpus / path.name)
         digit, speaker, _ = path.stem.split("_")
         rows.append((path.name, digit, speaker))
@@ -65,9 +65,10 @@ def apply_override(block: dict, assignment: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--set", action="append", default=[], help="a domains.audio setting, e.g. pretrain.steps=300")
+    parser.add_argument("--recordings", type=Path, default=FSDD, help="the FSDD recordings folder")
     args = parser.parse_args()
-    if not FSDD.is_dir():
-        sys.exit(f"FSDD recordings not found at {FSDD}")
+    if not args.recordings.is_dir():
+        sys.exit(f"FSDD recordings not found at {args.recordings}")
     scripts = Path(sys.executable).parent
     env = {**os.environ, "PATH": f"{scripts}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"}
     block = yaml.safe_load((REPO / "params.yaml").read_text())["domains"]["audio"]
@@ -77,7 +78,7 @@ def main() -> None:
         apply_override(block, assignment)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        n_files = layout_fsdd(folder)
+        n_files = layout_fsdd(folder, args.recordings)
         (folder / "params.yaml").write_text(yaml.safe_dump({"domains": {"audio": block}}, sort_keys=False))
         copy_project_code(folder)
         run = lambda *cmd: subprocess.run(cmd, cwd=folder, env=env, check=True, capture_output=True, text=True)  # noqa: E731
