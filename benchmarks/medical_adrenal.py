@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import os
 import platform
 import subprocess
@@ -25,7 +26,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from benchmarks.audio_fsdd import apply_override, print_table  # noqa: E402
+from benchmarks.audio_fsdd import apply_override  # noqa: E402
 from tests.conftest import copy_project_code  # noqa: E402  (git + dvc init of a project copy)
 
 ADRENAL = REPO.parent / "shared" / "data" / "medical3d-adrenalmnist3d"
@@ -86,7 +87,24 @@ def main() -> None:
                                           default_flow_style=True, width=10_000).strip())
         print(" ".join(f"{stage} {seconds:.0f}s" for stage, seconds in timings),
               f"total {sum(s for _, s in timings):.0f}s")
-        print_table(metrics)
+        comparisons = json.loads((folder / "reports" / "medical" / "evaluation" / "comparisons.json").read_text())
+        print_table(metrics, comparisons)
+
+
+def print_table(metrics: dict, comparisons: list[dict]) -> None:
+    rows = {(r["protocol"], r["label_fraction"], r["init"]): r for r in metrics["results"]
+            if r["metric"] == metrics["primary_metric"]}
+    wins = {(c["protocol"], c["label_fraction"]): f"{c['ssl_wins']}/{c['n_seeds']}" for c in comparisons
+            if c["baseline"] == "scratch"}
+    print(f"{metrics['primary_metric']} on {metrics['labeled_test']} test volumes, mean ± std over seeds")
+    print(f"{'protocol':<10}{'labels':>8}{'n_train':>9}{'ssl':>16}{'scratch':>16}{'ssl - scratch':>15}{'ssl wins':>10}")
+    for protocol, fraction, init in sorted(rows):
+        if init != "ssl" or (protocol, fraction, "scratch") not in rows:
+            continue
+        ssl, scratch = rows[(protocol, fraction, "ssl")], rows[(protocol, fraction, "scratch")]
+        print(f"{protocol:<10}{fraction:>8.0%}{ssl['n_train']:>9}{ssl['mean']:>10.3f} ± {ssl['std']:.3f}"
+              f"{scratch['mean']:>10.3f} ± {scratch['std']:.3f}{ssl['mean'] - scratch['mean']:>+15.3f}"
+              f"{wins[(protocol, fraction)]:>10}")
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from ssl_models.core.config import FinetuneConfig, load_domain_config
 from ssl_models.core.domain import load_domain
 from ssl_models.core.errors import PipelineError
 from ssl_models.core.modules import Encoder
+from tasks.device import training_device
 from tasks.io import atomic_dir, write_json
 from tasks.lineage import LineageRecorder
 from tasks.paths import DomainPaths
@@ -64,6 +65,8 @@ def finetune(domain_name: str) -> list[dict[str, Any]]:
     inits = [i for i in settings.inits if i in available]
     if skipped := [i for i in settings.inits if i not in available]:
         log.info("finetune %s: skipping init(s) %s (not configured: e.g. no model.base_checkpoint)", domain_name, skipped)
+    device = training_device()
+    log.info("finetune %s on %s", domain_name, device)
     recorder = LineageRecorder(f"finetune@{domain_name}", paths.finetune, seeds=list(settings.seeds),
                                params={"finetune": asdict(settings), "model": cfg.model},
                                upstream=[paths.shards, paths.pretrain])
@@ -78,7 +81,7 @@ def finetune(domain_name: str) -> list[dict[str, Any]]:
         for init in inits:
             cached: np.ndarray | None = None
             for seed in settings.seeds:
-                encoder = domain.load_encoder(init, cfg, paths.shards, paths.pretrain / "encoder", seed)
+                encoder = domain.load_encoder(init, cfg, paths.shards, paths.pretrain / "encoder", seed).to(device)
                 # ssl and generic encoders do not depend on the seed: embed once
                 features = cached if cached is not None else embed_rows(encoder, pool + test)
                 cached = features if init != "scratch" else None
@@ -123,6 +126,7 @@ def run_protocol(protocol: str, encoder: Encoder, features: np.ndarray, pool: li
 
 def _save_model(folder: Path, encoder: Any, head: Any, classes: list[str]) -> None:
     folder.mkdir(parents=True, exist_ok=True)
+    encoder, head = encoder.to("cpu"), head.to("cpu")
     encoder.save(folder / "encoder")
     save_file({k: v.contiguous() for k, v in head.state_dict().items()}, str(folder / "head.safetensors"))
     write_json(folder / "classes.json", classes)

@@ -26,6 +26,7 @@ from ssl_models.core.domain import load_domain
 from ssl_models.core.errors import PipelineError
 from ssl_models.core.modules import PretrainMethod
 from ssl_models.core.rankme import effective_rank
+from tasks.device import autocast, move, on_cpu, training_device
 from tasks.io import atomic_dir, write_json
 from tasks.lineage import LineageRecorder, read_record
 from tasks.paths import DomainPaths
@@ -85,12 +86,14 @@ def save_checkpoint(folder: Path, state: dict[str, Any], keep: int) -> None:
 
 
 @torch.no_grad()
-def rankme(method: PretrainMethod, rows: list[dict[str, Any]], batch_size: int) -> float:
+def rankme(method: PretrainMethod, rows: list[dict[str, Any]], batch_size: int,
+           device: torch.device = torch.device("cpu")) -> float:
     was_training = method.training
     method.eval()
-    features = torch.cat([method.embed(rows[i:i + batch_size]) for i in range(0, len(rows), batch_size)])
+    with on_cpu(method, device):
+        features = torch.cat([method.embed(rows[i:i + batch_size]) for i in range(0, len(rows), batch_size)])
     method.train(was_training)
-    return effective_rank(features)
+    return effective_rank(features.float())
 
 
 def pretrain(domain_name: str) -> dict[str, Any]:
@@ -100,7 +103,8 @@ def pretrain(domain_name: str) -> dict[str, Any]:
     settings = cfg.pretrain
     torch.use_deterministic_algorithms(True, warn_only=True)
     seed_everything(settings.seed)
-    method = domain.build_pretrain_method(cfg, paths.shards)
+    device = training_device()
+    method = domain.build_pretrain_method(cfg, paths.shards).to(device)
     train_rows = domain.pretrain_dataset(paths.shards, "train")
     val_rows = domain.pretrain_dataset(paths.shards, "val")
     if len(train_rows) == 0:
@@ -129,11 +133,13 @@ def pretrain(domain_name: str) -> dict[str, Any]:
     else:
         for stale in paths.checkpoints.glob("step_*.pt"):
             stale.unlink()  # from another configuration: never resumed
+    log.info("pretrain %s on %s", domain_name, device)
     method.train()
     progress = tqdm(total=settings.steps, initial=step, desc=f"pretrain {domain_name}", disable=None)
     while step < settings.steps:
         rows = [train_rows[i] for i in batch_indices(step, settings.batch_size, len(train_rows), settings.seed)]
-        loss = method(method.collate(rows))
+        with autocast(device):
+            loss = method(move(method.collate(rows), device))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(method.parameters(), 1.0)
         optimizer.step()
@@ -144,7 +150,8 @@ def pretrain(domain_name: str) -> dict[str, Any]:
         progress.update(1)
         progress.set_postfix(loss=f"{history['loss'][-1][1]:.3f}")
         if step % settings.checkpoint_every == 0 or step == settings.steps:
-            _log_checkpoint(history, step, method, rankme_rows, settings.batch_size, scheduler.get_last_lr()[0])
+            _log_checkpoint(history, step, method, rankme_rows, settings.batch_size, scheduler.get_last_lr()[0],
+                            device)
             save_checkpoint(paths.checkpoints, {
                 "step": step, "fingerprint": fingerprint, "history": history,
                 "model": method.state_dict(), "optimizer": optimizer.state_dict(),
@@ -153,7 +160,7 @@ def pretrain(domain_name: str) -> dict[str, Any]:
             }, settings.keep_checkpoints)
     progress.close()
     with atomic_dir(paths.pretrain) as out:
-        domain.save_pretrained(method, out / "encoder")
+        domain.save_pretrained(method.to("cpu"), out / "encoder")
         write_json(out / "log.json", history)
         recorder.write(out)
     last = history["checkpoints"][-1]
@@ -162,8 +169,9 @@ def pretrain(domain_name: str) -> dict[str, Any]:
 
 
 def _log_checkpoint(history: dict[str, Any], step: int, method: PretrainMethod,
-                    rankme_rows: list[dict[str, Any]], batch_size: int, lr: float) -> None:
+                    rankme_rows: list[dict[str, Any]], batch_size: int, lr: float, device: torch.device) -> None:
     previous = history["checkpoints"][-1]["step"] if history["checkpoints"] else 0
     window = [loss for s, loss in history["loss"] if s > previous]
     history["checkpoints"].append({"step": step, "loss": float(np.mean(window)),
-                                   "rankme": rankme(method, rankme_rows, batch_size), "learning_rate": lr})
+                                   "rankme": rankme(method, rankme_rows, batch_size, device),
+                                   "learning_rate": lr})

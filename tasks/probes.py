@@ -16,13 +16,19 @@ from transformers import get_cosine_schedule_with_warmup
 
 from ssl_models.core.config import FinetuneConfig
 from ssl_models.core.modules import Encoder
+from tasks.device import autocast, move
 
 
 @torch.no_grad()
 def embed_rows(encoder: Encoder, rows: list[dict[str, Any]], batch_size: int = 64) -> np.ndarray:
+    """Frozen features of `rows`, on the encoder's device, as float32 on the CPU."""
     encoder.eval()
-    chunks = [encoder(encoder.collate(rows[i:i + batch_size])) for i in range(0, len(rows), batch_size)]
-    return torch.cat(chunks).float().numpy()
+    device = next(encoder.parameters()).device
+    chunks = []
+    for i in range(0, len(rows), batch_size):
+        with autocast(device):
+            chunks.append(encoder(move(encoder.collate(rows[i:i + batch_size]), device)).float().cpu())
+    return torch.cat(chunks).numpy()
 
 
 def scores(y_true: list[str], y_pred: list[str], probabilities: np.ndarray, classes: list[str]) -> dict[str, float]:
@@ -96,12 +102,13 @@ def finetune_encoder(encoder: Encoder, train_rows: list[dict[str, Any]], train_y
     """Train a copy of the encoder and `head` (a copy of it) for `cfg.steps` steps, the same
     budget for every initialisation; returns test predictions, probabilities and the trained modules."""
     torch.manual_seed(seed)
+    device = next(encoder.parameters()).device
     model = copy.deepcopy(encoder)
-    head = copy.deepcopy(head)
+    head = copy.deepcopy(head).to(device)
     optimizer = torch.optim.AdamW([{"params": model.parameters(), "lr": cfg.learning_rate},
                                    {"params": head.parameters(), "lr": cfg.head_learning_rate}])
     scheduler = get_cosine_schedule_with_warmup(optimizer, max(1, cfg.steps // 10), cfg.steps)
-    targets = torch.tensor([classes.index(y) for y in train_y])
+    targets = torch.tensor([classes.index(y) for y in train_y], device=device)
     generator = torch.Generator().manual_seed(seed)
     order: list[int] = []
     model.train()
@@ -109,15 +116,16 @@ def finetune_encoder(encoder: Encoder, train_rows: list[dict[str, Any]], train_y
         while len(order) < cfg.batch_size:  # fresh permutations, also when the subset is smaller than a batch
             order += torch.randperm(len(train_rows), generator=generator).tolist()
         batch_ids, order = order[:cfg.batch_size], order[cfg.batch_size:]
-        logits = head(model(model.collate([train_rows[i] for i in batch_ids])))
-        loss = torch.nn.functional.cross_entropy(logits, targets[batch_ids])
+        with autocast(device):
+            logits = head(model(move(model.collate([train_rows[i] for i in batch_ids]), device)))
+            loss = torch.nn.functional.cross_entropy(logits.float(), targets[batch_ids])
         loss.backward()
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
     model.eval()
     with torch.no_grad():
-        features = torch.from_numpy(embed_rows(model, test_rows))
-        probabilities = torch.softmax(head(features), dim=1)
+        features = torch.from_numpy(embed_rows(model, test_rows)).to(device)
+        probabilities = torch.softmax(head(features).float(), dim=1).cpu()
     predictions = probabilities.argmax(dim=1).tolist()
     return [classes[i] for i in predictions], probabilities.numpy(), model, head

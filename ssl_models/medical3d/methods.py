@@ -139,7 +139,9 @@ class MaskedAutoencoder3D(_VolumeMethod):
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         images = batch["image"]
-        predicted, mask = self.mae(images)
+        # MONAI's forward writes float tokens into bf16 ones under autocast: run it in fp32
+        with torch.autocast(images.device.type, enabled=False):
+            predicted, mask = self.mae(images.float())
         target = patchify(images, self.patch)
         if self.norm_pixel_loss:
             mean, var = target.mean(dim=-1, keepdim=True), target.var(dim=-1, keepdim=True)

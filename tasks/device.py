@@ -1,0 +1,55 @@
+"""Where training runs: a CUDA GPU when there is one (bf16 autocast), else the CPU.
+
+`SSL_PIPELINE_DEVICE=cpu` forces the CPU. Results on a GPU are close to, not bit-identical
+with, CPU results, and a resumed GPU run is not guaranteed to match an uninterrupted one bit
+for bit (cuDNN kernels are not all deterministic); on the CPU both hold.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Any
+
+import torch
+
+
+def training_device() -> torch.device:
+    wanted = os.environ.get("SSL_PIPELINE_DEVICE", "auto")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if wanted == "auto" else torch.device(wanted)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # what fp32 parts remain use tensor cores
+        torch.backends.cudnn.allow_tf32 = True
+    return device
+
+
+def move(batch: Any, device: torch.device) -> Any:
+    """Tensors of a (nested) batch on `device`; anything else unchanged."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {key: move(value, device) for key, value in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(move(value, device) for value in batch)
+    return batch
+
+
+def autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 mixed precision on a GPU (no loss scaling needed), full precision on the CPU."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def on_cpu(module: torch.nn.Module, device: torch.device):
+    """Run `module` on the CPU for a moment (domain `embed` methods build CPU tensors), then
+    put it back; parameters keep their identity, so the optimizer still holds them."""
+    if device.type == "cpu":
+        yield module
+        return
+    module.to("cpu")
+    try:
+        yield module
+    finally:
+        module.to(device)
