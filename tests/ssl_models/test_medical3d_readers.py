@@ -117,3 +117,22 @@ def test_patients_never_straddle_splits(medical_project: Path) -> None:
     assert len(splits_of) == 12 and all(g.startswith("group-") for g in splits_of)
     assert all(len(splits) == 1 for splits in splits_of.values())
     assert len(set().union(*splits_of.values())) > 1
+
+
+def test_nrrd_and_multiframe_dicom_are_volumes(medical_project: Path) -> None:
+    import nrrd
+    from pydicom.data import get_testdata_file
+
+    corpus = medical_project / "corpus"
+    corpus.mkdir()
+    volume = np.arange(9 * 10 * 11, dtype=np.float32).reshape(9, 10, 11)
+    nrrd.write(str(corpus / "scan.nrrd"), volume, {"space": "left-posterior-superior",
+                                                    "space directions": np.diag([0.5, 0.6, 2.0]),
+                                                    "space origin": np.zeros(3)})
+    (corpus / "dose.dcm").write_bytes(Path(get_testdata_file("rtdose.dcm")).read_bytes())  # 15 frames
+    records = {r.key: r.content for r in read_all()}
+    assert records["scan.nrrd"].array.shape == (9, 10, 11)
+    assert np.allclose(records["scan.nrrd"].spacing, (0.5, 0.6, 2.0))
+    # LPS on disk, RAS in memory: the first two axes are flipped, the third is not
+    assert np.array_equal(records["scan.nrrd"].array, volume[::-1, ::-1, :])
+    assert sorted(records["dose.dcm"].array.shape) == [10, 10, 15]
