@@ -6,9 +6,9 @@ manifest row from its public source key, even when that key is a salted pseudony
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from ssl_models.core.config import DomainConfig
 from ssl_models.core.domain import Domain, Rejected, Source

@@ -94,7 +94,10 @@ class Medical3D(Domain):
                      group=volume.patient)
 
     def write_default_data(self, out_dir: Path, cfg: DomainConfig) -> None:
-        from ssl_models.medical3d.default_data import copy_registry_volumes, write_mni_crops
+        from ssl_models.medical3d.default_data import (
+            copy_registry_volumes,
+            write_mni_crops,
+        )
 
         options = parse_section(MniDefaultConfig, cfg.default_data, f"domains.{cfg.name}.default_data")
         crops = write_mni_crops(out_dir, options)

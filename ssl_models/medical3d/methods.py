@@ -16,7 +16,12 @@ from torch import nn
 
 from ssl_models.core.modules import PretrainMethod
 from ssl_models.medical3d.config import VolumeModelConfig
-from ssl_models.medical3d.models import build_backbone, feature_dim, images_of, pooled_features
+from ssl_models.medical3d.models import (
+    build_backbone,
+    feature_dim,
+    images_of,
+    pooled_features,
+)
 
 
 def _reseed(transform: Any) -> Any:

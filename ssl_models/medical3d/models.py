@@ -18,7 +18,7 @@ from ssl_models.medical3d.config import VolumeModelConfig
 
 
 def build_backbone(cfg: VolumeModelConfig) -> nn.Module:
-    from monai.networks.nets import ViT, ResNet
+    from monai.networks.nets import ResNet, ViT
 
     if cfg.backbone == "vit":
         return ViT(in_channels=1, img_size=cfg.size, patch_size=cfg.patch_size, hidden_size=cfg.hidden_size,

@@ -12,7 +12,12 @@ from ssl_models.core.privacy import pseudonymiser
 from tasks.ingest import ingest
 from tasks.io import read_jsonl
 from tests.conftest import write_params
-from tests.ssl_models.medical_files import blob_volume, write_nifti, write_series, write_without_pixels
+from tests.ssl_models.medical_files import (
+    blob_volume,
+    write_nifti,
+    write_series,
+    write_without_pixels,
+)
 
 TINY_MEDICAL = {
     "module": "medical3d",
