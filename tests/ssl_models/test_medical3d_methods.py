@@ -63,3 +63,36 @@ def test_a_vit_method_on_a_resnet_is_a_config_error(tmp_path: Path, monkeypatch:
     monkeypatch.chdir(tmp_path)
     with pytest.raises(PipelineError, match="set model.backbone: vit"):
         load_domain(load_domain_config("medical"))
+
+
+def test_resuming_from_a_checkpoint_gives_the_same_weights(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    """The augmentations (MONAI transforms) and masks draw from torch's generator, which a checkpoint
+    restores: a run resumed from step 3 ends where an uninterrupted run does."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from tasks.ingest import ingest
+    from tasks.preprocess import preprocess
+    from tasks.pretrain import pretrain
+    from tests.ssl_models.medical_files import write_nifti
+
+    rng = np.random.default_rng(0)
+    for i in range(12):
+        write_nifti(tmp_path / "corpus" / f"v{i}.nii.gz", blob_volume(rng, 16, i % 2 == 0))
+    write_params(tmp_path, medical_params(pretrain={"method": "vit_inpainting_contrastive", "steps": 6,
+                                                    "checkpoint_every": 3, "keep_checkpoints": 2}))
+    monkeypatch.chdir(tmp_path)
+    ingest("medical")
+    preprocess("medical")
+    weights = Path("models/medical/pretrain/encoder/backbone.safetensors")
+    pretrain("medical")
+    uninterrupted = load_file(str(weights))
+    shutil.rmtree("models/medical/pretrain")
+    Path("models/medical/checkpoints/step_00000006.pt").unlink()  # as if killed after step 3's checkpoint
+    caplog.set_level("INFO")
+    pretrain("medical")
+    assert "resuming medical pretraining from step 3" in caplog.text
+    resumed = load_file(str(weights))
+    assert all(torch.equal(uninterrupted[name], resumed[name]) for name in uninterrupted)
