@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -43,10 +44,17 @@ def audio_params(**sections: dict) -> dict:
 
 
 @pytest.fixture
-def audio_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+def audio_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A project folder with tiny audio params. The stages set torch's thread count
+    (model.cpu_threads) for the whole process, so it is restored afterwards: later tests that
+    compare a subprocess's weights with their own need the default."""
+    import torch
+
+    threads = torch.get_num_threads()
     write_params(tmp_path, audio_params())
     monkeypatch.chdir(tmp_path)
-    return tmp_path
+    yield tmp_path
+    torch.set_num_threads(threads)
 
 
 def corpus_digest(folder: Path) -> str:
