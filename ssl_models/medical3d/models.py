@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,8 @@ from torch import nn
 from ssl_models.core.errors import PipelineError
 from ssl_models.core.modules import Encoder
 from ssl_models.medical3d.config import VolumeModelConfig
+
+log = logging.getLogger(__name__)
 
 
 def build_backbone(cfg: VolumeModelConfig) -> nn.Module:
@@ -71,12 +74,18 @@ class VolumeEncoder(Encoder):
 
 def load_backbone_weights(backbone: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
     """Load the tensors whose names and shapes match (MONAI's ViTAutoEnc and ViT share
-    `patch_embedding`, `blocks` and `norm`); fail when nothing of the backbone matches."""
+    `patch_embedding`, `blocks` and `norm`); fail when most of the backbone would stay random."""
     own = backbone.state_dict()
     usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
-    if not usable:
-        raise PipelineError(f"checkpoint {source} has no tensor matching the configured backbone "
-                            f"(e.g. {next(iter(own))}); check model.backbone and its sizes")
+    if len(usable) < len(own) / 2:
+        missing = next(k for k in own if k not in usable)
+        found = tuple(state[missing].shape) if missing in state else "absent"
+        raise PipelineError(f"checkpoint {source} has no tensor matching {len(own) - len(usable)} of the "
+                            f"backbone's {len(own)} (e.g. {missing}: needs {tuple(own[missing].shape)}, "
+                            f"checkpoint has {found}); check model.backbone and its sizes")
+    if len(usable) < len(own):
+        log.warning("checkpoint %s: %d of %d backbone tensors loaded, the rest stay random",
+                    source, len(usable), len(own))
     backbone.load_state_dict(usable, strict=False)
 
 

@@ -96,3 +96,30 @@ def test_resuming_from_a_checkpoint_gives_the_same_weights(tmp_path: Path, monke
     assert "resuming medical pretraining from step 3" in caplog.text
     resumed = load_file(str(weights))
     assert all(torch.equal(uninterrupted[name], resumed[name]) for name in uninterrupted)
+
+
+def test_a_monai_vit_autoencoder_checkpoint_is_the_generic_init(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """MONAI's published self-supervised weights are a ViTAutoEnc state dict: its encoder tensors
+    (patch_embedding, blocks, norm) load into the ViT backbone by name and shape."""
+    from monai.networks.nets import ViTAutoEnc
+
+    from ssl_models.core.errors import PipelineError
+
+    autoencoder = ViTAutoEnc(in_channels=1, img_size=16, patch_size=4, hidden_size=24, mlp_dim=48, num_layers=1,
+                             num_heads=2, spatial_dims=3)
+    torch.save({"state_dict": autoencoder.state_dict()}, tmp_path / "ssl_pretrained.pt")
+    write_params(tmp_path, medical_params(model={"base_checkpoint": "ssl_pretrained.pt", "patch_size": 4}))
+    monkeypatch.chdir(tmp_path)
+    cfg = load_domain_config("medical")
+    domain = load_domain(cfg)
+    assert domain.available_inits(cfg) == ["ssl", "scratch", "generic"]
+    encoder = domain.load_encoder("generic", cfg, tmp_path, tmp_path, seed=0)
+    loaded = encoder.backbone.state_dict()
+    assert torch.equal(loaded["blocks.0.attn.qkv.weight"], autoencoder.state_dict()["blocks.0.attn.qkv.weight"])
+    assert torch.equal(loaded["patch_embedding.position_embeddings"],
+                       autoencoder.state_dict()["patch_embedding.position_embeddings"])
+    write_params(tmp_path, medical_params(model={"base_checkpoint": "ssl_pretrained.pt", "patch_size": 4,
+                                                 "hidden_size": 32}))
+    cfg = load_domain_config("medical")
+    with pytest.raises(PipelineError, match="no tensor matching"):
+        domain.load_encoder("generic", cfg, tmp_path, tmp_path, seed=0)
