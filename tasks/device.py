@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -27,7 +28,7 @@ def move(batch: Any, device: torch.device) -> Any:
     """Tensors of a (nested) batch on `device`; anything else unchanged."""
     if isinstance(batch, torch.Tensor):
         return batch.to(device, non_blocking=True)
-    if isinstance(batch, dict):
+    if isinstance(batch, Mapping):  # dicts, and transformers' BatchEncoding (a UserDict)
         return {key: move(value, device) for key, value in batch.items()}
     if isinstance(batch, (list, tuple)):
         return type(batch)(move(value, device) for value in batch)
