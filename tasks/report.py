@@ -84,7 +84,7 @@ def build_markdown(domain_name: str, task: str, metrics: dict[str, Any], compari
         "",
         "Initialisations: `ssl` is the domain-pretrained encoder, `scratch` the same architecture with "
         "random weights" + (", `generic` the base checkpoint without domain pretraining." if has_generic else
-                             "; no generic checkpoint is configured (set `model.base_checkpoint` to compare with one)."),
+                             "; no generic checkpoint is configured (set the domain's base checkpoint in its `model` section to compare with one)."),
         "",
         f"Domain-pretrained encoder (`ssl`) against the baselines, primary metric `{metrics['primary_metric']}`, "
         f"paired over {n_seeds} seeds on the same label subsets; a verdict is `beat` or `lost to` only "

@@ -92,8 +92,9 @@ class Domain(ABC):
     def preprocess(self, cfg: DomainConfig, manifest: list[dict[str, Any]], out_dir: Path,
                    locate: Callable[[dict[str, Any]], Source]) -> dict[str, Any]:
         """Write `pretrain_train`, `pretrain_val` and `labeled` Arrow datasets under `out_dir`;
-        return a summary (counts, what the shards hold). `locate(row)` gives the source a
-        manifest row was read from (the manifest holds no file names when pseudonymised)."""
+        return a summary (counts, what the shards hold; `labeled_test` when the labeled rows
+        are not the manifest's, e.g. tiles). `locate(row)` gives the source a manifest row was
+        read from (the manifest holds no file names when pseudonymised)."""
 
     @abstractmethod
     def pretrain_dataset(self, shards_dir: Path, split: str) -> Sequence[dict[str, Any]]:

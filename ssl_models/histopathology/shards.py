@@ -75,4 +75,5 @@ def write_tile_shards(manifest: list[dict[str, Any]], locate: Callable[[dict[str
             "sources_stain_normalised": normalised, "tile_positions": dict(sorted(counts.items())),
             "pretrain_train_tiles": len(pretrain["train"]["pixels"]),
             "pretrain_val_tiles": len(pretrain["val"]["pixels"]),
-            "labeled_rows_by_split": {s: sum(r["split"] == s for r in labeled) for s in ("train", "val", "test")}}
+            "labeled_rows_by_split": {s: sum(r["split"] == s for r in labeled) for s in ("train", "val", "test")},
+            "labeled_test": sum(r["split"] == "test" for r in labeled)}  # tiles (or slides) scored
