@@ -1,5 +1,5 @@
 """Pathology views on batches of tiles (float [n, 3, s, s] in [0, 1]), drawn from torch's
-global RNG so that a resumed run draws the same views."""
+global (CPU) RNG so that a resumed run draws the same views, on whatever device the batch is."""
 
 from __future__ import annotations
 
@@ -21,11 +21,12 @@ def hed_jitter(images: torch.Tensor, strength: float) -> torch.Tensor:
     if strength <= 0:
         return images
     n = images.shape[0]
+    device = images.device
     od = -torch.log(images.clamp(min=1e-3, max=1.0)).permute(0, 2, 3, 1)  # [n, s, s, 3]
-    concentrations = od @ OD_TO_CONCENTRATIONS
-    alpha = 1 + (torch.rand(n, 1, 1, 3) * 2 - 1) * strength
-    beta = (torch.rand(n, 1, 1, 3) * 2 - 1) * strength
-    od = (concentrations * alpha + beta) @ STAIN_OD
+    concentrations = od @ OD_TO_CONCENTRATIONS.to(device)
+    alpha = 1 + ((torch.rand(n, 1, 1, 3) * 2 - 1) * strength).to(device)
+    beta = ((torch.rand(n, 1, 1, 3) * 2 - 1) * strength).to(device)
+    od = (concentrations * alpha + beta) @ STAIN_OD.to(device)
     return torch.exp(-od).clamp(0, 1).permute(0, 3, 1, 2)
 
 
@@ -33,13 +34,13 @@ def rotate_flip(images: torch.Tensor, rotate90: bool, flip: bool) -> torch.Tenso
     """Random multiples of 90 degrees and horizontal flips: tissue has no up or left."""
     out = images.clone()
     if rotate90:
-        turns = torch.randint(0, 4, (images.shape[0],))
+        turns = torch.randint(0, 4, (images.shape[0],)).to(images.device)
         for k in range(1, 4):
             chosen = turns == k
             if chosen.any():
                 out[chosen] = torch.rot90(out[chosen], k, dims=(2, 3))
     if flip:
-        flipped = torch.rand(images.shape[0]) < 0.5
+        flipped = (torch.rand(images.shape[0]) < 0.5).to(images.device)
         out[flipped] = out[flipped].flip(3)
     return out
 
@@ -55,17 +56,17 @@ def random_resized_crop(images: torch.Tensor, min_scale: float) -> torch.Tensor:
     theta = torch.zeros(n, 2, 3)
     theta[:, 0, 0], theta[:, 1, 1] = side, side
     theta[:, :, 2] = centre
-    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    grid = F.affine_grid(theta.to(images.device, images.dtype), list(images.shape), align_corners=False)
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
 
 def gaussian_blur(images: torch.Tensor, probability: float, sigma: float) -> torch.Tensor:
     """Mild blur on a random share of the images (focus varies across a scan)."""
-    chosen = torch.rand(images.shape[0]) < probability
+    chosen = (torch.rand(images.shape[0]) < probability).to(images.device)
     if sigma <= 0 or not chosen.any():
         return images
     radius = max(1, int(2 * sigma))
-    x = torch.arange(-radius, radius + 1, dtype=images.dtype)
+    x = torch.arange(-radius, radius + 1, dtype=images.dtype, device=images.device)
     kernel = torch.exp(-x ** 2 / (2 * sigma ** 2))
     kernel = (kernel / kernel.sum()).repeat(3, 1, 1, 1)
     out = images.clone()
@@ -85,7 +86,7 @@ def batch_styles_standardization(images: torch.Tensor, low_frequency: float) -> 
     style = amplitude[torch.randint(0, images.shape[0], (1,))]
     size = images.shape[-1]
     band = max(1, int(low_frequency * size / 2))
-    mask = torch.zeros(size, size, dtype=torch.bool)
+    mask = torch.zeros(size, size, dtype=torch.bool, device=images.device)
     for rows in (slice(0, band), slice(size - band, size)):
         for cols in (slice(0, band), slice(size - band, size)):
             mask[rows, cols] = True  # the low frequencies sit in the corners of an unshifted FFT

@@ -80,7 +80,8 @@ class TileEncoder(Encoder):
         n_bags = int(bags.max()) + 1 if len(bags) else 0
         if n_bags == len(bags):
             return features
-        pooled = torch.zeros(n_bags, features.shape[1], dtype=features.dtype).index_add_(0, bags, features)
+        pooled = torch.zeros(n_bags, features.shape[1], dtype=features.dtype,
+                             device=features.device).index_add_(0, bags, features)
         return pooled / torch.bincount(bags, minlength=n_bags).unsqueeze(1).to(features.dtype)
 
     def save(self, out_dir: Path) -> None:
