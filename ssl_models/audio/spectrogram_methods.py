@@ -69,7 +69,7 @@ class TERA(SpectrogramMethod):
             length = int(lengths[index])
             n_blocks = max(1, round(self.time_fraction * length / self.time_block))
             starts = torch.randint(0, max(1, length - self.time_block + 1), (n_blocks,))
-            frames = torch.zeros(n_frames, dtype=torch.bool)
+            frames = torch.zeros(n_frames, dtype=torch.bool, device=clean.device)
             for start in starts.tolist():
                 frames[start:start + self.time_block] = True
             frames &= valid[index]
@@ -77,7 +77,7 @@ class TERA(SpectrogramMethod):
             if choice < 0.8:
                 altered[index, frames] = 0.0
             elif choice < 0.9:  # replaced by frames from elsewhere in the clip
-                source = torch.randint(0, max(1, length), (int(frames.sum()),))
+                source = torch.randint(0, max(1, length), (int(frames.sum()),)).to(clean.device)
                 altered[index, frames] = clean[index, source]
             positions[index, frames] = True
             width = int(torch.randint(0, self.max_freq_band + 1, ()))
@@ -85,7 +85,7 @@ class TERA(SpectrogramMethod):
                 low = int(torch.randint(0, n_mels - width + 1, ()))
                 altered[index, :, low:low + width] = 0.0
                 positions[index, :length, low:low + width] = True
-        noisy = torch.rand(batch) < self.noise_probability
+        noisy = (torch.rand(batch) < self.noise_probability).to(clean.device)  # drawn on the CPU generator
         if noisy.any():
             altered[noisy] += self.noise_std * torch.randn_like(altered[noisy])
             positions[noisy] |= valid[noisy].unsqueeze(-1)
@@ -127,7 +127,7 @@ class MaskedSpectrogramModeling(SpectrogramMethod):
         valid_tokens = int((~padding).sum(1).min())
         n_masked = max(2, int(self.mask_fraction * valid_tokens))
         # the same count of masked tokens in every clip, drawn among its real (unpadded) tokens
-        scores = torch.rand(padding.shape).masked_fill(padding, 2.0)
+        scores = torch.rand(padding.shape).to(padding.device).masked_fill(padding, 2.0)
         masked = scores.argsort(dim=1)[:, :n_masked]
         tokens = b.patch_embedding(patches)
         mask_positions = torch.zeros_like(padding).scatter(1, masked, True)
@@ -137,7 +137,7 @@ class MaskedSpectrogramModeling(SpectrogramMethod):
         hidden_masked = hidden.gather(1, gather.expand(-1, -1, hidden.shape[-1]))
         target = patches.gather(1, gather.expand(-1, -1, patches.shape[-1]))
         logits = self.discriminative(hidden_masked) @ target.transpose(1, 2)  # [batch, masked, masked]
-        labels = torch.arange(n_masked).expand(logits.shape[0], -1)
+        labels = torch.arange(n_masked, device=logits.device).expand(logits.shape[0], -1)
         nce = nn.functional.cross_entropy(logits.reshape(-1, n_masked), labels.reshape(-1))
         mse = nn.functional.mse_loss(self.generative(hidden_masked), target)
         return nce + self.generative_weight * mse

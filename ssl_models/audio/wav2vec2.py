@@ -57,7 +57,7 @@ def collate_waveforms(samples: list[dict[str, Any]], spec: InputSpec) -> dict[st
 def pooled(model: Wav2Vec2Model, batch: dict[str, torch.Tensor], segments: int) -> torch.Tensor:
     hidden = model(batch["input_values"], attention_mask=batch["attention_mask"]).last_hidden_state
     frames = model._get_feature_vector_attention_mask(hidden.shape[1], batch["attention_mask"])
-    return segment_pool(hidden, torch.arange(hidden.shape[1]), frames.sum(1), segments)
+    return segment_pool(hidden, torch.arange(hidden.shape[1], device=hidden.device), frames.sum(1), segments)
 
 
 @AUDIO_METHODS.register("wav2vec2")
