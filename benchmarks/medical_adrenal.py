@@ -14,10 +14,8 @@ import csv
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import nibabel as nib
@@ -26,7 +24,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from benchmarks.audio_fsdd import apply_override  # noqa: E402
+from benchmarks.common import apply_override, reproduce_stages  # noqa: E402
 from tests.conftest import copy_project_code  # noqa: E402  (git + dvc init of a project copy)
 
 ADRENAL = REPO.parent / "shared" / "data" / "medical3d-adrenalmnist3d"
@@ -63,8 +61,6 @@ def main() -> None:
     args = parser.parse_args()
     if not ADRENAL.is_dir():
         sys.exit(f"AdrenalMNIST3D not found at {ADRENAL}")
-    scripts = Path(sys.executable).parent
-    env = {**os.environ, "PATH": f"{scripts}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"}
     block = yaml.safe_load((REPO / "params.yaml").read_text())["domains"]["medical"]
     for section, values in OVERRIDES.items():
         block[section] = {**block.get(section, {}), **values} if isinstance(values, dict) else values
@@ -75,12 +71,7 @@ def main() -> None:
         n_files = layout_adrenal(folder, args.size)
         (folder / "params.yaml").write_text(yaml.safe_dump({"domains": {"medical": block}}, sort_keys=False))
         copy_project_code(folder)
-        run = lambda *cmd: subprocess.run(cmd, cwd=folder, env=env, check=True, capture_output=True, text=True)  # noqa: E731
-        timings = []
-        for stage in STAGES:
-            started = time.perf_counter()
-            run(str(scripts / "dvc"), "repro", "-s", f"{stage}@medical")
-            timings.append((stage, time.perf_counter() - started))
+        timings = reproduce_stages(folder, "medical", STAGES)
         metrics = yaml.safe_load((folder / "reports" / "medical" / "metrics.json").read_text())
         print(f"AdrenalMNIST3D {args.size}^3: {n_files} volumes; machine: {platform.machine()}, {os.cpu_count()} cores")
         print("settings:", yaml.safe_dump({k: block[k] for k in ("preprocess", "model", "pretrain")},

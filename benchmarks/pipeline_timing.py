@@ -10,7 +10,6 @@ import argparse
 import os
 import platform
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -18,6 +17,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from benchmarks.common import dvc, reproduce_stages  # noqa: E402
 from tests.conftest import copy_project_code  # noqa: E402  (git + dvc init of a project copy)
 
 STAGES = ["default_data", "ingest", "preprocess", "pretrain", "finetune", "evaluate", "report"]
@@ -27,20 +27,13 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--domain", default="legal")
     args = parser.parse_args()
-    scripts = Path(sys.executable).parent
-    env = {**os.environ, "PATH": f"{scripts}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"}
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         shutil.copy(REPO / "params.yaml", folder / "params.yaml")
         copy_project_code(folder)
-        run = lambda *cmd: subprocess.run(cmd, cwd=folder, env=env, check=True, capture_output=True, text=True)  # noqa: E731
-        rows = []
-        for stage in STAGES:
-            started = time.perf_counter()
-            run(str(scripts / "dvc"), "repro", "-s", f"{stage}@{args.domain}")
-            rows.append((stage, time.perf_counter() - started))
+        rows = reproduce_stages(folder, args.domain, STAGES)
         started = time.perf_counter()
-        output = run(str(scripts / "dvc"), "repro", f"report@{args.domain}").stdout  # checks every upstream stage
+        output = dvc(folder, "repro", f"report@{args.domain}").stdout  # checks every upstream stage
         noop = time.perf_counter() - started
         assert "Running stage" not in output
         print(f"machine: {platform.machine()}, {os.cpu_count()} cores, python {platform.python_version()}")
