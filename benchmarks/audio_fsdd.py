@@ -14,22 +14,15 @@ from __future__ import annotations
 
 import argparse
 import csv
-import os
-import platform
 import shutil
 import sys
-import tempfile
 from pathlib import Path
-
-import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from benchmarks.common import apply_override, reproduce_stages  # noqa: E402
-from tests.conftest import copy_project_code  # noqa: E402  (git + dvc init of a project copy)
+from benchmarks.common import print_comparison, run_on_shared_data  # noqa: E402
 
 FSDD = REPO.parent / "shared" / "data" / "audio-fsdd" / "recordings"
-STAGES = ["ingest", "preprocess", "pretrain", "finetune", "evaluate", "report"]
 OVERRIDES = {
     "corpus": "fsdd/corpus",
     "labels": "fsdd/labels.csv",
@@ -58,37 +51,9 @@ def main() -> None:
     args = parser.parse_args()
     if not args.recordings.is_dir():
         sys.exit(f"FSDD recordings not found at {args.recordings}")
-    block = yaml.safe_load((REPO / "params.yaml").read_text())["domains"]["audio"]
-    for section, values in OVERRIDES.items():
-        block[section] = {**block.get(section, {}), **values} if isinstance(values, dict) else values
-    for assignment in args.set:
-        apply_override(block, assignment)
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp)
-        n_files = layout_fsdd(folder, args.recordings)
-        (folder / "params.yaml").write_text(yaml.safe_dump({"domains": {"audio": block}}, sort_keys=False))
-        copy_project_code(folder)
-        timings = reproduce_stages(folder, "audio", STAGES)
-        metrics = yaml.safe_load((folder / "reports" / "audio" / "metrics.json").read_text())
-        print(f"FSDD: {n_files} files; machine: {platform.machine()}, {os.cpu_count()} cores")
-        print("settings:", yaml.safe_dump({k: block[k] for k in ("split", "preprocess", "model", "pretrain")},
-                                          default_flow_style=True, width=10_000).strip())
-        print(" ".join(f"{stage} {seconds:.0f}s" for stage, seconds in timings),
-              f"total {sum(s for _, s in timings):.0f}s")
-        print_table(metrics)
-
-
-def print_table(metrics: dict) -> None:
-    rows = {(r["protocol"], r["label_fraction"], r["init"]): r for r in metrics["results"]
-            if r["metric"] == metrics["primary_metric"]}
-    print(f"{metrics['primary_metric']} on {metrics['labeled_test']} test clips (unseen speakers), mean ± std over seeds")
-    print(f"{'protocol':<10}{'labels':>8}{'n_train':>9}{'ssl':>16}{'scratch':>16}{'ssl - scratch':>15}")
-    for protocol, fraction, init in sorted(rows):
-        if init != "ssl" or (protocol, fraction, "scratch") not in rows:
-            continue
-        ssl, scratch = rows[(protocol, fraction, "ssl")], rows[(protocol, fraction, "scratch")]
-        print(f"{protocol:<10}{fraction:>8.0%}{ssl['n_train']:>9}{ssl['mean']:>10.3f} ± {ssl['std']:.3f}"
-              f"{scratch['mean']:>10.3f} ± {scratch['std']:.3f}{ssl['mean'] - scratch['mean']:>+15.3f}")
+    metrics = run_on_shared_data("audio", OVERRIDES, args.set, lambda folder: layout_fsdd(folder, args.recordings),
+                                 "FSDD", ("split", "preprocess", "model", "pretrain"))
+    print_comparison(metrics, "clips (unseen speakers)")
 
 
 if __name__ == "__main__":

@@ -1,21 +1,47 @@
-"""What every benchmark does: reproduce a domain's stages in a project copy, one by one, timed."""
+"""What every benchmark does: copy the project, reproduce a domain's stages one by one, timed.
+
+Benchmarks import nothing from tests/; the test suite imports `copy_project_code` from here.
+"""
 
 from __future__ import annotations
 
 import os
+import platform
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import yaml
 
+REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = Path(sys.executable).parent
+sys.path.insert(0, str(REPO))
+from ssl_models.core.offline import OFFLINE_ENV  # noqa: E402
+from tasks.cli import STAGES  # noqa: E402
 
 
 def stage_env() -> dict[str, str]:
-    """The stages call `ssl-pipeline`: this environment's scripts first on PATH, DVC telemetry off."""
-    return {**os.environ, "PATH": f"{SCRIPTS}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"}
+    """The stages call `ssl-pipeline`: this environment's scripts first on PATH, offline settings on."""
+    return {**os.environ, **{k: os.environ.get(k, v) for k, v in OFFLINE_ENV.items()},
+            "PATH": f"{SCRIPTS}{os.pathsep}{os.environ.get('PATH', '')}"}
+
+
+def copy_project_code(folder: Path) -> None:
+    """Make `folder` a DVC project running this checkout's stages (git + dvc initialised)."""
+    for name in ("ssl_models", "tasks", "flows"):
+        shutil.copytree(REPO / name, folder / name, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(REPO / "dvc.yaml", folder / "dvc.yaml")
+    shutil.copy(REPO / ".gitignore", folder / ".gitignore")
+    run = lambda *args: subprocess.run(args, cwd=folder, check=True, capture_output=True, env=stage_env())  # noqa: E731
+    run("git", "init", "-q")
+    run(str(SCRIPTS / "dvc"), "init", "-q")
+    run(str(SCRIPTS / "dvc"), "config", "core.analytics", "false")
+    run("git", "add", "-A")
+    run("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init")
 
 
 def dvc(folder: Path, *args: str) -> subprocess.CompletedProcess:
@@ -23,7 +49,7 @@ def dvc(folder: Path, *args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True)
 
 
-def reproduce_stages(folder: Path, domain: str, stages: list[str]) -> list[tuple[str, float]]:
+def reproduce_stages(folder: Path, domain: str, stages: list[str] | tuple[str, ...]) -> list[tuple[str, float]]:
     """`dvc repro -s <stage>@<domain>` for each stage in order; (stage, seconds) each."""
     timings = []
     for stage in stages:
@@ -41,3 +67,43 @@ def apply_override(block: dict, assignment: str) -> None:
     for name in parents:
         target = target.setdefault(name, {})
     target[leaf] = yaml.safe_load(value)
+
+
+def run_on_shared_data(domain: str, overrides: dict, assignments: list[str], layout: Callable[[Path], int],
+                       title: str, shown: tuple[str, ...]) -> dict:
+    """The default block of `domain` with `overrides` and `--set` assignments, on a corpus that
+    `layout(folder)` writes (returning its file count), every stage through DVC; prints the
+    settings and stage timings and returns metrics.json (with the paired `comparisons`)."""
+    block = yaml.safe_load((REPO / "params.yaml").read_text())["domains"][domain]
+    for section, values in overrides.items():
+        block[section] = {**block.get(section, {}), **values} if isinstance(values, dict) else values
+    for assignment in assignments:
+        apply_override(block, assignment)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        n_files = layout(folder)
+        (folder / "params.yaml").write_text(yaml.safe_dump({"domains": {domain: block}}, sort_keys=False))
+        copy_project_code(folder)
+        timings = reproduce_stages(folder, domain, STAGES[1:])
+        metrics = yaml.safe_load((folder / "reports" / domain / "metrics.json").read_text())
+        metrics["comparisons"] = yaml.safe_load((folder / "reports" / domain / "evaluation" / "comparisons.json").read_text())
+    print(f"{title}: {n_files} files; machine: {platform.machine()}, {os.cpu_count()} cores")
+    print("settings:", yaml.safe_dump({k: block[k] for k in shown}, default_flow_style=True, width=10_000).strip())
+    print(" ".join(f"{stage} {seconds:.0f}s" for stage, seconds in timings), f"total {sum(s for _, s in timings):.0f}s")
+    return metrics
+
+
+def print_comparison(metrics: dict, unit: str, comparisons: list[dict] | None = None) -> None:
+    """ssl against scratch per protocol and label fraction (and seed wins when comparisons are given)."""
+    rows = {(r["protocol"], r["label_fraction"], r["init"]): r for r in metrics["results"]
+            if r["metric"] == metrics["primary_metric"]}
+    wins = {(c["protocol"], c["label_fraction"]): f"{c['ssl_wins']}/{c['n_seeds']}" for c in comparisons or []
+            if c["baseline"] == "scratch"}
+    print(f"{metrics['primary_metric']} on {metrics['labeled_test']} test {unit}, mean ± std over seeds")
+    print(f"{'protocol':<10}{'labels':>8}{'n_train':>9}{'ssl':>16}{'scratch':>16}{'ssl - scratch':>15}"
+          + (f"{'ssl wins':>10}" if wins else ""))
+    for protocol, fraction in sorted({(p, f) for p, f, i in rows if i == "ssl" and (p, f, "scratch") in rows}):
+        ssl, scratch = rows[(protocol, fraction, "ssl")], rows[(protocol, fraction, "scratch")]
+        print(f"{protocol:<10}{fraction:>8.0%}{ssl['n_train']:>9}{ssl['mean']:>10.3f} ± {ssl['std']:.3f}"
+              f"{scratch['mean']:>10.3f} ± {scratch['std']:.3f}{ssl['mean'] - scratch['mean']:>+15.3f}"
+              + (f"{wins.get((protocol, fraction), ''):>10}" if wins else ""))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import csv
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -22,18 +23,24 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from tests.ssl_models.medical_files import blob_volume, write_nifti  # noqa: E402
+from tasks.cli import run_stage  # noqa: E402
 
 
 def layout(folder: Path, n: int, size: int) -> None:
+    """`n` noisy balls, every second one with a bright blob at a random place: a learnable binary task."""
+    import nibabel as nib
+
     rng = np.random.default_rng(0)
-    rows = []
+    radius = np.sqrt((np.stack(np.meshgrid(*[np.linspace(-1, 1, size)] * 3, indexing="ij")) ** 2).sum(0))
+    (folder / "corpus").mkdir(parents=True)
     for i in range(n):
-        label = "blob" if i % 2 else "plain"
-        write_nifti(folder / "corpus" / f"v{i:03d}.nii.gz", blob_volume(rng, size, label == "blob"))
-        rows.append((f"v{i:03d}.nii.gz", label))
+        volume = (radius < 0.9) * (100 + 10 * rng.standard_normal(radius.shape))
+        if i % 2:
+            volume += 150 * (np.roll(radius, tuple(rng.integers(-size // 5, size // 5, 3)), (0, 1, 2)) < 0.3)
+        nib.save(nib.Nifti1Image(volume.astype(np.float32), np.eye(4)), folder / "corpus" / f"v{i:03d}.nii.gz")
     with open(folder / "labels.csv", "w", newline="") as handle:
-        csv.writer(handle).writerows([("path", "label"), *rows])
+        csv.writer(handle).writerows([("path", "label")] + [(f"v{i:03d}.nii.gz", "blob" if i % 2 else "plain")
+                                                            for i in range(n)])
 
 
 def params(steps: int, size: int) -> dict:
@@ -55,27 +62,20 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=32)
     parser.add_argument("--volumes", type=int, default=160)
     args = parser.parse_args()
-    from tasks.evaluate import evaluate
-    from tasks.finetune import finetune
-    from tasks.ingest import ingest
-    from tasks.preprocess import preprocess
-    from tasks.pretrain import pretrain
-
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     with tempfile.TemporaryDirectory() as tmp:
-        os.chdir(tmp)
-        layout(Path(tmp), args.volumes, args.size)
-        Path("params.yaml").write_text(yaml.safe_dump(params(args.steps, args.size)))
-        ingest("medical")
-        preprocess("medical")
+        root = Path(tmp)
+        layout(root, args.volumes, args.size)
+        (root / "params.yaml").write_text(yaml.safe_dump(params(args.steps, args.size)))
+        run_stage("ingest", "medical", root)
+        run_stage("preprocess", "medical", root)
         rates = {}
         for device in devices:
             os.environ["SSL_PIPELINE_DEVICE"] = device
             for folder in ("models/medical/pretrain", "models/medical/checkpoints"):
-                for path in sorted(Path(folder).glob("**/*"), reverse=True):
-                    path.unlink() if path.is_file() else path.rmdir()
+                shutil.rmtree(root / folder, ignore_errors=True)
             started = time.perf_counter()
-            history = pretrain("medical")
+            history = run_stage("pretrain", "medical", root)
             seconds = time.perf_counter() - started
             rates[device] = args.steps / seconds
             print(f"{device}: {args.steps} MAE steps (batch 64, {args.size}^3, ViT 4x192) in {seconds:.1f} s: "
@@ -83,8 +83,8 @@ def main() -> None:
         if "cuda" in rates:
             print(f"GPU ({torch.cuda.get_device_name()}) / CPU ({os.cpu_count()} cores): "
                   f"{rates['cuda'] / rates['cpu']:.1f}x")
-        finetune("medical")
-        metrics = evaluate("medical")
+        run_stage("finetune", "medical", root)
+        metrics = run_stage("evaluate", "medical", root)
         print(f"finetune + evaluate on {devices[-1]}: {metrics['primary_metric']} {metrics['summary']}")
 
 

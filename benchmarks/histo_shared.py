@@ -25,10 +25,8 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data" / "histo-histolab"
 sys.path.insert(0, str(REPO))
-from benchmarks.common import reproduce_stages  # noqa: E402
-from tests.conftest import copy_project_code  # noqa: E402  (git + dvc init of a project copy)
+from benchmarks.common import STAGES, copy_project_code, print_comparison, reproduce_stages  # noqa: E402
 
-STAGES = ["ingest", "preprocess", "pretrain", "finetune", "evaluate", "report"]
 LABELS = [("svs-images/cmu-1-small-region.svs", "cmu-1"), ("svs-images/tcga-cr-7395-01a-01-ts1.svs", "tcga-cr"),
           ("tiff-images/kidney-48-5.tif", "kidney-ihc"), ("svs-images/broken.svs", "cmu-1")]
 
@@ -62,7 +60,7 @@ def main() -> None:
             csv.writer(handle).writerows([("path", "label"), *LABELS])
         (folder / "params.yaml").write_text(yaml.safe_dump({"domains": {"histo": histo_block(args)}}, sort_keys=False))
         copy_project_code(folder)
-        times = reproduce_stages(folder, "histo", STAGES)
+        times = reproduce_stages(folder, "histo", STAGES[1:])
         print(f"method {args.method}, stain normalisation {args.stain}, {args.steps} pretraining steps")
         print("  ".join(f"{stage} {seconds:.1f}s" for stage, seconds in times), f" total {sum(s for _, s in times):.1f}s")
         ingest = json.loads((folder / "data/histo/manifest/summary.json").read_text())
@@ -75,15 +73,8 @@ def main() -> None:
         log = json.loads((folder / "models/histo/pretrain/log.json").read_text())
         first, last = log["checkpoints"][0], log["checkpoints"][-1]
         print(f"pretraining loss {first['loss']:.3f} -> {last['loss']:.3f}, RankMe {first['rankme']:.1f} -> {last['rankme']:.1f}")
-        print(f"\nprimary metric {metrics['primary_metric']}, mean ± std over seeds")
-        print(f"{'protocol':<10}{'labels':>8}{'n train':>9}{'ssl':>16}{'scratch':>16}{'ssl - scratch':>15}")
-        rows = {(r["protocol"], r["label_fraction"], r["init"]): r for r in metrics["results"]
-                if r["metric"] == metrics["primary_metric"]}
-        for protocol, fraction in sorted({(p, f) for p, f, _ in rows}):
-            ssl, scratch = rows[(protocol, fraction, "ssl")], rows[(protocol, fraction, "scratch")]
-            print(f"{protocol:<10}{fraction:>8.0%}{ssl['n_train']:>9}{ssl['mean']:>9.3f} ± {ssl['std']:.3f}"
-                  f"{scratch['mean']:>9.3f} ± {scratch['std']:.3f}{ssl['mean'] - scratch['mean']:>+15.3f}")
-
+        print()
+        print_comparison(metrics, "tiles")
 
 if __name__ == "__main__":
     main()

@@ -11,24 +11,17 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
-import os
-import platform
 import sys
-import tempfile
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from benchmarks.common import apply_override, reproduce_stages  # noqa: E402
-from tests.conftest import copy_project_code  # noqa: E402  (git + dvc init of a project copy)
+from benchmarks.common import print_comparison, run_on_shared_data  # noqa: E402
 
 ADRENAL = REPO.parent / "shared" / "data" / "medical3d-adrenalmnist3d"
-STAGES = ["ingest", "preprocess", "pretrain", "finetune", "evaluate", "report"]
 OVERRIDES = {
     "corpus": "adrenal/corpus",
     "labels": "adrenal/labels.csv",
@@ -61,41 +54,9 @@ def main() -> None:
     args = parser.parse_args()
     if not ADRENAL.is_dir():
         sys.exit(f"AdrenalMNIST3D not found at {ADRENAL}")
-    block = yaml.safe_load((REPO / "params.yaml").read_text())["domains"]["medical"]
-    for section, values in OVERRIDES.items():
-        block[section] = {**block.get(section, {}), **values} if isinstance(values, dict) else values
-    for assignment in args.set:
-        apply_override(block, assignment)
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp)
-        n_files = layout_adrenal(folder, args.size)
-        (folder / "params.yaml").write_text(yaml.safe_dump({"domains": {"medical": block}}, sort_keys=False))
-        copy_project_code(folder)
-        timings = reproduce_stages(folder, "medical", STAGES)
-        metrics = yaml.safe_load((folder / "reports" / "medical" / "metrics.json").read_text())
-        print(f"AdrenalMNIST3D {args.size}^3: {n_files} volumes; machine: {platform.machine()}, {os.cpu_count()} cores")
-        print("settings:", yaml.safe_dump({k: block[k] for k in ("preprocess", "model", "pretrain")},
-                                          default_flow_style=True, width=10_000).strip())
-        print(" ".join(f"{stage} {seconds:.0f}s" for stage, seconds in timings),
-              f"total {sum(s for _, s in timings):.0f}s")
-        comparisons = json.loads((folder / "reports" / "medical" / "evaluation" / "comparisons.json").read_text())
-        print_table(metrics, comparisons)
-
-
-def print_table(metrics: dict, comparisons: list[dict]) -> None:
-    rows = {(r["protocol"], r["label_fraction"], r["init"]): r for r in metrics["results"]
-            if r["metric"] == metrics["primary_metric"]}
-    wins = {(c["protocol"], c["label_fraction"]): f"{c['ssl_wins']}/{c['n_seeds']}" for c in comparisons
-            if c["baseline"] == "scratch"}
-    print(f"{metrics['primary_metric']} on {metrics['labeled_test']} test volumes, mean ± std over seeds")
-    print(f"{'protocol':<10}{'labels':>8}{'n_train':>9}{'ssl':>16}{'scratch':>16}{'ssl - scratch':>15}{'ssl wins':>10}")
-    for protocol, fraction, init in sorted(rows):
-        if init != "ssl" or (protocol, fraction, "scratch") not in rows:
-            continue
-        ssl, scratch = rows[(protocol, fraction, "ssl")], rows[(protocol, fraction, "scratch")]
-        print(f"{protocol:<10}{fraction:>8.0%}{ssl['n_train']:>9}{ssl['mean']:>10.3f} ± {ssl['std']:.3f}"
-              f"{scratch['mean']:>10.3f} ± {scratch['std']:.3f}{ssl['mean'] - scratch['mean']:>+15.3f}"
-              f"{wins[(protocol, fraction)]:>10}")
+    metrics = run_on_shared_data("medical", OVERRIDES, args.set, lambda folder: layout_adrenal(folder, args.size),
+                                 f"AdrenalMNIST3D {args.size}^3", ("preprocess", "model", "pretrain"))
+    print_comparison(metrics, "volumes", metrics.get("comparisons"))
 
 
 if __name__ == "__main__":

@@ -17,10 +17,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from benchmarks.common import dvc, reproduce_stages  # noqa: E402
-from tests.conftest import copy_project_code  # noqa: E402  (git + dvc init of a project copy)
-
-STAGES = ["default_data", "ingest", "preprocess", "pretrain", "finetune", "evaluate", "report"]
+from benchmarks.common import STAGES, copy_project_code, dvc, reproduce_stages  # noqa: E402
 
 
 def main() -> None:

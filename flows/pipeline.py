@@ -17,16 +17,17 @@ import os
 import sys
 from pathlib import Path
 
-for _key, _value in {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1",
-                     "PREFECT_SERVER_ALLOW_EPHEMERAL_MODE": "true"}.items():
-    os.environ.setdefault(_key, _value)
+from ssl_models.core.offline import apply_offline_env  # noqa: E402
+
+apply_offline_env()  # before Prefect reads its settings
+os.environ.setdefault("PREFECT_SERVER_ALLOW_EPHEMERAL_MODE", "true")
 
 from prefect import flow, get_run_logger, task  # noqa: E402
 from prefect.artifacts import create_markdown_artifact  # noqa: E402
 from prefect.runtime import flow_run  # noqa: E402
 
 from ssl_models.core.config import load_params  # noqa: E402
-from tasks.cli import OFFLINE_ENV, STAGES  # noqa: E402
+from tasks.cli import STAGES  # noqa: E402
 from tasks.lineage import PREFECT_RUN_ENV  # noqa: E402
 from tasks.paths import DomainPaths  # noqa: E402
 
@@ -34,8 +35,7 @@ from tasks.paths import DomainPaths  # noqa: E402
 def _stage_environment() -> None:
     """Offline settings for the stage commands DVC starts, the venv's scripts on PATH, and
     the flow run id for lineage records."""
-    for key, value in OFFLINE_ENV.items():
-        os.environ.setdefault(key, value)
+    apply_offline_env()
     scripts = str(Path(sys.executable).parent)
     if scripts not in os.environ.get("PATH", "").split(os.pathsep):
         os.environ["PATH"] = scripts + os.pathsep + os.environ.get("PATH", "")

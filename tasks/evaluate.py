@@ -12,7 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from ssl_models.core.config import load_domain_config
+from ssl_models.core.config import DomainConfig
+from ssl_models.core.domain import Domain
 from tasks.io import atomic_dir, read_json, write_json
 from tasks.lineage import LineageRecorder
 from tasks.paths import DomainPaths
@@ -101,13 +102,12 @@ def write_plot_data(out: Path, summary: list[dict[str, Any]], pretrain_log: dict
             writer.writerow([point["step"], round(point["loss"], 5), round(point["rankme"], 3)])
 
 
-def evaluate(domain_name: str) -> dict[str, Any]:
-    cfg = load_domain_config(domain_name)
-    paths = DomainPaths(domain_name)
+def evaluate(cfg: DomainConfig, domain: Domain, paths: DomainPaths) -> dict[str, Any]:
+    domain_name = cfg.name
     finetuned = read_json(paths.finetune / "results.json")
     shards_summary = read_json(paths.shards / "summary.json")
     pretrain_log = read_json(paths.pretrain / "log.json")
-    recorder = LineageRecorder(f"evaluate@{domain_name}", paths.evaluation,
+    recorder = LineageRecorder(f"evaluate@{domain_name}", paths.evaluation, root=paths.root,
                                params={"finetune": asdict(cfg.finetune)},
                                upstream=[paths.finetune, paths.pretrain, paths.shards])
     summary = aggregate(finetuned["results"])

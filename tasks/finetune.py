@@ -21,11 +21,12 @@ from datasets import load_from_disk
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from ssl_models.core.config import FinetuneConfig, load_domain_config
-from ssl_models.core.domain import load_domain
+from ssl_models.core.config import DomainConfig, FinetuneConfig, section_params
+from ssl_models.core.device import set_cpu_threads, training_device
+from ssl_models.core.domain import Domain
 from ssl_models.core.errors import PipelineError
 from ssl_models.core.modules import Encoder
-from tasks.device import training_device
+from ssl_models.core.splits import select_label_subset
 from tasks.io import atomic_dir, write_json
 from tasks.lineage import LineageRecorder
 from tasks.paths import DomainPaths
@@ -38,7 +39,6 @@ from tasks.probes import (
     linear_probe,
     scores,
 )
-from tasks.splits import select_label_subset
 
 log = logging.getLogger("finetune")
 
@@ -53,11 +53,10 @@ def load_labeled(shards: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any
     return pool, test
 
 
-def finetune(domain_name: str) -> list[dict[str, Any]]:
-    cfg = load_domain_config(domain_name)
-    domain = load_domain(cfg)
-    paths = DomainPaths(domain_name)
+def finetune(cfg: DomainConfig, domain: Domain, paths: DomainPaths) -> list[dict[str, Any]]:
+    domain_name = cfg.name
     settings = cfg.finetune
+    set_cpu_threads(cfg.cpu_threads)
     pool, test = load_labeled(paths.shards)
     classes = sorted({r["label"] for r in pool} | {r["label"] for r in test})
     test_y = [r["label"] for r in test]
@@ -67,14 +66,15 @@ def finetune(domain_name: str) -> list[dict[str, Any]]:
         log.info("finetune %s: skipping init(s) %s (not configured: e.g. no model.base_checkpoint)", domain_name, skipped)
     device = training_device()
     log.info("finetune %s on %s", domain_name, device)
-    recorder = LineageRecorder(f"finetune@{domain_name}", paths.finetune, seeds=list(settings.seeds),
-                               params={"finetune": asdict(settings), "model": cfg.model},
+    recorder = LineageRecorder(f"finetune@{domain_name}", paths.finetune, seeds=list(settings.seeds), root=paths.root,
+                               params={"finetune": asdict(settings), "model": section_params(cfg.model)},
                                upstream=[paths.shards, paths.pretrain])
     # one subset per (fraction, seed), the same object for every init: the runs are paired
     subsets = {(fraction, seed): select_label_subset([r["label"] for r in pool], [r["group"] for r in pool],
                                                      fraction, seed)
                for fraction in settings.label_fractions for seed in settings.seeds}
     results: list[dict[str, Any]] = []
+    seconds: dict[str, float] = {}  # in the run record only: timings differ from run to run
     runs = len(inits) * len(settings.seeds) * len(settings.label_fractions)
     progress = tqdm(total=runs, desc=f"finetune {domain_name}", disable=None)
     with atomic_dir(paths.finetune) as out:
@@ -96,11 +96,12 @@ def finetune(domain_name: str) -> list[dict[str, Any]]:
                         if trained and settings.save_models and init == "ssl" and seed == settings.seeds[0]:
                             _save_model(out / "models" / f"{init}_fraction-{fraction}_seed-{seed}", *trained, classes)
                         results.append({**base, "protocol": protocol,
-                                        **scores(test_y, predicted, probabilities, classes),
-                                        "seconds": round(time.time() - started, 2)})
+                                        **scores(test_y, predicted, probabilities, classes)})
+                        seconds[f"{init}/{protocol}/{fraction}/{seed}"] = round(time.time() - started, 2)
                     progress.update(1)
         progress.close()
         write_json(out / "results.json", {"classes": classes, "inits": inits, "results": results})
+        recorder.run_details["seconds_per_run"] = seconds
         recorder.write(out)
     log.info("finetune %s: %d results", domain_name, len(results))
     return results

@@ -17,14 +17,16 @@ from typing import Any
 
 from tqdm import tqdm
 
-from ssl_models.core.config import DomainConfig, load_domain_config
-from ssl_models.core.domain import Domain, Record, Rejected, Source, load_domain
+from ssl_models.core.config import DomainConfig, section_params
+from ssl_models.core.domain import Domain, Record, Rejected, Source
 from ssl_models.core.errors import PipelineError, UnreadableFileError
+from ssl_models.core.hashing import sha256_file
+from ssl_models.core.privacy import without_names
+from ssl_models.core.splits import assign_split
 from tasks.io import atomic_dir, write_json, write_jsonl
-from tasks.lineage import LineageRecorder, sha256_file
+from tasks.lineage import LineageRecorder
 from tasks.paths import DomainPaths
 from tasks.sources import Namer, discover, public_namer
-from tasks.splits import assign_split
 
 log = logging.getLogger("ingest")
 
@@ -75,35 +77,28 @@ def _read_source(domain: Domain, source: Source, cfg: DomainConfig) -> tuple[lis
         return [], [{"key": source.key, "reason": error.reason}]
     except Exception as error:  # a reader bug or an exotic file must not stop the run
         return [], [{"key": source.key, "reason": f"reader failed: {type(error).__name__}: "
-                     f"{_without_names(str(error), source)}"}]
+                     f"{without_names(str(error), source.paths)}"}]
     return records, rejected
 
 
-def _without_names(message: str, source: Source) -> str:
-    """Library messages often quote the path; a quarantine reason must not carry a file name."""
-    for path in source.paths:
-        message = message.replace(str(path), "<file>").replace(path.name, "<file>")
-    return message
-
-
-def ingest(domain_name: str) -> dict[str, Any]:
+def ingest(cfg: DomainConfig, domain: Domain, paths: DomainPaths) -> dict[str, Any]:
     """Run the ingest stage for one domain; returns its summary."""
-    cfg = load_domain_config(domain_name)
-    domain = load_domain(cfg)
-    paths = DomainPaths(domain_name)
-    if not cfg.corpus.is_dir():
+    domain_name = cfg.name
+    corpus = paths.resolve(cfg.corpus)
+    if not corpus.is_dir():
         raise PipelineError(f"corpus folder {cfg.corpus} not found; set domains.{domain_name}.corpus in params.yaml")
-    public = public_namer(domain, cfg)
-    labels = {public("key", key): value for key, value in read_labels(cfg.labels, cfg.corpus).items()}
-    recorder = LineageRecorder(f"ingest@{domain_name}", paths.manifest,
+    public = public_namer(domain, cfg, paths)
+    labels_file = paths.resolve(cfg.labels) if cfg.labels else None
+    labels = {public("key", key): value for key, value in read_labels(labels_file, corpus).items()}
+    recorder = LineageRecorder(f"ingest@{domain_name}", paths.manifest, root=paths.root,
                                params={"module": cfg.module, "corpus": str(cfg.corpus),
                                        "labels": str(cfg.labels) if cfg.labels else None,
-                                       "split": asdict(cfg.split), "ingest": cfg.ingest,
+                                       "split": asdict(cfg.split), "ingest": section_params(cfg.ingest),
                                        "privacy": {**asdict(cfg.privacy),
                                                    "pseudonymised": domain.pseudonymises(cfg)}})
-    found = discover(domain, cfg, public)
+    found = discover(domain, cfg, paths, public)
     # a label may name any file of a multi-file source (one slice of a DICOM series): it labels the source
-    member_of = {public("key", path.relative_to(cfg.corpus).as_posix()): key
+    member_of = {public("key", path.relative_to(corpus).as_posix()): key
                  for key, source in found.sources.items() if len(source.paths) > 1 for path in source.paths}
     labels = {member_of.get(key, key): value for key, value in labels.items()}
     quarantine: list[dict[str, str]] = [

@@ -1,7 +1,12 @@
-"""Lineage records: one `lineage.json` beside every artifact, a chain back to raw file hashes.
+"""Lineage records: one `lineage.json` inside every artifact, a chain back to raw file hashes.
 
-`show` prints the chain from any artifact down to the raw corpus; `verify` re-hashes every
-file the chain names and lists what no longer matches.
+The record inside the artifact holds only what determines it (params, seeds, upstream and
+output digests, raw file hashes), so re-running a stage on the same inputs gives the same
+bytes and DVC sees nothing new downstream. What differs from run to run (start and end times,
+code commit, packages, hardware, the Prefect run id) goes to a run record beside the artifact,
+`.<artifact>.run.json`, which DVC does not hash. `show` prints the chain from any artifact down
+to the raw corpus, with the run records when asked; `verify` re-hashes every file the chain
+names and lists what no longer matches.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from ssl_models.core.errors import PipelineError
+from ssl_models.core.hashing import digest_of, sha256_file
 from ssl_models.core.privacy import pseudonymiser
 
 RECORD_NAME = "lineage.json"
@@ -27,26 +33,19 @@ PACKAGES = ("torch", "transformers", "tokenizers", "datasets", "dvc", "prefect",
 PREFECT_RUN_ENV = "SSL_PIPELINE_PREFECT_FLOW_RUN_ID"
 
 
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def hash_outputs(artifact: Path) -> dict[str, str]:
     """sha256 of every file of an artifact folder, its lineage record excluded."""
     return {str(p.relative_to(artifact)): sha256_file(p)
             for p in sorted(artifact.rglob("*")) if p.is_file() and p.name != RECORD_NAME}
 
 
-def digest_of(hashes: dict[str, str]) -> str:
-    return hashlib.sha256("\n".join(f"{k}:{v}" for k, v in sorted(hashes.items())).encode()).hexdigest()
-
-
 def record_path(artifact: Path) -> Path:
     return artifact / RECORD_NAME
+
+
+def run_record_path(artifact: Path) -> Path:
+    """Beside the artifact, outside what DVC hashes: `.<name>.run.json`."""
+    return artifact.with_name(f".{artifact.name}.run.json")
 
 
 def git_state(root: Path = Path(".")) -> dict[str, Any]:
@@ -81,7 +80,9 @@ def environment() -> dict[str, Any]:
 
 @dataclass
 class LineageRecorder:
-    """Collects what a stage used while it runs; `write` seals it beside the artifact."""
+    """Collects what a stage used while it runs; `write` seals it beside the artifact.
+
+    `artifact` and `upstream` are paths under `root`; records name them relative to it."""
 
     stage: str
     artifact: Path
@@ -89,7 +90,15 @@ class LineageRecorder:
     upstream: list[Path] = field(default_factory=list)
     seeds: list[int] = field(default_factory=list)
     raw_inputs: dict[str, str] | None = None  # raw file -> sha256, for the first stage only
+    root: Path = Path(".")
     started: float = field(default_factory=time.time)
+    run_details: dict[str, Any] = field(default_factory=dict)  # timings and the like: run record only
+
+    def _name(self, path: Path) -> str:
+        try:
+            return path.relative_to(self.root).as_posix()
+        except ValueError:
+            return path.as_posix()
 
     def write(self, folder: Path | None = None) -> dict[str, Any]:
         """Hash the artifact's files and write the record; `folder` is where the files are
@@ -97,16 +106,11 @@ class LineageRecorder:
         folder = folder or self.artifact
         outputs = hash_outputs(folder)
         record = {
-            "artifact": str(self.artifact),
+            "artifact": self._name(self.artifact),
             "stage": self.stage,
-            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(self.started)),
-            "ended": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "params": self.params,
             "seeds": self.seeds,
-            "code": git_state(),
-            "prefect_flow_run_id": os.environ.get(PREFECT_RUN_ENV),
-            **environment(),
-            "upstream": [{"artifact": str(up), "outputs_digest": read_record(up)["outputs_digest"]}
+            "upstream": [{"artifact": self._name(up), "outputs_digest": read_record(up)["outputs_digest"]}
                          for up in self.upstream],
             "outputs": outputs,
             "outputs_digest": digest_of(outputs),
@@ -114,11 +118,29 @@ class LineageRecorder:
         if self.raw_inputs is not None:
             record["raw_inputs"] = self.raw_inputs
             record["raw_inputs_digest"] = digest_of(self.raw_inputs)
-        path = record_path(folder)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(record, indent=1, sort_keys=True))
-        tmp.replace(path)
+        _write_json_atomically(record_path(folder), record)
+        run = {"artifact": record["artifact"], "stage": self.stage, "outputs_digest": record["outputs_digest"],
+               "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(self.started)),
+               "ended": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "code": git_state(self.root),
+               "prefect_flow_run_id": os.environ.get(PREFECT_RUN_ENV), **environment(), **self.run_details}
+        _write_json_atomically(run_record_path(self.artifact), run)
         return record
+
+
+def _write_json_atomically(path: Path, value: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(value, indent=1, sort_keys=True))
+    tmp.replace(path)
+
+
+def read_run_record(artifact: Path) -> dict[str, Any] | None:
+    """The run record of the artifact's last run, when it matches the artifact's contents."""
+    path = run_record_path(artifact)
+    if not path.exists():
+        return None
+    run = json.loads(path.read_text())
+    return run if run.get("outputs_digest") == read_record(artifact)["outputs_digest"] else None
 
 
 def read_record(artifact: Path) -> dict[str, Any]:
@@ -128,89 +150,98 @@ def read_record(artifact: Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def walk(artifact: Path) -> list[tuple[int, dict[str, Any], bool]]:
-    """(depth, record, seen before) from `artifact` down to the raw corpus, depth first."""
+def _under(root: Path, name: str) -> Path:
+    path = Path(name)
+    return path if path.is_absolute() else root / path
+
+
+def walk(artifact: Path, root: Path = Path(".")) -> list[tuple[int, Path, dict[str, Any], bool]]:
+    """(depth, path, record, seen before) from `artifact` down to the raw corpus, depth first."""
     seen: set[str] = set()
-    visits: list[tuple[int, dict[str, Any], bool]] = []
+    visits: list[tuple[int, Path, dict[str, Any], bool]] = []
 
     def visit(path: Path, depth: int) -> None:
         record = read_record(path)
-        repeated = str(path) in seen
-        visits.append((depth, record, repeated))
+        repeated = record["artifact"] in seen
+        visits.append((depth, path, record, repeated))
         if repeated:
             return
-        seen.add(str(path))
+        seen.add(record["artifact"])
         for up in record["upstream"]:
-            visit(Path(up["artifact"]), depth + 1)
+            visit(_under(root, up["artifact"]), depth + 1)
 
     visit(artifact, 0)
     return visits
 
 
-def chain(artifact: Path) -> list[dict[str, Any]]:
-    """The records from `artifact` down to the raw corpus, each once."""
-    return [record for _, record, repeated in walk(artifact) if not repeated]
+def chain(artifact: Path, root: Path = Path(".")) -> list[tuple[Path, dict[str, Any]]]:
+    """(path, record) from `artifact` down to the raw corpus, each once."""
+    return [(path, record) for _, path, record, repeated in walk(artifact, root) if not repeated]
 
 
-def show(artifact: Path) -> str:
-    """A readable tree: each artifact with its stage, code, params digest and outputs digest,
-    its upstream indented below it, down to the raw corpus' file hashes."""
+def show(artifact: Path, root: Path = Path("."), runs: bool = True) -> str:
+    """A readable tree: each artifact with its stage, params digest and outputs digest, its
+    upstream indented below it, down to the raw corpus' file hashes; with `runs`, also the code
+    commit, end time and Prefect run of each artifact's last run (from its run record)."""
     lines: list[str] = []
-    for depth, record, repeated in walk(artifact):
+    for depth, path, record, repeated in walk(artifact, root):
         pad = "  " * depth
         if repeated:
             lines.append(f"{pad}{record['artifact']}  [{record['stage']}]  (shown above)")
             continue
-        code = record["code"]
         params_digest = hashlib.sha256(json.dumps(record["params"], sort_keys=True).encode()).hexdigest()
         lines.append(f"{pad}{record['artifact']}  [{record['stage']}]")
         lines.append(f"{pad}  outputs {record['outputs_digest'][:16]} ({len(record['outputs'])} files)"
-                     f"  code {str(code['commit'])[:12]}{' (dirty)' if code['dirty'] else ''}"
-                     f"  params {params_digest[:12]}  ended {record['ended']}"
-                     + (f"  prefect run {record['prefect_flow_run_id']}" if record.get("prefect_flow_run_id") else ""))
+                     f"  params {params_digest[:12]}")
+        run = read_run_record(path) if runs else None
+        if run is not None:
+            code = run.get("code") or {}
+            lines.append(f"{pad}  code {str(code.get('commit'))[:12]}{' (dirty)' if code.get('dirty') else ''}"
+                         f"  ended {run['ended']}"
+                         + (f"  prefect run {run['prefect_flow_run_id']}" if run.get("prefect_flow_run_id") else ""))
         if "raw_inputs" in record:
             lines.append(f"{pad}  raw corpus {record['params'].get('corpus')}: "
                          f"{len(record['raw_inputs'])} files, digest {record['raw_inputs_digest'][:16]}")
     return "\n".join(lines)
 
 
-def verify(artifact: Path) -> list[str]:
+def verify(artifact: Path, root: Path = Path(".")) -> list[str]:
     """Re-hash every artifact of the chain and every raw file; return what no longer matches."""
     problems: list[str] = []
-    for record in chain(artifact):
-        path = Path(record["artifact"])
+    for path, record in chain(artifact, root):
         if not path.exists():
-            problems.append(f"{path}: missing")
+            problems.append(f"{record['artifact']}: missing")
             continue
         now = hash_outputs(path)
         for name, digest in record["outputs"].items():
             if name not in now:
-                problems.append(f"{path / name}: missing")
+                problems.append(f"{record['artifact']}/{name}: missing")
             elif now[name] != digest:
-                problems.append(f"{path / name}: content changed")
+                problems.append(f"{record['artifact']}/{name}: content changed")
         for up in record["upstream"]:
-            current = read_record(Path(up["artifact"]))["outputs_digest"]
+            current = read_record(_under(root, up["artifact"]))["outputs_digest"]
             if current != up["outputs_digest"]:
-                problems.append(f"{up['artifact']}: re-made since {path} was built from it")
+                problems.append(f"{up['artifact']}: re-made since {record['artifact']} was built from it")
         if "raw_inputs" in record:
-            problems.extend(_verify_raw_inputs(record))
+            problems.extend(_verify_raw_inputs(record, root))
     return problems
 
 
-def _verify_raw_inputs(record: dict[str, Any]) -> list[str]:
+def _verify_raw_inputs(record: dict[str, Any], root: Path) -> list[str]:
     """Re-hash the raw corpus; pseudonymised names are matched through the salt, and a
     problem names a pseudonymised file by its pseudonym only."""
-    corpus = Path(record["params"]["corpus"])
+    shown_corpus = record["params"]["corpus"]
+    corpus = _under(root, shown_corpus)
     privacy = record["params"].get("privacy") or {}
     if privacy.get("pseudonymised"):
-        public = pseudonymiser(privacy["salt_file"], create=False)
+        public = pseudonymiser(_under(root, privacy["salt_file"]), create=False)
         files = {public("key", p.relative_to(corpus).as_posix()): p for p in corpus.rglob("*") if p.is_file()}
     else:
         files = {name: corpus / name for name in record["raw_inputs"]}
     problems = []
     for name, digest in record["raw_inputs"].items():
         raw = files.get(name)
-        shown = f"{corpus}/{name}"
+        shown = f"{shown_corpus}/{name}"
         if raw is None or not raw.exists():
             problems.append(f"raw file {shown}: missing")
         elif sha256_file(raw) != digest:

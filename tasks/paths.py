@@ -1,4 +1,4 @@
-"""Where each stage writes, per domain: the contract dvc.yaml declares."""
+"""Where each stage writes, per domain: the contract dvc.yaml declares (a test holds the two equal)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,22 @@ from pathlib import Path
 
 @dataclass(frozen=True)
 class DomainPaths:
+    """Every artifact path of one domain under the project `root`."""
+
     domain: str
     root: Path = Path(".")
+
+    def resolve(self, path: Path | str) -> Path:
+        """A path from params.yaml (relative to the project root unless absolute)."""
+        path = Path(path)
+        return path if path.is_absolute() else self.root / path
+
+    def relative(self, path: Path) -> str:
+        """How lineage records name an artifact: relative to the project root."""
+        try:
+            return path.relative_to(self.root).as_posix()
+        except ValueError:
+            return path.as_posix()
 
     @property
     def default_data(self) -> Path:
@@ -50,3 +64,11 @@ class DomainPaths:
     @property
     def report(self) -> Path:
         return self.root / "reports" / self.domain / "report"
+
+    def outputs(self, stage: str) -> list[Path]:
+        """What `stage` writes: exactly the `outs`, `metrics` and `plots` of its dvc.yaml entry."""
+        return {"default_data": [self.default_data], "ingest": [self.manifest], "preprocess": [self.shards],
+                "pretrain": [self.pretrain, self.checkpoints], "finetune": [self.finetune],
+                "evaluate": [self.evaluation, self.metrics, self.plots / "label_efficiency.csv",
+                             self.plots / "pretrain_curve.csv"],
+                "report": [self.report]}[stage]

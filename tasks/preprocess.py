@@ -11,8 +11,8 @@ import logging
 from dataclasses import asdict
 from typing import Any
 
-from ssl_models.core.config import load_domain_config
-from ssl_models.core.domain import Source, load_domain
+from ssl_models.core.config import DomainConfig, section_params
+from ssl_models.core.domain import Domain, Source
 from ssl_models.core.errors import PipelineError
 from tasks.io import atomic_dir, read_jsonl, write_json
 from tasks.lineage import LineageRecorder
@@ -22,18 +22,17 @@ from tasks.sources import discover, public_namer
 log = logging.getLogger("preprocess")
 
 
-def preprocess(domain_name: str) -> dict[str, Any]:
-    cfg = load_domain_config(domain_name)
-    domain = load_domain(cfg)
-    paths = DomainPaths(domain_name)
+def preprocess(cfg: DomainConfig, domain: Domain, paths: DomainPaths) -> dict[str, Any]:
+    domain_name = cfg.name
     manifest = read_jsonl(paths.manifest / "manifest.jsonl")
-    recorder = LineageRecorder(f"preprocess@{domain_name}", paths.shards,
+    recorder = LineageRecorder(f"preprocess@{domain_name}", paths.shards, root=paths.root,
                                params={"corpus": str(cfg.corpus), "privacy": asdict(cfg.privacy),
-                                       "preprocess": cfg.preprocess, "model": cfg.model},
+                                       "preprocess": section_params(cfg.preprocess),
+                                       "model": section_params(cfg.model)},
                                upstream=[paths.manifest])
     pretrained_on = {row["sha256"] for row in manifest if row["split"] == "train"}
     test_labeled = [row for row in manifest if row.get("label") is not None and row["split"] == "test"]
-    sources = discover(domain, cfg, public_namer(domain, cfg, create_salt=False)).sources
+    sources = discover(domain, cfg, paths, public_namer(domain, cfg, paths, create_salt=False)).sources
 
     def locate(row: dict[str, Any]) -> Source:
         if row["source"] not in sources:

@@ -21,16 +21,16 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ssl_models.core.config import DomainConfig, load_domain_config
-from ssl_models.core.domain import load_domain
+from ssl_models.core.config import DomainConfig, section_params
+from ssl_models.core.device import autocast, move, on_cpu, set_cpu_threads, training_device
+from ssl_models.core.domain import Domain
 from ssl_models.core.errors import PipelineError
-from ssl_models.core.modules import PretrainMethod
+from ssl_models.core.modules import PretrainMethod, sample_seeds
 from ssl_models.core.rankme import effective_rank
-from tasks.device import autocast, move, on_cpu, training_device
+from ssl_models.core.schedules import make_schedule
 from tasks.io import atomic_dir, write_json
 from tasks.lineage import LineageRecorder, read_record
 from tasks.paths import DomainPaths
-from tasks.schedules import make_schedule
 
 log = logging.getLogger("pretrain")
 
@@ -56,10 +56,16 @@ def batch_indices(step: int, batch_size: int, n_rows: int, seed: int) -> list[in
     return indices
 
 
+# Bumped when the layout of a checkpoint's state changes: a checkpoint of another format is never resumed.
+# 2: methods own their encoder (`backbone_encoder.*` state keys); views and masks from per-sample seeds.
+CHECKPOINT_FORMAT = 2
+
+
 def run_fingerprint(cfg: DomainConfig, shards_digest: str) -> str:
     """Identifies the run a checkpoint belongs to: only such checkpoints are resumed."""
-    payload = json.dumps({"pretrain": asdict(cfg.pretrain), "model": cfg.model,
-                          "preprocess": cfg.preprocess, "shards": shards_digest}, sort_keys=True)
+    payload = json.dumps({"checkpoint_format": CHECKPOINT_FORMAT, "pretrain": asdict(cfg.pretrain), "model": section_params(cfg.model),
+                          "preprocess": section_params(cfg.preprocess), "shards": shards_digest},
+                         sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
@@ -96,15 +102,15 @@ def rankme(method: PretrainMethod, rows: list[dict[str, Any]], batch_size: int,
     return effective_rank(features.float())
 
 
-def pretrain(domain_name: str) -> dict[str, Any]:
-    cfg = load_domain_config(domain_name)
-    domain = load_domain(cfg)
-    paths = DomainPaths(domain_name)
+def pretrain(cfg: DomainConfig, domain: Domain, paths: DomainPaths) -> dict[str, Any]:
+    domain_name = cfg.name
     settings = cfg.pretrain
     torch.use_deterministic_algorithms(True, warn_only=True)
+    set_cpu_threads(cfg.cpu_threads)
     seed_everything(settings.seed)
     device = training_device()
     method = domain.build_pretrain_method(cfg, paths.shards).to(device)
+    data_side = method.data_side()
     train_rows = domain.pretrain_dataset(paths.shards, "train")
     val_rows = domain.pretrain_dataset(paths.shards, "val")
     if len(train_rows) == 0:
@@ -116,8 +122,8 @@ def pretrain(domain_name: str) -> dict[str, Any]:
                                   weight_decay=settings.weight_decay)
     scheduler = make_schedule(optimizer, settings)
     fingerprint = run_fingerprint(cfg, read_record(paths.shards)["outputs_digest"])
-    recorder = LineageRecorder(f"pretrain@{domain_name}", paths.pretrain, seeds=[settings.seed],
-                               params={"pretrain": asdict(settings), "model": cfg.model},
+    recorder = LineageRecorder(f"pretrain@{domain_name}", paths.pretrain, seeds=[settings.seed], root=paths.root,
+                               params={"pretrain": asdict(settings), "model": section_params(cfg.model)},
                                upstream=[paths.shards])
     step, history = 0, {"loss": [], "checkpoints": [], "rankme_rows": "val" if len(val_rows) else "train"}
     state = latest_checkpoint(paths.checkpoints, fingerprint)
@@ -138,8 +144,10 @@ def pretrain(domain_name: str) -> dict[str, Any]:
     progress = tqdm(total=settings.steps, initial=step, desc=f"pretrain {domain_name}", disable=None)
     while step < settings.steps:
         rows = [train_rows[i] for i in batch_indices(step, settings.batch_size, len(train_rows), settings.seed)]
+        # views, masks and crops draw from per-sample seeds of (seed, step, position in the batch)
+        batch = data_side(rows, sample_seeds(settings.seed, step, range(len(rows))))
         with autocast(device):
-            loss = method(move(method.collate(rows), device))
+            loss = method(move(batch, device))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(method.parameters(), 1.0)
         optimizer.step()
@@ -160,7 +168,7 @@ def pretrain(domain_name: str) -> dict[str, Any]:
             }, settings.keep_checkpoints)
     progress.close()
     with atomic_dir(paths.pretrain) as out:
-        domain.save_pretrained(method.to("cpu"), out / "encoder")
+        method.to("cpu").encoder().save(out / "encoder")
         write_json(out / "log.json", history)
         recorder.write(out)
     last = history["checkpoints"][-1]

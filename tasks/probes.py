@@ -15,8 +15,8 @@ from sklearn.preprocessing import StandardScaler
 from transformers import get_cosine_schedule_with_warmup
 
 from ssl_models.core.config import FinetuneConfig
+from ssl_models.core.device import autocast, move
 from ssl_models.core.modules import Encoder
-from tasks.device import autocast, move
 
 
 @torch.no_grad()

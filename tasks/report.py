@@ -8,8 +8,8 @@ from typing import Any
 
 import markdown
 
-from ssl_models.core.config import load_domain_config
-from ssl_models.core.domain import load_domain
+from ssl_models.core.config import DomainConfig
+from ssl_models.core.domain import Domain
 from tasks.figures import plot_label_efficiency, plot_pretraining
 from tasks.io import atomic_dir, read_json, read_jsonl
 from tasks.lineage import LineageRecorder, show
@@ -118,22 +118,20 @@ def build_markdown(domain_name: str, task: str, metrics: dict[str, Any], compari
     ])
 
 
-def report(domain_name: str) -> str:
-    cfg = load_domain_config(domain_name)
-    domain = load_domain(cfg)
-    paths = DomainPaths(domain_name)
+def report(cfg: DomainConfig, domain: Domain, paths: DomainPaths) -> str:
+    domain_name = cfg.name
     metrics = read_json(paths.evaluation / "metrics.json")
     comparisons = read_json(paths.evaluation / "comparisons.json")
     pretrain_log = read_json(paths.pretrain / "log.json")
-    recorder = LineageRecorder(f"report@{domain_name}", paths.report, params={},
+    recorder = LineageRecorder(f"report@{domain_name}", paths.report, params={}, root=paths.root,
                                upstream=[paths.evaluation])
-    uses_default = cfg.corpus.resolve().is_relative_to(paths.default_data.resolve())
+    uses_default = paths.resolve(cfg.corpus).resolve().is_relative_to(paths.default_data.resolve())
     with atomic_dir(paths.report) as out:
         plot_label_efficiency(metrics["results"], metrics["primary_metric"], out / "label_efficiency.png")
         plot_pretraining(pretrain_log, out / "pretraining.png")
         text = build_markdown(domain_name, domain.task_description(cfg, uses_default), metrics, comparisons,
                               read_json(paths.manifest / "summary.json"), read_json(paths.shards / "summary.json"),
-                              pretrain_log, show(paths.evaluation),
+                              pretrain_log, show(paths.evaluation, paths.root, runs=False),
                               read_jsonl(paths.manifest / "quarantine.jsonl"))
         (out / "report.md").write_text(text)
         html = markdown.markdown(text, extensions=["tables", "fenced_code"])

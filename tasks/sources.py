@@ -13,15 +13,16 @@ from pathlib import Path
 from ssl_models.core.config import DomainConfig
 from ssl_models.core.domain import Domain, Rejected, Source
 from ssl_models.core.privacy import pseudonymiser
+from tasks.paths import DomainPaths
 
 Namer = Callable[[str, str], str]  # (kind, private value) -> what may be written
 
 
-def public_namer(domain: Domain, cfg: DomainConfig, create_salt: bool = True) -> Namer:
+def public_namer(domain: Domain, cfg: DomainConfig, paths: DomainPaths, create_salt: bool = True) -> Namer:
     """Identity, or the salted pseudonym when the domain pseudonymises (`kind` in key, group)."""
     if not domain.pseudonymises(cfg):
         return lambda kind, value: value
-    return pseudonymiser(cfg.privacy.salt_file, create=create_salt)
+    return pseudonymiser(paths.resolve(cfg.privacy.salt_file), create=create_salt)
 
 
 @dataclass
@@ -33,17 +34,18 @@ class Discovery:
     hidden: int = 0
 
 
-def corpus_files(cfg: DomainConfig) -> list[Path]:
-    labels_file = cfg.labels.resolve() if cfg.labels else None  # may sit inside the corpus folder
-    return sorted(p for p in cfg.corpus.rglob("*") if p.is_file() and p.resolve() != labels_file)
+def corpus_files(corpus: Path, labels: Path | None) -> list[Path]:
+    labels_file = labels.resolve() if labels else None  # may sit inside the corpus folder
+    return sorted(p for p in corpus.rglob("*") if p.is_file() and p.resolve() != labels_file)
 
 
-def discover(domain: Domain, cfg: DomainConfig, public: Namer) -> Discovery:
+def discover(domain: Domain, cfg: DomainConfig, paths: DomainPaths, public: Namer) -> Discovery:
     """Every non-hidden file of the corpus, and the sources the domain groups them into."""
     found = Discovery()
     accepted = []
-    for path in corpus_files(cfg):
-        relative = path.relative_to(cfg.corpus).as_posix()
+    corpus = paths.resolve(cfg.corpus)
+    for path in corpus_files(corpus, paths.resolve(cfg.labels) if cfg.labels else None):
+        relative = path.relative_to(corpus).as_posix()
         if any(part.startswith(".") for part in Path(relative).parts):
             found.hidden += 1
             continue
@@ -52,7 +54,7 @@ def discover(domain: Domain, cfg: DomainConfig, public: Namer) -> Discovery:
             accepted.append(path)
         else:
             found.unsupported.append(public("key", relative))
-    for item in domain.sources(accepted, cfg.corpus, cfg):
+    for item in domain.sources(accepted, corpus, cfg):
         if isinstance(item, Rejected):
             found.rejected.append({"key": public("key", item.key), "reason": item.reason})
         else:

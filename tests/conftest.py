@@ -4,19 +4,17 @@ project folder with tiny params, so the stages run in seconds."""
 from __future__ import annotations
 
 import copy
-import os
-import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tasks.cli import OFFLINE_ENV
+from benchmarks.common import copy_project_code, stage_env  # noqa: F401  (re-exported for the tests)
+from ssl_models.core.offline import apply_offline_env
+from tasks.cli import run_stage
 
-for key, value in {**OFFLINE_ENV, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}.items():
-    os.environ.setdefault(key, value)
+apply_offline_env()
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = Path(sys.executable).parent
@@ -25,6 +23,8 @@ TINY_LEGAL = {
     "module": "legal_text",
     "corpus": "data/legal/default/corpus",
     "labels": "data/legal/default/labels.csv",
+    "cpu_threads": None,
+    "privacy": {"pseudonymise": False},
     "default_data": {"max_files": 60},
     "split": {"val": 0.1, "test": 0.25, "salt": "split-v1"},
     "ingest": {},
@@ -52,39 +52,19 @@ def write_params(folder: Path, params: dict) -> None:
 
 
 @pytest.fixture
-def tiny_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """An empty project folder with tiny legal params; the working directory is set there."""
+def tiny_project(tmp_path: Path) -> Path:
+    """An empty project folder with tiny legal params (stages take it as their root)."""
     write_params(tmp_path, tiny_params())
-    monkeypatch.chdir(tmp_path)
     return tmp_path
+
+
+def run_stages(root: Path, domain: str, *stages: str) -> list[object]:
+    """Each stage in order, as the CLI runs it (params parsed and checked once per stage)."""
+    return [run_stage(stage, domain, root) for stage in stages]
 
 
 @pytest.fixture
 def ingested_project(tiny_project: Path) -> Path:
     """tiny_project with the default data laid out, ingested and preprocessed."""
-    from tasks.default_data import default_data
-    from tasks.ingest import ingest
-    from tasks.preprocess import preprocess
-
-    default_data("legal")
-    ingest("legal")
-    preprocess("legal")
+    run_stages(tiny_project, "legal", "default_data", "ingest", "preprocess")
     return tiny_project
-
-
-def copy_project_code(folder: Path) -> None:
-    """Make `folder` a DVC project running this checkout's stages (git + dvc initialised)."""
-    for name in ("ssl_models", "tasks", "flows"):
-        shutil.copytree(REPO / name, folder / name, ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy(REPO / "dvc.yaml", folder / "dvc.yaml")
-    shutil.copy(REPO / ".gitignore", folder / ".gitignore")
-    run = lambda *args: subprocess.run(args, cwd=folder, check=True, capture_output=True)  # noqa: E731
-    run("git", "init", "-q")
-    run(str(SCRIPTS / "dvc"), "init", "-q")
-    run(str(SCRIPTS / "dvc"), "config", "core.analytics", "false")
-    run("git", "add", "-A")
-    run("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init")
-
-
-def stage_env() -> dict[str, str]:
-    return {**os.environ, "PATH": f"{SCRIPTS}{os.pathsep}{os.environ.get('PATH', '')}"}

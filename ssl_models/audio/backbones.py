@@ -10,16 +10,18 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ssl_models.audio.config import AudioModelConfig
 from ssl_models.audio.features import InputSpec, decode_row, pad_batch
 from ssl_models.core.errors import PipelineError
 from ssl_models.core.modules import Encoder
+
+if TYPE_CHECKING:
+    from ssl_models.core.config import DomainConfig
 
 CONFIG_FILE, WEIGHTS_FILE = "audio_backbone.json", "model.safetensors"
 
@@ -137,6 +139,7 @@ class SpectrogramEncoder(Encoder):
 
     def save(self, out_dir: Path) -> None:
         self.backbone.save(out_dir)
+        self.spec.save(out_dir)
 
 
 def segment_pool(hidden: torch.Tensor, time_index: torch.Tensor, n_valid: torch.Tensor,
@@ -167,34 +170,34 @@ def stats_of(shards_dir: Path) -> tuple[list[float] | None, list[float] | None]:
     return stats["mean"], stats["std"]
 
 
-def build_spectrogram_backbone(model_cfg: AudioModelConfig, spec: InputSpec,
-                               shards_dir: Path) -> SpectrogramTransformer:
-    """From the base checkpoint (continued pretraining) or from scratch; either way normalised
-    with the statistics of this corpus' training split."""
+def build_spectrogram_transformer(cfg: DomainConfig, shards_dir: Path) -> SpectrogramEncoder:
+    """The `spectrogram_transformer` backbone to pretrain: from `model.base_checkpoint` (continued
+    pretraining) or from scratch; either way normalised with this corpus' training-split statistics."""
+    spec, model_cfg = InputSpec.from_config(cfg.ingest, cfg.preprocess), cfg.model
     mean, std = stats_of(shards_dir)
     if model_cfg.base_checkpoint:
-        backbone = SpectrogramTransformer.load(Path(model_cfg.base_checkpoint))
+        backbone = SpectrogramTransformer.load(cfg.resolve(model_cfg.base_checkpoint))
         if backbone.config["n_mels"] != spec.width:
             raise PipelineError(f"model.base_checkpoint has {backbone.config['n_mels']} mel bins; "
                                 f"set preprocess.n_mels: {backbone.config['n_mels']}")
         if mean is not None:
             backbone.mean.copy_(torch.tensor(mean))
             backbone.std.copy_(torch.tensor(std))
-        return backbone
-    return SpectrogramTransformer(
+        return SpectrogramEncoder(backbone, spec)
+    return SpectrogramEncoder(SpectrogramTransformer(
         n_mels=spec.width, clip_frames=spec.clip_steps, hidden_size=model_cfg.hidden_size,
         num_layers=model_cfg.num_layers, num_heads=model_cfg.num_heads,
         intermediate_size=model_cfg.intermediate_size, patch_frames=model_cfg.patch_frames,
         patch_mels=model_cfg.patch_mels, dropout=model_cfg.dropout, clip_mean=model_cfg.clip_mean,
-        pool_segments=model_cfg.pool_segments, mean=mean, std=std)
+        pool_segments=model_cfg.pool_segments, mean=mean, std=std), spec)
 
 
-def load_spectrogram_encoder(init: str, model_cfg: AudioModelConfig, pretrained_dir: Path, seed: int,
-                             spec: InputSpec) -> SpectrogramEncoder:
+def load_spectrogram_encoder(init: str, cfg: DomainConfig, pretrained_dir: Path, seed: int) -> SpectrogramEncoder:
     """ssl: the pretrained backbone; scratch: its architecture and normalisation, random weights
     from `seed`; generic: the base checkpoint as it is."""
+    spec = InputSpec.from_config(cfg.ingest, cfg.preprocess)
     if init == "generic":
-        backbone = SpectrogramTransformer.load(Path(str(model_cfg.base_checkpoint)))
+        backbone = SpectrogramTransformer.load(cfg.resolve(str(cfg.model.base_checkpoint)))
     elif init == "ssl":
         backbone = SpectrogramTransformer.load(pretrained_dir)
     else:

@@ -9,7 +9,9 @@ other file to be applied to new audio.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -17,6 +19,7 @@ import numpy as np
 from ssl_models.audio.config import AudioIngestConfig, AudioPreprocessConfig
 
 STORAGE_DTYPE = np.float16
+INPUT_FILE = "audio_input.json"  # beside shards and saved encoders: how audio becomes the model's input
 
 
 @dataclass(frozen=True)
@@ -37,6 +40,9 @@ class InputSpec:
                        ingest.sample_rate, preprocess.n_fft, preprocess.hop_length)
         frames = int(round(preprocess.clip_seconds * ingest.sample_rate / preprocess.hop_length))
         return cls("log_mel", preprocess.n_mels, frames, ingest.sample_rate, preprocess.n_fft, preprocess.hop_length)
+
+    def save(self, folder: Path) -> None:
+        (folder / INPUT_FILE).write_text(json.dumps(asdict(self), indent=1))
 
 
 def model_input(samples: np.ndarray, spec: InputSpec) -> np.ndarray:

@@ -1,33 +1,36 @@
-"""Self-supervised methods on the spectrogram backbone: TERA and SSAST-style masked patches."""
+"""Self-supervised methods on the spectrogram backbone: TERA and SSAST-style masked patches.
+
+Each method's data side decodes the rows into log-mel clips padded to the clip length of the
+spec and draws the clip's alterations or token masks from the clip's own seed, as tensors of
+fixed shape; the forward pass only applies them to the normalised frames.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from ssl_models.audio.backbones import SpectrogramTransformer, collate_spectrograms, frame_padding
-from ssl_models.audio.config import AUDIO_METHODS
+from ssl_models.audio.backbones import SpectrogramEncoder, SpectrogramTransformer, collate_spectrograms, frame_padding
+from ssl_models.audio.config import MaskedSpectrogramOptions, TERAOptions
 from ssl_models.audio.features import InputSpec
-from ssl_models.core.modules import PretrainMethod
+from ssl_models.core.modules import DataSide, PretrainMethod, generator
 
 
 class SpectrogramMethod(PretrainMethod):
-    """Shared plumbing: batches of log-mel crops, pooled embeddings for RankMe."""
+    """Shared plumbing: the backbone of the encoder, pooled embeddings for RankMe."""
 
-    def __init__(self, backbone: SpectrogramTransformer, spec: InputSpec) -> None:
-        super().__init__()
-        self.backbone = backbone
-        self.spec = spec
+    backbone_encoder: SpectrogramEncoder
 
-    def collate(self, samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        return collate_spectrograms(samples, self.spec)
+    @property
+    def backbone(self) -> SpectrogramTransformer:
+        return self.backbone_encoder.backbone
 
     def embed(self, samples: list[dict[str, Any]]) -> torch.Tensor:
-        batch = self.collate(samples)
-        hidden, padding = self.backbone(self.backbone.normalise(batch["log_mel"], batch["lengths"]), batch["lengths"])
-        return self.backbone.pool(hidden, padding)
+        return self.backbone_encoder(self.backbone_encoder.collate(samples))
 
     def clean_frames(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Normalised frames, zero past each clip's end."""
@@ -40,7 +43,54 @@ class SpectrogramMethod(PretrainMethod):
         return shaped.permute(0, 1, 3, 2, 4).reshape(patches.shape[0], b.time_patches * b.patch_frames, -1)
 
 
-@AUDIO_METHODS.register("tera")
+@dataclass
+class TERAAlterations(DataSide):
+    """Log-mel clips and, per clip from its seed, TERA's alterations as tensors:
+    `frame_source` [batch, frames] (the frame whose values fill each frame: itself, or another
+    frame of the clip for a replaced block), `zeroed` and `altered` [batch, frames, mels] (set to
+    zero; counted in the loss) and `noise` [batch, frames, mels] (added; zero for most clips)."""
+
+    spec: InputSpec
+    options: TERAOptions
+
+    def __call__(self, rows: Sequence[dict[str, Any]], seeds: Sequence[int]) -> dict[str, torch.Tensor]:
+        batch = collate_spectrograms(list(rows), self.spec)
+        n_frames, n_mels = self.spec.clip_steps, self.spec.width
+        drawn = [self.draw(int(length), n_frames, n_mels, generator(seed))
+                 for length, seed in zip(batch["lengths"].tolist(), seeds)]
+        for index, name in enumerate(("frame_source", "zeroed", "altered", "noise")):
+            batch[name] = torch.stack([clip[index] for clip in drawn])
+        return batch
+
+    def draw(self, length: int, n_frames: int, n_mels: int, rng: torch.Generator) -> tuple[torch.Tensor, ...]:
+        o = self.options
+        valid = torch.arange(n_frames) < length
+        n_blocks = max(1, round(o.time_fraction * length / o.time_block))
+        starts = torch.randint(0, max(1, length - o.time_block + 1), (n_blocks,), generator=rng)
+        frames = torch.zeros(n_frames, dtype=torch.bool)
+        for start in starts.tolist():
+            frames[start:start + o.time_block] = True
+        frames &= valid
+        source = torch.arange(n_frames)
+        zeroed = torch.zeros(n_frames, n_mels, dtype=torch.bool)
+        choice = float(torch.rand((), generator=rng))
+        if choice < 0.8:  # 80% of clips: the blocks zeroed; 10% replaced by frames from elsewhere; 10% kept
+            zeroed[frames] = True
+        elif choice < 0.9:
+            source = torch.where(frames, torch.randint(0, max(1, length), (n_frames,), generator=rng), source)
+        altered = frames[:, None].expand(n_frames, n_mels).clone()
+        width = int(torch.randint(0, o.max_freq_band + 1, (), generator=rng))
+        if width:
+            low = int(torch.randint(0, n_mels - width + 1, (), generator=rng))
+            zeroed[:, low:low + width] = True
+            altered[:length, low:low + width] = True
+        noise = torch.zeros(n_frames, n_mels)
+        if float(torch.rand((), generator=rng)) < o.noise_probability:
+            noise = o.noise_std * torch.randn(n_frames, n_mels, generator=rng)
+            altered |= valid[:, None]
+        return source, zeroed, altered, noise * valid[:, None]
+
+
 class TERA(SpectrogramMethod):
     """TERA: Liu, Li and Lee, "TERA: Self-Supervised Learning of Transformer Encoder Representation
     for Speech", IEEE/ACM TASLP 2021. The input frames are altered along time (blocks of
@@ -48,96 +98,95 @@ class TERA(SpectrogramMethod):
     mel bins zeroed over the whole clip) and magnitude (Gaussian noise added); the model
     reconstructs the clean frames, with an L1 loss on the altered positions.
 
-    Usage: `loss = method(method.collate(rows))`. Alterations draw from torch's global RNG.
+    Usage: `loss = method(method.data_side()(rows, seeds))`.
     """
 
-    def __init__(self, backbone: SpectrogramTransformer, spec: InputSpec, time_fraction: float = 0.15,
-                 time_block: int = 7, max_freq_band: int = 8, noise_probability: float = 0.1,
-                 noise_std: float = 0.2) -> None:
-        super().__init__(backbone, spec)
-        self.time_fraction, self.time_block = time_fraction, time_block
-        self.max_freq_band, self.noise_probability, self.noise_std = max_freq_band, noise_probability, noise_std
-        self.reconstruction = nn.Sequential(nn.Linear(backbone.hidden_size, backbone.hidden_size), nn.GELU(),
-                                            nn.Linear(backbone.hidden_size, backbone.patch_dim))
+    def __init__(self, encoder: SpectrogramEncoder, options: TERAOptions) -> None:
+        super().__init__(encoder, options)
+        hidden, patch_dim = self.backbone.hidden_size, self.backbone.patch_dim
+        self.reconstruction = nn.Sequential(nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, patch_dim))
 
-    def alter(self, clean: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Altered frames and a [batch, frames, mels] mask of the altered positions."""
-        batch, n_frames, n_mels = clean.shape
-        valid = ~frame_padding(lengths, n_frames)
-        altered, positions = clean.clone(), torch.zeros_like(clean, dtype=torch.bool)
-        for index in range(batch):
-            length = int(lengths[index])
-            n_blocks = max(1, round(self.time_fraction * length / self.time_block))
-            starts = torch.randint(0, max(1, length - self.time_block + 1), (n_blocks,))
-            frames = torch.zeros(n_frames, dtype=torch.bool, device=clean.device)
-            for start in starts.tolist():
-                frames[start:start + self.time_block] = True
-            frames &= valid[index]
-            choice = torch.rand(())
-            if choice < 0.8:
-                altered[index, frames] = 0.0
-            elif choice < 0.9:  # replaced by frames from elsewhere in the clip
-                source = torch.randint(0, max(1, length), (int(frames.sum()),)).to(clean.device)
-                altered[index, frames] = clean[index, source]
-            positions[index, frames] = True
-            width = int(torch.randint(0, self.max_freq_band + 1, ()))
-            if width:
-                low = int(torch.randint(0, n_mels - width + 1, ()))
-                altered[index, :, low:low + width] = 0.0
-                positions[index, :length, low:low + width] = True
-        noisy = (torch.rand(batch) < self.noise_probability).to(clean.device)  # drawn on the CPU generator
-        if noisy.any():
-            altered[noisy] += self.noise_std * torch.randn_like(altered[noisy])
-            positions[noisy] |= valid[noisy].unsqueeze(-1)
-        return altered * valid.unsqueeze(-1), positions
+    def data_side(self) -> TERAAlterations:
+        return TERAAlterations(self.backbone_encoder.spec, self.options)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         clean = self.clean_frames(batch)
-        altered, positions = self.alter(clean, batch["lengths"])
+        valid = ~frame_padding(batch["lengths"], clean.shape[1])
+        altered = clean.gather(1, batch["frame_source"].unsqueeze(-1).expand_as(clean))
+        altered = (altered.masked_fill(batch["zeroed"], 0.0) + batch["noise"]) * valid.unsqueeze(-1)
         hidden, _ = self.backbone(altered, batch["lengths"])
         predicted = self.unpatchify(self.reconstruction(hidden))[:, : clean.shape[1]]
-        return (predicted - clean).abs()[positions].mean()
+        return (predicted - clean).abs()[batch["altered"]].mean()
 
 
-@AUDIO_METHODS.register("masked_spectrogram")
+@dataclass
+class TokenMasks(DataSide):
+    """Log-mel clips and, per clip from its seed, the patch tokens SSAST masks: `masked_tokens`
+    [batch, tokens] and the same as indices, `masked_index` [batch, max_masked] with
+    `masked_valid` (False where a short clip masks fewer tokens than the longest possible)."""
+
+    spec: InputSpec
+    options: MaskedSpectrogramOptions
+    time_patches: int
+    mel_patches: int
+    patch_frames: int
+
+    def __call__(self, rows: Sequence[dict[str, Any]], seeds: Sequence[int]) -> dict[str, torch.Tensor]:
+        batch = collate_spectrograms(list(rows), self.spec)
+        n_tokens = self.time_patches * self.mel_patches
+        most = self.n_masked(n_tokens)
+        masked_tokens = torch.zeros(len(rows), n_tokens, dtype=torch.bool)
+        masked_index = torch.zeros(len(rows), most, dtype=torch.long)
+        masked_valid = torch.zeros(len(rows), most, dtype=torch.bool)
+        for row, (length, seed) in enumerate(zip(batch["lengths"].tolist(), seeds)):
+            # the clip's real tokens come first (time-major): those starting before its end
+            real = min(n_tokens, -(-int(length) // self.patch_frames) * self.mel_patches)
+            chosen = torch.randperm(real, generator=generator(seed))[: self.n_masked(real)]
+            masked_tokens[row, chosen] = True
+            masked_index[row, : len(chosen)] = chosen
+            masked_valid[row, : len(chosen)] = True
+        return {**batch, "masked_tokens": masked_tokens, "masked_index": masked_index, "masked_valid": masked_valid}
+
+    def n_masked(self, real_tokens: int) -> int:
+        return min(real_tokens, max(2, int(self.options.mask_fraction * real_tokens)))
+
+
 class MaskedSpectrogramModeling(SpectrogramMethod):
     """SSAST: Gong, Lai, Chung and Glass, "SSAST: Self-Supervised Audio Spectrogram Transformer",
-    AAAI 2022. A share of the patch tokens is replaced by a learned mask embedding; for each
-    masked token the model both picks its own patch among the clip's masked patches (InfoNCE,
-    discriminative) and reconstructs it (MSE, generative, weighted by `generative_weight`: 10
-    in the paper).
+    AAAI 2022. A share of each clip's patch tokens is replaced by a learned mask embedding; for
+    each masked token the model both picks its own patch among the clip's masked patches
+    (InfoNCE, discriminative) and reconstructs it (MSE, generative, weighted by
+    `generative_weight`: 10 in the paper).
 
-    Usage: `loss = method(method.collate(rows))`. Masks draw from torch's global RNG.
+    Usage: `loss = method(method.data_side()(rows, seeds))`.
     """
 
-    def __init__(self, backbone: SpectrogramTransformer, spec: InputSpec, mask_fraction: float = 0.4,
-                 generative_weight: float = 10.0) -> None:
-        super().__init__(backbone, spec)
-        self.mask_fraction, self.generative_weight = mask_fraction, generative_weight
-        self.mask_embedding = nn.Parameter(torch.zeros(backbone.hidden_size))
-        self.discriminative = nn.Sequential(nn.Linear(backbone.hidden_size, backbone.hidden_size), nn.GELU(),
-                                            nn.Linear(backbone.hidden_size, backbone.patch_dim))
-        self.generative = nn.Sequential(nn.Linear(backbone.hidden_size, backbone.hidden_size), nn.GELU(),
-                                        nn.Linear(backbone.hidden_size, backbone.patch_dim))
+    def __init__(self, encoder: SpectrogramEncoder, options: MaskedSpectrogramOptions) -> None:
+        super().__init__(encoder, options)
+        hidden, patch_dim = self.backbone.hidden_size, self.backbone.patch_dim
+        self.mask_embedding = nn.Parameter(torch.zeros(hidden))
+        self.discriminative = nn.Sequential(nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, patch_dim))
+        self.generative = nn.Sequential(nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, patch_dim))
+
+    def data_side(self) -> TokenMasks:
+        b = self.backbone
+        return TokenMasks(self.backbone_encoder.spec, self.options, b.time_patches, b.mel_patches, b.patch_frames)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         b = self.backbone
         patches = b.patchify(self.clean_frames(batch))
         padding = b.token_padding(batch["lengths"])
-        valid_tokens = int((~padding).sum(1).min())
-        n_masked = max(2, int(self.mask_fraction * valid_tokens))
-        # the same count of masked tokens in every clip, drawn among its real (unpadded) tokens
-        scores = torch.rand(padding.shape).to(padding.device).masked_fill(padding, 2.0)
-        masked = scores.argsort(dim=1)[:, :n_masked]
         tokens = b.patch_embedding(patches)
-        mask_positions = torch.zeros_like(padding).scatter(1, masked, True)
-        tokens = torch.where(mask_positions.unsqueeze(-1), self.mask_embedding.expand_as(tokens), tokens)
+        tokens = torch.where(batch["masked_tokens"].unsqueeze(-1), self.mask_embedding.expand_as(tokens), tokens)
         hidden = b.encode_tokens(tokens, padding)
-        gather = masked.unsqueeze(-1)
+        gather = batch["masked_index"].unsqueeze(-1)
         hidden_masked = hidden.gather(1, gather.expand(-1, -1, hidden.shape[-1]))
         target = patches.gather(1, gather.expand(-1, -1, patches.shape[-1]))
+        valid = batch["masked_valid"]
         logits = self.discriminative(hidden_masked) @ target.transpose(1, 2)  # [batch, masked, masked]
-        labels = torch.arange(n_masked, device=logits.device).expand(logits.shape[0], -1)
-        nce = nn.functional.cross_entropy(logits.reshape(-1, n_masked), labels.reshape(-1))
-        mse = nn.functional.mse_loss(self.generative(hidden_masked), target)
-        return nce + self.generative_weight * mse
+        # a clip's own masked patches are its candidates; padding entries are none
+        logits = logits.masked_fill(~valid.unsqueeze(1), torch.finfo(logits.dtype).min)
+        labels = torch.arange(valid.shape[1], device=logits.device).expand_as(valid)
+        nce = nn.functional.cross_entropy(logits[valid], labels[valid])
+        mse = (self.generative(hidden_masked) - target).square()[valid].mean()
+        return nce + self.options.generative_weight * mse

@@ -4,13 +4,17 @@ Baevski, Zhou, Mohamed and Auli, "wav2vec 2.0: A Framework for Self-Supervised L
 Speech Representations", NeurIPS 2020. A convolutional feature encoder turns the waveform into
 frames; spans of frames are masked, and the Transformer's output at each masked frame must pick
 its own quantised frame among distractors from the same clip (plus a codebook-diversity term).
-Uses `Wav2Vec2ForPreTraining` and transformers' own mask and negative samplers.
+Uses `Wav2Vec2ForPreTraining`, and transformers' own span-mask and negative samplers, run per
+clip in the data side.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -19,10 +23,13 @@ from transformers import Wav2Vec2Config, Wav2Vec2ForPreTraining, Wav2Vec2Model
 from transformers.models.wav2vec2.modeling_wav2vec2 import _compute_mask_indices, _sample_negative_indices
 
 from ssl_models.audio.backbones import segment_pool
-from ssl_models.audio.config import AUDIO_METHODS, AudioModelConfig
+from ssl_models.audio.config import AudioModelConfig, Wav2Vec2Options, conv_frames
 from ssl_models.audio.features import InputSpec, decode_row, pad_batch
 from ssl_models.core.errors import PipelineError
-from ssl_models.core.modules import Encoder, PretrainMethod
+from ssl_models.core.modules import DataSide, Encoder, PretrainMethod
+
+if TYPE_CHECKING:
+    from ssl_models.core.config import DomainConfig
 
 transformers.logging.set_verbosity_error()
 
@@ -60,83 +67,131 @@ def pooled(model: Wav2Vec2Model, batch: dict[str, torch.Tensor], segments: int) 
     return segment_pool(hidden, torch.arange(hidden.shape[1], device=hidden.device), frames.sum(1), segments)
 
 
-@AUDIO_METHODS.register("wav2vec2")
-class Wav2Vec2Contrastive(PretrainMethod):
-    """Usage: `loss = method(method.collate(rows))`; masks and negatives draw from numpy's global
-    RNG (transformers' samplers), which the pretrain stage seeds and checkpoints."""
-
-    def __init__(self, model: Wav2Vec2ForPreTraining, spec: InputSpec, mask_probability: float = 0.5,
-                 mask_length: int = 4, gumbel_temperature: float = 1.0) -> None:
-        super().__init__()
-        self.pool_segments = int(getattr(model.config, "pool_segments", 1))
-        self.model, self.spec = model, spec
-        self.mask_probability, self.mask_length = mask_probability, mask_length
-        self.model.set_gumbel_temperature(gumbel_temperature)
-
-    def collate(self, samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        batch = collate_waveforms(samples, self.spec)
-        n_frames = int(self.model._get_feat_extract_output_lengths(batch["input_values"].shape[1]))
-        frames_mask = self.model._get_feature_vector_attention_mask(n_frames, batch["attention_mask"])
-        masked = _compute_mask_indices((len(samples), n_frames), self.mask_probability, self.mask_length,
-                                       attention_mask=frames_mask, min_masks=2)
-        negatives = _sample_negative_indices((len(samples), n_frames), self.model.config.num_negatives,
-                                             masked & frames_mask.numpy().astype(bool))
-        batch["mask_time_indices"] = torch.from_numpy(masked)
-        batch["sampled_negative_indices"] = torch.from_numpy(negatives).long()
-        return batch
-
-    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        output = self.model(batch["input_values"], attention_mask=batch["attention_mask"],
-                            mask_time_indices=batch["mask_time_indices"],
-                            sampled_negative_indices=batch["sampled_negative_indices"])
-        # transformers sums over masked frames; the mean keeps the scale independent of batch size
-        return output.loss / batch["mask_time_indices"].sum().clamp(min=1)
-
-    def embed(self, samples: list[dict[str, Any]]) -> torch.Tensor:
-        return pooled(self.model.wav2vec2, collate_waveforms(samples, self.spec), self.pool_segments)
-
-
 class Wav2Vec2Encoder(Encoder):
-    def __init__(self, model: Wav2Vec2Model, spec: InputSpec) -> None:
+    """Pooled hidden states of a wav2vec2 model. `model` is the bare `Wav2Vec2Model` (fine-tuning)
+    or, to pretrain, `Wav2Vec2ForPreTraining`, whose quantiser and projections are then saved
+    with it, so that continued pretraining from the saved folder keeps them."""
+
+    def __init__(self, model: Wav2Vec2Model | Wav2Vec2ForPreTraining, spec: InputSpec) -> None:
         super().__init__()
         self.model, self.spec = model, spec
         self.pool_segments = int(getattr(model.config, "pool_segments", 1))
         self.dim = int(model.config.hidden_size) * self.pool_segments
 
+    @property
+    def backbone(self) -> Wav2Vec2Model:
+        return self.model.wav2vec2 if isinstance(self.model, Wav2Vec2ForPreTraining) else self.model
+
     def collate(self, samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         return collate_waveforms(samples, self.spec)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return pooled(self.model, batch, self.pool_segments)
+        return pooled(self.backbone, batch, self.pool_segments)
 
     def save(self, out_dir: Path) -> None:
         self.model.save_pretrained(out_dir)
+        self.spec.save(out_dir)
 
 
-def _checkpoint_folder(reference: str) -> Path:
-    path = Path(reference)
+@contextlib.contextmanager
+def numpy_seeded(seed: int) -> Iterator[None]:
+    """numpy's global generator seeded from `seed` for transformers' samplers, restored afterwards."""
+    state = np.random.get_state()
+    np.random.seed(int(np.random.default_rng(seed).integers(2**32)))
+    try:
+        yield
+    finally:
+        np.random.set_state(state)
+
+
+@dataclass
+class SpanMasks(DataSide):
+    """Normalised waveforms padded to the clip length and, per clip from its seed, the masked
+    frame spans (`mask_time_indices` [batch, frames]) and `sampled_negative_indices`
+    [batch, frames, negatives]: frames of the same clip, numbered within the clip (the forward
+    pass adds the clip's offset in the batch)."""
+
+    spec: InputSpec
+    options: Wav2Vec2Options
+    conv_layers: tuple[tuple[int, int], ...]  # (kernel, stride) of the feature encoder's convolutions
+    num_negatives: int
+
+    def __call__(self, rows: Sequence[dict[str, Any]], seeds: Sequence[int]) -> dict[str, torch.Tensor]:
+        batch = collate_waveforms(list(rows), self.spec)
+        n_frames = conv_frames(self.spec.clip_steps, self.conv_layers)
+        masks = np.zeros((len(rows), n_frames), dtype=bool)
+        negatives = np.zeros((len(rows), n_frames, self.num_negatives), dtype=np.int64)
+        for row, (length, seed) in enumerate(zip(batch["attention_mask"].sum(1).tolist(), seeds)):
+            real = np.arange(n_frames) < conv_frames(length, self.conv_layers)
+            with numpy_seeded(seed):
+                mask = _compute_mask_indices((1, n_frames), self.options.mask_probability, self.options.mask_length,
+                                             attention_mask=torch.from_numpy(real[None].astype(np.int64)),
+                                             min_masks=2)[0] & real
+                if mask.sum() < 2:  # a clip too short for a span and a distractor: nothing to learn from it
+                    continue
+                negatives[row] = _sample_negative_indices((1, n_frames), self.num_negatives, mask[None])[0]
+            masks[row] = mask
+        return {**batch, "mask_time_indices": torch.from_numpy(masks),
+                "sampled_negative_indices": torch.from_numpy(negatives)}
+
+
+class Wav2Vec2Contrastive(PretrainMethod):
+    """Usage: `loss = method(method.data_side()(rows, seeds))`; the encoder holds a
+    `Wav2Vec2ForPreTraining` (the `wav2vec2` backbone builds one)."""
+
+    backbone_encoder: Wav2Vec2Encoder
+
+    def __init__(self, encoder: Wav2Vec2Encoder, options: Wav2Vec2Options) -> None:
+        super().__init__(encoder, options)
+        if not isinstance(encoder.model, Wav2Vec2ForPreTraining):
+            raise TypeError("wav2vec2 pretraining needs an encoder around Wav2Vec2ForPreTraining")
+        encoder.model.set_gumbel_temperature(options.gumbel_temperature)
+
+    def data_side(self) -> SpanMasks:
+        config = self.backbone_encoder.model.config
+        return SpanMasks(self.backbone_encoder.spec, self.options,
+                         tuple(zip(config.conv_kernel, config.conv_stride)), int(config.num_negatives))
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        masked = batch["mask_time_indices"]
+        # negatives are numbered within each clip; transformers indexes the flattened batch
+        offsets = torch.arange(masked.shape[0], device=masked.device)[:, None, None] * masked.shape[1]
+        output = self.backbone_encoder.model(batch["input_values"], attention_mask=batch["attention_mask"],
+                                             mask_time_indices=masked,
+                                             sampled_negative_indices=batch["sampled_negative_indices"] + offsets)
+        # transformers sums over masked frames; the mean keeps the scale independent of batch size
+        return output.loss / masked.sum().clamp(min=1)
+
+    def embed(self, samples: list[dict[str, Any]]) -> torch.Tensor:
+        return self.backbone_encoder(self.backbone_encoder.collate(samples))
+
+
+def _checkpoint_folder(path: Path) -> Path:
     if not (path / "config.json").exists():
-        raise PipelineError(f"model.base_checkpoint {reference!r}: no Hugging Face wav2vec2 folder (config.json)")
+        raise PipelineError(f"model.base_checkpoint {str(path)!r}: no Hugging Face wav2vec2 folder (config.json)")
     return path
 
 
-def build_wav2vec2(model_cfg: AudioModelConfig) -> Wav2Vec2ForPreTraining:
-    """From the base checkpoint when one is set (continued pretraining), else a small model from scratch."""
-    if model_cfg.base_checkpoint:
-        model = Wav2Vec2ForPreTraining.from_pretrained(_checkpoint_folder(model_cfg.base_checkpoint))
-        model.config.pool_segments = model_cfg.pool_segments
-        return model
-    return Wav2Vec2ForPreTraining(small_config(model_cfg))
+def build_wav2vec2(cfg: DomainConfig, shards_dir: Path) -> Wav2Vec2Encoder:
+    """The `wav2vec2` backbone to pretrain (with its pretraining heads): from `model.base_checkpoint`
+    when one is set (continued pretraining), else a small model from scratch."""
+    spec = InputSpec.from_config(cfg.ingest, cfg.preprocess)
+    if cfg.model.base_checkpoint:
+        model = Wav2Vec2ForPreTraining.from_pretrained(_checkpoint_folder(cfg.resolve(cfg.model.base_checkpoint)))
+        model.config.pool_segments = cfg.model.pool_segments
+        return Wav2Vec2Encoder(model, spec)
+    return Wav2Vec2Encoder(Wav2Vec2ForPreTraining(small_config(cfg.model)), spec)
 
 
-def load_wav2vec2_encoder(init: str, model_cfg: AudioModelConfig, pretrained_dir: Path, seed: int,
-                          spec: InputSpec) -> Wav2Vec2Encoder:
+def load_wav2vec2_encoder(init: str, cfg: DomainConfig, pretrained_dir: Path, seed: int) -> Wav2Vec2Encoder:
+    """ssl: the pretrained model; scratch: its architecture, random weights from `seed`;
+    generic: the base checkpoint."""
     if init == "generic":
-        model = Wav2Vec2Model.from_pretrained(_checkpoint_folder(str(model_cfg.base_checkpoint)))
-        model.config.pool_segments = model_cfg.pool_segments
+        model = Wav2Vec2Model.from_pretrained(_checkpoint_folder(cfg.resolve(str(cfg.model.base_checkpoint))))
+        model.config.pool_segments = cfg.model.pool_segments
     elif init == "ssl":
         model = Wav2Vec2Model.from_pretrained(pretrained_dir)
     else:
         torch.manual_seed(seed)
         model = Wav2Vec2Model(Wav2Vec2Config.from_pretrained(pretrained_dir))
-    return Wav2Vec2Encoder(model, spec)
+    return Wav2Vec2Encoder(model, InputSpec.from_config(cfg.ingest, cfg.preprocess))

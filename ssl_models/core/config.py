@@ -1,41 +1,30 @@
-"""Typed configuration for the stages, parsed from one domain block of params.yaml.
+"""Typed configuration: one domain block of params.yaml parsed once, every section validated.
 
-Every section is validated when a stage starts: an unknown key or a bad value fails in the
-first second with the setting's name and the valid choices.
+`load_config` turns `domains.<name>` into a `DomainConfig` whose sections are the dataclasses
+the domain declares (`Domain.sections`) and whose `pretrain.options` is the chosen method's own
+options dataclass. Any unknown key, wrong type or out-of-range value anywhere in the block
+fails when any stage starts, in one line naming the key and what is valid.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, Union
 
 import yaml
 
 from ssl_models.core.errors import PipelineError
 from ssl_models.core.privacy import PrivacyConfig
 
+if TYPE_CHECKING:
+    from ssl_models.core.domain import Domain
+
 C = TypeVar("C")
-
-
-def parse_section(cls: type[C], values: dict[str, Any] | None, where: str) -> C:
-    """Build dataclass `cls` from a params.yaml mapping, rejecting unknown keys by name."""
-    values = dict(values or {})
-    known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise PipelineError(
-            f"params.yaml {where}: unknown setting(s) {unknown}; valid settings: {sorted(known)}"
-        )
-    try:
-        section = cls(**values)
-    except TypeError as error:
-        raise PipelineError(f"params.yaml {where}: {error}") from None
-    check = getattr(section, "validate", None)
-    if check is not None:
-        check(where)
-    return section
 
 
 def require(condition: bool, where: str, message: str) -> None:
@@ -44,7 +33,100 @@ def require(condition: bool, where: str, message: str) -> None:
         raise PipelineError(f"params.yaml {where}: {message}")
 
 
-_require = require
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def describe(annotation: Any) -> str:
+    """A type as a user reads it: `a number`, `a list of numbers`, `one of cosine, wsd`..."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if annotation is Any:
+        return "any value"
+    if annotation is bool:
+        return "true or false"
+    if annotation is int:
+        return "a whole number"
+    if annotation is float:
+        return "a number"
+    if annotation is str:
+        return "a string"
+    if annotation is type(None):
+        return "null"
+    if origin is Literal:
+        return "one of " + ", ".join(str(a) for a in args)
+    if origin in (Union, types.UnionType):
+        return " or ".join(describe(a) for a in args)
+    if origin is list:
+        return f"a list of {describe(args[0]).removeprefix('a ').removeprefix('an ')}s" if args else "a list"
+    if origin is dict:
+        return "a mapping"
+    if dataclasses.is_dataclass(annotation):
+        return f"a mapping of {', '.join(f.name for f in dataclasses.fields(annotation))}"
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def coerce(value: Any, annotation: Any, where: str) -> Any:
+    """`value` checked against `annotation` (ints accepted as floats, mappings parsed into
+    nested dataclasses); a mismatch fails with `where` and the expected type."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if annotation is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        for option in args:
+            try:
+                return coerce(value, option, where)
+            except PipelineError:
+                continue
+    elif origin is Literal:
+        if value in args:
+            return value
+    elif origin is list:
+        if isinstance(value, list):
+            return [coerce(item, args[0], f"{where}[{i}]") if args else item for i, item in enumerate(value)]
+    elif origin is dict:
+        if isinstance(value, dict):
+            return {str(k): coerce(v, args[1], f"{where}.{k}") if args else v for k, v in value.items()}
+    elif dataclasses.is_dataclass(annotation):
+        if value is None or isinstance(value, dict):
+            return parse_section(annotation, value, where)
+    elif annotation is bool:
+        if isinstance(value, bool):
+            return value
+    elif annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif annotation is str:
+        if isinstance(value, str):
+            return value
+    elif annotation is type(None):
+        if value is None:
+            return None
+    elif isinstance(annotation, type) and isinstance(value, annotation):
+        return value
+    raise PipelineError(f"params.yaml {where}: {value!r} is not {describe(annotation)}")
+
+
+def parse_section(cls: type[C], values: dict[str, Any] | None, where: str) -> C:
+    """Build dataclass `cls` from a params.yaml mapping: unknown keys, wrong types and the
+    section's own `validate(where)` checks fail with the key's place in params.yaml."""
+    if values is not None and not isinstance(values, dict):
+        raise PipelineError(f"params.yaml {where}: expected a mapping of settings, found {values!r}")
+    values = dict(values or {})
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise PipelineError(f"params.yaml {where}: unknown setting(s) {unknown}; valid settings: {sorted(fields)}")
+    hints = _hints(cls)
+    typed = {name: coerce(value, hints[name], f"{where}.{name}") for name, value in values.items()}
+    section = cls(**typed)
+    check = getattr(section, "validate", None)
+    if check is not None:
+        check(where)
+    return section
 
 
 @dataclass
@@ -56,8 +138,8 @@ class SplitConfig:
     salt: str = "split-v1"
 
     def validate(self, where: str) -> None:
-        _require(0 <= self.val < 1 and 0 < self.test < 1 and self.val + self.test < 1,
-                 where, f"split fractions val={self.val}, test={self.test} must be in [0, 1) and sum below 1")
+        require(0 <= self.val < 1 and 0 < self.test < 1 and self.val + self.test < 1,
+                where, f"split fractions val={self.val}, test={self.test} must be in [0, 1) and sum below 1")
 
 
 @dataclass
@@ -67,23 +149,25 @@ class PretrainConfig:
     batch_size: int = 32
     learning_rate: float = 5e-4
     weight_decay: float = 0.01
-    schedule: str = "cosine"  # cosine | wsd | constant
+    schedule: Literal["cosine", "wsd", "constant"] = "cosine"
     warmup_steps: int = 30
     decay_fraction: float = 0.2  # wsd: share of steps spent decaying at the end
     checkpoint_every: int = 50
     keep_checkpoints: int = 2
     rankme_samples: int = 256
     seed: int = 0
-    options: dict[str, Any] = field(default_factory=dict)  # method-specific, e.g. mlm_probability
+    # the method's own options dataclass once parsed (e.g. mlm_probability); a mapping in params.yaml
+    options: Any = field(default_factory=dict)
 
     def validate(self, where: str) -> None:
-        _require(self.steps > 0 and self.batch_size > 0, where, "steps and batch_size must be positive")
-        _require(self.schedule in ("cosine", "wsd", "constant"), where,
-                 f"schedule {self.schedule!r} is not one of cosine, wsd, constant")
-        _require(0 <= self.warmup_steps < self.steps, where, "warmup_steps must be below steps")
-        _require(0 < self.decay_fraction <= 1, where, "decay_fraction must be in (0, 1]")
-        _require(self.checkpoint_every > 0 and self.keep_checkpoints > 0, where,
-                 "checkpoint_every and keep_checkpoints must be positive")
+        require(self.steps > 0 and self.batch_size > 0, where, "steps and batch_size must be positive")
+        require(0 <= self.warmup_steps < self.steps, where, "warmup_steps must be below steps")
+        require(0 < self.decay_fraction <= 1, where, "decay_fraction must be in (0, 1]")
+        require(self.checkpoint_every > 0 and self.keep_checkpoints > 0, where,
+                "checkpoint_every and keep_checkpoints must be positive")
+        require(self.rankme_samples > 1, where, "rankme_samples must be at least 2")
+        require(self.learning_rate > 0 and self.weight_decay >= 0, where,
+                "learning_rate must be positive and weight_decay >= 0")
 
 
 INITS = ("ssl", "scratch", "generic")
@@ -94,8 +178,9 @@ PROTOCOLS = ("linear", "knn", "finetune")
 class FinetuneConfig:
     label_fractions: list[float] = field(default_factory=lambda: [0.01, 0.1, 1.0])
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    inits: list[str] = field(default_factory=lambda: ["ssl", "scratch", "generic"])
-    protocols: list[str] = field(default_factory=lambda: ["linear", "knn", "finetune"])
+    inits: list[Literal["ssl", "scratch", "generic"]] = field(default_factory=lambda: ["ssl", "scratch", "generic"])
+    protocols: list[Literal["linear", "knn", "finetune"]] = field(
+        default_factory=lambda: ["linear", "knn", "finetune"])
     steps: int = 40
     batch_size: int = 16
     learning_rate: float = 3e-4
@@ -105,73 +190,103 @@ class FinetuneConfig:
     save_models: bool = True
 
     def validate(self, where: str) -> None:
-        _require(all(0 < f <= 1 for f in self.label_fractions) and self.label_fractions, where,
-                 "label_fractions must be in (0, 1]")
-        _require(len(self.seeds) > 0, where, "seeds must list at least one seed")
-        bad = [i for i in self.inits if i not in INITS]
-        _require(not bad, where, f"inits {bad} not among {list(INITS)}")
-        bad = [p for p in self.protocols if p not in PROTOCOLS]
-        _require(not bad, where, f"protocols {bad} not among {list(PROTOCOLS)}")
-        _require(self.steps > 0 and self.batch_size > 0, where, "steps and batch_size must be positive")
+        require(bool(self.label_fractions) and all(0 < f <= 1 for f in self.label_fractions), where,
+                "label_fractions must list fractions in (0, 1]")
+        require(len(self.seeds) > 0, where, "seeds must list at least one seed")
+        require(len(self.inits) > 0 and len(self.protocols) > 0, where, "inits and protocols must not be empty")
+        require(self.steps > 0 and self.batch_size > 0, where, "steps and batch_size must be positive")
+        require(self.knn_neighbors > 0 and self.linear_c > 0, where, "knn_neighbors and linear_c must be positive")
 
 
 @dataclass
 class DomainConfig:
-    """One domain block of params.yaml; domain-specific sections stay plain mappings
-    until the domain module parses them into its own dataclasses."""
+    """One domain block of params.yaml, every section a typed object.
+
+    `ingest`, `preprocess`, `model` and `default_data` are the dataclasses the domain declares;
+    `pretrain.options` is the chosen method's options dataclass. Paths are as written in
+    params.yaml (relative to the project root unless absolute)."""
 
     name: str
     module: str
     corpus: Path
     labels: Path | None
     split: SplitConfig
-    ingest: dict[str, Any]
-    preprocess: dict[str, Any]
-    model: dict[str, Any]
+    ingest: Any
+    preprocess: Any
+    model: Any
     pretrain: PretrainConfig
     finetune: FinetuneConfig
-    default_data: dict[str, Any]
+    default_data: Any
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    cpu_threads: int | None = None  # torch threads in training and embedding; null: torch's default
+    root: Path = Path(".")  # the project root (the folder of params.yaml): relative paths start here
+
+    def resolve(self, path: str | Path) -> Path:
+        """A path setting of params.yaml (corpus, base_checkpoint...) as a path on disk."""
+        path = Path(path)
+        return path if path.is_absolute() else self.root / path
 
 
-DOMAIN_KEYS = {"module", "corpus", "labels", "split", "ingest", "preprocess", "model",
-               "pretrain", "finetune", "default_data", "privacy"}
+DOMAIN_KEYS = ("module", "corpus", "labels", "cpu_threads", "split", "ingest", "preprocess", "model",
+               "pretrain", "finetune", "default_data", "privacy")
+DOMAIN_SECTIONS = ("ingest", "preprocess", "model", "default_data")  # typed by the domain module
 
 
 def load_params(params_path: Path = Path("params.yaml")) -> dict[str, Any]:
     if not params_path.exists():
         raise PipelineError(f"{params_path} not found; run from the project root")
     try:
-        return yaml.safe_load(params_path.read_text()) or {}
+        params = yaml.safe_load(params_path.read_text()) or {}
     except yaml.YAMLError as error:
-        raise PipelineError(f"{params_path} is not valid YAML: {error}") from None
+        reason = " ".join(str(error).split())
+        raise PipelineError(f"{params_path} is not valid YAML: {reason}") from None
+    if not isinstance(params, dict) or not isinstance(params.get("domains") or {}, dict):
+        raise PipelineError(f"{params_path}: expected a mapping with a `domains:` block")
+    return params
 
 
-def load_domain_config(domain: str, params_path: Path = Path("params.yaml")) -> DomainConfig:
-    """Parse and validate the `domains.<domain>` block of params.yaml."""
+def load_config(domain: str, params_path: Path = Path("params.yaml")) -> tuple[DomainConfig, Domain]:
+    """Parse and validate the whole `domains.<domain>` block, method options included; return
+    it with the domain module that reads it. Imports no torch: fails in well under a second."""
+    from ssl_models.core.domain import get_domain
+
     domains = load_params(params_path).get("domains") or {}
     if domain not in domains:
         raise PipelineError(f"params.yaml has no block domains.{domain}; blocks: {sorted(domains)}")
     block = domains[domain] or {}
     where = f"domains.{domain}"
-    unknown = sorted(set(block) - DOMAIN_KEYS)
+    if not isinstance(block, dict):
+        raise PipelineError(f"params.yaml {where}: expected a mapping of settings")
+    unknown = sorted(set(block) - set(DOMAIN_KEYS))
     if unknown:
         raise PipelineError(f"params.yaml {where}: unknown setting(s) {unknown}; valid: {sorted(DOMAIN_KEYS)}")
     for key in ("module", "corpus"):
         if not block.get(key):
             raise PipelineError(f"params.yaml {where}.{key} is required")
-    labels = block.get("labels")
-    return DomainConfig(
-        name=domain,
-        module=str(block["module"]),
-        corpus=Path(block["corpus"]),
-        labels=Path(labels) if labels else None,
+    module = coerce(block["module"], str, f"{where}.module")
+    corpus = coerce(block["corpus"], str, f"{where}.corpus")
+    labels = coerce(block.get("labels"), str | None, f"{where}.labels")
+    threads = coerce(block.get("cpu_threads"), int | None, f"{where}.cpu_threads")
+    require(threads is None or threads > 0, f"{where}.cpu_threads", "must be a positive number of threads or null")
+    owner = get_domain(module)
+    sections = {name: parse_section(owner.sections[name], block.get(name), f"{where}.{name}")
+                for name in DOMAIN_SECTIONS}
+    raw_pretrain = dict(block.get("pretrain") or {}) if isinstance(block.get("pretrain"), dict) else block.get("pretrain")
+    pretrain = parse_section(PretrainConfig, raw_pretrain, f"{where}.pretrain")
+    owner.methods.check(pretrain.method, f"{where}.pretrain.method")
+    pretrain.options = parse_section(owner.methods.options(pretrain.method), pretrain.options or None,
+                                     f"{where}.pretrain.options")
+    cfg = DomainConfig(
+        name=domain, module=module, corpus=Path(corpus), labels=Path(labels) if labels else None,
         split=parse_section(SplitConfig, block.get("split"), f"{where}.split"),
-        ingest=dict(block.get("ingest") or {}),
-        preprocess=dict(block.get("preprocess") or {}),
-        model=dict(block.get("model") or {}),
-        pretrain=parse_section(PretrainConfig, block.get("pretrain"), f"{where}.pretrain"),
+        pretrain=pretrain,
         finetune=parse_section(FinetuneConfig, block.get("finetune"), f"{where}.finetune"),
-        default_data=dict(block.get("default_data") or {}),
         privacy=parse_section(PrivacyConfig, block.get("privacy"), f"{where}.privacy"),
-    )
+        cpu_threads=threads, root=params_path.parent, **sections)
+    owner.validate(cfg)
+    return cfg, owner
+
+
+def section_params(section: Any) -> Any:
+    """A typed section back as plain values, for lineage records."""
+    return dataclasses.asdict(section) if dataclasses.is_dataclass(section) else section

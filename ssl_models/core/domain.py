@@ -1,22 +1,25 @@
 """The contract every domain module fulfils, and the registry that finds it by name.
 
-Stages in `tasks/` talk to a domain only through `Domain`; adding a domain is one module in
-`ssl_models/` that registers a `Domain` subclass, plus one block in params.yaml.
+Stages in `tasks/` talk to a domain only through `Domain`; adding a domain is one package in
+`ssl_models/` that registers a `Domain` subclass, plus one block in params.yaml. A domain
+declares its sections (dataclasses), its SSL methods and its backbones (registries); the config
+loader parses and checks everything before any stage works.
 """
 
 from __future__ import annotations
 
 import importlib
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar
 
-from ssl_models.core.config import DomainConfig
 from ssl_models.core.errors import PipelineError
 from ssl_models.core.registry import Registry
 
 if TYPE_CHECKING:  # torch is imported by the stages that train, not by ingest
+    from ssl_models.core.config import DomainConfig
     from ssl_models.core.modules import Encoder, PretrainMethod
 
 
@@ -57,16 +60,27 @@ class Rejected:
     reason: str
 
 
+Locate = Callable[[dict[str, Any]], Source]
+
+
 class Domain(ABC):
-    """Readers, default data, preprocessing, SSL methods and encoders for one kind of data."""
+    """Readers, default data, preprocessing, SSL methods and encoders for one kind of data.
+
+    Class attributes a domain sets: `sections` (the dataclass of each of its params.yaml
+    sections: ingest, preprocess, model, default_data), `methods` (its SSL methods, each with
+    its options dataclass) and `backbones` (callables `(cfg, shards_dir) -> Encoder`, chosen
+    by `model.backbone`)."""
 
     name: str = ""
     suffixes: tuple[str, ...] = ()
-    pseudonymise_by_default = False  # medical data: keys, groups and patients become salted hashes
+    pseudonymise_by_default = False  # keys, groups and file names become salted hashes
+    sections: ClassVar[dict[str, type]] = {}
+    methods: ClassVar[Registry]
+    backbones: ClassVar[Registry]
 
     def accepts(self, path: Path) -> bool:
         """Whether `path` is a file this domain reads (others are quarantined as unsupported)."""
-        return path.suffix.lower() in self.suffixes
+        return path.name.lower().endswith(self.suffixes)
 
     def sources(self, files: list[Path], corpus: Path, cfg: DomainConfig) -> Iterator[Source | Rejected]:
         """Group the accepted files of the corpus into sources, one `read` each; by default one
@@ -79,6 +93,10 @@ class Domain(ABC):
         setting = cfg.privacy.pseudonymise
         return self.pseudonymise_by_default if setting is None else setting
 
+    def validate(self, cfg: DomainConfig) -> None:
+        """Checks across sections (each section checked itself when parsed): fail with
+        `PipelineError` naming the settings that do not fit together."""
+
     @abstractmethod
     def read(self, source: Source, cfg: DomainConfig) -> Iterator[Record | Rejected]:
         """Yield the records of one source; raise `UnreadableFileError` with a reason when
@@ -90,36 +108,39 @@ class Domain(ABC):
 
     @abstractmethod
     def preprocess(self, cfg: DomainConfig, manifest: list[dict[str, Any]], out_dir: Path,
-                   locate: Callable[[dict[str, Any]], Source]) -> dict[str, Any]:
+                   locate: Locate) -> dict[str, Any]:
         """Write `pretrain_train`, `pretrain_val` and `labeled` Arrow datasets under `out_dir`;
         return a summary (counts, what the shards hold; `labeled_test` when the labeled rows
         are not the manifest's, e.g. tiles). `locate(row)` gives the source a manifest row was
         read from (the manifest holds no file names when pseudonymised)."""
 
-    @abstractmethod
     def pretrain_dataset(self, shards_dir: Path, split: str) -> Sequence[dict[str, Any]]:
-        """The `train` or `val` pretraining rows, indexable (a `datasets.Dataset`)."""
+        """The `train` or `val` pretraining rows, indexable (a `datasets.Dataset`; [] when empty)."""
+        from datasets import load_from_disk
 
-    @abstractmethod
-    def build_pretrain_method(self, cfg: DomainConfig, shards_dir: Path) -> PretrainMethod: ...
+        folder = shards_dir / f"pretrain_{split}"
+        if not any(folder.glob("*.arrow")):  # datasets writes no table file for zero rows
+            return []
+        return load_from_disk(str(folder))
 
-    @abstractmethod
-    def save_pretrained(self, method: PretrainMethod, out_dir: Path) -> None:
-        """Write the pretrained backbone (and what it needs, e.g. a tokenizer) to `out_dir`."""
+    def build_encoder(self, cfg: DomainConfig, shards_dir: Path) -> Encoder:
+        """A new encoder to pretrain: `model.backbone` from the backbone registry (starting
+        from `model.base_checkpoint` when the backbone supports one)."""
+        return self.backbones.get(cfg.model.backbone)(cfg, shards_dir)
+
+    def build_pretrain_method(self, cfg: DomainConfig, shards_dir: Path) -> PretrainMethod:
+        """The method named by `pretrain.method` around a new encoder, with its parsed options."""
+        return self.methods.get(cfg.pretrain.method)(self.build_encoder(cfg, shards_dir), cfg.pretrain.options)
 
     @abstractmethod
     def load_encoder(self, init: str, cfg: DomainConfig, shards_dir: Path,
                      pretrained_dir: Path, seed: int) -> Encoder:
-        """`ssl`: the pretrained backbone; `scratch`: the same architecture, randomly
-        initialised from `seed`; `generic`: the configured base checkpoint."""
-
-    def validate(self, cfg: DomainConfig) -> None:
-        """Parse every domain-specific section and look up method and backbone names, so a
-        typo fails when any stage starts, not an hour into training."""
+        """`ssl`: the encoder the pretrain stage saved in `pretrained_dir`; `scratch`: the same
+        architecture, randomly initialised from `seed`; `generic`: `model.base_checkpoint`."""
 
     def available_inits(self, cfg: DomainConfig) -> list[str]:
         """Initialisations this configuration can offer (no `generic` without a base checkpoint)."""
-        return ["ssl", "scratch"]
+        return ["ssl", "scratch", "generic"] if getattr(cfg.model, "base_checkpoint", None) else ["ssl", "scratch"]
 
     def task_description(self, cfg: DomainConfig, uses_default_data: bool) -> str:
         """One sentence for the report: what the labeled task is."""
@@ -127,13 +148,6 @@ class Domain(ABC):
 
 
 DOMAINS: Registry[type[Domain]] = Registry("domain module")
-
-
-def load_domain(cfg: DomainConfig) -> Domain:
-    """The domain module named by `cfg.module`, with the whole domain block validated."""
-    domain = get_domain(cfg.module)
-    domain.validate(cfg)
-    return domain
 
 
 def get_domain(module: str) -> Domain:

@@ -1,13 +1,45 @@
-"""The two model interfaces of the domain contract: an encoder and a pretraining method."""
+"""The model interfaces of the domain contract: an encoder, a pretraining method, and the
+method's data side (what happens to raw rows before the forward pass)."""
 
 from __future__ import annotations
 
+import hashlib
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+
+
+def sample_seed(seed: int, step: int, index: int) -> int:
+    """The seed of sample `index` of batch `step`: a function of the three numbers alone, so a
+    batch draws the same views and masks whichever process (rank, loader worker) builds it."""
+    digest = hashlib.sha256(f"sample:{seed}:{step}:{index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1  # 63 bits: fits torch's and numpy's seeds
+
+
+def sample_seeds(seed: int, step: int, positions: Sequence[int]) -> list[int]:
+    """`sample_seed` for each position of the step's (global) batch."""
+    return [sample_seed(seed, step, index) for index in positions]
+
+
+def generator(seed: int) -> torch.Generator:
+    """A CPU torch generator seeded with `seed` (draws stay on the CPU whatever the device)."""
+    return torch.Generator().manual_seed(seed)
+
+
+class DataSide(ABC):
+    """Raw pretraining rows -> a batch of tensors: tokenising, masking, views, augmentations.
+
+    Picklable (no modules, no open files), so DataLoader workers can run it. Every random
+    draw comes from the sample's own seed (`sample_seed(seed, step, index)`), never from a
+    global generator: the same rows and seeds give the same batch in any process."""
+
+    @abstractmethod
+    def __call__(self, rows: Sequence[dict[str, Any]], seeds: Sequence[int]) -> dict[str, torch.Tensor]:
+        """The batch of `rows`, sample i drawing its randomness from `seeds[i]`."""
 
 
 class Encoder(nn.Module, ABC):
@@ -17,27 +49,40 @@ class Encoder(nn.Module, ABC):
 
     @abstractmethod
     def collate(self, samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        """Turn rows of the labeled shard into model inputs."""
+        """Turn rows of the labeled shard into model inputs (deterministic)."""
 
     @abstractmethod
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor: ...
 
     @abstractmethod
     def save(self, out_dir: Path) -> None:
-        """Write the encoder so that it can be loaded again without this code's state."""
+        """Write the encoder so that the domain's `load_encoder` reads it back without this code's state."""
 
 
 class PretrainMethod(nn.Module, ABC):
-    """A self-supervised objective on a backbone: `forward(batch) -> loss`."""
+    """A self-supervised objective around an encoder: `forward(batch) -> loss`.
+
+    One constructor shape for every method: `Method(encoder, options)`, where `options` is the
+    method's options dataclass (registered with it, parsed from `pretrain.options`). The method
+    owns its encoder: `encoder()` returns it, sharing its weights, and the pretrain stage saves it."""
+
+    def __init__(self, encoder: Encoder, options: Any) -> None:
+        super().__init__()
+        self.backbone_encoder = encoder
+        self.options = options
+
+    def encoder(self) -> Encoder:
+        """The encoder being pretrained (the same modules, not a copy)."""
+        return self.backbone_encoder
 
     @abstractmethod
-    def collate(self, samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        """Turn rows of the pretraining shard into a batch (views, masks...)."""
+    def data_side(self) -> DataSide:
+        """The picklable callable that turns pretraining rows into this method's batches."""
 
     @abstractmethod
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor: ...
 
     @abstractmethod
     def embed(self, samples: list[dict[str, Any]]) -> torch.Tensor:
-        """Pooled backbone features [batch, dim] of clean (un-augmented) pretraining rows,
+        """Pooled encoder features [batch, dim] of clean (un-augmented) pretraining rows,
         for RankMe at each checkpoint."""

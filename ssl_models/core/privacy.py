@@ -59,3 +59,12 @@ class Pseudonymiser:
 
 def pseudonymiser(salt_file: str | Path, create: bool = True) -> Pseudonymiser:
     return Pseudonymiser(load_salt(Path(salt_file), create))
+
+
+def without_names(message: str, paths: list[Path]) -> str:
+    """A library's message with every path of `paths` (whole, or its file name) replaced by
+    `<file>`: a quarantine reason or log line must not carry a file name."""
+    for path in paths:
+        for name in sorted({str(path), str(path.resolve()), path.name}, key=len, reverse=True):
+            message = message.replace(name, "<file>")
+    return message

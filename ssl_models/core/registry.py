@@ -1,7 +1,13 @@
-"""One registry per kind (domains, SSL methods, backbones), filled by the modules themselves."""
+"""One registry per kind (domains, SSL methods, backbones), filled by the modules themselves.
+
+An entry may be registered lazily, by "package.module:attribute", so that checking a name in
+params.yaml never imports torch. A method entry also names its options dataclass (torch-free),
+which `load_config` binds `pretrain.options` to before any stage runs.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import sys
 from typing import Callable, Generic, TypeVar
@@ -11,6 +17,11 @@ from ssl_models.core.errors import PipelineError
 T = TypeVar("T")
 
 
+@dataclasses.dataclass
+class NoOptions:
+    """A method or backbone without options of its own."""
+
+
 class Registry(Generic[T]):
     """Name -> object map; an unknown name fails with the list of valid ones."""
 
@@ -18,31 +29,41 @@ class Registry(Generic[T]):
         self.kind = kind
         self._entries: dict[str, T] = {}
         self._lazy: dict[str, str] = {}  # name -> "package.module:attribute", imported on first use
+        self._options: dict[str, type] = {}
 
-    def register_lazy(self, name: str, target: str) -> None:
+    def register_lazy(self, name: str, target: str, options: type = NoOptions) -> None:
         """Name an entry without importing it: validation stays cheap (no torch import)."""
         self._lazy[name] = target
+        self._options[name] = options
 
-    def register(self, name: str) -> Callable[[T], T]:
+    def register(self, name: str, options: type | None = None) -> Callable[[T], T]:
         def add(entry: T) -> T:
             if name in self._entries:
                 raise ValueError(f"{self.kind} {name!r} is registered twice")
             self._entries[name] = entry
+            if options is not None or name not in self._options:
+                self._options[name] = options or NoOptions
             return entry
 
         return add
 
-    def check(self, name: str) -> None:
+    def check(self, name: str, where: str | None = None) -> None:
         """Fail with the list of valid names when `name` is not registered."""
         if name not in self:
             valid = ", ".join(self.names()) or "(none)"
-            raise PipelineError(f"unknown {self.kind} {name!r}; valid names: {valid}")
+            place = f"params.yaml {where}: " if where else ""
+            raise PipelineError(f"{place}unknown {self.kind} {name!r}; valid names: {valid}")
+
+    def options(self, name: str) -> type:
+        """The options dataclass of entry `name` (known without importing the entry)."""
+        self.check(name)
+        return self._options[name]
 
     def get(self, name: str) -> T:
         self.check(name)
         if name not in self._entries:
             module, _, attribute = self._lazy[name].partition(":")
-            importlib.import_module(module)  # its decorator registers the entry
+            importlib.import_module(module)  # its decorator may register the entry
             if name not in self._entries:
                 self._entries[name] = getattr(sys.modules[module], attribute)
         return self._entries[name]

@@ -1,4 +1,5 @@
-"""Small 2D backbones for tiles (timm), the tile encoder used by finetune, and pixel decoding."""
+"""Small 2D backbones for tiles (timm), the tile encoder that pretraining and finetune share,
+and pixel decoding."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ssl_models.core.config import DomainConfig
 from ssl_models.core.errors import PipelineError
 from ssl_models.core.modules import Encoder
 from ssl_models.histopathology.config import HistoModelConfig
@@ -30,41 +32,16 @@ def normalise(images: torch.Tensor) -> torch.Tensor:
     return (images - MEAN) / STD
 
 
-def build_backbone(cfg: HistoModelConfig, image_size: int) -> nn.Module:
-    """A small timm ResNet (BasicBlocks, widths w, 2w, 4w, 8w) or ViT (embed 4w); no head."""
-    if cfg.backbone == "resnet":
-        from timm.models.resnet import BasicBlock, ResNet
-
-        widths = tuple(cfg.width * 2 ** i for i in range(4))
-        # one 3x3 stem conv and no max-pooling: tiles are 32-96 pixels, not 224
-        model = ResNet(BasicBlock, layers=(cfg.depth,) * 4, channels=widths, num_classes=0, zero_init_last=False,
-                       stem_width=max(1, cfg.width // 2), stem_type="deep")  # stem outputs 2 * stem_width
-        model.conv1 = nn.Conv2d(3, cfg.width, 3, stride=cfg.stem_stride, padding=1, bias=False)
-        model.bn1 = nn.BatchNorm2d(cfg.width)
-        model.maxpool = nn.Identity()
-        return model
-    from timm.models.vision_transformer import VisionTransformer
-
-    if image_size % cfg.patch_size:
-        raise PipelineError(f"model.patch_size {cfg.patch_size} does not divide the tile size {image_size}")
-    return VisionTransformer(img_size=image_size, patch_size=cfg.patch_size, embed_dim=4 * cfg.width,
-                             depth=cfg.depth, num_heads=cfg.num_heads, num_classes=0, global_pool="avg")
-
-
-def feature_dim(backbone: nn.Module) -> int:
-    return int(backbone.num_features)
-
-
 class TileEncoder(Encoder):
     """Backbone features of tiles; a labeled row holding several tiles of one slide (a bag) is
-    mean-pooled into one slide embedding."""
+    mean-pooled into one slide embedding. Saves its weights with the model block and tile size."""
 
     def __init__(self, backbone: nn.Module, cfg: HistoModelConfig, image_size: int) -> None:
         super().__init__()
         self.backbone = backbone
         self.cfg = cfg
         self.image_size = image_size
-        self.dim = feature_dim(backbone)
+        self.dim = int(backbone.num_features)
 
     def collate(self, samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         blobs = [blob for s in samples for blob in s["pixels"]]
@@ -85,14 +62,43 @@ class TileEncoder(Encoder):
         return pooled / torch.bincount(bags, minlength=n_bags).unsqueeze(1).to(features.dtype)
 
     def save(self, out_dir: Path) -> None:
-        save_backbone(self.backbone, self.cfg, self.image_size, out_dir)
+        """`model.safetensors` and `config.json` (the model block and the tile size)."""
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in self.backbone.state_dict().items()}, str(out_dir / "model.safetensors"))
+        (out_dir / "config.json").write_text(json.dumps({"model": asdict(self.cfg), "image_size": self.image_size},
+                                                        indent=2))
 
 
-def save_backbone(backbone: nn.Module, cfg: HistoModelConfig, image_size: int, out_dir: Path) -> None:
-    """`model.safetensors` and `config.json` (the model block and the tile size)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in backbone.state_dict().items()}, str(out_dir / "model.safetensors"))
-    (out_dir / "config.json").write_text(json.dumps({"model": asdict(cfg), "image_size": image_size}, indent=2))
+def build_resnet(cfg: DomainConfig, shards_dir: Path) -> TileEncoder:
+    """A small timm ResNet (BasicBlocks, widths w, 2w, 4w, 8w), no head."""
+    from timm.models.resnet import BasicBlock, ResNet
+
+    model = cfg.model
+    widths = tuple(model.width * 2 ** i for i in range(4))
+    # one 3x3 stem conv and no max-pooling: tiles are 32-96 pixels, not 224
+    backbone = ResNet(BasicBlock, layers=(model.depth,) * 4, channels=widths, num_classes=0, zero_init_last=False,
+                      stem_width=max(1, model.width // 2), stem_type="deep")  # stem outputs 2 * stem_width
+    backbone.conv1 = nn.Conv2d(3, model.width, 3, stride=model.stem_stride, padding=1, bias=False)
+    backbone.bn1 = nn.BatchNorm2d(model.width)
+    backbone.maxpool = nn.Identity()
+    return _encoder(backbone, cfg)
+
+
+def build_vit(cfg: DomainConfig, shards_dir: Path) -> TileEncoder:
+    """A small timm ViT (embed 4w, mean-pooled tokens), no head."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    model = cfg.model
+    backbone = VisionTransformer(img_size=cfg.preprocess.stored_size, patch_size=model.patch_size,
+                                 embed_dim=4 * model.width, depth=model.depth, num_heads=model.num_heads,
+                                 num_classes=0, global_pool="avg")
+    return _encoder(backbone, cfg)
+
+
+def _encoder(backbone: nn.Module, cfg: DomainConfig) -> TileEncoder:
+    if cfg.model.base_checkpoint:
+        load_weights(backbone, cfg.resolve(cfg.model.base_checkpoint))
+    return TileEncoder(backbone, cfg.model, cfg.preprocess.stored_size)
 
 
 def load_weights(backbone: nn.Module, path: Path) -> None:
@@ -100,28 +106,14 @@ def load_weights(backbone: nn.Module, path: Path) -> None:
     file = path / "model.safetensors" if path.is_dir() else path
     if not file.is_file():
         raise PipelineError(f"checkpoint {path} not found: give a .safetensors file or a folder with model.safetensors")
-    state = load_file(str(file))
-    missing, unexpected = backbone.load_state_dict(state, strict=False)
+    missing, unexpected = backbone.load_state_dict(load_file(str(file)), strict=False)
     if missing or unexpected:
         raise PipelineError(f"checkpoint {path} does not fit model settings in params.yaml "
                             f"(missing {len(missing)} and unexpected {len(unexpected)} tensors, e.g. "
                             f"{(missing or unexpected)[:2]}); set model.backbone/width/depth to match it")
 
 
-def load_tile_encoder(init: str, cfg: HistoModelConfig, image_size: int, pretrained_dir: Path, seed: int) -> TileEncoder:
-    """ssl: the pretrained backbone; scratch: random init from `seed`; generic: model.init_checkpoint."""
-    torch.manual_seed(seed)
-    if init == "ssl":
-        saved = json.loads((pretrained_dir / "config.json").read_text())
-        cfg = HistoModelConfig(**saved["model"])
-        backbone = build_backbone(cfg, saved["image_size"])
-        load_weights(backbone, pretrained_dir)
-        return TileEncoder(backbone, cfg, saved["image_size"])
-    backbone = build_backbone(cfg, image_size)
-    if init == "generic":
-        if not cfg.init_checkpoint:
-            raise PipelineError("init `generic` needs model.init_checkpoint in params.yaml")
-        load_weights(backbone, Path(cfg.init_checkpoint))
-    elif init != "scratch":
-        raise PipelineError(f"unknown init {init!r}")
-    return TileEncoder(backbone, cfg, image_size)
+def saved_model(pretrained_dir: Path) -> tuple[HistoModelConfig, int]:
+    """The model block and tile size a pretrained encoder was saved with."""
+    saved = json.loads((pretrained_dir / "config.json").read_text())
+    return HistoModelConfig(**saved["model"]), int(saved["image_size"])

@@ -1,32 +1,20 @@
-"""Settings of the histopathology domain's params.yaml sections, and its method registry.
+"""Settings of the histopathology domain's params.yaml sections, its SSL methods (each with its
+options) and its backbones.
 
 Kept free of torch so every stage validates the whole block in milliseconds.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal
 
-from ssl_models.core.config import parse_section
-from ssl_models.core.errors import PipelineError
+from ssl_models.core.config import require
 from ssl_models.core.registry import Registry
 
 if TYPE_CHECKING:
-    from ssl_models.core.modules import PretrainMethod
-
-HISTO_METHODS: Registry[type[PretrainMethod]] = Registry("histopathology SSL method")
-HISTO_METHODS.register_lazy("simclr", "ssl_models.histopathology.methods:SimCLR")
-HISTO_METHODS.register_lazy("vicreg", "ssl_models.histopathology.methods:VICReg")
-HISTO_METHODS.register_lazy("byol", "ssl_models.histopathology.methods:BYOL")
-HISTO_METHODS.register_lazy("mae", "ssl_models.histopathology.methods:MAE")
-
-BACKBONES = ("resnet", "vit")
-
-
-def _require(condition: bool, where: str, message: str) -> None:
-    if not condition:
-        raise PipelineError(f"params.yaml {where}: {message}")
+    from ssl_models.core.modules import Encoder, PretrainMethod
 
 
 @dataclass
@@ -34,6 +22,9 @@ class HistoIngestConfig:
     """`ingest:` block: which slides are too small to tile."""
 
     min_side: int = 8  # pixels at level 0; smaller images are quarantined
+
+    def validate(self, where: str) -> None:
+        require(self.min_side >= 1, f"{where}.min_side", "must be at least 1 pixel")
 
 
 @dataclass
@@ -49,29 +40,30 @@ class HistoPreprocessConfig:
     max_tissue_saturation: float = 0.1   # [min, max]: glass is below, every stain above
     min_tissue_fraction: float = 0.5  # tiles with less tissue are rejected as background
     max_pen_fraction: float = 0.1  # tiles with more pen-ink pixels are rejected as pen marks
-    stain_normalisation: str = "none"  # none | macenko (per source, to a fixed H&E reference)
+    stain_normalisation: Literal["none", "macenko"] = "none"  # macenko: per source, to a fixed H&E reference
     max_tiles_per_source: int = 400  # evenly spaced subset of a slide's tissue tiles
     spatial_block: int | None = None  # pixels at `level`: split and group by spatial block of a
     # slide, so test tiles come from regions never trained on (tissue-of-origin tasks)
-    labeled_unit: str = "tile"  # tile: patch-level labels; slide: one row per slide, mean-pooled
+    labeled_unit: Literal["tile", "slide"] = "tile"  # tile: patch-level labels; slide: one mean-pooled row per slide
     max_tiles_per_slide_bag: int = 16  # tiles per slide row when labeled_unit: slide
 
     def validate(self, where: str) -> None:
-        _require(self.tile_size >= 8 and self.level >= 0, where, "tile_size must be >= 8 and level >= 0")
-        _require(0 < self.scale <= 1, where, "scale must be in (0, 1]")
-        _require(self.stride is None or self.stride > 0, where, "stride must be positive")
-        _require(round(self.tile_size * self.scale) >= 8, where, "tile_size * scale must be at least 8 pixels")
-        _require(0 <= self.min_tissue_saturation <= self.max_tissue_saturation <= 1, where,
-                 "need 0 <= min_tissue_saturation <= max_tissue_saturation <= 1")
-        _require(0 <= self.min_tissue_fraction <= 1 and 0 <= self.max_pen_fraction <= 1, where,
-                 "min_tissue_fraction and max_pen_fraction must be in [0, 1]")
-        _require(self.stain_normalisation in ("none", "macenko"), where,
-                 f"stain_normalisation {self.stain_normalisation!r} is not none or macenko")
-        _require(self.labeled_unit in ("tile", "slide"), where, f"labeled_unit {self.labeled_unit!r} is not tile or slide")
-        _require(self.max_tiles_per_source > 0 and self.max_tiles_per_slide_bag > 0, where,
-                 "max_tiles_per_source and max_tiles_per_slide_bag must be positive")
-        _require(self.spatial_block is None or self.spatial_block >= self.tile_size, where,
-                 "spatial_block must be at least tile_size")
+        require(self.level >= 0, f"{where}.level", "must be >= 0")
+        require(self.tile_size >= 8, f"{where}.tile_size", "must be at least 8 pixels")
+        require(0 < self.scale <= 1, f"{where}.scale", "must be in (0, 1]")
+        require(self.stored_size >= 8, f"{where}.scale", "tile_size * scale must be at least 8 pixels")
+        require(self.stride is None or self.stride > 0, f"{where}.stride", "must be positive or null")
+        require(self.thumbnail_size >= 16, f"{where}.thumbnail_size", "must be at least 16 pixels")
+        for name in ("min_tissue_saturation", "max_tissue_saturation", "min_tissue_fraction", "max_pen_fraction"):
+            require(0 <= getattr(self, name) <= 1, f"{where}.{name}", "must be in [0, 1]")
+        require(self.min_tissue_saturation <= self.max_tissue_saturation, f"{where}.min_tissue_saturation",
+                "must not exceed max_tissue_saturation")
+        require(self.max_tiles_per_source > 0, f"{where}.max_tiles_per_source", "must be positive")
+        require(self.max_tiles_per_slide_bag > 0, f"{where}.max_tiles_per_slide_bag", "must be positive")
+        require(self.spatial_block is None or self.spatial_block >= self.tile_size, f"{where}.spatial_block",
+                "must be at least tile_size, or null")
+        require(not (self.labeled_unit == "slide" and self.spatial_block), f"{where}.spatial_block",
+                "labeled_unit: slide keeps whole slides together; spatial_block splits them: set one of the two")
 
     @property
     def stored_size(self) -> int:
@@ -82,23 +74,21 @@ class HistoPreprocessConfig:
 class HistoModelConfig:
     """`model:` block: the backbone and where its weights start."""
 
-    backbone: str = "resnet"  # resnet (small timm ResNet) | vit (small timm ViT)
+    backbone: Literal["resnet", "vit"] = "resnet"  # small timm ResNet | small timm ViT (needed by mae)
     width: int = 16  # resnet: channels of the first stage (doubled per stage); vit: embed_dim = 4 * width
     depth: int = 1  # resnet: blocks per stage; vit: transformer blocks
     stem_stride: int = 2  # resnet: stride of the 3x3 stem (1 keeps full resolution, 4x the cost)
     patch_size: int = 4  # vit only
     num_heads: int = 4  # vit only
-    init_checkpoint: str | None = None  # local .safetensors of the same backbone to start from;
+    base_checkpoint: str | None = None  # local .safetensors of the same backbone to start from;
     # it is also the `generic` init in finetune
-    torch_threads: int | None = 1  # CPU threads for these small models (null: torch's default);
-    # one thread is several times faster than two when other processes share the cores
 
     def validate(self, where: str) -> None:
-        _require(self.backbone in BACKBONES, where, f"backbone {self.backbone!r} is not one of {list(BACKBONES)}")
-        _require(self.width >= 4 and self.depth >= 1, where, "width must be >= 4 and depth >= 1")
-        _require(self.torch_threads is None or self.torch_threads >= 1, where, "torch_threads must be positive or null")
-        _require(self.backbone != "vit" or (4 * self.width) % self.num_heads == 0, where,
-                 "vit: 4 * width must be divisible by num_heads")
+        require(self.width >= 4, f"{where}.width", "must be at least 4")
+        for name in ("depth", "stem_stride", "patch_size", "num_heads"):
+            require(getattr(self, name) >= 1, f"{where}.{name}", "must be positive")
+        require(self.backbone != "vit" or (4 * self.width) % self.num_heads == 0, f"{where}.num_heads",
+                "vit: must divide the embedding size 4 * width")
 
 
 @dataclass
@@ -110,33 +100,85 @@ class HistoDefaultConfig:
     high_fraction: float = 0.85  # regions whose tissue is at least this share brown are `dab-high`
 
     def validate(self, where: str) -> None:
-        _require(self.region_size >= 16, where, "region_size must be at least 16 pixels")
+        require(16 <= self.region_size <= 512, f"{where}.region_size", "must be 16 to 512 pixels (the image's size)")
+        require(0 < self.high_fraction <= 1, f"{where}.high_fraction", "must be in (0, 1]")
 
 
 @dataclass
 class AugmentConfig:
-    """Pathology views (pretrain.options.augment)."""
+    """Pathology views (`pretrain.options.augment`). mae uses only rotate90, flip and hed_jitter."""
 
     hed_jitter: float = 0.05  # HED stain jitter strength (Tellez et al. 2018)
     rotate90: bool = True
     flip: bool = True
     crop_scale: float = 0.6  # smallest area share of the random resized crop
     blur_probability: float = 0.2
-    blur_sigma: float = 0.8
+    blur_sigma: float = 0.8  # pixels
     batch_styles_standardization: bool = False  # Fourier amplitude swap within a batch (BSS)
     bss_low_frequency: float = 0.1  # share of the spectrum whose amplitude is swapped
 
     def validate(self, where: str) -> None:
-        _require(self.hed_jitter >= 0 and self.blur_sigma >= 0, where, "hed_jitter and blur_sigma must be >= 0")
-        _require(0 < self.crop_scale <= 1 and 0 < self.bss_low_frequency <= 1, where,
-                 "crop_scale and bss_low_frequency must be in (0, 1]")
-        _require(0 <= self.blur_probability <= 1, where, "blur_probability must be in [0, 1]")
+        require(self.hed_jitter >= 0, f"{where}.hed_jitter", "must be >= 0")
+        require(self.blur_sigma >= 0, f"{where}.blur_sigma", "must be >= 0")
+        require(0 < self.crop_scale <= 1, f"{where}.crop_scale", "must be in (0, 1]")
+        require(0 < self.bss_low_frequency <= 1, f"{where}.bss_low_frequency", "must be in (0, 1]")
+        require(0 <= self.blur_probability <= 1, f"{where}.blur_probability", "must be in [0, 1]")
 
 
-def split_options(options: dict[str, Any], where: str = "pretrain.options") -> tuple[AugmentConfig, dict[str, Any]]:
-    """pretrain.options -> (augmentations, the method's own keyword arguments)."""
-    options = dict(options or {})
-    augment = parse_section(AugmentConfig, options.pop("augment", None), f"{where}.augment")
-    return augment, options
+@dataclass
+class SimCLROptions:
+    loss: Literal["ntxent", "dcl"] = "ntxent"  # dcl: decoupled contrastive, better with small batches
+    temperature: float = 0.2
+    projection_dim: int = 64
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+    def validate(self, where: str) -> None:
+        require(self.temperature > 0, f"{where}.temperature", "must be positive")
+        require(self.projection_dim >= 1, f"{where}.projection_dim", "must be positive")
 
 
+@dataclass
+class VICRegOptions:
+    projection_dim: int = 128
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+    def validate(self, where: str) -> None:
+        require(self.projection_dim >= 1, f"{where}.projection_dim", "must be positive")
+
+
+@dataclass
+class BYOLOptions:
+    momentum: float = 0.99  # of the EMA teacher
+    projection_dim: int = 64
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+    def validate(self, where: str) -> None:
+        require(0 <= self.momentum < 1, f"{where}.momentum", "must be in [0, 1)")
+        require(self.projection_dim >= 1, f"{where}.projection_dim", "must be positive")
+
+
+@dataclass
+class MAEOptions:
+    mask_ratio: float = 0.75  # share of the patches hidden from the encoder
+    decoder_dim: int = 64
+    decoder_depth: int = 1
+    decoder_heads: int = 4
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+    def validate(self, where: str) -> None:
+        require(0 < self.mask_ratio < 1, f"{where}.mask_ratio", "must be in (0, 1)")
+        require(self.decoder_depth >= 1, f"{where}.decoder_depth", "must be positive")
+        require(self.decoder_heads >= 1, f"{where}.decoder_heads", "must be positive")
+        require(self.decoder_dim >= 1 and self.decoder_dim % self.decoder_heads == 0, f"{where}.decoder_dim",
+                "must be a positive multiple of decoder_heads")
+
+
+METHODS: Registry[type[PretrainMethod]] = Registry("histopathology SSL method")
+METHODS.register_lazy("simclr", "ssl_models.histopathology.methods:SimCLR", options=SimCLROptions)
+METHODS.register_lazy("vicreg", "ssl_models.histopathology.methods:VICReg", options=VICRegOptions)
+METHODS.register_lazy("byol", "ssl_models.histopathology.methods:BYOL", options=BYOLOptions)
+METHODS.register_lazy("mae", "ssl_models.histopathology.methods:MAE", options=MAEOptions)
+
+BACKBONES: Registry[Callable[..., Encoder]] = Registry("histopathology backbone")
+BACKBONES.register_lazy("resnet", "ssl_models.histopathology.backbones:build_resnet")
+BACKBONES.register_lazy("vit", "ssl_models.histopathology.backbones:build_vit")

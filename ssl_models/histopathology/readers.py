@@ -7,7 +7,6 @@ tiling does not care whether a source is a 40x slide or a 512-pixel tile.
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +14,8 @@ import numpy as np
 
 from ssl_models.core.domain import Record, Source
 from ssl_models.core.errors import UnreadableFileError
+from ssl_models.core.hashing import sha256_file
+from ssl_models.core.privacy import without_names
 
 TILE_SUFFIXES = (".png", ".jpg", ".jpeg")
 SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".scn", ".bif", ".svslide")
@@ -158,10 +159,6 @@ def _open_with_tifffile(path: Path) -> SlideImage:
     return InMemoryLevels([level.asarray for level in levels], dimensions, "tifffile")
 
 
-def _clean(message: object, path: Path) -> str:
-    return str(message).replace(str(path), "<file>").replace(path.name, "<file>").strip() or "no detail"
-
-
 def open_slide(path: Path) -> SlideImage:
     """Open a slide or tile; `UnreadableFileError` with the reason when no reader can."""
     suffix = path.suffix.lower()
@@ -170,28 +167,19 @@ def open_slide(path: Path) -> SlideImage:
         try:
             return _open_with_pillow(path)
         except Exception as error:  # Pillow raises many types for corrupt files
-            raise UnreadableFileError(f"cannot decode image: {_clean(error, path)}") from None
+            raise UnreadableFileError(f"cannot decode image: {without_names(str(error), [path])}") from None
     import openslide
 
     try:
         return OpenSlideImage(openslide.OpenSlide(str(path)))
     except Exception as error:
-        errors.append(f"OpenSlide: {_clean(error, path)}")
+        errors.append(f"OpenSlide: {without_names(str(error), [path])}")
     if suffix in (".tif", ".tiff", ".svs"):
         try:
             return _open_with_tifffile(path)
         except Exception as error:
-            errors.append(f"tifffile: {_clean(error, path)}")
+            errors.append(f"tifffile: {without_names(str(error), [path])}")
     raise UnreadableFileError("cannot open slide (" + "; ".join(errors) + ")")
-
-
-def file_sha256(path: Path) -> tuple[str, int]:
-    digest, size = hashlib.sha256(), 0
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-            size += len(chunk)
-    return digest.hexdigest(), size
 
 
 def read_slide(source: Source, min_side: int) -> Record:
@@ -199,7 +187,7 @@ def read_slide(source: Source, min_side: int) -> Record:
     (a thumbnail is decoded) so that a corrupt file is quarantined here, not in preprocess."""
     path = source.paths[0]
     try:
-        digest, size = file_sha256(path)
+        digest, size = sha256_file(path), path.stat().st_size
     except OSError as error:
         raise UnreadableFileError(f"cannot read file ({error.strerror})") from None
     if size == 0:
@@ -214,7 +202,7 @@ def read_slide(source: Source, min_side: int) -> Record:
         except UnreadableFileError:
             raise
         except Exception as error:
-            raise UnreadableFileError(f"cannot decode pixels: {_clean(error, path)}") from None
+            raise UnreadableFileError(f"cannot decode pixels: {without_names(str(error), [path])}") from None
         meta = {"format": path.suffix.lower().lstrip("."), "backend": slide.backend, "width": width,
                 "height": height, "levels": slide.level_count,
                 "mpp": slide.mpp, "objective": slide.objective}

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, ClassVar
 
-from ssl_models.core.config import DomainConfig, parse_section
-from ssl_models.core.domain import DOMAINS, Domain, Record, Rejected, Source
+from ssl_models.core.config import DomainConfig
+from ssl_models.core.domain import DOMAINS, Domain, Locate, Record, Rejected, Source
 from ssl_models.core.errors import PipelineError
 from ssl_models.legal_text.config import (
-    TEXT_METHODS,
+    BACKBONES,
+    METHODS,
     LicensedcodeDefaultConfig,
     TextIngestConfig,
     TextModelConfig,
@@ -21,9 +23,7 @@ from ssl_models.legal_text.default_data import ATTRIBUTION, write_licensedcode_c
 from ssl_models.legal_text.readers import TEXT_SUFFIXES, read_text_file
 
 if TYPE_CHECKING:
-    from datasets import Dataset
-
-    from ssl_models.core.modules import Encoder, PretrainMethod
+    from ssl_models.core.modules import Encoder
 
 # Model code (torch, transformers, datasets) is imported by the methods that need it, so that
 # default_data and ingest start in a second instead of eight.
@@ -34,44 +34,44 @@ log = logging.getLogger(__name__)
 class LegalText(Domain):
     name = "legal_text"
     suffixes = TEXT_SUFFIXES
-
-    def _model_cfg(self, cfg: DomainConfig) -> TextModelConfig:
-        return parse_section(TextModelConfig, cfg.model, f"domains.{cfg.name}.model")
+    sections: ClassVar[dict[str, type]] = {
+        "ingest": TextIngestConfig, "preprocess": TextPreprocessConfig, "model": TextModelConfig,
+        "default_data": LicensedcodeDefaultConfig}
+    methods = METHODS
+    backbones = BACKBONES
 
     def validate(self, cfg: DomainConfig) -> None:
-        where = f"domains.{cfg.name}"
-        parse_section(TextIngestConfig, cfg.ingest, f"{where}.ingest")
-        preprocess = parse_section(TextPreprocessConfig, cfg.preprocess, f"{where}.preprocess")
-        parse_section(LicensedcodeDefaultConfig, cfg.default_data, f"{where}.default_data")
-        base = self._model_cfg(cfg).base_checkpoint
-        if (preprocess.tokenizer == "base") != bool(base):
-            raise PipelineError(f"params.yaml {where}: preprocess.tokenizer: base goes with model.base_checkpoint "
-                                "(the checkpoint's vocabulary), tokenizer: train with a model from scratch")
-        TEXT_METHODS.check(cfg.pretrain.method)
+        if (cfg.preprocess.tokenizer == "base") != bool(cfg.model.base_checkpoint):
+            raise PipelineError(f"params.yaml domains.{cfg.name}: preprocess.tokenizer: base goes with "
+                                "model.base_checkpoint (the checkpoint's vocabulary), tokenizer: train with a "
+                                "model from scratch")
 
     def read(self, source: Source, cfg: DomainConfig) -> Iterator[Record | Rejected]:
-        options = parse_section(TextIngestConfig, cfg.ingest, f"domains.{cfg.name}.ingest")
-        yield from read_text_file(source.paths[0], source.key, options.text_field, options.fallback_encoding,
-                                  options.min_characters)
+        ingest = cfg.ingest
+        yield from read_text_file(source.paths[0], source.key, ingest.text_field, ingest.fallback_encoding,
+                                  ingest.min_characters)
 
     def write_default_data(self, out_dir: Path, cfg: DomainConfig) -> None:
-        options = parse_section(LicensedcodeDefaultConfig, cfg.default_data, f"domains.{cfg.name}.default_data")
-        counts = write_licensedcode_corpus(out_dir, options.max_files)
+        counts = write_licensedcode_corpus(out_dir, cfg.default_data.max_files)
         log.info("default legal corpus: %(written)d license texts written", counts)
 
     def preprocess(self, cfg: DomainConfig, manifest: list[dict[str, Any]], out_dir: Path,
-                   locate: Callable[[dict[str, Any]], Source]) -> dict[str, Any]:
+                   locate: Locate) -> dict[str, Any]:
         from datasets import Dataset
 
-        from ssl_models.legal_text.preprocessing import build_tokenizer, normalised_text_hash, pack_blocks, save_blocks
+        from ssl_models.legal_text.preprocessing import (
+            build_tokenizer,
+            normalised_text_hash,
+            pack_blocks,
+            save_blocks,
+        )
 
-        options = parse_section(TextPreprocessConfig, cfg.preprocess, f"domains.{cfg.name}.preprocess")
-        model_cfg = self._model_cfg(cfg)
+        options = cfg.preprocess
         texts = self._read_texts(cfg, manifest, locate)
         by_split: dict[str, list[str]] = defaultdict(list)
         for row in manifest:
             by_split[row["split"]].append(texts[row["key"]])
-        tokenizer = build_tokenizer(options, model_cfg, by_split["train"])
+        tokenizer = build_tokenizer(cfg, by_split["train"])
         tokenizer.save_pretrained(out_dir / "tokenizer")
         summary: dict[str, Any] = {"tokenizer": options.tokenizer, "vocab_size": len(tokenizer)}
         for split in ("train", "val"):
@@ -94,7 +94,7 @@ class LegalText(Domain):
         return summary
 
     def _read_texts(self, cfg: DomainConfig, manifest: list[dict[str, Any]],
-                    locate: Callable[[dict[str, Any]], Source]) -> dict[str, str]:
+                    locate: Locate) -> dict[str, str]:
         """Manifest key -> text; a JSONL file is read once for all its records."""
         by_source: dict[str, list[dict[str, Any]]] = defaultdict(list)
         for row in manifest:
@@ -106,38 +106,11 @@ class LegalText(Domain):
             texts.update((row["key"], by_hash[row["sha256"]]) for row in rows)
         return texts
 
-    def build_pretrain_method(self, cfg: DomainConfig, shards_dir: Path) -> PretrainMethod:
-        from transformers import AutoTokenizer
-
-        from ssl_models.legal_text.models import build_masked_lm
-
-        model_cfg = self._model_cfg(cfg)
-        tokenizer = AutoTokenizer.from_pretrained(shards_dir / "tokenizer")
-        method_cls = TEXT_METHODS.get(cfg.pretrain.method)
-        model = build_masked_lm(model_cfg, tokenizer)
-        try:
-            return method_cls(model, tokenizer, model_cfg.max_length, **cfg.pretrain.options)
-        except TypeError as error:
-            raise PipelineError(f"params.yaml domains.{cfg.name}.pretrain.options do not fit method "
-                                f"{cfg.pretrain.method!r}: {error}") from None
-
-    def pretrain_dataset(self, shards_dir: Path, split: str) -> Dataset:
-        from datasets import load_from_disk
-
-        return load_from_disk(str(shards_dir / f"pretrain_{split}"))
-
-    def save_pretrained(self, method: PretrainMethod, out_dir: Path) -> None:
-        method.model.save_pretrained(out_dir)
-        method.tokenizer.save_pretrained(out_dir)
-
     def load_encoder(self, init: str, cfg: DomainConfig, shards_dir: Path,
                      pretrained_dir: Path, seed: int) -> Encoder:
         from ssl_models.legal_text.models import load_text_encoder
 
-        return load_text_encoder(init, self._model_cfg(cfg), pretrained_dir, seed)
-
-    def available_inits(self, cfg: DomainConfig) -> list[str]:
-        return ["ssl", "scratch", "generic"] if self._model_cfg(cfg).base_checkpoint else ["ssl", "scratch"]
+        return load_text_encoder(init, cfg, pretrained_dir, seed)
 
     def task_description(self, cfg: DomainConfig, uses_default_data: bool) -> str:
         if uses_default_data:

@@ -1,31 +1,76 @@
-"""Settings of the text domain's params.yaml sections, and its method registry.
+"""Settings of the legal domain's params.yaml sections, its methods' options, and its registries.
 
 Kept free of torch and transformers so every stage validates the whole block in milliseconds.
 """
 
 from __future__ import annotations
 
+import codecs
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
-from ssl_models.core.errors import PipelineError
+from ssl_models.core.config import require
 from ssl_models.core.registry import Registry
 
 if TYPE_CHECKING:
-    from ssl_models.core.modules import PretrainMethod
+    from collections.abc import Callable
+    from pathlib import Path
 
-TEXT_METHODS: Registry[type[PretrainMethod]] = Registry("text SSL method")
-TEXT_METHODS.register_lazy("mlm", "ssl_models.legal_text.models:MaskedLanguageModeling")
-TEXT_METHODS.register_lazy("mlm_span_contrastive", "ssl_models.legal_text.models:MaskedLanguageModelingWithSpanContrast")
+    from ssl_models.core.config import DomainConfig
+    from ssl_models.core.modules import Encoder, PretrainMethod
+
+
+@dataclass
+class MLMOptions:
+    """`pretrain.options` of `mlm`: the share of (non-special) tokens each block predicts."""
+
+    mlm_probability: float = 0.15
+
+    def validate(self, where: str) -> None:
+        require(0 < self.mlm_probability < 1, f"{where}.mlm_probability", "must be in (0, 1)")
+
+
+@dataclass
+class MLMSpanContrastOptions(MLMOptions):
+    """`pretrain.options` of `mlm_span_contrastive`: MLM plus NT-Xent between adjacent spans."""
+
+    contrastive_weight: float = 1.0  # of the contrastive term against the MLM loss
+    temperature: float = 0.1  # of NT-Xent's softmax over cosine similarities
+
+    def validate(self, where: str) -> None:
+        super().validate(where)
+        require(self.contrastive_weight >= 0, f"{where}.contrastive_weight", "must be >= 0")
+        require(self.temperature > 0, f"{where}.temperature", "must be positive")
+
+
+METHODS: Registry[type[PretrainMethod]] = Registry("text SSL method")
+METHODS.register_lazy("mlm", "ssl_models.legal_text.models:MaskedLanguageModeling", options=MLMOptions)
+METHODS.register_lazy("mlm_span_contrastive", "ssl_models.legal_text.models:MaskedLanguageModelingWithSpanContrast",
+                      options=MLMSpanContrastOptions)
+BACKBONES: Registry[Callable[[DomainConfig, Path], Encoder]] = Registry("text backbone")
+BACKBONES.register_lazy("bert", "ssl_models.legal_text.models:build_bert")
+
+
+def _is_encoding(name: str) -> bool:
+    try:
+        codecs.lookup(name)
+    except LookupError:
+        return False
+    return True
 
 
 @dataclass
 class TextIngestConfig:
-    """`ingest:` block of a text domain."""
+    """`ingest:` block."""
 
     text_field: str = "text"  # field holding the text in .jsonl records
     fallback_encoding: str = "latin-1"  # used when UTF-8 fails and detection finds nothing
     min_characters: int = 1
+
+    def validate(self, where: str) -> None:
+        require(_is_encoding(self.fallback_encoding), f"{where}.fallback_encoding",
+                f"unknown encoding {self.fallback_encoding!r}")
+        require(self.min_characters >= 1, f"{where}.min_characters", "must be at least 1")
 
 
 @dataclass
@@ -34,35 +79,40 @@ class LicensedcodeDefaultConfig:
 
     max_files: int | None = None
 
+    def validate(self, where: str) -> None:
+        require(self.max_files is None or self.max_files > 0, f"{where}.max_files", "must be positive or null")
+
 
 @dataclass
 class TextPreprocessConfig:
-    """`preprocess:` block of a text domain."""
+    """`preprocess:` block."""
 
-    tokenizer: str = "train"  # train: a WordPiece vocabulary learned on the corpus; base: the base model's
+    tokenizer: Literal["train", "base"] = "train"  # train: WordPiece learned on the corpus; base: the checkpoint's
     vocab_size: int = 8000
     min_frequency: int = 2
     lowercase: bool = True
     block_size: int = 128  # tokens per pretraining block
 
     def validate(self, where: str) -> None:
-        if self.tokenizer not in ("train", "base"):
-            raise PipelineError(f"params.yaml {where}.tokenizer: {self.tokenizer!r} is not train or base")
-        if self.block_size < 8:
-            raise PipelineError(f"params.yaml {where}.block_size must be at least 8")
+        require(self.vocab_size >= 16, f"{where}.vocab_size", "must be at least 16 (5 special tokens and an alphabet)")
+        require(self.min_frequency >= 1, f"{where}.min_frequency", "must be at least 1")
+        require(self.block_size >= 8, f"{where}.block_size", "must be at least 8")
 
 
 @dataclass
 class TextModelConfig:
-    """`model:` block of a text domain."""
+    """`model:` block."""
 
+    backbone: Literal["bert"] = "bert"  # a BERT-style transformers encoder
     base_checkpoint: str | None = None  # local Hugging Face folder, or package:<module>/<subdir>
-    hidden_size: int = 128
+    hidden_size: int = 128  # the BERT trained from scratch when there is no base checkpoint
     num_layers: int = 2
     num_heads: int = 2
     intermediate_size: int = 512
     max_length: int = 128  # tokens per labeled text for probes and fine-tuning
 
     def validate(self, where: str) -> None:
-        if self.hidden_size % self.num_heads:
-            raise PipelineError(f"params.yaml {where}: hidden_size must be divisible by num_heads")
+        for name in ("hidden_size", "num_layers", "num_heads", "intermediate_size", "max_length"):
+            require(getattr(self, name) > 0, f"{where}.{name}", "must be positive")
+        require(self.hidden_size % self.num_heads == 0, f"{where}.hidden_size",
+                f"must be divisible by num_heads ({self.num_heads})")

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 from datasets import Dataset
@@ -13,32 +13,27 @@ from tokenizers import BertWordPieceTokenizer
 from tokenizers.models import WordPiece
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from ssl_models.core.errors import PipelineError
-from ssl_models.legal_text.config import TextModelConfig, TextPreprocessConfig
+from ssl_models.core.config import DomainConfig
 from ssl_models.legal_text.models import resolve_checkpoint
 
 SPECIAL_TOKENS = {"unk_token": "[UNK]", "pad_token": "[PAD]", "cls_token": "[CLS]",
                   "sep_token": "[SEP]", "mask_token": "[MASK]"}
 
 
-def build_tokenizer(cfg: TextPreprocessConfig, model_cfg: TextModelConfig,
-                    train_texts: list[str]) -> PreTrainedTokenizerBase:
-    """Train a WordPiece vocabulary on the training split, or load the base model's.
+def build_tokenizer(cfg: DomainConfig, train_texts: list[str]) -> PreTrainedTokenizerBase:
+    """Train a WordPiece vocabulary on the training split, or load the base checkpoint's
+    (`preprocess.tokenizer`; the domain's `validate` pairs `base` with a base checkpoint).
 
     The CaseHOLD study (Zheng et al., ICAIL 2021) found a legal vocabulary gave the largest
     gains of domain pretraining, hence training one is the default."""
-    if cfg.tokenizer == "base":
-        if not model_cfg.base_checkpoint:
-            raise PipelineError("preprocess.tokenizer: base needs model.base_checkpoint in params.yaml")
-        return AutoTokenizer.from_pretrained(resolve_checkpoint(model_cfg.base_checkpoint))
-    if model_cfg.base_checkpoint:
-        raise PipelineError("a trained tokenizer does not match model.base_checkpoint's vocabulary; "
-                            "set preprocess.tokenizer: base, or remove base_checkpoint")
-    wordpiece = BertWordPieceTokenizer(lowercase=cfg.lowercase)
-    wordpiece.train_from_iterator(train_texts, vocab_size=cfg.vocab_size, min_frequency=cfg.min_frequency,
+    options = cfg.preprocess
+    if options.tokenizer == "base":
+        return AutoTokenizer.from_pretrained(resolve_checkpoint(cfg))
+    wordpiece = BertWordPieceTokenizer(lowercase=options.lowercase)
+    wordpiece.train_from_iterator(train_texts, vocab_size=options.vocab_size, min_frequency=options.min_frequency,
                                   special_tokens=list(SPECIAL_TOKENS.values()), show_progress=False)
     renumber_deterministically(wordpiece)
-    return PreTrainedTokenizerFast(tokenizer_object=wordpiece, model_max_length=cfg.block_size,
+    return PreTrainedTokenizerFast(tokenizer_object=wordpiece, model_max_length=options.block_size,
                                    **SPECIAL_TOKENS)
 
 

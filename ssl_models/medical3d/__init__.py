@@ -4,16 +4,17 @@ MONAI preprocessing, and ViT / 3D-ResNet self-supervised pretraining."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ssl_models.core.config import DomainConfig, parse_section
-from ssl_models.core.domain import DOMAINS, Domain, Record, Rejected, Source
+from ssl_models.core.config import DomainConfig
+from ssl_models.core.domain import DOMAINS, Domain, Locate, Record, Rejected, Source
 from ssl_models.core.errors import PipelineError
 from ssl_models.medical3d.config import (
+    BACKBONES,
+    METHODS,
     VIT_METHODS,
-    VOLUME_METHODS,
     MniDefaultConfig,
     VolumeIngestConfig,
     VolumeModelConfig,
@@ -22,9 +23,7 @@ from ssl_models.medical3d.config import (
 from ssl_models.medical3d.default_data import ATTRIBUTION
 
 if TYPE_CHECKING:
-    from datasets import Dataset
-
-    from ssl_models.core.modules import Encoder, PretrainMethod
+    from ssl_models.core.modules import Encoder
 
 log = logging.getLogger(__name__)
 VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".dcm", ".dicom", ".ima")
@@ -35,20 +34,21 @@ class Medical3D(Domain):
     name = "medical3d"
     suffixes = VOLUME_SUFFIXES
     pseudonymise_by_default = True  # file names of medical data often carry patient names
-
-    def _sections(self, cfg: DomainConfig) -> tuple[VolumeIngestConfig, VolumePreprocessConfig, VolumeModelConfig]:
-        where = f"domains.{cfg.name}"
-        return (parse_section(VolumeIngestConfig, cfg.ingest, f"{where}.ingest"),
-                parse_section(VolumePreprocessConfig, cfg.preprocess, f"{where}.preprocess"),
-                parse_section(VolumeModelConfig, cfg.model, f"{where}.model"))
+    sections = {"ingest": VolumeIngestConfig, "preprocess": VolumePreprocessConfig, "model": VolumeModelConfig,
+                "default_data": MniDefaultConfig}
+    methods = METHODS
+    backbones = BACKBONES
 
     def validate(self, cfg: DomainConfig) -> None:
-        _, _, model = self._sections(cfg)
-        parse_section(MniDefaultConfig, cfg.default_data, f"domains.{cfg.name}.default_data")
-        VOLUME_METHODS.check(cfg.pretrain.method)
-        if cfg.pretrain.method in VIT_METHODS and model.backbone != "vit":
-            raise PipelineError(f"params.yaml domains.{cfg.name}: method {cfg.pretrain.method!r} trains a ViT; "
-                                f"set model.backbone: vit (or use method simclr with backbone {model.backbone!r})")
+        method, model, where = cfg.pretrain.method, cfg.model, f"params.yaml domains.{cfg.name}"
+        if method in VIT_METHODS and model.backbone != "vit":
+            raise PipelineError(f"{where}: method {method!r} trains a ViT; set model.backbone: vit "
+                                f"(or use method simclr with backbone {model.backbone!r})")
+        if method == "mae":
+            n_patches = (model.size // model.patch_size) ** 3
+            if int((1 - cfg.pretrain.options.masking_ratio) * n_patches) < 1:
+                raise PipelineError(f"{where}.pretrain.options.masking_ratio: keeps no patch of the "
+                                    f"{n_patches} in a cube; lower it or use a smaller model.patch_size")
 
     def accepts(self, path: Path) -> bool:
         from ssl_models.medical3d.dicom import looks_like_dicom
@@ -69,24 +69,22 @@ class Medical3D(Domain):
         from ssl_models.medical3d.dicom import looks_like_dicom, read_series
         from ssl_models.medical3d.volumes import check_volume, read_nifti, read_nrrd
 
-        ingest, _, _ = self._sections(cfg)
         first = source.paths[0]
         if looks_like_dicom(first):
-            volume = read_series(source.paths, ingest.slice_gap_tolerance)
+            volume = read_series(source.paths, cfg.ingest.slice_gap_tolerance)
         elif first.name.lower().endswith((".nrrd", ".nhdr")):
             volume = read_nrrd(first)
         else:
             volume = read_nifti(first)
-        check_volume(volume, ingest.min_slices)
+        check_volume(volume, cfg.ingest.min_slices)
         return volume
 
     def read(self, source: Source, cfg: DomainConfig) -> Iterator[Record | Rejected]:
         from ssl_models.medical3d.volumes import guess_modality, volume_digest
 
-        ingest, _, _ = self._sections(cfg)
         volume = self._read_volume(source, cfg)
         meta: dict[str, Any] = {"format": "dicom" if volume.modality else "volume",
-                                "modality": guess_modality(volume, ingest.nifti_modality),
+                                "modality": guess_modality(volume, cfg.ingest.nifti_modality),
                                 "shape": list(volume.array.shape),
                                 "spacing_mm": [round(s, 4) for s in volume.spacing]}
         # the header's patient keeps a patient's volumes in one split; ingest writes it as a pseudonym
@@ -99,29 +97,28 @@ class Medical3D(Domain):
             write_mni_crops,
         )
 
-        options = parse_section(MniDefaultConfig, cfg.default_data, f"domains.{cfg.name}.default_data")
+        options = cfg.default_data
         crops = write_mni_crops(out_dir, options)
         extras = copy_registry_volumes(out_dir) if options.extra_volumes else 0
         log.info("default 3D corpus: %d labeled MNI152 cubes, %d registry volumes", crops, extras)
 
     def preprocess(self, cfg: DomainConfig, manifest: list[dict[str, Any]], out_dir: Path,
-                   locate: Callable[[dict[str, Any]], Source]) -> dict[str, Any]:
+                   locate: Locate) -> dict[str, Any]:
         from datasets import Dataset, Features, Sequence, Value
         from tqdm import tqdm
 
-        SHARD_FEATURES = {"sample_id": Value("string"), "image": Value("binary"), "shape": Sequence(Value("int32")),
-                          "label": Value("string"), "split": Value("string"), "group": Value("string")}
-
         from ssl_models.medical3d.transforms import preprocess_volume
 
-        _, options, model = self._sections(cfg)
+        shard_features = {"sample_id": Value("string"), "image": Value("binary"), "shape": Sequence(Value("int32")),
+                          "label": Value("string"), "split": Value("string"), "group": Value("string")}
+        options, size = cfg.preprocess, cfg.model.size
         columns: dict[str, dict[str, list]] = {name: {"sample_id": [], "image": [], "shape": []}
                                                for name in ("pretrain_train", "pretrain_val", "labeled")}
         for extra in ("label", "split", "group"):
             columns["labeled"][extra] = []
         for row in tqdm(manifest, desc=f"preprocess {cfg.name}", unit="volume", disable=None):
             volume = self._read_volume(locate(row), cfg)
-            cube = preprocess_volume(volume.array, volume.spacing, row["modality"], options, model.size)
+            cube = preprocess_volume(volume.array, volume.spacing, row["modality"], options, size)
             targets = [f"pretrain_{row['split']}"] if row["split"] in ("train", "val") else []
             if row.get("label") is not None:
                 targets.append("labeled")
@@ -133,44 +130,17 @@ class Medical3D(Domain):
                 columns[target]["image"].append(cube.tobytes())
                 columns[target]["shape"].append(list(cube.shape))
         for name, values in columns.items():  # explicit features: an empty split still saves and loads
-            features = Features({column: SHARD_FEATURES[column] for column in values})
+            features = Features({column: shard_features[column] for column in values})
             Dataset.from_dict(values, features=features).save_to_disk(str(out_dir / name))
         modalities = sorted({row["modality"] for row in manifest})
-        return {"cube_size": model.size, "spacing_mm": options.spacing, "modalities": modalities,
+        return {"cube_size": size, "spacing_mm": options.spacing, "modalities": modalities,
                 **{f"{name}_volumes": len(values["sample_id"]) for name, values in columns.items()}}
-
-    def build_pretrain_method(self, cfg: DomainConfig, shards_dir: Path) -> PretrainMethod:
-        _, _, model = self._sections(cfg)
-        method_cls = VOLUME_METHODS.get(cfg.pretrain.method)
-        try:
-            method = method_cls(model, **cfg.pretrain.options)
-        except TypeError as error:
-            raise PipelineError(f"params.yaml domains.{cfg.name}.pretrain.options do not fit method "
-                                f"{cfg.pretrain.method!r}: {error}") from None
-        method.model_cfg = model
-        return method
-
-    def pretrain_dataset(self, shards_dir: Path, split: str) -> Dataset:
-        from datasets import load_from_disk
-
-        folder = shards_dir / f"pretrain_{split}"
-        if not any(folder.glob("*.arrow")):  # datasets saves an empty split without a table
-            return []
-        return load_from_disk(str(folder))
-
-    def save_pretrained(self, method: PretrainMethod, out_dir: Path) -> None:
-        from ssl_models.medical3d.models import VolumeEncoder
-
-        VolumeEncoder(method.model_cfg, method.backbone).save(out_dir)
 
     def load_encoder(self, init: str, cfg: DomainConfig, shards_dir: Path,
                      pretrained_dir: Path, seed: int) -> Encoder:
         from ssl_models.medical3d.models import load_volume_encoder
 
-        return load_volume_encoder(init, self._sections(cfg)[2], pretrained_dir, seed)
-
-    def available_inits(self, cfg: DomainConfig) -> list[str]:
-        return ["ssl", "scratch", "generic"] if self._sections(cfg)[2].base_checkpoint else ["ssl", "scratch"]
+        return load_volume_encoder(init, cfg, shards_dir, pretrained_dir, seed)
 
     def task_description(self, cfg: DomainConfig, uses_default_data: bool) -> str:
         if uses_default_data:

@@ -1,58 +1,49 @@
 """Typed settings of the 3D medical domain (the `ingest`, `preprocess`, `model` and
-`default_data` sections of its params.yaml block), and its method registry."""
+`default_data` sections of its params.yaml block), its SSL methods with their options, and
+its backbones. Imports no torch: checking params.yaml stays fast."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from ssl_models.core.config import require
 from ssl_models.core.registry import Registry
-
-# Lazy entries: validating a method name never imports torch or MONAI.
-VOLUME_METHODS: Registry[type] = Registry("3D SSL method")
-VOLUME_METHODS.register_lazy("vit_inpainting_contrastive", "ssl_models.medical3d.methods:InpaintingContrastive")
-VOLUME_METHODS.register_lazy("mae", "ssl_models.medical3d.methods:MaskedAutoencoder3D")
-VOLUME_METHODS.register_lazy("simclr", "ssl_models.medical3d.methods:SimCLR3D")
-VIT_METHODS = ("vit_inpainting_contrastive", "mae")
-BACKBONES = ("vit", "resnet")
 
 
 @dataclass
 class VolumeIngestConfig:
     min_slices: int = 8  # a volume needs this many slices along each axis; fewer is a 2D image
-    nifti_modality: str = "auto"  # auto | ct | mr: NIfTI/NRRD carry no modality; auto: CT when values reach HU of air
+    # NIfTI/NRRD carry no modality; auto: CT when values reach the HU of air
+    nifti_modality: Literal["auto", "ct", "mr"] = "auto"
     slice_gap_tolerance: float = 0.5  # a gap above (1 + this) x the usual slice spacing is a missing slice
 
     def validate(self, where: str) -> None:
-        require(self.min_slices >= 1, where, "min_slices must be at least 1")
-        require(self.nifti_modality in ("auto", "ct", "mr"), where,
-                 f"nifti_modality {self.nifti_modality!r} is not one of auto, ct, mr")
-        require(self.slice_gap_tolerance > 0, where, "slice_gap_tolerance must be positive")
+        require(self.min_slices >= 1, f"{where}.min_slices", "must be at least 1")
+        require(self.slice_gap_tolerance > 0, f"{where}.slice_gap_tolerance", "must be positive")
 
 
 @dataclass
 class VolumePreprocessConfig:
     spacing: list[float] | None = field(default_factory=lambda: [1.0, 1.0, 1.0])  # mm; null keeps each volume's
     ct_window: list[float] = field(default_factory=lambda: [-1000.0, 1000.0])  # HU clipped and scaled to [0, 1]
-    mr_normalisation: str = "percentile"  # percentile (1st-99th to [0, 1]) | zscore (nonzero voxels)
+    mr_normalisation: Literal["percentile", "zscore"] = "percentile"  # 1st-99th to [0, 1] | z-score of nonzero voxels
     mr_percentiles: list[float] = field(default_factory=lambda: [1.0, 99.0])
     crop_foreground: bool = True
     foreground_threshold: float = 0.05  # after normalisation, voxels above this are foreground
 
     def validate(self, where: str) -> None:
-        require(self.spacing is None or (len(self.spacing) == 3 and min(self.spacing) > 0), where,
-                 "spacing must be null or three positive millimetre values")
-        require(len(self.ct_window) == 2 and self.ct_window[0] < self.ct_window[1], where,
-                 "ct_window must be [low, high] in HU")
-        require(self.mr_normalisation in ("percentile", "zscore"), where,
-                 f"mr_normalisation {self.mr_normalisation!r} is not one of percentile, zscore")
+        require(self.spacing is None or (len(self.spacing) == 3 and min(self.spacing) > 0), f"{where}.spacing",
+                "must be null or three positive millimetre values")
+        require(len(self.ct_window) == 2 and self.ct_window[0] < self.ct_window[1], f"{where}.ct_window",
+                "must be [low, high] in HU")
         require(len(self.mr_percentiles) == 2 and 0 <= self.mr_percentiles[0] < self.mr_percentiles[1] <= 100,
-                 where, "mr_percentiles must be [low, high] within 0..100")
+                f"{where}.mr_percentiles", "must be [low, high] within 0..100")
 
 
 @dataclass
 class VolumeModelConfig:
-    backbone: str = "vit"  # vit (MONAI ViT) | resnet (MONAI 3D ResNet)
+    backbone: Literal["vit", "resnet"] = "vit"  # MONAI ViT | MONAI 3D ResNet (the names BACKBONES registers)
     size: int = 32  # voxels per side of the model's input cube
     patch_size: int = 8  # ViT
     hidden_size: int = 96  # ViT width
@@ -60,13 +51,15 @@ class VolumeModelConfig:
     num_heads: int = 4
     mlp_dim: int = 192
     resnet_widths: list[int] = field(default_factory=lambda: [16, 32, 64, 128])
-    base_checkpoint: str | None = None  # a local state dict (e.g. MONAI's published ViT SSL weights)
+    base_checkpoint: str | None = None  # a local state dict (e.g. MONAI's published ViT SSL weights): init `generic`
 
     def validate(self, where: str) -> None:
-        require(self.backbone in BACKBONES, where, f"backbone {self.backbone!r} is not one of {list(BACKBONES)}")
-        require(self.size % self.patch_size == 0, where, "size must be a multiple of patch_size")
-        require(self.hidden_size % self.num_heads == 0, where, "hidden_size must be a multiple of num_heads")
-        require(len(self.resnet_widths) == 4, where, "resnet_widths lists four stage widths")
+        for name in ("size", "patch_size", "hidden_size", "num_layers", "num_heads", "mlp_dim"):
+            require(getattr(self, name) > 0, f"{where}.{name}", "must be positive")
+        require(self.size % self.patch_size == 0, f"{where}.size", "must be a multiple of patch_size")
+        require(self.hidden_size % self.num_heads == 0, f"{where}.hidden_size", "must be a multiple of num_heads")
+        require(len(self.resnet_widths) == 4 and min(self.resnet_widths) > 0, f"{where}.resnet_widths",
+                "lists four positive stage widths")
 
 
 @dataclass
@@ -80,5 +73,59 @@ class MniDefaultConfig:
     extra_volumes: bool = True  # also lay out the other registry volumes (pydicom, nibabel) for pretraining
 
     def validate(self, where: str) -> None:
-        require(self.crop_size >= 8 and self.block_size >= self.crop_size, where,
-                 "crop_size must be >= 8 and block_size >= crop_size")
+        require(self.crop_size >= 8, f"{where}.crop_size", "must be at least 8 voxels")
+        require(self.block_size >= self.crop_size, f"{where}.block_size", "must be at least crop_size")
+        require(0 <= self.min_brain_fraction <= 1, f"{where}.min_brain_fraction", "must be in [0, 1]")
+
+
+@dataclass
+class MaeOptions:
+    """`mae`: MONAI's MaskedAutoEncoderViT sharing the ViT backbone's weights."""
+
+    masking_ratio: float = 0.75  # share of patches hidden from the encoder
+    decoder_hidden_size: int = 48  # divisible by 6 (3D sin-cos position embedding) and by the 4 decoder heads
+    decoder_layers: int = 1
+    norm_pixel_loss: bool = True  # targets normalised per patch (mean, variance), as in the MAE paper
+
+    def validate(self, where: str) -> None:
+        require(0 < self.masking_ratio < 1, f"{where}.masking_ratio", "must be in (0, 1)")
+        require(self.decoder_hidden_size > 0 and self.decoder_hidden_size % 12 == 0, f"{where}.decoder_hidden_size",
+                "must be a positive multiple of 12 (6 for the sin-cos embedding, 4 decoder heads)")
+        require(self.decoder_layers >= 1, f"{where}.decoder_layers", "must be at least 1")
+
+
+@dataclass
+class InpaintingContrastiveOptions:
+    """`vit_inpainting_contrastive`: reconstruct corrupted views, plus NT-Xent between them."""
+
+    contrastive_weight: float = 0.1  # weight of NT-Xent against the L1 reconstruction
+    temperature: float = 0.5
+
+    def validate(self, where: str) -> None:
+        require(self.contrastive_weight >= 0, f"{where}.contrastive_weight", "must be zero or positive")
+        require(self.temperature > 0, f"{where}.temperature", "must be positive")
+
+
+@dataclass
+class SimCLROptions:
+    """`simclr`: two augmented views, projection head and NT-Xent, on any backbone."""
+
+    temperature: float = 0.2
+    projection_dim: int = 64
+
+    def validate(self, where: str) -> None:
+        require(self.temperature > 0, f"{where}.temperature", "must be positive")
+        require(self.projection_dim >= 1, f"{where}.projection_dim", "must be at least 1")
+
+
+# Lazy entries: validating a name never imports torch or MONAI.
+METHODS: Registry[type] = Registry("3D SSL method")
+METHODS.register_lazy("mae", "ssl_models.medical3d.methods:MaskedAutoencoder3D", options=MaeOptions)
+METHODS.register_lazy("vit_inpainting_contrastive", "ssl_models.medical3d.methods:InpaintingContrastive",
+                      options=InpaintingContrastiveOptions)
+METHODS.register_lazy("simclr", "ssl_models.medical3d.methods:SimCLR3D", options=SimCLROptions)
+VIT_METHODS = ("vit_inpainting_contrastive", "mae")  # they read the ViT's patch tokens
+
+BACKBONES: Registry = Registry("3D backbone")
+BACKBONES.register_lazy("vit", "ssl_models.medical3d.models:build_vit")
+BACKBONES.register_lazy("resnet", "ssl_models.medical3d.models:build_resnet")

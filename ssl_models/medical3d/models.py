@@ -1,75 +1,70 @@
-"""3D backbones (MONAI ViT, MONAI 3D ResNet) and the encoder the probes and fine-tuning use."""
+"""3D backbones (MONAI ViT, MONAI 3D ResNet) as encoders, and the encoders fine-tuning loads."""
 
 from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ssl_models.core.config import DomainConfig, parse_section
 from ssl_models.core.errors import PipelineError
 from ssl_models.core.modules import Encoder
-from ssl_models.medical3d.config import VolumeModelConfig
+from ssl_models.medical3d.config import BACKBONES, VolumeModelConfig
+from ssl_models.medical3d.views import images_of
 
 log = logging.getLogger(__name__)
-
-
-def build_backbone(cfg: VolumeModelConfig) -> nn.Module:
-    from monai.networks.nets import ResNet, ViT
-
-    if cfg.backbone == "vit":
-        return ViT(in_channels=1, img_size=cfg.size, patch_size=cfg.patch_size, hidden_size=cfg.hidden_size,
-                   mlp_dim=cfg.mlp_dim, num_layers=cfg.num_layers, num_heads=cfg.num_heads,
-                   classification=False, spatial_dims=3)
-    return ResNet(block="basic", layers=[1, 1, 1, 1], block_inplanes=cfg.resnet_widths, spatial_dims=3,
-                  n_input_channels=1, conv1_t_size=3, conv1_t_stride=1, no_max_pool=True,
-                  feed_forward=False, num_classes=1)
-
-
-def feature_dim(cfg: VolumeModelConfig) -> int:
-    return cfg.hidden_size if cfg.backbone == "vit" else cfg.resnet_widths[-1]
-
-
-def pooled_features(backbone: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """[B, 1, S, S, S] -> [B, dim]: mean of the ViT's tokens, or the ResNet's global pool."""
-    out = backbone(images)
-    if isinstance(out, tuple):  # MONAI ViT returns (tokens, hidden states)
-        return out[0].mean(dim=1)
-    return out
-
-
-def images_of(rows: list[dict[str, Any]]) -> torch.Tensor:
-    """Rows of a shard (float16 bytes + shape) -> a float32 batch [B, 1, S, S, S]."""
-    cubes = [np.frombuffer(row["image"], dtype=np.float16).reshape(row["shape"]) for row in rows]
-    return torch.from_numpy(np.stack(cubes).astype(np.float32))[:, None]
+WEIGHTS, CONFIG = "backbone.safetensors", "config.json"
 
 
 class VolumeEncoder(Encoder):
-    """A 3D backbone with pooling: one feature vector per volume."""
+    """A 3D backbone with pooling: one feature vector per volume (the mean of a ViT's tokens,
+    or a ResNet's global pool). `cfg` is the model section it was built from; `save` writes it."""
 
-    def __init__(self, cfg: VolumeModelConfig, backbone: nn.Module | None = None) -> None:
+    def __init__(self, cfg: VolumeModelConfig, backbone: nn.Module, dim: int) -> None:
         super().__init__()
         self.cfg = cfg
-        self.backbone = backbone if backbone is not None else build_backbone(cfg)
-        self.dim = feature_dim(cfg)
+        self.backbone = backbone
+        self.dim = dim
 
     def collate(self, samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         return {"image": images_of(samples)}
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return pooled_features(self.backbone, batch["image"])
+        out = self.backbone(batch["image"])
+        if isinstance(out, tuple):  # MONAI ViT returns (tokens, hidden states)
+            return out[0].mean(dim=1)
+        return out
 
     def save(self, out_dir: Path) -> None:
         out_dir.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in self.backbone.state_dict().items()},
-                  str(out_dir / "backbone.safetensors"))
-        (out_dir / "config.json").write_text(json.dumps(asdict(self.cfg), indent=1))
+        save_file({k: v.contiguous() for k, v in self.backbone.state_dict().items()}, str(out_dir / WEIGHTS))
+        (out_dir / CONFIG).write_text(json.dumps(asdict(self.cfg), indent=1))
+
+
+def build_vit(cfg: DomainConfig, shards_dir: Path) -> VolumeEncoder:
+    """MONAI's ViT on the model cube, patch tokens without a class token."""
+    from monai.networks.nets import ViT
+
+    m = cfg.model
+    return VolumeEncoder(m, ViT(in_channels=1, img_size=m.size, patch_size=m.patch_size, hidden_size=m.hidden_size,
+                                mlp_dim=m.mlp_dim, num_layers=m.num_layers, num_heads=m.num_heads,
+                                classification=False, spatial_dims=3), m.hidden_size)
+
+
+def build_resnet(cfg: DomainConfig, shards_dir: Path) -> VolumeEncoder:
+    """MONAI's 3D ResNet (one basic block per stage), globally pooled features."""
+    from monai.networks.nets import ResNet
+
+    m = cfg.model
+    return VolumeEncoder(m, ResNet(block="basic", layers=[1, 1, 1, 1], block_inplanes=m.resnet_widths, spatial_dims=3,
+                                   n_input_channels=1, conv1_t_size=3, conv1_t_stride=1, no_max_pool=True,
+                                   feed_forward=False, num_classes=1), m.resnet_widths[-1])
 
 
 def load_backbone_weights(backbone: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
@@ -98,13 +93,24 @@ def read_state(path: Path) -> dict[str, torch.Tensor]:
     return state.get("state_dict", state) if isinstance(state, dict) else state
 
 
-def load_volume_encoder(init: str, cfg: VolumeModelConfig, pretrained_dir: Path, seed: int) -> VolumeEncoder:
-    """`ssl`: the pretrained backbone; `scratch`: random init from `seed`; `generic`: base_checkpoint."""
-    torch.manual_seed(seed)
-    encoder = VolumeEncoder(cfg)
+def load_volume_encoder(init: str, cfg: DomainConfig, shards_dir: Path, pretrained_dir: Path,
+                        seed: int) -> VolumeEncoder:
+    """`ssl`: the architecture and weights `VolumeEncoder.save` wrote; `scratch`: `model.backbone`
+    randomly initialised from `seed`; `generic`: `model.base_checkpoint` loaded into it."""
+    model = cfg.model
     if init == "ssl":
-        load_backbone_weights(encoder.backbone, load_file(str(pretrained_dir / "backbone.safetensors")),
-                              str(pretrained_dir))
+        if not (pretrained_dir / CONFIG).exists():
+            raise PipelineError(f"no pretrained encoder in {pretrained_dir}; run the pretrain stage first")
+        model = parse_section(VolumeModelConfig, json.loads((pretrained_dir / CONFIG).read_text()),
+                              str(pretrained_dir / CONFIG))
+    elif init == "generic" and not model.base_checkpoint:
+        raise PipelineError(f"init `generic` needs domains.{cfg.name}.model.base_checkpoint in params.yaml")
+    with torch.random.fork_rng(devices=[]):  # the init depends on `seed` alone, and leaves the caller's RNG be
+        torch.manual_seed(seed)
+        encoder = BACKBONES.get(model.backbone)(replace(cfg, model=model), shards_dir)
+    if init == "ssl":
+        load_backbone_weights(encoder.backbone, load_file(str(pretrained_dir / WEIGHTS)), str(pretrained_dir))
     elif init == "generic":
-        load_backbone_weights(encoder.backbone, read_state(Path(str(cfg.base_checkpoint))), str(cfg.base_checkpoint))
+        path = cfg.resolve(model.base_checkpoint)
+        load_backbone_weights(encoder.backbone, read_state(path), str(model.base_checkpoint))
     return encoder

@@ -1,9 +1,12 @@
 """Tiny real-format medical files for tests: DICOM series built from pydicom's CT_small.dcm
-(a real CT header) with planted patient data, and small NIfTI volumes."""
+(a real CT header) with planted patient data, small NIfTI volumes, shard rows of cubes, and
+tiny params for the medical domain."""
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -64,3 +67,41 @@ def blob_volume(rng: np.random.Generator, size: int, with_blob: bool) -> np.ndar
         centre = rng.uniform(-0.4, 0.4, 3)
         volume += 150 * (np.sqrt(((grid - centre[:, None, None, None]) ** 2).sum(0)) < 0.3)
     return volume
+
+
+def cube_rows(n: int, size: int = 16) -> list[dict[str, Any]]:
+    """Pretraining rows as the preprocess stage writes them: float16 cubes, half with a blob."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(n):
+        cube = (blob_volume(rng, size, i % 2 == 0) / 250).astype(np.float16)
+        rows.append({"sample_id": str(i), "image": cube.tobytes(), "shape": list(cube.shape)})
+    return rows
+
+
+TINY_MEDICAL: dict[str, Any] = {
+    "module": "medical3d",
+    "corpus": "corpus",
+    "labels": None,
+    "split": {"val": 0.1, "test": 0.3, "salt": "split-v1"},
+    "privacy": {"salt_file": "secret/salt"},
+    "ingest": {"min_slices": 8},
+    "preprocess": {"spacing": None},
+    "model": {"backbone": "vit", "size": 16, "patch_size": 8, "hidden_size": 24, "num_layers": 1, "num_heads": 2,
+              "mlp_dim": 48, "resnet_widths": [4, 8, 8, 16]},
+    "pretrain": {"method": "mae", "steps": 4, "batch_size": 4, "learning_rate": 0.001, "warmup_steps": 1,
+                 "checkpoint_every": 2, "rankme_samples": 8},
+    "finetune": {"label_fractions": [0.5, 1.0], "seeds": [0], "steps": 2, "batch_size": 4},
+}
+
+
+def medical_params(**overrides: Any) -> dict[str, Any]:
+    """`{"domains": {"medical": block}}`: the tiny block, each override updating its section
+    (a mapping) or replacing it (any other value)."""
+    block = copy.deepcopy(TINY_MEDICAL)
+    for section, values in overrides.items():
+        if isinstance(values, dict):
+            block.setdefault(section, {}).update(values)
+        else:
+            block[section] = values
+    return {"domains": {"medical": block}}

@@ -14,18 +14,19 @@ import pytest
 import soundfile
 
 from tasks.io import read_json, read_jsonl
-from tests.conftest import write_params
+from tests.conftest import run_stages, write_params
 from tests.ssl_models.test_audio_readers import FSDD, write_bad_files
 
 TINY_AUDIO = {
     "module": "audio",
     "corpus": "data/audio/default/corpus",
     "labels": "data/audio/default/labels.csv",
+    "cpu_threads": 1,
     "default_data": {"speakers": 8, "takes": 1, "sentences": True},
     "split": {"val": 0.2, "test": 0.25, "salt": "split-v1"},
     "ingest": {"sample_rate": 8000, "segment_seconds": 4.0, "group_by": "folder"},
     "preprocess": {"input": "log_mel", "n_mels": 16, "n_fft": 200, "hop_length": 80, "clip_seconds": 0.8},
-    "model": {"hidden_size": 16, "num_layers": 1, "num_heads": 2, "intermediate_size": 32, "cpu_threads": 1},
+    "model": {"hidden_size": 16, "num_layers": 1, "num_heads": 2, "intermediate_size": 32},
     "pretrain": {"method": "tera", "steps": 6, "batch_size": 8, "learning_rate": 0.002, "warmup_steps": 1,
                  "checkpoint_every": 3, "rankme_samples": 16, "seed": 0},
     "finetune": {"label_fractions": [1.0], "seeds": [0, 1], "protocols": ["linear", "knn", "finetune"],
@@ -44,15 +45,14 @@ def audio_params(**sections: dict) -> dict:
 
 
 @pytest.fixture
-def audio_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+def audio_project(tmp_path: Path) -> Iterator[Path]:
     """A project folder with tiny audio params. The stages set torch's thread count
-    (model.cpu_threads) for the whole process, so it is restored afterwards: later tests that
+    (cpu_threads) for the whole process, so it is restored afterwards: later tests that
     compare a subprocess's weights with their own need the default."""
     import torch
 
     threads = torch.get_num_threads()
     write_params(tmp_path, audio_params())
-    monkeypatch.chdir(tmp_path)
     yield tmp_path
     torch.set_num_threads(threads)
 
@@ -65,20 +65,19 @@ def corpus_digest(folder: Path) -> str:
     return digest.hexdigest()
 
 
-def test_the_generated_default_is_the_same_files_every_run_and_splits_never_share_a_speaker(audio_project: Path) -> None:
-    from tasks.default_data import default_data
-    from tasks.ingest import ingest
-
-    default_data("audio")
-    first = corpus_digest(Path("data/audio/default"))
-    default_data("audio")
-    assert corpus_digest(Path("data/audio/default")) == first
-    with open("data/audio/default/labels.csv", newline="") as handle:
+def test_the_generated_default_is_the_same_files_every_run_and_splits_never_share_a_speaker(
+        audio_project: Path) -> None:
+    default = audio_project / "data/audio/default"
+    run_stages(audio_project, "audio", "default_data")
+    first = corpus_digest(default)
+    run_stages(audio_project, "audio", "default_data")
+    assert corpus_digest(default) == first
+    with open(default / "labels.csv", newline="") as handle:
         labels = list(csv.DictReader(handle))
     assert len(labels) == 8 * 10 and {r["label"] for r in labels} == {str(d) for d in range(10)}
-    summary = ingest("audio")
+    [summary] = run_stages(audio_project, "audio", "ingest")
     assert summary["quarantined"] == 0 and summary["labeled"] == 80
-    rows = read_jsonl(Path("data/audio/manifest/manifest.jsonl"))
+    rows = read_jsonl(audio_project / "data/audio/manifest/manifest.jsonl")
     passages = [r for r in rows if "passage.wav#t=" in r["key"]]
     assert len(passages) >= 8  # each speaker's passage is longer than one 4 s segment
     split_of_group: dict[str, set[str]] = {}
@@ -89,14 +88,12 @@ def test_the_generated_default_is_the_same_files_every_run_and_splits_never_shar
 
 
 def test_ingest_quarantines_each_bad_file_with_its_reason_and_keeps_the_good_ones(audio_project: Path) -> None:
-    from tasks.ingest import ingest
-
     expected = write_bad_files(audio_project / "corpus")
     soundfile.write(audio_project / "corpus" / "good.wav", 0.3 * np.sin(np.arange(8000) / 3.0), 16000)
     (audio_project / "corpus" / "notes.txt").write_text("not audio")
     write_params(audio_project, audio_params(corpus="corpus", labels=None))
-    summary = ingest("audio")
-    reasons = {q["key"]: q["reason"] for q in read_jsonl(Path("data/audio/manifest/quarantine.jsonl"))}
+    [summary] = run_stages(audio_project, "audio", "ingest")
+    reasons = {q["key"]: q["reason"] for q in read_jsonl(audio_project / "data/audio/manifest/quarantine.jsonl")}
     assert summary["records"] == 1
     for name, fragment in expected.items():
         assert fragment in reasons[name], (name, reasons.get(name))
@@ -129,32 +126,30 @@ def write_mixed_format_corpus(root: Path, default_corpus: Path) -> None:
         writer.writerows(rows)
 
 
-@pytest.mark.parametrize("method,input_kind", [("tera", "log_mel"), ("wav2vec2", "waveform")])
-def test_whole_audio_path_on_a_mixed_format_folder(audio_project: Path, method: str, input_kind: str) -> None:
+@pytest.mark.parametrize("method,input_kind,backbone", [("tera", "log_mel", "spectrogram_transformer"),
+                                                        ("wav2vec2", "waveform", "wav2vec2")])
+def test_whole_audio_path_on_a_mixed_format_folder(audio_project: Path, method: str, input_kind: str,
+                                                   backbone: str) -> None:
     from ssl_models.audio.default_data import write_spoken_digits
-    from tasks.cli import stage_functions
 
     write_spoken_digits(audio_project / "generated", n_speakers=8, takes=1, sentences=False)
     write_mixed_format_corpus(audio_project, audio_project / "generated" / "corpus")
     write_params(audio_project, audio_params(corpus="calls", labels="labels.csv", pretrain={"method": method},
-                                             preprocess={"input": input_kind}))
-    stages = stage_functions()
-    for stage in ("ingest", "preprocess", "pretrain", "finetune", "evaluate", "report"):
-        stages[stage]("audio")
-    summary = read_json(Path("data/audio/manifest/summary.json"))
+                                             preprocess={"input": input_kind}, model={"backbone": backbone}))
+    run_stages(audio_project, "audio", "ingest", "preprocess", "pretrain", "finetune", "evaluate", "report")
+    summary = read_json(audio_project / "data/audio/manifest/summary.json")
     assert summary["quarantined"] == 0 and summary["labels_without_file"] == 0
     assert summary["labeled"] == summary["records"] == 80
-    shards = read_json(Path("data/audio/shards/summary.json"))
+    shards = read_json(audio_project / "data/audio/shards/summary.json")
     assert shards["input"] == input_kind and shards["labeled_test_exact_copies_in_pretraining"] == 0
-    metrics = read_json(Path("reports/audio/metrics.json"))
+    assert (audio_project / "models/audio/pretrain/encoder/audio_input.json").exists()
+    metrics = read_json(audio_project / "reports/audio/metrics.json")
     assert {r["init"] for r in metrics["results"]} == {"ssl", "scratch"}
-    assert Path("reports/audio/report/report.html").read_text().startswith("<!doctype html>")
+    assert (audio_project / "reports/audio/report/report.html").read_text().startswith("<!doctype html>")
 
 
 @pytest.mark.skipif(not FSDD.is_dir(), reason="shared FSDD recordings (../shared/data/audio-fsdd) not present")
 def test_fsdd_speakers_never_cross_splits(audio_project: Path) -> None:
-    from tasks.ingest import ingest
-
     corpus = audio_project / "fsdd"
     corpus.mkdir()
     rows = []
@@ -166,9 +161,9 @@ def test_fsdd_speakers_never_cross_splits(audio_project: Path) -> None:
         csv.writer(handle).writerows([("path", "label", "group"), *rows])
     write_params(audio_project, audio_params(corpus="fsdd", labels="labels.csv",
                                              split={"val": 0.1, "test": 0.1, "salt": "split-v1"}))
-    summary = ingest("audio")
+    [summary] = run_stages(audio_project, "audio", "ingest")
     assert summary["labeled"] == 300 and summary["quarantined"] == 0
-    manifest = read_jsonl(Path("data/audio/manifest/manifest.jsonl"))
+    manifest = read_jsonl(audio_project / "data/audio/manifest/manifest.jsonl")
     speakers_by_split: dict[str, set[str]] = {}
     for row in manifest:
         speakers_by_split.setdefault(row["split"], set()).add(row["group"])
@@ -182,22 +177,19 @@ def test_continued_pretraining_from_a_local_checkpoint_and_the_generic_init(audi
     import torch
     from safetensors.torch import load_file
 
-    from tasks.cli import stage_functions
-
-    stages = stage_functions()
-    for stage in ("default_data", "ingest", "preprocess", "pretrain"):
-        stages[stage]("audio")
-    shutil.copytree("models/audio/pretrain/encoder", "base_encoder")
-    first_losses = [loss for _, loss in read_json(Path("models/audio/pretrain/log.json"))["loss"]]
+    pretrained = audio_project / "models/audio/pretrain"
+    run_stages(audio_project, "audio", "default_data", "ingest", "preprocess", "pretrain")
+    shutil.copytree(pretrained / "encoder", audio_project / "base_encoder")
+    first_losses = [loss for _, loss in read_json(pretrained / "log.json")["loss"]]
+    # relative to the project root, not to the working directory
     write_params(audio_project, audio_params(
         model={"base_checkpoint": "base_encoder"},
         finetune={"inits": ["ssl", "scratch", "generic"], "seeds": [0], "protocols": ["linear", "knn"]}))
-    for stage in ("pretrain", "finetune", "evaluate"):
-        stages[stage]("audio")
-    continued_losses = [loss for _, loss in read_json(Path("models/audio/pretrain/log.json"))["loss"]]
+    run_stages(audio_project, "audio", "pretrain", "finetune", "evaluate")
+    continued_losses = [loss for _, loss in read_json(pretrained / "log.json")["loss"]]
     assert continued_losses[0] < first_losses[0]  # it starts from the checkpoint, not from random weights
-    base = load_file("base_encoder/model.safetensors")
-    continued = load_file("models/audio/pretrain/encoder/model.safetensors")
+    base = load_file(str(audio_project / "base_encoder/model.safetensors"))
+    continued = load_file(str(pretrained / "encoder/model.safetensors"))
     assert not torch.equal(base["patch_embedding.weight"], continued["patch_embedding.weight"])
-    metrics = read_json(Path("reports/audio/metrics.json"))
+    metrics = read_json(audio_project / "reports/audio/metrics.json")
     assert {r["init"] for r in metrics["results"]} == {"ssl", "scratch", "generic"}

@@ -4,11 +4,9 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
-import pytest
 
-from ssl_models.core.config import SplitConfig
 from ssl_models.core.domain import Source
-from ssl_models.histopathology import block_split
+from ssl_models.core.splits import assign_split
 from ssl_models.histopathology.config import HistoPreprocessConfig
 from ssl_models.histopathology.readers import open_slide
 from ssl_models.histopathology.shards import write_tile_shards
@@ -92,7 +90,7 @@ def shards(tmp_path: Path, rows: list[dict], **settings) -> tuple[dict, object, 
 
     options = HistoPreprocessConfig(tile_size=32, **settings)
     summary = write_tile_shards(rows, lambda r: Source(r["key"], [tmp_path / r["key"]]), options,
-                                lambda unit: block_split(unit, SplitConfig(val=0.1, test=0.3)), tmp_path / "out")
+                                lambda unit: assign_split(unit, 0.1, 0.3, "split-v1"), tmp_path / "out")
     pretrain = {s: load_from_disk(str(tmp_path / "out" / f"pretrain_{s}")) for s in ("train", "val")}
     return summary, load_from_disk(str(tmp_path / "out" / "labeled")), pretrain
 
@@ -128,15 +126,17 @@ def test_spatial_blocks_split_a_slide_without_sharing_pixels(tmp_path: Path) -> 
 def test_slide_level_rows_hold_a_bag_that_the_encoder_mean_pools(tmp_path: Path) -> None:
     import torch
 
-    from ssl_models.histopathology.backbones import TileEncoder, build_backbone
-    from ssl_models.histopathology.config import HistoModelConfig
+    from ssl_models.core.config import load_config
+    from tests.conftest import write_params
+    from tests.ssl_models.histo_files import histo_params
 
     rows = write_slides(tmp_path)
     _, labeled, _ = shards(tmp_path, rows, labeled_unit="slide", max_tiles_per_slide_bag=5)
     assert len(labeled) == 6 and all(len(r["pixels"]) == 5 for r in labeled)
-    model_cfg = HistoModelConfig(width=8)
+    write_params(tmp_path, histo_params(preprocess={"labeled_unit": "slide"}))
+    cfg, domain = load_config("histo", tmp_path / "params.yaml")
     torch.manual_seed(0)
-    encoder = TileEncoder(build_backbone(model_cfg, 32), model_cfg, 32).eval()
+    encoder = domain.build_encoder(cfg, tmp_path).eval()
     samples = [labeled[0], labeled[1]]
     with torch.no_grad():
         slides = encoder(encoder.collate(samples))

@@ -7,23 +7,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tasks.evaluate import evaluate
-from tasks.finetune import finetune
-from tasks.ingest import ingest
 from tasks.lineage import verify
-from tasks.preprocess import preprocess
-from tasks.pretrain import pretrain
-from tasks.report import report
-from tests.conftest import write_params
-from tests.ssl_models.medical_files import blob_volume, write_nifti, write_series
-from tests.ssl_models.test_medical3d_readers import medical_params
+from tests.conftest import run_stages, write_params
+from tests.ssl_models.medical_files import blob_volume, medical_params, write_nifti, write_series
 
 PLANTED = ["Planted", "PID-4711", "ACC-7", "19700101"]  # name, id, accession, birth date
 
 
 def test_a_planted_patient_reaches_no_output_log_or_report(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
-        capfd: pytest.CaptureFixture) -> None:
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture) -> None:
     """The patient's name is in the DICOM header and in every file and folder name; after the
     whole pipeline it is in no manifest, shard, checkpoint, model, report, lineage record or log."""
     corpus = tmp_path / "corpus"
@@ -38,16 +30,15 @@ def test_a_planted_patient_reaches_no_output_log_or_report(
     with open(corpus / "labels.csv", "w", newline="") as handle:
         csv.writer(handle).writerows([["path", "label", "group"], *rows])
     write_params(tmp_path, medical_params(labels="corpus/labels.csv"))
-    monkeypatch.chdir(tmp_path)
     caplog.set_level(logging.DEBUG)
-    assert ingest("medical")["labeled"] == 24
-    for stage in (preprocess, pretrain, finetune, evaluate, report):
-        stage("medical")
-    assert verify(Path("reports/medical/report")) == []
-    written = [p for folder in ("data", "models", "reports") for p in Path(folder).rglob("*")]
+    (summary,) = run_stages(tmp_path, "medical", "ingest")
+    assert summary["labeled"] == 24
+    run_stages(tmp_path, "medical", "preprocess", "pretrain", "finetune", "evaluate", "report")
+    assert verify(tmp_path / "reports/medical/report", tmp_path) == []
+    written = [p for folder in ("data", "models", "reports") for p in (tmp_path / folder).rglob("*")]
     assert len(written) > 30
     for path in written:
-        assert not any(value in str(path) for value in PLANTED), path
+        assert not any(value in str(path.relative_to(tmp_path)) for value in PLANTED), path
         if path.is_file():
             content = path.read_bytes()
             assert not any(value.encode() in content for value in PLANTED), path

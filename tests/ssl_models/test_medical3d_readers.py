@@ -1,67 +1,40 @@
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from ssl_models.core.config import load_domain_config
-from ssl_models.core.domain import Record, load_domain
+from ssl_models.core.config import load_config
+from ssl_models.core.domain import Record
 from ssl_models.core.privacy import pseudonymiser
-from tasks.ingest import ingest
 from tasks.io import read_jsonl
-from tests.conftest import write_params
+from tests.conftest import run_stages, write_params
 from tests.ssl_models.medical_files import (
     blob_volume,
+    medical_params,
     write_nifti,
     write_series,
     write_without_pixels,
 )
 
-TINY_MEDICAL = {
-    "module": "medical3d",
-    "corpus": "corpus",
-    "labels": None,
-    "split": {"val": 0.1, "test": 0.3, "salt": "split-v1"},
-    "privacy": {"salt_file": "secret/salt"},
-    "ingest": {"min_slices": 8},
-    "preprocess": {"spacing": None},
-    "model": {"backbone": "vit", "size": 16, "patch_size": 8, "hidden_size": 24, "num_layers": 1, "num_heads": 2,
-              "mlp_dim": 48, "resnet_widths": [4, 8, 8, 16]},
-    "pretrain": {"method": "mae", "steps": 4, "batch_size": 4, "learning_rate": 0.001, "warmup_steps": 1,
-                 "checkpoint_every": 2, "rankme_samples": 8},
-    "finetune": {"label_fractions": [0.5, 1.0], "seeds": [0], "steps": 2, "batch_size": 4},
-}
-
-
-def medical_params(**overrides) -> dict:
-    block = copy.deepcopy(TINY_MEDICAL)
-    for section, values in overrides.items():
-        if isinstance(values, dict):
-            block[section].update(values)
-        else:
-            block[section] = values
-    return {"domains": {"medical": block}}
-
 
 @pytest.fixture
-def medical_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+def medical_project(tmp_path: Path) -> Path:
     write_params(tmp_path, medical_params())
-    monkeypatch.chdir(tmp_path)
     return tmp_path
 
 
-def read_all() -> list[Record]:
-    cfg = load_domain_config("medical")
-    domain = load_domain(cfg)
-    files = sorted(p for p in cfg.corpus.rglob("*") if p.is_file())
-    return [record for source in domain.sources(files, cfg.corpus, cfg) for record in domain.read(source, cfg)]
+def read_all(root: Path) -> list[Record]:
+    cfg, domain = load_config("medical", root / "params.yaml")
+    corpus = cfg.resolve(cfg.corpus)
+    files = sorted(p for p in corpus.rglob("*") if p.is_file())
+    return [record for source in domain.sources(files, corpus, cfg) for record in domain.read(source, cfg)]
 
 
 def test_dicom_series_becomes_one_ras_volume_with_its_spacing(medical_project: Path) -> None:
     write_series(medical_project / "corpus" / "series", "Doe^Jane", "P1", n_slices=10, slice_step=2.5)
-    (record,) = read_all()
+    (record,) = read_all(medical_project)
     volume = record.content
     assert record.key == "series" and record.meta["modality"] == "ct"
     assert volume.array.shape == (16, 16, 10)
@@ -73,7 +46,7 @@ def test_dicom_series_becomes_one_ras_volume_with_its_spacing(medical_project: P
 def test_two_series_in_one_folder_are_two_volumes(medical_project: Path) -> None:
     write_series(medical_project / "corpus" / "study", "Doe^Jane", "P1", n_slices=9, file_stem="A")
     write_series(medical_project / "corpus" / "study", "Doe^Jane", "P1", n_slices=12, file_stem="B")
-    records = read_all()
+    records = read_all(medical_project)
     assert sorted(r.content.array.shape[2] for r in records) == [9, 12]
     assert sorted(r.key for r in records) == ["study#series-1", "study#series-2"]
 
@@ -88,9 +61,9 @@ def test_bad_volumes_are_quarantined_with_their_reason(medical_project: Path) ->
     (corpus / "cut.nii.gz").write_bytes((corpus / "cut.nii.gz").read_bytes()[:300])
     write_nifti(corpus / "nan.nii", np.full((12, 12, 12), np.nan))
     write_nifti(corpus / "slice.nii", np.ones((32, 32, 1)))
-    summary = ingest("medical")
-    public = pseudonymiser("secret/salt")
-    reasons = {q["key"]: q["reason"] for q in read_jsonl(Path("data/medical/manifest/quarantine.jsonl"))}
+    (summary,) = run_stages(medical_project, "medical", "ingest")
+    public = pseudonymiser(medical_project / "secret" / "salt")
+    reasons = {q["key"]: q["reason"] for q in read_jsonl(medical_project / "data/medical/manifest/quarantine.jsonl")}
     assert "missing slices" in reasons[public("key", "gappy")]
     assert reasons[public("key", "header_only.dcm")] == "DICOM without pixel data"
     assert "truncated or corrupt NIfTI" in reasons[public("key", "cut.nii.gz")]
@@ -104,7 +77,7 @@ def test_a_label_on_one_slice_labels_its_series(medical_project: Path) -> None:
     slices = write_series(medical_project / "corpus" / "case", "A^B", "P1")
     (medical_project / "labels.csv").write_text(f"path,label\ncase/{slices[3].name},mass\n")
     write_params(medical_project, medical_params(labels="labels.csv"))
-    summary = ingest("medical")
+    (summary,) = run_stages(medical_project, "medical", "ingest")
     assert summary["labeled"] == 1 and summary["labels_without_file"] == 0
 
 
@@ -113,8 +86,8 @@ def test_patients_never_straddle_splits(medical_project: Path) -> None:
         for series in range(2):
             write_series(medical_project / "corpus" / f"p{patient}" / f"s{series}", f"Patient^{patient}",
                          f"ID{patient}", n_slices=8 + series, contrast=10 * patient)
-    ingest("medical")
-    manifest = read_jsonl(Path("data/medical/manifest/manifest.jsonl"))
+    run_stages(medical_project, "medical", "ingest")
+    manifest = read_jsonl(medical_project / "data/medical/manifest/manifest.jsonl")
     assert len(manifest) == 24
     splits_of: dict[str, set[str]] = {}
     for row in manifest:
@@ -135,7 +108,7 @@ def test_nrrd_and_multiframe_dicom_are_volumes(medical_project: Path) -> None:
                                                     "space directions": np.diag([0.5, 0.6, 2.0]),
                                                     "space origin": np.zeros(3)})
     (corpus / "dose.dcm").write_bytes(Path(get_testdata_file("rtdose.dcm")).read_bytes())  # 15 frames
-    records = {r.key: r.content for r in read_all()}
+    records = {r.key: r.content for r in read_all(medical_project)}
     assert records["scan.nrrd"].array.shape == (9, 10, 11)
     assert np.allclose(records["scan.nrrd"].spacing, (0.5, 0.6, 2.0))
     # LPS on disk, RAS in memory: the first two axes are flipped, the third is not

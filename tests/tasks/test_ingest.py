@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from ssl_models.core.errors import PipelineError
-from tasks.ingest import ingest
+from tasks.cli import run_stage
 from tasks.io import read_json, read_jsonl
 from tests.conftest import tiny_params, write_params
 
@@ -40,9 +40,9 @@ def corpus_project(tiny_project: Path) -> Path:
 
 
 def test_manifest_quarantine_and_duplicates(corpus_project: Path) -> None:
-    summary = ingest("legal")
-    manifest = read_jsonl(Path("data/legal/manifest/manifest.jsonl"))
-    quarantine = {q["key"]: q["reason"] for q in read_jsonl(Path("data/legal/manifest/quarantine.jsonl"))}
+    summary = run_stage("ingest", "legal", corpus_project)
+    manifest = read_jsonl((corpus_project / "data/legal/manifest/manifest.jsonl"))
+    quarantine = {q["key"]: q["reason"] for q in read_jsonl((corpus_project / "data/legal/manifest/quarantine.jsonl"))}
     keys = {row["key"] for row in manifest}
     assert "contracts/c3.txt" in keys and "records.jsonl#L1" in keys
     assert "contracts/copy_of_c0.txt" not in keys and summary["duplicates_dropped"] == 1
@@ -59,23 +59,23 @@ def test_manifest_quarantine_and_duplicates(corpus_project: Path) -> None:
 
 
 def test_groups_never_straddle_splits_and_splits_are_stable(corpus_project: Path) -> None:
-    ingest("legal")
-    first = {r["key"]: r["split"] for r in read_jsonl(Path("data/legal/manifest/manifest.jsonl"))}
+    run_stage("ingest", "legal", corpus_project)
+    first = {r["key"]: r["split"] for r in read_jsonl((corpus_project / "data/legal/manifest/manifest.jsonl"))}
     by_group: dict[str, set[str]] = {}
-    for row in read_jsonl(Path("data/legal/manifest/manifest.jsonl")):
+    for row in read_jsonl((corpus_project / "data/legal/manifest/manifest.jsonl")):
         if row["group"]:
             by_group.setdefault(row["group"], set()).add(row["split"])
     assert all(len(splits) == 1 for splits in by_group.values())
     assert len({s for splits in by_group.values() for s in splits}) > 1  # groups do land in several splits
     (corpus_project / "corpus" / "new.txt").write_text("A new judgment arrives later.")
-    ingest("legal")
-    second = {r["key"]: r["split"] for r in read_jsonl(Path("data/legal/manifest/manifest.jsonl"))}
+    run_stage("ingest", "legal", corpus_project)
+    second = {r["key"]: r["split"] for r in read_jsonl((corpus_project / "data/legal/manifest/manifest.jsonl"))}
     assert {k: second[k] for k in first} == first  # adding a file moves no old one
 
 
 def test_lineage_records_raw_file_hashes(corpus_project: Path) -> None:
-    ingest("legal")
-    record = read_json(Path("data/legal/manifest/lineage.json"))
+    run_stage("ingest", "legal", corpus_project)
+    record = read_json((corpus_project / "data/legal/manifest/lineage.json"))
     assert record["artifact"] == "data/legal/manifest"
     assert set(record["raw_inputs"]) >= {"contracts/c0.txt", "empty.txt", "photo.png"}
     assert record["params"]["corpus"] == "corpus"
@@ -84,34 +84,33 @@ def test_lineage_records_raw_file_hashes(corpus_project: Path) -> None:
 def test_bad_labels_csv_is_a_clear_error(corpus_project: Path) -> None:
     (corpus_project / "corpus" / "labels.csv").write_text("file,category\na.txt,x\n")
     with pytest.raises(PipelineError, match="needs columns path,label"):
-        ingest("legal")
+        run_stage("ingest", "legal", corpus_project)
 
 
 def test_pseudonymised_ingest_writes_no_file_name_and_still_joins_labels(corpus_project: Path) -> None:
     """With `privacy.pseudonymise`, keys, groups and raw-file names leave ingest as salted hashes;
     labels still reach their files, preprocess still finds them, and verify still re-hashes them."""
     from tasks.lineage import verify
-    from tasks.preprocess import preprocess
 
     write_params(corpus_project, tiny_params(corpus="corpus", labels="corpus/labels.csv",
                                              split={"test": 0.3, "val": 0.1},
                                              privacy={"pseudonymise": True, "salt_file": "secret/salt"}))
-    summary = ingest("legal")
+    summary = run_stage("ingest", "legal", corpus_project)
     assert summary["pseudonymised"] and summary["labeled"] == 24
     assert (corpus_project / "secret" / "salt").stat().st_mode & 0o077 == 0  # readable by the owner only
-    written = "".join(p.read_text() for p in Path("data/legal/manifest").iterdir())
+    written = "".join(p.read_text() for p in (corpus_project / "data/legal/manifest").iterdir())
     for name in ("c5.txt", "contracts", "empty.txt", "photo.png", "records.jsonl", "case-1"):  # hex holds "c5"
         assert name not in written
-    manifest = read_jsonl(Path("data/legal/manifest/manifest.jsonl"))
+    manifest = read_jsonl((corpus_project / "data/legal/manifest/manifest.jsonl"))
     assert all(row["key"].startswith("key-") and row["source"].startswith("key-") for row in manifest)
     assert {row["group"] for row in manifest if row["label"]} <= {r["group"] for r in manifest}
     assert len({row["group"] for row in manifest if row["label"]}) == 6  # six cases, six pseudonyms
-    preprocess("legal")
-    assert verify(Path("data/legal/shards")) == []
+    run_stage("preprocess", "legal", corpus_project)
+    assert verify(corpus_project / "data/legal/shards", corpus_project) == []
     (corpus_project / "corpus" / "contracts" / "c5.txt").write_text("edited")
-    problems = verify(Path("data/legal/shards"))
+    problems = verify(corpus_project / "data/legal/shards", corpus_project)
     assert len(problems) == 1 and "content changed" in problems[0] and "c5.txt" not in problems[0]
     # a second run on the same machine gives the same pseudonyms (the salt file is reused)
     (corpus_project / "corpus" / "contracts" / "c5.txt").write_text("Contract 5. The supplier shall deliver 5 units.\n")
-    ingest("legal")
-    assert read_jsonl(Path("data/legal/manifest/manifest.jsonl")) == manifest
+    run_stage("ingest", "legal", corpus_project)
+    assert read_jsonl((corpus_project / "data/legal/manifest/manifest.jsonl")) == manifest

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ssl_models.legal_text.default_data import licensedcode_dir, split_front_matter
 from tasks.io import read_json
-from tests.conftest import tiny_params, write_params
+from tests.conftest import run_stages, tiny_params, write_params
 
 
 def write_mixed_corpus(root: Path, n: int = 48) -> None:
@@ -44,17 +44,13 @@ def write_mixed_corpus(root: Path, n: int = 48) -> None:
 
 
 def test_whole_legal_path_on_a_mixed_format_folder(tiny_project: Path) -> None:
-    from tasks.cli import stage_functions
-
     write_mixed_corpus(tiny_project)
     write_params(tiny_project, tiny_params(corpus="firm_docs", labels="labels.csv", ingest={"text_field": "body"},
                                            finetune={"label_fractions": [1.0], "seeds": [0, 1, 2]}))
-    stages = stage_functions()
-    for stage in ("ingest", "preprocess", "pretrain", "finetune", "evaluate", "report"):
-        stages[stage]("legal")
-    summary = read_json(Path("data/legal/manifest/summary.json"))
+    run_stages(tiny_project, "legal", "ingest", "preprocess", "pretrain", "finetune", "evaluate", "report")
+    summary = read_json((tiny_project / "data/legal/manifest/summary.json"))
     assert summary["quarantined"] == 0 and summary["labels_without_file"] == 0
     assert summary["labeled"] == summary["records"] >= 40
-    metrics = read_json(Path("reports/legal/metrics.json"))
+    metrics = read_json((tiny_project / "reports/legal/metrics.json"))
     assert {r["init"] for r in metrics["results"]} == {"ssl", "scratch"}
-    assert Path("reports/legal/report/report.html").read_text().startswith("<!doctype html>")
+    assert (tiny_project / "reports/legal/report/report.html").read_text().startswith("<!doctype html>")

@@ -11,15 +11,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tasks.cli import run_stage
 from tasks.io import read_json
-from tasks.pretrain import pretrain
 from tests.conftest import stage_env, tiny_params, write_params
 
-WEIGHTS = Path("models/legal/pretrain/encoder/model.safetensors")
+WEIGHTS = "models/legal/pretrain/encoder/model.safetensors"
 
 
-def final_weights() -> dict[str, torch.Tensor]:
-    return load_file(str(WEIGHTS))
+def final_weights(root: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(root / WEIGHTS))
 
 
 def assert_identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
@@ -29,51 +29,51 @@ def assert_identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> 
 
 
 def test_two_runs_give_bit_identical_weights_and_log_rankme(ingested_project: Path) -> None:
-    pretrain("legal")
-    first = final_weights()
-    log = read_json(Path("models/legal/pretrain/log.json"))
+    run_stage("pretrain", "legal", ingested_project)
+    first = final_weights(ingested_project)
+    log = read_json((ingested_project / "models/legal/pretrain/log.json"))
     assert [c["step"] for c in log["checkpoints"]] == [4, 8, 12]
     assert all(c["rankme"] > 1.0 for c in log["checkpoints"])
     assert log["checkpoints"][-1]["loss"] < log["checkpoints"][0]["loss"]  # it learns
-    shutil.rmtree("models")
-    pretrain("legal")
-    assert_identical(first, final_weights())
+    shutil.rmtree(ingested_project / "models")
+    run_stage("pretrain", "legal", ingested_project)
+    assert_identical(first, final_weights(ingested_project))
 
 
 def test_killed_run_resumes_to_the_same_weights(ingested_project: Path) -> None:
     settings = {"steps": 60, "checkpoint_every": 10, "warmup_steps": 5, "schedule": "wsd"}
     write_params(ingested_project, tiny_params(pretrain=settings))
-    pretrain("legal")
-    uninterrupted = final_weights()
-    shutil.rmtree("models")
+    run_stage("pretrain", "legal", ingested_project)
+    uninterrupted = final_weights(ingested_project)
+    shutil.rmtree(ingested_project / "models")
 
-    worker = subprocess.Popen([sys.executable, "-m", "tasks", "pretrain", "legal"], env=stage_env(),
+    worker = subprocess.Popen([sys.executable, "-m", "tasks", "--root", str(ingested_project), "pretrain", "legal"], env=stage_env(),
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    checkpoints = Path("models/legal/checkpoints")
+    checkpoints = (ingested_project / "models/legal/checkpoints")
     deadline = time.time() + 120
     while not list(checkpoints.glob("step_00000020.pt")) and worker.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     worker.send_signal(signal.SIGKILL)
     worker.wait()
-    if WEIGHTS.exists():
+    if (ingested_project / WEIGHTS).exists():
         pytest.skip("the run finished before it could be killed; machine too fast for this timing")
     assert list(checkpoints.glob("step_*.pt")), "no checkpoint was written before the kill"
 
-    history = pretrain("legal")  # resumes from the last checkpoint
-    assert_identical(uninterrupted, final_weights())
+    history = run_stage("pretrain", "legal", ingested_project)  # resumes from the last checkpoint
+    assert_identical(uninterrupted, final_weights(ingested_project))
     assert [c["step"] for c in history["checkpoints"]] == [10, 20, 30, 40, 50, 60]
 
 
 def test_checkpoints_of_another_configuration_are_not_resumed(ingested_project: Path) -> None:
     write_params(ingested_project, tiny_params(pretrain={"learning_rate": 0.01}))
-    pretrain("legal")
-    clean = final_weights()
-    shutil.rmtree("models")
+    run_stage("pretrain", "legal", ingested_project)
+    clean = final_weights(ingested_project)
+    shutil.rmtree(ingested_project / "models")
     write_params(ingested_project, tiny_params())
-    pretrain("legal")  # leaves checkpoints of the default learning rate behind
+    run_stage("pretrain", "legal", ingested_project)  # leaves checkpoints of the default learning rate behind
     write_params(ingested_project, tiny_params(pretrain={"learning_rate": 0.01}))
-    pretrain("legal")
-    assert_identical(clean, final_weights())  # started over instead of resuming a foreign run
+    run_stage("pretrain", "legal", ingested_project)
+    assert_identical(clean, final_weights(ingested_project))  # started over instead of resuming a foreign run
 
 
 def test_preprocess_in_two_processes_gives_identical_shards(ingested_project: Path) -> None:
@@ -81,7 +81,7 @@ def test_preprocess_in_two_processes_gives_identical_shards(ingested_project: Pa
     processes; the shards (and so the pretrained weights) must not."""
     digests = []
     for _ in range(2):
-        subprocess.run([sys.executable, "-m", "tasks", "preprocess", "legal"], env=stage_env(), check=True,
+        subprocess.run([sys.executable, "-m", "tasks", "--root", str(ingested_project), "preprocess", "legal"], env=stage_env(), check=True,
                        capture_output=True)
-        digests.append(read_json(Path("data/legal/shards/lineage.json"))["outputs"])
+        digests.append(read_json((ingested_project / "data/legal/shards/lineage.json"))["outputs"])
     assert digests[0] == digests[1]

@@ -54,3 +54,12 @@ def on_cpu(module: torch.nn.Module, device: torch.device):
         yield module
     finally:
         module.to(device)
+
+
+def set_cpu_threads(threads: int | None) -> None:
+    """The one CPU-thread setting (`domains.<d>.cpu_threads`), applied by the stages that compute.
+
+    Small models on a shared CPU often run several times faster on one thread: threads of tiny
+    matrix products mostly wait for each other. None keeps torch's default."""
+    if threads:
+        torch.set_num_threads(threads)

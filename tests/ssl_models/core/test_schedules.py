@@ -3,7 +3,7 @@ from __future__ import annotations
 import torch
 
 from ssl_models.core.config import PretrainConfig
-from tasks.schedules import make_schedule
+from ssl_models.core.schedules import make_schedule
 
 
 def learning_rates(schedule: str) -> list[float]:

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from tasks.splits import assign_split, select_label_subset
+from ssl_models.core.splits import assign_split, select_label_subset
 
 
 def test_split_depends_only_on_the_unit_and_matches_fractions() -> None:

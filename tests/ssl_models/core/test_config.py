@@ -1,0 +1,107 @@
+"""Config parsing: every key checked for its name, type and range, in one line naming it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import pytest
+
+from ssl_models.core.config import FinetuneConfig, PretrainConfig, load_config, parse_section, require
+from ssl_models.core.errors import PipelineError
+from tests.conftest import tiny_params, write_params
+
+
+@dataclass
+class Inner:
+    rate: float = 0.5
+
+    def validate(self, where: str) -> None:
+        require(0 < self.rate < 1, where, "rate must be in (0, 1)")
+
+
+@dataclass
+class Outer:
+    name: str = "a"
+    count: int = 1
+    ratio: float = 0.1
+    flag: bool = False
+    choice: Literal["x", "y"] = "x"
+    sizes: list[int] = field(default_factory=lambda: [1])
+    maybe: str | None = None
+    inner: Inner = field(default_factory=Inner)
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"nmae": "b"}, "o: unknown setting(s) ['nmae']; valid settings: ['choice', 'count', 'flag', 'inner', "),
+    ({"count": "ten"}, "o.count: 'ten' is not a whole number"),
+    ({"count": 1.5}, "o.count: 1.5 is not a whole number"),
+    ({"count": True}, "o.count: True is not a whole number"),
+    ({"ratio": "0.1"}, "o.ratio: '0.1' is not a number"),
+    ({"flag": "yes"}, "o.flag: 'yes' is not true or false"),
+    ({"choice": "z"}, "o.choice: 'z' is not one of x, y"),
+    ({"sizes": 3}, "o.sizes: 3 is not a list of whole numbers"),
+    ({"sizes": [1, "b"]}, "o.sizes[1]: 'b' is not a whole number"),
+    ({"maybe": 3}, "o.maybe: 3 is not a string or null"),
+    ({"inner": {"rat": 1}}, "o.inner: unknown setting(s) ['rat']"),
+    ({"inner": {"rate": 2.0}}, "o.inner: rate must be in (0, 1)"),
+    ({"inner": 3}, "o.inner: 3 is not a mapping of rate"),
+])
+def test_each_kind_of_bad_value_is_named(values: dict, message: str) -> None:
+    with pytest.raises(PipelineError) as caught:
+        parse_section(Outer, values, "o")
+    assert message in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_good_values_are_typed_ints_become_floats_and_nested_sections_parse() -> None:
+    parsed = parse_section(Outer, {"ratio": 1, "maybe": None, "inner": {"rate": 0.25}, "sizes": [2, 3]}, "o")
+    assert parsed.ratio == 1.0 and isinstance(parsed.ratio, float)
+    assert parsed.inner == Inner(0.25) and parsed.sizes == [2, 3] and parsed.maybe is None
+    assert parse_section(Outer, None, "o") == Outer()
+
+
+def test_shared_sections_check_their_ranges() -> None:
+    with pytest.raises(PipelineError, match="warmup_steps must be below steps"):
+        parse_section(PretrainConfig, {"steps": 10, "warmup_steps": 10}, "p")
+    with pytest.raises(PipelineError, match=r"f: label_fractions must list fractions in \(0, 1\]"):
+        parse_section(FinetuneConfig, {"label_fractions": [0.5, 1.5]}, "f")
+    with pytest.raises(PipelineError, match=r"f.inits\[0\]: 'random' is not one of ssl, scratch, generic"):
+        parse_section(FinetuneConfig, {"inits": ["random"]}, "f")
+
+
+def test_the_whole_block_is_parsed_once_into_typed_sections(tmp_path) -> None:
+    write_params(tmp_path, tiny_params(pretrain={"options": {"mlm_probability": 0.2}}))
+    cfg, domain = load_config("legal", tmp_path / "params.yaml")
+    assert cfg.pretrain.options.mlm_probability == 0.2  # the method's own options dataclass
+    assert type(cfg.model).__name__ != "dict" and cfg.model.hidden_size == 32
+    assert cfg.resolve("data/x") == tmp_path / "data/x" and cfg.resolve("/abs") .as_posix() == "/abs"
+    assert domain.name == "legal_text"
+
+
+@pytest.mark.parametrize("block, message", [
+    ({"modul": "x"}, "domains.legal: unknown setting(s) ['modul']"),
+    ({"cpu_threads": 0}, "domains.legal.cpu_threads: must be a positive number of threads or null"),
+    ({"cpu_threads": "two"}, "domains.legal.cpu_threads: 'two' is not a whole number or null"),
+    ({"module": "no_such_domain"}, "no domain module ssl_models.no_such_domain"),
+    ({"pretrain": {"options": {"mlm_probabilty": 0.2}}}, "domains.legal.pretrain.options: unknown setting(s) ['mlm_probabilty']"),
+    ({"pretrain": {"method": "bert"}}, "domains.legal.pretrain.method: unknown text SSL method 'bert'"),
+])
+def test_block_level_mistakes_are_named(tmp_path, block: dict, message: str) -> None:
+    params = tiny_params()
+    legal = params["domains"]["legal"]
+    for key, value in block.items():
+        if isinstance(value, dict) and isinstance(legal.get(key), dict):
+            legal[key].update(value)
+        else:
+            legal[key] = value
+    write_params(tmp_path, params)
+    with pytest.raises(PipelineError) as caught:
+        load_config("legal", tmp_path / "params.yaml")
+    assert message in str(caught.value)
+
+
+def test_a_params_file_that_is_not_yaml_is_one_line(tmp_path) -> None:
+    (tmp_path / "params.yaml").write_text("domains:\n  legal: [unclosed\n")
+    with pytest.raises(PipelineError) as caught:
+        load_config("legal", tmp_path / "params.yaml")
+    assert "is not valid YAML" in str(caught.value) and "\n" not in str(caught.value)

@@ -1,0 +1,133 @@
+"""The medical block of params.yaml: every section checked for names, types and ranges when any
+stage starts, the error naming the key."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+import typing
+from pathlib import Path
+
+import pytest
+
+from ssl_models.core.config import load_config
+from ssl_models.core.errors import PipelineError
+from ssl_models.medical3d.config import (
+    BACKBONES,
+    METHODS,
+    InpaintingContrastiveOptions,
+    MaeOptions,
+    SimCLROptions,
+    VolumeModelConfig,
+)
+from tests.conftest import stage_env, write_params
+from tests.ssl_models.medical_files import medical_params
+
+W = "domains.medical"
+INPAINT = {"method": "vit_inpainting_contrastive"}
+SIMCLR = {"method": "simclr"}
+
+
+@pytest.mark.parametrize("overrides, message", [
+    # ingest
+    ({"ingest": {"min_slice": 8}}, f"{W}.ingest: unknown setting(s) ['min_slice']"),
+    ({"ingest": {"min_slices": "eight"}}, f"{W}.ingest.min_slices: 'eight' is not a whole number"),
+    ({"ingest": {"min_slices": 0}}, f"{W}.ingest.min_slices: must be at least 1"),
+    ({"ingest": {"nifti_modality": "pet"}}, f"{W}.ingest.nifti_modality: 'pet' is not one of auto, ct, mr"),
+    ({"ingest": {"slice_gap_tolerance": 0}}, f"{W}.ingest.slice_gap_tolerance: must be positive"),
+    # preprocess
+    ({"preprocess": {"spacings": [1, 1, 1]}}, f"{W}.preprocess: unknown setting(s) ['spacings']"),
+    ({"preprocess": {"crop_foreground": "yes"}}, f"{W}.preprocess.crop_foreground: 'yes' is not true or false"),
+    ({"preprocess": {"ct_window": ["air", 1000]}}, f"{W}.preprocess.ct_window[0]: 'air' is not a number"),
+    ({"preprocess": {"mr_normalisation": "minmax"}},
+     f"{W}.preprocess.mr_normalisation: 'minmax' is not one of percentile, zscore"),
+    ({"preprocess": {"spacing": [1, 1]}}, f"{W}.preprocess.spacing: must be null or three positive"),
+    ({"preprocess": {"ct_window": [1000, -1000]}}, f"{W}.preprocess.ct_window: must be [low, high] in HU"),
+    ({"preprocess": {"mr_percentiles": [1, 101]}}, f"{W}.preprocess.mr_percentiles: must be [low, high] within"),
+    # model
+    ({"model": {"depth": 2}}, f"{W}.model: unknown setting(s) ['depth']"),
+    ({"model": {"size": 16.5}}, f"{W}.model.size: 16.5 is not a whole number"),
+    ({"model": {"backbone": "swin"}}, f"{W}.model.backbone: 'swin' is not one of vit, resnet"),
+    ({"model": {"base_checkpoint": 3}}, f"{W}.model.base_checkpoint: 3 is not a string or null"),
+    ({"model": {"num_heads": 0}}, f"{W}.model.num_heads: must be positive"),
+    ({"model": {"size": 20}}, f"{W}.model.size: must be a multiple of patch_size"),
+    ({"model": {"hidden_size": 25}}, f"{W}.model.hidden_size: must be a multiple of num_heads"),
+    ({"model": {"resnet_widths": [4, 8]}}, f"{W}.model.resnet_widths: lists four positive stage widths"),
+    # default_data
+    ({"default_data": {"crop": 24}}, f"{W}.default_data: unknown setting(s) ['crop']"),
+    ({"default_data": {"extra_volumes": "no"}}, f"{W}.default_data.extra_volumes: 'no' is not true or false"),
+    ({"default_data": {"crop_size": 4}}, f"{W}.default_data.crop_size: must be at least 8 voxels"),
+    ({"default_data": {"block_size": 16}}, f"{W}.default_data.block_size: must be at least crop_size"),
+    ({"default_data": {"min_brain_fraction": 1.5}}, f"{W}.default_data.min_brain_fraction: must be in [0, 1]"),
+    # pretrain.options of each method
+    ({"pretrain": {"options": {"mask_ratio": 0.5}}}, f"{W}.pretrain.options: unknown setting(s) ['mask_ratio']"),
+    ({"pretrain": {"options": {"masking_ratio": "high"}}},
+     f"{W}.pretrain.options.masking_ratio: 'high' is not a number"),
+    ({"pretrain": {"options": {"masking_ratio": 1.0}}}, f"{W}.pretrain.options.masking_ratio: must be in (0, 1)"),
+    ({"pretrain": {"options": {"decoder_hidden_size": 40}}},
+     f"{W}.pretrain.options.decoder_hidden_size: must be a positive multiple of 12"),
+    ({"pretrain": {"options": {"decoder_layers": 0}}}, f"{W}.pretrain.options.decoder_layers: must be at least 1"),
+    ({"pretrain": {"options": {"norm_pixel_loss": 1}}},
+     f"{W}.pretrain.options.norm_pixel_loss: 1 is not true or false"),
+    ({"pretrain": {**INPAINT, "options": {"masking_ratio": 0.5}}},
+     f"{W}.pretrain.options: unknown setting(s) ['masking_ratio']"),
+    ({"pretrain": {**INPAINT, "options": {"contrastive_weight": [1]}}},
+     f"{W}.pretrain.options.contrastive_weight: [1] is not a number"),
+    ({"pretrain": {**INPAINT, "options": {"contrastive_weight": -1}}},
+     f"{W}.pretrain.options.contrastive_weight: must be zero or positive"),
+    ({"pretrain": {**INPAINT, "options": {"temperature": 0}}}, f"{W}.pretrain.options.temperature: must be positive"),
+    ({"pretrain": {**SIMCLR, "options": {"projection": 8}}},
+     f"{W}.pretrain.options: unknown setting(s) ['projection']"),
+    ({"pretrain": {**SIMCLR, "options": {"projection_dim": 8.5}}},
+     f"{W}.pretrain.options.projection_dim: 8.5 is not a whole number"),
+    ({"pretrain": {**SIMCLR, "options": {"projection_dim": 0}}},
+     f"{W}.pretrain.options.projection_dim: must be at least 1"),
+    ({"pretrain": {**SIMCLR, "options": {"temperature": -0.1}}}, f"{W}.pretrain.options.temperature: must be positive"),
+    # across sections
+    ({"model": {"backbone": "resnet"}}, f"{W}: method 'mae' trains a ViT; set model.backbone: vit"),
+    ({"pretrain": {"options": {"masking_ratio": 0.9}}},  # 8 patches in a 16-voxel cube: int(0.1 * 8) = 0 kept
+     f"{W}.pretrain.options.masking_ratio: keeps no patch of the 8 in a cube"),
+])
+def test_each_bad_setting_fails_naming_its_key(tmp_path: Path, overrides: dict, message: str) -> None:
+    write_params(tmp_path, medical_params(**overrides))
+    with pytest.raises(PipelineError) as caught:
+        load_config("medical", tmp_path / "params.yaml")
+    assert message in str(caught.value) and "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize("pretrain, options", [
+    ({"method": "mae", "options": {"masking_ratio": 0.5}}, MaeOptions(masking_ratio=0.5)),
+    ({**INPAINT, "options": {"contrastive_weight": 1}}, InpaintingContrastiveOptions(contrastive_weight=1.0)),
+    ({**SIMCLR}, SimCLROptions()),
+])
+def test_sections_and_method_options_arrive_typed(tmp_path: Path, pretrain: dict, options: object) -> None:
+    write_params(tmp_path, medical_params(pretrain=pretrain))
+    cfg, _ = load_config("medical", tmp_path / "params.yaml")
+    assert cfg.pretrain.options == options
+    assert cfg.model.size == 16 and cfg.preprocess.spacing is None and cfg.ingest.nifti_modality == "auto"
+    assert cfg.default_data.crop_size == 24
+
+
+def test_backbone_choices_are_the_registered_backbones() -> None:
+    allowed = typing.get_args(typing.get_type_hints(VolumeModelConfig)["backbone"])
+    assert sorted(allowed) == BACKBONES.names()
+    assert METHODS.names() == ["mae", "simclr", "vit_inpainting_contrastive"]
+
+
+def test_the_repository_params_parse() -> None:
+    cfg, domain = load_config("medical", Path(__file__).resolve().parents[2] / "params.yaml")
+    assert cfg.pretrain.options == MaeOptions(masking_ratio=0.75) and domain.pseudonymises(cfg)
+
+
+def test_a_bad_setting_fails_through_the_cli_in_one_line_within_two_seconds(tmp_path: Path) -> None:
+    write_params(tmp_path, medical_params(pretrain={"options": {"masking_ratio": 2.0}}))
+    started = time.perf_counter()
+    result = subprocess.run([sys.executable, "-m", "tasks", "--root", str(tmp_path), "ingest", "medical"],
+                            check=False, capture_output=True, text=True, env=stage_env())
+    elapsed = time.perf_counter() - started
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"error: params.yaml {W}.pretrain.options.masking_ratio: must be in (0, 1)"]
+    assert elapsed < 2.0, f"{elapsed:.2f} s"
