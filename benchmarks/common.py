@@ -86,7 +86,8 @@ def run_on_shared_data(domain: str, overrides: dict, assignments: list[str], lay
         copy_project_code(folder)
         timings = reproduce_stages(folder, domain, STAGES[1:])
         metrics = yaml.safe_load((folder / "reports" / domain / "metrics.json").read_text())
-        metrics["comparisons"] = yaml.safe_load((folder / "reports" / domain / "evaluation" / "comparisons.json").read_text())
+        evaluation = folder / "reports" / domain / "evaluation"
+        metrics["comparisons"] = yaml.safe_load((evaluation / "comparisons.json").read_text())
     print(f"{title}: {n_files} files; machine: {platform.machine()}, {os.cpu_count()} cores")
     print("settings:", yaml.safe_dump({k: block[k] for k in shown}, default_flow_style=True, width=10_000).strip())
     print(" ".join(f"{stage} {seconds:.0f}s" for stage, seconds in timings), f"total {sum(s for _, s in timings):.0f}s")

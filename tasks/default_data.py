@@ -17,6 +17,6 @@ def default_data(cfg: DomainConfig, domain: Domain, paths: DomainPaths) -> None:
     recorder = LineageRecorder(f"default_data@{cfg.name}", paths.default_data, root=paths.root,
                                params={"module": cfg.module, "default_data": section_params(cfg.default_data)})
     with atomic_dir(paths.default_data) as out:
-        domain.write_default_data(out, cfg)
+        written = domain.write_default_data(out, cfg)
         recorder.write(out)
-    log.info("default data for %s written to %s", cfg.name, paths.default_data)
+    log.info("default data for %s written to %s: %s", cfg.name, paths.default_data, written)

@@ -63,7 +63,8 @@ def finetune(cfg: DomainConfig, domain: Domain, paths: DomainPaths) -> list[dict
     available = domain.available_inits(cfg)
     inits = [i for i in settings.inits if i in available]
     if skipped := [i for i in settings.inits if i not in available]:
-        log.info("finetune %s: skipping init(s) %s (not configured: e.g. no model.base_checkpoint)", domain_name, skipped)
+        log.info("finetune %s: skipping init(s) %s (not configured: e.g. no model.base_checkpoint)",
+                 domain_name, skipped)
     device = training_device()
     log.info("finetune %s on %s", domain_name, device)
     recorder = LineageRecorder(f"finetune@{domain_name}", paths.finetune, seeds=list(settings.seeds), root=paths.root,

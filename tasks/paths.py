@@ -6,12 +6,33 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
+class _Artifact:
+    """A path under the project root, `{domain}` filled in: `paths.manifest` -> root/data/legal/manifest."""
+
+    def __init__(self, template: str) -> None:
+        self.template = template
+
+    def __get__(self, paths: DomainPaths, owner: type) -> Path:
+        return paths.root / self.template.format(domain=paths.domain)
+
+
 @dataclass(frozen=True)
 class DomainPaths:
     """Every artifact path of one domain under the project `root`."""
 
     domain: str
     root: Path = Path(".")
+
+    default_data = _Artifact("data/{domain}/default")
+    manifest = _Artifact("data/{domain}/manifest")
+    shards = _Artifact("data/{domain}/shards")
+    checkpoints = _Artifact("models/{domain}/checkpoints")
+    pretrain = _Artifact("models/{domain}/pretrain")
+    finetune = _Artifact("models/{domain}/finetune")
+    evaluation = _Artifact("reports/{domain}/evaluation")
+    metrics = _Artifact("reports/{domain}/metrics.json")
+    plots = _Artifact("reports/{domain}/plots")
+    report = _Artifact("reports/{domain}/report")
 
     def resolve(self, path: Path | str) -> Path:
         """A path from params.yaml (relative to the project root unless absolute)."""
@@ -24,46 +45,6 @@ class DomainPaths:
             return path.relative_to(self.root).as_posix()
         except ValueError:
             return path.as_posix()
-
-    @property
-    def default_data(self) -> Path:
-        return self.root / "data" / self.domain / "default"
-
-    @property
-    def manifest(self) -> Path:
-        return self.root / "data" / self.domain / "manifest"
-
-    @property
-    def shards(self) -> Path:
-        return self.root / "data" / self.domain / "shards"
-
-    @property
-    def checkpoints(self) -> Path:
-        return self.root / "models" / self.domain / "checkpoints"
-
-    @property
-    def pretrain(self) -> Path:
-        return self.root / "models" / self.domain / "pretrain"
-
-    @property
-    def finetune(self) -> Path:
-        return self.root / "models" / self.domain / "finetune"
-
-    @property
-    def metrics(self) -> Path:
-        return self.root / "reports" / self.domain / "metrics.json"
-
-    @property
-    def evaluation(self) -> Path:
-        return self.root / "reports" / self.domain / "evaluation"
-
-    @property
-    def plots(self) -> Path:
-        return self.root / "reports" / self.domain / "plots"
-
-    @property
-    def report(self) -> Path:
-        return self.root / "reports" / self.domain / "report"
 
     def outputs(self, stage: str) -> list[Path]:
         """What `stage` writes: exactly the `outs`, `metrics` and `plots` of its dvc.yaml entry."""

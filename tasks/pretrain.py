@@ -63,7 +63,8 @@ CHECKPOINT_FORMAT = 2
 
 def run_fingerprint(cfg: DomainConfig, shards_digest: str) -> str:
     """Identifies the run a checkpoint belongs to: only such checkpoints are resumed."""
-    payload = json.dumps({"checkpoint_format": CHECKPOINT_FORMAT, "pretrain": asdict(cfg.pretrain), "model": section_params(cfg.model),
+    payload = json.dumps({"checkpoint_format": CHECKPOINT_FORMAT, "pretrain": asdict(cfg.pretrain),
+                          "model": section_params(cfg.model),
                           "preprocess": section_params(cfg.preprocess), "shards": shards_digest},
                          sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()

@@ -68,3 +68,17 @@ def ingested_project(tiny_project: Path) -> Path:
     """tiny_project with the default data laid out, ingested and preprocessed."""
     run_stages(tiny_project, "legal", "default_data", "ingest", "preprocess")
     return tiny_project
+
+
+def cli_error(root: Path, stage: str, domain: str) -> tuple[list[str], float]:
+    """Run `ssl-pipeline --root <root> <stage> <domain>` expecting a user error: exit code 2 and no
+    traceback. Returns the stderr lines and the wall time in seconds."""
+    import subprocess
+    import time
+
+    started = time.perf_counter()
+    result = subprocess.run([sys.executable, "-m", "tasks", "--root", str(root), stage, domain],
+                            capture_output=True, text=True, env=stage_env())
+    elapsed = time.perf_counter() - started
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    return result.stderr.strip().splitlines(), elapsed

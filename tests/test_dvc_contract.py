@@ -118,6 +118,7 @@ def test_the_paths_a_stage_writes_are_exactly_its_dvc_outputs(stage: str) -> Non
         assert sorted(paths.relative(p) for p in paths.outputs(stage)) == declared
 
 
+@pytest.mark.slow
 def test_every_section_a_stage_reads_is_among_its_params(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Run the tiny legal spine with a config that records which settings each stage reads
     (the domain code included): each must be in the stage's dvc.yaml params."""
@@ -154,6 +155,7 @@ def test_every_section_a_stage_reads_is_among_its_params(tmp_path: Path, monkeyp
     assert tasks.cli.run_stage is run_stage
 
 
+@pytest.mark.slow
 def test_switching_pseudonymisation_makes_ingest_and_everything_downstream_stale(tmp_path: Path) -> None:
     """`dvc status` after a change of privacy.pseudonymise names ingest (and so all below it)."""
     import subprocess
@@ -192,6 +194,7 @@ def test_every_params_entry_of_dvc_yaml_is_in_every_domain_block() -> None:
                 assert entry.rsplit(".", 1)[-1] in item, f"params.yaml domains.{key} lacks {entry}, which {stage} reads"
 
 
+@pytest.mark.slow
 def test_stage_outputs_are_byte_identical_when_re_run(tmp_path: Path) -> None:
     """Re-running a stage on the same inputs rewrites the same bytes, lineage records included
     (times and run ids go to the run record beside the artifact, which DVC does not hash)."""

@@ -3,7 +3,6 @@ spectrogram modelling and wav2vec2 pretraining, clip classification downstream."
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
@@ -12,36 +11,24 @@ from ssl_models.audio.config import (
     BACKBONES,
     METHOD_INPUTS,
     METHODS,
-    AudioIngestConfig,
-    AudioModelConfig,
-    AudioPreprocessConfig,
-    SpokenDigitsDefaultConfig,
+    SECTIONS,
     TERAOptions,
     Wav2Vec2Options,
     conv_frames,
 )
+from ssl_models.audio.default_data import ATTRIBUTION
 from ssl_models.audio.readers import AUDIO_SUFFIXES, read_audio_file
 from ssl_models.core.config import DomainConfig
-from ssl_models.core.domain import DOMAINS, Domain, Record, Rejected
+from ssl_models.core.domain import Domain, Record, Rejected
 from ssl_models.core.errors import PipelineError
 
 if TYPE_CHECKING:
     from ssl_models.core.domain import Source
     from ssl_models.core.modules import Encoder
 
-# librosa, torch and transformers are imported by the methods that need them, so that
-# default_data and ingest start fast.
-log = logging.getLogger(__name__)
 
-
-@DOMAINS.register("audio")
-class Audio(Domain):
-    name = "audio"
-    suffixes = AUDIO_SUFFIXES
-    sections = {"ingest": AudioIngestConfig, "preprocess": AudioPreprocessConfig, "model": AudioModelConfig,
-                "default_data": SpokenDigitsDefaultConfig}
-    methods = METHODS
-    backbones = BACKBONES
+class Audio(Domain, module="audio"):
+    name, suffixes, sections, methods, backbones = "audio", AUDIO_SUFFIXES, SECTIONS, METHODS, BACKBONES
 
     def validate(self, cfg: DomainConfig) -> None:
         where, method, backbone = f"domains.{cfg.name}", cfg.pretrain.method, cfg.model.backbone
@@ -69,12 +56,12 @@ class Audio(Domain):
     def read(self, source: Source, cfg: DomainConfig) -> Iterator[Record | Rejected]:
         yield from read_audio_file(source.paths[0], source.key, cfg.ingest)
 
-    def write_default_data(self, out_dir: Path, cfg: DomainConfig) -> None:
+    def write_default_data(self, out_dir: Path, cfg: DomainConfig) -> dict[str, Any]:
         from ssl_models.audio.default_data import write_spoken_digits
 
         options = cfg.default_data
         counts = write_spoken_digits(out_dir, options.speakers, options.takes, options.sentences)
-        log.info("default audio corpus (generated speech): %s", counts)
+        return {"corpus": "generated speech", **counts}
 
     def preprocess(self, cfg: DomainConfig, manifest: list[dict[str, Any]], out_dir: Path,
                    locate: Callable[[dict[str, Any]], Source]) -> dict[str, Any]:
@@ -112,10 +99,7 @@ class Audio(Domain):
 
         return load_spectrogram_encoder(init, cfg, pretrained_dir, seed)
 
-    def task_description(self, cfg: DomainConfig, uses_default_data: bool) -> str:
-        if uses_default_data:
-            from ssl_models.audio.default_data import ATTRIBUTION
-
-            return ("spoken-digit recognition (10 classes, 0-9) on a GENERATED corpus, splits grouped by "
-                    "synthetic speaker (accent x voice variant). " + ATTRIBUTION)
-        return f"audio clip classification by the `label` column of {cfg.labels}"
+    # the report's sentence on what the labeled task is
+    task_kind = "audio clip classification"
+    default_task = ("spoken-digit recognition (10 classes, 0-9) on a GENERATED corpus, splits grouped by synthetic "
+                    "speaker (accent x voice variant). " + ATTRIBUTION)

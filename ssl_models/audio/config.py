@@ -166,3 +166,8 @@ class SpokenDigitsDefaultConfig:
     def validate(self, where: str) -> None:
         require(2 <= self.speakers <= 48, f"{where}.speakers", "must be in [2, 48]")
         require(self.takes >= 1, f"{where}.takes", "must be at least 1")
+
+
+# The domain's params.yaml sections, each parsed and checked by `load_config` before any stage runs.
+SECTIONS = {"ingest": AudioIngestConfig, "preprocess": AudioPreprocessConfig, "model": AudioModelConfig,
+            "default_data": SpokenDigitsDefaultConfig}

@@ -271,8 +271,7 @@ def load_config(domain: str, params_path: Path = Path("params.yaml")) -> tuple[D
     owner = get_domain(module)
     sections = {name: parse_section(owner.sections[name], block.get(name), f"{where}.{name}")
                 for name in DOMAIN_SECTIONS}
-    raw_pretrain = dict(block.get("pretrain") or {}) if isinstance(block.get("pretrain"), dict) else block.get("pretrain")
-    pretrain = parse_section(PretrainConfig, raw_pretrain, f"{where}.pretrain")
+    pretrain = parse_section(PretrainConfig, block.get("pretrain"), f"{where}.pretrain")
     owner.methods.check(pretrain.method, f"{where}.pretrain.method")
     pretrain.options = parse_section(owner.methods.options(pretrain.method), pretrain.options or None,
                                      f"{where}.pretrain.options")

@@ -3,7 +3,9 @@
 Stages in `tasks/` talk to a domain only through `Domain`; adding a domain is one package in
 `ssl_models/` that registers a `Domain` subclass, plus one block in params.yaml. A domain
 declares its sections (dataclasses), its SSL methods and its backbones (registries); the config
-loader parses and checks everything before any stage works.
+loader parses and checks everything before any stage works. A domain package imports torch,
+transformers and its other model libraries inside the methods that need them, so that loading
+and checking the config, default_data and ingest start in a second.
 """
 
 from __future__ import annotations
@@ -66,13 +68,21 @@ Locate = Callable[[dict[str, Any]], Source]
 class Domain(ABC):
     """Readers, default data, preprocessing, SSL methods and encoders for one kind of data.
 
-    Class attributes a domain sets: `sections` (the dataclass of each of its params.yaml
-    sections: ingest, preprocess, model, default_data), `methods` (its SSL methods, each with
-    its options dataclass) and `backbones` (callables `(cfg, shards_dir) -> Encoder`, chosen
-    by `model.backbone`)."""
+    A domain registers itself by subclassing with its package name, `class Audio(Domain,
+    module="audio")`, and sets `name`, `suffixes`, `sections` (the dataclass of each of its
+    params.yaml sections: ingest, preprocess, model, default_data), `methods` (its SSL methods,
+    each with its options dataclass) and `backbones` (callables `(cfg, shards_dir) -> Encoder`,
+    chosen by `model.backbone`)."""
+
+    def __init_subclass__(cls, module: str | None = None, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if module is not None:
+            DOMAINS.register(module)(cls)
 
     name: str = ""
     suffixes: tuple[str, ...] = ()
+    default_task = ""  # the report's sentence on the default data's labeled task (with its attribution)
+    task_kind = "classification"  # what a user's labels CSV asks for, e.g. "document classification"
     pseudonymise_by_default = False  # keys, groups and file names become salted hashes
     sections: ClassVar[dict[str, type]] = {}
     methods: ClassVar[Registry]
@@ -103,8 +113,9 @@ class Domain(ABC):
         the whole source is unusable. A reason never quotes a file name or a header value."""
 
     @abstractmethod
-    def write_default_data(self, out_dir: Path, cfg: DomainConfig) -> None:
-        """Lay out the embedded default corpus (`out_dir/corpus/`) and `out_dir/labels.csv`."""
+    def write_default_data(self, out_dir: Path, cfg: DomainConfig) -> dict[str, Any]:
+        """Lay out the embedded default corpus (`out_dir/corpus/`) and `out_dir/labels.csv`;
+        return what was written (counts), for the stage's log."""
 
     @abstractmethod
     def preprocess(self, cfg: DomainConfig, manifest: list[dict[str, Any]], out_dir: Path,
@@ -144,7 +155,9 @@ class Domain(ABC):
 
     def task_description(self, cfg: DomainConfig, uses_default_data: bool) -> str:
         """One sentence for the report: what the labeled task is."""
-        return f"classification of {self.name} samples by the `label` column of {cfg.labels}"
+        if uses_default_data and self.default_task:
+            return self.default_task
+        return f"{self.task_kind} by the `label` column of {cfg.labels}"
 
 
 DOMAINS: Registry[type[Domain]] = Registry("domain module")

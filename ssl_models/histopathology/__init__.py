@@ -3,42 +3,23 @@ stain-aware SSL on patches (SimCLR/DCL, VICReg, BYOL, MAE) with small ResNet or 
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ssl_models.core.config import DomainConfig, require
-from ssl_models.core.domain import DOMAINS, Domain, Locate, Record, Rejected, Source
+from ssl_models.core.domain import Domain, Locate, Record, Rejected, Source
 from ssl_models.core.errors import PipelineError
 from ssl_models.core.splits import assign_split
-from ssl_models.histopathology.config import (
-    BACKBONES,
-    METHODS,
-    HistoDefaultConfig,
-    HistoIngestConfig,
-    HistoModelConfig,
-    HistoPreprocessConfig,
-)
+from ssl_models.histopathology.config import BACKBONES, METHODS, SECTIONS
 from ssl_models.histopathology.readers import HISTO_SUFFIXES, read_slide
 
 if TYPE_CHECKING:
     from ssl_models.core.modules import Encoder
 
-# torch, timm, lightly, datasets and OpenSlide are imported by the methods that need them,
-# so default_data and ingest start fast.
-log = logging.getLogger(__name__)
-
-
-@DOMAINS.register("histopathology")
-class Histopathology(Domain):
-    name = "histopathology"
-    suffixes = HISTO_SUFFIXES
-    sections = {"ingest": HistoIngestConfig, "preprocess": HistoPreprocessConfig, "model": HistoModelConfig,
-                "default_data": HistoDefaultConfig}
-    methods = METHODS
-    backbones = BACKBONES
+class Histopathology(Domain, module="histopathology"):
+    name, suffixes, sections, methods, backbones = "histopathology", HISTO_SUFFIXES, SECTIONS, METHODS, BACKBONES
 
     def validate(self, cfg: DomainConfig) -> None:
         where = f"domains.{cfg.name}"
@@ -51,11 +32,11 @@ class Histopathology(Domain):
     def read(self, source: Source, cfg: DomainConfig) -> Iterator[Record | Rejected]:
         yield read_slide(source, cfg.ingest.min_side)
 
-    def write_default_data(self, out_dir: Path, cfg: DomainConfig) -> None:
+    def write_default_data(self, out_dir: Path, cfg: DomainConfig) -> dict[str, Any]:
         from ssl_models.histopathology.default_data import write_ihc_regions
 
         counts = write_ihc_regions(out_dir, cfg.default_data)
-        log.info("default histology corpus: %(regions)d IHC regions, %(dab_high)d labeled dab-high", counts)
+        return counts
 
     def preprocess(self, cfg: DomainConfig, manifest: list[dict[str, Any]], out_dir: Path,
                    locate: Locate) -> dict[str, Any]:

@@ -182,3 +182,8 @@ METHODS.register_lazy("mae", "ssl_models.histopathology.methods:MAE", options=MA
 BACKBONES: Registry[Callable[..., Encoder]] = Registry("histopathology backbone")
 BACKBONES.register_lazy("resnet", "ssl_models.histopathology.backbones:build_resnet")
 BACKBONES.register_lazy("vit", "ssl_models.histopathology.backbones:build_vit")
+
+
+# The domain's params.yaml sections, each parsed and checked by `load_config` before any stage runs.
+SECTIONS = {"ingest": HistoIngestConfig, "preprocess": HistoPreprocessConfig, "model": HistoModelConfig,
+            "default_data": HistoDefaultConfig}

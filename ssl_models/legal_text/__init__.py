@@ -2,43 +2,24 @@
 
 from __future__ import annotations
 
-import logging
 from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any
 
 from ssl_models.core.config import DomainConfig
-from ssl_models.core.domain import DOMAINS, Domain, Locate, Record, Rejected, Source
+from ssl_models.core.domain import Domain, Locate, Record, Rejected, Source
 from ssl_models.core.errors import PipelineError
-from ssl_models.legal_text.config import (
-    BACKBONES,
-    METHODS,
-    LicensedcodeDefaultConfig,
-    TextIngestConfig,
-    TextModelConfig,
-    TextPreprocessConfig,
-)
+from ssl_models.legal_text.config import BACKBONES, METHODS, SECTIONS
 from ssl_models.legal_text.default_data import ATTRIBUTION, write_licensedcode_corpus
 from ssl_models.legal_text.readers import TEXT_SUFFIXES, read_text_file
 
 if TYPE_CHECKING:
     from ssl_models.core.modules import Encoder
 
-# Model code (torch, transformers, datasets) is imported by the methods that need it, so that
-# default_data and ingest start in a second instead of eight.
-log = logging.getLogger(__name__)
 
-
-@DOMAINS.register("legal_text")
-class LegalText(Domain):
-    name = "legal_text"
-    suffixes = TEXT_SUFFIXES
-    sections: ClassVar[dict[str, type]] = {
-        "ingest": TextIngestConfig, "preprocess": TextPreprocessConfig, "model": TextModelConfig,
-        "default_data": LicensedcodeDefaultConfig}
-    methods = METHODS
-    backbones = BACKBONES
+class LegalText(Domain, module="legal_text"):
+    name, suffixes, sections, methods, backbones = "legal_text", TEXT_SUFFIXES, SECTIONS, METHODS, BACKBONES
 
     def validate(self, cfg: DomainConfig) -> None:
         if (cfg.preprocess.tokenizer == "base") != bool(cfg.model.base_checkpoint):
@@ -51,9 +32,9 @@ class LegalText(Domain):
         yield from read_text_file(source.paths[0], source.key, ingest.text_field, ingest.fallback_encoding,
                                   ingest.min_characters)
 
-    def write_default_data(self, out_dir: Path, cfg: DomainConfig) -> None:
+    def write_default_data(self, out_dir: Path, cfg: DomainConfig) -> dict[str, Any]:
         counts = write_licensedcode_corpus(out_dir, cfg.default_data.max_files)
-        log.info("default legal corpus: %(written)d license texts written", counts)
+        return counts
 
     def preprocess(self, cfg: DomainConfig, manifest: list[dict[str, Any]], out_dir: Path,
                    locate: Locate) -> dict[str, Any]:
@@ -112,8 +93,7 @@ class LegalText(Domain):
 
         return load_text_encoder(init, cfg, pretrained_dir, seed)
 
-    def task_description(self, cfg: DomainConfig, uses_default_data: bool) -> str:
-        if uses_default_data:
-            return ("license-text classification into ScanCode license categories (Permissive, "
-                    "Copyleft, Proprietary Free, ...). " + ATTRIBUTION)
-        return f"document classification by the `label` column of {cfg.labels}"
+    # the report's sentence on what the labeled task is
+    task_kind = "document classification"
+    default_task = ("license-text classification into ScanCode license categories (Permissive, Copyleft, "
+                    "Proprietary Free, ...). " + ATTRIBUTION)

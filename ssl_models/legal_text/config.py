@@ -43,12 +43,6 @@ class MLMSpanContrastOptions(MLMOptions):
         require(self.temperature > 0, f"{where}.temperature", "must be positive")
 
 
-METHODS: Registry[type[PretrainMethod]] = Registry("text SSL method")
-METHODS.register_lazy("mlm", "ssl_models.legal_text.models:MaskedLanguageModeling", options=MLMOptions)
-METHODS.register_lazy("mlm_span_contrastive", "ssl_models.legal_text.models:MaskedLanguageModelingWithSpanContrast",
-                      options=MLMSpanContrastOptions)
-BACKBONES: Registry[Callable[[DomainConfig, Path], Encoder]] = Registry("text backbone")
-BACKBONES.register_lazy("bert", "ssl_models.legal_text.models:build_bert")
 
 
 def _is_encoding(name: str) -> bool:
@@ -116,3 +110,15 @@ class TextModelConfig:
             require(getattr(self, name) > 0, f"{where}.{name}", "must be positive")
         require(self.hidden_size % self.num_heads == 0, f"{where}.hidden_size",
                 f"must be divisible by num_heads ({self.num_heads})")
+
+
+# The domain's params.yaml sections, each parsed and checked by `load_config` before any stage runs.
+SECTIONS = {"ingest": TextIngestConfig, "preprocess": TextPreprocessConfig, "model": TextModelConfig,
+            "default_data": LicensedcodeDefaultConfig}
+
+METHODS: Registry[type[PretrainMethod]] = Registry("text SSL method")
+METHODS.register_lazy("mlm", "ssl_models.legal_text.models:MaskedLanguageModeling", options=MLMOptions)
+METHODS.register_lazy("mlm_span_contrastive", "ssl_models.legal_text.models:MaskedLanguageModelingWithSpanContrast",
+                      options=MLMSpanContrastOptions)
+BACKBONES: Registry[Callable[[DomainConfig, Path], Encoder]] = Registry("text backbone")
+BACKBONES.register_lazy("bert", "ssl_models.legal_text.models:build_bert")

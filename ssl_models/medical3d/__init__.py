@@ -3,41 +3,26 @@ MONAI preprocessing, and ViT / 3D-ResNet self-supervised pretraining."""
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ssl_models.core.config import DomainConfig
-from ssl_models.core.domain import DOMAINS, Domain, Locate, Record, Rejected, Source
+from ssl_models.core.domain import Domain, Locate, Record, Rejected, Source
 from ssl_models.core.errors import PipelineError
-from ssl_models.medical3d.config import (
-    BACKBONES,
-    METHODS,
-    VIT_METHODS,
-    MniDefaultConfig,
-    VolumeIngestConfig,
-    VolumeModelConfig,
-    VolumePreprocessConfig,
-)
+from ssl_models.medical3d.config import BACKBONES, METHODS, SECTIONS, VIT_METHODS
 from ssl_models.medical3d.default_data import ATTRIBUTION
 
 if TYPE_CHECKING:
     from ssl_models.core.modules import Encoder
 
-log = logging.getLogger(__name__)
 VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".dcm", ".dicom", ".ima")
 
 
-@DOMAINS.register("medical3d")
-class Medical3D(Domain):
-    name = "medical3d"
-    suffixes = VOLUME_SUFFIXES
+class Medical3D(Domain, module="medical3d"):
+    name, suffixes = "medical3d", VOLUME_SUFFIXES
     pseudonymise_by_default = True  # file names of medical data often carry patient names
-    sections = {"ingest": VolumeIngestConfig, "preprocess": VolumePreprocessConfig, "model": VolumeModelConfig,
-                "default_data": MniDefaultConfig}
-    methods = METHODS
-    backbones = BACKBONES
+    sections, methods, backbones = SECTIONS, METHODS, BACKBONES
 
     def validate(self, cfg: DomainConfig) -> None:
         method, model, where = cfg.pretrain.method, cfg.model, f"params.yaml domains.{cfg.name}"
@@ -91,7 +76,7 @@ class Medical3D(Domain):
         yield Record(source.key, volume_digest(volume), sum(p.stat().st_size for p in source.paths), meta, volume,
                      group=volume.patient)
 
-    def write_default_data(self, out_dir: Path, cfg: DomainConfig) -> None:
+    def write_default_data(self, out_dir: Path, cfg: DomainConfig) -> dict[str, Any]:
         from ssl_models.medical3d.default_data import (
             copy_registry_volumes,
             write_mni_crops,
@@ -100,7 +85,7 @@ class Medical3D(Domain):
         options = cfg.default_data
         crops = write_mni_crops(out_dir, options)
         extras = copy_registry_volumes(out_dir) if options.extra_volumes else 0
-        log.info("default 3D corpus: %d labeled MNI152 cubes, %d registry volumes", crops, extras)
+        return {"labeled_mni152_cubes": crops, "registry_volumes": extras}
 
     def preprocess(self, cfg: DomainConfig, manifest: list[dict[str, Any]], out_dir: Path,
                    locate: Locate) -> dict[str, Any]:
@@ -142,10 +127,9 @@ class Medical3D(Domain):
 
         return load_volume_encoder(init, cfg, shards_dir, pretrained_dir, seed)
 
-    def task_description(self, cfg: DomainConfig, uses_default_data: bool) -> str:
-        if uses_default_data:
-            return ("grey- vs white-matter-dominated 24 mm cubes of the MNI152 T1 brain template (labels from "
-                    "the template's own tissue probability maps; cubes of one 48 mm block share a split, so "
-                    "test regions are never trained on). A small, real but easy anatomical task: it shows the "
-                    "pipeline end to end, not clinical value. " + ATTRIBUTION)
-        return f"volume classification by the `label` column of {cfg.labels}"
+    # the report's sentence on what the labeled task is
+    task_kind = "volume classification"
+    default_task = ("grey- vs white-matter-dominated 24 mm cubes of the MNI152 T1 brain template (labels from the "
+                    "template's own tissue probability maps; cubes of one 48 mm block share a split, so test regions "
+                    "are never trained on). A small, real but easy anatomical task: it shows the pipeline end to "
+                    "end, not clinical value. " + ATTRIBUTION)

@@ -129,3 +129,8 @@ VIT_METHODS = ("vit_inpainting_contrastive", "mae")  # they read the ViT's patch
 BACKBONES: Registry = Registry("3D backbone")
 BACKBONES.register_lazy("vit", "ssl_models.medical3d.models:build_vit")
 BACKBONES.register_lazy("resnet", "ssl_models.medical3d.models:build_resnet")
+
+
+# The domain's params.yaml sections, each parsed and checked by `load_config` before any stage runs.
+SECTIONS = {"ingest": VolumeIngestConfig, "preprocess": VolumePreprocessConfig, "model": VolumeModelConfig,
+            "default_data": MniDefaultConfig}

@@ -126,6 +126,7 @@ def write_mixed_format_corpus(root: Path, default_corpus: Path) -> None:
         writer.writerows(rows)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method,input_kind,backbone", [("tera", "log_mel", "spectrogram_transformer"),
                                                         ("wav2vec2", "waveform", "wav2vec2")])
 def test_whole_audio_path_on_a_mixed_format_folder(audio_project: Path, method: str, input_kind: str,

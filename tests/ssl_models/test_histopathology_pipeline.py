@@ -25,6 +25,7 @@ def histo_project(tmp_path: Path) -> Path:
     torch.set_num_threads(threads)  # cpu_threads set it for the stages
 
 
+@pytest.mark.slow
 def test_default_histology_path_end_to_end(histo_project: Path) -> None:
     root = histo_project
     run_stages(root, "histo", "default_data", "ingest", "preprocess", "pretrain", "finetune", "evaluate", "report")

@@ -14,6 +14,7 @@ from tests.ssl_models.medical_files import blob_volume, medical_params, write_ni
 PLANTED = ["Planted", "PID-4711", "ACC-7", "19700101"]  # name, id, accession, birth date
 
 
+@pytest.mark.slow
 def test_a_planted_patient_reaches_no_output_log_or_report(
         tmp_path: Path, caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture) -> None:
     """The patient's name is in the DICOM header and in every file and folder name; after the

@@ -7,6 +7,8 @@ import html
 import json
 from pathlib import Path
 
+import pytest
+
 from ssl_models.legal_text.default_data import licensedcode_dir, split_front_matter
 from tasks.io import read_json
 from tests.conftest import run_stages, tiny_params, write_params
@@ -43,6 +45,7 @@ def write_mixed_corpus(root: Path, n: int = 48) -> None:
         writer.writerows(rows)
 
 
+@pytest.mark.slow
 def test_whole_legal_path_on_a_mixed_format_folder(tiny_project: Path) -> None:
     write_mixed_corpus(tiny_project)
     write_params(tiny_project, tiny_params(corpus="firm_docs", labels="labels.csv", ingest={"text_field": "body"},
