@@ -1,13 +1,21 @@
 """pretrain: the SSL method chosen in params.yaml on the domain's pretraining shards.
 
-The loop is plain: sample a batch, loss, step, and every `checkpoint_every` steps the loss,
-RankMe on held-out rows, and a checkpoint holding everything needed to resume exactly
-(model, optimizer, scheduler, RNG states, step). The batch order is a function of the step
-alone, so a run killed at any moment and re-run ends with the same weights.
+The loop is plain: the batch of step `s` is a function of `s` alone (a seeded permutation of the
+rows; views and masks from per-sample seeds), built by the method's data side in DataLoader
+workers; loss, step, and every `checkpoint_every` steps the loss, RankMe on held-out rows and a
+checkpoint holding everything needed to resume exactly (model, optimizer, scheduler, RNG states,
+step). A run killed at any moment and re-run ends with the same weights.
+
+`pretrain.batch_size` is the global batch. With `nproc > 1` the stage re-starts itself under
+`torch.distributed.run`; each process takes its slice of every step's batch and DDP (or FSDP2)
+averages the gradients, so the world size changes nothing but speed. Rank 0 writes the
+checkpoints and the outputs; a run resumes on any world size.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import functools
 import hashlib
 import json
@@ -21,14 +29,16 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ssl_models.core.config import DomainConfig, section_params
-from ssl_models.core.device import autocast, move, on_cpu, set_cpu_threads, training_device
+from ssl_models.core import distributed
+from ssl_models.core.config import DomainConfig, PretrainConfig, section_params
+from ssl_models.core.device import autocast, move, set_cpu_threads, training_device
+from ssl_models.core.distributed import World
 from ssl_models.core.domain import Domain
 from ssl_models.core.errors import PipelineError
-from ssl_models.core.modules import PretrainMethod, sample_seeds
+from ssl_models.core.modules import DataSide, PretrainMethod, sample_seeds
 from ssl_models.core.rankme import effective_rank
 from ssl_models.core.schedules import make_schedule
-from tasks.io import atomic_dir, write_json
+from tasks.io import atomic_dir, read_json, write_json
 from tasks.lineage import LineageRecorder, read_record
 from tasks.paths import DomainPaths
 
@@ -61,9 +71,15 @@ def batch_indices(step: int, batch_size: int, n_rows: int, seed: int) -> list[in
 CHECKPOINT_FORMAT = 2
 
 
+# Settings that change how fast a run goes, not where it ends: a checkpoint resumes across them
+# (on another number of processes or workers, or another machine).
+SPEED_ONLY = ("nproc", "num_workers", "precision", "parallel", "compile", "log_every")
+
+
 def run_fingerprint(cfg: DomainConfig, shards_digest: str) -> str:
     """Identifies the run a checkpoint belongs to: only such checkpoints are resumed."""
-    payload = json.dumps({"checkpoint_format": CHECKPOINT_FORMAT, "pretrain": asdict(cfg.pretrain),
+    settings = {k: v for k, v in asdict(cfg.pretrain).items() if k not in SPEED_ONLY}
+    payload = json.dumps({"checkpoint_format": CHECKPOINT_FORMAT, "pretrain": settings,
                           "model": section_params(cfg.model),
                           "preprocess": section_params(cfg.preprocess), "shards": shards_digest},
                          sort_keys=True, default=str)
@@ -92,26 +108,153 @@ def save_checkpoint(folder: Path, state: dict[str, Any], keep: int) -> None:
         old.unlink()
 
 
+class StepBatches(torch.utils.data.Dataset):
+    """Item `step`: this process' micro-batches of step `step`, built by the data side.
+
+    The step's global batch has positions 0..batch_size-1; micro-batch `a` of rank `r` holds
+    positions `(a * world + r) * micro` onwards, so the ranks of one accumulation round hold
+    consecutive positions in rank order (the order in which a gathering loss concatenates
+    them). Picklable: DataLoader workers build items, in any number, with the same result."""
+
+    def __init__(self, rows: Any, data_side: DataSide, settings: PretrainConfig, world: World) -> None:
+        self.rows, self.data_side, self.world = rows, data_side, world
+        self.seed, self.batch_size, self.rounds = settings.seed, settings.batch_size, settings.grad_accumulation
+        self.micro = settings.batch_size // (world.size * settings.grad_accumulation)
+
+    def __len__(self) -> int:
+        return 2**62
+
+    def __getitem__(self, step: int) -> list[dict[str, torch.Tensor]]:
+        indices = batch_indices(step, self.batch_size, len(self.rows), self.seed)
+        batches = []
+        for round_ in range(self.rounds):
+            first = (round_ * self.world.size + self.world.rank) * self.micro
+            positions = range(first, first + self.micro)
+            batches.append(self.data_side([self.rows[indices[p]] for p in positions],
+                                          sample_seeds(self.seed, step, positions)))
+        return batches
+
+
+def step_loader(dataset: StepBatches, first_step: int, last_step: int, workers: int,
+                device: torch.device) -> torch.utils.data.DataLoader:
+    """The steps' batches in order, built `workers` processes ahead (pinned for a GPU)."""
+    # its own generator: a loader draws its workers' base seed when iterated, which must not shift
+    # torch's global generator (dropout draws from it, and a resumed run restores it)
+    return torch.utils.data.DataLoader(dataset, batch_size=None, sampler=range(first_step, last_step),
+                                       num_workers=workers, pin_memory=device.type == "cuda",
+                                       prefetch_factor=4 if workers else None,
+                                       generator=torch.Generator().manual_seed(dataset.seed))
+
+
 @torch.no_grad()
 def rankme(method: PretrainMethod, rows: list[dict[str, Any]], batch_size: int,
            device: torch.device = torch.device("cpu")) -> float:
-    was_training = method.training
-    method.eval()
-    with on_cpu(method, device):
-        features = torch.cat([method.embed(rows[i:i + batch_size]) for i in range(0, len(rows), batch_size)])
-    method.train(was_training)
+    """The effective rank of the encoder's features of `rows` (on the CPU: domain `embed`
+    methods build CPU tensors; a GPU run embeds a CPU copy, leaving the trained modules alone)."""
+    model = method if device.type == "cpu" else copy.deepcopy(method).cpu()
+    was_training = model.training
+    model.eval()
+    features = torch.cat([model.embed(rows[i:i + batch_size]) for i in range(0, len(rows), batch_size)])
+    model.train(was_training)
     return effective_rank(features.float())
 
 
+def wrap_for_world(method: PretrainMethod, settings: PretrainConfig, world: World,
+                   device: torch.device) -> torch.nn.Module:
+    """The module the loop calls: the method itself, or under DDP / FSDP2 with several processes
+    (BatchNorm synchronised on GPUs: PyTorch's SyncBatchNorm runs on CUDA only)."""
+    if world.size == 1:
+        return torch.compile(method) if settings.compile else method
+    if device.type == "cuda":
+        method = torch.nn.SyncBatchNorm.convert_sync_batchnorm(method)
+    elif any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in method.modules()):
+        log.warning("BatchNorm statistics stay per process on the CPU (SyncBatchNorm needs GPUs)")
+    if settings.parallel == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        fully_shard(method)
+        wrapped: torch.nn.Module = method
+    else:
+        wrapped = torch.nn.parallel.DistributedDataParallel(
+            method, device_ids=[device.index] if device.type == "cuda" else None)
+    return torch.compile(wrapped) if settings.compile else wrapped
+
+
+def model_state(method: PretrainMethod, settings: PretrainConfig) -> dict[str, Any]:
+    """The whole model's state (gathered from the shards under FSDP2), the same for any world size."""
+    if settings.parallel == "fsdp" and distributed.active():
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(method, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return method.state_dict()
+
+
+def optimizer_state(method: PretrainMethod, optimizer: torch.optim.Optimizer,
+                    settings: PretrainConfig) -> dict[str, Any]:
+    if settings.parallel == "fsdp" and distributed.active():
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        return get_optimizer_state_dict(method, optimizer,
+                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return optimizer.state_dict()
+
+
+def unsharded(method: PretrainMethod, state: dict[str, Any], settings: PretrainConfig, domain: Domain,
+              cfg: DomainConfig, paths: DomainPaths) -> PretrainMethod:
+    """The method with whole tensors: itself, or under FSDP2 a CPU copy holding the gathered state
+    (a sharded method runs only when every process calls its forward)."""
+    if not (settings.parallel == "fsdp" and distributed.active()):
+        return method
+    with torch.random.fork_rng(devices=[]):  # building the copy must not move this process' generator
+        copy_ = domain.build_pretrain_method(cfg, paths.shards)
+    copy_.load_state_dict(state)
+    return copy_
+
+
+def load_states(method: PretrainMethod, optimizer: torch.optim.Optimizer, state: dict[str, Any],
+                settings: PretrainConfig) -> None:
+    if settings.parallel == "fsdp" and distributed.active():
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        options = StateDictOptions(full_state_dict=True)
+        set_model_state_dict(method, state["model"], options=options)
+        set_optimizer_state_dict(method, optimizer, state["optimizer"], options=options)
+        return
+    method.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+
+
 def pretrain(cfg: DomainConfig, domain: Domain, paths: DomainPaths) -> dict[str, Any]:
-    domain_name = cfg.name
     settings = cfg.pretrain
+    world, nproc = distributed.launched_world(), distributed.resolve_nproc(settings.nproc)
+    if nproc > 1 and world.size == 1:  # start the processes; they join one world and do the work
+        if settings.batch_size % (nproc * settings.grad_accumulation):
+            raise PipelineError(f"params.yaml domains.{cfg.name}.pretrain.batch_size {settings.batch_size} must "
+                                f"divide by nproc ({nproc}) x grad_accumulation ({settings.grad_accumulation})")
+        log.info("pretrain %s: starting %d processes under torch.distributed.run", cfg.name, nproc)
+        distributed.relaunch(nproc, ["tasks", "--root", str(paths.root), "pretrain", cfg.name], f"pretrain {cfg.name}")
+        return read_json(paths.pretrain / "log.json")
+    device = training_device()
+    if device.type == "cuda" and world.size > 1:
+        device = torch.device("cuda", world.local_rank)
+        torch.cuda.set_device(device)
+    with distributed.process_group(world, device):
+        return _train(cfg, domain, paths, world, device)
+
+
+def _train(cfg: DomainConfig, domain: Domain, paths: DomainPaths, world: World, device: torch.device) -> dict[str, Any]:
+    domain_name, settings = cfg.name, cfg.pretrain
+    if settings.batch_size % (world.size * settings.grad_accumulation):
+        raise PipelineError(f"params.yaml domains.{domain_name}.pretrain.batch_size {settings.batch_size} must "
+                            f"divide by the {world.size} processes x grad_accumulation ({settings.grad_accumulation})")
     torch.use_deterministic_algorithms(True, warn_only=True)
     set_cpu_threads(cfg.cpu_threads)
-    seed_everything(settings.seed)
-    device = training_device()
+    seed_everything(settings.seed)  # the same initial weights in every process
     method = domain.build_pretrain_method(cfg, paths.shards).to(device)
-    data_side = method.data_side()
     train_rows = domain.pretrain_dataset(paths.shards, "train")
     val_rows = domain.pretrain_dataset(paths.shards, "val")
     if len(train_rows) == 0:
@@ -119,61 +262,87 @@ def pretrain(cfg: DomainConfig, domain: Domain, paths: DomainPaths) -> dict[str,
                             "for one block; add data or lower preprocess settings")
     held_out = val_rows if len(val_rows) else train_rows
     rankme_rows = [held_out[i] for i in range(min(settings.rankme_samples, len(held_out)))]
-    optimizer = torch.optim.AdamW(method.parameters(), lr=settings.learning_rate,
-                                  weight_decay=settings.weight_decay)
-    scheduler = make_schedule(optimizer, settings)
     fingerprint = run_fingerprint(cfg, read_record(paths.shards)["outputs_digest"])
     recorder = LineageRecorder(f"pretrain@{domain_name}", paths.pretrain, seeds=[settings.seed], root=paths.root,
                                params={"pretrain": asdict(settings), "model": section_params(cfg.model)},
                                upstream=[paths.shards])
     step, history = 0, {"loss": [], "checkpoints": [], "rankme_rows": "val" if len(val_rows) else "train"}
     state = latest_checkpoint(paths.checkpoints, fingerprint)
+    if state is None and world.is_main:
+        for stale in paths.checkpoints.glob("step_*.pt"):
+            stale.unlink()  # from another configuration: never resumed
+    distributed.barrier()
+    trained = wrap_for_world(method, settings, world, device)
+    optimizer = torch.optim.AdamW(method.parameters(), lr=settings.learning_rate, weight_decay=settings.weight_decay,
+                                  fused=device.type == "cuda")
+    scheduler = make_schedule(optimizer, settings)
     if state is not None:
-        method.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        load_states(method, optimizer, state, settings)
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"]["torch"])
         np.random.set_state(state["rng"]["numpy"])
         random.setstate(state["rng"]["python"])
         step, history = state["step"], state["history"]
         log.info("resuming %s pretraining from step %d", domain_name, step)
-    else:
-        for stale in paths.checkpoints.glob("step_*.pt"):
-            stale.unlink()  # from another configuration: never resumed
-    log.info("pretrain %s on %s", domain_name, device)
+    workers = distributed.resolve_workers(settings.num_workers, world.size)
+    log.info("pretrain %s on %s: %d process(es), %d loader worker(s) each, batch %d", domain_name, device,
+             world.size, workers, settings.batch_size)
+    loader = step_loader(StepBatches(train_rows, method.data_side(), settings, world), step, settings.steps,
+                         workers, device)
     method.train()
-    progress = tqdm(total=settings.steps, initial=step, desc=f"pretrain {domain_name}", disable=None)
-    while step < settings.steps:
-        rows = [train_rows[i] for i in batch_indices(step, settings.batch_size, len(train_rows), settings.seed)]
-        # views, masks and crops draw from per-sample seeds of (seed, step, position in the batch)
-        batch = data_side(rows, sample_seeds(settings.seed, step, range(len(rows))))
-        with autocast(device):
-            loss = method(move(batch, device))
-        loss.backward()
+    progress = tqdm(total=settings.steps, initial=step, desc=f"pretrain {domain_name}",
+                    disable=None if world.is_main else True)
+    pending: list[torch.Tensor] = []  # this process' step losses not yet read back from the device
+    for micro_batches in loader:
+        step_loss = torch.zeros((), device=device)
+        for round_, batch in enumerate(micro_batches):
+            last_round = round_ == len(micro_batches) - 1
+            syncing = last_round or not isinstance(trained, torch.nn.parallel.DistributedDataParallel)
+            with contextlib.nullcontext() if syncing else trained.no_sync():
+                with autocast(device, settings.precision):
+                    loss = trained(move(batch, device)) / len(micro_batches)
+                loss.backward()
+            step_loss += loss.detach().float()
         torch.nn.utils.clip_grad_norm_(method.parameters(), 1.0)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
-        history["loss"].append([step, loss.item()])
+        pending.append(step_loss)
         progress.update(1)
-        progress.set_postfix(loss=f"{history['loss'][-1][1]:.3f}")
-        if step % settings.checkpoint_every == 0 or step == settings.steps:
-            _log_checkpoint(history, step, method, rankme_rows, settings.batch_size, scheduler.get_last_lr()[0],
-                            device)
-            save_checkpoint(paths.checkpoints, {
-                "step": step, "fingerprint": fingerprint, "history": history,
-                "model": method.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
-            }, settings.keep_checkpoints)
+        checkpointing = step % settings.checkpoint_every == 0 or step == settings.steps
+        if checkpointing or step % settings.log_every == 0:  # the one host sync: losses every log_every steps
+            values = distributed.mean_over_processes(torch.stack(pending)).tolist()
+            history["loss"].extend([step - len(values) + 1 + i, v] for i, v in enumerate(values))
+            pending = []
+            progress.set_postfix(loss=f"{history['loss'][-1][1]:.3f}")
+        if checkpointing:
+            model, optim = model_state(method, settings), optimizer_state(method, optimizer, settings)
+            if world.is_main:
+                _log_checkpoint(history, step, unsharded(method, model, settings, domain, cfg, paths), rankme_rows,
+                                settings.batch_size, scheduler.get_last_lr()[0], device)
+                save_checkpoint(paths.checkpoints, {
+                    "step": step, "fingerprint": fingerprint, "history": history, "model": model, "optimizer": optim,
+                    "scheduler": scheduler.state_dict(),
+                    "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+                            "python": random.getstate()},
+                }, settings.keep_checkpoints)
+            distributed.barrier()
+        if step >= settings.steps:
+            break
     progress.close()
-    with atomic_dir(paths.pretrain) as out:
-        method.to("cpu").encoder().save(out / "encoder")
-        write_json(out / "log.json", history)
-        recorder.write(out)
-    last = history["checkpoints"][-1]
-    log.info("pretrain %s: %d steps, loss %.3f, RankMe %.1f", domain_name, step, last["loss"], last["rankme"])
+    if state is not None and step == state["step"]:  # resumed at the end: the log comes from the checkpoint
+        history = state["history"]
+    if world.is_main:
+        with atomic_dir(paths.pretrain) as out:
+            method = unsharded(method, model_state(method, settings), settings, domain, cfg, paths)
+            method.to("cpu").encoder().save(out / "encoder")
+            write_json(out / "log.json", history)
+            recorder.write(out)
+        last = history["checkpoints"][-1]
+        log.info("pretrain %s: %d steps, loss %.3f, RankMe %.1f", domain_name, step, last["loss"], last["rankme"])
+    elif settings.parallel == "fsdp" and distributed.active():
+        model_state(method, settings)  # every process takes part in gathering the full state
     return history
 
 

@@ -24,6 +24,8 @@ TINY_LEGAL = {
     "corpus": "data/legal/default/corpus",
     "labels": "data/legal/default/labels.csv",
     "cpu_threads": None,
+    "preset": None,
+    "presets": {"faster": {"pretrain": {"steps": 6, "checkpoint_every": 3}}},
     "privacy": {"pseudonymise": False},
     "default_data": {"max_files": 60},
     "split": {"val": 0.1, "test": 0.25, "salt": "split-v1"},
@@ -82,3 +84,27 @@ def cli_error(root: Path, stage: str, domain: str) -> tuple[list[str], float]:
     elapsed = time.perf_counter() - started
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
     return result.stderr.strip().splitlines(), elapsed
+
+
+def pretrained_state(root: Path, domain: str, **pretrain: object) -> tuple[dict, dict]:
+    """Run the pretrain stage of `domain` in `root` (shards made already) from scratch with
+    `pretrain` settings over the block's (e.g. nproc=2, steps=3); return the saved encoder's
+    tensors and the run's log. `nproc > 1` starts that many processes (gloo on the CPU)."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    from tasks.io import read_json
+
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["domains"][domain].setdefault("pretrain", {}).update(pretrain)
+    write_params(root, params)
+    shutil.rmtree(root / "models" / domain, ignore_errors=True)
+    run_stage("pretrain", domain, root)
+    folder = root / "models" / domain / "pretrain"
+    tensors = {}
+    for path in sorted((folder / "encoder").glob("*.safetensors")):
+        tensors.update({f"{path.name}:{k}": v for k, v in load_file(str(path)).items()})
+    assert tensors and all(isinstance(v, torch.Tensor) for v in tensors.values())
+    return tensors, read_json(folder / "log.json")

@@ -156,6 +156,15 @@ class PretrainConfig:
     keep_checkpoints: int = 2
     rankme_samples: int = 256
     seed: int = 0
+    # how the run is spread; none of these changes the result beyond float rounding (`batch_size`
+    # is the global batch: per-process batch x nproc x grad_accumulation)
+    nproc: int | Literal["auto"] = "auto"  # processes on this node; auto: one per visible GPU, 1 on CPU
+    num_workers: int | Literal["auto"] = "auto"  # DataLoader workers building batches; 0: the main process
+    grad_accumulation: int = 1  # micro-batches per optimizer step in each process
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
+    parallel: Literal["ddp", "fsdp"] = "ddp"  # fsdp: FSDP2 `fully_shard`, for backbones too big for one GPU
+    compile: bool = False  # torch.compile the method
+    log_every: int = 10  # steps between loss read-backs (the loop syncs with the device only then)
     # the method's own options dataclass once parsed (e.g. mlm_probability); a mapping in params.yaml
     options: Any = field(default_factory=dict)
 
@@ -168,6 +177,20 @@ class PretrainConfig:
         require(self.rankme_samples > 1, where, "rankme_samples must be at least 2")
         require(self.learning_rate > 0 and self.weight_decay >= 0, where,
                 "learning_rate must be positive and weight_decay >= 0")
+        require(self.nproc == "auto" or self.nproc >= 1, f"{where}.nproc", "must be auto or at least 1")
+        require(self.num_workers == "auto" or self.num_workers >= 0, f"{where}.num_workers", "must be auto or >= 0")
+        require(self.grad_accumulation >= 1 and self.log_every >= 1, where,
+                "grad_accumulation and log_every must be at least 1")
+        fixed = [n for n in (self.nproc, self.grad_accumulation) if n != "auto"]
+        require(self.batch_size % _product(fixed) == 0, f"{where}.batch_size",
+                f"{self.batch_size} must divide by nproc x grad_accumulation ({_product(fixed)})")
+
+
+def _product(values: list[int]) -> int:
+    result = 1
+    for value in values:
+        result *= int(value)
+    return result
 
 
 INITS = ("ssl", "scratch", "generic")
@@ -188,6 +211,8 @@ class FinetuneConfig:
     knn_neighbors: int = 5
     linear_c: float = 1.0
     save_models: bool = True
+    nproc: int | Literal["auto"] = "auto"  # processes running (init, seed) jobs side by side; auto: one per GPU, 1 on CPU
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
 
     def validate(self, where: str) -> None:
         require(bool(self.label_fractions) and all(0 < f <= 1 for f in self.label_fractions), where,
@@ -196,6 +221,7 @@ class FinetuneConfig:
         require(len(self.inits) > 0 and len(self.protocols) > 0, where, "inits and protocols must not be empty")
         require(self.steps > 0 and self.batch_size > 0, where, "steps and batch_size must be positive")
         require(self.knn_neighbors > 0 and self.linear_c > 0, where, "knn_neighbors and linear_c must be positive")
+        require(self.nproc == "auto" or self.nproc >= 1, f"{where}.nproc", "must be auto or at least 1")
 
 
 @dataclass
@@ -228,7 +254,7 @@ class DomainConfig:
 
 
 DOMAIN_KEYS = ("module", "corpus", "labels", "cpu_threads", "split", "ingest", "preprocess", "model",
-               "pretrain", "finetune", "default_data", "privacy")
+               "pretrain", "finetune", "default_data", "privacy", "preset", "presets")
 DOMAIN_SECTIONS = ("ingest", "preprocess", "model", "default_data")  # typed by the domain module
 
 
@@ -245,10 +271,36 @@ def load_params(params_path: Path = Path("params.yaml")) -> dict[str, Any]:
     return params
 
 
+def merged(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """`base` with `overrides` laid over it, mapping by mapping (a preset changes only what it
+    names), except a method's `options`, which a preset replaces whole (they belong to its method)."""
+    result = dict(base)
+    for key, value in overrides.items():
+        nested = isinstance(value, dict) and isinstance(result.get(key), dict) and key != "options"
+        result[key] = merged(result[key], value) if nested else value
+    return result
+
+
+def apply_preset(block: dict[str, Any], where: str) -> dict[str, Any]:
+    """The block with its chosen `preset` (one of its `presets`, e.g. a GPU-sized model) laid over it."""
+    presets = coerce(block.get("presets") or {}, dict[str, dict[str, Any]], f"{where}.presets")
+    choice = coerce(block.get("preset"), str | None, f"{where}.preset")
+    settings = {k: v for k, v in block.items() if k not in ("preset", "presets")}
+    if choice is None:
+        return settings
+    if choice not in presets:
+        raise PipelineError(f"params.yaml {where}.preset: {choice!r} is not one of the block's presets "
+                            f"{sorted(presets)} (or null)")
+    unknown = sorted(set(presets[choice]) - set(DOMAIN_KEYS) - {"preset", "presets"})
+    if unknown:
+        raise PipelineError(f"params.yaml {where}.presets.{choice}: unknown setting(s) {unknown}; "
+                            f"valid: {sorted(set(DOMAIN_KEYS) - {'preset', 'presets'})}")
+    return merged(settings, presets[choice])
+
+
 def load_config(domain: str, params_path: Path = Path("params.yaml")) -> tuple[DomainConfig, Domain]:
     """Parse and validate the whole `domains.<domain>` block, method options included; return
     it with the domain module that reads it. Imports no torch: fails in well under a second."""
-    from ssl_models.core.domain import get_domain
 
     domains = load_params(params_path).get("domains") or {}
     if domain not in domains:
@@ -260,6 +312,17 @@ def load_config(domain: str, params_path: Path = Path("params.yaml")) -> tuple[D
     unknown = sorted(set(block) - set(DOMAIN_KEYS))
     if unknown:
         raise PipelineError(f"params.yaml {where}: unknown setting(s) {unknown}; valid: {sorted(DOMAIN_KEYS)}")
+    cfg, owner = _parse_block(domain, apply_preset(block, where), where, params_path)
+    for name in block.get("presets") or {}:  # a preset not chosen today is checked too
+        if name != block.get("preset"):
+            _parse_block(domain, apply_preset({**block, "preset": name}, where), f"{where} (preset {name})",
+                         params_path)
+    return cfg, owner
+
+
+def _parse_block(domain: str, block: dict[str, Any], where: str, params_path: Path) -> tuple[DomainConfig, Domain]:
+    from ssl_models.core.domain import get_domain
+
     for key in ("module", "corpus"):
         if not block.get(key):
             raise PipelineError(f"params.yaml {where}.{key} is required")

@@ -35,10 +35,11 @@ def move(batch: Any, device: torch.device) -> Any:
     return batch
 
 
-def autocast(device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 mixed precision on a GPU (no loss scaling needed), full precision on the CPU."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+def autocast(device: torch.device, precision: str = "auto") -> contextlib.AbstractContextManager:
+    """bf16 mixed precision (no loss scaling needed) with `precision: bf16`, and by default on a
+    GPU; full precision with `fp32`, and by default on the CPU."""
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 

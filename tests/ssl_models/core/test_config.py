@@ -105,3 +105,38 @@ def test_a_params_file_that_is_not_yaml_is_one_line(tmp_path) -> None:
     with pytest.raises(PipelineError) as caught:
         load_config("legal", tmp_path / "params.yaml")
     assert "is not valid YAML" in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_a_preset_lays_its_settings_over_the_block_and_every_preset_is_checked(tmp_path) -> None:
+    params = tiny_params()
+    legal = params["domains"]["legal"]
+    legal["presets"] = {"gpu": {"model": {"hidden_size": 64, "num_heads": 4}, "pretrain": {"nproc": 2}},
+                        "broken": {"model": {"hidden_sise": 64}}}
+    write_params(tmp_path, params)
+    with pytest.raises(PipelineError, match=r"domains.legal \(preset broken\).model: unknown setting\(s\) \['hidden_sise'\]"):
+        load_config("legal", tmp_path / "params.yaml")
+    del legal["presets"]["broken"]
+    legal["preset"] = "gpu"
+    write_params(tmp_path, params)
+    cfg, _ = load_config("legal", tmp_path / "params.yaml")
+    assert (cfg.model.hidden_size, cfg.model.num_heads, cfg.model.num_layers) == (64, 4, 1)  # the rest stays
+    assert cfg.pretrain.nproc == 2 and cfg.pretrain.steps == 12
+    legal["preset"] = "tpu"
+    write_params(tmp_path, params)
+    with pytest.raises(PipelineError, match=r"domains.legal.preset: 'tpu' is not one of the block's presets \['gpu'\]"):
+        load_config("legal", tmp_path / "params.yaml")
+
+
+def test_the_repository_presets_parse(tmp_path) -> None:
+    import yaml
+
+    from tests.conftest import REPO
+
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    for name, block in params["domains"].items():
+        assert "large" in block["presets"], name
+        block["preset"] = "large"
+    write_params(tmp_path, params)
+    for name in params["domains"]:
+        cfg, _ = load_config(name, tmp_path / "params.yaml")
+        assert cfg.pretrain.steps >= 50_000 and cfg.pretrain.nproc == "auto"
