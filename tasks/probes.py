@@ -20,13 +20,14 @@ from ssl_models.core.modules import Encoder
 
 
 @torch.no_grad()
-def embed_rows(encoder: Encoder, rows: list[dict[str, Any]], batch_size: int = 64) -> np.ndarray:
-    """Frozen features of `rows`, on the encoder's device, as float32 on the CPU."""
+def embed_rows(encoder: Encoder, rows: list[dict[str, Any]], batch_size: int = 64,
+               precision: str = "auto") -> np.ndarray:
+    """Frozen features of `rows`, on the encoder's device (autocast per `precision`), as float32 on the CPU."""
     encoder.eval()
     device = next(encoder.parameters()).device
     chunks = []
     for i in range(0, len(rows), batch_size):
-        with autocast(device):
+        with autocast(device, precision):
             chunks.append(encoder(move(encoder.collate(rows[i:i + batch_size]), device)).float().cpu())
     return torch.cat(chunks).numpy()
 
@@ -116,7 +117,7 @@ def finetune_encoder(encoder: Encoder, train_rows: list[dict[str, Any]], train_y
         while len(order) < cfg.batch_size:  # fresh permutations, also when the subset is smaller than a batch
             order += torch.randperm(len(train_rows), generator=generator).tolist()
         batch_ids, order = order[:cfg.batch_size], order[cfg.batch_size:]
-        with autocast(device):
+        with autocast(device, cfg.precision):
             logits = head(model(move(model.collate([train_rows[i] for i in batch_ids]), device)))
             loss = torch.nn.functional.cross_entropy(logits.float(), targets[batch_ids])
         loss.backward()
@@ -125,7 +126,7 @@ def finetune_encoder(encoder: Encoder, train_rows: list[dict[str, Any]], train_y
         optimizer.zero_grad(set_to_none=True)
     model.eval()
     with torch.no_grad():
-        features = torch.from_numpy(embed_rows(model, test_rows)).to(device)
+        features = torch.from_numpy(embed_rows(model, test_rows, precision=cfg.precision)).to(device)
         probabilities = torch.softmax(head(features).float(), dim=1).cpu()
     predictions = probabilities.argmax(dim=1).tolist()
     return [classes[i] for i in predictions], probabilities.numpy(), model, head
