@@ -130,6 +130,9 @@ class SimCLROptions:
     loss: Literal["ntxent", "dcl"] = "ntxent"  # dcl: decoupled contrastive, better with small batches
     temperature: float = 0.2
     projection_dim: int = 64
+    # BatchNorm in the projection head; off only where a run must not depend on how the
+    # batch is split: on the CPU each process normalises its own share (SyncBatchNorm needs GPUs)
+    head_batch_norm: bool = True
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def validate(self, where: str) -> None:
@@ -140,6 +143,7 @@ class SimCLROptions:
 @dataclass
 class VICRegOptions:
     projection_dim: int = 128
+    head_batch_norm: bool = True  # BatchNorm in the heads (see SimCLROptions)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def validate(self, where: str) -> None:
@@ -150,6 +154,7 @@ class VICRegOptions:
 class BYOLOptions:
     momentum: float = 0.99  # of the EMA teacher
     projection_dim: int = 64
+    head_batch_norm: bool = True  # BatchNorm in the heads (see SimCLROptions)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def validate(self, where: str) -> None:

@@ -1,6 +1,10 @@
 """Self-supervised methods for tiles, each a `PretrainMethod(encoder, options)` with
 `forward(batch) -> loss`; their views and masks are built by the data sides in `augment.py`.
-Losses and heads come from lightly (they gather across GPUs under DDP).
+Losses and heads come from lightly. With several processes (DDP) the world size changes nothing
+but speed: NT-Xent, DCL and VICReg gather the whole global batch (`gather_distributed`); BYOL's
+loss and MAE's (a fixed number of masked patches per tile) are means of per-sample terms. The
+heads' BatchNorm is synchronised on GPUs only (`head_batch_norm: false` where a CPU run must not
+depend on the split), as is the ResNet backbone's.
 
 - `simclr`: contrastive, NT-Xent or decoupled contrastive (DCL) loss.
 - `vicreg`: non-contrastive variance-invariance-covariance.
@@ -21,6 +25,16 @@ from ssl_models.core.modules import DataSide, PretrainMethod
 from ssl_models.histopathology.augment import MaskedView, TwoViews
 from ssl_models.histopathology.backbones import TileEncoder, decode_tiles, normalise
 from ssl_models.histopathology.config import BYOLOptions, MAEOptions, SimCLROptions, VICRegOptions
+
+
+def two_layer_head(dims: tuple[int, int, int], batch_norm: bool) -> nn.Module:
+    """lightly's Linear-BatchNorm-ReLU-Linear head (BYOL's projection and prediction heads,
+    VICReg's with two layers), the BatchNorm left out when `batch_norm` is false."""
+    from lightly.models.modules.heads import ProjectionHead
+
+    d_in, hidden, d_out = dims
+    return ProjectionHead([(d_in, hidden, nn.BatchNorm1d(hidden) if batch_norm else None, nn.ReLU()),
+                           (hidden, d_out, None, None)])
 
 
 class TileMethod(PretrainMethod):
@@ -54,7 +68,8 @@ class SimCLR(TileMethod):
         from lightly.loss import DCLLoss, NTXentLoss
         from lightly.models.modules import SimCLRProjectionHead
 
-        self.head = SimCLRProjectionHead(encoder.dim, encoder.dim, options.projection_dim)
+        self.head = SimCLRProjectionHead(encoder.dim, encoder.dim, options.projection_dim,
+                                         batch_norm=options.head_batch_norm)
         loss = NTXentLoss if options.loss == "ntxent" else DCLLoss
         self.criterion = loss(temperature=options.temperature, gather_distributed=True)
 
@@ -70,9 +85,8 @@ class VICReg(TileMethod):
     def __init__(self, encoder: TileEncoder, options: VICRegOptions) -> None:
         super().__init__(encoder, options)
         from lightly.loss import VICRegLoss
-        from lightly.models.modules.heads import VICRegProjectionHead
 
-        self.head = VICRegProjectionHead(encoder.dim, 2 * encoder.dim, options.projection_dim, num_layers=2)
+        self.head = two_layer_head((encoder.dim, 2 * encoder.dim, options.projection_dim), options.head_batch_norm)
         self.criterion = VICRegLoss(gather_distributed=True)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -82,17 +96,18 @@ class VICReg(TileMethod):
 class BYOL(TileMethod):
     """BYOL (Grill et al., "Bootstrap Your Own Latent", NeurIPS 2020): an online network
     predicts a momentum (EMA) teacher's projection of the other view. The teacher is a buffer-
-    like copy updated in `forward`, so checkpoints hold it and a resumed run continues exactly."""
+    like copy updated in `forward`, so checkpoints hold it and a resumed run continues exactly.
+    Under DDP every process updates its teacher from the same (gradient-averaged) online
+    weights, so the teachers stay identical without any communication."""
 
     def __init__(self, encoder: TileEncoder, options: BYOLOptions) -> None:
         super().__init__(encoder, options)
         from lightly.loss import NegativeCosineSimilarity
-        from lightly.models.modules import BYOLPredictionHead, BYOLProjectionHead
         from lightly.models.utils import deactivate_requires_grad
 
         dim, projection_dim = encoder.dim, options.projection_dim
-        self.projection = BYOLProjectionHead(dim, 2 * dim, projection_dim)
-        self.prediction = BYOLPredictionHead(projection_dim, 2 * dim, projection_dim)
+        self.projection = two_layer_head((dim, 2 * dim, projection_dim), options.head_batch_norm)
+        self.prediction = two_layer_head((projection_dim, 2 * dim, projection_dim), options.head_batch_norm)
         self.teacher_backbone = copy.deepcopy(encoder.backbone)
         self.teacher_projection = copy.deepcopy(self.projection)
         deactivate_requires_grad(self.teacher_backbone)
@@ -132,6 +147,10 @@ class MAE(TileMethod):
                                       embed_dim=vit.embed_dim, decoder_embed_dim=options.decoder_dim,
                                       decoder_depth=options.decoder_depth, decoder_num_heads=options.decoder_heads,
                                       num_prefix_tokens=vit.num_prefix_tokens)
+        # never on MAE's path (the pooled features' norm; a mask token for masked-token input):
+        # frozen, as DDP needs every trainable parameter in the loss (they never moved anyway)
+        vit.fc_norm.requires_grad_(False)
+        self.masked_vit.mask_token.requires_grad_(False)
 
     def data_side(self) -> DataSide:
         vit = self.backbone
@@ -148,4 +167,4 @@ class MAE(TileMethod):
         predicted = self.decoder.predict(utils.get_at_index(self.decoder.decode(tokens), idx_mask))
         target = utils.get_at_index(utils.patchify(images, self.patch_size), idx_mask - self.backbone.num_prefix_tokens)
         target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6).sqrt()
-        return nn.functional.mse_loss(predicted, target)
+        return nn.functional.mse_loss(predicted, target)  # the same number of masked patches in every tile

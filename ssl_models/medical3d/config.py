@@ -100,6 +100,7 @@ class InpaintingContrastiveOptions:
 
     contrastive_weight: float = 0.1  # weight of NT-Xent against the L1 reconstruction
     temperature: float = 0.5
+    head_batch_norm: bool = True  # BatchNorm in the projection head (see SimCLROptions)
 
     def validate(self, where: str) -> None:
         require(self.contrastive_weight >= 0, f"{where}.contrastive_weight", "must be zero or positive")
@@ -112,6 +113,9 @@ class SimCLROptions:
 
     temperature: float = 0.2
     projection_dim: int = 64
+    # BatchNorm in the projection head; off only where a run must not depend on how the batch is
+    # split: on the CPU each process normalises its own share (SyncBatchNorm needs GPUs)
+    head_batch_norm: bool = True
 
     def validate(self, where: str) -> None:
         require(self.temperature > 0, f"{where}.temperature", "must be positive")

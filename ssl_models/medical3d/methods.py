@@ -1,6 +1,12 @@
 """Self-supervised objectives for 3D volumes, one `nn.Module` each around a `VolumeEncoder`:
 `forward(batch) -> loss`. Views and masks arrive in the batch, drawn by the method's data side
 (`views.py`) from per-sample seeds; nothing random is left in a forward pass.
+
+With several processes (DDP) the world size changes nothing but speed: NT-Xent gathers the
+whole global batch (`gather_distributed`), the reconstruction losses are means over a fixed
+number of patches per volume (the MAE's through `global_mean` over its masked patches). The
+projection heads' BatchNorm, and the 3D ResNet's, are synchronised on GPUs only
+(`head_batch_norm: false` and the ViT where a CPU run must not depend on the split).
 """
 
 from __future__ import annotations
@@ -13,10 +19,21 @@ from lightly.models.modules import SimCLRProjectionHead
 from monai.networks.nets import MaskedAutoEncoderViT
 from torch import nn
 
+from ssl_models.core.distributed import global_mean
 from ssl_models.core.modules import DataSide, PretrainMethod
 from ssl_models.medical3d.config import InpaintingContrastiveOptions, MaeOptions, SimCLROptions
 from ssl_models.medical3d.models import VolumeEncoder
 from ssl_models.medical3d.views import MaskedPatches, TwoViews, contrastive_views, inpainting_views
+
+
+def freeze_unused_norms(module: nn.Module) -> None:
+    """MONAI's transformer blocks build a `norm_cross_attn` even without cross-attention; it never
+    takes part in a loss, and DDP needs every trainable parameter to: frozen (it never moved anyway)."""
+    from monai.networks.blocks.transformerblock import TransformerBlock
+
+    for block in module.modules():
+        if isinstance(block, TransformerBlock) and not block.with_cross_attention:
+            block.norm_cross_attn.requires_grad_(False)
 
 
 class _VolumeMethod(PretrainMethod):
@@ -46,8 +63,9 @@ class InpaintingContrastive(_VolumeMethod):
         super().__init__(encoder, options)
         cfg = encoder.cfg
         self.decoder = nn.Linear(cfg.hidden_size, cfg.patch_size ** 3)
-        self.head = SimCLRProjectionHead(cfg.hidden_size, cfg.hidden_size, 64)
-        self.contrastive = NTXentLoss(temperature=options.temperature)
+        self.head = SimCLRProjectionHead(cfg.hidden_size, cfg.hidden_size, 64, batch_norm=options.head_batch_norm)
+        self.contrastive = NTXentLoss(temperature=options.temperature, gather_distributed=True)
+        freeze_unused_norms(self)
 
     def data_side(self) -> DataSide:
         return TwoViews(inpainting_views(self.encoder().cfg.size))
@@ -99,6 +117,7 @@ class MaskedAutoencoder3D(_VolumeMethod):
         # one set of encoder weights: the MAE's patch embedding and blocks are the backbone's
         self.mae.patch_embedding = vit.patch_embedding
         self.mae.blocks = nn.Sequential(*vit.blocks, vit.norm)
+        freeze_unused_norms(self)
 
     def data_side(self) -> DataSide:
         n_patches = self.mae.patch_embedding.n_patches
@@ -114,7 +133,7 @@ class MaskedAutoencoder3D(_VolumeMethod):
             mean, var = target.mean(dim=-1, keepdim=True), target.var(dim=-1, keepdim=True)
             target = (target - mean) / (var + 1e-6).sqrt()
         per_patch = ((predicted - target) ** 2).mean(dim=-1)
-        return (per_patch * mask).sum() / mask.sum()
+        return global_mean((per_patch * mask).sum(), mask.sum())
 
 
 class SimCLR3D(_VolumeMethod):
@@ -123,8 +142,10 @@ class SimCLR3D(_VolumeMethod):
 
     def __init__(self, encoder: VolumeEncoder, options: SimCLROptions) -> None:
         super().__init__(encoder, options)
-        self.head = SimCLRProjectionHead(encoder.dim, encoder.dim, options.projection_dim)
-        self.loss = NTXentLoss(temperature=options.temperature)
+        self.head = SimCLRProjectionHead(encoder.dim, encoder.dim, options.projection_dim,
+                                         batch_norm=options.head_batch_norm)
+        self.loss = NTXentLoss(temperature=options.temperature, gather_distributed=True)
+        freeze_unused_norms(self)
 
     def data_side(self) -> DataSide:
         return TwoViews(contrastive_views(self.encoder().cfg.size))

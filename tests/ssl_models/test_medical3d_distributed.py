@@ -1,0 +1,93 @@
+"""Two training processes (gloo on this CPU, half of every step's global batch each) end where
+one process with the whole batch does, for every 3D medical SSL method; DataLoader workers
+(building MONAI views) change nothing at all.
+
+On the CPU each process' BatchNorm normalises its own half (PyTorch's SyncBatchNorm runs on CUDA
+only; the loop converts to it on GPUs), so simclr runs on the ViT backbone, not the 3D ResNet, and
+the contrastive methods' projection heads without BatchNorm (`head_batch_norm: false`): the ResNet
+and the default heads are not equivalent across world sizes on the CPU.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import pretrained_state, run_stages, write_params
+from tests.ssl_models.medical_files import blob_volume, medical_params, write_nifti
+
+pytestmark = pytest.mark.slow
+
+# 3 full-rate steps (no warmup) on a batch of 4, checkpointed at the end; batches built in the
+# training process unless a test says otherwise
+SHORT = {"steps": 3, "batch_size": 4, "checkpoint_every": 3, "warmup_steps": 0, "rankme_samples": 4,
+         "num_workers": 0}
+NO_BN = {"head_batch_norm": False}
+METHODS = {"mae": {}, "vit_inpainting_contrastive": NO_BN, "simclr": NO_BN}  # all on the tiny ViT
+# float32 rounding of a sum over 4 samples against two sums of 2 averaged by the all-reduce
+WEIGHT_ATOL, LOSS_RTOL = 1e-5, 1e-5
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Tiny medical shards (12 NIfTI volumes, half with a blob), made once for the module."""
+    root = tmp_path_factory.mktemp("medical-distributed")
+    rng = np.random.default_rng(0)
+    for i in range(12):
+        write_nifti(root / "corpus" / f"v{i}.nii.gz", blob_volume(rng, 16, i % 2 == 0))
+    threads = torch.get_num_threads()
+    write_params(root, medical_params(cpu_threads=1, model={"backbone": "vit"}))
+    run_stages(root, "medical", "ingest", "preprocess")
+    yield root
+    torch.set_num_threads(threads)  # cpu_threads set it for the stages
+
+
+@pytest.fixture(scope="module")
+def runs(project: Path) -> Any:
+    """`runs(method, nproc=..., num_workers=...)`: (saved encoder tensors, log, the whole
+    method's state from the last checkpoint: heads, decoders), each run once."""
+    done: dict[tuple, tuple[dict, dict, dict]] = {}
+
+    def run(method: str, **settings: Any) -> tuple[dict, dict, dict]:
+        key = (method, *sorted(settings.items()))
+        if key not in done:
+            encoder, log = pretrained_state(project, "medical", method=method, options=METHODS[method],
+                                            **{**SHORT, **settings})
+            checkpoint = torch.load(project / "models/medical/checkpoints/step_00000003.pt", weights_only=False)
+            done[key] = encoder, log, checkpoint["model"]
+        return done[key]
+
+    return run
+
+
+def max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> tuple[float, str]:
+    """The largest absolute difference of the floating tensors of `a` and `b`, and where."""
+    assert a.keys() == b.keys()
+    gaps = {k: float((a[k].double() - b[k].double()).abs().max()) for k in a if a[k].is_floating_point()}
+    worst = max(gaps, key=gaps.get)
+    return gaps[worst], worst
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_two_processes_with_half_the_batch_each_end_where_one_process_does(runs: Any, method: str) -> None:
+    one_encoder, one_log, one_state = runs(method, nproc=1)
+    two_encoder, two_log, two_state = runs(method, nproc=2)
+    first_one, first_two = one_log["loss"][0][1], two_log["loss"][0][1]
+    (encoder_gap, _), (state_gap, where) = max_difference(one_encoder, two_encoder), max_difference(one_state, two_state)
+    print(f"\n{method}: first loss {first_one:.7f} vs {first_two:.7f} (|diff| {abs(first_one - first_two):.2e}), "
+          f"max |weight diff| encoder {encoder_gap:.2e}, whole method {state_gap:.2e} ({where})")
+    assert [s for s, _ in one_log["loss"]] == [s for s, _ in two_log["loss"]] == [1, 2, 3]
+    assert one_log["loss"][-1][1] != first_one  # the weights moved
+    assert first_two == pytest.approx(first_one, rel=LOSS_RTOL)
+    assert encoder_gap <= WEIGHT_ATOL and state_gap <= WEIGHT_ATOL
+
+
+def test_loader_workers_change_no_bit_of_the_weights(runs: Any) -> None:
+    in_process, _, in_process_state = runs("vit_inpainting_contrastive", nproc=1)
+    workers, _, workers_state = runs("vit_inpainting_contrastive", nproc=1, num_workers=2)
+    assert all(torch.equal(in_process[k], workers[k]) for k in in_process)
+    assert all(torch.equal(in_process_state[k], workers_state[k]) for k in in_process_state)
