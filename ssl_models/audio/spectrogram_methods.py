@@ -17,6 +17,7 @@ from torch import nn
 from ssl_models.audio.backbones import SpectrogramEncoder, SpectrogramTransformer, collate_spectrograms, frame_padding
 from ssl_models.audio.config import MaskedSpectrogramOptions, TERAOptions
 from ssl_models.audio.features import InputSpec
+from ssl_models.core import distributed
 from ssl_models.core.modules import DataSide, PretrainMethod, generator
 
 
@@ -116,7 +117,8 @@ class TERA(SpectrogramMethod):
         altered = (altered.masked_fill(batch["zeroed"], 0.0) + batch["noise"]) * valid.unsqueeze(-1)
         hidden, _ = self.backbone(altered, batch["lengths"])
         predicted = self.unpatchify(self.reconstruction(hidden))[:, : clean.shape[1]]
-        return (predicted - clean).abs()[batch["altered"]].mean()
+        # the mean over the altered positions of every process' clips (their number varies by clip)
+        return distributed.global_mean((predicted - clean).abs()[batch["altered"]].sum(), batch["altered"].sum())
 
 
 @dataclass
@@ -187,6 +189,10 @@ class MaskedSpectrogramModeling(SpectrogramMethod):
         # a clip's own masked patches are its candidates; padding entries are none
         logits = logits.masked_fill(~valid.unsqueeze(1), torch.finfo(logits.dtype).min)
         labels = torch.arange(valid.shape[1], device=logits.device).expand_as(valid)
-        nce = nn.functional.cross_entropy(logits[valid], labels[valid])
-        mse = (self.generative(hidden_masked) - target).square()[valid].mean()
+        # means over the masked tokens of every process' clips (a clip masks a share of its own tokens)
+        masked = valid.sum()
+        nce = distributed.global_mean(nn.functional.cross_entropy(logits[valid], labels[valid], reduction="sum"),
+                                      masked)
+        mse = distributed.global_mean((self.generative(hidden_masked) - target).square()[valid].sum(),
+                                      masked * target.shape[-1])
         return nce + self.options.generative_weight * mse

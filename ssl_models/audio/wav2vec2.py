@@ -4,8 +4,12 @@ Baevski, Zhou, Mohamed and Auli, "wav2vec 2.0: A Framework for Self-Supervised L
 Speech Representations", NeurIPS 2020. A convolutional feature encoder turns the waveform into
 frames; spans of frames are masked, and the Transformer's output at each masked frame must pick
 its own quantised frame among distractors from the same clip (plus a codebook-diversity term).
-Uses `Wav2Vec2ForPreTraining`, and transformers' own span-mask and negative samplers, run per
-clip in the data side.
+Uses the modules of `Wav2Vec2ForPreTraining`, and transformers' own span-mask and negative
+samplers, run per clip in the data side. The loss is transformers' (its `forward` steps 1-8)
+written out here for two reasons: the quantiser's Gumbel noise comes from each clip's seed (in
+the data side, not from torch's global generator inside the forward pass), and the diversity
+term measures the codebook use of the global batch (summed over the processes), not that of one
+process' share.
 """
 
 from __future__ import annotations
@@ -19,14 +23,16 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 import transformers
+from torch import nn
 from transformers import Wav2Vec2Config, Wav2Vec2ForPreTraining, Wav2Vec2Model
 from transformers.models.wav2vec2.modeling_wav2vec2 import _compute_mask_indices, _sample_negative_indices
 
 from ssl_models.audio.backbones import segment_pool
 from ssl_models.audio.config import AudioModelConfig, Wav2Vec2Options, conv_frames
 from ssl_models.audio.features import InputSpec, decode_row, pad_batch
+from ssl_models.core import distributed
 from ssl_models.core.errors import PipelineError
-from ssl_models.core.modules import DataSide, Encoder, PretrainMethod
+from ssl_models.core.modules import DataSide, Encoder, PretrainMethod, generator
 
 if TYPE_CHECKING:
     from ssl_models.core.config import DomainConfig
@@ -107,20 +113,25 @@ def numpy_seeded(seed: int) -> Iterator[None]:
 @dataclass
 class SpanMasks(DataSide):
     """Normalised waveforms padded to the clip length and, per clip from its seed, the masked
-    frame spans (`mask_time_indices` [batch, frames]) and `sampled_negative_indices`
+    frame spans (`mask_time_indices` [batch, frames]), `sampled_negative_indices`
     [batch, frames, negatives]: frames of the same clip, numbered within the clip (the forward
-    pass adds the clip's offset in the batch)."""
+    pass adds the clip's offset in the batch), and the quantiser's Gumbel noise
+    `gumbel_noise` [batch, frames, codevectors] (groups x entries per group)."""
 
     spec: InputSpec
     options: Wav2Vec2Options
     conv_layers: tuple[tuple[int, int], ...]  # (kernel, stride) of the feature encoder's convolutions
     num_negatives: int
+    codevectors: int  # num_codevector_groups x num_codevectors_per_group
 
     def __call__(self, rows: Sequence[dict[str, Any]], seeds: Sequence[int]) -> dict[str, torch.Tensor]:
         batch = collate_waveforms(list(rows), self.spec)
         n_frames = conv_frames(self.spec.clip_steps, self.conv_layers)
         masks = np.zeros((len(rows), n_frames), dtype=bool)
         negatives = np.zeros((len(rows), n_frames, self.num_negatives), dtype=np.int64)
+        # Gumbel(0, 1) samples, as torch's gumbel_softmax draws them
+        noise = torch.stack([-torch.empty(n_frames, self.codevectors).exponential_(generator=generator(seed)).log()
+                             for seed in seeds]) if len(rows) else torch.zeros(0, n_frames, self.codevectors)
         for row, (length, seed) in enumerate(zip(batch["attention_mask"].sum(1).tolist(), seeds)):
             real = np.arange(n_frames) < conv_frames(length, self.conv_layers)
             with numpy_seeded(seed):
@@ -132,7 +143,7 @@ class SpanMasks(DataSide):
                 negatives[row] = _sample_negative_indices((1, n_frames), self.num_negatives, mask[None])[0]
             masks[row] = mask
         return {**batch, "mask_time_indices": torch.from_numpy(masks),
-                "sampled_negative_indices": torch.from_numpy(negatives)}
+                "sampled_negative_indices": torch.from_numpy(negatives), "gumbel_noise": noise}
 
 
 class Wav2Vec2Contrastive(PretrainMethod):
@@ -149,18 +160,50 @@ class Wav2Vec2Contrastive(PretrainMethod):
 
     def data_side(self) -> SpanMasks:
         config = self.backbone_encoder.model.config
-        return SpanMasks(self.backbone_encoder.spec, self.options,
-                         tuple(zip(config.conv_kernel, config.conv_stride)), int(config.num_negatives))
+        return SpanMasks(self.backbone_encoder.spec, self.options, tuple(zip(config.conv_kernel, config.conv_stride)),
+                         int(config.num_negatives), config.num_codevector_groups * config.num_codevectors_per_group)
+
+    def quantise(self, features: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(quantised features [batch, frames, codevector_dim], each frame's soft codebook use
+        [batch, frames, groups, entries]): transformers' Gumbel quantiser in training, with `noise`."""
+        quantiser = self.backbone_encoder.model.quantizer
+        batch, frames, _ = features.shape
+        logits = quantiser.weight_proj(features).view(batch, frames, quantiser.num_groups, quantiser.num_vars).float()
+        soft = ((logits + noise.view_as(logits)) / quantiser.temperature).softmax(-1)
+        hard = torch.zeros_like(soft).scatter_(-1, soft.argmax(-1, keepdim=True), 1.0)
+        probs = (hard - soft.detach() + soft).type_as(features).view(batch * frames, -1, 1)  # straight-through
+        codevectors = (probs * quantiser.codevectors).view(batch * frames, quantiser.num_groups, quantiser.num_vars, -1)
+        return codevectors.sum(-2).view(batch, frames, -1), logits.softmax(-1)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        masked = batch["mask_time_indices"]
-        # negatives are numbered within each clip; transformers indexes the flattened batch
-        offsets = torch.arange(masked.shape[0], device=masked.device)[:, None, None] * masked.shape[1]
-        output = self.backbone_encoder.model(batch["input_values"], attention_mask=batch["attention_mask"],
-                                             mask_time_indices=masked,
-                                             sampled_negative_indices=batch["sampled_negative_indices"] + offsets)
-        # transformers sums over masked frames; the mean keeps the scale independent of batch size
-        return output.loss / masked.sum().clamp(min=1)
+        model, masked = self.backbone_encoder.model, batch["mask_time_indices"]
+        outputs = model.wav2vec2(batch["input_values"], attention_mask=batch["attention_mask"],
+                                 mask_time_indices=masked)
+        predicted = model.project_hid(outputs.last_hidden_state)
+        quantised, use = self.quantise(model.dropout_features(outputs.extract_features), batch["gumbel_noise"])
+        quantised = model.project_q(quantised.to(model.project_q.weight.dtype))
+        # each masked frame picks its quantised frame among distractors of its clip (numbered within the clip)
+        n_clips, n_frames, dim = quantised.shape
+        offsets = torch.arange(n_clips, device=masked.device)[:, None, None] * n_frames
+        distractors = quantised.reshape(-1, dim)[(batch["sampled_negative_indices"] + offsets)[masked]]
+        targets = torch.cat([quantised[masked][:, None], distractors], 1)  # [masked frames, 1 + negatives, dim]
+        similarity = torch.cosine_similarity(predicted[masked].float()[:, None], targets.float(), dim=-1)
+        # a distractor equal to the positive (a codebook used little) is no distractor
+        same = (targets == targets[:, :1]).all(-1)
+        same[:, 0] = False
+        logits = similarity.masked_fill(same, float("-inf")) / model.config.contrastive_logits_temperature
+        contrastive = nn.functional.cross_entropy(logits, logits.new_zeros(len(logits), dtype=torch.long),
+                                                  reduction="sum")
+        # diversity: the perplexity of the codebook use averaged over every process' masked frames
+        frames = masked.to(use.dtype)[..., None, None]
+        total_use = distributed.gather((use * frames).sum((0, 1))[None]).sum(0)
+        total_frames = distributed.gather(masked.sum().to(use.dtype)[None]).sum()
+        marginal = total_use / total_frames.clamp(min=1)
+        perplexity = torch.exp(-torch.xlogy(marginal, marginal).sum(-1)).sum()
+        n_codevectors = model.config.num_codevectors_per_group * model.config.num_codevector_groups
+        diversity = (n_codevectors - perplexity) / n_codevectors
+        # transformers' loss (sums over masked frames) over the masked frames: the scale independent of batch size
+        return distributed.global_mean(contrastive, masked.sum()) + model.config.diversity_loss_weight * diversity
 
     def embed(self, samples: list[dict[str, Any]]) -> torch.Tensor:
         return self.backbone_encoder(self.backbone_encoder.collate(samples))

@@ -73,12 +73,25 @@ def relaunch(nproc: int, argv: list[str], what: str) -> None:
                             "the processes' own messages are above")
 
 
+def die_with_launcher() -> None:
+    """On Linux, have the kernel kill this training process when its launcher (torchrun's agent)
+    dies: torchrun starts each process in a session of its own, so a SIGKILL of the stage's
+    process group would otherwise leave them training and writing checkpoints beside a re-run."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
 @contextlib.contextmanager
 def process_group(world: World, device: torch.device) -> Iterator[None]:
     """The default process group for `world` (NCCL on GPUs, gloo on the CPU), torn down after."""
     if world.size == 1:
         yield
         return
+    die_with_launcher()
     dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     try:
         yield

@@ -103,11 +103,13 @@ class TextModelConfig:
     num_layers: int = 2
     num_heads: int = 2
     intermediate_size: int = 512
+    dropout: float = 0.1  # its hidden and attention dropout (BERT's 0.1); a base checkpoint keeps its own
     max_length: int = 128  # tokens per labeled text for probes and fine-tuning
 
     def validate(self, where: str) -> None:
         for name in ("hidden_size", "num_layers", "num_heads", "intermediate_size", "max_length"):
             require(getattr(self, name) > 0, f"{where}.{name}", "must be positive")
+        require(0 <= self.dropout < 1, f"{where}.dropout", "must be in [0, 1)")
         require(self.hidden_size % self.num_heads == 0, f"{where}.hidden_size",
                 f"must be divisible by num_heads ({self.num_heads})")
 

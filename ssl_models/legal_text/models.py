@@ -23,6 +23,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from ssl_models.core import distributed
 from ssl_models.core.config import DomainConfig
 from ssl_models.core.errors import PipelineError
 from ssl_models.core.modules import DataSide, Encoder, PretrainMethod, generator
@@ -113,6 +114,7 @@ def build_bert(cfg: DomainConfig, shards_dir: Path) -> TextEncoder:
             vocab_size=len(tokenizer), hidden_size=model_cfg.hidden_size, num_hidden_layers=model_cfg.num_layers,
             num_attention_heads=model_cfg.num_heads, intermediate_size=model_cfg.intermediate_size,
             max_position_embeddings=max(512, model_cfg.max_length, cfg.preprocess.block_size),
+            hidden_dropout_prob=model_cfg.dropout, attention_probs_dropout_prob=model_cfg.dropout,
             pad_token_id=tokenizer.pad_token_id))
     heads = [module for name, module in masked_lm.named_children() if name != masked_lm.base_model_prefix]
     if len(heads) != 1:
@@ -203,7 +205,9 @@ class MaskedLanguageModeling(PretrainMethod):
         labels = batch["labels"]
         hidden = self.backbone_encoder.hidden_states(batch["input_ids"])
         masked = labels != IGNORE_INDEX
-        return nn.functional.cross_entropy(self.head(hidden[masked]), labels[masked])
+        # the mean over the masked tokens of every process' blocks (their number varies by block)
+        summed = nn.functional.cross_entropy(self.head(hidden[masked]), labels[masked], reduction="sum")
+        return distributed.global_mean(summed, masked.sum())
 
     def embed(self, samples: list[dict[str, Any]]) -> torch.Tensor:
         input_ids = torch.as_tensor([s["input_ids"] for s in samples])
@@ -218,7 +222,7 @@ class MaskedLanguageModelingWithSpanContrast(MaskedLanguageModeling):
 
     The contrastive term trains the pooled embedding that probes and fine-tuning use, so it
     pays off after few steps, where MLM alone mostly learns token frequencies. Uses lightly's
-    NTXentLoss, which gathers negatives across GPUs under DDP (its negatives are the batch's:
+    NTXentLoss, which gathers the spans of every process (its negatives are the global batch's:
     the loss, not the data side, is batch-level).
     """
 

@@ -81,7 +81,6 @@ def test_each_audio_method_lowers_its_loss_in_a_few_steps(tmp_path: Path, name: 
     optimizer = torch.optim.AdamW(method.parameters(), lr=3e-3)
     losses = []
     for _ in range(20):
-        torch.manual_seed(1)  # wav2vec2's Gumbel noise stays in the forward pass
         loss = method(batch)
         loss.backward()
         optimizer.step()

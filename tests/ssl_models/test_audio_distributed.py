@@ -1,0 +1,91 @@
+"""The audio methods on 2 processes (DDP, gloo on this CPU) with half the batch each end where
+1 process with the whole batch ends: the same first loss and the same weights after 3 steps.
+
+The spectrogram backbone and the small wav2vec2 have no BatchNorm and no dropout (model.dropout
+0), and every random draw (TERA's alterations, SSAST's token masks, wav2vec2's span masks,
+distractors and Gumbel noise) comes from the clip's own seed, so only float rounding differs:
+the gradients are summed in another order (DDP's all-reduce of two half-batch means)."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import pretrained_state, run_stages, write_params
+from tests.ssl_models.test_audio_pipeline import audio_params
+
+pytestmark = pytest.mark.slow
+
+# Float32 rounding: the gradients agree to ~5e-7 relative and the first loss to ~1e-7, but
+# AdamW's step is lr * m / (sqrt(v) + eps): an element whose gradient is near zero moves by
+# another fraction of lr when its sum is taken in another order (measured: 3.7e-5 on 5 of TERA's
+# 3456 weights after 3 steps with lr 0.002). So weights within 1e-4 (5% of lr); a real gradient
+# error (a missing gather gradient, a wrong mean) flips the step of many elements, by up to 2 lr.
+WEIGHT_ATOL, LOSS_RTOL = 1e-4, 1e-5
+SETTINGS = {"steps": 3, "batch_size": 8, "checkpoint_every": 3, "warmup_steps": 0, "num_workers": 0}
+INPUTS = {"tera": "log_mel", "masked_spectrogram": "log_mel", "wav2vec2": "waveform"}
+BACKBONES = {"log_mel": "spectrogram_transformer", "waveform": "wav2vec2"}
+
+
+def params(method: str) -> dict:
+    kind = INPUTS[method]
+    return audio_params(preprocess={"input": kind}, model={"backbone": BACKBONES[kind], "dropout": 0.0},
+                        pretrain={"method": method})
+
+
+@pytest.fixture(scope="module")
+def projects(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Path]]:
+    """Shards made once per input kind: the default data ingested once, preprocessed twice."""
+    threads = torch.get_num_threads()
+    log_mel = tmp_path_factory.mktemp("audio_log_mel")
+    write_params(log_mel, params("tera"))
+    run_stages(log_mel, "audio", "default_data", "ingest", "preprocess")
+    waveform = tmp_path_factory.mktemp("audio_waveform")
+    shutil.copytree(log_mel / "data", waveform / "data")
+    shutil.rmtree(waveform / "data/audio/shards")
+    write_params(waveform, params("wav2vec2"))
+    run_stages(waveform, "audio", "preprocess")
+    yield {"log_mel": log_mel, "waveform": waveform}
+    torch.set_num_threads(threads)  # the stages set cpu_threads for the whole test process
+
+
+def assert_close_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], what: str) -> None:
+    assert a.keys() == b.keys()
+    largest, over, total = 0.0, 0, 0
+    for name, tensor in a.items():
+        if tensor.is_floating_point():
+            difference = (tensor - b[name]).abs()
+            largest = max(largest, difference.max().item())
+            over, total = over + int((difference > 1e-5).sum()), total + difference.numel()
+        else:
+            assert torch.equal(tensor, b[name]), name
+    print(f"\n{what}: max |weight difference| {largest:.2e} ({over} of {total} elements over 1e-5)")
+    assert largest <= WEIGHT_ATOL
+
+
+@pytest.mark.parametrize("method", list(INPUTS))
+def test_two_processes_with_half_the_batch_each_end_where_one_process_ends(projects: dict[str, Path],
+                                                                           method: str) -> None:
+    root = projects[INPUTS[method]]
+    write_params(root, params(method))
+    single = pretrained_state(root, "audio", nproc=1, **SETTINGS)
+    double = pretrained_state(root, "audio", nproc=2, **SETTINGS)
+    assert [step for step, _ in single[1]["loss"]] == [step for step, _ in double[1]["loss"]] == [1, 2, 3]
+    first, again = single[1]["loss"][0][1], double[1]["loss"][0][1]
+    print(f"\n{method}: first loss {first:.6f} and {again:.6f}, relative difference {abs(first - again) / first:.2e}")
+    assert again == pytest.approx(first, rel=LOSS_RTOL)
+    assert_close_weights(single[0], double[0], method)
+
+
+def test_loader_workers_change_nothing(projects: dict[str, Path]) -> None:
+    root = projects["log_mel"]
+    write_params(root, params("masked_spectrogram"))
+    inline, _ = pretrained_state(root, "audio", nproc=1, **{**SETTINGS, "num_workers": 0})
+    workers, _ = pretrained_state(root, "audio", nproc=1, **{**SETTINGS, "num_workers": 2})
+    assert inline.keys() == workers.keys()
+    for name in inline:
+        assert torch.equal(inline[name], workers[name]), name
