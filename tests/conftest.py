@@ -108,3 +108,14 @@ def pretrained_state(root: Path, domain: str, **pretrain: object) -> tuple[dict,
         tensors.update({f"{path.name}:{k}": v for k, v in load_file(str(path)).items()})
     assert tensors and all(isinstance(v, torch.Tensor) for v in tensors.values())
     return tensors, read_json(folder / "log.json")
+
+
+@pytest.fixture(autouse=True)
+def restore_torch_threads():
+    """A stage applies `cpu_threads` to the whole process; put torch's thread count back after each
+    test, so a later test's in-process run matches the subprocess it is compared with."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
