@@ -287,8 +287,9 @@ def _train(cfg: DomainConfig, domain: Domain, paths: DomainPaths, world: World, 
     workers = distributed.resolve_workers(settings.num_workers, world.size)
     log.info("pretrain %s on %s: %d process(es), %d loader worker(s) each, batch %d", domain_name, device,
              world.size, workers, settings.batch_size)
+    # no workers to start when the run is already complete (a re-run resuming from its last checkpoint)
     loader = step_loader(StepBatches(train_rows, method.data_side(), settings, world), step, settings.steps,
-                         workers, device)
+                         workers if step < settings.steps else 0, device)
     method.train()
     progress = tqdm(total=settings.steps, initial=step, desc=f"pretrain {domain_name}",
                     disable=None if world.is_main else True)
@@ -328,9 +329,7 @@ def _train(cfg: DomainConfig, domain: Domain, paths: DomainPaths, world: World, 
                             "python": random.getstate()},
                 }, settings.keep_checkpoints)
             distributed.barrier()
-        if step >= settings.steps:
-            break
-    progress.close()
+    progress.close()  # the sampler ends at `steps`: the loader shuts its workers down itself
     if state is not None and step == state["step"]:  # resumed at the end: the log comes from the checkpoint
         history = state["history"]
     if world.is_main:

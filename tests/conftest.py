@@ -119,3 +119,21 @@ def restore_torch_threads():
     threads = torch.get_num_threads()
     yield
     torch.set_num_threads(threads)
+
+
+def assert_close_weights(atol: float, a: dict, b: dict, what: str) -> None:
+    """Same tensors, floating ones within `atol` (printed: the largest difference and how many
+    elements are over 1e-5), the others equal."""
+    import torch
+
+    assert a.keys() == b.keys()
+    largest, over, total = 0.0, 0, 0
+    for name, tensor in a.items():
+        if tensor.is_floating_point():
+            difference = (tensor - b[name]).abs()
+            largest = max(largest, difference.max().item())
+            over, total = over + int((difference > 1e-5).sum()), total + difference.numel()
+        else:
+            assert torch.equal(tensor, b[name]), name
+    print(f"\n{what}: max |weight difference| {largest:.2e} ({over} of {total} elements over 1e-5)")
+    assert largest <= atol

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import pretrained_state, run_stages, write_params
+from tests.conftest import assert_close_weights, pretrained_state, run_stages, write_params
 from tests.ssl_models.test_audio_pipeline import audio_params
 
 pytestmark = pytest.mark.slow
@@ -53,20 +53,6 @@ def projects(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Pat
     torch.set_num_threads(threads)  # the stages set cpu_threads for the whole test process
 
 
-def assert_close_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], what: str) -> None:
-    assert a.keys() == b.keys()
-    largest, over, total = 0.0, 0, 0
-    for name, tensor in a.items():
-        if tensor.is_floating_point():
-            difference = (tensor - b[name]).abs()
-            largest = max(largest, difference.max().item())
-            over, total = over + int((difference > 1e-5).sum()), total + difference.numel()
-        else:
-            assert torch.equal(tensor, b[name]), name
-    print(f"\n{what}: max |weight difference| {largest:.2e} ({over} of {total} elements over 1e-5)")
-    assert largest <= WEIGHT_ATOL
-
-
 @pytest.mark.parametrize("method", list(INPUTS))
 def test_two_processes_with_half_the_batch_each_end_where_one_process_ends(projects: dict[str, Path],
                                                                            method: str) -> None:
@@ -78,7 +64,7 @@ def test_two_processes_with_half_the_batch_each_end_where_one_process_ends(proje
     first, again = single[1]["loss"][0][1], double[1]["loss"][0][1]
     print(f"\n{method}: first loss {first:.6f} and {again:.6f}, relative difference {abs(first - again) / first:.2e}")
     assert again == pytest.approx(first, rel=LOSS_RTOL)
-    assert_close_weights(single[0], double[0], method)
+    assert_close_weights(WEIGHT_ATOL, single[0], double[0], method)
 
 
 def test_loader_workers_change_nothing(projects: dict[str, Path]) -> None:

@@ -25,7 +25,7 @@ import yaml
 from safetensors.torch import load_file
 
 from tasks.cli import run_stage
-from tests.conftest import pretrained_state, run_stages, stage_env, tiny_params, write_params
+from tests.conftest import assert_close_weights, pretrained_state, run_stages, stage_env, tiny_params, write_params
 
 pytestmark = pytest.mark.slow
 
@@ -54,20 +54,6 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     torch.set_num_threads(threads)  # the stages set cpu_threads for the whole test process
 
 
-def assert_close_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], what: str) -> None:
-    assert a.keys() == b.keys()
-    largest, over, total = 0.0, 0, 0
-    for name, tensor in a.items():
-        if tensor.is_floating_point():
-            difference = (tensor - b[name]).abs()
-            largest = max(largest, difference.max().item())
-            over, total = over + int((difference > 1e-5).sum()), total + difference.numel()
-        else:
-            assert torch.equal(tensor, b[name]), name
-    print(f"\n{what}: max |weight difference| {largest:.2e} ({over} of {total} elements over 1e-5)")
-    assert largest <= WEIGHT_ATOL
-
-
 @pytest.mark.parametrize("method", ["mlm", "mlm_span_contrastive"])
 def test_two_processes_with_half_the_batch_each_end_where_one_process_ends(project: Path, method: str) -> None:
     write_params(project, params(method=method))
@@ -77,7 +63,7 @@ def test_two_processes_with_half_the_batch_each_end_where_one_process_ends(proje
     first, again = single[1]["loss"][0][1], double[1]["loss"][0][1]
     print(f"\n{method}: first loss {first:.6f} and {again:.6f}, relative difference {abs(first - again) / first:.2e}")
     assert again == pytest.approx(first, rel=LOSS_RTOL)
-    assert_close_weights(single[0], double[0], method)
+    assert_close_weights(WEIGHT_ATOL, single[0], double[0], method)
 
 
 def test_loader_workers_change_nothing(project: Path) -> None:
@@ -139,4 +125,4 @@ def test_a_run_killed_on_two_processes_resumes_on_one_to_the_uninterrupted_weigh
     assert f"resuming legal pretraining from step {int(written[-1].stem.split('_')[1])}" in caplog.text
     assert [c["step"] for c in history["checkpoints"]] == list(range(3, 31, 3))
     resumed = {f"model.safetensors:{k}": v for k, v in load_file(str(project / WEIGHTS)).items()}
-    assert_close_weights(uninterrupted, resumed, "killed on 2 processes, resumed on 1, after 30 steps")
+    assert_close_weights(WEIGHT_ATOL, uninterrupted, resumed, "killed on 2 processes, resumed on 1, after 30 steps")
