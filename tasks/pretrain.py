@@ -329,7 +329,9 @@ def _train(cfg: DomainConfig, domain: Domain, paths: DomainPaths, world: World, 
                             "python": random.getstate()},
                 }, settings.keep_checkpoints)
             distributed.barrier()
-    progress.close()  # the sampler ends at `steps`: the loader shuts its workers down itself
+        if step >= settings.steps:
+            break  # every batch is consumed: leave the workers to the iterator's clean-up
+    progress.close()
     if state is not None and step == state["step"]:  # resumed at the end: the log comes from the checkpoint
         history = state["history"]
     if world.is_main:
