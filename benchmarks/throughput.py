@@ -289,30 +289,15 @@ def time_loader(dataset: StepBatches, workers: int, device: torch.device, warmup
     return steps * dataset.batch_size / seconds
 
 
-def time_steps(trainee: Trainee, batches: list[list[dict[str, torch.Tensor]]], warmup: int, steps: int) -> float:
-    pending: list[torch.Tensor] = []
-    started = time.perf_counter()
-    for step in range(1, warmup + steps + 1):
-        pending.append(trainee.step(batches[(step - 1) % len(batches)]))
-        if step % trainee.settings.log_every == 0:
-            read_back(pending)
-        if step == warmup:
-            read_back(pending)
-            synchronise(trainee.device)
-            started = time.perf_counter()
-    read_back(pending)
-    synchronise(trainee.device)
-    return steps * trainee.settings.batch_size / (time.perf_counter() - started)
-
-
-def time_loop(trainee: Trainee, dataset: StepBatches, workers: int, warmup: int, steps: int) -> tuple[float, float]:
-    """(samples/s, share of the time spent waiting in next(iterator)) of the stage's loop."""
-    batches = iter(step_loader(dataset, 0, warmup + steps, workers, trainee.device))
+def time_training(trainee: Trainee, next_batch: Callable[[int], list[dict[str, torch.Tensor]]], warmup: int,
+                  steps: int) -> tuple[float, float]:
+    """(samples/s, share of the time spent in `next_batch`) of `steps` timed steps after `warmup`
+    untimed ones; the loss is read back every `log_every` steps, as the stage does."""
     pending: list[torch.Tensor] = []
     waited, started = 0.0, time.perf_counter()
     for step in range(1, warmup + steps + 1):
         asked = time.perf_counter()
-        micro_batches = next(batches)
+        micro_batches = next_batch(step)
         if step > warmup:
             waited += time.perf_counter() - asked
         pending.append(trainee.step(micro_batches))
@@ -325,8 +310,18 @@ def time_loop(trainee: Trainee, dataset: StepBatches, workers: int, warmup: int,
     read_back(pending)
     synchronise(trainee.device)
     seconds = time.perf_counter() - started
-    del batches
     return steps * trainee.settings.batch_size / seconds, waited / seconds
+
+
+def time_steps(trainee: Trainee, batches: list[list[dict[str, torch.Tensor]]], warmup: int, steps: int) -> float:
+    """samples/s of the step alone, cycling over batches built beforehand."""
+    return time_training(trainee, lambda step: batches[(step - 1) % len(batches)], warmup, steps)[0]
+
+
+def time_loop(trainee: Trainee, dataset: StepBatches, workers: int, warmup: int, steps: int) -> tuple[float, float]:
+    """(samples/s, share of the time spent waiting in next(iterator)) of the stage's loop."""
+    batches = iter(step_loader(dataset, 0, warmup + steps, workers, trainee.device))
+    return time_training(trainee, lambda step: next(batches), warmup, steps)
 
 
 def measure(setup: Setup, device: torch.device, batch_size: int, steps: int, warmup: int,

@@ -84,11 +84,11 @@ def _read_source(domain: Domain, source: Source, cfg: DomainConfig) -> tuple[lis
 def ingest(cfg: DomainConfig, domain: Domain, paths: DomainPaths) -> dict[str, Any]:
     """Run the ingest stage for one domain; returns its summary."""
     domain_name = cfg.name
-    corpus = paths.resolve(cfg.corpus)
+    corpus = cfg.resolve(cfg.corpus)
     if not corpus.is_dir():
         raise PipelineError(f"corpus folder {cfg.corpus} not found; set domains.{domain_name}.corpus in params.yaml")
-    public = public_namer(domain, cfg, paths)
-    labels_file = paths.resolve(cfg.labels) if cfg.labels else None
+    public = public_namer(domain, cfg)
+    labels_file = cfg.resolve(cfg.labels) if cfg.labels else None
     labels = {public("key", key): value for key, value in read_labels(labels_file, corpus).items()}
     recorder = LineageRecorder(f"ingest@{domain_name}", paths.manifest, root=paths.root,
                                params={"module": cfg.module, "corpus": str(cfg.corpus),
@@ -96,7 +96,7 @@ def ingest(cfg: DomainConfig, domain: Domain, paths: DomainPaths) -> dict[str, A
                                        "split": asdict(cfg.split), "ingest": section_params(cfg.ingest),
                                        "privacy": {**asdict(cfg.privacy),
                                                    "pseudonymised": domain.pseudonymises(cfg)}})
-    found = discover(domain, cfg, paths, public)
+    found = discover(domain, cfg, public)
     # a label may name any file of a multi-file source (one slice of a DICOM series): it labels the source
     member_of = {public("key", path.relative_to(corpus).as_posix()): key
                  for key, source in found.sources.items() if len(source.paths) > 1 for path in source.paths}

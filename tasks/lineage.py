@@ -26,6 +26,7 @@ from typing import Any
 from ssl_models.core.errors import PipelineError
 from ssl_models.core.hashing import digest_of, sha256_file
 from ssl_models.core.privacy import pseudonymiser
+from tasks.paths import relative_to
 
 RECORD_NAME = "lineage.json"
 PACKAGES = ("torch", "transformers", "tokenizers", "datasets", "dvc", "prefect", "monai",
@@ -94,23 +95,17 @@ class LineageRecorder:
     started: float = field(default_factory=time.time)
     run_details: dict[str, Any] = field(default_factory=dict)  # timings and the like: run record only
 
-    def _name(self, path: Path) -> str:
-        try:
-            return path.relative_to(self.root).as_posix()
-        except ValueError:
-            return path.as_posix()
-
     def write(self, folder: Path | None = None) -> dict[str, Any]:
         """Hash the artifact's files and write the record; `folder` is where the files are
         now when the stage writes to a temporary folder renamed to `artifact` afterwards."""
         folder = folder or self.artifact
         outputs = hash_outputs(folder)
         record = {
-            "artifact": self._name(self.artifact),
+            "artifact": relative_to(self.artifact, self.root),
             "stage": self.stage,
             "params": self.params,
             "seeds": self.seeds,
-            "upstream": [{"artifact": self._name(up), "outputs_digest": read_record(up)["outputs_digest"]}
+            "upstream": [{"artifact": relative_to(up, self.root), "outputs_digest": read_record(up)["outputs_digest"]}
                          for up in self.upstream],
             "outputs": outputs,
             "outputs_digest": digest_of(outputs),

@@ -6,6 +6,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
+def relative_to(path: Path, root: Path) -> str:
+    """`path` relative to `root` when it lies below it, else as given (POSIX separators)."""
+    try:
+        return path.relative_to(root).as_posix()
+    except ValueError:
+        return path.as_posix()
+
+
 class _Artifact:
     """A path under the project root, `{domain}` filled in: `paths.manifest` -> root/data/legal/manifest."""
 
@@ -34,17 +42,9 @@ class DomainPaths:
     plots = _Artifact("reports/{domain}/plots")
     report = _Artifact("reports/{domain}/report")
 
-    def resolve(self, path: Path | str) -> Path:
-        """A path from params.yaml (relative to the project root unless absolute)."""
-        path = Path(path)
-        return path if path.is_absolute() else self.root / path
-
     def relative(self, path: Path) -> str:
         """How lineage records name an artifact: relative to the project root."""
-        try:
-            return path.relative_to(self.root).as_posix()
-        except ValueError:
-            return path.as_posix()
+        return relative_to(path, self.root)
 
     def outputs(self, stage: str) -> list[Path]:
         """What `stage` writes: exactly the `outs`, `metrics` and `plots` of its dvc.yaml entry."""

@@ -32,7 +32,7 @@ def preprocess(cfg: DomainConfig, domain: Domain, paths: DomainPaths) -> dict[st
                                upstream=[paths.manifest])
     pretrained_on = {row["sha256"] for row in manifest if row["split"] == "train"}
     test_labeled = [row for row in manifest if row.get("label") is not None and row["split"] == "test"]
-    sources = discover(domain, cfg, paths, public_namer(domain, cfg, paths, create_salt=False)).sources
+    sources = discover(domain, cfg, public_namer(domain, cfg, create_salt=False)).sources
 
     def locate(row: dict[str, Any]) -> Source:
         if row["source"] not in sources:

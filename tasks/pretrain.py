@@ -228,13 +228,19 @@ def load_states(method: PretrainMethod, optimizer: torch.optim.Optimizer, state:
     optimizer.load_state_dict(state["optimizer"])
 
 
+def check_batch_splits(cfg: DomainConfig, processes: int) -> None:
+    """The global batch must split evenly into processes x accumulation rounds."""
+    settings = cfg.pretrain
+    if settings.batch_size % (processes * settings.grad_accumulation):
+        raise PipelineError(f"params.yaml domains.{cfg.name}.pretrain.batch_size {settings.batch_size} must divide "
+                            f"by {processes} process(es) x grad_accumulation ({settings.grad_accumulation})")
+
+
 def pretrain(cfg: DomainConfig, domain: Domain, paths: DomainPaths) -> dict[str, Any]:
     settings = cfg.pretrain
     world, nproc = distributed.launched_world(), distributed.resolve_nproc(settings.nproc)
     if nproc > 1 and world.size == 1:  # start the processes; they join one world and do the work
-        if settings.batch_size % (nproc * settings.grad_accumulation):
-            raise PipelineError(f"params.yaml domains.{cfg.name}.pretrain.batch_size {settings.batch_size} must "
-                                f"divide by nproc ({nproc}) x grad_accumulation ({settings.grad_accumulation})")
+        check_batch_splits(cfg, nproc)
         log.info("pretrain %s: starting %d processes under torch.distributed.run", cfg.name, nproc)
         distributed.relaunch(nproc, ["tasks", "--root", str(paths.root), "pretrain", cfg.name], f"pretrain {cfg.name}")
         return read_json(paths.pretrain / "log.json")
@@ -248,9 +254,7 @@ def pretrain(cfg: DomainConfig, domain: Domain, paths: DomainPaths) -> dict[str,
 
 def _train(cfg: DomainConfig, domain: Domain, paths: DomainPaths, world: World, device: torch.device) -> dict[str, Any]:
     domain_name, settings = cfg.name, cfg.pretrain
-    if settings.batch_size % (world.size * settings.grad_accumulation):
-        raise PipelineError(f"params.yaml domains.{domain_name}.pretrain.batch_size {settings.batch_size} must "
-                            f"divide by the {world.size} processes x grad_accumulation ({settings.grad_accumulation})")
+    check_batch_splits(cfg, world.size)
     torch.use_deterministic_algorithms(True, warn_only=True)
     set_cpu_threads(cfg.cpu_threads)
     seed_everything(settings.seed)  # the same initial weights in every process

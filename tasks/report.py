@@ -125,7 +125,7 @@ def report(cfg: DomainConfig, domain: Domain, paths: DomainPaths) -> str:
     pretrain_log = read_json(paths.pretrain / "log.json")
     recorder = LineageRecorder(f"report@{domain_name}", paths.report, params={}, root=paths.root,
                                upstream=[paths.evaluation])
-    uses_default = paths.resolve(cfg.corpus).resolve().is_relative_to(paths.default_data.resolve())
+    uses_default = cfg.resolve(cfg.corpus).resolve().is_relative_to(paths.default_data.resolve())
     with atomic_dir(paths.report) as out:
         plot_label_efficiency(metrics["results"], metrics["primary_metric"], out / "label_efficiency.png")
         plot_pretraining(pretrain_log, out / "pretraining.png")

@@ -13,16 +13,15 @@ from pathlib import Path
 from ssl_models.core.config import DomainConfig
 from ssl_models.core.domain import Domain, Rejected, Source
 from ssl_models.core.privacy import pseudonymiser
-from tasks.paths import DomainPaths
 
 Namer = Callable[[str, str], str]  # (kind, private value) -> what may be written
 
 
-def public_namer(domain: Domain, cfg: DomainConfig, paths: DomainPaths, create_salt: bool = True) -> Namer:
+def public_namer(domain: Domain, cfg: DomainConfig, create_salt: bool = True) -> Namer:
     """Identity, or the salted pseudonym when the domain pseudonymises (`kind` in key, group)."""
     if not domain.pseudonymises(cfg):
         return lambda kind, value: value
-    return pseudonymiser(paths.resolve(cfg.privacy.salt_file), create=create_salt)
+    return pseudonymiser(cfg.resolve(cfg.privacy.salt_file), create=create_salt)
 
 
 @dataclass
@@ -39,12 +38,12 @@ def corpus_files(corpus: Path, labels: Path | None) -> list[Path]:
     return sorted(p for p in corpus.rglob("*") if p.is_file() and p.resolve() != labels_file)
 
 
-def discover(domain: Domain, cfg: DomainConfig, paths: DomainPaths, public: Namer) -> Discovery:
+def discover(domain: Domain, cfg: DomainConfig, public: Namer) -> Discovery:
     """Every non-hidden file of the corpus, and the sources the domain groups them into."""
     found = Discovery()
     accepted = []
-    corpus = paths.resolve(cfg.corpus)
-    for path in corpus_files(corpus, paths.resolve(cfg.labels) if cfg.labels else None):
+    corpus = cfg.resolve(cfg.corpus)
+    for path in corpus_files(corpus, cfg.resolve(cfg.labels) if cfg.labels else None):
         relative = path.relative_to(corpus).as_posix()
         if any(part.startswith(".") for part in Path(relative).parts):
             found.hidden += 1

@@ -5,7 +5,6 @@ never again run on a dependency DVC does not know of (which made stale outputs l
 from __future__ import annotations
 
 import ast
-import importlib.util
 from pathlib import Path
 
 import pytest
@@ -124,7 +123,6 @@ def test_every_section_a_stage_reads_is_among_its_params(tmp_path: Path, monkeyp
     (the domain code included): each must be in the stage's dvc.yaml params."""
     import dataclasses
 
-    import tasks.cli
     from ssl_models.core import config as config_module
 
     write_params(tmp_path, tiny_params())
@@ -152,7 +150,6 @@ def test_every_section_a_stage_reads_is_among_its_params(tmp_path: Path, monkeyp
         declared = {p.rsplit(".", 1)[-1] for p in resolved_stage(stage, "legal", tiny_params()["domains"]["legal"])
                     .get("params", [])}
         assert read - not_params <= declared, f"{stage} reads {sorted(read - not_params - declared)} undeclared"
-    assert tasks.cli.run_stage is run_stage
 
 
 @pytest.mark.slow
@@ -183,7 +180,6 @@ def test_importing_a_project_module_finds_its_file() -> None:
     assert module_file("torch") is None
     closure = import_closure(REPO / "tasks" / "pretrain.py")
     assert REPO / "ssl_models/core/schedules.py" in closure and REPO / "tasks/lineage.py" in closure
-    assert importlib.util.find_spec("ssl_models.core.schedules") is not None
 
 
 def test_every_params_entry_of_dvc_yaml_is_in_every_domain_block() -> None:

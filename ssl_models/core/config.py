@@ -58,7 +58,8 @@ def describe(annotation: Any) -> str:
     if origin in (Union, types.UnionType):
         return " or ".join(describe(a) for a in args)
     if origin is list:
-        return f"a list of {describe(args[0]).removeprefix('a ').removeprefix('an ')}s" if args else "a list"
+        item = describe(args[0]) if args else ""
+        return f"a list of {item.removeprefix('a ')}s" if item.startswith("a ") and " or " not in item else "a list"
     if origin is dict:
         return "a mapping"
     if dataclasses.is_dataclass(annotation):
