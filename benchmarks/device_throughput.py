@@ -52,7 +52,7 @@ def params(steps: int, size: int) -> dict:
                   "num_heads": 4, "mlp_dim": 384},
         "pretrain": {"method": "mae", "steps": steps, "batch_size": 64, "learning_rate": 0.001, "warmup_steps": 5,
                      "checkpoint_every": steps, "rankme_samples": 64},
-        "finetune": {"label_fractions": [0.2, 1.0], "seeds": [0], "steps": 20, "batch_size": 16},
+        "finetune": {"label_fractions": [0.2, 1.0], "seeds": [0], "max_steps": 20, "batch_size": 16},
     }}}
 
 

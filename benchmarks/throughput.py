@@ -8,7 +8,7 @@ in the plain loop of lightly's SimCLR example.
                                     [--skip-baselines] [--workdir /tmp/throughput]
 
 What runs is what the pretrain stage runs: `load_config`, the domain's `build_pretrain_method`, its
-pretraining rows and data side, `tasks.pretrain.StepBatches` and `step_loader` with the configured
+pretraining rows and data side, `tasks.pretrain_data.StepBatches` and `step_loader` with the configured
 `num_workers` (`auto` through `resolve_workers`), `wrap_for_world`, AdamW, the schedule, autocast and
 gradient clipping of the loop, and the loss read back every `log_every` steps. Shards come from the
 real stages (`default_data`, `ingest`, `preprocess`) in a temporary project on the default params
@@ -66,8 +66,10 @@ from ssl_models.core.domain import Domain  # noqa: E402
 from ssl_models.core.offline import apply_offline_env  # noqa: E402
 from ssl_models.core.schedules import make_schedule  # noqa: E402
 from tasks.cli import run_stage  # noqa: E402
+from tasks.parallel import wrap_for_world  # noqa: E402
 from tasks.paths import DomainPaths  # noqa: E402
-from tasks.pretrain import StepBatches, seed_everything, step_loader, wrap_for_world  # noqa: E402
+from tasks.pretrain import seed_everything  # noqa: E402
+from tasks.pretrain_data import StepBatches, step_loader  # noqa: E402
 
 DOMAINS = ("legal", "audio", "histo", "medical")
 TORCH_THREADS = torch.get_num_threads()  # before any domain's cpu_threads changes it

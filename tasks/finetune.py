@@ -236,11 +236,12 @@ def run_protocol(protocol: str, encoder: Encoder, features: np.ndarray, pool: Ro
     (features: pool then test), and the fine-tuned modules when the protocol trains the encoder."""
     train_y = [pool[i]["label"] for i in subset]
     test_features = features[len(pool):]
+    c = settings.linear_c if settings.linear_c != "cv" else 0.1  # TODO(finetune helper): cross-validated
     if protocol == "linear":
-        return *linear_probe(features[subset], train_y, test_features, settings.linear_c, seed, classes), None
+        return *linear_probe(features[subset], train_y, test_features, c, seed, classes), None
     if protocol == "knn":
         return *knn_probe(features[subset], train_y, test_features, settings.knn_neighbors, classes), None
-    probe = fit_linear_probe(features[subset], train_y, settings.linear_c, seed)
+    probe = fit_linear_probe(features[subset], train_y, c, seed)
     # a one-class subset has no probe and keeps the head's random init: draw it from `seed`, not
     # from whatever ran before in this process, so every process order gives the same head
     with torch.random.fork_rng(devices=[]):

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import functools
 import hashlib
 import json
 import logging
@@ -30,17 +29,25 @@ import torch
 from tqdm import tqdm
 
 from ssl_models.core import distributed
-from ssl_models.core.config import DomainConfig, PretrainConfig, section_params
+from ssl_models.core.config import DomainConfig, section_params
 from ssl_models.core.device import autocast, move, set_cpu_threads, training_device
 from ssl_models.core.distributed import World
 from ssl_models.core.domain import Domain
 from ssl_models.core.errors import PipelineError
-from ssl_models.core.modules import DataSide, PretrainMethod, sample_seeds
+from ssl_models.core.modules import PretrainMethod
 from ssl_models.core.rankme import effective_rank
 from ssl_models.core.schedules import make_schedule
 from tasks.io import atomic_dir, read_json, write_json
 from tasks.lineage import LineageRecorder, read_record
+from tasks.parallel import (
+    load_states,
+    model_state,
+    optimizer_state,
+    unsharded,
+    wrap_for_world,
+)
 from tasks.paths import DomainPaths
+from tasks.pretrain_data import StepBatches, step_loader
 
 log = logging.getLogger("pretrain")
 
@@ -49,21 +56,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-@functools.lru_cache(maxsize=4)
-def _epoch_order(n_rows: int, seed: int, epoch: int) -> list[int]:
-    return torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
-
-
-def batch_indices(step: int, batch_size: int, n_rows: int, seed: int) -> list[int]:
-    """Rows of batch `step`: a seeded permutation per epoch over a flat stream of rows,
-    so the data position is a function of the step alone."""
-    indices = []
-    for position in range(step * batch_size, (step + 1) * batch_size):
-        epoch, offset = divmod(position, n_rows)
-        indices.append(_epoch_order(n_rows, seed, epoch)[offset])
-    return indices
 
 
 # Bumped when the layout of a checkpoint's state changes: a checkpoint of another format is never resumed.
@@ -108,44 +100,6 @@ def save_checkpoint(folder: Path, state: dict[str, Any], keep: int) -> None:
         old.unlink()
 
 
-class StepBatches(torch.utils.data.Dataset):
-    """Item `step`: this process' micro-batches of step `step`, built by the data side.
-
-    The step's global batch has positions 0..batch_size-1; micro-batch `a` of rank `r` holds
-    positions `(a * world + r) * micro` onwards, so the ranks of one accumulation round hold
-    consecutive positions in rank order (the order in which a gathering loss concatenates
-    them). Picklable: DataLoader workers build items, in any number, with the same result."""
-
-    def __init__(self, rows: Any, data_side: DataSide, settings: PretrainConfig, world: World) -> None:
-        self.rows, self.data_side, self.world = rows, data_side, world
-        self.seed, self.batch_size, self.rounds = settings.seed, settings.batch_size, settings.grad_accumulation
-        self.micro = settings.batch_size // (world.size * settings.grad_accumulation)
-
-    def __len__(self) -> int:
-        return 2**62
-
-    def __getitem__(self, step: int) -> list[dict[str, torch.Tensor]]:
-        indices = batch_indices(step, self.batch_size, len(self.rows), self.seed)
-        batches = []
-        for round_ in range(self.rounds):
-            first = (round_ * self.world.size + self.world.rank) * self.micro
-            positions = range(first, first + self.micro)
-            batches.append(self.data_side([self.rows[indices[p]] for p in positions],
-                                          sample_seeds(self.seed, step, positions)))
-        return batches
-
-
-def step_loader(dataset: StepBatches, first_step: int, last_step: int, workers: int,
-                device: torch.device) -> torch.utils.data.DataLoader:
-    """The steps' batches in order, built `workers` processes ahead (pinned for a GPU)."""
-    # its own generator: a loader draws its workers' base seed when iterated, which must not shift
-    # torch's global generator (dropout draws from it, and a resumed run restores it)
-    return torch.utils.data.DataLoader(dataset, batch_size=None, sampler=range(first_step, last_step),
-                                       num_workers=workers, pin_memory=device.type == "cuda",
-                                       prefetch_factor=4 if workers else None,
-                                       generator=torch.Generator().manual_seed(dataset.seed))
-
-
 @torch.no_grad()
 def rankme(method: PretrainMethod, rows: list[dict[str, Any]], batch_size: int,
            device: torch.device = torch.device("cpu")) -> float:
@@ -157,75 +111,6 @@ def rankme(method: PretrainMethod, rows: list[dict[str, Any]], batch_size: int,
     features = torch.cat([model.embed(rows[i:i + batch_size]) for i in range(0, len(rows), batch_size)])
     model.train(was_training)
     return effective_rank(features.float())
-
-
-def wrap_for_world(method: PretrainMethod, settings: PretrainConfig, world: World,
-                   device: torch.device) -> torch.nn.Module:
-    """The module the loop calls: the method itself, or under DDP / FSDP2 with several processes
-    (BatchNorm synchronised on GPUs: PyTorch's SyncBatchNorm runs on CUDA only)."""
-    if world.size == 1:
-        return torch.compile(method) if settings.compile else method
-    if device.type == "cuda":
-        method = torch.nn.SyncBatchNorm.convert_sync_batchnorm(method)
-    elif any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in method.modules()):
-        log.warning("BatchNorm statistics stay per process on the CPU (SyncBatchNorm needs GPUs)")
-    if settings.parallel == "fsdp":
-        from torch.distributed.fsdp import fully_shard
-
-        fully_shard(method)
-        wrapped: torch.nn.Module = method
-    else:
-        wrapped = torch.nn.parallel.DistributedDataParallel(
-            method, device_ids=[device.index] if device.type == "cuda" else None)
-    return torch.compile(wrapped) if settings.compile else wrapped
-
-
-def model_state(method: PretrainMethod, settings: PretrainConfig) -> dict[str, Any]:
-    """The whole model's state (gathered from the shards under FSDP2), the same for any world size."""
-    if settings.parallel == "fsdp" and distributed.active():
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        return get_model_state_dict(method, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return method.state_dict()
-
-
-def optimizer_state(method: PretrainMethod, optimizer: torch.optim.Optimizer,
-                    settings: PretrainConfig) -> dict[str, Any]:
-    if settings.parallel == "fsdp" and distributed.active():
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-        return get_optimizer_state_dict(method, optimizer,
-                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return optimizer.state_dict()
-
-
-def unsharded(method: PretrainMethod, state: dict[str, Any], settings: PretrainConfig, domain: Domain,
-              cfg: DomainConfig, paths: DomainPaths) -> PretrainMethod:
-    """The method with whole tensors: itself, or under FSDP2 a CPU copy holding the gathered state
-    (a sharded method runs only when every process calls its forward)."""
-    if not (settings.parallel == "fsdp" and distributed.active()):
-        return method
-    with torch.random.fork_rng(devices=[]):  # building the copy must not move this process' generator
-        copy_ = domain.build_pretrain_method(cfg, paths.shards)
-    copy_.load_state_dict(state)
-    return copy_
-
-
-def load_states(method: PretrainMethod, optimizer: torch.optim.Optimizer, state: dict[str, Any],
-                settings: PretrainConfig) -> None:
-    if settings.parallel == "fsdp" and distributed.active():
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            set_model_state_dict,
-            set_optimizer_state_dict,
-        )
-
-        options = StateDictOptions(full_state_dict=True)
-        set_model_state_dict(method, state["model"], options=options)
-        set_optimizer_state_dict(method, optimizer, state["optimizer"], options=options)
-        return
-    method.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
 
 
 def check_batch_splits(cfg: DomainConfig, processes: int) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 from typing import Any
 
 import numpy as np
@@ -97,6 +98,11 @@ def knn_probe(train_x: np.ndarray, train_y: list[str], test_x: np.ndarray, neigh
     return list(knn.predict(test_x)), _spread(list(knn.classes_), knn.predict_proba(test_x), classes)
 
 
+def finetune_steps(cfg: FinetuneConfig, n_train: int) -> int:
+    """`cfg.epochs` passes over the subset in batches of `cfg.batch_size`, capped at `cfg.max_steps`."""
+    return max(1, min(cfg.max_steps, math.ceil(cfg.epochs * n_train / cfg.batch_size)))
+
+
 def finetune_encoder(encoder: Encoder, train_rows: list[dict[str, Any]], train_y: list[str],
                      test_rows: list[dict[str, Any]], classes: list[str], cfg: FinetuneConfig,
                      seed: int, head: torch.nn.Linear) -> tuple[list[str], np.ndarray, Encoder, torch.nn.Linear]:
@@ -108,12 +114,13 @@ def finetune_encoder(encoder: Encoder, train_rows: list[dict[str, Any]], train_y
     head = copy.deepcopy(head).to(device)
     optimizer = torch.optim.AdamW([{"params": model.parameters(), "lr": cfg.learning_rate},
                                    {"params": head.parameters(), "lr": cfg.head_learning_rate}])
-    scheduler = get_cosine_schedule_with_warmup(optimizer, max(1, cfg.steps // 10), cfg.steps)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, max(1, finetune_steps(cfg, len(train_rows)) // 10),
+                                                finetune_steps(cfg, len(train_rows)))
     targets = torch.tensor([classes.index(y) for y in train_y], device=device)
     generator = torch.Generator().manual_seed(seed)
     order: list[int] = []
     model.train()
-    for _ in range(cfg.steps):
+    for _ in range(finetune_steps(cfg, len(train_rows))):
         while len(order) < cfg.batch_size:  # fresh permutations, also when the subset is smaller than a batch
             order += torch.randperm(len(train_rows), generator=generator).tolist()
         batch_ids, order = order[:cfg.batch_size], order[cfg.batch_size:]

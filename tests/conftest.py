@@ -35,7 +35,7 @@ TINY_LEGAL = {
     "pretrain": {"method": "mlm", "steps": 12, "batch_size": 8, "learning_rate": 0.002, "warmup_steps": 2,
                  "checkpoint_every": 4, "rankme_samples": 32, "seed": 0},
     "finetune": {"label_fractions": [0.1, 1.0], "seeds": [0, 1, 2], "protocols": ["linear", "knn", "finetune"],
-                 "steps": 3, "batch_size": 8},
+                 "max_steps": 3, "batch_size": 8},
 }
 
 

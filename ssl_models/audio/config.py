@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
-from ssl_models.core.config import require
+from ssl_models.core.config import IngestLimits, require
 from ssl_models.core.registry import Registry
 
 if TYPE_CHECKING:
@@ -88,7 +88,7 @@ def conv_frames(samples: int, conv_layers: tuple[tuple[int, int], ...] = WAV2VEC
 
 
 @dataclass
-class AudioIngestConfig:
+class AudioIngestConfig(IngestLimits):
     """`ingest:` block: how files become clips."""
 
     sample_rate: int = 16000  # Hz; every file is mixed down to mono and resampled to this rate
@@ -100,6 +100,7 @@ class AudioIngestConfig:
                                                   # when the labels give none
 
     def validate(self, where: str) -> None:
+        super().validate(where)
         require(4000 <= self.sample_rate <= 96000, f"{where}.sample_rate",
                 f"{self.sample_rate} must be in [4000, 96000] Hz")
         require(self.segment_seconds > 0, f"{where}.segment_seconds", "must be positive")

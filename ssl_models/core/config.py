@@ -144,6 +144,19 @@ class SplitConfig:
 
 
 @dataclass
+class IngestLimits:
+    """Settings every domain's `ingest:` block shares (its own dataclass inherits them)."""
+
+    # a larger share of the corpus' files quarantined stops the run at ingest: the corpus or the
+    # reader settings are wrong, and training on the rest would be silently training on a sample
+    max_quarantined_fraction: float = 0.25
+
+    def validate(self, where: str) -> None:
+        require(0 <= self.max_quarantined_fraction <= 1, f"{where}.max_quarantined_fraction",
+                "must be a fraction in [0, 1]")
+
+
+@dataclass
 class PretrainConfig:
     method: str = "mlm"
     steps: int = 300
@@ -166,6 +179,11 @@ class PretrainConfig:
     parallel: Literal["ddp", "fsdp"] = "ddp"  # fsdp: FSDP2 `fully_shard`, for backbones too big for one GPU
     compile: bool = False  # torch.compile the method
     log_every: int = 10  # steps between loss read-backs (the loop syncs with the device only then)
+    activation_checkpointing: bool = False  # recompute the backbone's blocks in backward: less memory, ~1/3 more compute
+    steps_per_item: int | Literal["auto"] = "auto"  # steps a loader item carries (amortises the worker hand-over)
+    # which logged checkpoint becomes the encoder: rankme (label-free, Garrido et al. 2023) for
+    # joint-embedding methods, last for reconstruction ones (MAE, MLM, TERA); auto picks by method
+    checkpoint_choice: Literal["auto", "rankme", "last"] = "auto"
     # the method's own options dataclass once parsed (e.g. mlm_probability); a mapping in params.yaml
     options: Any = field(default_factory=dict)
 
@@ -182,6 +200,8 @@ class PretrainConfig:
         require(self.num_workers == "auto" or self.num_workers >= 0, f"{where}.num_workers", "must be auto or >= 0")
         require(self.grad_accumulation >= 1 and self.log_every >= 1, where,
                 "grad_accumulation and log_every must be at least 1")
+        require(self.steps_per_item == "auto" or self.steps_per_item >= 1, f"{where}.steps_per_item",
+                "must be auto or at least 1")
         fixed = [n for n in (self.nproc, self.grad_accumulation) if n != "auto"]
         require(self.batch_size % _product(fixed) == 0, f"{where}.batch_size",
                 f"{self.batch_size} must divide by nproc x grad_accumulation ({_product(fixed)})")
@@ -194,7 +214,7 @@ def _product(values: list[int]) -> int:
     return result
 
 
-INITS = ("ssl", "scratch", "generic")
+INITS = ("ssl", "scratch", "generic", "baseline")
 PROTOCOLS = ("linear", "knn", "finetune")
 
 
@@ -202,15 +222,31 @@ PROTOCOLS = ("linear", "knn", "finetune")
 class FinetuneConfig:
     label_fractions: list[float] = field(default_factory=lambda: [0.01, 0.1, 1.0])
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    inits: list[Literal["ssl", "scratch", "generic"]] = field(default_factory=lambda: ["ssl", "scratch", "generic"])
+    # fractions below `small_fraction` run with these seeds instead (their spread is the largest)
+    small_fraction: float = 0.1
+    small_fraction_seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
+    # ssl: domain-pretrained; scratch: same architecture, random; generic: `generic_checkpoint`
+    # (or model.base_checkpoint); baseline: the domain's classical features + logistic regression
+    inits: list[Literal["ssl", "scratch", "generic", "baseline"]] = field(
+        default_factory=lambda: ["ssl", "scratch", "generic", "baseline"])
     protocols: list[Literal["linear", "knn", "finetune"]] = field(
         default_factory=lambda: ["linear", "knn", "finetune"])
-    steps: int = 40
+    generic_checkpoint: str | None = None  # the off-the-shelf encoder to compare with; null: model.base_checkpoint
+    generic_protocols: list[Literal["linear", "knn", "finetune"]] | None = None  # null: every protocol
+    # fine-tuning length: `epochs` over the labeled subset, capped at `max_steps` (at least 1 step)
+    epochs: float = 10.0
+    max_steps: int = 200
     batch_size: int = 16
     learning_rate: float = 3e-4
     head_learning_rate: float = 1e-2
     knn_neighbors: int = 5
-    linear_c: float = 1.0
+    # the probe's inverse regularisation: `cv` picks from `linear_c_grid` by stratified
+    # cross-validation inside the labeled subset (never the test set); a number fixes it
+    linear_c: float | Literal["cv"] = "cv"
+    linear_c_grid: list[float] = field(default_factory=lambda: [0.01, 0.1, 1.0, 10.0])
+    cv_folds: int = 5
+    bootstrap_samples: int = 1000  # paired bootstrap over test samples and seeds, for the intervals
+    confidence: float = 0.95
     save_models: bool = True
     nproc: int | Literal["auto"] = "auto"  # processes running (init, seed) jobs side by side; auto: one per GPU, 1 on CPU
     precision: Literal["auto", "bf16", "fp32"] = "auto"
@@ -218,11 +254,23 @@ class FinetuneConfig:
     def validate(self, where: str) -> None:
         require(bool(self.label_fractions) and all(0 < f <= 1 for f in self.label_fractions), where,
                 "label_fractions must list fractions in (0, 1]")
-        require(len(self.seeds) > 0, where, "seeds must list at least one seed")
+        require(len(self.seeds) > 0 and len(self.small_fraction_seeds) > 0, where,
+                "seeds and small_fraction_seeds must list at least one seed")
         require(len(self.inits) > 0 and len(self.protocols) > 0, where, "inits and protocols must not be empty")
-        require(self.steps > 0 and self.batch_size > 0, where, "steps and batch_size must be positive")
-        require(self.knn_neighbors > 0 and self.linear_c > 0, where, "knn_neighbors and linear_c must be positive")
+        require(self.epochs > 0 and self.max_steps > 0 and self.batch_size > 0, where,
+                "epochs, max_steps and batch_size must be positive")
+        require(self.knn_neighbors > 0, where, "knn_neighbors must be positive")
+        require(self.linear_c == "cv" or self.linear_c > 0, f"{where}.linear_c", "must be cv or a positive number")
+        require(bool(self.linear_c_grid) and all(c > 0 for c in self.linear_c_grid), f"{where}.linear_c_grid",
+                "must list positive numbers")
+        require(self.cv_folds >= 2, f"{where}.cv_folds", "must be at least 2")
+        require(self.bootstrap_samples >= 100 and 0 < self.confidence < 1, where,
+                "bootstrap_samples must be at least 100 and confidence in (0, 1)")
         require(self.nproc == "auto" or self.nproc >= 1, f"{where}.nproc", "must be auto or at least 1")
+
+    def seeds_for(self, fraction: float) -> list[int]:
+        """The seeds a label fraction runs with."""
+        return self.small_fraction_seeds if fraction < self.small_fraction else self.seeds
 
 
 @dataclass

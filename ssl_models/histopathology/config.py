@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
-from ssl_models.core.config import require
+from ssl_models.core.config import IngestLimits, require
 from ssl_models.core.registry import Registry
 
 if TYPE_CHECKING:
@@ -18,12 +18,13 @@ if TYPE_CHECKING:
 
 
 @dataclass
-class HistoIngestConfig:
+class HistoIngestConfig(IngestLimits):
     """`ingest:` block: which slides are too small to tile."""
 
     min_side: int = 8  # pixels at level 0; smaller images are quarantined
 
     def validate(self, where: str) -> None:
+        super().validate(where)
         require(self.min_side >= 1, f"{where}.min_side", "must be at least 1 pixel")
 
 

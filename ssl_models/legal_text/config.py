@@ -9,7 +9,7 @@ import codecs
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
-from ssl_models.core.config import require
+from ssl_models.core.config import IngestLimits, require
 from ssl_models.core.registry import Registry
 
 if TYPE_CHECKING:
@@ -54,7 +54,7 @@ def _is_encoding(name: str) -> bool:
 
 
 @dataclass
-class TextIngestConfig:
+class TextIngestConfig(IngestLimits):
     """`ingest:` block."""
 
     text_field: str = "text"  # field holding the text in .jsonl records
@@ -62,6 +62,7 @@ class TextIngestConfig:
     min_characters: int = 1
 
     def validate(self, where: str) -> None:
+        super().validate(where)
         require(_is_encoding(self.fallback_encoding), f"{where}.fallback_encoding",
                 f"unknown encoding {self.fallback_encoding!r}")
         require(self.min_characters >= 1, f"{where}.min_characters", "must be at least 1")
@@ -104,9 +105,14 @@ class TextModelConfig:
     num_heads: int = 2
     intermediate_size: int = 512
     dropout: float = 0.1  # its hidden and attention dropout (BERT's 0.1); a base checkpoint keeps its own
-    max_length: int = 128  # tokens per labeled text for probes and fine-tuning
+    max_length: int = 128  # tokens per window of a labeled text, for probes and fine-tuning
+    # a longer labeled text is cut into windows of max_length whose embeddings are mean-pooled,
+    # up to this many tokens (max_length: one window, the text cut there)
+    max_document_tokens: int = 512
 
     def validate(self, where: str) -> None:
+        require(self.max_document_tokens >= self.max_length, f"{where}.max_document_tokens",
+                f"must be at least max_length ({self.max_length})")
         for name in ("hidden_size", "num_layers", "num_heads", "intermediate_size", "max_length"):
             require(getattr(self, name) > 0, f"{where}.{name}", "must be positive")
         require(0 <= self.dropout < 1, f"{where}.dropout", "must be in [0, 1)")

@@ -7,18 +7,19 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from ssl_models.core.config import require
+from ssl_models.core.config import IngestLimits, require
 from ssl_models.core.registry import Registry
 
 
 @dataclass
-class VolumeIngestConfig:
+class VolumeIngestConfig(IngestLimits):
     min_slices: int = 8  # a volume needs this many slices along each axis; fewer is a 2D image
     # NIfTI/NRRD carry no modality; auto: CT when values reach the HU of air
     nifti_modality: Literal["auto", "ct", "mr"] = "auto"
     slice_gap_tolerance: float = 0.5  # a gap above (1 + this) x the usual slice spacing is a missing slice
 
     def validate(self, where: str) -> None:
+        super().validate(where)
         require(self.min_slices >= 1, f"{where}.min_slices", "must be at least 1")
         require(self.slice_gap_tolerance > 0, f"{where}.slice_gap_tolerance", "must be positive")
 

@@ -26,7 +26,7 @@ TINY_HISTO: dict[str, Any] = {
     "pretrain": {"method": "simclr", "steps": 6, "batch_size": 16, "learning_rate": 0.002, "warmup_steps": 1,
                  "checkpoint_every": 3, "rankme_samples": 32, "seed": 0, "options": {"loss": "dcl"}},
     "finetune": {"label_fractions": [0.1, 1.0], "seeds": [0, 1], "protocols": ["linear", "knn", "finetune"],
-                 "steps": 2, "batch_size": 8},
+                 "max_steps": 2, "batch_size": 8},
 }
 
 

@@ -91,7 +91,7 @@ TINY_MEDICAL: dict[str, Any] = {
               "mlp_dim": 48, "resnet_widths": [4, 8, 8, 16]},
     "pretrain": {"method": "mae", "steps": 4, "batch_size": 4, "learning_rate": 0.001, "warmup_steps": 1,
                  "checkpoint_every": 2, "rankme_samples": 8},
-    "finetune": {"label_fractions": [0.5, 1.0], "seeds": [0], "steps": 2, "batch_size": 4},
+    "finetune": {"label_fractions": [0.5, 1.0], "seeds": [0], "max_steps": 2, "batch_size": 4},
 }
 
 

@@ -30,7 +30,7 @@ TINY_AUDIO = {
     "pretrain": {"method": "tera", "steps": 6, "batch_size": 8, "learning_rate": 0.002, "warmup_steps": 1,
                  "checkpoint_every": 3, "rankme_samples": 16, "seed": 0},
     "finetune": {"label_fractions": [1.0], "seeds": [0, 1], "protocols": ["linear", "knn", "finetune"],
-                 "steps": 2, "batch_size": 8},
+                 "max_steps": 2, "batch_size": 8},
 }
 
 

@@ -15,7 +15,7 @@ def test_continued_pretraining_from_a_local_checkpoint_adds_the_generic_baseline
         preprocess={"tokenizer": "base"}, model={"base_checkpoint": MINILM, "max_length": 16},
         pretrain={"steps": 2, "batch_size": 2, "checkpoint_every": 2, "warmup_steps": 0, "schedule": "wsd",
                   "rankme_samples": 8},
-        finetune={"label_fractions": [1.0], "seeds": [0], "steps": 1, "batch_size": 4}))
+        finetune={"label_fractions": [1.0], "seeds": [0], "max_steps": 1, "batch_size": 4}))
     run_stage("default_data", "legal", tiny_project)
     run_stage("ingest", "legal", tiny_project)
     run_stage("preprocess", "legal", tiny_project)
