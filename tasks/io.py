@@ -27,8 +27,15 @@ def atomic_dir(target: Path) -> Iterator[Path]:
     tmp.rename(target)
 
 
+def write_text(path: Path, text: str) -> None:
+    """`text` into `path` through a temporary file renamed over it: never a half-written file."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+
+
 def write_json(path: Path, value: Any) -> None:
-    path.write_text(json.dumps(value, indent=1, sort_keys=True, default=str) + "\n")
+    write_text(path, json.dumps(value, indent=1, sort_keys=True, default=str) + "\n")
 
 
 def read_json(path: Path) -> Any:

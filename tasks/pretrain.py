@@ -47,7 +47,7 @@ from tasks.parallel import (
     wrap_for_world,
 )
 from tasks.paths import DomainPaths
-from tasks.pretrain_data import StepBatches, step_loader
+from tasks.pretrain_data import StepBatches, step_loader, steps_of
 
 log = logging.getLogger("pretrain")
 
@@ -183,7 +183,7 @@ def _train(cfg: DomainConfig, domain: Domain, paths: DomainPaths, world: World, 
     progress = tqdm(total=settings.steps, initial=step, desc=f"pretrain {domain_name}",
                     disable=None if world.is_main else True)
     pending: list[torch.Tensor] = []  # this process' step losses not yet read back from the device
-    for micro_batches in loader:
+    for micro_batches in steps_of(loader):
         step_loss = torch.zeros((), device=device)
         for round_, batch in enumerate(micro_batches):
             last_round = round_ == len(micro_batches) - 1

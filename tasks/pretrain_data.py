@@ -69,3 +69,8 @@ def step_loader(dataset: StepBatches, first_step: int, last_step: int, workers: 
                                        num_workers=workers, pin_memory=device.type == "cuda",
                                        prefetch_factor=4 if workers else None,
                                        generator=torch.Generator().manual_seed(dataset.seed))
+
+
+def steps_of(loader: Any) -> Any:
+    """The loader's items as one step's micro-batches at a time (an item may carry several steps)."""
+    yield from loader

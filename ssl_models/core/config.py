@@ -184,6 +184,7 @@ class PretrainConfig:
     # which logged checkpoint becomes the encoder: rankme (label-free, Garrido et al. 2023) for
     # joint-embedding methods, last for reconstruction ones (MAE, MLM, TERA); auto picks by method
     checkpoint_choice: Literal["auto", "rankme", "last"] = "auto"
+    keep_candidates: int = 10  # logged checkpoints' encoders kept for that choice (and its tracking figures)
     # the method's own options dataclass once parsed (e.g. mlm_probability); a mapping in params.yaml
     options: Any = field(default_factory=dict)
 

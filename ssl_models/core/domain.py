@@ -11,6 +11,7 @@ and checking the config, default_data and ingest start in a second.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -149,9 +150,36 @@ class Domain(ABC):
         """`ssl`: the encoder the pretrain stage saved in `pretrained_dir`; `scratch`: the same
         architecture, randomly initialised from `seed`; `generic`: `model.base_checkpoint`."""
 
+    @property
+    def package(self) -> str:
+        """The domain's Python package (`ssl_models.audio`), where its optional modules live."""
+        return type(self).__module__.rsplit(".", 1)[0] if type(self).__module__.count(".") > 1 else type(self).__module__
+
+    def generic_checkpoint(self, cfg: DomainConfig) -> str | None:
+        """The off-the-shelf checkpoint init `generic` loads: `finetune.generic_checkpoint`, else
+        the base checkpoint domain pretraining continues from (null: no `generic` init)."""
+        return cfg.finetune.generic_checkpoint or getattr(cfg.model, "base_checkpoint", None)
+
+    def has_baseline(self) -> bool:
+        """Whether the domain package ships classical baseline features (`<package>.baseline`)."""
+        return importlib.util.find_spec(f"{self.package}.baseline") is not None
+
+    def baseline_features(self, cfg: DomainConfig, pool: list[dict[str, Any]],
+                          test: list[dict[str, Any]]) -> tuple[Any, Any]:
+        """Classical features of the labeled pool and test rows (numpy arrays or scipy sparse
+        matrices) for init `baseline`: `<package>.baseline.features(cfg, pool, test)`. Whatever
+        the features learn without labels (a TF-IDF vocabulary, say) is fitted on the pool only."""
+        return importlib.import_module(f"{self.package}.baseline").features(cfg, pool, test)
+
     def available_inits(self, cfg: DomainConfig) -> list[str]:
-        """Initialisations this configuration can offer (no `generic` without a base checkpoint)."""
-        return ["ssl", "scratch", "generic"] if getattr(cfg.model, "base_checkpoint", None) else ["ssl", "scratch"]
+        """Initialisations this configuration can offer: no `generic` without a generic
+        checkpoint, no `baseline` where the domain ships no baseline features."""
+        inits = ["ssl", "scratch"]
+        if self.generic_checkpoint(cfg):
+            inits.append("generic")
+        if self.has_baseline():
+            inits.append("baseline")
+        return inits
 
     def task_description(self, cfg: DomainConfig, uses_default_data: bool) -> str:
         """One sentence for the report: what the labeled task is."""
