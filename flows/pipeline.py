@@ -6,6 +6,21 @@ executes no stage. Prefect adds retries, run history, schedules and artifacts.
 
     python -m flows.pipeline                       # run once (temporary local Prefect server)
     python -m flows.pipeline --serve --cron "0 2 * * *"   # a deployment that runs nightly
+
+Failures and retries: a stage that stops on bad input or configuration (the CLI's exit status 2,
+a `PipelineError`) fails its task at once, never retried: the same input would fail the same way.
+Anything else (a crash, exit status 1; the domain's lock still held after the wait, 75; DVC's own
+lock held by another `dvc` process) is retried twice. A retry, and any later flow run, asks DVC
+again: nothing is cached on Prefect's side (`NO_CACHE`), so a stage that failed or was killed is
+re-run, and pretrain picks up from its last checkpoint (`models/<domain>/checkpoints` persists).
+
+Long runs: no task has a timeout, and the stage works in a process of its own (DVC starts the
+CLI), so the flow's heartbeat thread (every PREFECT_FLOWS_HEARTBEAT_FREQUENCY s, default 180) is
+never starved by training. A zombie-flow automation (Prefect #16459, #18653) must allow several
+missed beats: `within` at least 3 x the heartbeat frequency (540 s by default), and a run it
+marks Crashed by mistake costs nothing but a re-run, which resumes from the last checkpoint.
+A crashed flow run is not retried by Prefect itself; the next scheduled run (or
+`prefect deployment run ssl-pipeline/nightly`) resumes it.
 """
 
 from __future__ import annotations
@@ -14,8 +29,10 @@ import argparse
 import contextlib
 import logging
 import os
+import re
 import sys
 from pathlib import Path
+from typing import Any
 
 from ssl_models.core.offline import apply_offline_env  # noqa: E402
 
@@ -24,10 +41,12 @@ os.environ.setdefault("PREFECT_SERVER_ALLOW_EPHEMERAL_MODE", "true")
 
 from prefect import flow, get_run_logger, task  # noqa: E402
 from prefect.artifacts import create_markdown_artifact  # noqa: E402
+from prefect.cache_policies import NO_CACHE  # noqa: E402
 from prefect.runtime import flow_run  # noqa: E402
 
 from ssl_models.core.config import load_params  # noqa: E402
-from tasks.cli import STAGES  # noqa: E402
+from ssl_models.core.errors import PipelineError  # noqa: E402
+from tasks.cli import EXIT_BAD_INPUT, STAGES  # noqa: E402
 from tasks.lineage import PREFECT_RUN_ENV  # noqa: E402
 from tasks.paths import DomainPaths  # noqa: E402
 
@@ -43,16 +62,67 @@ def _stage_environment() -> None:
         os.environ[PREFECT_RUN_ENV] = str(flow_run.id)
 
 
-@task(retries=1, retry_delay_seconds=5, task_run_name="{stage}@{domain}")
+def stage_exit_status(error: BaseException) -> int | None:
+    """The exit status of the stage command behind a DVC reproduction error, when there is one."""
+    from dvc.stage.exceptions import StageCmdFailedError
+
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, StageCmdFailedError):
+            found = re.search(r"exited with (-?\d+)", str(seen))
+            return int(found.group(1)) if found else None
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def _stage_error_line(stage: str, domain: str, root: str) -> str:
+    """The one line the CLI printed for the stage's last failure (it also keeps it in a file)."""
+    path = Path(root) / ".ssl-pipeline" / "logs" / f"{stage}-{domain}.error"
+    try:
+        return path.read_text(encoding="utf-8").strip()
+    except OSError:
+        return "its message is in the stage's output above"
+
+
+def retry_unless_bad_input(task: Any, task_run: Any, state: Any) -> bool:
+    """Prefect's retry_condition_fn: a configuration or data error is never retried."""
+    try:
+        state.result()
+    except PipelineError:
+        return False
+    except BaseException:  # noqa: BLE001 - any other failure keeps its retries
+        return True
+    return True
+
+
+# No timeout: a pretraining stage runs for hours. Retries re-run the DVC stage, never a cached state.
+@task(retries=2, retry_delay_seconds=[10, 60], retry_condition_fn=retry_unless_bad_input,
+      cache_policy=NO_CACHE, timeout_seconds=None, task_run_name="{stage}@{domain}")
 def run_stage(stage: str, domain: str, root: str) -> bool:
     """Reproduce one DVC stage if it is stale; True when it ran."""
+    from dvc.exceptions import NotDvcRepoError, ReproductionError, StageNotFoundError
+    from dvc.parsing import ResolveError
     from dvc.repo import Repo
+    from dvc.stage.exceptions import StageNotFound
+    from dvc.utils.strictyaml import YAMLSyntaxError, YAMLValidationError
+
+    # the project's own description is wrong (dvc.yaml, params.yaml, no such stage): fix, do not retry
+    description_errors = (NotDvcRepoError, StageNotFoundError, StageNotFound, ResolveError, YAMLSyntaxError,
+                          YAMLValidationError)
 
     _stage_environment()
     logging.getLogger("dvc").propagate = False  # DVC prints its own lines; no second copy via Prefect
     # DVC resolves some output paths against the working directory, so work from the root.
-    with contextlib.chdir(root), Repo(".") as repo:
-        reproduced = repo.reproduce(f"{stage}@{domain}", single_item=True)
+    try:
+        with contextlib.chdir(root), Repo(".") as repo:
+            reproduced = repo.reproduce(f"{stage}@{domain}", single_item=True)
+    except ReproductionError as error:
+        if stage_exit_status(error) == EXIT_BAD_INPUT:  # the CLI's PipelineError: fix, do not retry
+            raise PipelineError(f"{stage}@{domain} stopped on bad input or configuration (not retried): "
+                                f"{_stage_error_line(stage, domain, root)}") from None
+        raise
+    except description_errors as error:
+        raise PipelineError(f"{stage}@{domain}: DVC cannot run it (not retried): {' '.join(str(error).split())}") from None
     ran = bool(reproduced)
     get_run_logger().info("%s@%s: %s", stage, domain, "ran" if ran else "up to date, skipped")
     return ran

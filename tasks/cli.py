@@ -1,22 +1,51 @@
 """The one entry to every stage: `ssl-pipeline <stage> <domain>` (dvc.yaml and the flow call it).
 
-Also `ssl-pipeline lineage show|verify <artifact folder>`. The whole domain block of params.yaml
-is parsed and checked before any stage works; bad input or configuration prints one line
-naming the file or setting, and exits with status 2; never a traceback.
+Also `ssl-pipeline lineage show|verify <artifact folder>` and `ssl-pipeline lineage which <record>`.
+The whole domain block of params.yaml is parsed and checked before any stage works.
+
+Exit status and what is printed (always one line on stderr, never a traceback):
+- 0: done.
+- 2: bad input or configuration (`PipelineError`): the line names the file or setting and the
+  fix. The Prefect flow never retries it.
+- 75: another run holds this domain's lock and did not let go within SSL_PIPELINE_LOCK_TIMEOUT.
+- 1: anything else, a bug or a machine fault: the line names the error and the log file under
+  `.ssl-pipeline/logs/` that holds the traceback (owner-readable only). The flow retries it.
+
+One run at a time per domain: a stage takes `.ssl-pipeline/locks/<domain>.lock` (fcntl.flock,
+released by the kernel when the process dies, so a killed run never leaves it held). A second
+run of any stage of the same domain (the nightly flow and a manual call) waits for it, logging
+once a minute who holds it (pid, stage, since when), for up to SSL_PIPELINE_LOCK_TIMEOUT seconds
+(default 3600; 0 refuses at once), then stops with exit status 75. Two domains run side by side.
+The processes a stage starts under torch.distributed.run inherit its lock (they find the holder's
+pid in SSL_PIPELINE_LOCK_HOLDER) and do not wait for it.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import importlib
+import json
 import logging
+import os
 import sys
+import time
+import traceback
 from pathlib import Path
+from typing import Any, Iterator
 
 # The stages in data-flow order: dvc.yaml declares one entry each (a test holds them equal),
 # and the Prefect flow runs them in this order. Stage `s` is the function `tasks.<s>.<s>`,
 # called as `s(cfg, domain, paths)`.
 STAGES = ("default_data", "ingest", "preprocess", "pretrain", "finetune", "evaluate", "report")
+
+LOCK_TIMEOUT_ENV = "SSL_PIPELINE_LOCK_TIMEOUT"
+LOCK_HOLDER_ENV = "SSL_PIPELINE_LOCK_HOLDER"  # "<lock file>:<pid>" of the stage process holding it
+DEFAULT_LOCK_TIMEOUT = 3600.0
+EXIT_ERROR, EXIT_BAD_INPUT, EXIT_BUSY = 1, 2, 75
+
+log = logging.getLogger("ssl-pipeline")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -27,20 +56,170 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     for stage in STAGES:
         sub = commands.add_parser(stage, help=f"run the {stage} stage for one domain")
         sub.add_argument("domain", help="a block name under `domains:` in params.yaml")
-    lineage = commands.add_parser("lineage", help="show or verify an artifact's lineage")
-    lineage.add_argument("action", choices=("show", "verify"))
-    lineage.add_argument("artifact", type=Path, help="an artifact folder, e.g. models/legal/finetune")
+    lineage = commands.add_parser("lineage", help="show or verify an artifact's lineage, or find what used a record")
+    lineage.add_argument("action", choices=("show", "verify", "which"))
+    lineage.add_argument("artifact", help="show/verify: an artifact folder, e.g. models/legal/finetune; "
+                                          "which: a raw record's key (file name in the corpus, or its "
+                                          "pseudonym) or its sha256")
+    lineage.add_argument("--domain", action="append", help="which: only this domain (repeatable; default: all)")
     return parser.parse_args(argv)
 
 
+class WorkspaceBusyError(Exception):
+    """Another run of this domain holds its lock and did not let go in time."""
+
+
+def _holder(lock_file: Path) -> dict[str, Any]:
+    try:
+        return json.loads(lock_file.read_text() or "{}")
+    except (OSError, ValueError):
+        return {}
+
+
+def _describe(holder: dict[str, Any]) -> str:
+    if not holder:
+        return "a process that has not said who it is"
+    since = time.strftime("%H:%M:%S UTC", time.gmtime(holder.get("since", 0)))
+    return f"pid {holder.get('pid')} on {holder.get('host')}, running {holder.get('stage')} since {since}"
+
+
+def _inherited(lock_file: Path) -> bool:
+    """True in a process a lock holder started (torch.distributed.run's workers): the holder's
+    pid is in our environment, is not us, is alive and is the one the lock file names."""
+    from tasks.io import _process_alive
+
+    path, _, pid = os.environ.get(LOCK_HOLDER_ENV, "").rpartition(":")
+    if not pid.isdigit() or path != str(lock_file.resolve()) or int(pid) == os.getpid():
+        return False
+    return _holder(lock_file).get("pid") == int(pid) and _process_alive(int(pid))
+
+
+def _lock_timeout() -> float:
+    setting = os.environ.get(LOCK_TIMEOUT_ENV)
+    try:
+        return DEFAULT_LOCK_TIMEOUT if setting in (None, "") else max(0.0, float(setting))
+    except ValueError:
+        from ssl_models.core.errors import PipelineError
+
+        raise PipelineError(f"{LOCK_TIMEOUT_ENV}={setting!r} is not a number of seconds") from None
+
+
+@contextlib.contextmanager
+def domain_lock(lock_file: Path, stage: str, timeout: float | None = None) -> Iterator[bool]:
+    """Hold the domain's lock while the block runs; yields False when a parent holds it for us."""
+    if _inherited(lock_file) or os.environ.get("RANK", "0") != "0":
+        # a worker of the holder's torchrun, or a non-zero rank of an outside torchrun world
+        # (rank 0 holds the lock for the world; waiting here would deadlock the rendezvous)
+        yield False
+        return
+    timeout = _lock_timeout() if timeout is None else timeout
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_file, "a+") as handle:
+        deadline, announced = time.monotonic() + timeout, None
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                holder, now = _holder(lock_file), time.monotonic()
+                if now >= deadline:
+                    raise WorkspaceBusyError(
+                        f"{stage}: another run of this domain holds {lock_file} ({_describe(holder)}); "
+                        f"waited {timeout:.0f} s. Let it finish, or set {LOCK_TIMEOUT_ENV} to wait longer") from None
+                if announced is None or now - announced >= 60:
+                    log.info("%s: waiting for %s, held by %s (up to %.0f s more; %s)", stage, lock_file,
+                             _describe(holder), deadline - now, LOCK_TIMEOUT_ENV)
+                    announced = now
+                time.sleep(min(0.5, max(0.01, deadline - now)))
+        handle.seek(0)
+        handle.truncate()
+        handle.write(json.dumps({"pid": os.getpid(), "host": os.uname().nodename, "stage": stage,
+                                 "since": time.time()}))
+        handle.flush()
+        previous = os.environ.get(LOCK_HOLDER_ENV)
+        os.environ[LOCK_HOLDER_ENV] = f"{lock_file.resolve()}:{os.getpid()}"
+        try:
+            yield True
+        finally:
+            if previous is None:
+                os.environ.pop(LOCK_HOLDER_ENV, None)
+            else:
+                os.environ[LOCK_HOLDER_ENV] = previous
+            handle.seek(0)
+            handle.truncate()  # released (the kernel drops the flock when the file closes)
+
+
+def check_inputs(stage: str, paths: Any) -> None:
+    """Every artifact `stage` reads is complete (its lineage record is written last), else one line."""
+    from ssl_models.core.errors import PipelineError
+    from tasks.lineage import record_path
+
+    for artifact, maker in paths.inputs(stage).items():
+        if not record_path(artifact).exists():
+            state = "is incomplete" if artifact.exists() else "does not exist"
+            raise PipelineError(f"{stage}@{paths.domain} reads {paths.relative(artifact)}, which {state}; "
+                                f"run {maker}@{paths.domain} first (`dvc repro {stage}@{paths.domain}` "
+                                "runs everything it needs)")
+
+
 def run_stage(stage: str, domain_name: str, root: Path = Path(".")) -> object:
-    """Parse and check the domain's block, then run `stage` on it (what the CLI does)."""
+    """Parse and check the domain's block, then run `stage` on it under the domain's lock (what the CLI does)."""
     from ssl_models.core.config import load_config
+    from tasks.io import clean_stale
+    from tasks.lineage import check_raw_inputs_unchanged
     from tasks.paths import DomainPaths
 
     cfg, domain = load_config(domain_name, root / "params.yaml")
+    paths = DomainPaths(domain_name, root)
     function = getattr(importlib.import_module(f"tasks.{stage}"), stage)
-    return function(cfg, domain, DomainPaths(domain_name, root))
+    with domain_lock(paths.lock, f"{stage}@{domain_name}") as holder:
+        if holder:  # what killed runs left behind: never taken for an output, never left to pile up
+            for output in paths.outputs(stage):
+                for line in clean_stale(output.parent) + clean_stale(output, recursive=True):
+                    log.info("%s@%s: %s", stage, domain_name, line)
+        check_inputs(stage, paths)
+        if stage == "preprocess":
+            check_raw_inputs_unchanged(paths.manifest, root, f"ingest@{domain_name}")
+        return function(cfg, domain, paths)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def _report_failure(root: Path, name: str, line: str) -> None:
+    """The one line also goes to `.ssl-pipeline/logs/<name>.error` (the flow names it in its log)."""
+    with contextlib.suppress(OSError):
+        from tasks.io import write_text
+
+        folder = root / ".ssl-pipeline" / "logs"
+        folder.mkdir(parents=True, exist_ok=True)
+        write_text(folder / f"{name}.error", line + "\n")
+
+
+def _pseudonymises(root: Path, domain_name: str) -> bool:
+    """Whether the domain hides file names (True when that cannot be told: print less, not more)."""
+    try:
+        from ssl_models.core.config import load_config
+
+        cfg, domain = load_config(domain_name, root / "params.yaml")
+        return bool(domain.pseudonymises(cfg))
+    except Exception:  # noqa: BLE001 - deciding what to print must not fail itself
+        return True
+
+
+def _log_traceback(root: Path, name: str) -> Path | None:
+    """The traceback of the exception being handled, in an owner-only file; None when it cannot be written."""
+    try:
+        folder = root / ".ssl-pipeline" / "logs"
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{name}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{os.getpid()}.log"
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
+            handle.write(traceback.format_exc())
+        return path
+    except OSError:
+        return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,23 +230,46 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     from ssl_models.core.errors import PipelineError
 
+    name = "lineage" if args.command == "lineage" else f"{args.command}-{args.domain}"
     try:
         if args.command == "lineage":
-            return run_lineage(args.action, args.artifact, args.root)
+            return run_lineage(args.action, args.artifact, args.root, args.domain)
         run_stage(args.command, args.domain, args.root)
     except PipelineError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    return 0
+        line = f"error: {_one_line(error)}"
+        code = EXIT_BAD_INPUT
+    except WorkspaceBusyError as error:
+        line = f"busy: {_one_line(error)}"
+        code = EXIT_BUSY
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:  # noqa: BLE001 - the one place an unexpected error becomes one line
+        logged = _log_traceback(args.root, name)
+        private = args.command != "lineage" and _pseudonymises(args.root, args.domain)
+        # a library's message may carry a file name: not printed when the domain hides them
+        what = type(error).__name__ if private else f"{type(error).__name__}: {_one_line(error)}"
+        where = f"; the traceback is in {logged}" if logged else ""
+        stage = "lineage" if args.command == "lineage" else f"{args.command}@{args.domain}"
+        line = f"error: {stage} stopped on an unexpected {what}{where}"
+        code = EXIT_ERROR
+    else:
+        return 0
+    print(line, file=sys.stderr)
+    _report_failure(args.root, name, line)
+    return code
 
 
-def run_lineage(action: str, artifact: Path, root: Path) -> int:
+def run_lineage(action: str, artifact: str, root: Path, domains: list[str] | None = None) -> int:
     from tasks import lineage
 
-    if action == "show":
-        print(lineage.show(artifact, root))
+    if action == "which":
+        print(lineage.which(artifact, root, domains))
         return 0
-    problems = lineage.verify(artifact, root)
+    if action == "show":
+        print(lineage.show(Path(artifact), root))
+        return 0
+    problems = lineage.verify(Path(artifact), root)
     for problem in problems:
         print(f"MISMATCH {problem}")
     print(f"{len(problems)} mismatch(es) in the lineage of {artifact}" if problems

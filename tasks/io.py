@@ -1,13 +1,116 @@
-"""Small I/O helpers every stage uses: atomic folder writes, JSON and JSONL."""
+"""Small I/O helpers every stage uses: atomic, durable writes of folders and files, JSON and JSONL.
+
+Every write goes to a temporary name unique to the process (`.<name>.tmp-<pid>-<random>`),
+is fsynced, then renamed over the target, and the folder holding it is fsynced, so a kill or a
+power cut at any moment leaves either the old complete output or the new complete one, never a
+half-written file under the real name. A folder being replaced is first renamed aside
+(`.<name>.old-<pid>-<random>`) and deleted only once the new one is in: a kill between the two
+renames leaves the old copy aside, and `recover`/`clean_stale` put it back at the next start.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import re
+import secrets
 import shutil
 from pathlib import Path
 from typing import Any, Iterable, Iterator
+
+# `.<target name>.<tmp|old>-<pid>[-<random>]`: what this module leaves behind when killed
+# (the random part is absent in leftovers of the older helpers, `.shards.tmp-<pid>`)
+_LEFTOVER = re.compile(r"^\.(?P<target>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)(?:-[0-9a-f]+)?$")
+
+
+def _unique(target: Path, kind: str) -> Path:
+    return target.with_name(f".{target.name}.{kind}-{os.getpid()}-{secrets.token_hex(4)}")
+
+
+def fsync_path(path: Path) -> None:
+    """Flush a file's or a folder's entry to disk (a folder's fsync makes renames in it durable)."""
+    descriptor = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if path.is_dir() else 0))
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def fsync_tree(folder: Path) -> None:
+    """fsync every file and folder below `folder`, deepest first, then `folder` itself."""
+    for current, _, files in os.walk(folder, topdown=False):
+        for name in files:
+            file = Path(current) / name
+            if not file.is_symlink():
+                fsync_path(file)
+        fsync_path(Path(current))
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def clean_stale(folder: Path, recursive: bool = False) -> list[str]:
+    """Remove the temporaries that killed processes left in `folder` (`.X.tmp-<pid>-*`), and put
+    back an output that a kill between two renames left only aside (`.X.old-<pid>-*` with `X`
+    missing). Leftovers of live processes are not touched. Returns what was done, one line each."""
+    done: list[str] = []
+    if not folder.is_dir():
+        return done
+    entries = sorted(folder.iterdir(), key=lambda p: p.name)
+    for entry in entries:
+        match = _LEFTOVER.match(entry.name)
+        if match is None:
+            if recursive and entry.is_dir() and not entry.is_symlink():
+                done.extend(clean_stale(entry, recursive=True))
+            continue
+        if _process_alive(int(match["pid"])):
+            continue
+        target = folder / match["target"]
+        if match["kind"] == "old" and not target.exists():
+            entry.rename(target)
+            fsync_path(folder)
+            done.append(f"restored {target} from the copy a killed run left aside")
+        else:
+            _remove(entry)
+            done.append(f"removed {entry.name}, left in {folder} by a killed run")
+    return done
+
+
+def recover(target: Path) -> None:
+    """Before writing `target`: put back an aside copy when `target` is missing, drop stale temporaries."""
+    clean_stale(target.parent)
+
+
+def replace_path(new: Path, target: Path) -> None:
+    """Rename the complete, fsynced `new` to `target`, keeping the old `target` until `new` is in."""
+    parent = target.parent
+    aside = None
+    if target.is_dir() and not target.is_symlink():
+        aside = _unique(target, "old")
+        target.rename(aside)
+        fsync_path(parent)
+    os.replace(new, target)  # a file target is replaced in one step by the rename itself
+    fsync_path(parent)
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -15,23 +118,50 @@ def atomic_dir(target: Path) -> Iterator[Path]:
     """Yield a temporary folder that replaces `target` only when the block completes,
     so a killed stage never leaves a half-written artifact under the real name."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    recover(target)
+    tmp = _unique(target, "tmp")
     tmp.mkdir()
     try:
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    shutil.rmtree(target, ignore_errors=True)
-    tmp.rename(target)
+    fsync_tree(tmp)
+    replace_path(tmp, target)
+
+
+def _inside_own_temporary(path: Path) -> bool:
+    """Whether `path` lies in a folder this process is filling under `atomic_dir`, which fsyncs
+    the whole folder before renaming it in: a file there needs no rename or fsync of its own."""
+    for part in path.parent.parts:
+        match = _LEFTOVER.match(part)
+        if match and match["kind"] == "tmp" and int(match["pid"]) == os.getpid():
+            return True
+    return False
+
+
+@contextlib.contextmanager
+def atomic_file(path: Path) -> Iterator[Path]:
+    """Yield a temporary path beside `path` for a library to write (`torch.save`, `save_file`);
+    it is fsynced and renamed to `path` when the block completes, removed when it fails."""
+    tmp = _unique(path, "tmp")
+    try:
+        yield tmp
+        if not _inside_own_temporary(path):
+            fsync_path(tmp)
+    except BaseException:
+        _remove(tmp)
+        raise
+    if _inside_own_temporary(path):
+        os.replace(tmp, path)
+    else:
+        replace_path(tmp, path)
 
 
 def write_text(path: Path, text: str) -> None:
     """`text` into `path` through a temporary file renamed over it: never a half-written file."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
+    with atomic_file(path) as tmp, open(tmp, "w", encoding="utf-8") as handle:
+        handle.write(text)
 
 
 def write_json(path: Path, value: Any) -> None:
@@ -39,11 +169,12 @@ def write_json(path: Path, value: Any) -> None:
 
 
 def read_json(path: Path) -> Any:
-    return json.loads(path.read_text())
+    return json.loads(path.read_text(encoding="utf-8"))
 
 
 def write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> None:
-    with open(path, "w", encoding="utf-8") as handle:
+    """One JSON object a line, streamed to a temporary file renamed over `path` when complete."""
+    with atomic_file(path) as tmp, open(tmp, "w", encoding="utf-8") as handle:
         for row in rows:
             handle.write(json.dumps(row, sort_keys=True, default=str) + "\n")
 

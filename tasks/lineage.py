@@ -26,7 +26,8 @@ from typing import Any
 from ssl_models.core.errors import PipelineError
 from ssl_models.core.hashing import digest_of, sha256_file
 from ssl_models.core.privacy import pseudonymiser
-from tasks.paths import relative_to
+from tasks.io import read_jsonl, write_text
+from tasks.paths import DomainPaths, relative_to
 
 RECORD_NAME = "lineage.json"
 PACKAGES = ("torch", "transformers", "tokenizers", "datasets", "dvc", "prefect", "monai",
@@ -94,6 +95,19 @@ class LineageRecorder:
     root: Path = Path(".")
     started: float = field(default_factory=time.time)
     run_details: dict[str, Any] = field(default_factory=dict)  # timings and the like: run record only
+    # other files the stage read (the labels CSV): name as in params.yaml -> path. None: the
+    # `labels` entry of `params` when it names a file. Hashed now, when the stage has just read them.
+    inputs: dict[str, Path] | None = None
+    input_hashes: dict[str, str] = field(default_factory=dict, init=False)
+
+    def __post_init__(self) -> None:
+        if self.inputs is None:
+            labels = self.params.get("labels")
+            self.inputs = {labels: _under(self.root, labels)} if isinstance(labels, str) and labels else {}
+        for name, path in self.inputs.items():
+            if not path.is_file():
+                raise PipelineError(f"{self.stage}: input file {name} not found")
+            self.input_hashes[name] = sha256_file(path)
 
     def write(self, folder: Path | None = None) -> dict[str, Any]:
         """Hash the artifact's files and write the record; `folder` is where the files are
@@ -110,6 +124,8 @@ class LineageRecorder:
             "outputs": outputs,
             "outputs_digest": digest_of(outputs),
         }
+        if self.input_hashes:
+            record["inputs"] = dict(self.input_hashes)
         if self.raw_inputs is not None:
             record["raw_inputs"] = self.raw_inputs
             record["raw_inputs_digest"] = digest_of(self.raw_inputs)
@@ -124,9 +140,7 @@ class LineageRecorder:
 
 def _write_json_atomically(path: Path, value: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(value, indent=1, sort_keys=True))
-    tmp.replace(path)
+    write_text(path, json.dumps(value, indent=1, sort_keys=True))
 
 
 def read_run_record(artifact: Path) -> dict[str, Any] | None:
@@ -142,7 +156,11 @@ def read_record(artifact: Path) -> dict[str, Any]:
     path = record_path(artifact)
     if not path.exists():
         raise PipelineError(f"no lineage record for {artifact} (expected {path}); run its stage first")
-    return json.loads(path.read_text())
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        raise PipelineError(f"lineage record {path} is damaged (not JSON); re-run the stage that made "
+                            f"{artifact.name}") from None
 
 
 def _under(root: Path, name: str) -> Path:
@@ -194,6 +212,8 @@ def show(artifact: Path, root: Path = Path("."), runs: bool = True) -> str:
             lines.append(f"{pad}  code {str(code.get('commit'))[:12]}{' (dirty)' if code.get('dirty') else ''}"
                          f"  ended {run['ended']}"
                          + (f"  prefect run {run['prefect_flow_run_id']}" if run.get("prefect_flow_run_id") else ""))
+        for name, digest in (record.get("inputs") or {}).items():
+            lines.append(f"{pad}  input {name}: sha256 {digest[:16]}")
         if "raw_inputs" in record:
             lines.append(f"{pad}  raw corpus {record['params'].get('corpus')}: "
                          f"{len(record['raw_inputs'])} files, digest {record['raw_inputs_digest'][:16]}")
@@ -217,9 +237,31 @@ def verify(artifact: Path, root: Path = Path(".")) -> list[str]:
             current = read_record(_under(root, up["artifact"]))["outputs_digest"]
             if current != up["outputs_digest"]:
                 problems.append(f"{up['artifact']}: re-made since {record['artifact']} was built from it")
+        for name, digest in (record.get("inputs") or {}).items():
+            problems.extend(_verify_input(name, digest, root, record["stage"]))
         if "raw_inputs" in record:
             problems.extend(_verify_raw_inputs(record, root))
     return problems
+
+
+def _verify_input(name: str, digest: str, root: Path, stage: str) -> list[str]:
+    path = _under(root, name)
+    if not path.is_file():
+        return [f"input file {name}: missing (read by {stage})"]
+    if sha256_file(path) != digest:
+        return [f"input file {name}: content changed since {stage} read it"]
+    return []
+
+
+def check_raw_inputs_unchanged(artifact: Path, root: Path, made_by: str) -> None:
+    """Before a stage reads the raw corpus again: every raw file still has the hash `made_by`
+    recorded in `artifact`, else one line naming the file (by its pseudonym when names are hidden)."""
+    record = read_record(artifact)
+    problems = _verify_raw_inputs(record, root) if "raw_inputs" in record else []
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise PipelineError(f"{problems[0]}{more} since {made_by} recorded it in {record['artifact']}; "
+                            f"re-run {made_by} first (`dvc repro` does both)")
 
 
 def _verify_raw_inputs(record: dict[str, Any], root: Path) -> list[str]:
@@ -242,3 +284,115 @@ def _verify_raw_inputs(record: dict[str, Any], root: Path) -> list[str]:
         elif sha256_file(raw) != digest:
             problems.append(f"raw file {shown}: content changed")
     return problems
+
+
+# --- the record-level ledger: which artifacts consumed one raw record ---
+
+# What each part of the shards holds, by the manifest row's split (the contract every domain's
+# preprocess follows: pretraining reads the train split only, RankMe and the checkpoint choice
+# the val split; `labeled` holds every labeled record with its split).
+_SHARD_PARTS = {"train": "pretrain_train", "val": "pretrain_val"}
+
+
+def _record_keys(query: str, record: dict[str, Any], root: Path) -> set[str]:
+    """The manifest keys `query` may stand for: itself, its name relative to the corpus, and
+    the pseudonym of that name when the domain pseudonymises (computed with the salt)."""
+    params = record["params"]
+    corpus = _under(root, params["corpus"])
+    names = {query}
+    for prefix in (str(params["corpus"]).rstrip("/") + "/", str(corpus).rstrip("/") + "/",
+                   str(corpus.resolve()).rstrip("/") + "/"):
+        if query.startswith(prefix):
+            names.add(query[len(prefix):])
+    privacy = params.get("privacy") or {}
+    if privacy.get("pseudonymised"):
+        public = pseudonymiser(_under(root, privacy["salt_file"]), create=False)
+        names |= {public("key", name) for name in list(names)}
+    return names
+
+
+def _consistent(artifact: Path, upstream: Path) -> bool:
+    """Whether `artifact` was built from the `upstream` now on disk."""
+    try:
+        ups = {up["artifact"]: up["outputs_digest"] for up in read_record(artifact)["upstream"]}
+        current = read_record(upstream)
+    except (PipelineError, OSError, ValueError):
+        return False
+    return ups.get(current["artifact"]) == current["outputs_digest"]
+
+
+def which(query: str, root: Path = Path("."), domains: list[str] | None = None) -> str:
+    """Which manifest, shards, checkpoints, fine-tuned models and reports consumed the raw record
+    `query` (a file name in the corpus, its pseudonym, a manifest key or a sha256): the answer to a
+    consent withdrawal or a legal hold, derived from the manifests and the lineage records."""
+    from ssl_models.core.config import load_params
+
+    names = domains or list((load_params(root / "params.yaml").get("domains") or {}))
+    lines: list[str] = []
+    for name in names:
+        paths = DomainPaths(name, root)
+        if not record_path(paths.manifest).exists():
+            continue
+        manifest_record = read_record(paths.manifest)
+        keys = _record_keys(query, manifest_record, root)
+        raw = manifest_record.get("raw_inputs") or {}
+        keys |= {key for key, digest in raw.items() if digest == query}
+        rows = [row for row in read_jsonl(paths.manifest / "manifest.jsonl")
+                if row["key"] in keys or row.get("source") in keys or row["sha256"] == query]
+        quarantined = [row for row in read_jsonl(paths.manifest / "quarantine.jsonl") if row["key"] in keys]
+        duplicates = [row for row in read_jsonl(paths.manifest / "duplicates.jsonl") if row["key"] in keys]
+        if duplicates:  # its content reached the pipeline through the copy that was kept
+            kept = {row["duplicate_of"] for row in duplicates}
+            rows += [row for row in read_jsonl(paths.manifest / "manifest.jsonl") if row["key"] in kept]
+        if not (rows or quarantined or duplicates):
+            continue
+        lines.append(f"domain {name}:")
+        for row in quarantined:
+            lines.append(f"  {row['key']}: quarantined ({row['reason']}); no artifact consumed it")
+        for row in duplicates:
+            lines.append(f"  {row['key']}: a duplicate of {row['duplicate_of']}, whose identical content is used")
+        for row in rows:
+            lines.extend(f"  {line}" for line in _consumers(row, paths))
+    if not lines:
+        return f"no record {query} in any manifest ({', '.join(names) or 'no domains'})"
+    return "\n".join(lines)
+
+
+def _consumers(row: dict[str, Any], paths: DomainPaths) -> list[str]:
+    rel = paths.relative
+    split, labeled = row.get("split"), row.get("label") is not None
+    lines = [f"record {row['key']} (sha256 {row['sha256'][:16]}, split {split}"
+             f"{', labeled' if labeled else ''}):",
+             f"  manifest    {rel(paths.manifest)}/manifest.jsonl"]
+    stale = lambda artifact, upstream: "" if _consistent(artifact, upstream) else "  (built from an older input: re-run)"  # noqa: E731
+    parts = [part for part in (_SHARD_PARTS.get(split), "labeled" if labeled else None) if part]
+    if not record_path(paths.shards).exists():
+        return lines
+    present = [part for part in parts if (paths.shards / part).exists()]
+    lines.append(f"  shards      {rel(paths.shards)}: {', '.join(present) or 'none of its parts'}"
+                 f"{stale(paths.shards, paths.manifest)}")
+    if record_path(paths.pretrain).exists() and split in _SHARD_PARTS:
+        use = "trained on" if split == "train" else "scored for RankMe / the checkpoint choice"
+        checkpoints = sorted(p.name for p in paths.checkpoints.glob("step_*")
+                             if not p.name.endswith(".json")) if paths.checkpoints.exists() else []
+        candidates = sorted(p.name for p in (paths.pretrain / "candidates").glob("step_*"))
+        lines.append(f"  pretrain    {rel(paths.pretrain)} ({use}): encoder/"
+                     f"{', candidates ' + ', '.join(candidates) if candidates else ''}"
+                     f"{stale(paths.pretrain, paths.shards)}")
+        if checkpoints:
+            lines.append(f"  checkpoints {rel(paths.checkpoints)}: {', '.join(checkpoints)}")
+    if record_path(paths.finetune).exists():
+        if labeled and split != "test":
+            use = "in the labeled pool: trained on at label fraction 1.0, at smaller fractions when drawn"
+        elif labeled:
+            use = "in the labeled test set: scored, never trained on"
+        else:
+            use = "through the pretrained encoder only"
+        if labeled or split == "train":
+            saved = sorted(p.name for p in (paths.finetune / "models").glob("*")) if (paths.finetune / "models").exists() else []
+            lines.append(f"  finetune    {rel(paths.finetune)} ({use})"
+                         f"{': models ' + ', '.join(saved) if saved else ''}{stale(paths.finetune, paths.shards)}")
+            for artifact in (paths.evaluation, paths.report):
+                if record_path(artifact).exists():
+                    lines.append(f"  {'evaluate' if artifact == paths.evaluation else 'report':<11} {rel(artifact)}")
+    return lines

@@ -53,3 +53,22 @@ class DomainPaths:
                 "evaluate": [self.evaluation, self.metrics, self.plots / "label_efficiency.csv",
                              self.plots / "pretrain_curve.csv"],
                 "report": [self.report]}[stage]
+
+    def inputs(self, stage: str) -> dict[Path, str]:
+        """The artifacts `stage` reads (its dvc.yaml deps made by other stages) -> the stage making each."""
+        made_by = {self.manifest: "ingest", self.shards: "preprocess", self.pretrain: "pretrain",
+                   self.finetune: "finetune", self.evaluation: "evaluate"}
+        needs = {"default_data": [], "ingest": [], "preprocess": [self.manifest], "pretrain": [self.shards],
+                 "finetune": [self.shards, self.pretrain], "evaluate": [self.finetune, self.pretrain, self.shards],
+                 "report": [self.evaluation, self.pretrain, self.manifest, self.shards]}[stage]
+        return {path: made_by[path] for path in needs}
+
+    @property
+    def workspace(self) -> Path:
+        """Run-time state of this checkout that no stage declares: locks, error logs (`.ssl-pipeline/`)."""
+        return self.root / ".ssl-pipeline"
+
+    @property
+    def lock(self) -> Path:
+        """The lock one run of a stage of this domain holds: `.ssl-pipeline/locks/<domain>.lock`."""
+        return self.workspace / "locks" / f"{self.domain}.lock"

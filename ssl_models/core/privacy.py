@@ -28,21 +28,42 @@ class PrivacyConfig:
 
 
 def load_salt(path: Path, create: bool = True) -> bytes:
-    """The salt in `path`; a new random one is written (owner-readable only) when absent."""
-    if path.exists():
-        salt = path.read_bytes().strip()
-        if len(salt) < 16:
-            raise PipelineError(f"salt file {path} holds {len(salt)} bytes; it needs at least 16 "
-                                "(delete it to have a new one made)")
-        return salt
-    if not create:
-        raise PipelineError(f"salt file {path} not found: pseudonyms cannot be recomputed without it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    salt = secrets.token_hex(32).encode()
-    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(descriptor, "wb") as handle:
-        handle.write(salt)
+    """The salt in `path`; a new random one is written (owner-readable only) when absent.
+
+    Two first runs at once both find no salt: each writes a complete salt to a temporary file of
+    its own and links it to `path`; the link fails for all but one (it never replaces a file),
+    and the others read the winner's salt, which is complete before it appears under its name."""
+    if not path.exists():
+        if not create:
+            raise PipelineError(f"salt file {path} not found: pseudonyms cannot be recomputed without it")
+        _create_salt(path)
+    salt = path.read_bytes().strip()
+    if len(salt) < 16:
+        raise PipelineError(f"salt file {path} holds {len(salt)} bytes; it needs at least 16 "
+                            "(delete it to have a new one made)")
     return salt
+
+
+def _create_salt(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    descriptor = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(descriptor, "wb") as handle:
+            handle.write(secrets.token_hex(32).encode())
+            handle.flush()
+            os.fsync(handle.fileno())
+        try:
+            os.link(tmp, path)  # atomic, and refuses to replace a salt another run made first
+        except FileExistsError:
+            return
+        folder = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 class Pseudonymiser:

@@ -2,20 +2,21 @@
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 import yaml
 
+from ssl_models.core.errors import PipelineError
 from tasks.cli import STAGES
 from tasks.lineage import read_run_record
 from tests.conftest import SCRIPTS, copy_project_code, stage_env, tiny_params, write_params
-
-pytestmark = pytest.mark.slow
-
-
 
 def dvc(folder: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([str(SCRIPTS / "dvc"), *args], cwd=folder, capture_output=True, text=True,
@@ -32,23 +33,26 @@ def spine(tmp_path_factory: pytest.TempPathFactory) -> dict:
     folder = tmp_path_factory.mktemp("project")
     write_params(folder, tiny_params())
     copy_project_code(folder)
-    with prefect_test_harness():
+    with prefect_test_harness(server_startup_timeout=180):
         first = pipeline(root=str(folder))
         second = pipeline(root=str(folder))
     return {"folder": folder, "first": first, "second": second}
 
 
+@pytest.mark.slow
 def test_flow_runs_every_stage_then_none(spine: dict) -> None:
     assert spine["first"] == {f"{s}@legal": True for s in STAGES}
     assert spine["second"] == {f"{s}@legal": False for s in STAGES}
 
 
+@pytest.mark.slow
 def test_report_metrics_schema_and_lineage(spine: dict) -> None:
     folder = spine["folder"]
     metrics = yaml.safe_load((folder / "reports/legal/metrics.json").read_text())
     assert metrics["domain"] == "legal" and metrics["primary_metric"] == "macro_f1"
     keys = {(r["init"], r["protocol"], r["label_fraction"]) for r in metrics["results"] if r["metric"] == "macro_f1"}
-    assert keys == {(i, p, f) for i in ("ssl", "scratch") for p in ("linear", "knn", "finetune") for f in (0.1, 1.0)}
+    assert keys == ({(i, p, f) for i in ("ssl", "scratch") for p in ("linear", "knn", "finetune") for f in (0.1, 1.0)}
+                    | {("baseline", "linear", f) for f in (0.1, 1.0)})  # the TF-IDF baseline: a linear probe
     assert all(r["n_seeds"] == 3 and 0 <= r["mean"] <= 1 for r in metrics["results"])
     report = (folder / "reports/legal/report/report.md").read_text()
     assert "## Verdict" in report and "10% of labels" in report and "raw corpus" in report
@@ -61,15 +65,100 @@ def test_report_metrics_schema_and_lineage(spine: dict) -> None:
     assert verified.returncode == 0, verified.stdout
 
 
+@pytest.mark.slow
 def test_dvc_is_up_to_date_and_a_finetune_param_reruns_only_downstream(spine: dict) -> None:
     folder = spine["folder"]
     repro = dvc(folder, "repro")
     assert repro.returncode == 0 and "Running stage" not in repro.stdout
     assert dvc(folder, "metrics", "show").returncode == 0
     params = yaml.safe_load((folder / "params.yaml").read_text())
-    params["domains"]["legal"]["finetune"]["steps"] = 4
+    params["domains"]["legal"]["finetune"]["max_steps"] = 4
     (folder / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     repro = dvc(folder, "repro")
     assert repro.returncode == 0, repro.stderr
     ran = set(re.findall(r"Running stage '([^']+)'", repro.stdout))
     assert ran == {"finetune@legal", "evaluate@legal", "report@legal"}
+
+
+def test_a_bad_input_failure_is_never_retried_and_any_other_keeps_its_retries() -> None:
+    from dvc.exceptions import ReproductionError
+    from dvc.stage.exceptions import StageCmdFailedError
+    from prefect.states import Failed
+
+    from flows.pipeline import retry_unless_bad_input, run_stage, stage_exit_status
+
+    assert retry_unless_bad_input(None, None, Failed(data=PipelineError("labels.csv: not UTF-8"))) is False
+    assert retry_unless_bad_input(None, None, Failed(data=RuntimeError("CUDA error: unspecified launch failure")))
+    assert run_stage.retries >= 1 and run_stage.timeout_seconds is None
+    for status in (2, 1, 75):
+        try:
+            try:
+                raise StageCmdFailedError("ssl-pipeline ingest legal", status)
+            except StageCmdFailedError as cause:
+                raise ReproductionError("failed to reproduce 'ingest@legal'") from cause
+        except ReproductionError as error:
+            assert stage_exit_status(error) == status
+    assert stage_exit_status(RuntimeError("no stage behind it")) is None
+
+
+@pytest.mark.slow
+def test_a_stage_that_exits_on_bad_input_runs_once_and_a_crashing_one_is_retried(tmp_path: Path) -> None:
+    """Through Prefect and DVC: a stage command exiting 2 is tried once, one exiting 1 three times."""
+    from prefect import flow
+    from prefect.testing.utilities import prefect_test_harness
+
+    from flows.pipeline import run_stage
+
+    (tmp_path / "params.yaml").write_text("domains:\n  bad: {status: 2}\n  crash: {status: 1}\n")
+    command = (f"{sys.executable} -c \"import sys; open('tries-${{key}}', 'a').write('x'); "
+               "print('error: labels.csv is not UTF-8', file=sys.stderr); sys.exit(${item.status})\"")
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump(
+        {"stages": {"ingest": {"foreach": "${domains}", "do": {"cmd": command, "outs": ["out-${key}"]}}}}))
+    for command in (["git", "init", "-q"], [str(SCRIPTS / "dvc"), "init", "-q"]):
+        subprocess.run(command, cwd=tmp_path, check=True, env=stage_env())
+    quick = run_stage.with_options(retry_delay_seconds=0)
+
+    @flow
+    def one(domain: str) -> str:
+        state = quick("ingest", domain, str(tmp_path), return_state=True)
+        return type(state.result(raise_on_failure=False)).__name__
+
+    with prefect_test_harness(server_startup_timeout=180):
+        assert one("bad") == "PipelineError"
+        assert one("crash") == "ReproductionError"
+        assert one("missing") == "PipelineError"  # no such stage in dvc.yaml: not retried either
+    assert (tmp_path / "tries-bad").read_text() == "x"
+    assert (tmp_path / "tries-crash").read_text() == "x" * (1 + run_stage.retries)
+
+
+@pytest.mark.slow
+def test_a_pretrain_killed_mid_run_resumes_from_its_checkpoint_at_the_next_flow_run(
+        spine: dict, capfd: pytest.CaptureFixture[str]) -> None:
+    """A worker lost mid-training: the next flow run re-runs the DVC stage, which resumes."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    from flows.pipeline import pipeline
+
+    folder = spine["folder"]
+    params = yaml.safe_load((folder / "params.yaml").read_text())
+    params["domains"]["legal"]["pretrain"].update(seed=7, steps=40, checkpoint_every=4)  # never run before
+    (folder / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    started = time.time()
+    training = subprocess.Popen([str(SCRIPTS / "dvc"), "repro", "-s", "pretrain@legal"], cwd=folder, env=stage_env(),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    checkpoints = folder / "models/legal/checkpoints"
+    try:
+        while not any(p.stat().st_mtime > started for p in checkpoints.glob("step_*.pt")):
+            assert training.poll() is None, "pretrain finished before it could be killed"
+            assert time.time() - started < 600
+            time.sleep(0.05)
+    finally:
+        os.killpg(training.pid, signal.SIGKILL)  # the whole worker: dvc and the stage under it
+        training.wait()
+    capfd.readouterr()
+    with prefect_test_harness(server_startup_timeout=180):
+        executed = pipeline(root=str(folder))
+    output = capfd.readouterr()
+    resumed = re.search(r"resuming legal pretraining from step (\d+)", output.out + output.err)
+    assert resumed and int(resumed.group(1)) >= 4, output.err[-3000:]
+    assert executed["pretrain@legal"] and executed["report@legal"]

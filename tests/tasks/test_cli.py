@@ -4,6 +4,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from ssl_models.core.errors import PipelineError
+from tasks.cli import main, run_stage
+from tasks.lineage import verify
 from tests.conftest import stage_env, tiny_params, write_params
 
 
@@ -48,3 +53,61 @@ def test_wrong_types_in_the_shared_sections_fail_in_one_line(tiny_project: Path)
         result = run_cli(tiny_project, "evaluate", "legal")
         assert result.returncode == 2 and named in result.stderr, result.stderr
         assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+
+
+def test_a_stage_started_before_its_input_exists_says_which_stage_to_run(tiny_project: Path) -> None:
+    for stage, named in [("preprocess", "reads data/legal/manifest, which does not exist; run ingest@legal first"),
+                         ("finetune", "reads data/legal/shards, which does not exist; run preprocess@legal first")]:
+        result = run_cli(tiny_project, stage, "legal")
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1 and named in result.stderr
+    (tiny_project / "data/legal/manifest").mkdir(parents=True)  # a folder without its lineage record
+    result = run_cli(tiny_project, "preprocess", "legal")
+    assert result.returncode == 2 and "data/legal/manifest, which is incomplete" in result.stderr
+
+
+def test_an_unexpected_error_is_one_line_naming_the_log_with_its_traceback(
+        tiny_project: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    def crash(cfg: object, domain: object, paths: object) -> None:
+        raise RuntimeError("reader failed on /data/patients/DOE^JOHN.nii.gz")
+
+    monkeypatch.setattr("tasks.default_data.default_data", crash)
+    assert main(["--root", str(tiny_project), "default_data", "legal"]) == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in lines[0]
+    assert "default_data@legal stopped on an unexpected RuntimeError: reader failed on" in lines[0]
+    log = Path(lines[0].rsplit("the traceback is in ", 1)[1])
+    assert log.parent == tiny_project / ".ssl-pipeline/logs" and oct(log.stat().st_mode & 0o777) == "0o600"
+    assert "Traceback" in log.read_text() and "def crash" not in lines[0]
+    # a domain that pseudonymises: the library's message (it may hold a file name) stays in the log
+    write_params(tiny_project, tiny_params(privacy={"pseudonymise": True}))
+    assert main(["--root", str(tiny_project), "default_data", "legal"]) == 1
+    line = capsys.readouterr().err.strip()
+    assert "unexpected RuntimeError; the traceback is in" in line and "DOE^JOHN" not in line
+
+
+def test_a_raw_file_edited_after_ingest_stops_preprocess_in_one_line(
+        ingested_project: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    raw = sorted((ingested_project / "data/legal/default/corpus").glob("*.txt"))[2]
+    raw.write_text(raw.read_text() + "\nA clause added after ingest.")
+    assert main(["--root", str(ingested_project), "preprocess", "legal"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and f"raw file data/legal/default/corpus/{raw.name}: content changed" in lines[0]
+    assert "re-run ingest@legal first" in lines[0]
+    with pytest.raises(PipelineError):  # the shards made before stay as they were
+        run_stage("preprocess", "legal", ingested_project)
+    assert verify(ingested_project / "data/legal/shards", ingested_project) == [
+        f"raw file data/legal/default/corpus/{raw.name}: content changed"]
+
+
+def test_a_raw_file_edited_after_ingest_is_named_by_its_pseudonym_only(
+        tiny_project: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    write_params(tiny_project, tiny_params(privacy={"pseudonymise": True}))
+    run_stage("default_data", "legal", tiny_project)
+    run_stage("ingest", "legal", tiny_project)
+    raw = sorted((tiny_project / "data/legal/default/corpus").glob("*.txt"))[2]
+    raw.write_text(raw.read_text() + "\nA clause added after ingest.")
+    assert main(["--root", str(tiny_project), "preprocess", "legal"]) == 2
+    line = capsys.readouterr().err.strip()
+    assert "raw file data/legal/default/corpus/key-" in line and "content changed" in line
+    assert raw.name not in line and raw.stem not in line

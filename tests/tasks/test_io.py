@@ -1,0 +1,141 @@
+"""Atomic, durable writes: a kill at any point leaves the old output or the new one, never neither."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from tasks import io
+from tasks.io import atomic_dir, clean_stale, read_json, write_json, write_jsonl, write_text
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def killed_child(code: str) -> None:
+    """Run `code` in a fresh Python process that SIGKILLs itself where the code says `die()`."""
+    prelude = "import os, signal\nfrom pathlib import Path\ndef die():\n    os.kill(os.getpid(), signal.SIGKILL)\n"
+    result = subprocess.run([sys.executable, "-c", prelude + textwrap.dedent(code)], cwd=REPO,
+                            capture_output=True, text=True)
+    assert result.returncode == -9, result.stderr
+
+
+def test_a_kill_between_the_two_renames_leaves_the_old_folder_aside_and_the_next_start_restores_it(tmp_path: Path) -> None:
+    target = tmp_path / "shards"
+    with atomic_dir(target) as out:
+        (out / "part.arrow").write_text("old")
+    killed_child(f"""
+        import tasks.io as io
+        target = Path({str(target)!r})
+        real_replace = io.os.replace
+        def replace(new, old):
+            die()  # after the old folder was renamed aside, before the new one is in
+        io.os.replace = replace
+        with io.atomic_dir(target) as out:
+            (out / "part.arrow").write_text("new")
+    """)
+    assert not target.exists()
+    leftovers = sorted(p.name for p in tmp_path.iterdir())
+    assert any(".shards.old-" in name for name in leftovers) and any(".shards.tmp-" in name for name in leftovers)
+    done = clean_stale(tmp_path)
+    assert (target / "part.arrow").read_text() == "old"
+    assert any("restored" in line for line in done)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["shards"]
+
+
+def test_a_kill_inside_the_block_keeps_the_old_output_and_its_temporary_is_cleaned(tmp_path: Path) -> None:
+    target = tmp_path / "manifest"
+    with atomic_dir(target) as out:
+        write_text(out / "manifest.jsonl", "old\n")
+    killed_child(f"""
+        import tasks.io as io
+        with io.atomic_dir(Path({str(target)!r})) as out:
+            (out / "manifest.jsonl").write_text("half of the new one")
+            die()
+    """)
+    assert (target / "manifest.jsonl").read_text() == "old\n"
+    assert len(list(tmp_path.glob(".manifest.tmp-*"))) == 1
+    # the next atomic_dir on the same target cleans it before writing
+    with atomic_dir(target) as out:
+        write_text(out / "manifest.jsonl", "new\n")
+    assert (target / "manifest.jsonl").read_text() == "new\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["manifest"]
+
+
+def test_a_kill_before_a_file_rename_keeps_the_old_file(tmp_path: Path) -> None:
+    path = tmp_path / "metrics.json"
+    write_json(path, {"macro_f1": 0.5})
+    killed_child(f"""
+        import tasks.io as io
+        io.os.replace = lambda new, old: die()
+        io.write_json(Path({str(path)!r}), {{"macro_f1": 0.9}})
+    """)
+    assert read_json(path) == {"macro_f1": 0.5}
+    assert [p.name for p in tmp_path.glob(".metrics.json.tmp-*")]
+    clean_stale(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json"]
+
+
+def test_leftovers_of_live_processes_are_kept_and_old_style_ones_removed(tmp_path: Path) -> None:
+    mine = tmp_path / f".shards.tmp-{os.getpid()}-abcd1234"
+    mine.mkdir()
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        alive = tmp_path / f".plots.tmp-{sleeper.pid}-0badf00d"
+        alive.mkdir()
+        dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True).stdout.strip()
+        legacy = tmp_path / f".shards.tmp-{dead}"  # what the helpers before this one left
+        legacy.mkdir()
+        (tmp_path / "data.txt").write_text("not a leftover")
+        clean_stale(tmp_path)
+        assert mine.exists() and alive.exists() and not legacy.exists()
+        assert (tmp_path / "data.txt").exists()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+def test_files_and_folders_are_fsynced_before_the_rename(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    synced: list[str] = []
+    renamed: list[str] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(descriptor: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{descriptor}"))
+        real_fsync(descriptor)
+
+    def replace(new: str | Path, old: str | Path) -> None:
+        renamed.append(str(old))
+        real_replace(new, old)
+
+    monkeypatch.setattr(io.os, "fsync", fsync)
+    monkeypatch.setattr(io.os, "replace", replace)
+    target = tmp_path / "shards"
+    with atomic_dir(target) as out:
+        (out / "labeled").mkdir()
+        (out / "labeled" / "data.arrow").write_bytes(b"x" * 100)
+        tmp = out
+    names = [Path(p).name for p in synced]
+    assert "data.arrow" in names and "labeled" in names and tmp.name in names and tmp_path.name in names
+    assert renamed == [str(target)]
+    synced.clear()
+    write_jsonl(tmp_path / "rows.jsonl", [{"a": 1}, {"a": 2}])
+    assert any(".rows.jsonl.tmp-" in p for p in synced) and str(tmp_path) in synced
+    assert [json.loads(line) for line in (tmp_path / "rows.jsonl").read_text().splitlines()] == [{"a": 1}, {"a": 2}]
+
+
+def test_a_failing_block_leaves_the_old_output_and_no_temporary(tmp_path: Path) -> None:
+    target = tmp_path / "report"
+    with atomic_dir(target) as out:
+        (out / "report.md").write_text("old")
+    with pytest.raises(RuntimeError), atomic_dir(target) as out:
+        (out / "report.md").write_text("new")
+        raise RuntimeError("the stage failed")
+    assert (target / "report.md").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report"]
