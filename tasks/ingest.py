@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import logging
+from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -43,24 +44,34 @@ def normalise_label_path(value: str, corpus: Path) -> str:
     return path.as_posix()
 
 
-def read_labels(path: Path | None, corpus: Path) -> dict[str, dict[str, str | None]]:
-    """labels CSV -> {path relative to the corpus: {"label", "group"}}; columns `path,label` and
-    an optional `group`. A record inside a .jsonl file is `file.jsonl#L<line>`."""
+def read_labels(path: Path | None, corpus: Path) -> dict[str, dict[str, Any]]:
+    """labels CSV -> {path relative to the corpus: {"label", "group", "line"}}; columns `path,label`
+    and an optional `group`. A record inside a .jsonl file is `file.jsonl#L<line>`."""
     if path is None:
         return {}
     if not path.is_file():
         raise PipelineError(f"labels file {path} not found; set `labels:` in params.yaml or remove it")
+    labels: dict[str, dict[str, Any]] = {}
     with open(path, newline="", encoding="utf-8-sig") as handle:
         reader = csv.DictReader(handle)
-        columns = {c.strip() for c in reader.fieldnames or []}
-        if not {"path", "label"} <= columns:
-            raise PipelineError(f"{path}: needs columns path,label (and optionally group); found {sorted(columns)}")
-        labels = {}
-        for row in reader:
-            row = {k.strip(): v for k, v in row.items() if k}
-            if row.get("path") and row.get("label") not in (None, ""):
-                labels[normalise_label_path(row["path"], corpus)] = {
-                    "label": row["label"].strip(), "group": (row.get("group") or "").strip() or None}
+        try:
+            columns = {c.strip() for c in reader.fieldnames or []}
+            if not {"path", "label"} <= columns:
+                raise PipelineError(f"{path}: needs columns path,label (and optionally group); "
+                                    f"found {sorted(columns)}")
+            for row in reader:
+                row = {k.strip(): v for k, v in row.items() if isinstance(k, str)}
+                if row.get("path") and row.get("label") not in (None, ""):
+                    labels[normalise_label_path(row["path"], corpus)] = {
+                        "label": row["label"].strip(), "group": (row.get("group") or "").strip() or None,
+                        "line": reader.line_num}
+        except UnicodeDecodeError as error:
+            raise PipelineError(f"{path}: not UTF-8 text (byte 0x{error.object[error.start]:02x} at offset "
+                                f"{error.start}); save the labels CSV as UTF-8 (a spreadsheet's "
+                                "\"CSV UTF-8\" export)") from None
+        except csv.Error as error:
+            raise PipelineError(f"{path}: line {reader.line_num} is not CSV ({error}); "
+                                "write it as comma-separated path,label[,group] rows") from None
     return labels
 
 
@@ -89,7 +100,12 @@ def ingest(cfg: DomainConfig, domain: Domain, paths: DomainPaths) -> dict[str, A
         raise PipelineError(f"corpus folder {cfg.corpus} not found; set domains.{domain_name}.corpus in params.yaml")
     public = public_namer(domain, cfg)
     labels_file = cfg.resolve(cfg.labels) if cfg.labels else None
-    labels = {public("key", key): value for key, value in read_labels(labels_file, corpus).items()}
+    private_labels = read_labels(labels_file, corpus)
+    if labels_file is not None and not private_labels:
+        raise PipelineError(f"{cfg.labels}: no row with both a path and a label; fill in the labels CSV, or set "
+                            f"domains.{domain_name}.labels: null to ingest without labels")
+    labels = {public("key", key): value for key, value in private_labels.items()}
+    written_as = {public("key", key): key for key in private_labels}  # for the messages, never written
     recorder = LineageRecorder(f"ingest@{domain_name}", paths.manifest, root=paths.root,
                                params={"module": cfg.module, "corpus": str(cfg.corpus),
                                        "labels": str(cfg.labels) if cfg.labels else None,
@@ -124,11 +140,17 @@ def ingest(cfg: DomainConfig, domain: Domain, paths: DomainPaths) -> dict[str, A
                 reader_groups[key] = record.group
             rows.append({"key": key, "source": source_key, "sha256": record.sha256,
                          "bytes": record.n_bytes, **record.meta})
-    summary = _attach_labels_and_splits(rows, labels, reader_groups, alias, quarantine, cfg, public)
+    summary, missing = _attach_labels_and_splits(rows, labels, reader_groups, alias, quarantine, cfg, public)
     summary.update(files=len(found.files) + found.hidden, sources=len(found.sources),
                    hidden_files_skipped=found.hidden, records=len(rows),
                    quarantined=len(quarantine), duplicates_dropped=len(duplicates),
                    pseudonymised=domain.pseudonymises(cfg))
+    corpus_keys = [path.relative_to(corpus).as_posix() for _, path in found.files]
+    problem = (_quarantine_problem(cfg, domain, paths, rows, quarantine)
+               or _missing_labels_problem(cfg, domain, missing, labels, written_as, corpus_keys)
+               or _class_problem(cfg, domain, rows, labels))
+    if problem:  # the manifest is still written, so the quarantine list can be read; preprocess refuses it
+        summary["stopped"] = problem
     with atomic_dir(paths.manifest) as out:
         write_jsonl(out / "manifest.jsonl", rows)
         write_jsonl(out / "quarantine.jsonl", quarantine)
@@ -136,17 +158,126 @@ def ingest(cfg: DomainConfig, domain: Domain, paths: DomainPaths) -> dict[str, A
         write_json(out / "summary.json", summary)
         recorder.raw_inputs = raw_inputs
         recorder.write(out)
+    if problem:
+        raise PipelineError(problem)
     log.info("ingest %s: %d records, %d quarantined, %d duplicates dropped, %d labeled",
              domain_name, len(rows), len(quarantine), len(duplicates), summary["labeled"])
     return summary
 
 
+def _quarantine_problem(cfg: DomainConfig, domain: Domain, paths: DomainPaths, rows: list[dict[str, Any]],
+                        quarantine: list[dict[str, str]]) -> str | None:
+    """Too large a quarantined share (or nothing usable): the corpus or the reader settings are wrong."""
+    where, limit = f"ingest@{cfg.name}", cfg.ingest.max_quarantined_fraction
+    total = len(rows) + len(quarantine)
+    if total == 0:
+        return (f"{where}: the corpus folder {cfg.corpus} holds no file to read ({domain.name} reads "
+                f"{', '.join(domain.suffixes)}); point domains.{cfg.name}.corpus at the data")
+    share = len(quarantine) / total
+    if rows and share <= limit:
+        return None
+    reasons = Counter(_reason_kind(q["reason"]) for q in quarantine).most_common(3)
+    common = "; ".join(f"{reason!r} x{count}" for reason, count in reasons)
+    listed = f"see {paths.manifest.relative_to(paths.root).as_posix()}/quarantine.jsonl"
+    if not rows:
+        return (f"{where}: every one of the {total} files or records was quarantined (most common: {common}); "
+                f"{listed}, and fix the corpus or the ingest settings")
+    return (f"{where}: {len(quarantine)} of {total} files or records quarantined ({share:.0%}, above "
+            f"ingest.max_quarantined_fraction {limit:.0%}; most common: {common}); {listed}, fix the corpus or "
+            f"the ingest settings, or raise domains.{cfg.name}.ingest.max_quarantined_fraction")
+
+
+def _reason_kind(reason: str) -> str:
+    """A reason without its particulars (`text too short (3 characters)` -> `text too short`), to count."""
+    return reason.split(" (", 1)[0].split(": ", 1)[0][:80]
+
+
+def _missing_labels_problem(cfg: DomainConfig, domain: Domain, missing: list[str],
+                            labels: dict[str, dict[str, Any]], written_as: dict[str, str],
+                            corpus_keys: list[str]) -> str | None:
+    """Labels that name no file: a wrong folder in the paths, or files left out of the corpus.
+    No tolerance: a label that reaches no file is a sample the user thinks is trained or scored."""
+    if not missing:
+        return None
+    private = domain.pseudonymises(cfg)
+    if private:  # file names may hold a patient's name: name the CSV lines instead
+        lines = sorted(labels[key]["line"] for key in missing)
+        examples = "lines " + ", ".join(str(line) for line in lines[:3]) + (", ..." if len(lines) > 3 else "")
+    else:
+        examples = ", ".join(repr(written_as[key]) for key in missing[:3]) + (", ..." if len(missing) > 3 else "")
+    hint = _path_hint([written_as[key] for key in missing], corpus_keys, private)
+    return (f"{cfg.labels}: {len(missing)} of {len(labels)} labels name no file in the corpus folder {cfg.corpus} "
+            f"({examples}){hint}; write each path relative to the corpus folder, or remove those rows")
+
+
+def _path_hint(missing: list[str], corpus_keys: list[str], private: bool) -> str:
+    """Why labels miss, when most of them match corpus files once a leading folder is dropped
+    (`corpus/doc0.txt` for `doc0.txt`) or added (`doc0.txt` for `contracts/doc0.txt`)."""
+    present = set(corpus_keys)
+    by_name: dict[str, list[str]] = {}
+    for key in corpus_keys:
+        by_name.setdefault(key.rsplit("/", 1)[-1], []).append(key)
+    dropped: Counter = Counter()
+    added: Counter = Counter()
+    for key in missing:
+        file_key = key.split("#", 1)[0]
+        parts = file_key.split("/")
+        for cut in range(1, len(parts)):
+            if "/".join(parts[cut:]) in present:
+                dropped["/".join(parts[:cut]) + "/"] += 1
+                break
+        else:
+            for candidate in by_name.get(parts[-1], []):
+                if candidate.endswith("/" + file_key):
+                    added[candidate[: -len(file_key)]] += 1
+                    break
+    for counts, how in ((dropped, "without"), (added, "under")):
+        if counts:
+            folder, count = counts.most_common(1)[0]
+            if count * 2 >= len(missing):
+                shown = "a leading folder" if private else f"`{folder}`"
+                what = "their paths look relative to a folder above the corpus" if how == "without" else \
+                    "their paths look relative to a folder inside the corpus"
+                return f"; {count} of them match a corpus file {how} {shown}: {what}"
+    return ""
+
+
+def _class_problem(cfg: DomainConfig, domain: Domain, rows: list[dict[str, Any]],
+                   labels: dict[str, dict[str, Any]]) -> str | None:
+    """Every class of the labels needs a labeled row in the train split, or no probe can learn it."""
+    classes = sorted({value["label"] for value in labels.values()})
+    if not classes:
+        return None
+    resplits = getattr(domain, "splits_labeled_rows_at_preprocess", None)
+    if resplits is not None and resplits(cfg):
+        return None  # tiles take their spatial block's split in preprocess, which checks then
+    splits_of: dict[str, Counter] = {c: Counter() for c in classes}
+    for row in rows:
+        if row["label"] is not None:
+            splits_of[row["label"]][row["split"]] += 1
+    lacking = [c for c in classes if not splits_of[c]["train"]]
+    if not lacking:
+        return None
+    described = []
+    for name in lacking[:3]:
+        found = splits_of[name]
+        where = (", ".join(f"{n} in {s}" for s, n in sorted(found.items())) if found
+                 else "none readable: its files are quarantined, or copies of files labeled otherwise")
+        described.append(f"{name!r} ({where})")
+    more = f" and {len(lacking) - 3} more" if len(lacking) > 3 else ""
+    return (f"{cfg.labels}: {len(lacking)} class(es) have no labeled example in the train split: "
+            f"{', '.join(described)}{more}; label more examples of each (from more groups, since a group's rows "
+            f"share a split), or drop the class from the labels")
+
+
 def _attach_labels_and_splits(rows: list[dict[str, Any]], labels: dict[str, dict[str, str | None]],
                               reader_groups: dict[str, str], alias: dict[str, str],
-                              quarantine: list[dict[str, str]], cfg: DomainConfig, public: Namer) -> dict[str, Any]:
+                              quarantine: list[dict[str, str]], cfg: DomainConfig,
+                              public: Namer) -> tuple[dict[str, Any], list[str]]:
     """Label each row, give it its group (the labels CSV's, else the reader's) and its split.
     The split hashes the private group with the public split salt, so it does not depend on the
-    pseudonym salt: the same data splits the same way on every machine."""
+    pseudonym salt: the same data splits the same way on every machine. Also returns the (public)
+    keys of the labels that name no file."""
     groups = dict(reader_groups)
     by_key = {row["key"]: row for row in rows}
     quarantined = {q["key"] for q in quarantine}
@@ -175,4 +306,4 @@ def _attach_labels_and_splits(rows: list[dict[str, Any]], labels: dict[str, dict
             "labeled_by_split": {s: sum(r["split"] == s for r in labeled) for s in ("train", "val", "test")},
             "records_by_split": {s: sum(r["split"] == s for r in rows) for s in ("train", "val", "test")},
             "labels_without_file": len(missing), "labels_without_file_examples": missing[:10],
-            "labels_on_quarantined_files": on_quarantined, "labels_conflicting_on_duplicates": conflicting}
+            "labels_on_quarantined_files": on_quarantined, "labels_conflicting_on_duplicates": conflicting}, missing

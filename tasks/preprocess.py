@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 from ssl_models.core.config import DomainConfig, section_params
 from ssl_models.core.domain import Domain, Source
 from ssl_models.core.errors import PipelineError
-from tasks.io import atomic_dir, read_jsonl, write_json
+from tasks.io import atomic_dir, read_json, read_jsonl, write_json, write_jsonl
 from tasks.lineage import LineageRecorder
 from tasks.paths import DomainPaths
 from tasks.sources import discover, public_namer
@@ -24,7 +25,7 @@ log = logging.getLogger("preprocess")
 
 def preprocess(cfg: DomainConfig, domain: Domain, paths: DomainPaths) -> dict[str, Any]:
     domain_name = cfg.name
-    manifest = read_jsonl(paths.manifest / "manifest.jsonl")
+    manifest = _read_manifest(paths, domain_name)
     recorder = LineageRecorder(f"preprocess@{domain_name}", paths.shards, root=paths.root,
                                params={"corpus": str(cfg.corpus), "privacy": asdict(cfg.privacy),
                                        "preprocess": section_params(cfg.preprocess),
@@ -42,9 +43,66 @@ def preprocess(cfg: DomainConfig, domain: Domain, paths: DomainPaths) -> dict[st
 
     with atomic_dir(paths.shards) as out:
         summary = domain.preprocess(cfg, manifest, out, locate)
+        # what failed here (a slide that does not tile, a file changed since ingest), with its reason;
+        # the report lists it beside the manifest's quarantine.jsonl
+        quarantine = summary.pop("quarantine", [])
+        summary["quarantined"] = len(quarantine)
         summary.setdefault("labeled_test", len(test_labeled))  # a tiling domain counts its test tiles
         summary["labeled_test_exact_copies_in_pretraining"] = sum(r["sha256"] in pretrained_on for r in test_labeled)
+        problem = _preprocess_problem(cfg, manifest, quarantine, out)
+        if problem:
+            summary["stopped"] = problem
+        write_jsonl(out / "quarantine.jsonl", quarantine)
         write_json(out / "summary.json", summary)
         recorder.write(out)
     log.info("preprocess %s: %s", domain_name, summary)
+    if problem:
+        raise PipelineError(problem)
     return summary
+
+
+def _read_manifest(paths: DomainPaths, domain_name: str) -> list[dict[str, Any]]:
+    """The manifest, if ingest finished and passed its checks; else one line saying what to run."""
+    folder = paths.manifest
+    shown = folder.relative_to(paths.root).as_posix() if folder.is_relative_to(paths.root) else str(folder)
+    if not (folder / "manifest.jsonl").is_file() or not (folder / "summary.json").is_file():
+        raise PipelineError(f"no manifest in {shown}: run ingest@{domain_name} first "
+                            f"(`ssl-pipeline ingest {domain_name}` or `dvc repro`)")
+    stopped = read_json(folder / "summary.json").get("stopped")
+    if stopped:
+        raise PipelineError(f"ingest@{domain_name} stopped on a problem to fix first: {stopped}")
+    return read_jsonl(folder / "manifest.jsonl")
+
+
+def _preprocess_problem(cfg: DomainConfig, manifest: list[dict[str, Any]], quarantine: list[dict[str, str]],
+                        out: Path) -> str | None:
+    """Stop when preprocess quarantined too much (every source, or more than the ingest share), or
+    when a class of the labeled rows has none in the train split (a domain that splits labeled
+    rows here, by spatial block, can only be checked here)."""
+    where, limit = f"preprocess@{cfg.name}", cfg.ingest.max_quarantined_fraction
+    if manifest and len(quarantine) / len(manifest) > limit:
+        return (f"{where}: {len(quarantine)} of {len(manifest)} sources quarantined in preprocess (above "
+                f"ingest.max_quarantined_fraction {limit:.0%}; first: {quarantine[0]['reason']!r}); see the shards' "
+                "quarantine.jsonl")
+    labeled = _labeled_columns(out / "labeled")
+    if labeled is None:
+        return None
+    with_train = {label for label, split in labeled if split == "train"}
+    lacking = sorted({label for label, _ in labeled} - with_train)
+    if lacking:
+        return (f"{where}: {len(lacking)} class(es) have no labeled row in the train split after preprocess: "
+                f"{', '.join(repr(c) for c in lacking[:3])}; label more examples of them (more slides, groups or "
+                "spatial blocks), or drop them from the labels")
+    return None
+
+
+def _labeled_columns(folder: Path) -> list[tuple[str, str]] | None:
+    """(label, split) of each row of the `labeled` shard, or None when the domain wrote none."""
+    if not any(folder.glob("*.arrow")):
+        return None
+    from datasets import load_from_disk
+
+    dataset = load_from_disk(str(folder))
+    if not {"label", "split"} <= set(dataset.column_names):
+        return None
+    return list(zip(dataset["label"], dataset["split"]))

@@ -20,6 +20,10 @@ from ssl_models.core.privacy import without_names
 TILE_SUFFIXES = (".png", ".jpg", ".jpeg")
 SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".scn", ".bif", ".svslide")
 HISTO_SUFFIXES = TILE_SUFFIXES + SLIDE_SUFFIXES
+# Pillow and tifffile decode a whole level at once: a 100,000-pixel-wide plain TIFF (no pyramid) took
+# 30 GB at ingest. 2^28 pixels (768 MiB of RGB) is Pillow's own decompression-bomb scale; OpenSlide
+# reads pyramidal slides by region and is not limited.
+MAX_DECODED_PIXELS = 2 ** 28
 
 
 def to_rgb(pixels: np.ndarray) -> np.ndarray:
@@ -156,6 +160,13 @@ def _open_with_tifffile(path: Path) -> SlideImage:
     for level in levels:
         axes, shape = level.axes, level.shape
         dimensions.append((int(shape[axes.index("X")]), int(shape[axes.index("Y")])))
+    smallest = min(width * height for width, height in dimensions)
+    if smallest > MAX_DECODED_PIXELS:  # the thumbnail alone would decode a whole level into memory
+        tif.close()
+        width, height = dimensions[0]
+        raise UnreadableFileError(f"image too large to decode whole ({width}x{height} pixels without a smaller "
+                                  f"pyramid level; the limit is {MAX_DECODED_PIXELS} pixels): convert it to a "
+                                  "tiled pyramidal TIFF (e.g. `vips tiffsave --tile --pyramid`)")
     return InMemoryLevels([level.asarray for level in levels], dimensions, "tifffile")
 
 

@@ -18,6 +18,8 @@ from datasets import Dataset
 from tqdm import tqdm
 
 from ssl_models.core.domain import Source
+from ssl_models.core.errors import UnreadableFileError
+from ssl_models.core.privacy import without_names
 from ssl_models.histopathology.config import HistoPreprocessConfig
 from ssl_models.histopathology.readers import open_slide
 from ssl_models.histopathology.tiling import evenly_spaced, tile_slide
@@ -31,14 +33,22 @@ def write_tile_shards(manifest: list[dict[str, Any]], locate: Callable[[dict[str
     pretrain: dict[str, dict[str, list]] = {s: {"pixels": [], "source": [], "x": [], "y": []} for s in ("train", "val")}
     labeled: list[dict[str, Any]] = []
     counts: Counter = Counter()
-    failed, normalised = 0, 0
+    quarantine: list[dict[str, str]] = []  # slides that fail tiling, with the reason (the report lists them)
+    normalised = 0
     for row in tqdm(manifest, desc="tile slides", unit="slide", disable=None):
+        paths = locate(row).paths
         try:
-            with open_slide(locate(row).paths[0]) as slide:
+            with open_slide(paths[0]) as slide:
                 result = tile_slide(slide, options)
+        except UnreadableFileError as error:  # changed since ingest, or a level that no longer decodes
+            reason = f"tiling failed: {error.reason}"
         except Exception as error:  # pixels that decoded at ingest but fail deeper in the pyramid
-            failed += 1
-            log.warning("preprocess: a slide could not be tiled (%s); skipped", type(error).__name__)
+            reason = f"tiling failed: {type(error).__name__}: {without_names(str(error), paths)[:200]}"
+        else:
+            reason = None
+        if reason is not None:
+            quarantine.append({"key": row["key"], "reason": reason})
+            log.warning("preprocess: a slide could not be tiled (%s); quarantined", reason)
             continue
         counts.update(result.counts)
         normalised += result.stain_normalised
@@ -71,7 +81,8 @@ def write_tile_shards(manifest: list[dict[str, Any]], locate: Callable[[dict[str
     columns = ("sample_id", "pixels", "label", "split", "group", "source", "x", "y")
     Dataset.from_dict({c: [r[c] for r in labeled] for c in columns}).save_to_disk(str(out_dir / "labeled"))
     return {"tile_size": options.stored_size, "level": options.level, "labeled_unit": options.labeled_unit,
-            "sources_tiled": len(manifest) - failed, "sources_failed": failed,
+            "sources_tiled": len(manifest) - len(quarantine), "sources_failed": len(quarantine),
+            "quarantine": quarantine,
             "sources_stain_normalised": normalised, "tile_positions": dict(sorted(counts.items())),
             "pretrain_train_tiles": len(pretrain["train"]["pixels"]),
             "pretrain_val_tiles": len(pretrain["val"]["pixels"]),

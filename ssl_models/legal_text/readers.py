@@ -15,15 +15,36 @@ from ssl_models.core.domain import Record, Rejected
 from ssl_models.core.errors import UnreadableFileError
 
 TEXT_SUFFIXES = (".txt", ".md", ".html", ".htm", ".jsonl")
+# A text file is read into memory whole (a .jsonl of many documents too): a larger one, a disk
+# image or a database dump under a text name, would take the machine's memory. 256 MiB is some
+# 100,000 pages of plain text; split bigger collections into several files.
+MAX_TEXT_BYTES = 256 * 2 ** 20
+
+
+def _utf16_without_bom(raw: bytes) -> str | None:
+    """UTF-16 written without a BOM (some Windows exports): NUL in every other byte of ASCII text."""
+    head = raw[:8192]
+    if len(head) < 4 or len(head) % 2:
+        return None
+    for encoding, nul_at in (("utf-16-le", 1), ("utf-16-be", 0)):
+        if head[nul_at::2].count(0) > 0.9 * (len(head) // 2) and head[1 - nul_at::2].count(0) == 0:
+            try:
+                return encoding if raw.decode(encoding) else None
+            except UnicodeDecodeError:
+                return None
+    return None
 
 
 def decode_text(raw: bytes, fallback_encoding: str) -> tuple[str, str]:
-    """Decode bytes as UTF-8 (BOM-aware) or UTF-16 with BOM, else the detected charset,
-    else `fallback_encoding`. Returns (text, encoding used)."""
+    """Decode bytes as UTF-8 (BOM-aware) or UTF-16 (with a BOM, or detected without one), else the
+    detected charset, else `fallback_encoding`. Returns (text, encoding used)."""
     if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
         return raw.decode("utf-16"), "utf-16"
-    if b"\x00" in raw[:8192]:
-        raise UnreadableFileError("binary content (NUL bytes), not text")
+    if b"\x00" in raw:  # anywhere: a NUL in the middle of a text reached the tokenizer before
+        encoding = _utf16_without_bom(raw)
+        if encoding is None:
+            raise UnreadableFileError("binary content (NUL bytes), not text")
+        return raw.decode(encoding), encoding
     try:
         return raw.decode("utf-8-sig"), "utf-8"
     except UnicodeDecodeError:
@@ -79,6 +100,10 @@ def read_text_file(path: Path, key: str, text_field: str, fallback_encoding: str
                    min_characters: int) -> Iterator[Record | Rejected]:
     """Yield one record per document: the file itself, or one per line of a .jsonl file."""
     try:
+        size = path.stat().st_size
+        if size > MAX_TEXT_BYTES:
+            raise UnreadableFileError(f"file too large for a text document ({size:,} bytes, the limit is "
+                                      f"{MAX_TEXT_BYTES // 2 ** 20} MiB); split it into several files")
         raw = path.read_bytes()
     except OSError as error:
         raise UnreadableFileError(f"cannot read file ({error.strerror})") from None
@@ -113,6 +138,9 @@ def _read_jsonl(text: str, key: str, text_field: str, encoding: str,
             continue
         if len(value.strip()) < min_characters:
             yield Rejected(record_key, f"text too short ({len(value.strip())} characters)")
+            continue
+        if "\x00" in value:  # a JSON `\u0000` escape: binary data stored as a string
+            yield Rejected(record_key, "binary content (NUL characters), not text")
             continue
         data = value.encode("utf-8")
         yield _record(record_key, value, hashlib.sha256(data).hexdigest(), len(data), "jsonl", encoding)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ssl_models.core.domain import Source
+from ssl_models.core.domain import Rejected, Source
 from ssl_models.core.errors import UnreadableFileError
 
 DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
@@ -53,26 +53,54 @@ def quiet_pydicom() -> Iterator[None]:
 
 
 def read_header(path: Path):
+    """The header, with large values (the pixel data) left unread but present, so that
+    `"PixelData" in header` says whether the file holds pixels."""
     import pydicom
 
     with quiet_pydicom():
-        return pydicom.dcmread(path, stop_before_pixels=True, force=True)
+        return pydicom.dcmread(path, defer_size="4 KB", force=True)
 
 
-def group_series(files: list[Path], corpus: Path) -> list[Source]:
+# Tags every DICOM image carries (or its file meta): pydicom's `force=True` turns any bytes into a
+# "dataset" of one or two nonsense elements, which must read as "not a DICOM file", not as a
+# DICOM that lacks pixel data.
+_IMAGE_TAGS = ("SOPClassUID", "SOPInstanceUID", "Modality", "StudyInstanceUID", "SeriesInstanceUID",
+               "Rows", "Columns", "ImagePositionPatient", "PixelData")
+
+
+def is_dicom(dataset) -> bool:
+    """Whether a dataset read with `force=True` is a DICOM object at all."""
+    meta = getattr(dataset, "file_meta", None)
+    if meta is not None and "TransferSyntaxUID" in meta:
+        return True
+    return any(tag in dataset for tag in _IMAGE_TAGS)
+
+
+def group_series(files: list[Path], corpus: Path) -> list[Source | Rejected]:
     """One source per SeriesInstanceUID. A source is named by its folder when that folder holds
-    one series of several files, by the file for a single file, else `folder#series-<n>`."""
+    one series of several files, by the file for a single file, else `folder#series-<n>`.
+    A file without pixel data beside slices of its series (a header-only copy, a structured
+    report sharing the UID) is rejected on its own, so the series is still read."""
     by_series: dict[str, list[Path]] = defaultdict(list)
+    has_pixels: dict[Path, bool] = {}
     for path in files:
         try:
-            uid = str(read_header(path).get("SeriesInstanceUID", "")) or f"file:{path}"
+            header = read_header(path)
+            uid = (str(header.get("SeriesInstanceUID", "")) if is_dicom(header) else "") or f"file:{path}"
+            has_pixels[path] = "PixelData" in header
         except Exception:  # unreadable here: read() quarantines it with the reason
             uid = f"file:{path}"
         by_series[uid].append(path)
+    found: list[Source | Rejected] = []
     per_folder: dict[Path, list[list[Path]]] = defaultdict(list)
     for paths in by_series.values():
+        with_pixels = [p for p in paths if has_pixels.get(p, True)]
+        if with_pixels and len(with_pixels) < len(paths):
+            found.extend(Rejected(p.relative_to(corpus).as_posix(),
+                                  "DICOM without pixel data (the rest of its series is kept)")
+                         for p in sorted(set(paths) - set(with_pixels)))
+            paths = with_pixels
         per_folder[paths[0].parent].append(sorted(paths))
-    sources = []
     for folder, series in sorted(per_folder.items()):
         for index, paths in enumerate(sorted(series)):
             if len(paths) == 1:
@@ -81,8 +109,8 @@ def group_series(files: list[Path], corpus: Path) -> list[Source]:
                 key = folder.relative_to(corpus).as_posix()
             else:
                 key = f"{folder.relative_to(corpus).as_posix()}#series-{index + 1}"
-            sources.append(Source(key, paths))
-    return sources
+            found.append(Source(key, paths))
+    return found
 
 
 @dataclass
@@ -145,11 +173,21 @@ def read_series(paths: list[Path], gap_tolerance: float) -> Volume:
     """Assemble one series (or read one multi-frame / single file) into a RAS volume."""
     import pydicom
 
+    for path in paths:
+        try:
+            empty = path.stat().st_size == 0
+        except OSError as error:
+            raise UnreadableFileError(f"cannot read file ({error.strerror})") from None
+        if empty:
+            raise UnreadableFileError("empty file (0 bytes)")
     with quiet_pydicom():
         try:
             datasets = [pydicom.dcmread(path, force=True) for path in paths]
         except Exception as error:
             raise UnreadableFileError(f"not a readable DICOM file ({type(error).__name__})") from None
+        if not all(is_dicom(d) for d in datasets):
+            raise UnreadableFileError("not a DICOM file (no DICOM header: garbage or another format "
+                                      "under a DICOM name)")
         first = datasets[0]
         modality = str(first.get("Modality", "")).lower() or "unknown"
         if len(datasets) == 1:
@@ -191,6 +229,8 @@ def _read_single(dataset, modality: str) -> Volume:
 
 
 def _assemble(datasets: list, modality: str, gap_tolerance: float) -> Volume:
+    if not all("PixelData" in d for d in datasets):
+        raise UnreadableFileError("DICOM series without pixel data in its files")
     try:
         normal = _slice_normal(datasets[0])
         positions = np.array([np.dot(normal, np.array(d.ImagePositionPatient, dtype=float)) for d in datasets])

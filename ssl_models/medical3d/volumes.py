@@ -4,26 +4,53 @@ kept, plus the checks every volume passes whatever its format (3D, finite voxels
 from __future__ import annotations
 
 import hashlib
+import re
 from pathlib import Path
 
 import numpy as np
 
 from ssl_models.core.errors import UnreadableFileError
+from ssl_models.core.privacy import without_names
 from ssl_models.medical3d.dicom import Volume
 
 NIFTI_SUFFIXES = (".nii", ".gz")  # .nii.gz ends in .gz
 NRRD_SUFFIXES = (".nrrd", ".nhdr")
+# A header is trusted only this far: one declaring 2048^3 voxels made the reader allocate 32 GiB
+# (MemoryError, or the OOM killer where memory is overcommitted). 2^30 float32 voxels are 4 GiB,
+# larger than any CT or MR volume of a clinical scanner (a 512 x 512 x 2000 CT is 2^29).
+MAX_VOXELS = 2 ** 30
+_QUOTED_PATH = re.compile(r"""(['"])[^'"]*[\\/.][^'"]*\1""")  # a quoted name, spaces and all
+_PATH_LIKE = re.compile(r"""(?:[A-Za-z]:)?[\\/][^\s'"]+|[^\s'"/]+\.(?:nii|gz|hdr|img|nrrd|nhdr)\b""")
+
+
+def _empty_check(path: Path) -> None:
+    try:
+        size = path.stat().st_size
+    except OSError as error:
+        raise UnreadableFileError(f"cannot read file ({error.strerror})") from None
+    if size == 0:
+        raise UnreadableFileError("empty file (0 bytes)")
 
 
 def read_nifti(path: Path) -> Volume:
     import nibabel as nib
 
+    _empty_check(path)
     try:
-        image = nib.as_closest_canonical(nib.load(path))
-        array = np.asarray(image.dataobj, dtype=np.float32)
+        image = nib.load(path)
+        shape = tuple(int(n) for n in image.shape)
     except Exception as error:  # nibabel raises many types for a file cut short or corrupt
+        raise UnreadableFileError(f"truncated or corrupt NIfTI header ({type(error).__name__}: "
+                                  f"{_message(error, path)})") from None
+    if int(np.prod(shape[:3], dtype=np.int64)) > MAX_VOXELS:
+        raise UnreadableFileError(f"volume too large: the header declares {'x'.join(map(str, shape))} voxels "
+                                  f"(more than {MAX_VOXELS} in its first 3D volume)")
+    try:
+        image = nib.as_closest_canonical(image)
+        array = np.asarray(image.dataobj, dtype=np.float32)
+    except Exception as error:
         raise UnreadableFileError(f"truncated or corrupt NIfTI ({type(error).__name__}: "
-                                  f"{_first_line(error)})") from None
+                                  f"{_message(error, path)})") from None
     zooms = image.header.get_zooms()[:3]
     return Volume(_first_volume(array), tuple(float(z) for z in zooms), "", None)
 
@@ -32,6 +59,7 @@ def read_nrrd(path: Path) -> Volume:
     import nibabel as nib
     from monai.transforms import LoadImage
 
+    _empty_check(path)
     try:
         image = LoadImage(reader="NrrdReader", image_only=True)(str(path))
     except Exception as error:
@@ -42,8 +70,12 @@ def read_nrrd(path: Path) -> Volume:
     return Volume(np.asarray(canonical.dataobj, dtype=np.float32), tuple(float(z) for z in zooms), "", None)
 
 
-def _first_line(error: Exception) -> str:
-    return (str(error).splitlines() or [""])[0][:120]
+def _message(error: Exception, path: Path) -> str:
+    """The first line of a reader's message with no path or file name left in it: nibabel quotes
+    the absolute path (`Empty file: '/data/DOE_JOHN/t1.nii.gz'`), and file names of medical data
+    carry patients' names. The file's own names go first, then anything that still looks like a path."""
+    line = without_names((str(error).splitlines() or [""])[0], [path])
+    return _PATH_LIKE.sub("<file>", _QUOTED_PATH.sub("'<file>'", line))[:120]
 
 
 def _first_volume(array: np.ndarray) -> np.ndarray:

@@ -91,7 +91,8 @@ def test_ingest_quarantines_each_bad_file_with_its_reason_and_keeps_the_good_one
     expected = write_bad_files(audio_project / "corpus")
     soundfile.write(audio_project / "corpus" / "good.wav", 0.3 * np.sin(np.arange(8000) / 3.0), 16000)
     (audio_project / "corpus" / "notes.txt").write_text("not audio")
-    write_params(audio_project, audio_params(corpus="corpus", labels=None))
+    # every file but one is bad on purpose: above the default share that stops a run at ingest
+    write_params(audio_project, audio_params(corpus="corpus", labels=None, ingest={"max_quarantined_fraction": 1.0}))
     [summary] = run_stages(audio_project, "audio", "ingest")
     reasons = {q["key"]: q["reason"] for q in read_jsonl(audio_project / "data/audio/manifest/quarantine.jsonl")}
     assert summary["records"] == 1
@@ -145,7 +146,7 @@ def test_whole_audio_path_on_a_mixed_format_folder(audio_project: Path, method: 
     assert shards["input"] == input_kind and shards["labeled_test_exact_copies_in_pretraining"] == 0
     assert (audio_project / "models/audio/pretrain/encoder/audio_input.json").exists()
     metrics = read_json(audio_project / "reports/audio/metrics.json")
-    assert {r["init"] for r in metrics["results"]} == {"ssl", "scratch"}
+    assert {r["init"] for r in metrics["results"]} == {"ssl", "scratch", "baseline"}
     assert (audio_project / "reports/audio/report/report.html").read_text().startswith("<!doctype html>")
 
 

@@ -87,3 +87,18 @@ def test_real_svs_slides_open_and_the_broken_one_is_refused() -> None:
     assert read(SHARED / "tiff-images" / "kidney-48-5.tif").meta["backend"] == "tifffile"  # plain, not pyramidal
     with pytest.raises(UnreadableFileError, match="cannot open slide"):
         read(SHARED / "svs-images" / "broken.svs")
+
+
+def test_a_plain_tiff_too_large_to_decode_whole_is_refused_without_decoding(tmp_path: Path) -> None:
+    """A plain (non-pyramidal) TIFF opens through tifffile, which decodes a whole level at once: a
+    17,000-pixel square one would take 867 MB before the thumbnail, a scanner's full slide 30 GB."""
+    import tifffile
+
+    from ssl_models.histopathology.readers import MAX_DECODED_PIXELS
+
+    path = tmp_path / "case-12 plain.tif"
+    tifffile.imwrite(path, shape=(17000, 17000, 3), dtype="uint8", photometric="rgb")  # sparse: no data written
+    assert 17000 * 17000 > MAX_DECODED_PIXELS
+    with pytest.raises(UnreadableFileError, match=r"image too large to decode whole \(17000x17000 pixels") as caught:
+        open_slide(path)
+    assert "case-12" not in caught.value.reason

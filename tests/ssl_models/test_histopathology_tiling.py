@@ -143,3 +143,55 @@ def test_slide_level_rows_hold_a_bag_that_the_encoder_mean_pools(tmp_path: Path)
         tiles = encoder(encoder.collate([{"pixels": [p]} for p in samples[0]["pixels"]]))
     assert slides.shape == (2, encoder.dim)
     assert torch.allclose(slides[0], tiles.mean(0), atol=1e-5)
+
+
+def test_a_slide_that_fails_tiling_is_quarantined_with_its_reason(tmp_path: Path) -> None:
+    """A slide whose pixels decode at ingest but fail in preprocess used to be skipped with a warning."""
+    rows = write_slides(tmp_path)
+    (tmp_path / rows[1]["key"]).write_bytes((tmp_path / rows[1]["key"]).read_bytes()[:300])  # cut since ingest
+    (tmp_path / rows[2]["key"]).unlink()
+    summary, labeled, pretrain = shards(tmp_path, rows)
+    quarantine = {q["key"]: q["reason"] for q in summary["quarantine"]}
+    assert quarantine.keys() == {rows[1]["key"], rows[2]["key"]}
+    assert quarantine[rows[1]["key"]].startswith("tiling failed: cannot decode image")
+    assert "No such file" in quarantine[rows[2]["key"]]
+    assert not any("slide-" in reason or str(tmp_path) in reason for reason in quarantine.values())
+    assert summary["sources_failed"] == 2 and summary["sources_tiled"] == 4
+    assert {rows[1]["key"], rows[2]["key"]}.isdisjoint(set(labeled["source"]) | set(pretrain["train"]["source"]))
+
+
+def test_slides_are_pseudonymised_by_default() -> None:
+    """Slide file names carry accession and case numbers."""
+    from types import SimpleNamespace
+
+    from ssl_models.core.privacy import PrivacyConfig
+    from ssl_models.histopathology import Histopathology
+
+    assert Histopathology().pseudonymises(SimpleNamespace(privacy=PrivacyConfig()))
+    assert not Histopathology().pseudonymises(SimpleNamespace(privacy=PrivacyConfig(pseudonymise=False)))
+
+
+def test_a_class_whose_tiles_all_fall_in_test_blocks_stops_preprocess(tmp_path: Path) -> None:
+    """With spatial blocks a tile takes its block's split in preprocess, so ingest cannot check
+    that every class reaches the train split: preprocess does, and stops naming the class."""
+    import pytest
+
+    from ssl_models.core.errors import PipelineError
+    from ssl_models.core.hashing import sha256_file
+    from tasks.cli import run_stage
+    from tests.conftest import write_params
+    from tests.ssl_models.histo_files import histo_params
+
+    corpus = tmp_path / "corpus"
+    save_png(corpus / "big.png", ihc(0, 0, 256))
+    for offset in range(0, 400, 8):  # a one-block slide whose block hashes into the test split
+        small = save_png(corpus / "small.png", ihc(300, offset, 64))
+        if assign_split(f"{sha256_file(small)}:block-0-0", 0.1, 0.3, "split-v1") == "test":
+            break
+    (tmp_path / "labels.csv").write_text("path,label\nbig.png,a\nsmall.png,b\n")
+    write_params(tmp_path, histo_params(corpus="corpus", labels="labels.csv", privacy={"pseudonymise": False},
+                                        preprocess={"spatial_block": 64, "tile_size": 32}))
+    assert run_stage("ingest", "histo", tmp_path)["labeled"] == 2  # the slides' own splits do not count
+    with pytest.raises(PipelineError, match=r"1 class\(es\) have no labeled row in the train split after "
+                                            r"preprocess: 'b'"):
+        run_stage("preprocess", "histo", tmp_path)

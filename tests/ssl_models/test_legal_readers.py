@@ -59,3 +59,37 @@ def test_unusable_files_raise_with_a_reason(tmp_path: Path, content: bytes, reas
     path.write_bytes(content)
     with pytest.raises(UnreadableFileError, match=reason):
         read(path)
+
+
+def test_a_nul_byte_anywhere_is_binary_but_utf16_without_a_bom_is_text(tmp_path: Path) -> None:
+    """A NUL after the first 8 KiB used to pass into the tokenizer; UTF-16 without a BOM (a Windows
+    export) used to be refused as binary."""
+    late_nul = tmp_path / "late.txt"
+    late_nul.write_bytes(b"The recital of the facts. " * 400 + b"\x00" + b"The end.")
+    with pytest.raises(UnreadableFileError, match="binary content"):
+        read(late_nul)
+    for encoding in ("utf-16-le", "utf-16-be"):
+        path = tmp_path / f"{encoding}.txt"
+        path.write_bytes("The lessee waives any right of set-off.".encode(encoding))
+        (record,) = read(path)
+        assert record.content == "The lessee waives any right of set-off." and record.meta["encoding"] == encoding
+    records = tmp_path / "nul.jsonl"
+    records.write_text(json.dumps({"text": "a\u0000b"}) + "\n")
+    (rejected,) = read(records)
+    assert isinstance(rejected, Rejected) and "NUL" in rejected.reason
+
+
+def test_a_file_too_large_to_hold_in_memory_is_refused_before_reading(tmp_path: Path) -> None:
+    import tracemalloc
+
+    from ssl_models.legal_text.readers import MAX_TEXT_BYTES
+
+    huge = tmp_path / "dump.txt"
+    with open(huge, "wb") as handle:  # sparse: no disk used
+        handle.truncate(MAX_TEXT_BYTES + 1)
+    tracemalloc.start()
+    with pytest.raises(UnreadableFileError, match=r"too large for a text document \(268,435,457 bytes, the limit is 256 MiB"):
+        read(huge)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 2 ** 20

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pytest
 
@@ -52,6 +53,7 @@ def test_two_series_in_one_folder_are_two_volumes(medical_project: Path) -> None
 
 
 def test_bad_volumes_are_quarantined_with_their_reason(medical_project: Path) -> None:
+    write_params(medical_project, medical_params(ingest={"max_quarantined_fraction": 1.0}))  # 5 bad of 7
     corpus = medical_project / "corpus"
     write_series(corpus / "good", "A^B", "P1")
     write_series(corpus / "gappy", "A^B", "P1", n_slices=12, drop=6)
@@ -114,3 +116,53 @@ def test_nrrd_and_multiframe_dicom_are_volumes(medical_project: Path) -> None:
     # LPS on disk, RAS in memory: the first two axes are flipped, the third is not
     assert np.array_equal(records["scan.nrrd"].array, volume[::-1, ::-1, :])
     assert sorted(records["dose.dcm"].array.shape) == [10, 10, 15]
+
+
+def test_a_pixel_less_copy_in_a_series_is_rejected_alone_and_the_series_kept(medical_project: Path) -> None:
+    """A header-only copy of a slice shares the series UID and the position of its slice: it used to
+    quarantine the whole series as `two slices at the same position`."""
+    import pydicom
+
+    write_params(medical_project, medical_params(ingest={"max_quarantined_fraction": 1.0}))
+    corpus = medical_project / "corpus"
+    slices = write_series(corpus / "case", "Doe^Jane", "P1", n_slices=9)
+    copy = pydicom.dcmread(slices[4])
+    del copy.PixelData
+    copy.save_as(corpus / "case" / "copy_of_slice.dcm", enforce_file_format=True)
+    (corpus / "random.dcm").write_bytes(np.random.default_rng(0).bytes(3000))
+    (corpus / "empty.dcm").write_bytes(b"")
+    (summary,) = run_stages(medical_project, "medical", "ingest")
+    public = pseudonymiser(medical_project / "secret" / "salt")
+    reasons = {q["key"]: q["reason"] for q in read_jsonl(medical_project / "data/medical/manifest/quarantine.jsonl")}
+    assert reasons.keys() == {public("key", k) for k in ("case/copy_of_slice.dcm", "random.dcm", "empty.dcm")}
+    assert reasons[public("key", "case/copy_of_slice.dcm")].startswith("DICOM without pixel data")
+    assert reasons[public("key", "random.dcm")].startswith("not a DICOM file")
+    assert reasons[public("key", "empty.dcm")].startswith("empty file")
+    (row,) = read_jsonl(medical_project / "data/medical/manifest/manifest.jsonl")
+    assert row["key"] == public("key", "case") and row["shape"] == [16, 16, 9]
+    assert summary["records"] == 1
+
+
+def test_a_corrupt_nifti_reason_carries_no_path(medical_project: Path) -> None:
+    """nibabel quotes the absolute path in its messages (`Empty file: '/data/.../x.nii.gz'`)."""
+    from ssl_models.core.errors import UnreadableFileError
+    from ssl_models.medical3d.volumes import read_nifti
+
+    folder = medical_project / "DOE_JOHN 1970"
+    folder.mkdir()
+    garbage, header_only, huge = folder / "DOE_JOHN.nii", folder / "DOE_JOHN_2.nii.gz", folder / "DOE_big.nii"
+    garbage.write_bytes(b"this is no volume" * 30)
+    write_nifti(header_only, blob_volume(np.random.default_rng(0), 16, False))
+    header_only.write_bytes(header_only.read_bytes()[:200])
+    image = nib.Nifti1Image(np.zeros((2, 2, 2), np.float32), np.eye(4))
+    image.header.set_data_shape((2048, 2048, 2048))  # 32 GiB of float32 declared by a 400-byte file
+    huge.write_bytes(image.header.binaryblock + b"\0" * 400)
+    reasons = []
+    for path in (garbage, header_only, huge):
+        with pytest.raises(UnreadableFileError) as caught:
+            read_nifti(path)
+        reasons.append(caught.value.reason)
+    assert reasons[0].startswith("truncated or corrupt NIfTI") and reasons[1].startswith("truncated or corrupt NIfTI")
+    assert reasons[2].startswith("volume too large: the header declares 2048x2048x2048")
+    for reason in reasons:
+        assert "DOE" in str(folder) and "DOE" not in reason and "/" not in reason, reason
