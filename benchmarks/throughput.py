@@ -6,11 +6,14 @@ in the plain loop of lightly's SimCLR example.
 
     python benchmarks/throughput.py [--domain legal --domain histo] [--steps 60] [--preset default|large|both]
                                     [--skip-baselines] [--workdir /tmp/throughput]
+                                    [--steps-per-item auto|N] [--num-workers auto|N] [--cpu-threads N]
 
 What runs is what the pretrain stage runs: `load_config`, the domain's `build_pretrain_method`, its
 pretraining rows and data side, `tasks.pretrain_data.StepBatches` and `step_loader` with the configured
-`num_workers` (`auto` through `resolve_workers`), `wrap_for_world`, AdamW, the schedule, autocast and
-gradient clipping of the loop, and the loss read back every `log_every` steps. Shards come from the
+`num_workers` (`auto` through `resolve_workers`) and `steps_per_item` (items of several steps,
+handed out one step at a time by `steps_of`), `wrap_for_world` (with `activation_checkpointing`),
+AdamW, the schedule, autocast and gradient clipping of the loop, and the loss read back every
+`log_every` steps. Shards come from the
 real stages (`default_data`, `ingest`, `preprocess`) in a temporary project on the default params
 (legal's corpus capped by `default_data.max_files`, see `--legal-files`); the large preset's shards
 from `ingest` + `preprocess` of the same corpus under `preset: large`, except where the default
@@ -19,7 +22,8 @@ default tiles are resized in memory; the table's notes say which.
 
 Measured, after `--warmup` steps that are not timed (worker start-up, allocator warm-up):
 
-- loader alone: samples/s of `step_loader` iterated with nothing else running;
+- loader alone: samples/s of `step_loader` iterated (through `steps_of`, one step at a time) with
+  nothing else running;
 - step alone: samples/s of the loop's step (forward, backward, clipping, AdamW, schedule, loss
   read back every `log_every` steps) on batches built beforehand and kept in memory (pinned
   for a GPU), cycling over at most 8 distinct batches;
@@ -69,7 +73,7 @@ from tasks.cli import run_stage  # noqa: E402
 from tasks.parallel import wrap_for_world  # noqa: E402
 from tasks.paths import DomainPaths  # noqa: E402
 from tasks.pretrain import seed_everything  # noqa: E402
-from tasks.pretrain_data import StepBatches, step_loader  # noqa: E402
+from tasks.pretrain_data import StepBatches, step_loader, steps_of  # noqa: E402
 
 DOMAINS = ("legal", "audio", "histo", "medical")
 TORCH_THREADS = torch.get_num_threads()  # before any domain's cpu_threads changes it
@@ -280,7 +284,7 @@ def count_flops(run: Callable[[], Any]) -> float | None:
 
 
 def time_loader(dataset: StepBatches, workers: int, device: torch.device, warmup: int, steps: int) -> float:
-    batches = iter(step_loader(dataset, 0, warmup + steps, workers, device))
+    batches = steps_of(step_loader(dataset, 0, warmup + steps, workers, device))
     for _ in range(warmup):
         next(batches)
     started = time.perf_counter()
@@ -322,7 +326,7 @@ def time_steps(trainee: Trainee, batches: list[list[dict[str, torch.Tensor]]], w
 
 def time_loop(trainee: Trainee, dataset: StepBatches, workers: int, warmup: int, steps: int) -> tuple[float, float]:
     """(samples/s, share of the time spent waiting in next(iterator)) of the stage's loop."""
-    batches = iter(step_loader(dataset, 0, warmup + steps, workers, trainee.device))
+    batches = steps_of(step_loader(dataset, 0, warmup + steps, workers, trainee.device))
     return time_training(trainee, lambda step: next(batches), warmup, steps)
 
 
@@ -548,6 +552,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--large-cpu-steps", type=int, default=3, help="timed steps of the large presets on the CPU")
     parser.add_argument("--legal-files", type=int, default=800,
                         help="default_data.max_files of the legal corpus (0: all ~2,300 texts)")
+    parser.add_argument("--steps-per-item", default=None,
+                        help="pretrain.steps_per_item for every measurement (auto or a number; default: params)")
+    parser.add_argument("--num-workers", default=None,
+                        help="pretrain.num_workers for every measurement (auto or a number; default: params)")
+    parser.add_argument("--cpu-threads", type=int, default=None,
+                        help="domains.<d>.cpu_threads (training threads) for every measurement (default: params)")
     parser.add_argument("--peak-tflops", type=float, default=None, help="the GPU's peak bf16 TFLOP/s, for MFU")
     parser.add_argument("--workdir", type=Path, default=None,
                         help="keep the projects and shards here and re-use them (default: a temporary folder)")
@@ -574,7 +584,7 @@ def main(argv: list[str] | None = None) -> None:
         results: list[Measurement] = []
         for name in domains:
             for preset in presets:
-                setup = projects.setup(name, preset)
+                setup = with_loader_settings(projects.setup(name, preset), args)
                 large = preset != "default"
                 cpu_batch = args.large_cpu_batch if large else setup.cfg.pretrain.batch_size
                 cpu_steps, warmup = (args.large_cpu_steps, 1) if large else (args.steps, args.warmup)
@@ -612,6 +622,17 @@ def main(argv: list[str] | None = None) -> None:
         if not args.skip_baselines:
             baselines(projects, workdir, args, gpu)
     print(f"load average after: {load_average()}")
+
+
+def with_loader_settings(setup: Setup, args: argparse.Namespace) -> Setup:
+    """`setup` with `--steps-per-item` / `--num-workers` / `--cpu-threads` in place of the block's."""
+    changes = {key: value if value == "auto" else int(value)
+               for key, value in (("steps_per_item", args.steps_per_item), ("num_workers", args.num_workers))
+               if value is not None}
+    cfg = setup.cfg if args.cpu_threads is None else replace(setup.cfg, cpu_threads=args.cpu_threads)
+    if changes:
+        cfg = replace(cfg, pretrain=replace(cfg.pretrain, **changes))
+    return setup if cfg is setup.cfg else replace(setup, cfg=cfg)
 
 
 def median(values: Sequence[float]) -> float:

@@ -4,11 +4,19 @@ The batch of step `s` is a seeded permutation's slice at `s` (one permutation pe
 into this process' micro-batches and built by the method's data side (views and masks from
 per-sample seeds), in DataLoader workers. Any number of workers or processes gives the same
 batches.
+
+A loader item carries `steps_per_item` consecutive steps: handing an item from a worker to the
+training process costs ~1.5-4 ms of the training process' CPU whatever its size, most of it per
+tensor (each storage travels as its own shared-memory file), so an item stacks each field of its
+steps into one tensor [steps, ...] and `steps_of` hands out views of it, one step at a time. The
+grouping changes nothing but speed: the batch of step `s` is the same for any `steps_per_item`.
 """
 
 from __future__ import annotations
 
 import functools
+import math
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -45,6 +53,7 @@ class StepBatches(torch.utils.data.Dataset):
         self.rows, self.data_side, self.world = rows, data_side, world
         self.seed, self.batch_size, self.rounds = settings.seed, settings.batch_size, settings.grad_accumulation
         self.micro = settings.batch_size // (world.size * settings.grad_accumulation)
+        self.steps_per_item = settings.steps_per_item  # read by step_loader
 
     def __len__(self) -> int:
         return 2**62
@@ -60,17 +69,87 @@ class StepBatches(torch.utils.data.Dataset):
         return batches
 
 
+# `steps_per_item: auto` gives an item about this many of the process' rows (all its micro-batches of
+# each step counted): 8 steps of a 32-row batch, 1 step of 256 rows or more. A step of a few rows is
+# built and trained in milliseconds, where the ~2 ms hand-over of an item weighs most; a step of
+# hundreds of rows takes long enough to hide it. Capped so that items in flight (workers x
+# prefetch x steps) stay a few batches' memory.
+ROWS_PER_ITEM, MAX_AUTO_STEPS_PER_ITEM = 256, 16
+
+
+def resolve_steps_per_item(setting: int | str, rows_per_step: int, workers: int) -> int:
+    """Steps per loader item: the setting, or for `auto` enough steps for ~ROWS_PER_ITEM rows (one
+    step without workers: nothing is handed over then)."""
+    if setting != "auto":
+        return int(setting)
+    if workers == 0:
+        return 1
+    return max(1, min(MAX_AUTO_STEPS_PER_ITEM, math.ceil(ROWS_PER_ITEM / max(1, rows_per_step))))
+
+
+class StepItems(torch.utils.data.Sampler):
+    """The loader's batch sampler: item i holds steps [first + i*k, first + (i+1)*k), the last
+    one cut at `last_step` (lazy: a run of a million steps holds no list of them)."""
+
+    def __init__(self, first_step: int, last_step: int, steps_per_item: int) -> None:
+        self.first, self.last, self.k = first_step, last_step, steps_per_item
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for start in range(self.first, self.last, self.k):
+            yield list(range(start, min(start + self.k, self.last)))
+
+    def __len__(self) -> int:
+        return len(range(self.first, self.last, self.k))
+
+
+def _stacked(values: Sequence[Any]) -> Any:
+    """One step-indexed value for the same field of several steps: a tensor [steps, ...] when every
+    step's is a tensor of one shape and dtype, a dict of such when they are plain dicts with the
+    same keys, else the list of the steps' values (ragged shapes, strings...)."""
+    first = values[0]
+    if isinstance(first, torch.Tensor) and all(
+            isinstance(v, torch.Tensor) and v.shape == first.shape and v.dtype == first.dtype for v in values):
+        return first.unsqueeze(0) if len(values) == 1 else torch.stack(list(values))  # one step: a view, no copy
+    if type(first) is dict and all(type(v) is dict and v.keys() == first.keys() for v in values):
+        return {key: _stacked([v[key] for v in values]) for key in first}
+    return list(values)
+
+
+def _step_of(value: Any, index: int) -> Any:
+    """Step `index`'s value out of `_stacked`: a view of a stacked tensor (no copy) or a list entry."""
+    if type(value) is dict:
+        return {key: _step_of(v, index) for key, v in value.items()}
+    return value[index]
+
+
+def pack_steps(steps: list[list[Any]]) -> dict[str, Any]:
+    """A loader item: consecutive steps' micro-batches, each field stacked over the steps."""
+    return {"steps": len(steps), "rounds": [_stacked([step[a] for step in steps]) for a in range(len(steps[0]))]}
+
+
 def step_loader(dataset: StepBatches, first_step: int, last_step: int, workers: int,
                 device: torch.device) -> torch.utils.data.DataLoader:
-    """The steps' batches in order, built `workers` processes ahead (pinned for a GPU)."""
+    """Steps `first_step`..`last_step - 1` in items of `steps_per_item` steps, built `workers`
+    processes ahead (pinned for a GPU); `steps_of` gives them back one step at a time."""
+    rows_per_step = dataset.micro * dataset.rounds
+    steps_per_item = resolve_steps_per_item(dataset.steps_per_item, rows_per_step, workers)
     # its own generator: a loader draws its workers' base seed when iterated, which must not shift
-    # torch's global generator (dropout draws from it, and a resumed run restores it)
-    return torch.utils.data.DataLoader(dataset, batch_size=None, sampler=range(first_step, last_step),
-                                       num_workers=workers, pin_memory=device.type == "cuda",
-                                       prefetch_factor=4 if workers else None,
+    # torch's global generator (dropout draws from it, and a resumed run restores it). Two items in
+    # flight per worker when an item holds several steps, four when it holds one.
+    return torch.utils.data.DataLoader(dataset, batch_sampler=StepItems(first_step, last_step, steps_per_item),
+                                       collate_fn=pack_steps, num_workers=workers,
+                                       pin_memory=device.type == "cuda",
+                                       prefetch_factor=(4 if steps_per_item == 1 else 2) if workers else None,
                                        generator=torch.Generator().manual_seed(dataset.seed))
 
 
-def steps_of(loader: Any) -> Any:
-    """The loader's items as one step's micro-batches at a time (an item may carry several steps)."""
-    yield from loader
+def steps_of(loader: Iterable[dict[str, Any]]) -> Iterator[list[Any]]:
+    """The loader's items as one step's micro-batches at a time, in step order. The loader is
+    never asked for an item past its last (`len`): that request shuts its workers down inside
+    `next`, where a worker's exit status at shutdown (1, seen inside long pytest processes)
+    raises; the workers go when the loader is dropped instead."""
+    items = iter(loader)
+    for _ in range(len(loader)):
+        item = next(items)
+        for index in range(item["steps"]):
+            yield [_step_of(round_, index) for round_ in item["rounds"]]

@@ -58,6 +58,30 @@ class Encoder(nn.Module, ABC):
     def save(self, out_dir: Path) -> None:
         """Write the encoder so that the domain's `load_encoder` reads it back without this code's state."""
 
+    def repeated_blocks(self) -> list[nn.Module]:
+        """The backbone's repeated blocks (transformer layers, residual blocks): what activation
+        checkpointing recomputes and FSDP2 shards one by one. By default `repeated_blocks(self)`;
+        an encoder whose blocks that rule misses overrides this."""
+        return repeated_blocks(self)
+
+
+def repeated_blocks(module: nn.Module) -> list[nn.Module]:
+    """The members of every outermost `ModuleList` / `Sequential` under `module` whose members are
+    all of one class with submodules of its own: BERT's `encoder.layer`, `nn.TransformerEncoder`'s
+    `layers`, timm's ViT `blocks` and ResNet `layer1..4`, MONAI's ViT `blocks`, wav2vec2's
+    `encoder.layers`. Containers of plain layers (an MLP's Linear / GELU) do not qualify."""
+    found: list[nn.Module] = []
+    for child in module.children():
+        members = list(child.children())
+        if (isinstance(child, (nn.ModuleList, nn.Sequential)) and members
+                and len({type(m) for m in members}) == 1
+                and not isinstance(members[0], (nn.ModuleList, nn.Sequential))
+                and any(True for _ in members[0].children())):
+            found.extend(members)
+        else:
+            found.extend(repeated_blocks(child))
+    return found
+
 
 class PretrainMethod(nn.Module, ABC):
     """A self-supervised objective around an encoder: `forward(batch) -> loss`.

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 from tasks.cli import run_stage
 from tasks.io import read_json
+from tasks.lineage import hash_outputs
 from tests.conftest import stage_env, tiny_params, write_params
 
 WEIGHTS = "models/legal/pretrain/encoder/model.safetensors"
@@ -28,6 +29,13 @@ def assert_identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> 
         assert torch.equal(a[name], b[name]), f"{name} differs"
 
 
+def pretrain_outputs(root: Path) -> dict[str, str]:
+    """Digests of every file of the pretrain output. The killed run is a subprocess with the
+    stage's offline environment, the re-run this process: the bytes must not depend on that
+    (transformers writes its loading options into tokenizer_config.json; the encoder drops them)."""
+    return hash_outputs(root / "models/legal/pretrain")
+
+
 def test_two_runs_give_bit_identical_weights_and_log_rankme(ingested_project: Path) -> None:
     run_stage("pretrain", "legal", ingested_project)
     first = final_weights(ingested_project)
@@ -35,6 +43,10 @@ def test_two_runs_give_bit_identical_weights_and_log_rankme(ingested_project: Pa
     assert [c["step"] for c in log["checkpoints"]] == [4, 8, 12]
     assert all(c["rankme"] > 1.0 for c in log["checkpoints"])
     assert log["checkpoints"][-1]["loss"] < log["checkpoints"][0]["loss"]  # it learns
+    # MLM is a reconstruction objective: the last checkpoint is the encoder, the others candidates
+    assert log["choice"]["rule"] == "last" and log["choice"]["step"] == 12 and "RankMe is not" in log["choice"]["reason"]
+    candidates = ingested_project / "models/legal/pretrain/candidates"
+    assert sorted(p.name for p in candidates.iterdir()) == ["step_00000004", "step_00000008", "step_00000012"]
     shutil.rmtree(ingested_project / "models")
     run_stage("pretrain", "legal", ingested_project)
     assert_identical(first, final_weights(ingested_project))
@@ -45,6 +57,7 @@ def test_killed_run_resumes_to_the_same_weights(ingested_project: Path) -> None:
     write_params(ingested_project, tiny_params(pretrain=settings))
     run_stage("pretrain", "legal", ingested_project)
     uninterrupted = final_weights(ingested_project)
+    uninterrupted_outputs = pretrain_outputs(ingested_project)
     shutil.rmtree(ingested_project / "models")
 
     worker = subprocess.Popen([sys.executable, "-m", "tasks", "--root", str(ingested_project), "pretrain", "legal"], env=stage_env(),
@@ -61,6 +74,8 @@ def test_killed_run_resumes_to_the_same_weights(ingested_project: Path) -> None:
 
     history = run_stage("pretrain", "legal", ingested_project)  # resumes from the last checkpoint
     assert_identical(uninterrupted, final_weights(ingested_project))
+    # the candidate encoders (kept in the checkpoints folder across the kill) and the log too
+    assert pretrain_outputs(ingested_project) == uninterrupted_outputs
     assert [c["step"] for c in history["checkpoints"]] == [10, 20, 30, 40, 50, 60]
 
 
