@@ -88,6 +88,8 @@ def run_on_shared_data(domain: str, overrides: dict, assignments: list[str], lay
         metrics = yaml.safe_load((folder / "reports" / domain / "metrics.json").read_text())
         evaluation = folder / "reports" / domain / "evaluation"
         metrics["comparisons"] = yaml.safe_load((evaluation / "comparisons.json").read_text())
+        if (evaluation / "checkpoint_choice.json").exists():
+            metrics["checkpoint_choice"] = yaml.safe_load((evaluation / "checkpoint_choice.json").read_text())
     print(f"{title}: {n_files} files; machine: {platform.machine()}, {os.cpu_count()} cores")
     print("settings:", yaml.safe_dump({k: block[k] for k in shown}, default_flow_style=True, width=10_000).strip())
     print(" ".join(f"{stage} {seconds:.0f}s" for stage, seconds in timings), f"total {sum(s for _, s in timings):.0f}s")
@@ -95,16 +97,33 @@ def run_on_shared_data(domain: str, overrides: dict, assignments: list[str], lay
 
 
 def print_comparison(metrics: dict, unit: str, comparisons: list[dict] | None = None) -> None:
-    """ssl against scratch per protocol and label fraction (and seed wins when comparisons are given)."""
-    rows = {(r["protocol"], r["label_fraction"], r["init"]): r for r in metrics["results"]
-            if r["metric"] == metrics["primary_metric"]}
-    wins = {(c["protocol"], c["label_fraction"]): f"{c['ssl_wins']}/{c['n_seeds']}" for c in comparisons or []
-            if c["baseline"] == "scratch"}
-    print(f"{metrics['primary_metric']} on {metrics['labeled_test']} test {unit}, mean ± std over seeds")
-    print(f"{'protocol':<10}{'labels':>8}{'n_train':>9}{'ssl':>16}{'scratch':>16}{'ssl - scratch':>15}"
-          + (f"{'ssl wins':>10}" if wins else ""))
-    for protocol, fraction in sorted({(p, f) for p, f, i in rows if i == "ssl" and (p, f, "scratch") in rows}):
-        ssl, scratch = rows[(protocol, fraction, "ssl")], rows[(protocol, fraction, "scratch")]
-        print(f"{protocol:<10}{fraction:>8.0%}{ssl['n_train']:>9}{ssl['mean']:>10.3f} ± {ssl['std']:.3f}"
-              f"{scratch['mean']:>10.3f} ± {scratch['std']:.3f}{ssl['mean'] - scratch['mean']:>+15.3f}"
-              + (f"{wins.get((protocol, fraction), ''):>10}" if wins else ""))
+    """Per label fraction: each init's best protocol (mean ± std over seeds, labels and groups),
+    ssl minus each other init with its paired bootstrap interval, and how RankMe tracked."""
+    comparisons = comparisons if comparisons is not None else metrics.get("comparisons", [])
+    best = {(r["init"], r["label_fraction"]): r for r in metrics.get("best_protocols", [])}
+    inits = [i for i in ("ssl", "scratch", "generic", "baseline") if any(k[0] == i for k in best)]
+    paired = {(c["against"], c["label_fraction"]): c for c in comparisons if c.get("protocol") == "best"}
+    print(f"{metrics['primary_metric']} on {metrics['labeled_test']} test {unit}; each init's best protocol, "
+          "mean ± std over seeds; ssl − other with its paired bootstrap interval")
+    print(f"{'labels':>7}{'n lab':>7}{'groups':>7}" + "".join(f"{i:>22}" for i in inits)
+          + "".join(f"{'ssl − ' + i:>26}" for i in inits if i != "ssl"))
+    for fraction in sorted({k[1] for k in best}):
+        ssl = best.get(("ssl", fraction), {})
+        cells = "".join(f"{best[(i, fraction)]['mean']:>9.3f} ± {best[(i, fraction)]['std']:.3f} "
+                        f"{best[(i, fraction)]['protocol'][:3]:>4}" if (i, fraction) in best else f"{'–':>22}"
+                        for i in inits)
+        diffs = ""
+        for i in inits[1:]:
+            c = paired.get((i, fraction))
+            if c is None:
+                diffs += f"{'–':>26}"
+            elif c.get("interval"):
+                diffs += f"{c['mean_difference']:>+10.3f} [{c['interval'][0]:+.3f}, {c['interval'][1]:+.3f}]"
+            else:
+                diffs += f"{c['mean_difference']:>+26.3f}"
+        print(f"{fraction:>7.0%}{ssl.get('n_train', ''):>7}{ssl.get('n_groups', ''):>7}{cells}{diffs}")
+    choice = metrics.get("checkpoint_choice")
+    if choice:
+        print(f"checkpoint choice: {choice.get('rule')} -> step {choice.get('chosen_step')} (last "
+              f"{choice.get('last_step')}); Spearman(RankMe, val probe) {choice.get('spearman')}; "
+              f"gain vs last {choice.get('gain_vs_last')}; {choice.get('note', '')}")

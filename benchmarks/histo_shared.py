@@ -73,8 +73,12 @@ def main() -> None:
         log = json.loads((folder / "models/histo/pretrain/log.json").read_text())
         first, last = log["checkpoints"][0], log["checkpoints"][-1]
         print(f"pretraining loss {first['loss']:.3f} -> {last['loss']:.3f}, RankMe {first['rankme']:.1f} -> {last['rankme']:.1f}")
+        evaluation = folder / "reports/histo/evaluation"
+        comparisons = json.loads((evaluation / "comparisons.json").read_text())
+        if (evaluation / "checkpoint_choice.json").exists():
+            metrics["checkpoint_choice"] = json.loads((evaluation / "checkpoint_choice.json").read_text())
         print()
-        print_comparison(metrics, "tiles")
+        print_comparison(metrics, "tiles", comparisons)
 
 if __name__ == "__main__":
     main()

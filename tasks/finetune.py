@@ -1,18 +1,27 @@
 """finetune: each initialisation x label fraction x seed x protocol on the small labeled set.
 
-Fine-tuning starts from the linear probe's head (LP-FT), so it keeps what the probe found.
-Initialisations: `ssl` (domain-pretrained), `scratch` (same architecture, random init) and
-`generic` (the base checkpoint, when configured). The subset for a (fraction, seed) is the
-same for every initialisation, and every fine-tune gets the same number of steps, so the
-differences are paired and the comparison fair. Test rows never change.
+Initialisations: `ssl` (domain-pretrained), `scratch` (same architecture, random init),
+`generic` (the off-the-shelf checkpoint, when configured; `finetune.generic_protocols`) and
+`baseline` (the domain's classical features, when it ships them; linear probe only). The
+subset for a (fraction, seed) is drawn by example, stratified by class, and is the same for
+every initialisation, so the differences are paired. Test rows never change, and nothing is
+chosen with them: the probe's C by cross-validation inside the subset
+(`tasks.probes.fit_chosen_probe`), the fine-tune length by epochs with a cap (`finetune_steps`).
+Fine-tuning starts from that probe's head (LP-FT), so it keeps what the probe found. Every
+result row carries its test predictions, for the bootstrap intervals of evaluate.
 
-A job is one (init, seed): it loads the encoder once, embeds once and runs every fraction x
-protocol. The jobs are independent: with `finetune.nproc > 1` they run in that many spawned
-worker processes, one device each (GPU i, or a share of the CPU cores), and their results are
-merged in the serial order, so results.json and the saved models are those of the serial run:
-bit for bit on the CPU when a job gets as many torch threads in a worker as in the serial run
-(`cpu_threads` set to at most cores / nproc; float sums split over another number of threads
-round differently, which moves fine-tuned weights by ~1e-10).
+A job is one (init, seed): it loads the encoder once, embeds once and runs every fraction that
+uses its seed (fractions below `small_fraction` run more seeds) x protocol. The jobs are
+independent: with `finetune.nproc > 1` they run in that many spawned worker processes, one
+device each (GPU i, or a share of the CPU cores), and their results are merged in the serial
+order, so results.json and the saved models are those of the serial run: bit for bit on the
+CPU when a job gets as many torch threads in a worker as in the serial run (`cpu_threads` set
+to at most cores / nproc; float sums split over another number of threads round differently,
+which moves fine-tuned weights by ~1e-10). The probes run on one BLAS thread everywhere.
+
+Beside results.json: embedding_2d.json (each init's frozen test features at the first seed,
+in 2D) and checkpoint_choice.json (how well RankMe, which chose the pretrained encoder among
+pretrain's candidates, tracked a linear probe on the pool's validation labels).
 """
 
 from __future__ import annotations
@@ -21,9 +30,10 @@ import logging
 import multiprocessing
 import os
 import time
+import warnings
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +41,8 @@ import numpy as np
 import torch
 from datasets import load_from_disk
 from safetensors.torch import save_file
+from scipy import sparse
+from scipy.stats import spearmanr
 from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
@@ -41,22 +53,31 @@ from ssl_models.core.domain import Domain
 from ssl_models.core.errors import PipelineError
 from ssl_models.core.modules import Encoder
 from ssl_models.core.splits import select_label_subset
-from tasks.io import atomic_dir, write_json
+from tasks.io import atomic_dir, read_json, write_json
 from tasks.lineage import LineageRecorder
 from tasks.paths import DomainPaths
 from tasks.probes import (
+    ChosenC,
     embed_rows,
     finetune_encoder,
-    fit_linear_probe,
+    finetune_steps,
+    fit_chosen_probe,
     head_from_probe,
     knn_probe,
-    linear_probe,
+    probe_predictions,
+    project_2d,
     scores,
 )
 
 log = logging.getLogger("finetune")
 
 Rows = list[dict[str, Any]]
+Features = tuple[Any, Any]  # (pool, test): numpy arrays, or scipy sparse matrices for a baseline
+Probe = tuple[ChosenC, Any]  # the chosen C and the fitted probe (None for a one-class subset)
+
+# inits whose frozen features do not depend on the seed: embedded once per process
+SEED_FREE_INITS = ("ssl", "generic", "baseline")
+MIN_CANDIDATES = 3  # a rank correlation over fewer checkpoints says nothing
 
 
 def load_labeled(shards: Path) -> tuple[Rows, Rows]:
@@ -69,6 +90,29 @@ def load_labeled(shards: Path) -> tuple[Rows, Rows]:
     return pool, test
 
 
+def protocols_of(init: str, settings: FinetuneConfig) -> list[str]:
+    """The protocols an init runs: the baseline is a linear probe on its features by design;
+    generic runs `generic_protocols` (null: every protocol)."""
+    if init == "baseline":
+        return ["linear"]
+    if init == "generic" and settings.generic_protocols is not None:
+        return list(settings.generic_protocols)
+    return list(settings.protocols)
+
+
+def job_seeds(settings: FinetuneConfig) -> list[int]:
+    """Every seed some fraction runs with, in order of first use."""
+    seeds: list[int] = []
+    for fraction in settings.label_fractions:
+        seeds += [seed for seed in settings.seeds_for(fraction) if seed not in seeds]
+    return seeds
+
+
+def fractions_of(settings: FinetuneConfig, seed: int) -> list[float]:
+    """The fractions a job of `seed` runs: those whose seeds include it."""
+    return [fraction for fraction in settings.label_fractions if seed in settings.seeds_for(fraction)]
+
+
 @dataclass(frozen=True)
 class Plan:
     """What every job shares (picklable: it travels to the worker processes)."""
@@ -79,13 +123,24 @@ class Plan:
     classes: list[str]
     subsets: dict[tuple[float, int], list[int]]  # (fraction, seed) -> pool indices, the same for every init
     out: Path  # the stage's output folder being written (saved models go under it)
+    first_seed: int  # each init's frozen test features at this seed go to embedding_2d.json
+
+
+@dataclass
+class Reuse:
+    """What the jobs run by one process share: the frozen features of the inits that do not
+    depend on the seed, and the probes fitted on identical subsets of them (every seed's 100%
+    subset is the whole pool). Deterministic computations, so reuse changes no result."""
+
+    features: dict[str, Features] = field(default_factory=dict)
+    probes: dict[tuple[str, tuple[int, ...]], Probe] = field(default_factory=dict)
 
 
 @dataclass
 class JobResult:
     results: list[dict[str, Any]]
     seconds: dict[str, float]
-    features: np.ndarray | None = None  # frozen features of pool + test (the serial run reuses them)
+    embedding_2d: tuple[list[list[float]], str] | None = None  # (test rows in 2D, method) at the first seed
 
 
 def finetune(cfg: DomainConfig, domain: Domain, paths: DomainPaths) -> list[dict[str, Any]]:
@@ -97,49 +152,49 @@ def finetune(cfg: DomainConfig, domain: Domain, paths: DomainPaths) -> list[dict
     available = domain.available_inits(cfg)
     inits = [i for i in settings.inits if i in available]
     if skipped := [i for i in settings.inits if i not in available]:
-        log.info("finetune %s: skipping init(s) %s (not configured: e.g. no model.base_checkpoint)",
-                 domain_name, skipped)
-    jobs = [(init, seed) for init in inits for seed in settings.seeds]  # the serial order
+        log.info("finetune %s: skipping init(s) %s (not offered here: no generic checkpoint configured, or "
+                 "no baseline features in the domain package)", domain_name, skipped)
+    seeds = job_seeds(settings)
+    jobs = [(init, seed) for init in inits for seed in seeds]  # the serial order
     nproc = min(resolve_nproc(settings.nproc), len(jobs))
     device = training_device()
     log.info("finetune %s on %s, %d job(s) in %d process(es)", domain_name, device, len(jobs), nproc)
-    recorder = LineageRecorder(f"finetune@{domain_name}", paths.finetune, seeds=list(settings.seeds), root=paths.root,
+    recorder = LineageRecorder(f"finetune@{domain_name}", paths.finetune, seeds=seeds, root=paths.root,
                                params={"finetune": asdict(settings), "model": section_params(cfg.model)},
                                upstream=[paths.shards, paths.pretrain])
     # one subset per (fraction, seed), the same for every init: the runs are paired
-    subsets = {(fraction, seed): select_label_subset([r["label"] for r in pool], [r["group"] for r in pool],
-                                                     fraction, seed)
-               for fraction in settings.label_fractions for seed in settings.seeds}
-    progress = tqdm(total=len(jobs) * len(settings.label_fractions), desc=f"finetune {domain_name}", disable=None)
+    labels = [r["label"] for r in pool]
+    subsets = {(fraction, seed): select_label_subset(labels, fraction, seed)
+               for fraction in settings.label_fractions for seed in settings.seeds_for(fraction)}
+    progress = tqdm(total=sum(len(fractions_of(settings, seed)) for _, seed in jobs),
+                    desc=f"finetune {domain_name}", disable=None)
     with atomic_dir(paths.finetune) as out:
-        plan = Plan(cfg, domain, paths, classes, subsets, out)
+        plan = Plan(cfg, domain, paths, classes, subsets, out, seeds[0])
         if nproc == 1:
-            outcomes = run_serially(plan, jobs, pool, test, device, progress)
+            reuse = Reuse()
+            outcomes = [run_job(plan, init, seed, pool, test, device, reuse, progress) for init, seed in jobs]
         else:
             outcomes = run_in_processes(plan, jobs, nproc, device, progress)
         progress.close()
         results = [row for outcome in outcomes for row in outcome.results]
         seconds = {key: value for outcome in outcomes for key, value in outcome.seconds.items()}
-        write_json(out / "results.json", {"classes": classes, "inits": inits, "results": results})
+        test_labels = [classes.index(r["label"]) for r in test]
+        write_json(out / "results.json", {"classes": classes, "inits": inits, "test_labels": test_labels,
+                                          "test_groups": [r.get("group") for r in test], "results": results})
+        projections = {init: outcome.embedding_2d for (init, seed), outcome in zip(jobs, outcomes)
+                       if outcome.embedding_2d is not None}
+        write_json(out / "embedding_2d.json", {
+            "labels": test_labels, "method": "pca", "seed": seeds[0],
+            "methods": {init: method for init, (_, method) in projections.items()},  # truncated_svd: sparse features
+            "inits": {init: points for init, (points, _) in projections.items()}})
+        started = time.time()
+        write_json(out / "checkpoint_choice.json", track_checkpoint_choice(plan, pool, device))
+        seconds["checkpoint_choice"] = round(time.time() - started, 2)
         recorder.run_details["seconds_per_run"] = seconds  # in the run record only: timings vary
         recorder.run_details["processes"] = nproc
         recorder.write(out)
     log.info("finetune %s: %d results", domain_name, len(results))
     return results
-
-
-def run_serially(plan: Plan, jobs: list[tuple[str, int]], pool: Rows, test: Rows, device: torch.device,
-                 progress: tqdm) -> list[JobResult]:
-    """The jobs one after the other in this process; ssl and generic encoders do not depend on
-    the seed, so their features are embedded once per init."""
-    outcomes: list[JobResult] = []
-    features: dict[str, np.ndarray] = {}
-    for init, seed in jobs:
-        outcome = run_job(plan, init, seed, pool, test, device, features.get(init), progress)
-        if init != "scratch":
-            features[init] = outcome.features
-        outcomes.append(outcome)
-    return outcomes
 
 
 def run_in_processes(plan: Plan, jobs: list[tuple[str, int]], nproc: int, device: torch.device,
@@ -162,15 +217,15 @@ def run_in_processes(plan: Plan, jobs: list[tuple[str, int]], nproc: int, device
     free_devices = context.Queue()
     for name in devices:
         free_devices.put(name)
-    fractions = len(plan.cfg.finetune.label_fractions)
+    settings = plan.cfg.finetune
     try:
         with ProcessPoolExecutor(nproc, mp_context=context, initializer=_start_worker,
                                  initargs=(free_devices, threads, plan.paths.shards)) as executor:
-            futures = [executor.submit(_run_in_worker, plan, init, seed) for init, seed in jobs]
+            futures = {executor.submit(_run_in_worker, plan, init, seed): seed for init, seed in jobs}
             try:
                 for finished in as_completed(futures):
                     finished.result()  # a failing job fails the stage now, not after the rest
-                    progress.update(fractions)
+                    progress.update(len(fractions_of(settings, futures[finished])))
             except BaseException:
                 executor.shutdown(cancel_futures=True)
                 raise
@@ -180,7 +235,7 @@ def run_in_processes(plan: Plan, jobs: list[tuple[str, int]], nproc: int, device
                             f"lower finetune.nproc in params.yaml (1 runs the jobs in this process)") from None
 
 
-# this worker process' device and labeled rows, set once by `_start_worker`
+# this worker process' device, labeled rows and reusable features/probes, set once by `_start_worker`
 _worker: dict[str, Any] = {}
 
 
@@ -191,65 +246,101 @@ def _start_worker(free_devices: Any, threads: int, shards: Path) -> None:
         torch.cuda.set_device(device)
     threadpool_limits(threads)  # BLAS and OpenMP of numpy and scikit-learn, as scikit-learn does it
     torch.set_num_threads(threads)
-    _worker.update(device=device, labeled=load_labeled(shards))
+    _worker.update(device=device, labeled=load_labeled(shards), reuse=Reuse())
 
 
 def _run_in_worker(plan: Plan, init: str, seed: int) -> JobResult:
     pool, test = _worker["labeled"]
-    outcome = run_job(plan, init, seed, pool, test, _worker["device"])
-    outcome.features = None  # the parent does not need them back
-    return outcome
+    return run_job(plan, init, seed, pool, test, _worker["device"], _worker["reuse"])
+
+
+def baseline_features(plan: Plan, pool: Rows, test: Rows) -> Features:
+    """The domain's classical features of the pool and test rows, checked for shape."""
+    pool_x, test_x = plan.domain.baseline_features(plan.cfg, pool, test)
+    pool_x, test_x = [x if sparse.issparse(x) else np.asarray(x, dtype=np.float32) for x in (pool_x, test_x)]
+    if pool_x.ndim != 2 or pool_x.shape[0] != len(pool) or test_x.shape != (len(test), pool_x.shape[1]):
+        raise PipelineError(f"{plan.domain.package}.baseline.features returned shapes {pool_x.shape} and "
+                            f"{test_x.shape} for {len(pool)} pool and {len(test)} test rows: it must give one "
+                            f"row per sample, the same columns for both")
+    return pool_x, test_x
 
 
 def run_job(plan: Plan, init: str, seed: int, pool: Rows, test: Rows, device: torch.device,
-            features: np.ndarray | None = None, progress: tqdm | None = None) -> JobResult:
-    """Every fraction x protocol of one (init, seed): the encoder loaded once, the pool and test
-    rows embedded once (unless `features` are given), the ssl models of the first seed saved."""
+            reuse: Reuse | None = None, progress: tqdm | None = None) -> JobResult:
+    """Every fraction (that uses `seed`) x protocol of one (init, seed): the encoder loaded once
+    (when needed), the pool and test rows embedded once per process for the seed-free inits,
+    the ssl models of each fraction's first seed saved."""
     cfg, settings = plan.cfg, plan.cfg.finetune
+    reuse = reuse if reuse is not None else Reuse()
+    protocols = protocols_of(init, settings)
     test_y = [r["label"] for r in test]
-    encoder = plan.domain.load_encoder(init, cfg, plan.paths.shards, plan.paths.pretrain / "encoder",
-                                       seed).to(device)
+    encoder: Encoder | None = None
+    features = reuse.features.get(init) if init in SEED_FREE_INITS else None
+    if init != "baseline" and (features is None or "finetune" in protocols):
+        encoder = plan.domain.load_encoder(init, cfg, plan.paths.shards, plan.paths.pretrain / "encoder",
+                                           seed).to(device)
     if features is None:
-        features = embed_rows(encoder, pool + test, precision=settings.precision)
+        if init == "baseline":
+            features = baseline_features(plan, pool, test)
+        else:
+            embedded = embed_rows(encoder, pool + test, precision=settings.precision)
+            features = embedded[:len(pool)], embedded[len(pool):]
+        if init in SEED_FREE_INITS:
+            reuse.features[init] = features
+    pool_x, test_x = features
     results: list[dict[str, Any]] = []
     seconds: dict[str, float] = {}
-    for fraction in settings.label_fractions:
+    for fraction in fractions_of(settings, seed):
         subset = plan.subsets[(fraction, seed)]
-        base = {"init": init, "label_fraction": fraction, "seed": seed, "n_train": len(subset), "n_test": len(test)}
-        for protocol in settings.protocols:
+        train_x, train_y = pool_x[subset], [pool[i]["label"] for i in subset]
+        base = {"init": init, "label_fraction": fraction, "seed": seed, "n_train": len(subset),
+                "n_groups": len({pool[i].get("group") for i in subset}), "n_test": len(test)}
+        probe: Probe | None = None
+        for protocol in protocols:
             started = time.time()
-            predicted, probabilities, trained = run_protocol(
-                protocol, encoder, features, pool, test, subset, plan.classes, settings, seed)
-            if trained and settings.save_models and init == "ssl" and seed == settings.seeds[0]:
-                _save_model(plan.out / "models" / f"{init}_fraction-{fraction}_seed-{seed}", *trained, plan.classes)
-            results.append({**base, "protocol": protocol, **scores(test_y, predicted, probabilities, plan.classes)})
+            chosen: dict[str, Any] = {"linear_c": None, "linear_c_by": None, "steps": None}
+            if protocol in ("linear", "finetune"):
+                probe = probe or fitted_probe(reuse, init, subset, train_x, train_y, settings)
+                if probe[1] is not None:  # a one-class subset fits no probe: no C applies
+                    chosen.update(linear_c=probe[0].c, linear_c_by=probe[0].chosen_by)
+            if protocol == "linear":
+                predicted, probabilities = probe_predictions(probe[1], train_y, test_x, plan.classes)
+            elif protocol == "knn":
+                predicted, probabilities = knn_probe(train_x, train_y, test_x, settings.knn_neighbors, plan.classes)
+            elif protocol == "finetune":
+                chosen["steps"] = finetune_steps(settings, len(subset))
+                # a one-class subset has no probe and keeps the head's random init: draw it from `seed`,
+                # not from whatever ran before in this process, so every process order gives the same head
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(seed)
+                    head = head_from_probe(probe[1], encoder.dim, plan.classes)
+                predicted, probabilities, model, head = finetune_encoder(
+                    encoder, [pool[i] for i in subset], train_y, test, plan.classes, settings, seed, head)
+                if settings.save_models and init == "ssl" and seed == settings.seeds_for(fraction)[0]:
+                    _save_model(plan.out / "models" / f"{init}_fraction-{fraction}_seed-{seed}", model, head,
+                                plan.classes)
+            else:
+                raise PipelineError(f"unknown protocol {protocol!r}: use linear, knn or finetune")
+            results.append({**base, "protocol": protocol, **scores(test_y, predicted, probabilities, plan.classes),
+                            "chosen": chosen, "predicted": [plan.classes.index(label) for label in predicted]})
             seconds[f"{init}/{protocol}/{fraction}/{seed}"] = round(time.time() - started, 2)
         if progress is not None:
             progress.update(1)
-    return JobResult(results, seconds, features)
+    embedding_2d = project_2d(test_x) if seed == plan.first_seed else None
+    return JobResult(results, seconds, embedding_2d)
 
 
-def run_protocol(protocol: str, encoder: Encoder, features: np.ndarray, pool: Rows, test: Rows, subset: list[int],
-                 classes: list[str], settings: FinetuneConfig,
-                 seed: int) -> tuple[list[str], np.ndarray, tuple[Encoder, torch.nn.Linear] | None]:
-    """Test predictions and class probabilities of one protocol trained on `subset` of the pool
-    (features: pool then test), and the fine-tuned modules when the protocol trains the encoder."""
-    train_y = [pool[i]["label"] for i in subset]
-    test_features = features[len(pool):]
-    c = settings.linear_c if settings.linear_c != "cv" else 0.1  # TODO(finetune helper): cross-validated
-    if protocol == "linear":
-        return *linear_probe(features[subset], train_y, test_features, c, seed, classes), None
-    if protocol == "knn":
-        return *knn_probe(features[subset], train_y, test_features, settings.knn_neighbors, classes), None
-    probe = fit_linear_probe(features[subset], train_y, c, seed)
-    # a one-class subset has no probe and keeps the head's random init: draw it from `seed`, not
-    # from whatever ran before in this process, so every process order gives the same head
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        head = head_from_probe(probe, encoder.dim, classes)
-    predicted, probabilities, model, head = finetune_encoder(
-        encoder, [pool[i] for i in subset], train_y, test, classes, settings, seed, head)
-    return predicted, probabilities, (model, head)
+def fitted_probe(reuse: Reuse, init: str, subset: list[int], train_x: Any, train_y: list[str],
+                 settings: FinetuneConfig) -> Probe:
+    """The probe's C chosen inside the subset, and the probe fitted with it (shared by the
+    linear protocol and the LP-FT head); reused for a seed-free init's identical subset."""
+    key = (init, tuple(subset))
+    if init in SEED_FREE_INITS and key in reuse.probes:
+        return reuse.probes[key]
+    probe = fit_chosen_probe(train_x, train_y, settings)
+    if init in SEED_FREE_INITS:
+        reuse.probes[key] = probe
+    return probe
 
 
 def _save_model(folder: Path, encoder: Any, head: Any, classes: list[str]) -> None:
@@ -258,3 +349,88 @@ def _save_model(folder: Path, encoder: Any, head: Any, classes: list[str]) -> No
     encoder.save(folder / "encoder")
     save_file({k: v.contiguous() for k, v in head.state_dict().items()}, str(folder / "head.safetensors"))
     write_json(folder / "classes.json", classes)
+
+
+def candidate_folders(pretrain: Path) -> dict[int, Path]:
+    """pretrain/candidates/step_XXXXXXXX/ by step."""
+    folders = {}
+    for folder in sorted((pretrain / "candidates").glob("step_*")):
+        if folder.is_dir() and folder.name[len("step_"):].isdigit():
+            folders[int(folder.name[len("step_"):])] = folder
+    return folders
+
+
+def track_checkpoint_choice(plan: Plan, pool: Rows, device: torch.device) -> dict[str, Any]:
+    """How well the label-free choice among pretrain's candidate encoders tracked a linear probe
+    on labels: each candidate embeds the pool once; a probe (C chosen as everywhere, inside the
+    training rows) fits on the pool's train-split rows and is scored (macro-F1) on its val-split
+    rows, never on test rows. Gives the Spearman correlation of RankMe with that score across
+    candidates and the score the chosen step gained over the last one (null, with the note
+    saying why, where there is nothing to measure)."""
+    log_file = plan.paths.pretrain / "log.json"
+    history = read_json(log_file) if log_file.exists() else {}
+    logged = history.get("checkpoints", [])
+    rankme = {point["step"]: point.get("rankme") for point in logged}
+    folders = candidate_folders(plan.paths.pretrain)
+    last_step = logged[-1]["step"] if logged else max(folders, default=None)
+    choice = history.get("choice") or {"rule": "last", "step": last_step}
+    record: dict[str, Any] = {
+        "rule": choice.get("rule"), "chosen_step": choice.get("step"), "last_step": last_step,
+        "metric": "macro_f1", "spearman": None, "gain_vs_last": None,
+        "candidates": [{"step": step, "rankme": rankme.get(step), "val_score": None} for step in sorted(folders)]}
+    notes = [] if "choice" in history else [
+        f"pretrain/log.json {'records no choice' if history else 'is missing'}: taken to be the last checkpoint."]
+    train = [r for r in pool if r["split"] == "train"]
+    val = [r for r in pool if r["split"] == "val"]
+    if len(folders) < MIN_CANDIDATES:
+        notes.append(f"{len(folders)} candidate encoder(s) in pretrain/candidates/: a rank correlation needs at "
+                     f"least {MIN_CANDIDATES} (raise pretrain.keep_candidates, or log checkpoints more often).")
+    elif not val:
+        notes.append("The labeled pool has no val-split rows to score the candidates on (test rows are never "
+                     "used for this): raise split.val.")
+    elif len({r["label"] for r in train}) < 2:
+        notes.append("The labeled pool's train-split rows hold fewer than two classes: no probe to fit.")
+    else:
+        _score_candidates(plan, record, folders, train, val, device)
+        notes.append(_summarise_tracking(record))
+        log.info("finetune %s: RankMe vs val macro-F1 over %d candidates: Spearman %s, gain of the chosen step %s",
+                 plan.cfg.name, len(folders), record["spearman"], record["gain_vs_last"])
+    record["note"] = " ".join(notes)
+    return record
+
+
+def _score_candidates(plan: Plan, record: dict[str, Any], folders: dict[int, Path], train: Rows, val: Rows,
+                      device: torch.device) -> None:
+    """Each candidate's val macro-F1 into `record["candidates"]`; Spearman and gain from them."""
+    settings = plan.cfg.finetune
+    train_y, val_y = [r["label"] for r in train], [r["label"] for r in val]
+    for candidate in record["candidates"]:
+        encoder = plan.domain.load_encoder("ssl", plan.cfg, plan.paths.shards, folders[candidate["step"]],
+                                           settings.seeds[0]).to(device)
+        features = embed_rows(encoder, train + val, precision=settings.precision)
+        del encoder
+        train_x, val_x = features[:len(train)], features[len(train):]
+        _, probe = fit_chosen_probe(train_x, train_y, settings)
+        predicted, probabilities = probe_predictions(probe, train_y, val_x, plan.classes)
+        candidate["val_score"] = scores(val_y, predicted, probabilities, plan.classes)["macro_f1"]
+    paired = [(c["rankme"], c["val_score"]) for c in record["candidates"] if c["rankme"] is not None]
+    if len(paired) >= MIN_CANDIDATES:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # constant input: nan, reported in the note instead
+            correlation = spearmanr(*zip(*paired)).statistic
+        record["spearman"] = float(correlation) if np.isfinite(correlation) else None
+    val_score = {c["step"]: c["val_score"] for c in record["candidates"]}
+    if record["chosen_step"] in val_score and record["last_step"] in val_score:
+        record["gain_vs_last"] = val_score[record["chosen_step"]] - val_score[record["last_step"]]
+
+
+def _summarise_tracking(record: dict[str, Any]) -> str:
+    """The note: what was measured, and why a figure is null."""
+    sentences = [(f"Linear probe on the labeled pool's train-split rows, macro-F1 on its val-split rows, for "
+                  f"{len(record['candidates'])} candidates.")]
+    if record["spearman"] is None:
+        sentences.append(f"No rank correlation: fewer than {MIN_CANDIDATES} candidates have a RankMe in "
+                    f"pretrain/log.json, or RankMe or the val score is the same for all of them.")
+    if record["gain_vs_last"] is None:
+        sentences.append("No gain: the chosen or the last step has no candidate encoder.")
+    return " ".join(sentences)

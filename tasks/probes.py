@@ -1,23 +1,46 @@
-"""The three protocols that measure an encoder on a few labels: linear probe, kNN, fine-tune."""
+"""The three protocols that measure an encoder on a few labels: linear probe, kNN, fine-tune;
+the probe's regularisation chosen inside the labeled subset, and 2D views of frozen features."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
-from typing import Any
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import numpy as np
 import torch
-from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import accuracy_score, f1_score, roc_auc_score
+from scipy import sparse
+from sklearn.decomposition import PCA, TruncatedSVD
+from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
+from sklearn.metrics import accuracy_score, f1_score, make_scorer, roc_auc_score
+from sklearn.model_selection import StratifiedKFold
 from sklearn.neighbors import KNeighborsClassifier
-from sklearn.pipeline import make_pipeline
+from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
+from threadpoolctl import threadpool_limits
 from transformers import get_cosine_schedule_with_warmup
 
 from ssl_models.core.config import FinetuneConfig
 from ssl_models.core.device import autocast, move
 from ssl_models.core.modules import Encoder
+
+# The probe's folds are drawn with this fixed seed, so the chosen C depends on the subset alone:
+# identical subsets (every seed at 100%) choose the same C, and the choice is computed once.
+CV_SEED = 0
+MAX_ITER = 500  # lbfgs iterations of a probe fit
+
+
+@contextlib.contextmanager
+def one_blas_thread() -> Iterator[None]:
+    """The probes' matrices are small (subset x feature dim): one BLAS thread fits them as fast
+    as several, never competes with torch's threads for the cores (measured 20-40x slower with
+    2 threads on 2 busy cores), and gives the same floats in every process of a parallel run."""
+    with threadpool_limits(1):
+        yield
 
 
 @torch.no_grad()
@@ -54,33 +77,102 @@ def _spread(model_classes: list[str], probabilities: np.ndarray, classes: list[s
     return full
 
 
-def fit_linear_probe(train_x: np.ndarray, train_y: list[str], c: float, seed: int):
-    """Logistic regression on standardised frozen features (None when only one class)."""
+def _probe_pipeline(features: Any, logistic: LogisticRegression | LogisticRegressionCV) -> Pipeline:
+    """`logistic` on standardised features; on sparse ones (TF-IDF, rows already l2-normalised)
+    without scaling: centring would densify them, and dividing by a rare term's small standard
+    deviation would blow it up. (lbfgs is deterministic: no random_state to pass.)"""
+    if sparse.issparse(features):
+        return make_pipeline(logistic)
+    return make_pipeline(StandardScaler(), logistic)
+
+
+def fit_linear_probe(train_x: Any, train_y: list[str], c: float) -> Pipeline | None:
+    """Logistic regression with inverse regularisation `c` on frozen features (dense:
+    standardised; sparse: as they are), or None when the subset holds one class only."""
     if len(set(train_y)) < 2:
         return None
-    probe = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=500, random_state=seed))
-    return probe.fit(train_x, train_y)
+    with one_blas_thread():
+        return _probe_pipeline(train_x, LogisticRegression(C=c, max_iter=MAX_ITER)).fit(train_x, train_y)
 
 
-def linear_probe(train_x: np.ndarray, train_y: list[str], test_x: np.ndarray, c: float, seed: int,
-                 classes: list[str]) -> tuple[list[str], np.ndarray]:
-    """Test predictions and class probabilities (columns in `classes` order)."""
-    probe = fit_linear_probe(train_x, train_y, c, seed)
+@dataclass(frozen=True)
+class ChosenC:
+    """The probe's inverse regularisation and how it was chosen: `cv` (stratified k-fold
+    macro-F1 inside the labeled subset, k in `folds`), `default` (a class with a single label:
+    no k >= 2 folds hold it, so the grid's middle value) or `fixed` (finetune.linear_c is a number)."""
+
+    c: float
+    chosen_by: Literal["cv", "default", "fixed"]
+    folds: int = 0
+
+
+def default_c(grid: list[float]) -> float:
+    """The grid's middle value (the lower of the two middle ones for an even grid): with
+    [0.01, 0.1, 1, 10] that is 0.1, the fixed value the probes used before C was chosen."""
+    ordered = sorted(grid)
+    return ordered[(len(ordered) - 1) // 2]
+
+
+def _macro_f1(y_true: Any, y_pred: Any, labels: Any = None) -> float:
+    """The search's score: macro-F1 over the subset's classes (`labels`, which scikit-learn's
+    path passes), 0 for a class never predicted. No `pos_label` argument: scikit-learn would
+    set one for two classes, which macro averaging ignores (with a warning)."""
+    return f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)
+
+
+def fit_chosen_probe(train_x: Any, train_y: list[str], settings: FinetuneConfig) -> tuple[ChosenC, Pipeline | None]:
+    """The probe, with C `finetune.linear_c`, or with `cv` the C of `linear_c_grid` with the
+    best mean macro-F1 over stratified k-fold cross-validation inside the labeled subset
+    (k = min(cv_folds, smallest class count); ties go to the smaller C), refitted on the whole
+    subset. With k < 2 the grid's middle value. The test set is never seen here. None for
+    the probe when the subset holds one class (no C applies)."""
+    if len(set(train_y)) < 2:
+        return ChosenC(default_c(settings.linear_c_grid), "default"), None
+    if settings.linear_c != "cv":
+        return ChosenC(float(settings.linear_c), "fixed"), fit_linear_probe(train_x, train_y, float(settings.linear_c))
+    folds = min(settings.cv_folds, min(Counter(train_y).values()))
+    if folds < 2:
+        c = default_c(settings.linear_c_grid)
+        return ChosenC(c, "default"), fit_linear_probe(train_x, train_y, c)
+    # scikit-learn's regularisation path: per fold one lbfgs run warm-started along the ascending
+    # grid, the best C (the first maximum of the fold-summed scores: the smaller C among equals)
+    # refitted on the whole subset. The scaler sees the whole subset: it reads no labels.
+    search = LogisticRegressionCV(
+        Cs=sorted(settings.linear_c_grid), cv=StratifiedKFold(folds, shuffle=True, random_state=CV_SEED),
+        scoring=make_scorer(_macro_f1), max_iter=MAX_ITER,
+        l1_ratios=(0.0,), use_legacy_attributes=False)  # plain L2, and scikit-learn 1.10's attributes (C_ a float)
+    with one_blas_thread():
+        probe = _probe_pipeline(train_x, search).fit(train_x, train_y)
+    return ChosenC(float(probe[-1].C_), "cv", folds), probe
+
+
+def probe_predictions(probe: Pipeline | None, train_y: list[str], test_x: Any,
+                      classes: list[str]) -> tuple[list[str], np.ndarray]:
+    """Test predictions and class probabilities (columns in `classes` order) of a fitted probe;
+    without one (a one-class subset) every test row gets that class."""
     if probe is None:
-        return [train_y[0]] * len(test_x), _spread([train_y[0]], np.ones((len(test_x), 1)), classes)
-    return list(probe.predict(test_x)), _spread(list(probe.classes_), probe.predict_proba(test_x), classes)
+        return [train_y[0]] * test_x.shape[0], _spread([train_y[0]], np.ones((test_x.shape[0], 1)), classes)
+    with one_blas_thread():
+        return list(probe.predict(test_x)), _spread(list(probe.classes_), probe.predict_proba(test_x), classes)
 
 
-def head_from_probe(probe, dim: int, classes: list[str]) -> torch.nn.Linear:
+def linear_probe(train_x: Any, train_y: list[str], test_x: Any, c: float,
+                 classes: list[str]) -> tuple[list[str], np.ndarray]:
+    """Fit a probe with `c` and return its test predictions and class probabilities."""
+    return probe_predictions(fit_linear_probe(train_x, train_y, c), train_y, test_x, classes)
+
+
+def head_from_probe(probe: Pipeline | None, dim: int, classes: list[str]) -> torch.nn.Linear:
     """A linear head that computes the fitted probe's logits on raw features (the scaler folded
     in), for LP-FT: Kumar et al., "Fine-Tuning can Distort Pretrained Features and
     Underperform Out-of-Distribution", ICLR 2022. Classes absent from the subset start low."""
     head = torch.nn.Linear(dim, len(classes))
     if probe is None:
         return head
-    scaler, logistic = probe[0], probe[-1]
-    weight = logistic.coef_ / scaler.scale_
-    bias = logistic.intercept_ - weight @ scaler.mean_
+    logistic = probe[-1]
+    scale, mean = (probe[0].scale_, probe[0].mean_) if len(probe) > 1 else (np.ones(dim), np.zeros(dim))
+    weight = logistic.coef_ / scale
+    bias = logistic.intercept_ - weight @ mean
     if len(logistic.classes_) == 2:  # sklearn keeps one row for two classes
         weight, bias = np.stack([-weight[0] / 2, weight[0] / 2]), np.array([-bias[0] / 2, bias[0] / 2])
     with torch.no_grad():
@@ -94,8 +186,25 @@ def head_from_probe(probe, dim: int, classes: list[str]) -> torch.nn.Linear:
 
 def knn_probe(train_x: np.ndarray, train_y: list[str], test_x: np.ndarray, neighbors: int,
               classes: list[str]) -> tuple[list[str], np.ndarray]:
-    knn = KNeighborsClassifier(n_neighbors=min(neighbors, len(train_y)), metric="cosine").fit(train_x, train_y)
-    return list(knn.predict(test_x)), _spread(list(knn.classes_), knn.predict_proba(test_x), classes)
+    with one_blas_thread():
+        knn = KNeighborsClassifier(n_neighbors=min(neighbors, len(train_y)), metric="cosine").fit(train_x, train_y)
+        return list(knn.predict(test_x)), _spread(list(knn.classes_), knn.predict_proba(test_x), classes)
+
+
+def project_2d(features: Any) -> tuple[list[list[float]], str]:
+    """Rows of `features` projected onto their first two principal axes (sklearn's PCA; for
+    sparse features TruncatedSVD, which needs no centring), rounded to 5 decimals, and the
+    method's name. Fewer than two rows or columns: zeros fill the missing axes."""
+    rows, columns = features.shape
+    components = min(2, rows - 1, columns)
+    coordinates = np.zeros((rows, 2))
+    method = "truncated_svd" if sparse.issparse(features) else "pca"
+    if components >= 1:
+        projector = (TruncatedSVD(components, random_state=0) if sparse.issparse(features)
+                     else PCA(components, random_state=0))
+        with one_blas_thread():
+            coordinates[:, :components] = projector.fit_transform(features)
+    return np.round(coordinates, 5).tolist(), method
 
 
 def finetune_steps(cfg: FinetuneConfig, n_train: int) -> int:
@@ -106,21 +215,22 @@ def finetune_steps(cfg: FinetuneConfig, n_train: int) -> int:
 def finetune_encoder(encoder: Encoder, train_rows: list[dict[str, Any]], train_y: list[str],
                      test_rows: list[dict[str, Any]], classes: list[str], cfg: FinetuneConfig,
                      seed: int, head: torch.nn.Linear) -> tuple[list[str], np.ndarray, Encoder, torch.nn.Linear]:
-    """Train a copy of the encoder and `head` (a copy of it) for `cfg.steps` steps, the same
-    budget for every initialisation; returns test predictions, probabilities and the trained modules."""
+    """Train a copy of the encoder and `head` (a copy of it) for `finetune_steps(cfg, len(train_rows))`
+    steps, the same rule for every initialisation; returns test predictions, probabilities and
+    the trained modules."""
     torch.manual_seed(seed)
     device = next(encoder.parameters()).device
     model = copy.deepcopy(encoder)
     head = copy.deepcopy(head).to(device)
     optimizer = torch.optim.AdamW([{"params": model.parameters(), "lr": cfg.learning_rate},
                                    {"params": head.parameters(), "lr": cfg.head_learning_rate}])
-    scheduler = get_cosine_schedule_with_warmup(optimizer, max(1, finetune_steps(cfg, len(train_rows)) // 10),
-                                                finetune_steps(cfg, len(train_rows)))
+    steps = finetune_steps(cfg, len(train_rows))
+    scheduler = get_cosine_schedule_with_warmup(optimizer, max(1, steps // 10), steps)
     targets = torch.tensor([classes.index(y) for y in train_y], device=device)
     generator = torch.Generator().manual_seed(seed)
     order: list[int] = []
     model.train()
-    for _ in range(finetune_steps(cfg, len(train_rows))):
+    for _ in range(steps):
         while len(order) < cfg.batch_size:  # fresh permutations, also when the subset is smaller than a batch
             order += torch.randperm(len(train_rows), generator=generator).tolist()
         batch_ids, order = order[:cfg.batch_size], order[cfg.batch_size:]

@@ -89,8 +89,8 @@ class Audio(Domain, module="audio"):
 
     def load_encoder(self, init: str, cfg: DomainConfig, shards_dir: Path,
                      pretrained_dir: Path, seed: int) -> Encoder:
-        if init == "generic" and not cfg.model.base_checkpoint:
-            raise PipelineError(f"init `generic` needs domains.{cfg.name}.model.base_checkpoint in params.yaml")
+        if init == "generic":
+            cfg = self.generic_config(cfg)
         if cfg.model.backbone == "wav2vec2":
             from ssl_models.audio.wav2vec2 import load_wav2vec2_encoder
 

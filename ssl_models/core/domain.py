@@ -160,6 +160,17 @@ class Domain(ABC):
         the base checkpoint domain pretraining continues from (null: no `generic` init)."""
         return cfg.finetune.generic_checkpoint or getattr(cfg.model, "base_checkpoint", None)
 
+    def generic_config(self, cfg: DomainConfig) -> DomainConfig:
+        """`cfg` with `model.base_checkpoint` set to the generic checkpoint, for the domains whose
+        loaders read the checkpoint from there; one clear line when there is none."""
+        from dataclasses import replace
+
+        checkpoint = self.generic_checkpoint(cfg)
+        if not checkpoint:
+            raise PipelineError(f"init `generic` needs domains.{cfg.name}.finetune.generic_checkpoint (or "
+                                "model.base_checkpoint) in params.yaml")
+        return replace(cfg, model=replace(cfg.model, base_checkpoint=checkpoint))
+
     def has_baseline(self) -> bool:
         """Whether the domain package ships classical baseline features (`<package>.baseline`)."""
         return importlib.util.find_spec(f"{self.package}.baseline") is not None

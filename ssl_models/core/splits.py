@@ -1,4 +1,4 @@
-"""Deterministic splits by hash, and label subsets that are stratified and group-aware."""
+"""Deterministic splits by hash (group-aware), and stratified label subsets drawn by example."""
 
 from __future__ import annotations
 
@@ -20,32 +20,25 @@ def assign_split(unit: str, val: float, test: float, salt: str) -> str:
     return "train"
 
 
-def select_label_subset(labels: list[str], groups: list[str], fraction: float, seed: int) -> list[int]:
-    """Indices of about `fraction` of the rows, whole groups at a time, stratified by label.
+def select_label_subset(labels: list[str], fraction: float, seed: int) -> list[int]:
+    """Indices of about `fraction` of the rows, drawn example by example within each label
+    (stratified: round(fraction x the label's count), at least one per label), sorted.
 
-    Each label's groups (a group counts for its most common label) are shuffled with `seed`
-    and taken until the label has its share, at least one group per label. The same
-    (fraction, seed) gives the same subset for every initialisation, so runs are paired."""
+    Examples, not whole groups, are the unit, so 1% and 10% differ even when a few groups hold
+    every row; the test split is separated by group upstream (`assign_split`), so no group
+    straddles train and test whatever is drawn here. Each label's order is a permutation drawn
+    from `seed` that does not depend on `fraction`: one seed's smaller subsets are inside its
+    larger ones, and the same (fraction, seed) gives the same subset for every initialisation,
+    so runs are paired."""
     if fraction >= 1.0:
         return list(range(len(labels)))
     members: dict[str, list[int]] = defaultdict(list)
-    for index, group in enumerate(groups):
-        members[group].append(index)
-    groups_of_label: dict[str, list[str]] = defaultdict(list)
-    for group, indices in sorted(members.items()):
-        values, counts = np.unique([labels[i] for i in indices], return_counts=True)
-        groups_of_label[str(values[np.argmax(counts)])].append(group)
+    for index, label in enumerate(labels):
+        members[label].append(index)
     rng = np.random.default_rng(seed)
     chosen: list[int] = []
-    for label in sorted(groups_of_label):
-        candidates = groups_of_label[label]
-        order = rng.permutation(len(candidates))
-        target = max(1, round(fraction * sum(len(members[g]) for g in candidates)))
-        taken = 0
-        for position in order:
-            if taken >= target:
-                break
-            group_indices = members[candidates[position]]
-            chosen.extend(group_indices)
-            taken += len(group_indices)
+    for label in sorted(members):
+        order = rng.permutation(len(members[label]))
+        take = max(1, round(fraction * len(members[label])))
+        chosen.extend(members[label][position] for position in order[:take])
     return sorted(chosen)

@@ -18,8 +18,17 @@ from ssl_models.histopathology.readers import HISTO_SUFFIXES, read_slide
 if TYPE_CHECKING:
     from ssl_models.core.modules import Encoder
 
+
 class Histopathology(Domain, module="histopathology"):
     name, suffixes, sections, methods, backbones = "histopathology", HISTO_SUFFIXES, SECTIONS, METHODS, BACKBONES
+    # slide file names carry accession and case numbers (`S21-04711 A1.svs`): pseudonyms unless a
+    # user sets privacy.pseudonymise: false
+    pseudonymise_by_default = True
+
+    def splits_labeled_rows_at_preprocess(self, cfg: DomainConfig) -> bool:
+        """With spatial blocks, tiles take their block's split in preprocess, not their slide's
+        manifest split: ingest cannot tell which classes reach the train split."""
+        return bool(cfg.preprocess.spatial_block)
 
     def validate(self, cfg: DomainConfig) -> None:
         where = f"domains.{cfg.name}"
@@ -61,8 +70,8 @@ class Histopathology(Domain, module="histopathology"):
             encoder = self.build_encoder(replace(cfg, model=replace(model, base_checkpoint=None)), shards_dir)
             load_weights(encoder.backbone, pretrained_dir)
             return encoder
-        if init == "generic" and not cfg.model.base_checkpoint:
-            raise PipelineError("init `generic` needs model.base_checkpoint in params.yaml")
+        if init == "generic":
+            cfg = self.generic_config(cfg)
         if init not in ("scratch", "generic"):
             raise PipelineError(f"unknown init {init!r}")
         model = cfg.model if init == "generic" else replace(cfg.model, base_checkpoint=None)

@@ -91,7 +91,7 @@ class LegalText(Domain, module="legal_text"):
                      pretrained_dir: Path, seed: int) -> Encoder:
         from ssl_models.legal_text.models import load_text_encoder
 
-        return load_text_encoder(init, cfg, pretrained_dir, seed)
+        return load_text_encoder(init, cfg, pretrained_dir, seed, self.generic_checkpoint(cfg))
 
     # the report's sentence on what the labeled task is
     task_kind = "document classification"

@@ -4,10 +4,11 @@ masked-language-modelling methods."""
 from __future__ import annotations
 
 import importlib.util
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import transformers
@@ -36,22 +37,74 @@ CHARS_PER_TOKEN = 12
 IGNORE_INDEX = -100  # label of positions without loss (cross_entropy's default ignore_index)
 
 
-def resolve_checkpoint(cfg: DomainConfig) -> Path:
-    """`model.base_checkpoint` on disk: a folder (relative to the project root), or
-    `package:<importable module>/<subdir>` for weights shipped in a package."""
-    reference = cfg.model.base_checkpoint
+def resolve_checkpoint(cfg: DomainConfig, reference: str | None = None) -> Path:
+    """A Hugging Face checkpoint on disk (`reference`, by default `model.base_checkpoint`): a
+    folder (relative to the project root), or `package:<importable module>/<subdir>` for
+    weights shipped in a package."""
+    reference = reference or cfg.model.base_checkpoint
     if reference.startswith("package:"):
         module, _, subdir = reference[len("package:"):].partition("/")
         spec = importlib.util.find_spec(module)
         if spec is None or not spec.submodule_search_locations:
-            raise PipelineError(f"base_checkpoint {reference!r}: package {module!r} is not installed")
+            raise PipelineError(f"checkpoint {reference!r} (params.yaml domains.{cfg.name}): package {module!r} "
+                                "is not installed")
         path = Path(next(iter(spec.submodule_search_locations))) / subdir
     else:
         path = cfg.resolve(reference)
     if not (path / "config.json").exists():
-        raise PipelineError(f"base_checkpoint {reference!r}: no Hugging Face model folder "
-                            f"(config.json) at {path}")
+        raise PipelineError(f"checkpoint {reference!r} (params.yaml domains.{cfg.name}): no Hugging Face "
+                            f"model folder (config.json) at {path}")
     return path
+
+
+@dataclass(frozen=True)
+class Pooling:
+    """How a window's token features become its embedding: `mean` over the attention mask or
+    the `cls` token, then L2-`normalize`d or not. Read from a checkpoint's sentence-transformers
+    files (`modules.json`, `1_Pooling/config.json`), so a published sentence encoder such as
+    all-MiniLM-L6-v2 embeds as it was trained to (mean pooling, then normalised); a plain
+    Hugging Face folder pools by the mean."""
+
+    mode: Literal["mean", "cls"] = "mean"
+    normalize: bool = False
+
+    @classmethod
+    def read(cls, folder: Path) -> Pooling:
+        modules_file = folder / "modules.json"
+        if not modules_file.exists():
+            return cls()
+        modules = json.loads(modules_file.read_text())
+        kinds = {entry["type"].rsplit(".", 1)[-1]: entry for entry in modules}
+        mode = "mean"
+        if "Pooling" in kinds:
+            options = json.loads((folder / kinds["Pooling"]["path"] / "config.json").read_text())
+            chosen = [key for key, on in options.items() if key.startswith("pooling_mode_") and on is True]
+            modes = {"pooling_mode_mean_tokens": "mean", "pooling_mode_cls_token": "cls"}
+            if len(chosen) != 1 or chosen[0] not in modes:
+                raise PipelineError(f"checkpoint {folder}: sentence-transformers pooling {chosen} is not supported "
+                                    "(supported: one of mean tokens, cls token)")
+            mode = modes[chosen[0]]
+        return cls(mode, "Normalize" in kinds)
+
+    def write(self, folder: Path, dim: int) -> None:
+        """sentence-transformers' description of this pooling, so `SentenceTransformer(folder)`
+        embeds as this encoder does (nothing written for plain mean pooling, its default)."""
+        if self == Pooling():
+            return
+        modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+                   {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
+        if self.normalize:
+            modules.append({"idx": 2, "name": "2", "path": "2_Normalize",
+                            "type": "sentence_transformers.models.Normalize"})
+        (folder / "1_Pooling").mkdir(parents=True, exist_ok=True)
+        (folder / "modules.json").write_text(json.dumps(modules, indent=2))
+        (folder / "1_Pooling" / "config.json").write_text(json.dumps(
+            {"word_embedding_dimension": dim, "pooling_mode_mean_tokens": self.mode == "mean",
+             "pooling_mode_cls_token": self.mode == "cls"}, indent=2))
+
+    def __call__(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        pooled = mean_pool(hidden, attention_mask) if self.mode == "mean" else hidden[:, 0]
+        return nn.functional.normalize(pooled, dim=-1) if self.normalize else pooled
 
 
 def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -60,42 +113,90 @@ def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tenso
 
 
 class TextEncoder(Encoder):
-    """A transformers base model with mean pooling over the attention mask.
+    """A transformers base model whose document embedding pools its windows.
+
+    A labeled text longer than `max_length` tokens is cut into windows of `max_length` tokens
+    (each with the tokenizer's [CLS]/[SEP]), as many whole windows as `max_document_tokens`
+    holds; every window of a batch goes through the model in one forward, each is pooled
+    (`pooling`), and a document's embedding is the mean of its windows weighted by their tokens
+    (with mean pooling: the mean over all the document's tokens), so fine-tuning's gradients
+    reach every window. `max_document_tokens == max_length` keeps one window: the text cut at
+    `max_length` tokens, as before windows.
 
     `masked_lm_head` is the MLM head of the masked LM the encoder was cut from, for the method
     that pretrains it; it is not part of the encoder (neither saved with it nor in its
     parameters), and None for encoders loaded to fine-tune."""
 
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, max_length: int,
-                 masked_lm_head: nn.Module | None = None) -> None:
+                 masked_lm_head: nn.Module | None = None, max_document_tokens: int | None = None,
+                 pooling: Pooling = Pooling()) -> None:
         super().__init__()
         self.model = model
         self.tokenizer = tokenizer
         self.max_length = max_length
+        self.max_document_tokens = max(max_document_tokens or max_length, max_length)
+        self.pooling = pooling
         self.dim = int(model.config.hidden_size)
         self.__dict__["masked_lm_head"] = masked_lm_head  # in __dict__: not registered as a submodule
+        # whole windows only: `max_document_tokens` is a budget, not a length to fill
+        self.windows_per_document = max(1, self.max_document_tokens // max_length)
 
     def collate(self, samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        """`input_ids` and `attention_mask` of every window of the batch [windows, length], and
+        `window_weights` [documents, windows]: the share of each document's tokens in each window."""
         # A fast tokenizer tokenizes the whole text before truncating; licenses and contracts
         # run to 100k characters, so cut first (no token spans more than CHARS_PER_TOKEN chars
         # on average in any vocabulary we ship).
-        texts = [s["text"][: self.max_length * CHARS_PER_TOKEN] for s in samples]
-        encoded = self.tokenizer(texts, truncation=True,
-                                 max_length=self.max_length, padding=True, return_tensors="pt")
-        return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
+        texts = [s["text"][: self.max_document_tokens * CHARS_PER_TOKEN] for s in samples]
+        # the tokenizer's overflow cuts a text into windows of max_length, each with its [CLS]/[SEP]
+        encoded = self.tokenizer(texts, truncation=True, max_length=self.max_length, padding=True,
+                                 return_overflowing_tokens=True, return_tensors="pt")
+        document = encoded["overflow_to_sample_mapping"]
+        _, counts = document.unique_consecutive(return_counts=True)
+        first_window = torch.repeat_interleave(counts.cumsum(0) - counts, counts)
+        kept = torch.arange(len(document)) - first_window < self.windows_per_document
+        document, attention_mask = document[kept], encoded["attention_mask"][kept]
+        weights = torch.zeros(len(samples), len(document))
+        weights[document, torch.arange(len(document))] = attention_mask.sum(1).float()
+        return {"input_ids": encoded["input_ids"][kept], "attention_mask": attention_mask,
+                "window_weights": weights / weights.sum(1, keepdim=True).clamp(min=1.0)}
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         hidden = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-        return mean_pool(hidden, batch["attention_mask"])
+        windows = self.pooling(hidden, batch["attention_mask"])
+        # in float32 whatever the autocast: bf16 would round the token shares; a document of one
+        # window gets its window's embedding exactly (a weight of 1, zeros elsewhere)
+        with torch.autocast(windows.device.type, enabled=False):
+            return batch["window_weights"].float() @ windows.float()
 
     def hidden_states(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Token features [batch, length, dim] of packed blocks (no padding, so no attention mask)."""
         return self.model(input_ids=input_ids).last_hidden_state
 
     def save(self, out_dir: Path) -> None:
-        """A folder that `AutoModel.from_pretrained` and `AutoTokenizer.from_pretrained` read."""
+        """A folder that `AutoModel.from_pretrained` and `AutoTokenizer.from_pretrained` read (and
+        `sentence_transformers.SentenceTransformer`, pooling included)."""
         self.model.save_pretrained(out_dir)
         self.tokenizer.save_pretrained(out_dir)
+        _drop_loading_options(out_dir / "tokenizer_config.json")
+        self.pooling.write(out_dir, self.dim)
+
+
+# how the tokenizer was loaded, not what it is: transformers writes these loading kwargs into
+# tokenizer_config.json (`local_files_only` from HF_HUB_OFFLINE), so the same weights would
+# give other bytes in a process with other environment variables
+LOADING_OPTIONS = ("local_files_only", "cache_dir", "force_download", "proxies", "token", "revision")
+
+
+def _drop_loading_options(config_file: Path) -> None:
+    if not config_file.exists():
+        return
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    if any(key in config for key in LOADING_OPTIONS):
+        for key in LOADING_OPTIONS:
+            config.pop(key, None)
+        config_file.write_text(json.dumps(config, indent=2, sort_keys=True, ensure_ascii=False) + "\n",
+                               encoding="utf-8")
 
 
 def build_bert(cfg: DomainConfig, shards_dir: Path) -> TextEncoder:
@@ -104,8 +205,12 @@ def build_bert(cfg: DomainConfig, shards_dir: Path) -> TextEncoder:
     tied to the input embeddings, as in BERT)."""
     tokenizer = AutoTokenizer.from_pretrained(shards_dir / "tokenizer")
     model_cfg = cfg.model
+    pooling = Pooling()
     if model_cfg.base_checkpoint:
-        masked_lm = AutoModelForMaskedLM.from_pretrained(resolve_checkpoint(cfg))
+        checkpoint = resolve_checkpoint(cfg)
+        # float32 master weights whatever dtype the checkpoint was published in (autocast does bf16)
+        masked_lm = AutoModelForMaskedLM.from_pretrained(checkpoint, dtype=torch.float32)
+        pooling = Pooling.read(checkpoint)  # a sentence encoder's pooling, kept through continued pretraining
         if masked_lm.config.vocab_size < len(tokenizer):
             raise PipelineError("the base checkpoint's vocabulary is smaller than the tokenizer's; with "
                                 "model.base_checkpoint set, use preprocess.tokenizer: base")
@@ -120,24 +225,33 @@ def build_bert(cfg: DomainConfig, shards_dir: Path) -> TextEncoder:
     if len(heads) != 1:
         raise PipelineError(f"backbone bert needs a BERT-style masked LM (a base model and one MLM head); "
                             f"the base checkpoint is a {type(masked_lm).__name__}")
-    return TextEncoder(masked_lm.base_model, tokenizer, model_cfg.max_length, masked_lm_head=heads[0])
+    return TextEncoder(masked_lm.base_model, tokenizer, model_cfg.max_length, masked_lm_head=heads[0],
+                       max_document_tokens=model_cfg.max_document_tokens, pooling=pooling)
 
 
-def load_text_encoder(init: str, cfg: DomainConfig, pretrained_dir: Path, seed: int) -> TextEncoder:
+def load_text_encoder(init: str, cfg: DomainConfig, pretrained_dir: Path, seed: int,
+                      generic_checkpoint: str | None = None) -> TextEncoder:
     """ssl: the domain-pretrained encoder; scratch: its architecture, randomly initialised from
-    `seed`; generic: the base checkpoint as published."""
+    `seed`; generic: `generic_checkpoint` as published, with its own tokenizer and pooling."""
     if init not in ("ssl", "scratch", "generic"):
         raise PipelineError(f"unknown init {init!r}")
-    if init == "generic" and not cfg.model.base_checkpoint:
-        raise PipelineError("init `generic` needs model.base_checkpoint in params.yaml")
-    source = resolve_checkpoint(cfg) if init == "generic" else pretrained_dir
+    if init == "generic" and not generic_checkpoint:
+        raise PipelineError(f"init `generic` needs domains.{cfg.name}.finetune.generic_checkpoint (or "
+                            "model.base_checkpoint) in params.yaml")
+    source = resolve_checkpoint(cfg, generic_checkpoint) if init == "generic" else pretrained_dir
+    config = AutoConfig.from_pretrained(source)
+    positions = getattr(config, "max_position_embeddings", None)
+    if positions is not None and cfg.model.max_length > positions:
+        raise PipelineError(f"params.yaml domains.{cfg.name}.model.max_length {cfg.model.max_length} is beyond "
+                            f"the {positions} positions of the checkpoint at {source}: lower it")
     # transformers initialises from the global generator: the scratch weights, and any head a
     # checkpoint lacks (BERT's pooler after MLM pretraining), come from `seed`, not from the run
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = (AutoModel.from_config(AutoConfig.from_pretrained(source)) if init == "scratch"
-                 else AutoModel.from_pretrained(source))
-    return TextEncoder(model, AutoTokenizer.from_pretrained(source), cfg.model.max_length)
+        model = (AutoModel.from_config(config) if init == "scratch"
+                 else AutoModel.from_pretrained(source, dtype=torch.float32))  # float32 master weights to fine-tune
+    return TextEncoder(model, AutoTokenizer.from_pretrained(source), cfg.model.max_length,
+                       max_document_tokens=cfg.model.max_document_tokens, pooling=Pooling.read(source))
 
 
 @dataclass

@@ -11,6 +11,7 @@ import numpy as np
 from datasets import Dataset
 from tokenizers import BertWordPieceTokenizer
 from tokenizers.models import WordPiece
+from tokenizers.processors import TemplateProcessing
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from ssl_models.core.config import DomainConfig
@@ -33,8 +34,15 @@ def build_tokenizer(cfg: DomainConfig, train_texts: list[str]) -> PreTrainedToke
     wordpiece.train_from_iterator(train_texts, vocab_size=options.vocab_size, min_frequency=options.min_frequency,
                                   special_tokens=list(SPECIAL_TOKENS.values()), show_progress=False)
     renumber_deterministically(wordpiece)
-    return PreTrainedTokenizerFast(tokenizer_object=wordpiece, model_max_length=options.block_size,
-                                   **SPECIAL_TOKENS)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=wordpiece, model_max_length=options.block_size,
+                                        **SPECIAL_TOKENS)
+    # BERT's [CLS] text [SEP] around each labeled window, as around each pretraining block
+    # (transformers 5 replaces the WordPiece tokenizer's own post-processor by one that adds nothing)
+    cls, sep = SPECIAL_TOKENS["cls_token"], SPECIAL_TOKENS["sep_token"]
+    tokenizer.backend_tokenizer.post_processor = TemplateProcessing(
+        single=f"{cls} $A {sep}", pair=f"{cls} $A {sep} $B:1 {sep}:1",
+        special_tokens=[(cls, tokenizer.cls_token_id), (sep, tokenizer.sep_token_id)])
+    return tokenizer
 
 
 def renumber_deterministically(wordpiece: BertWordPieceTokenizer) -> None:

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from ssl_models.core.config import DomainConfig
 from ssl_models.core.domain import Domain, Locate, Record, Rejected, Source
-from ssl_models.core.errors import PipelineError
+from ssl_models.core.errors import PipelineError, UnreadableFileError
 from ssl_models.medical3d.config import BACKBONES, METHODS, SECTIONS, VIT_METHODS
 from ssl_models.medical3d.default_data import ATTRIBUTION
 
@@ -101,8 +101,13 @@ class Medical3D(Domain, module="medical3d"):
                                                for name in ("pretrain_train", "pretrain_val", "labeled")}
         for extra in ("label", "split", "group"):
             columns["labeled"][extra] = []
+        quarantine: list[dict[str, str]] = []
         for row in tqdm(manifest, desc=f"preprocess {cfg.name}", unit="volume", disable=None):
-            volume = self._read_volume(locate(row), cfg)
+            try:  # read at ingest, but the file may have changed since: quarantined, not a traceback
+                volume = self._read_volume(locate(row), cfg)
+            except UnreadableFileError as error:
+                quarantine.append({"key": row["key"], "reason": f"unreadable at preprocess: {error.reason}"})
+                continue
             cube = preprocess_volume(volume.array, volume.spacing, row["modality"], options, size)
             targets = [f"pretrain_{row['split']}"] if row["split"] in ("train", "val") else []
             if row.get("label") is not None:
@@ -118,14 +123,15 @@ class Medical3D(Domain, module="medical3d"):
             features = Features({column: shard_features[column] for column in values})
             Dataset.from_dict(values, features=features).save_to_disk(str(out_dir / name))
         modalities = sorted({row["modality"] for row in manifest})
-        return {"cube_size": size, "spacing_mm": options.spacing, "modalities": modalities,
+        return {"cube_size": size, "spacing_mm": options.spacing, "modalities": modalities, "quarantine": quarantine,
                 **{f"{name}_volumes": len(values["sample_id"]) for name, values in columns.items()}}
 
     def load_encoder(self, init: str, cfg: DomainConfig, shards_dir: Path,
                      pretrained_dir: Path, seed: int) -> Encoder:
         from ssl_models.medical3d.models import load_volume_encoder
 
-        return load_volume_encoder(init, cfg, shards_dir, pretrained_dir, seed)
+        return load_volume_encoder(init, self.generic_config(cfg) if init == "generic" else cfg, shards_dir,
+                                   pretrained_dir, seed)
 
     # the report's sentence on what the labeled task is
     task_kind = "volume classification"

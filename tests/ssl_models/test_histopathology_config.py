@@ -90,10 +90,10 @@ def test_sections_and_method_options_arrive_typed(tmp_path: Path) -> None:
     assert cfg.pretrain.options == BYOLOptions(momentum=0.0, augment=AugmentConfig(crop_scale=1.0))
     assert isinstance(cfg.pretrain.options.momentum, float)
     assert cfg.model == HistoModelConfig(backbone="resnet", width=8, depth=1) and cfg.preprocess.stored_size == 32
-    assert cfg.cpu_threads == 1 and domain.available_inits(cfg) == ["ssl", "scratch"]
+    assert cfg.cpu_threads == 1 and domain.available_inits(cfg) == ["ssl", "scratch", "baseline"]
     write_params(tmp_path, histo_params(**method("mae"), model={"backbone": "vit", "base_checkpoint": "weights"}))
     cfg, domain = load_config("histo", tmp_path / "params.yaml")
-    assert cfg.pretrain.options == MAEOptions() and domain.available_inits(cfg) == ["ssl", "scratch", "generic"]
+    assert cfg.pretrain.options == MAEOptions() and domain.available_inits(cfg) == ["ssl", "scratch", "generic", "baseline"]
     write_params(tmp_path, histo_params())
     assert load_config("histo", tmp_path / "params.yaml")[0].pretrain.options == SimCLROptions(loss="dcl")
 

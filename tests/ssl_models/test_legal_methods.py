@@ -62,7 +62,7 @@ def test_the_saved_encoder_loads_back_and_scratch_is_its_architecture_seeded(ing
     assert all(torch.equal(scratch[0][k], scratch[1][k]) for k in scratch[0])
     assert not torch.equal(scratch[0]["model.embeddings.word_embeddings.weight"],
                            scratch[2]["model.embeddings.word_embeddings.weight"])
-    assert domain.available_inits(cfg) == ["ssl", "scratch"]
+    assert domain.available_inits(cfg) == ["ssl", "scratch", "baseline"]
 
 
 def test_a_base_checkpoint_is_continued_with_its_own_head(tmp_path: Path) -> None:
@@ -80,6 +80,6 @@ def test_a_base_checkpoint_is_continued_with_its_own_head(tmp_path: Path) -> Non
                     padding="max_length", max_length=16, truncation=True)["input_ids"]
     loss = method(method.data_side()([{"input_ids": row} for row in ids], [0, 1]))
     assert torch.isfinite(loss)
-    assert domain.available_inits(cfg) == ["ssl", "scratch", "generic"]
+    assert domain.available_inits(cfg) == ["ssl", "scratch", "generic", "baseline"]
     generic = domain.load_encoder("generic", cfg, shards, tmp_path / "unused", seed=0)
     assert generic.dim == 384

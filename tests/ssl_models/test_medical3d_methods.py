@@ -94,7 +94,7 @@ def test_a_monai_vit_autoencoder_checkpoint_is_the_generic_init(tmp_path: Path) 
     torch.save({"state_dict": autoencoder.state_dict()}, tmp_path / "ssl_pretrained.pt")
     write_params(tmp_path, medical_params(model={"base_checkpoint": "ssl_pretrained.pt", "patch_size": 4}))
     cfg, domain = load_config("medical", tmp_path / "params.yaml")
-    assert domain.available_inits(cfg) == ["ssl", "scratch", "generic"]
+    assert domain.available_inits(cfg) == ["ssl", "scratch", "generic", "baseline"]
     encoder = domain.load_encoder("generic", cfg, tmp_path, tmp_path, seed=0)
     loaded = encoder.backbone.state_dict()
     assert torch.equal(loaded["blocks.0.attn.qkv.weight"], autoencoder.state_dict()["blocks.0.attn.qkv.weight"])

@@ -15,8 +15,9 @@ from tests.conftest import write_params
 
 def finetune_outputs(root: Path, nproc: int) -> tuple[bytes, dict[str, bytes], dict]:
     """Run finetune for legal from scratch with `finetune.nproc` and one torch thread per job
-    (what 2 workers get on 2 cores: bit-identical needs equal threads); return results.json's
-    bytes, every saved model file's bytes by relative path, and the run record."""
+    (what 2 workers get on 2 cores: bit-identical needs equal threads); return the bytes of
+    results.json and embedding_2d.json, every saved model file's bytes by relative path, and
+    the run record."""
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["domains"]["legal"]["cpu_threads"] = 1
     params["domains"]["legal"]["finetune"]["nproc"] = nproc
@@ -26,7 +27,8 @@ def finetune_outputs(root: Path, nproc: int) -> tuple[bytes, dict[str, bytes], d
     run_stage("finetune", "legal", root)
     models = {path.relative_to(folder).as_posix(): path.read_bytes()
               for path in sorted((folder / "models").rglob("*")) if path.is_file()}
-    return (folder / "results.json").read_bytes(), models, read_json(root / "models/legal/.finetune.run.json")
+    outputs = (folder / "results.json").read_bytes() + (folder / "embedding_2d.json").read_bytes()
+    return outputs, models, read_json(root / "models/legal/.finetune.run.json")
 
 
 @pytest.mark.slow
@@ -38,7 +40,11 @@ def test_two_processes_give_the_serial_results_and_models(ingested_project: Path
     spread_results, spread_models, spread_run = finetune_outputs(ingested_project, nproc=2)
     assert (serial_run["processes"], spread_run["processes"]) == (1, 2)
     assert spread_results == serial_results
-    assert len(read_json(ingested_project / "models/legal/finetune/results.json")["results"]) == 2 * 3 * 2 * 3
+    saved = read_json(ingested_project / "models/legal/finetune/results.json")
+    settings = yaml.safe_load((ingested_project / "params.yaml").read_text())["domains"]["legal"]["finetune"]
+    # every init's protocols at both fractions x 3 seeds (the baseline: linear only)
+    assert len(saved["results"]) == sum(1 if init == "baseline" else 3 for init in saved["inits"]) * 2 * 3
+    assert settings["label_fractions"] == [0.1, 1.0] and {"ssl", "scratch"} <= set(saved["inits"])
     assert serial_models and any(name.endswith("head.safetensors") for name in serial_models)
     assert spread_models.keys() == serial_models.keys()
-    assert all(spread_models[name] == serial_models[name] for name in serial_models)
+    assert [name for name in serial_models if spread_models[name] != serial_models[name]] == []
