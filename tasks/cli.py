@@ -150,9 +150,10 @@ def domain_lock(lock_file: Path, stage: str, timeout: float | None = None) -> It
 
 
 def check_inputs(stage: str, paths: Any) -> None:
-    """Every artifact `stage` reads is complete (its lineage record is written last), else one line."""
+    """Every artifact `stage` reads is complete (its lineage record is written last) and intact
+    (each file's sha256 as recorded when it was written), else one line."""
     from ssl_models.core.errors import PipelineError
-    from tasks.lineage import record_path
+    from tasks.lineage import check_outputs_intact, record_path
 
     for artifact, maker in paths.inputs(stage).items():
         if not record_path(artifact).exists():
@@ -160,6 +161,7 @@ def check_inputs(stage: str, paths: Any) -> None:
             raise PipelineError(f"{stage}@{paths.domain} reads {paths.relative(artifact)}, which {state}; "
                                 f"run {maker}@{paths.domain} first (`dvc repro {stage}@{paths.domain}` "
                                 "runs everything it needs)")
+        check_outputs_intact(artifact, paths.relative(artifact), f"{maker}@{paths.domain}")
 
 
 def run_stage(stage: str, domain_name: str, root: Path = Path(".")) -> object:

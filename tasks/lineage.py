@@ -253,6 +253,21 @@ def _verify_input(name: str, digest: str, root: Path, stage: str) -> list[str]:
     return []
 
 
+def check_outputs_intact(artifact: Path, shown: str, made_by: str) -> None:
+    """Before a stage reads `artifact`: every file still has the sha256 its stage recorded when it
+    wrote it (lineage.json) and none is missing; else one line naming the first (a damaged shard
+    or encoder is never read). Files added since (a library's cache, an OS's) are let be."""
+    record = read_record(artifact)
+    now = hash_outputs(artifact)
+    recorded = record.get("outputs", {})
+    problems = [f"{name}: {'missing' if name not in now else 'content changed'}"
+                for name in sorted(recorded) if now.get(name) != recorded[name]]
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise PipelineError(f"{shown}/{problems[0]}{more} since {made_by} wrote it (damaged or edited); "
+                            f"restore it (`dvc checkout`) or re-run {made_by} (`dvc repro -f -s {made_by}`)")
+
+
 def check_raw_inputs_unchanged(artifact: Path, root: Path, made_by: str) -> None:
     """Before a stage reads the raw corpus again: every raw file still has the hash `made_by`
     recorded in `artifact`, else one line naming the file (by its pseudonym when names are hidden)."""

@@ -86,7 +86,7 @@ def test_the_encoder_saved_after_pretraining_loads_back_for_every_init(tmp_path:
         scratch = [domain.load_encoder("scratch", cfg, tmp_path, tmp_path / "encoder", seed=s) for s in (0, 0, 1)]
         weights = [next(iter(e.backbone.parameters())) for e in scratch]
     assert torch.equal(weights[0], weights[1]) and not torch.equal(weights[0], weights[2])
-    with pytest.raises(PipelineError, match="needs model.base_checkpoint"):
+    with pytest.raises(PipelineError, match=r"needs domains.histo.finetune.generic_checkpoint \(or model.base_checkpoint\)"):
         domain.load_encoder("generic", cfg, tmp_path, tmp_path / "encoder", seed=0)
     write_params(tmp_path, histo_params(model={"backbone": "vit", "width": 16, "depth": 2,
                                                "base_checkpoint": "encoder"}, pretrain={"method": "mae", "options": {}}))
