@@ -87,9 +87,12 @@ def test_ties_go_to_the_smaller_c_and_too_few_labels_take_the_grids_middle() -> 
     y = ["a", "b", "c"] * 4
     chosen, _ = fit_chosen_probe(x, y, FinetuneConfig(linear_c_grid=[1.0, 0.05, 10.0]))
     assert (chosen.c, chosen.chosen_by) == (0.05, "cv")
-    # one example of "c": no two folds can both hold it, so the documented default applies
-    chosen, probe = fit_chosen_probe(np.eye(5), ["a", "a", "b", "b", "c"], FinetuneConfig())
+    # one example of every class: no two folds can hold one, so the documented default applies
+    chosen, probe = fit_chosen_probe(np.eye(3), ["a", "b", "c"], FinetuneConfig())
     assert (chosen.c, chosen.chosen_by, chosen.folds) == (0.1, "default", 0) and probe is not None
+    # a single example of one class among splittable ones: cross-validated over the others' folds
+    chosen, probe = fit_chosen_probe(np.eye(5), ["a", "a", "b", "b", "c"], FinetuneConfig())
+    assert (chosen.chosen_by, chosen.folds) == ("cv", 2) and probe is not None
     chosen, probe = fit_chosen_probe(np.eye(5), ["a"] * 5, FinetuneConfig())
     assert probe is None  # one class: nothing to fit
     chosen, _ = fit_chosen_probe(x, y, dataclasses.replace(FinetuneConfig(), linear_c=3.0))
