@@ -102,9 +102,11 @@ def test_ties_go_to_the_smaller_c_and_too_few_labels_take_the_grids_middle() -> 
 def test_sparse_features_are_probed_without_centring() -> None:
     rng = np.random.default_rng(2)
     dense = np.abs(rng.normal(size=(40, 8))) * (rng.random((40, 8)) < 0.3)
+    dense[:, 5] = 0.0  # a word of the vocabulary no training row uses
     y = ["x" if row[0] > row[1] else "y" for row in dense]
     _, probe = fit_chosen_probe(sparse.csr_matrix(dense), y, FinetuneConfig(cv_folds=3))
-    assert len(probe) == 1  # no scaler in front of the logistic regression
+    assert not any(isinstance(step, StandardScaler) for step in probe)  # no centring, no scaling
+    assert 5 not in probe[0].columns_ and probe[-1].coef_.shape[1] == 7  # the unused column is dropped
     head = head_from_probe(probe, 8, ["x", "y"])
     with torch.no_grad():
         logits = head(torch.from_numpy(dense.astype(np.float32))).numpy()
