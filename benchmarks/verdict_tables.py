@@ -28,8 +28,10 @@ def table(root: Path, domain: str) -> str:
     best = {(r["init"], r["label_fraction"]): r for r in metrics.get("best_protocols", [])}
     inits = [i for i in INITS if any(key[0] == i for key in best)]
     paired = {(c["against"], c["label_fraction"]): c for c in comparisons if c.get("protocol") == "best"}
+    compared = metrics.get("comparison_metric", metrics["primary_metric"])
     lines = [f"**{domain}**: {metrics['primary_metric']} on {metrics['labeled_test']} test rows; each init's "
-             "best protocol, mean ± std over seeds; ssl − other: mean paired difference [bootstrap interval]", "",
+             f"best protocol, mean ± std over seeds; ssl − other: mean paired difference in {compared} "
+             "[bootstrap interval]", "",
              "| labels | n (groups) | " + " | ".join(inits) + " | " +
              " | ".join(f"ssl − {i}" for i in inits if i != "ssl") + " |",
              "|---" * (2 + 2 * len(inits) - 1) + "|"]

@@ -20,6 +20,7 @@ import numpy as np
 from ssl_models.audio.features import STORAGE_DTYPE, InputSpec, decode_row, model_input
 from ssl_models.core.config import DomainConfig
 from ssl_models.core.errors import PipelineError
+from ssl_models.core.features import standardise_by_pool
 
 log = logging.getLogger("finetune")
 
@@ -57,13 +58,6 @@ def clip_features(log_mel: np.ndarray) -> np.ndarray:
                            frame_statistics(log_mel)])
 
 
-def standardise(pool: np.ndarray, test: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Both scaled by the pool's column mean and std (a constant column is only centred)."""
-    mean, std = pool.mean(axis=0), pool.std(axis=0)
-    std[std < 1e-12] = 1.0
-    return ((pool - mean) / std).astype(np.float32), ((test - mean) / std).astype(np.float32)
-
-
 def features(cfg: DomainConfig, pool: list[dict[str, Any]], test: list[dict[str, Any]]) -> tuple[Any, Any]:
     """[rows, features] float32 of the pool and the test clips (MFCC and log-mel statistics)."""
     if not pool:
@@ -75,4 +69,4 @@ def features(cfg: DomainConfig, pool: list[dict[str, Any]], test: list[dict[str,
     test_features = np.stack([clip_features(log_mel_frames(row, stored, spectrogram)) for row in test]) if test \
         else np.zeros((0, pool_features.shape[1]))
     log.info("finetune %s: baseline of %d MFCC and log-mel statistics per clip", cfg.name, pool_features.shape[1])
-    return standardise(pool_features, test_features)
+    return standardise_by_pool(pool_features, test_features)

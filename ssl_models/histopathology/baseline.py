@@ -20,6 +20,7 @@ import numpy as np
 
 from ssl_models.core.config import DomainConfig
 from ssl_models.core.errors import PipelineError
+from ssl_models.core.features import standardise_by_pool
 
 log = logging.getLogger("finetune")
 
@@ -78,13 +79,6 @@ def row_features(row: dict[str, Any]) -> np.ndarray:
     return np.mean([tile_features(decode_tile(blob)) for blob in row["pixels"]], axis=0)
 
 
-def standardise(pool: np.ndarray, test: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Both scaled by the pool's column mean and std (a constant column is only centred)."""
-    mean, std = pool.mean(axis=0), pool.std(axis=0)
-    std[std < 1e-12] = 1.0
-    return ((pool - mean) / std).astype(np.float32), ((test - mean) / std).astype(np.float32)
-
-
 def features(cfg: DomainConfig, pool: list[dict[str, Any]], test: list[dict[str, Any]]) -> tuple[Any, Any]:
     """[rows, features] float32 of the pool and test rows (stain and texture statistics)."""
     if not pool:
@@ -95,4 +89,4 @@ def features(cfg: DomainConfig, pool: list[dict[str, Any]], test: list[dict[str,
     pool_features = np.stack([row_features(row) for row in pool])
     test_features = np.stack([row_features(row) for row in test]) if test else np.zeros((0, pool_features.shape[1]))
     log.info("finetune %s: baseline of %d stain and texture statistics per row", cfg.name, pool_features.shape[1])
-    return standardise(pool_features, test_features)
+    return standardise_by_pool(pool_features, test_features)

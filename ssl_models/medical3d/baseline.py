@@ -22,6 +22,7 @@ import numpy as np
 
 from ssl_models.core.config import DomainConfig
 from ssl_models.core.errors import PipelineError
+from ssl_models.core.features import standardise_by_pool
 
 log = logging.getLogger("finetune")
 
@@ -68,13 +69,6 @@ def cube_features(cube: np.ndarray, threshold: float, value_range: tuple[float, 
     return np.concatenate([counts / max(values.size, 1), shape_and_moments, [gradient.mean()]])
 
 
-def standardise(pool: np.ndarray, test: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Both scaled by the pool's column mean and std (a constant column is only centred)."""
-    mean, std = pool.mean(axis=0), pool.std(axis=0)
-    std[std < 1e-12] = 1.0
-    return ((pool - mean) / std).astype(np.float32), ((test - mean) / std).astype(np.float32)
-
-
 def features(cfg: DomainConfig, pool: list[dict[str, Any]], test: list[dict[str, Any]]) -> tuple[Any, Any]:
     """[rows, features] float32 of the pool and test volumes (foreground histogram and statistics)."""
     if not pool:
@@ -86,4 +80,4 @@ def features(cfg: DomainConfig, pool: list[dict[str, Any]], test: list[dict[str,
         else np.zeros((0, pool_features.shape[1]))
     log.info("finetune %s: baseline of %d foreground histogram, shape and texture statistics per volume",
              cfg.name, pool_features.shape[1])
-    return standardise(pool_features, test_features)
+    return standardise_by_pool(pool_features, test_features)
