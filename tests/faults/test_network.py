@@ -6,7 +6,6 @@ every process (stage commands, loader and fine-tuning workers, DVC's daemons), b
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 import time
