@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from ssl_models.core.domain import get_domain
 from ssl_models.core.rankme import JOINT_EMBEDDING_METHODS, candidate_steps, choice_rule
@@ -21,18 +20,9 @@ from tasks.io import read_json
 from tasks.lineage import hash_outputs
 from tests.conftest import tiny_params, write_params
 
+from tests.tasks.test_pretrain import assert_identical, final_weights
+
 CHECKPOINTS = "models/legal/checkpoints"
-WEIGHTS = "models/legal/pretrain/encoder/model.safetensors"
-
-
-def final_weights(root: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(root / WEIGHTS))
-
-
-def assert_identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
-    assert a.keys() == b.keys()
-    for name in a:
-        assert torch.equal(a[name], b[name]), f"{name} differs"
 
 
 def resumed_from(caplog: pytest.LogCaptureFixture) -> list[str]:
