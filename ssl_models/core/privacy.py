@@ -44,8 +44,24 @@ def load_salt(path: Path, create: bool = True) -> bytes:
     return salt
 
 
+def _remove_dead_writers_temporaries(path: Path) -> None:
+    """A run killed while writing the salt leaves `.<name>.tmp-<pid>-<hex>`: removed once its
+    process is gone (a live writer's is left to it)."""
+    for leftover in path.parent.glob(f".{path.name}.tmp-*"):
+        pid = leftover.name[len(f".{path.name}.tmp-"):].split("-")[0]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            leftover.unlink(missing_ok=True)
+        except PermissionError:  # another user's live process
+            pass
+
+
 def _create_salt(path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_dead_writers_temporaries(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
     descriptor = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:

@@ -142,3 +142,14 @@ def test_first_runs_at_once_share_one_salt(tmp_path: Path) -> None:
         assert len(set(salts)) == 1 and path.read_text() == salts[0] and len(salts[0]) == 64
         assert oct(path.stat().st_mode & 0o777) == "0o600"
         assert sorted(p.name for p in path.parent.iterdir()) == ["pseudonym-salt"]
+
+
+def test_a_salt_write_killed_midway_leaves_nothing_behind_at_the_next_first_run(tmp_path: Path) -> None:
+    path = tmp_path / ".secrets" / "pseudonym-salt"
+    path.parent.mkdir()
+    dead = path.with_name(f".{path.name}.tmp-{2**22 + 4321}-0badc0de")  # no such process
+    live = path.with_name(f".{path.name}.tmp-{os.getppid()}-0badc0de")  # a writer still at work
+    dead.write_bytes(b"half a salt")
+    live.write_bytes(b"half a salt")
+    assert len(load_salt(path)) == 64
+    assert sorted(p.name for p in path.parent.iterdir()) == [live.name, "pseudonym-salt"]
