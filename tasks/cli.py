@@ -86,12 +86,12 @@ def _describe(holder: dict[str, Any]) -> str:
 def _inherited(lock_file: Path) -> bool:
     """True in a process a lock holder started (torch.distributed.run's workers): the holder's
     pid is in our environment, is not us, is alive and is the one the lock file names."""
-    from tasks.io import _process_alive
+    from ssl_models.core.processes import process_alive
 
     path, _, pid = os.environ.get(LOCK_HOLDER_ENV, "").rpartition(":")
     if not pid.isdigit() or path != str(lock_file.resolve()) or int(pid) == os.getpid():
         return False
-    return _holder(lock_file).get("pid") == int(pid) and _process_alive(int(pid))
+    return _holder(lock_file).get("pid") == int(pid) and process_alive(int(pid))
 
 
 def _lock_timeout() -> float:

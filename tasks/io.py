@@ -19,6 +19,8 @@ import shutil
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+from ssl_models.core.processes import process_alive
+
 # `.<target name>.<tmp|old>-<pid>[-<random>]`: what this module leaves behind when killed
 # (the random part is absent in leftovers of the older helpers, `.shards.tmp-<pid>`)
 _LEFTOVER = re.compile(r"^\.(?P<target>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)(?:-[0-9a-f]+)?$")
@@ -55,18 +57,6 @@ def _remove(path: Path) -> None:
             path.unlink()
 
 
-def _process_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's live process
-        return True
-    return True
-
-
 def clean_stale(folder: Path, recursive: bool = False) -> list[str]:
     """Remove the temporaries that killed processes left in `folder` (`.X.tmp-<pid>-*`), and put
     back an output that a kill between two renames left only aside (`.X.old-<pid>-*` with `X`
@@ -81,7 +71,7 @@ def clean_stale(folder: Path, recursive: bool = False) -> list[str]:
             if recursive and entry.is_dir() and not entry.is_symlink():
                 done.extend(clean_stale(entry, recursive=True))
             continue
-        if _process_alive(int(match["pid"])):
+        if process_alive(int(match["pid"])):
             continue
         target = folder / match["target"]
         if match["kind"] == "old" and not target.exists():

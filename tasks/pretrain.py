@@ -61,6 +61,7 @@ from ssl_models.core.domain import Domain
 from ssl_models.core.errors import PipelineError
 from ssl_models.core.hashing import digest_of, sha256_file
 from ssl_models.core.modules import PretrainMethod
+from ssl_models.core.processes import process_alive
 from ssl_models.core.rankme import candidate_steps, choice_rule, choose_checkpoint, effective_rank
 from ssl_models.core.schedules import decay_start, make_schedule, move_schedule_to
 from tasks.io import atomic_dir, read_json, write_json
@@ -210,15 +211,7 @@ def _writer_alive(name: str) -> bool:
         pid = int(name.rsplit(TEMPORARY, 1)[1].split("-", 1)[0])
     except (IndexError, ValueError):
         return False
-    if pid == os.getpid():
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return pid != os.getpid() and process_alive(pid)
 
 
 def clean_temporaries(folder: Path) -> None:

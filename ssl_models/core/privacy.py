@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ssl_models.core.errors import PipelineError
+from ssl_models.core.processes import process_alive
 
 
 @dataclass
@@ -49,14 +50,8 @@ def _remove_dead_writers_temporaries(path: Path) -> None:
     process is gone (a live writer's is left to it)."""
     for leftover in path.parent.glob(f".{path.name}.tmp-*"):
         pid = leftover.name[len(f".{path.name}.tmp-"):].split("-")[0]
-        if not pid.isdigit():
-            continue
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
+        if pid.isdigit() and not process_alive(int(pid)):
             leftover.unlink(missing_ok=True)
-        except PermissionError:  # another user's live process
-            pass
 
 
 def _create_salt(path: Path) -> None:
