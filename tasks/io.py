@@ -5,7 +5,7 @@ is fsynced, then renamed over the target, and the folder holding it is fsynced, 
 power cut at any moment leaves either the old complete output or the new complete one, never a
 half-written file under the real name. A folder being replaced is first renamed aside
 (`.<name>.old-<pid>-<random>`) and deleted only once the new one is in: a kill between the two
-renames leaves the old copy aside, and `recover`/`clean_stale` put it back at the next start.
+renames leaves the old copy aside, and `clean_stale` puts it back at the next start.
 """
 
 from __future__ import annotations
@@ -84,11 +84,6 @@ def clean_stale(folder: Path, recursive: bool = False) -> list[str]:
     return done
 
 
-def recover(target: Path) -> None:
-    """Before writing `target`: put back an aside copy when `target` is missing, drop stale temporaries."""
-    clean_stale(target.parent)
-
-
 def replace_path(new: Path, target: Path) -> None:
     """Rename the complete, fsynced `new` to `target`, keeping the old `target` until `new` is in."""
     parent = target.parent
@@ -108,7 +103,7 @@ def atomic_dir(target: Path) -> Iterator[Path]:
     """Yield a temporary folder that replaces `target` only when the block completes,
     so a killed stage never leaves a half-written artifact under the real name."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    recover(target)
+    clean_stale(target.parent)  # an aside copy put back, stale temporaries dropped
     tmp = _unique(target, "tmp")
     tmp.mkdir()
     try:
