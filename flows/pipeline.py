@@ -16,11 +16,10 @@ re-run, and pretrain picks up from its last checkpoint (`models/<domain>/checkpo
 
 Long runs: no task has a timeout, and the stage works in a process of its own (DVC starts the
 CLI), so the flow's heartbeat thread (every PREFECT_FLOWS_HEARTBEAT_FREQUENCY s, default 180) is
-never starved by training. A zombie-flow automation (Prefect #16459, #18653) must allow several
-missed beats: `within` at least 3 x the heartbeat frequency (540 s by default), and a run it
-marks Crashed by mistake costs nothing but a re-run, which resumes from the last checkpoint.
-A crashed flow run is not retried by Prefect itself; the next scheduled run (or
-`prefect deployment run ssl-pipeline/nightly`) resumes it.
+never starved by training. `--deploy POOL` (a process work pool) and `--serve` install a zombie-run
+automation (flows/deployment.py) that marks a run Crashed only after 3 missed beats (Prefect #16459,
+#18653); a crashed run is not retried by Prefect itself, and the next scheduled run (or
+`prefect deployment run ssl-pipeline/nightly`) resumes it from the last checkpoint.
 """
 
 from __future__ import annotations
@@ -49,6 +48,8 @@ from ssl_models.core.errors import PipelineError  # noqa: E402
 from tasks.cli import EXIT_BAD_INPUT, STAGES  # noqa: E402
 from tasks.lineage import PREFECT_RUN_ENV  # noqa: E402
 from tasks.paths import DomainPaths  # noqa: E402
+
+FLOW_NAME = "ssl-pipeline"
 
 
 def _stage_environment() -> None:
@@ -135,7 +136,7 @@ def publish_report(domain: str, root: str) -> None:
                              description=f"Domain pretraining report: {domain}")
 
 
-@flow(name="ssl-pipeline")
+@flow(name=FLOW_NAME)
 def pipeline(domains: list[str] | None = None, root: str = ".") -> dict[str, bool]:
     """Every stage of every domain (or of `domains`), in order; returns which stages ran."""
     logger = get_run_logger()
@@ -160,11 +161,20 @@ def pipeline(domains: list[str] | None = None, root: str = ".") -> dict[str, boo
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Run the pipeline as a Prefect flow.")
     parser.add_argument("--domain", action="append", help="only this domain (repeatable)")
-    parser.add_argument("--serve", action="store_true", help="serve a scheduled deployment instead")
-    parser.add_argument("--cron", default="0 2 * * *", help="schedule for --serve (default: 02:00 daily)")
+    parser.add_argument("--serve", action="store_true", help="serve a scheduled deployment from this process")
+    parser.add_argument("--deploy", metavar="POOL", help="register a scheduled deployment on a process work pool")
+    parser.add_argument("--name", default="nightly", help="deployment name for --serve / --deploy")
+    parser.add_argument("--cron", default="0 2 * * *", help="schedule for --serve / --deploy (default: 02:00 daily)")
     args = parser.parse_args(argv)
-    if args.serve:
-        pipeline.serve(name="nightly", cron=args.cron, parameters={"domains": args.domain, "root": os.getcwd()})
+    if args.serve or args.deploy:
+        from flows import deployment
+
+        if args.deploy:
+            deployment_id = deployment.deploy(args.deploy, name=args.name, cron=args.cron, domains=args.domain)
+            print(f"deployment {FLOW_NAME}/{args.name} ({deployment_id}) on work pool {args.deploy!r}; "
+                  f"start a worker with: prefect worker start --pool {args.deploy}")
+        else:
+            deployment.serve(name=args.name, cron=args.cron, domains=args.domain)
         return 0
     pipeline(domains=args.domain, root=".")
     return 0

@@ -1,0 +1,210 @@
+"""A long training task under a Prefect server, a process work pool and a worker, as deployed nightly.
+
+While pretrain trains, the run must stay Running past several times the zombie automation's
+window (it never takes a healthy run for dead). Then the worker is killed with everything under
+it, as a lost machine would be: the automation marks the run Crashed, a restarted worker runs
+the next flow run, and pretrain resumes from its last checkpoint instead of from scratch.
+
+The default is sized for CI: heartbeats every 30 s (Prefect's floor), a 90 s automation window,
+a healthy stretch of 120 s (four beats). `SSL_PIPELINE_LONG_RUN_S=1800` keeps the run healthy for 30 minutes
+with Prefect's default heartbeat of 180 s (window 540 s), as BENCHMARKS.md records.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+import yaml
+
+from tests.conftest import SCRIPTS, copy_project_code, stage_env, tiny_params, write_params
+
+LONG_RUN_S = int(os.environ.get("SSL_PIPELINE_LONG_RUN_S", "0"))
+HEARTBEAT_S = 180 if LONG_RUN_S else 30
+HEALTHY_S = LONG_RUN_S or 120
+POOL = "ssl-test-pool"
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _wait(what: str, check, timeout: float, every: float = 1.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = check()
+        if found:
+            return found
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def _kill_tree(process: subprocess.Popen) -> None:
+    """SIGKILL a process and every process under it (the flow run starts in a session of its own)."""
+    try:
+        tree = [psutil.Process(process.pid), *psutil.Process(process.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        tree = []
+    for member in tree:
+        with_gone = (psutil.NoSuchProcess, ProcessLookupError)
+        try:
+            member.send_signal(signal.SIGKILL)
+        except with_gone:
+            pass
+    process.wait()
+    psutil.wait_procs(tree, timeout=30)
+
+
+def _steps_per_second(folder: Path, params: dict) -> float:
+    """This machine's step rate for `params`: the stage command run as the flow starts it, for a few
+    steps and for more (start-up cancels out), more until the difference takes 8 s; the measuring
+    runs' models are removed after."""
+    def seconds(steps: int) -> float:
+        trial = yaml.safe_load(yaml.safe_dump(params))
+        trial["domains"]["legal"]["pretrain"].update(steps=steps, checkpoint_every=steps, seed=3)
+        write_params(folder, trial)
+        started = time.perf_counter()
+        subprocess.run([str(SCRIPTS / "ssl-pipeline"), "pretrain", "legal"], cwd=folder, env=stage_env(),
+                       check=True, capture_output=True)
+        shutil.rmtree(folder / "models/legal")
+        return time.perf_counter() - started
+
+    base, extra = seconds(10), 100
+    while (took := seconds(10 + extra) - base) < 8 and extra < 100_000:
+        extra *= 4
+    write_params(folder, params)
+    return extra / max(took, 1e-3)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory):
+    """A Prefect server of its own (as `prefect server start` on the scheduling machine) and its env."""
+    home = tmp_path_factory.mktemp("prefect-home")
+    port = _free_port()
+    env = {**stage_env(), "PREFECT_HOME": str(home), "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
+           "PREFECT_UI_ENABLED": "false", "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(HEARTBEAT_S),
+           "PREFECT_WORKER_QUERY_SECONDS": "2", "PREFECT_LOGGING_LEVEL": "INFO"}
+    env.pop("PREFECT_SERVER_ALLOW_EPHEMERAL_MODE", None)
+    log = open(home / "server.log", "w")  # noqa: SIM115 - closed below
+    process = subprocess.Popen([str(SCRIPTS / "prefect"), "server", "start", "--host", "127.0.0.1", "--port",
+                                str(port)], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    api = httpx.Client(base_url=env["PREFECT_API_URL"], timeout=30)
+
+    def healthy() -> bool:
+        assert process.poll() is None, (home / "server.log").read_text()[-3000:]
+        try:
+            return api.get("/health").status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    try:
+        _wait("the Prefect server", healthy, 180)
+        subprocess.run([str(SCRIPTS / "prefect"), "work-pool", "create", POOL, "--type", "process"], env=env,
+                       check=True, capture_output=True)
+        yield {"env": env, "api": api, "home": home}
+    finally:
+        api.close()
+        _kill_tree(process)
+        log.close()
+
+
+def _state(api: httpx.Client, run_id: str) -> dict:
+    return api.get(f"/flow_runs/{run_id}").raise_for_status().json()["state"]
+
+
+def _heartbeats(api: httpx.Client, run_id: str) -> int:
+    body = {"filter": {"event": {"name": ["prefect.flow-run.heartbeat"]},
+                       "resource": {"id": [f"prefect.flow-run.{run_id}"]}}, "limit": 50}
+    return api.post("/events/filter", json=body).raise_for_status().json()["total"]
+
+
+def _checkpoint_steps(folder: Path) -> list[int]:
+    return sorted(int(p.stem.split("_")[1]) for p in (folder / "models/legal/checkpoints").glob("step_*.pt"))
+
+
+@pytest.mark.slow
+def test_a_long_pretrain_under_a_worker_stays_running_and_a_lost_worker_resumes_from_its_checkpoint(
+        server: dict, tmp_path: Path) -> None:
+    env, api = server["env"], server["api"]
+    folder = tmp_path / "project"
+    folder.mkdir()
+    params = tiny_params(model={"hidden_size": 128, "num_layers": 2, "num_heads": 2, "intermediate_size": 256,
+                                "max_length": 32}, pretrain={"batch_size": 32},
+                         finetune={"label_fractions": [1.0], "seeds": [0], "protocols": ["linear"]})
+    write_params(folder, params)
+    copy_project_code(folder)
+    for stage in ("default_data", "ingest", "preprocess"):  # the shards to measure on (the flow finds them)
+        subprocess.run([str(SCRIPTS / "dvc"), "repro", "-s", f"{stage}@legal"], cwd=folder, env=stage_env(),
+                       check=True, capture_output=True)
+    rate = _steps_per_second(folder, params)
+    # long enough to stay healthy for HEALTHY_S at the measured rate, with a little left to resume
+    steps = int(rate * (HEALTHY_S * 1.15 + 30))
+    params["domains"]["legal"]["pretrain"].update(steps=steps, checkpoint_every=max(steps // 20, 1), seed=11)
+    write_params(folder, params)
+    subprocess.run(["git", "add", "-A"], cwd=folder, check=True)
+
+    deployed = subprocess.run([sys.executable, "-m", "flows.pipeline", "--deploy", POOL, "--name", "nightly",
+                               "--domain", "legal"], cwd=folder, env=env, capture_output=True, text=True)
+    assert deployed.returncode == 0, deployed.stderr[-3000:]
+    deployment = api.get("/deployments/name/ssl-pipeline/nightly").raise_for_status().json()
+    automations = api.post("/automations/filter", json={}).raise_for_status().json()
+    zombie = [a for a in automations if a["name"] == "ssl-pipeline/nightly: crash runs without heartbeats"]
+    assert len(zombie) == 1 and zombie[0]["trigger"]["within"] == 3 * HEARTBEAT_S
+
+    def start_worker(name: str) -> subprocess.Popen:
+        log = open(tmp_path / f"{name}.log", "w")  # noqa: SIM115 - the child keeps it
+        return subprocess.Popen([str(SCRIPTS / "prefect"), "worker", "start", "--pool", POOL, "--name", name],
+                                cwd=folder, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    worker = start_worker("first")
+    try:
+        run_id = api.post(f"/deployments/{deployment['id']}/create_flow_run", json={}).raise_for_status().json()["id"]
+        _wait("pretrain's first checkpoint", lambda: _checkpoint_steps(folder), 600)
+        training_since = time.monotonic()
+        while time.monotonic() - training_since < HEALTHY_S:  # healthy: Running all along, beats arriving
+            state = _state(api, run_id)
+            assert state["type"] == "RUNNING", (state, (tmp_path / "first.log").read_text()[-3000:])
+            assert not (folder / "models/legal/pretrain/encoder").exists(), \
+                f"pretrain ended before {HEALTHY_S} s of training ({steps} steps at {rate:.0f}/s measured)"
+            time.sleep(2)
+        beats = _heartbeats(api, run_id)
+        assert beats >= HEALTHY_S // HEARTBEAT_S, beats
+        done_at_kill = _checkpoint_steps(folder)[-1]
+    finally:
+        _kill_tree(worker)  # the machine is gone: worker, flow run, DVC and the trainer with it
+    assert 0 < done_at_kill < steps, (done_at_kill, steps)
+
+    crashed = _wait("the automation to mark the run Crashed",
+                    lambda: (s := _state(api, run_id))["type"] == "CRASHED" and s, 3 * HEARTBEAT_S + 120, every=3)
+    assert "no heartbeat" in crashed["message"]
+    history = api.get("/flow_run_states/", params={"flow_run_id": run_id}).raise_for_status().json()
+    assert [s["type"] for s in history].count("CRASHED") == 1  # only once, after the kill
+
+    worker = start_worker("second")
+    try:
+        rerun_id = api.post(f"/deployments/{deployment['id']}/create_flow_run", json={}).raise_for_status().json()["id"]
+        final = _wait("the next flow run to finish",
+                      lambda: (s := _state(api, rerun_id))["type"] in ("COMPLETED", "FAILED", "CRASHED") and s,
+                      900, every=3)
+        output = (tmp_path / "second.log").read_text()
+        assert final["type"] == "COMPLETED", output[-3000:]
+        resumed = re.search(r"resuming legal pretraining from step (\d+)", output)
+        assert resumed and int(resumed.group(1)) >= done_at_kill, output[-3000:]
+        log = yaml.safe_load((folder / "models/legal/pretrain/log.json").read_text())
+        assert log["checkpoints"][-1]["step"] == steps
+        time.sleep(3 * HEARTBEAT_S + 20)  # past the automation's window: a finished run is left alone
+        assert _state(api, rerun_id)["type"] == "COMPLETED"
+    finally:
+        _kill_tree(worker)
