@@ -12,6 +12,7 @@ with Prefect's default heartbeat of 180 s (window 540 s), as BENCHMARKS.md recor
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -155,13 +156,18 @@ def test_a_long_pretrain_under_a_worker_stays_running_and_a_lost_worker_resumes_
     write_params(folder, params)
     subprocess.run(["git", "add", "-A"], cwd=folder, check=True)
 
-    deployed = subprocess.run([sys.executable, "-m", "flows.pipeline", "--deploy", POOL, "--name", "nightly",
-                               "--domain", "legal"], cwd=folder, env=env, capture_output=True, text=True)
-    assert deployed.returncode == 0, deployed.stderr[-3000:]
+    for _ in range(2):  # deploying again updates the deployment and its automation, adds neither
+        deployed = subprocess.run([sys.executable, "-m", "flows.pipeline", "--deploy", POOL, "--name", "nightly",
+                                   "--domain", "legal"], cwd=folder, env=env, capture_output=True, text=True)
+        assert deployed.returncode == 0, deployed.stderr[-3000:]
     deployment = api.get("/deployments/name/ssl-pipeline/nightly").raise_for_status().json()
+    assert len(api.post("/deployments/filter", json={}).raise_for_status().json()) == 1
+    assert deployment["global_concurrency_limit"]["limit"] == 1  # one run at a time
+    assert deployment["parameters"] == {"domains": ["legal"], "root": str(folder.resolve())}
     automations = api.post("/automations/filter", json={}).raise_for_status().json()
     zombie = [a for a in automations if a["name"] == "ssl-pipeline/nightly: crash runs without heartbeats"]
     assert len(zombie) == 1 and zombie[0]["trigger"]["within"] == 3 * HEARTBEAT_S
+    assert f"prefect.deployment.{deployment['id']}" in json.dumps(zombie[0]["trigger"]["match_related"])
 
     def start_worker(name: str) -> subprocess.Popen:
         log = open(tmp_path / f"{name}.log", "w")  # noqa: SIM115 - the child keeps it
@@ -208,3 +214,24 @@ def test_a_long_pretrain_under_a_worker_stays_running_and_a_lost_worker_resumes_
         assert _state(api, rerun_id)["type"] == "COMPLETED"
     finally:
         _kill_tree(worker)
+
+
+@pytest.mark.slow
+def test_serve_registers_its_deployment_with_the_same_automation(server: dict, tmp_path: Path) -> None:
+    env, api = server["env"], server["api"]
+    write_params(tmp_path, tiny_params())
+    serving = subprocess.Popen([sys.executable, "-m", "flows.pipeline", "--serve", "--name", "served"], cwd=tmp_path,
+                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    name = "ssl-pipeline/served: crash runs without heartbeats"
+    try:
+        def registered():
+            assert serving.poll() is None, "--serve exited"
+            automations = api.post("/automations/filter", json={}).raise_for_status().json()
+            return [a for a in automations if a["name"] == name]
+        zombie = _wait("the served deployment's automation", registered, 120)
+        deployment = api.get("/deployments/name/ssl-pipeline/served").raise_for_status().json()
+    finally:
+        _kill_tree(serving)
+    assert len(zombie) == 1 and zombie[0]["trigger"]["within"] == 3 * HEARTBEAT_S
+    assert f"prefect.deployment.{deployment['id']}" in json.dumps(zombie[0]["trigger"]["match_related"])
+    assert deployment["parameters"]["root"] == str(tmp_path.resolve())
