@@ -27,11 +27,12 @@ DEFAULT_HEARTBEAT_S = 180
 
 
 def heartbeat_frequency() -> int:
-    """The heartbeat interval flow runs will use (Prefect's setting; its floor is 30 s)."""
+    """The heartbeat interval flow runs will use: Prefect's setting (validated >= 30 s), or the
+    default where a user turned heartbeats off (the automation needs them)."""
     from prefect.settings import get_current_settings
 
     value = get_current_settings().flows.heartbeat_frequency
-    return max(int(value if value is not None else DEFAULT_HEARTBEAT_S), 30)
+    return DEFAULT_HEARTBEAT_S if value is None else value
 
 
 def zombie_automation(deployment_id: UUID, deployment_name: str, heartbeat_s: int) -> Any:

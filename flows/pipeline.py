@@ -166,15 +166,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name", default="nightly", help="deployment name for --serve / --deploy")
     parser.add_argument("--cron", default="0 2 * * *", help="schedule for --serve / --deploy (default: 02:00 daily)")
     args = parser.parse_args(argv)
-    if args.serve or args.deploy:
-        from flows import deployment
+    if args.deploy:
+        from flows.deployment import deploy
 
-        if args.deploy:
-            deployment_id = deployment.deploy(args.deploy, name=args.name, cron=args.cron, domains=args.domain)
-            print(f"deployment {FLOW_NAME}/{args.name} ({deployment_id}) on work pool {args.deploy!r}; "
-                  f"start a worker with: prefect worker start --pool {args.deploy}")
-        else:
-            deployment.serve(name=args.name, cron=args.cron, domains=args.domain)
+        deployment_id = deploy(args.deploy, name=args.name, cron=args.cron, domains=args.domain)
+        print(f"deployment {FLOW_NAME}/{args.name} ({deployment_id}) on work pool {args.deploy!r}; "
+              f"start a worker with: prefect worker start --pool {args.deploy}")
+        return 0
+    if args.serve:
+        from flows.deployment import serve
+
+        serve(name=args.name, cron=args.cron, domains=args.domain)
         return 0
     pipeline(domains=args.domain, root=".")
     return 0

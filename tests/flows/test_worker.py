@@ -1,17 +1,19 @@
 """A long training task under a Prefect server, a process work pool and a worker, as deployed nightly.
 
-While pretrain trains, the run must stay Running past several times the zombie automation's
-window (it never takes a healthy run for dead). Then the worker is killed with everything under
+While pretrain trains, the run must stay Running past the zombie automation's window (it never
+takes a healthy run for dead). Then the worker is killed with everything under
 it, as a lost machine would be: the automation marks the run Crashed, a restarted worker runs
 the next flow run, and pretrain resumes from its last checkpoint instead of from scratch.
 
 The default is sized for CI: heartbeats every 30 s (Prefect's floor), a 90 s automation window,
-a healthy stretch of 120 s (four beats). `SSL_PIPELINE_LONG_RUN_S=1800` keeps the run healthy for 30 minutes
-with Prefect's default heartbeat of 180 s (window 540 s), as BENCHMARKS.md records.
+a healthy stretch of 120 s (at least four beats). `SSL_PIPELINE_LONG_RUN_S=1800` keeps the run
+healthy for 30 minutes with Prefect's default heartbeat of 180 s (window 540 s), as BENCHMARKS.md
+records.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -54,16 +56,13 @@ def _wait(what: str, check, timeout: float, every: float = 1.0):
 
 def _kill_tree(process: subprocess.Popen) -> None:
     """SIGKILL a process and every process under it (the flow run starts in a session of its own)."""
-    try:
-        tree = [psutil.Process(process.pid), *psutil.Process(process.pid).children(recursive=True)]
-    except psutil.NoSuchProcess:
-        tree = []
+    tree: list[psutil.Process] = []
+    with contextlib.suppress(psutil.NoSuchProcess):
+        top = psutil.Process(process.pid)
+        tree = [top, *top.children(recursive=True)]
     for member in tree:
-        with_gone = (psutil.NoSuchProcess, ProcessLookupError)
-        try:
+        with contextlib.suppress(psutil.NoSuchProcess):
             member.send_signal(signal.SIGKILL)
-        except with_gone:
-            pass
     process.wait()
     psutil.wait_procs(tree, timeout=30)
 
