@@ -31,8 +31,9 @@ Measured, after `--warmup` steps that are not timed (worker start-up, allocator 
   (checkpoints and RankMe, every `checkpoint_every` steps, are left out);
 - data wait: the time the whole loop spends inside `next(iterator)` waiting for its next batch,
   over the loop's wall time, both over the timed steps (timed directly, not inferred).
-  `loop/step` is the loop's rate over the step-alone rate; `1 - loop/step` exceeds the data wait
-  when the loader workers slow the step down by taking CPU cores from it;
+  `loop/step` is the loop's rate over the step-alone rate (the median of the rounds' ratios, each
+  round timing both back to back); `1 - loop/step` exceeds the data wait when the loader workers
+  slow the step down by taking CPU cores from it;
 - GFLOP/step: model FLOPs of one step (forward and backward, counted by
   `torch.utils.flop_counter.FlopCounterMode`); MFU (GPU): GFLOP/step x loop steps/s over the
   device's peak dense bf16 FLOP/s (`--peak-tflops` for a device not in `PEAK_BF16_TFLOPS`).
@@ -64,7 +65,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from ssl_models.core import distributed  # noqa: E402
 from ssl_models.core.config import DomainConfig, load_config  # noqa: E402
-from ssl_models.core.device import autocast, move, set_cpu_threads, training_device  # noqa: E402
+from ssl_models.core.device import autocast, keep_freed_memory, move, set_cpu_threads, training_device  # noqa: E402
 from ssl_models.core.distributed import World  # noqa: E402
 from ssl_models.core.domain import Domain  # noqa: E402
 from ssl_models.core.offline import apply_offline_env  # noqa: E402
@@ -111,6 +112,7 @@ class Measurement:
     loop_rate: float  # samples/s
     data_wait: float  # share of the loop's time spent in next(iterator)
     flops_per_step: float | None
+    loop_over_step: float  # median over the rounds of each round's loop rate / its step-alone rate
     note: str = ""
 
     @property
@@ -333,10 +335,11 @@ def time_loop(trainee: Trainee, dataset: StepBatches, workers: int, warmup: int,
 def measure(setup: Setup, device: torch.device, batch_size: int, steps: int, warmup: int,
             repeats: int = 1) -> Measurement:
     """Loader alone, FLOPs of one step, then step alone and the whole loop taking turns `repeats`
-    times (medians: a machine slowing down or speeding up between phases hits both), on one
-    training state."""
+    times, on one training state: rates are medians over the rounds, and loop / step the median
+    of each round's ratio, its two phases run back to back in alternating order (step then loop,
+    loop then step), so that a machine slowing down or speeding up hits both."""
     trainee = build_trainee(setup, device, batch_size, warmup + steps + 1)
-    workers = distributed.resolve_workers(trainee.settings.num_workers, 1)
+    workers = distributed.resolve_workers(trainee.settings.num_workers, 1, device.type == "cuda")
     dataset = StepBatches(setup.rows, trainee.method.data_side(), trainee.settings, World())
     loader_rate = time_loader(dataset, workers, device, warmup, steps)
     distinct = [dataset[s] for s in range(min(steps, DISTINCT_BATCHES))]
@@ -344,12 +347,17 @@ def measure(setup: Setup, device: torch.device, batch_size: int, steps: int, war
         distinct = [pinned(batch) for batch in distinct]
     flops = count_flops(lambda: read_back([trainee.step(distinct[0])]))
     step_rates, loops = [], []
-    for _ in range(repeats):
-        step_rates.append(time_steps(trainee, distinct, warmup, steps))
-        loops.append(time_loop(trainee, dataset, workers, warmup, steps))
+    for round_ in range(repeats):
+        if round_ % 2:
+            loops.append(time_loop(trainee, dataset, workers, warmup, steps))
+            step_rates.append(time_steps(trainee, distinct, warmup, steps))
+        else:
+            step_rates.append(time_steps(trainee, distinct, warmup, steps))
+            loops.append(time_loop(trainee, dataset, workers, warmup, steps))
     loop_rate, data_wait = (median(values) for values in zip(*loops))
+    ratio = median([loop / step for (loop, _), step in zip(loops, step_rates)])
     return Measurement(setup, device, batch_size, steps, workers, torch.get_num_threads(), loader_rate,
-                       median(step_rates), loop_rate, data_wait, flops)
+                       median(step_rates), loop_rate, data_wait, flops, ratio)
 
 
 def measure_on_gpu(setup: Setup, device: torch.device, steps: int, warmup: int, repeats: int) -> Measurement:
@@ -529,7 +537,7 @@ def row(m: Measurement, peak: float | None) -> str:
            else f"{'n/a':>7}" if m.device.type == "cuda" else f"{'-':>7}")
     return (f"{m.setup.domain_name:<8}{m.setup.preset:<8}{m.device.type:<7}{m.batch_size:>6}{m.steps:>6}"
             f"{m.workers:>5}{m.threads:>4}{m.loader_rate:>10.4g}{m.step_rate:>9.4g}{m.loop_rate:>9.4g}"
-            f"{m.loop_steps_per_s:>9.3g}{m.loop_rate / m.step_rate:>10.2f}{m.data_wait:>7.1%}"
+            f"{m.loop_steps_per_s:>9.3g}{m.loop_over_step:>10.2f}{m.data_wait:>7.1%}"
             + (f"{gflop:>11.4g}{achieved:>9.4g}" if gflop else f"{'?':>11}{'?':>9}") + mfu)
 
 
@@ -558,6 +566,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="pretrain.num_workers for every measurement (auto or a number; default: params)")
     parser.add_argument("--cpu-threads", type=int, default=None,
                         help="domains.<d>.cpu_threads (training threads) for every measurement (default: params)")
+    parser.add_argument("--default-malloc", action="store_true",
+                        help="leave glibc's malloc as it is (the stage calls keep_freed_memory; for an A/B run)")
     parser.add_argument("--peak-tflops", type=float, default=None, help="the GPU's peak bf16 TFLOP/s, for MFU")
     parser.add_argument("--workdir", type=Path, default=None,
                         help="keep the projects and shards here and re-use them (default: a temporary folder)")
@@ -567,6 +577,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     apply_offline_env()
+    if not args.default_malloc:
+        keep_freed_memory()  # as the pretrain stage does; process-wide, so the baselines run with it too
     domains = args.domain or list(DOMAINS)
     presets = ("default", "large") if args.preset == "both" else (args.preset,)
     os.environ["SSL_PIPELINE_DEVICE"] = "cuda" if torch.cuda.is_available() else "cpu"
@@ -616,8 +628,8 @@ def main(argv: list[str] | None = None) -> None:
         if defaults:
             print("CPU defaults, loop >= 0.95 x step alone and data wait < 5%:")
             for m in defaults:
-                verdict = "yes" if m.loop_rate >= 0.95 * m.step_rate and m.data_wait < 0.05 else "no"
-                print(f"  {m.setup.domain_name}: {verdict} (loop/step {m.loop_rate / m.step_rate:.2f}, "
+                verdict = "yes" if m.loop_over_step >= 0.95 and m.data_wait < 0.05 else "no"
+                print(f"  {m.setup.domain_name}: {verdict} (loop/step {m.loop_over_step:.2f}, "
                       f"wait {m.data_wait:.1%}, {m.workers} worker(s), {m.threads} training thread(s))")
         if not args.skip_baselines:
             baselines(projects, workdir, args, gpu)

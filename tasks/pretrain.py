@@ -55,7 +55,7 @@ from tqdm import tqdm
 
 from ssl_models.core import distributed
 from ssl_models.core.config import DomainConfig, PretrainConfig, section_params
-from ssl_models.core.device import autocast, move, set_cpu_threads, training_device
+from ssl_models.core.device import autocast, keep_freed_memory, move, set_cpu_threads, training_device
 from ssl_models.core.distributed import World
 from ssl_models.core.domain import Domain
 from ssl_models.core.errors import PipelineError
@@ -472,6 +472,7 @@ def _train(cfg: DomainConfig, domain: Domain, paths: DomainPaths, world: World, 
     check_batch_splits(cfg, world.size)
     torch.use_deterministic_algorithms(True, warn_only=True)
     set_cpu_threads(cfg.cpu_threads)
+    keep_freed_memory()  # batches and activations of one size every step: no page faults for each
     seed_everything(settings.seed)  # the same initial weights in every process
     method = domain.build_pretrain_method(cfg, paths.shards).to(device)
     train_rows = domain.pretrain_dataset(paths.shards, "train")
@@ -509,7 +510,7 @@ def _train(cfg: DomainConfig, domain: Domain, paths: DomainPaths, world: World, 
         if world.is_main:
             prune_candidates(folder, candidates)
         log.info("resuming %s pretraining from step %d", domain_name, step)
-    workers = distributed.resolve_workers(settings.num_workers, world.size)
+    workers = distributed.resolve_workers(settings.num_workers, world.size, device.type == "cuda")
     log.info("pretrain %s on %s: %d process(es), %d loader worker(s) each, batch %d", domain_name, device,
              world.size, workers, settings.batch_size)
     # no workers to start when the run is already complete (a re-run resuming from its last checkpoint)

@@ -2,14 +2,17 @@
 
 The batch of step `s` is a seeded permutation's slice at `s` (one permutation per epoch), cut
 into this process' micro-batches and built by the method's data side (views and masks from
-per-sample seeds), in DataLoader workers. Any number of workers or processes gives the same
-batches.
+per-sample seeds), in DataLoader workers or, with none, in the training process. Any number of
+workers or processes gives the same batches.
 
-A loader item carries `steps_per_item` consecutive steps: handing an item from a worker to the
-training process costs ~1.5-4 ms of the training process' CPU whatever its size, most of it per
-tensor (each storage travels as its own shared-memory file), so an item stacks each field of its
-steps into one tensor [steps, ...] and `steps_of` hands out views of it, one step at a time. The
-grouping changes nothing but speed: the batch of step `s` is the same for any `steps_per_item`.
+A loader item carries `steps_per_item` consecutive steps, built one after the other. Handing an
+item from a worker to the training process costs ~1.5-4 ms of the training process' CPU whatever
+its size, most of it per tensor (each storage travels as its own shared-memory file), so a
+worker's item stacks each field of its steps into one tensor [steps, ...] and `steps_of` hands out
+views of it, one step at a time. Without workers the steps are built back to back and kept as
+they are: data code run between two training steps costs 2-3x what it costs in a tight loop (the
+step has churned the caches), so once per item instead of once per step. The grouping changes
+nothing but speed: the batch of step `s` is the same for any `steps_per_item`.
 """
 
 from __future__ import annotations
@@ -64,26 +67,31 @@ class StepBatches(torch.utils.data.Dataset):
         for round_ in range(self.rounds):
             first = (round_ * self.world.size + self.world.rank) * self.micro
             positions = range(first, first + self.micro)
-            batches.append(self.data_side([self.rows[indices[p]] for p in positions],
+            batches.append(self.data_side(take_rows(self.rows, [indices[p] for p in positions]),
                                           sample_seeds(self.seed, step, positions)))
         return batches
 
 
+def take_rows(rows: Any, indices: list[int]) -> list[dict[str, Any]]:
+    """`[rows[i] for i in indices]`, in one read where the rows offer it: a `datasets.Dataset`
+    decodes a micro-batch of Arrow rows (its `__getitems__`) ~3-4x faster than row by row (a
+    larger read is no faster per row, and holds more memory at once)."""
+    getitems = getattr(rows, "__getitems__", None)
+    return getitems(indices) if getitems is not None else [rows[i] for i in indices]
+
+
 # `steps_per_item: auto` gives an item about this many of the process' rows (all its micro-batches of
 # each step counted): 8 steps of a 32-row batch, 1 step of 256 rows or more. A step of a few rows is
-# built and trained in milliseconds, where the ~2 ms hand-over of an item weighs most; a step of
-# hundreds of rows takes long enough to hide it. Capped so that items in flight (workers x
-# prefetch x steps) stay a few batches' memory.
+# built and trained in milliseconds, where the ~2 ms hand-over of an item (or, without workers, the
+# cold start of the data code) weighs most; a step of hundreds of rows takes long enough to hide it.
+# Capped so that items in flight (workers x prefetch x steps) stay a few batches' memory.
 ROWS_PER_ITEM, MAX_AUTO_STEPS_PER_ITEM = 256, 16
 
 
-def resolve_steps_per_item(setting: int | str, rows_per_step: int, workers: int) -> int:
-    """Steps per loader item: the setting, or for `auto` enough steps for ~ROWS_PER_ITEM rows (one
-    step without workers: nothing is handed over then)."""
+def resolve_steps_per_item(setting: int | str, rows_per_step: int) -> int:
+    """Steps per loader item: the setting, or for `auto` enough steps for ~ROWS_PER_ITEM rows."""
     if setting != "auto":
         return int(setting)
-    if workers == 0:
-        return 1
     return max(1, min(MAX_AUTO_STEPS_PER_ITEM, math.ceil(ROWS_PER_ITEM / max(1, rows_per_step))))
 
 
@@ -123,21 +131,27 @@ def _step_of(value: Any, index: int) -> Any:
 
 
 def pack_steps(steps: list[list[Any]]) -> dict[str, Any]:
-    """A loader item: consecutive steps' micro-batches, each field stacked over the steps."""
+    """A worker's loader item: consecutive steps' micro-batches, each field stacked over the steps."""
     return {"steps": len(steps), "rounds": [_stacked([step[a] for step in steps]) for a in range(len(steps[0]))]}
+
+
+def keep_steps(steps: list[list[Any]]) -> dict[str, Any]:
+    """A loader item built in the training process: the steps' micro-batches as they are (nothing
+    is handed over, so nothing is gained by stacking them)."""
+    return {"steps": len(steps), "built": steps}
 
 
 def step_loader(dataset: StepBatches, first_step: int, last_step: int, workers: int,
                 device: torch.device) -> torch.utils.data.DataLoader:
     """Steps `first_step`..`last_step - 1` in items of `steps_per_item` steps, built `workers`
-    processes ahead (pinned for a GPU); `steps_of` gives them back one step at a time."""
-    rows_per_step = dataset.micro * dataset.rounds
-    steps_per_item = resolve_steps_per_item(dataset.steps_per_item, rows_per_step, workers)
+    processes ahead (pinned for a GPU) or, with 0, by the training process; `steps_of` gives
+    them back one step at a time."""
+    steps_per_item = resolve_steps_per_item(dataset.steps_per_item, dataset.micro * dataset.rounds)
     # its own generator: a loader draws its workers' base seed when iterated, which must not shift
     # torch's global generator (dropout draws from it, and a resumed run restores it). Two items in
     # flight per worker when an item holds several steps, four when it holds one.
     return torch.utils.data.DataLoader(dataset, batch_sampler=StepItems(first_step, last_step, steps_per_item),
-                                       collate_fn=pack_steps, num_workers=workers,
+                                       collate_fn=pack_steps if workers else keep_steps, num_workers=workers,
                                        pin_memory=device.type == "cuda",
                                        prefetch_factor=(4 if steps_per_item == 1 else 2) if workers else None,
                                        generator=torch.Generator().manual_seed(dataset.seed))
@@ -152,4 +166,4 @@ def steps_of(loader: Iterable[dict[str, Any]]) -> Iterator[list[Any]]:
     for _ in range(len(loader)):
         item = next(items)
         for index in range(item["steps"]):
-            yield [_step_of(round_, index) for round_ in item["rounds"]]
+            yield item["built"][index] if "built" in item else [_step_of(round_, index) for round_ in item["rounds"]]

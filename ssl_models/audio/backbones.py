@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ssl_models.audio.features import InputSpec, decode_row, pad_batch
+from ssl_models.audio.features import STORAGE_DTYPE, InputSpec, pad_batch, stored_steps
 from ssl_models.core.errors import PipelineError
 from ssl_models.core.modules import Encoder
 
@@ -61,6 +61,7 @@ class SpectrogramTransformer(nn.Module):
         """Standardised with the training split's statistics, minus each clip's own mean per
         mel bin when `clip_mean` (cepstral mean normalisation: removes the channel and much of
         the speaker's timbre), and zero past each clip's end."""
+        log_mel = log_mel.float()  # stored float16 frames, widened exactly
         valid = (~frame_padding(lengths, log_mel.shape[1])).unsqueeze(-1).to(log_mel.dtype)
         frames = (log_mel - self.mean) / self.std * valid
         if self.clip_mean:
@@ -117,7 +118,9 @@ class SpectrogramTransformer(nn.Module):
 
 
 def collate_spectrograms(samples: list[dict[str, Any]], spec: InputSpec) -> dict[str, torch.Tensor]:
-    frames, lengths = pad_batch([decode_row(s, spec.width) for s in samples], spec.clip_steps)
+    """`log_mel` as stored (float16: half the bytes to hand over from a loader worker and to copy to
+    a GPU; `normalise` widens it, exactly) and `lengths`."""
+    frames, lengths = pad_batch([stored_steps(s, spec.width) for s in samples], spec.clip_steps, STORAGE_DTYPE)
     return {"log_mel": torch.from_numpy(frames), "lengths": torch.from_numpy(lengths)}
 
 

@@ -84,8 +84,13 @@ def encode_row(steps: np.ndarray) -> dict[str, Any]:
     return {"input": steps.astype(STORAGE_DTYPE).tobytes(), "length": int(len(steps))}
 
 
+def stored_steps(row: dict[str, Any], width: int) -> np.ndarray:
+    """A row's steps as stored ([steps, width], STORAGE_DTYPE, no copy)."""
+    return np.frombuffer(row["input"], dtype=STORAGE_DTYPE).reshape(-1, width)
+
+
 def decode_row(row: dict[str, Any], width: int) -> np.ndarray:
-    return np.frombuffer(row["input"], dtype=STORAGE_DTYPE).reshape(-1, width).astype(np.float32)
+    return stored_steps(row, width).astype(np.float32)
 
 
 class RunningMoments:
@@ -109,10 +114,11 @@ class RunningMoments:
         return mean.tolist(), std.tolist()
 
 
-def pad_batch(arrays: list[np.ndarray], clip_steps: int) -> tuple[np.ndarray, np.ndarray]:
-    """Stack to [batch, clip_steps, width] with zeros after each array's end; returns (batch, lengths)."""
+def pad_batch(arrays: list[np.ndarray], clip_steps: int,
+              dtype: type = np.float32) -> tuple[np.ndarray, np.ndarray]:
+    """Stack to [batch, clip_steps, width] of `dtype` with zeros after each array's end; returns (batch, lengths)."""
     width = arrays[0].shape[1]
-    batch = np.zeros((len(arrays), clip_steps, width), dtype=np.float32)
+    batch = np.zeros((len(arrays), clip_steps, width), dtype=dtype)
     lengths = np.zeros(len(arrays), dtype=np.int64)
     for index, array in enumerate(arrays):
         array = array[:clip_steps]

@@ -124,10 +124,10 @@ class MaskedAutoencoder3D(_VolumeMethod):
         return MaskedPatches(n_patches, int((1 - self.options.masking_ratio) * n_patches))
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        images = batch["image"]
+        images = batch["image"].float()  # the data side's float16 cubes, widened exactly
         # MONAI's forward writes float tokens into bf16 ones under autocast: run it in fp32
         with torch.autocast(images.device.type, enabled=False):
-            predicted, mask = self.mae(images.float(), batch["kept"])
+            predicted, mask = self.mae(images, batch["kept"])
         target = patchify(images, self.encoder().cfg.patch_size)
         if self.options.norm_pixel_loss:
             mean, var = target.mean(dim=-1, keepdim=True), target.var(dim=-1, keepdim=True)

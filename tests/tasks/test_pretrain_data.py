@@ -4,6 +4,7 @@ start in the middle of an item and through a short last item."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 from ssl_models.core.config import PretrainConfig
-from ssl_models.core.distributed import World
+from ssl_models.core.distributed import World, resolve_workers
 from ssl_models.core.modules import DataSide, generator
 from tasks.pretrain_data import (
     ROWS_PER_ITEM,
@@ -73,12 +74,32 @@ def test_items_cover_the_steps_in_order_from_any_start_with_a_short_last_item() 
     assert list(StepItems(5, 5, 3)) == [] and len(StepItems(5, 5, 3)) == 0
 
 
-def test_auto_steps_per_item_fills_an_item_with_rows_and_is_one_without_workers() -> None:
-    assert resolve_steps_per_item("auto", 32, workers=1) == ROWS_PER_ITEM // 32
-    assert resolve_steps_per_item("auto", 10 * ROWS_PER_ITEM, workers=2) == 1
-    assert resolve_steps_per_item("auto", 1, workers=1) > 1  # capped, not ROWS_PER_ITEM steps
-    assert resolve_steps_per_item("auto", 32, workers=0) == 1  # no hand-over to amortise
-    assert resolve_steps_per_item(3, 32, workers=0) == 3
+def test_auto_steps_per_item_fills_an_item_with_rows() -> None:
+    assert resolve_steps_per_item("auto", 32) == ROWS_PER_ITEM // 32
+    assert resolve_steps_per_item("auto", 10 * ROWS_PER_ITEM) == 1
+    assert resolve_steps_per_item("auto", 1) > 1  # capped, not ROWS_PER_ITEM steps
+    assert resolve_steps_per_item(3, 32) == 3
+
+
+def test_auto_workers_take_the_cores_the_training_threads_leave(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On the CPU a worker beside training threads that already take every core only takes cores
+    from the step: 0 then; a GPU process keeps one core and gets at least one worker."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(8)
+        assert resolve_workers("auto", 1, on_gpu=False) == 0
+        assert resolve_workers("auto", 1, on_gpu=True) == 4  # capped
+        torch.set_num_threads(2)
+        assert resolve_workers("auto", 1, on_gpu=False) == 4  # 6 free cores, capped
+        torch.set_num_threads(1)
+        assert resolve_workers("auto", 4, on_gpu=False) == 1  # 2 cores per process
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")  # torchrun's processes on this node, not the world
+        assert resolve_workers("auto", 16, on_gpu=False) == 0 and resolve_workers("auto", 16, on_gpu=True) == 1
+        assert resolve_workers(3, 1, on_gpu=False) == 3
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("first", [0, 4])  # 4: a run resumed at a step inside the k=3 grid from 0
@@ -106,9 +127,9 @@ def test_workers_and_items_of_several_steps_give_the_batches_of_one_process() ->
 
 
 def test_a_step_of_an_item_is_a_view_not_a_copy() -> None:
-    """The stacked fields are handed out as views of the item's tensor (the point of stacking:
-    one shared-memory storage per field and item, not one per step)."""
-    first, second = loaded_steps(dataset(2), 0, 2, workers=0)
+    """A worker's item has its fields stacked and handed out as views of the item's tensor (the
+    point of stacking: one shared-memory storage per field and item, not one per step)."""
+    first, second = loaded_steps(dataset(2), 0, 2, workers=1)
     assert first[0]["view"].untyped_storage().data_ptr() == second[0]["view"].untyped_storage().data_ptr()
     assert first[0]["view"].is_contiguous()
 
