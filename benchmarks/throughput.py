@@ -74,7 +74,7 @@ from tasks.cli import run_stage  # noqa: E402
 from tasks.parallel import wrap_for_world  # noqa: E402
 from tasks.paths import DomainPaths  # noqa: E402
 from tasks.pretrain import seed_everything  # noqa: E402
-from tasks.pretrain_data import StepBatches, step_loader, steps_of  # noqa: E402
+from tasks.pretrain_data import StepBatches, resolve_steps_per_item, step_loader, steps_of  # noqa: E402
 
 DOMAINS = ("legal", "audio", "histo", "medical")
 TORCH_THREADS = torch.get_num_threads()  # before any domain's cpu_threads changes it
@@ -112,8 +112,12 @@ class Measurement:
     loop_rate: float  # samples/s
     data_wait: float  # share of the loop's time spent in next(iterator)
     flops_per_step: float | None
-    loop_over_step: float  # median over the rounds of each round's loop rate / its step-alone rate
+    round_ratios: list[float]  # each round's loop rate / its step-alone rate
     note: str = ""
+
+    @property
+    def loop_over_step(self) -> float:
+        return median(self.round_ratios)
 
     @property
     def loop_steps_per_s(self) -> float:
@@ -327,9 +331,14 @@ def time_steps(trainee: Trainee, batches: list[list[dict[str, torch.Tensor]]], w
 
 
 def time_loop(trainee: Trainee, dataset: StepBatches, workers: int, warmup: int, steps: int) -> tuple[float, float]:
-    """(samples/s, share of the time spent waiting in next(iterator)) of the stage's loop."""
-    batches = steps_of(step_loader(dataset, 0, warmup + steps, workers, trainee.device))
-    return time_training(trainee, lambda step: next(batches), warmup, steps)
+    """(samples/s, share of the time spent waiting in next(iterator)) of the stage's loop. Its
+    untimed steps also cover what the workers build ahead while they start (items in flight x
+    steps per item), so that the timed steps see the loop's steady state."""
+    loader = step_loader(dataset, 0, 0, workers, trainee.device)  # for its settings only
+    ahead = workers * (loader.prefetch_factor or 0) * resolve_steps_per_item(dataset.steps_per_item,
+                                                                            dataset.micro * dataset.rounds)
+    batches = steps_of(step_loader(dataset, 0, warmup + ahead + steps, workers, trainee.device))
+    return time_training(trainee, lambda step: next(batches), warmup + ahead, steps)
 
 
 def measure(setup: Setup, device: torch.device, batch_size: int, steps: int, warmup: int,
@@ -355,9 +364,9 @@ def measure(setup: Setup, device: torch.device, batch_size: int, steps: int, war
             step_rates.append(time_steps(trainee, distinct, warmup, steps))
             loops.append(time_loop(trainee, dataset, workers, warmup, steps))
     loop_rate, data_wait = (median(values) for values in zip(*loops))
-    ratio = median([loop / step for (loop, _), step in zip(loops, step_rates)])
     return Measurement(setup, device, batch_size, steps, workers, torch.get_num_threads(), loader_rate,
-                       median(step_rates), loop_rate, data_wait, flops, ratio)
+                       median(step_rates), loop_rate, data_wait, flops,
+                       [loop / step for (loop, _), step in zip(loops, step_rates)])
 
 
 def measure_on_gpu(setup: Setup, device: torch.device, steps: int, warmup: int, repeats: int) -> Measurement:
@@ -629,8 +638,9 @@ def main(argv: list[str] | None = None) -> None:
             print("CPU defaults, loop >= 0.95 x step alone and data wait < 5%:")
             for m in defaults:
                 verdict = "yes" if m.loop_over_step >= 0.95 and m.data_wait < 0.05 else "no"
-                print(f"  {m.setup.domain_name}: {verdict} (loop/step {m.loop_over_step:.2f}, "
-                      f"wait {m.data_wait:.1%}, {m.workers} worker(s), {m.threads} training thread(s))")
+                print(f"  {m.setup.domain_name}: {verdict} (loop/step {m.loop_over_step:.2f}, rounds "
+                      + " ".join(f"{r:.2f}" for r in m.round_ratios)
+                      + f"; wait {m.data_wait:.1%}, {m.workers} worker(s), {m.threads} training thread(s))")
         if not args.skip_baselines:
             baselines(projects, workdir, args, gpu)
     print(f"load average after: {load_average()}")

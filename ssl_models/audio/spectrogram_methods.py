@@ -46,11 +46,14 @@ class SpectrogramMethod(PretrainMethod):
 
 @dataclass
 class TERAAlterations(DataSide):
-    """Log-mel clips and, per clip from its seed, TERA's alterations as tensors:
+    """Log-mel clips and, per clip from its seed, TERA's alterations in compact form:
     `frame_source` [batch, frames] (the frame whose values fill each frame: itself, or another
-    frame of the clip for a replaced block), `zeroed` and `altered` [batch, frames, mels] (set to
-    zero; counted in the loss) and `noise` [batch, frames, mels] (added; zero for most clips;
-    float16, as the clips: half the bytes to hand over, for noise drawn at std 0.2)."""
+    frame of the clip for a replaced block), `time_mask` [batch, frames] (the frames of the
+    clip's altered blocks), `blocks_zeroed` [batch] (whether those blocks are set to zero),
+    `band` [batch, mels] (the mel bins zeroed over the whole clip), `noisy` [batch] and `noise`
+    [batch, frames, mels] (added; zero for most clips; float16, as the clips). `alteration_masks`
+    expands them into the [batch, frames, mels] masks in the forward pass: the worker hands over
+    a third of the bytes it would as full masks."""
 
     spec: InputSpec
     options: TERAOptions
@@ -60,7 +63,7 @@ class TERAAlterations(DataSide):
         n_frames, n_mels = self.spec.clip_steps, self.spec.width
         drawn = [self.draw(int(length), n_frames, n_mels, generator(seed))
                  for length, seed in zip(batch["lengths"].tolist(), seeds)]
-        for index, name in enumerate(("frame_source", "zeroed", "altered", "noise")):
+        for index, name in enumerate(("frame_source", "time_mask", "blocks_zeroed", "band", "noisy", "noise")):
             batch[name] = torch.stack([clip[index] for clip in drawn])
         return batch
 
@@ -74,23 +77,33 @@ class TERAAlterations(DataSide):
             frames[start:start + o.time_block] = True
         frames &= valid
         source = torch.arange(n_frames)
-        zeroed = torch.zeros(n_frames, n_mels, dtype=torch.bool)
         choice = float(torch.rand((), generator=rng))
-        if choice < 0.8:  # 80% of clips: the blocks zeroed; 10% replaced by frames from elsewhere; 10% kept
-            zeroed[frames] = True
-        elif choice < 0.9:
+        # 80% of clips: the blocks zeroed; 10% replaced by frames from elsewhere; 10% kept
+        if 0.8 <= choice < 0.9:
             source = torch.where(frames, torch.randint(0, max(1, length), (n_frames,), generator=rng), source)
-        altered = frames[:, None].expand(n_frames, n_mels).clone()
+        band = torch.zeros(n_mels, dtype=torch.bool)
         width = int(torch.randint(0, o.max_freq_band + 1, (), generator=rng))
         if width:
             low = int(torch.randint(0, n_mels - width + 1, (), generator=rng))
-            zeroed[:, low:low + width] = True
-            altered[:length, low:low + width] = True
+            band[low:low + width] = True
         noise = torch.zeros(n_frames, n_mels)
-        if float(torch.rand((), generator=rng)) < o.noise_probability:
+        noisy = float(torch.rand((), generator=rng)) < o.noise_probability
+        if noisy:
             noise = o.noise_std * torch.randn(n_frames, n_mels, generator=rng)
-            altered |= valid[:, None]
-        return source, zeroed, altered, (noise * valid[:, None]).half()
+        return (source, frames, torch.tensor(choice < 0.8), band, torch.tensor(noisy),
+                (noise * valid[:, None]).half())
+
+
+def alteration_masks(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """`zeroed` (set to zero: the zeroed blocks' frames, and the band over every frame) and
+    `altered` (counted in the loss: the blocks' frames, the band within the clip, and every frame
+    of the clip where noise is added), both [batch, frames, mels], from TERA's compact alterations."""
+    time_mask, band = batch["time_mask"], batch["band"]
+    valid = ~frame_padding(batch["lengths"], time_mask.shape[1])
+    zeroed = (time_mask & batch["blocks_zeroed"][:, None])[:, :, None] | band[:, None, :]
+    altered = ((time_mask | (valid & batch["noisy"][:, None]))[:, :, None]
+               | (band[:, None, :] & valid[:, :, None]))
+    return zeroed, altered
 
 
 class TERA(SpectrogramMethod):
@@ -114,12 +127,13 @@ class TERA(SpectrogramMethod):
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         clean = self.clean_frames(batch)
         valid = ~frame_padding(batch["lengths"], clean.shape[1])
+        zeroed, counted = alteration_masks(batch)
         altered = clean.gather(1, batch["frame_source"].unsqueeze(-1).expand_as(clean))
-        altered = (altered.masked_fill(batch["zeroed"], 0.0) + batch["noise"]) * valid.unsqueeze(-1)
+        altered = (altered.masked_fill(zeroed, 0.0) + batch["noise"]) * valid.unsqueeze(-1)
         hidden, _ = self.backbone(altered, batch["lengths"])
         predicted = self.unpatchify(self.reconstruction(hidden))[:, : clean.shape[1]]
         # the mean over the altered positions of every process' clips (their number varies by clip)
-        return distributed.global_mean((predicted - clean).abs()[batch["altered"]].sum(), batch["altered"].sum())
+        return distributed.global_mean((predicted - clean).abs()[counted].sum(), counted.sum())
 
 
 @dataclass

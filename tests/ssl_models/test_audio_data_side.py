@@ -10,11 +10,12 @@ import pytest
 import torch
 
 from ssl_models.audio.config import METHODS
+from ssl_models.audio.spectrogram_methods import alteration_masks
 from ssl_models.core.modules import sample_seeds
 from tests.ssl_models.test_audio_methods import method_and_rows
 
 LENGTHS = [1.0, 0.35, 0.8, 0.12, 1.0, 0.6]  # seconds: full clips and short ones, padded to the clip length
-MASKS = {"tera": "altered", "masked_spectrogram": "masked_tokens", "wav2vec2": "mask_time_indices"}
+MASKS = {"tera": "time_mask", "masked_spectrogram": "masked_tokens", "wav2vec2": "mask_time_indices"}
 
 
 @pytest.fixture(params=METHODS.names())
@@ -67,9 +68,11 @@ def test_draws_stay_inside_each_clip(built) -> None:
     batch = data_side(rows, sample_seeds(0, 0, range(len(rows))))
     if name == "tera":
         beyond = torch.arange(batch["log_mel"].shape[1])[None, :] >= batch["lengths"][:, None]
-        assert not batch["altered"][beyond].any() and not batch["noise"][beyond].any()
+        zeroed, altered = alteration_masks(batch)
+        assert not altered[beyond].any() and not batch["noise"][beyond].any()
         assert ((batch["frame_source"] < batch["lengths"][:, None]) | beyond).all()
-        assert batch["altered"].flatten(1).any(1).all()  # every clip has something to reconstruct
+        assert altered.flatten(1).any(1).all()  # every clip has something to reconstruct
+        assert (zeroed[~beyond] <= altered[~beyond]).all()  # inside a clip, what is zeroed is counted
     elif name == "masked_spectrogram":
         counts = batch["masked_tokens"].sum(1)
         assert torch.equal(counts, batch["masked_valid"].sum(1)) and (counts >= 1).all()

@@ -127,11 +127,14 @@ def test_workers_and_items_of_several_steps_give_the_batches_of_one_process() ->
 
 
 def test_a_step_of_an_item_is_a_view_not_a_copy() -> None:
-    """A worker's item has its fields stacked and handed out as views of the item's tensor (the
-    point of stacking: one shared-memory storage per field and item, not one per step)."""
+    """A worker's item has its fields stacked and handed out as views of one buffer (the point:
+    one shared-memory storage per item, not one per field and step)."""
     first, second = loaded_steps(dataset(2), 0, 2, workers=1)
-    assert first[0]["view"].untyped_storage().data_ptr() == second[0]["view"].untyped_storage().data_ptr()
-    assert first[0]["view"].is_contiguous()
+    storage = first[0]["view"].untyped_storage().data_ptr()
+    assert second[0]["view"].untyped_storage().data_ptr() == storage
+    assert first[0]["kept"].untyped_storage().data_ptr() == storage  # another field, another dtype
+    assert first[0]["targets"]["clean"].untyped_storage().data_ptr() == storage
+    assert first[0]["view"].is_contiguous() and first[0]["kept"].dtype == torch.int64
 
 
 @pytest.mark.slow
