@@ -74,7 +74,13 @@ from tasks.cli import run_stage  # noqa: E402
 from tasks.parallel import wrap_for_world  # noqa: E402
 from tasks.paths import DomainPaths  # noqa: E402
 from tasks.pretrain import seed_everything  # noqa: E402
-from tasks.pretrain_data import StepBatches, resolve_steps_per_item, step_loader, steps_of  # noqa: E402
+from tasks.pretrain_data import (  # noqa: E402
+    StepBatches,
+    prefetch_factor,
+    resolve_steps_per_item,
+    step_loader,
+    steps_of,
+)
 
 DOMAINS = ("legal", "audio", "histo", "medical")
 TORCH_THREADS = torch.get_num_threads()  # before any domain's cpu_threads changes it
@@ -334,9 +340,8 @@ def time_loop(trainee: Trainee, dataset: StepBatches, workers: int, warmup: int,
     """(samples/s, share of the time spent waiting in next(iterator)) of the stage's loop. Its
     untimed steps also cover what the workers build ahead while they start (items in flight x
     steps per item), so that the timed steps see the loop's steady state."""
-    loader = step_loader(dataset, 0, 0, workers, trainee.device)  # for its settings only
-    ahead = workers * (loader.prefetch_factor or 0) * resolve_steps_per_item(dataset.steps_per_item,
-                                                                            dataset.micro * dataset.rounds)
+    steps_per_item = resolve_steps_per_item(dataset.steps_per_item, dataset.micro * dataset.rounds)
+    ahead = workers * (prefetch_factor(steps_per_item, workers) or 0) * steps_per_item
     batches = steps_of(step_loader(dataset, 0, warmup + ahead + steps, workers, trainee.device))
     return time_training(trainee, lambda step: next(batches), warmup + ahead, steps)
 
@@ -356,13 +361,11 @@ def measure(setup: Setup, device: torch.device, batch_size: int, steps: int, war
         distinct = [pinned(batch) for batch in distinct]
     flops = count_flops(lambda: read_back([trainee.step(distinct[0])]))
     step_rates, loops = [], []
+    phases = (lambda: step_rates.append(time_steps(trainee, distinct, warmup, steps)),
+              lambda: loops.append(time_loop(trainee, dataset, workers, warmup, steps)))
     for round_ in range(repeats):
-        if round_ % 2:
-            loops.append(time_loop(trainee, dataset, workers, warmup, steps))
-            step_rates.append(time_steps(trainee, distinct, warmup, steps))
-        else:
-            step_rates.append(time_steps(trainee, distinct, warmup, steps))
-            loops.append(time_loop(trainee, dataset, workers, warmup, steps))
+        for phase in phases[::-1] if round_ % 2 else phases:
+            phase()
     loop_rate, data_wait = (median(values) for values in zip(*loops))
     return Measurement(setup, device, batch_size, steps, workers, torch.get_num_threads(), loader_rate,
                        median(step_rates), loop_rate, data_wait, flops,

@@ -6,7 +6,7 @@ per-sample seeds), in DataLoader workers or, with none, in the training process.
 workers or processes gives the same batches.
 
 A loader item carries `steps_per_item` consecutive steps, built one after the other. Handing an
-item from a worker to the training process costs the training process ~0.4 ms per tensor (each
+item from a worker to the training process costs the training process ~0.5 ms per tensor (each
 storage travels as its own shared-memory file, fetched from the worker in a round trip) and the
 freeing of its memory, so a worker's item stacks each field of its steps into one tensor
 [steps, ...], puts all of them in one shared buffer, and `steps_of` hands out views of it, one
@@ -148,7 +148,7 @@ class _Packed:
 def _in_one_buffer(value: Any) -> tuple[Any, torch.Tensor]:
     """`value` with each tensor in it replaced by a `_Packed`, and the shared-memory buffer that
     holds them all (64-byte aligned): each storage travels from a worker as a file descriptor of
-    its own, fetched from the worker in a round trip (~0.4 ms each), so an item is one storage."""
+    its own, fetched from the worker in a round trip (~0.5 ms each), so an item is one storage."""
     tensors: list[tuple[_Packed, torch.Tensor]] = []
     size = 0
 
@@ -195,6 +195,11 @@ def keep_steps(steps: list[list[Any]]) -> dict[str, Any]:
     return {"steps": len(steps), "built": steps}
 
 
+def prefetch_factor(steps_per_item: int, workers: int) -> int | None:
+    """Items in flight per worker: two when an item holds several steps, four when it holds one."""
+    return (4 if steps_per_item == 1 else 2) if workers else None
+
+
 def step_loader(dataset: StepBatches, first_step: int, last_step: int, workers: int,
                 device: torch.device) -> torch.utils.data.DataLoader:
     """Steps `first_step`..`last_step - 1` in items of `steps_per_item` steps, built `workers`
@@ -202,12 +207,11 @@ def step_loader(dataset: StepBatches, first_step: int, last_step: int, workers: 
     them back one step at a time."""
     steps_per_item = resolve_steps_per_item(dataset.steps_per_item, dataset.micro * dataset.rounds)
     # its own generator: a loader draws its workers' base seed when iterated, which must not shift
-    # torch's global generator (dropout draws from it, and a resumed run restores it). Two items in
-    # flight per worker when an item holds several steps, four when it holds one.
+    # torch's global generator (dropout draws from it, and a resumed run restores it)
     return torch.utils.data.DataLoader(dataset, batch_sampler=StepItems(first_step, last_step, steps_per_item),
                                        collate_fn=pack_steps if workers else keep_steps, num_workers=workers,
                                        pin_memory=device.type == "cuda",
-                                       prefetch_factor=(4 if steps_per_item == 1 else 2) if workers else None,
+                                       prefetch_factor=prefetch_factor(steps_per_item, workers),
                                        generator=torch.Generator().manual_seed(dataset.seed))
 
 

@@ -52,8 +52,8 @@ class TERAAlterations(DataSide):
     clip's altered blocks), `blocks_zeroed` [batch] (whether those blocks are set to zero),
     `band` [batch, mels] (the mel bins zeroed over the whole clip), `noisy` [batch] and `noise`
     [batch, frames, mels] (added; zero for most clips; float16, as the clips). `alteration_masks`
-    expands them into the [batch, frames, mels] masks in the forward pass: the worker hands over
-    a third of the bytes it would as full masks."""
+    expands them into the [batch, frames, mels] masks in the forward pass: a worker hands over
+    ~5 KB of masks for the default's 32 clips of 100 frames x 64 mel bins instead of 410 KB."""
 
     spec: InputSpec
     options: TERAOptions
@@ -94,12 +94,12 @@ class TERAAlterations(DataSide):
                 (noise * valid[:, None]).half())
 
 
-def alteration_masks(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def alteration_masks(batch: dict[str, torch.Tensor], valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """`zeroed` (set to zero: the zeroed blocks' frames, and the band over every frame) and
     `altered` (counted in the loss: the blocks' frames, the band within the clip, and every frame
-    of the clip where noise is added), both [batch, frames, mels], from TERA's compact alterations."""
+    of the clip where noise is added), both [batch, frames, mels], from TERA's compact alterations
+    and the clips' `valid` frames [batch, frames]."""
     time_mask, band = batch["time_mask"], batch["band"]
-    valid = ~frame_padding(batch["lengths"], time_mask.shape[1])
     zeroed = (time_mask & batch["blocks_zeroed"][:, None])[:, :, None] | band[:, None, :]
     altered = ((time_mask | (valid & batch["noisy"][:, None]))[:, :, None]
                | (band[:, None, :] & valid[:, :, None]))
@@ -127,7 +127,7 @@ class TERA(SpectrogramMethod):
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         clean = self.clean_frames(batch)
         valid = ~frame_padding(batch["lengths"], clean.shape[1])
-        zeroed, counted = alteration_masks(batch)
+        zeroed, counted = alteration_masks(batch, valid)
         altered = clean.gather(1, batch["frame_source"].unsqueeze(-1).expand_as(clean))
         altered = (altered.masked_fill(zeroed, 0.0) + batch["noise"]) * valid.unsqueeze(-1)
         hidden, _ = self.backbone(altered, batch["lengths"])

@@ -8,7 +8,10 @@ for bit (cuDNN kernels are not all deterministic); on the CPU both hold.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import os
+import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -78,10 +81,6 @@ def keep_freed_memory(trim_threshold: int = 2**30) -> bool:
     faulted in again page by page (measured: building 8 medical batches back to back cost 1.0 ms
     per batch, 0.5 with the memory kept). Returns False where there is no glibc (the settings
     are glibc's; jemalloc or tcmalloc preloaded by the user ignore them, as they should)."""
-    import ctypes
-    import ctypes.util
-    import sys
-
     if not sys.platform.startswith("linux"):
         return False
     try:
