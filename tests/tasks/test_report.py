@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks import verdict_tables
 from benchmarks.report_screenshot import find_chromium, measure_overflow, screenshot
 from tasks.evaluate import (
     Bootstrap,
@@ -13,17 +14,11 @@ from tasks.evaluate import (
     evaluate,
     paired_differences,
 )
-from tasks.report import (
-    CSS,
-    build_html,
-    checkpoint_lines,
-    method_lines,
-    report,
-    verdict_lines,
-)
+from tasks.report import TEMPLATES, build_html, build_markdown, report
 from tests.tasks.test_evaluate import project_with_finetune_outputs, synthetic_finetune
 
 ALL_PROTOCOLS = ("linear", "knn", "finetune")
+CSS = (TEMPLATES / "report.css").read_text()
 
 
 def judged(quality: dict[tuple[str, str], float], fractions: tuple[float, ...] = (1.0,)) -> tuple[dict, list]:
@@ -34,6 +29,22 @@ def judged(quality: dict[tuple[str, str], float], fractions: tuple[float, ...] =
                "results": summary, "best_protocols": best_protocols(summary, "macro_f1")}
     comparisons = paired_differences(finetuned["results"], "macro_f1", Bootstrap(finetuned, "macro_f1", 300, 0.95, 0))
     return metrics, comparisons
+
+
+def markdown_for(metrics: dict, comparisons: list, checkpoint_choice: dict | None = None,
+                 pretrain_log: dict | None = None) -> str:
+    """The report of `metrics` and `comparisons` around a one-checkpoint pretraining run."""
+    return build_markdown(
+        "legal", "A task.", {"labeled_test": 300, "labeled_test_in_pretraining_corpus": 0, **metrics}, comparisons,
+        {"records": 2, "files": 2, "quarantined": 0, "duplicates_dropped": 0, "labeled": 2, "labeled_by_split": {}},
+        {}, pretrain_log or {"checkpoints": [{"step": 50, "loss": 1.0, "rankme": 3.0}]}, "lineage", [],
+        checkpoint_choice)
+
+
+def verdict_lines(metrics: dict, comparisons: list) -> list[str]:
+    """The report's verdict: one list item (with its sub-items) per label fraction."""
+    section = markdown_for(metrics, comparisons).split("## Verdict\n\n")[1].split("\n\nInitialisations")[0]
+    return re.split(r"\n(?=- )", section)
 
 
 def every_protocol(init: str, share: float) -> dict[tuple[str, str], float]:
@@ -81,7 +92,7 @@ def test_two_class_reports_say_the_intervals_are_in_macro_f1_not_auroc() -> None
     results = [{**r, "metric": "auroc"} for r in metrics["results"] if r["metric"] == "macro_f1"]
     metrics = {**metrics, "primary_metric": "auroc", "results": results,
                "best_protocols": best_protocols(results, "auroc")}
-    text = "\n".join(method_lines(metrics, comparisons, None))
+    text = markdown_for(metrics, comparisons)
     assert "The tables give `auroc`; the paired differences are in `macro_f1`" in text
     (line,) = verdict_lines(metrics, comparisons)
     assert "auroc. Domain pretraining" in line and "macro_f1, beat" in line
@@ -92,7 +103,7 @@ def test_the_page_scales_figures_wraps_long_lines_and_scrolls_tables_in_a_box() 
     assert "img{max-width:100%" in CSS.replace(" ", "") and "white-space:pre-wrap" in CSS
     assert "overflow-wrap:anywhere" in CSS and ".table-scroll{max-width:100%;overflow-x:auto" in CSS
     assert '<div class="table-scroll"><table>' in page and "</table></div>" in page
-    assert page.startswith("<!doctype html>") and "name='viewport'" in page and f"<style>{CSS}</style>" in page
+    assert page.startswith("<!doctype html>") and "name='viewport'" in page and f"<style>\n{CSS}</style>" in page
 
 
 def run_report(tmp_path: Path, rule: str = "rankme", extras: bool = True) -> tuple[Path, str]:
@@ -121,9 +132,42 @@ def test_a_reconstruction_objective_says_rankme_is_not_validated(tmp_path: Path)
     assert "The last checkpoint (step 160) is the encoder: mlm reconstructs its input: RankMe is not validated" in text
     assert "chose the checkpoint" not in text and "minus the last one's" not in text  # no gain against itself
     log = {"checkpoints": [{"step": 50, "loss": 1.0, "rankme": 3.0}], "choice": {"rule": "last", "step": 50}}
-    (line, *_) = checkpoint_lines(None, log)  # a pretrain log that gives no reason
+    text = markdown_for({"primary_metric": "macro_f1", "results": []}, [], pretrain_log=log)
+    (line,) = [line for line in text.splitlines() if line.startswith("The last checkpoint")]  # the log gives no reason
     assert line.startswith("The last checkpoint (step 50) is the encoder.")
     assert "for reconstruction objectives (MAE, MLM, TERA) it is not" in line
+
+
+def test_the_report_gives_every_section_in_order_and_its_page_every_table(tmp_path: Path) -> None:
+    folder, text = run_report(tmp_path)
+    headings = [line for line in text.splitlines() if line.startswith("#")]
+    assert headings == ["# Domain pretraining report: legal", "## Verdict", "## Results", "### Paired differences",
+                        "## Test set in 2D", "## Pretraining", "## Lineage"]
+    assert text.endswith("`ssl-pipeline lineage verify reports/legal/report`.\n") and "\n\n\n\n" not in text
+    page = (folder / "report.html").read_text()
+    assert [h for h in re.findall(r"<h\d>(.*?)</h\d>", page)] == [h.lstrip("# ") for h in headings]
+    assert page.count("<table>") == 4 and "\u00a0±\u00a0" in page and page.endswith("</body></html>\n")
+
+
+def test_verdict_tables_prints_the_reports_figures(tmp_path: Path) -> None:
+    """benchmarks/verdict_tables.py's compact table and the report render one verdict: per fraction,
+    each init's best protocol and ssl's paired difference against each other init read the same."""
+    _, text = run_report(tmp_path)
+
+    def cells(line: str) -> list[str]:
+        return [cell.strip().replace("\u00a0", " ") for cell in line.strip("|").split(" | ")]
+
+    lines = text.splitlines()
+    at = lines.index("| labels | n labels | n groups | seeds | ssl | scratch | baseline |")
+    best = {row[0]: row[4:] for row in map(cells, lines[at + 2:at + 5])}
+    differences = {(row[0], row[1]): row[3] for row in map(cells, lines) if row[2:3] and row[2].startswith("best: ")}
+    compact = verdict_tables.table(tmp_path, "legal").splitlines()
+    assert compact[2] == "| labels | n (groups) | ssl | scratch | baseline | ssl − scratch | ssl − baseline |"
+    rows = [cells(line) for line in compact[4:7]]
+    assert [row[0] for row in rows] == ["1%", "10%", "100%"] == list(best)
+    for row in rows:
+        assert row[2:5] == best[row[0]]
+        assert row[5:] == [differences[(row[0], "scratch")], differences[(row[0], "baseline")]]
 
 
 def test_results_from_an_older_finetune_stage_still_make_a_report(tmp_path: Path) -> None:
@@ -148,7 +192,7 @@ def test_the_report_fits_a_1280_px_laptop_screen(tmp_path: Path) -> None:
     assert fitted["fits"], fitted["offenders"]
     assert fitted["images"] and all(i["complete"] and 0 < i["shown"] <= 1280 for i in fitted["images"])
     # the check can fail: the same page under the old style sheet runs off the right edge
-    old = (folder / "report.html").read_text().replace(f"<style>{CSS}</style>",
+    old = (folder / "report.html").read_text().replace(f"<style>\n{CSS}</style>",
                                                        "<style>body{max-width:60em;margin:auto}</style>")
     (folder / "old.html").write_text(old.replace("<p>", "<p><img src='label_efficiency.png' width=1400>", 1))
     assert not measure_overflow(folder / "old.html", 1280, 800)["fits"]
