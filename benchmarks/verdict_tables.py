@@ -12,7 +12,10 @@ import argparse
 import json
 from pathlib import Path
 
+from tasks.report import ENVIRONMENT, best_of, percent
+
 INITS = ("ssl", "scratch", "generic", "baseline")
+VERDICT = ENVIRONMENT.get_template("verdict.md.j2").module  # the report's table rows, scores and differences
 
 
 def read(path: Path) -> dict | list | None:
@@ -25,30 +28,21 @@ def table(root: Path, domain: str) -> str:
     if metrics is None:
         return f"{domain}: no reports/{domain}/metrics.json (run the pipeline first)"
     comparisons = read(reports / "evaluation" / "comparisons.json") or []
-    best = {(r["init"], r["label_fraction"]): r for r in metrics.get("best_protocols", [])}
+    best = best_of(metrics)
     inits = [i for i in INITS if any(key[0] == i for key in best)]
     paired = {(c["against"], c["label_fraction"]): c for c in comparisons if c.get("protocol") == "best"}
     compared = metrics.get("comparison_metric", metrics["primary_metric"])
-    lines = [f"**{domain}**: {metrics['primary_metric']} on {metrics['labeled_test']} test rows; each init's "
-             f"best protocol, mean ± std over seeds; ssl − other: mean paired difference in {compared} "
-             "[bootstrap interval]", "",
-             "| labels | n (groups) | " + " | ".join(inits) + " | " +
-             " | ".join(f"ssl − {i}" for i in inits if i != "ssl") + " |",
-             "|---" * (2 + 2 * len(inits) - 1) + "|"]
+    rows = []
     for fraction in sorted({key[1] for key in best}):
         ssl = best.get(("ssl", fraction), {})
-        cells = [f"{best[(i, fraction)]['mean']:.3f} ± {best[(i, fraction)]['std']:.3f} "
-                 f"({best[(i, fraction)]['protocol']})" if (i, fraction) in best else "–" for i in inits]
-        for other in inits[1:]:
-            c = paired.get((other, fraction))
-            if c is None:
-                cells.append("–")
-            elif c.get("interval"):
-                cells.append(f"{c['mean_difference']:+.3f} [{c['interval'][0]:+.3f}, {c['interval'][1]:+.3f}]")
-            else:
-                cells.append(f"{c['mean_difference']:+.3f}")
-        lines.append(f"| {fraction:.0%} | {ssl.get('n_train', '')} ({ssl.get('n_groups', '')}) | "
-                     + " | ".join(cells) + " |")
+        rows.append([percent(fraction), f"{ssl.get('n_train', '')} ({ssl.get('n_groups', '')})"]
+                    + [VERDICT.best(best[(i, fraction)]) if (i, fraction) in best else "–" for i in inits]
+                    + [VERDICT.difference(paired[(i, fraction)], seeds=False) if (i, fraction) in paired else "–"
+                       for i in inits[1:]])
+    header = ["labels", "n (groups)", *inits, *(f"ssl − {i}" for i in inits if i != "ssl")]
+    lines = [f"**{domain}**: {metrics['primary_metric']} on {metrics['labeled_test']} test rows; each init's "
+             f"best protocol, mean ± std over seeds; ssl − other: mean paired difference in {compared} "
+             "[bootstrap interval]", "", VERDICT.table(header, rows)]
     choice = read(reports / "evaluation" / "checkpoint_choice.json")
     if choice:
         lines += ["", f"Checkpoint choice: rule `{choice.get('rule')}`, step {choice.get('chosen_step')} (last "
