@@ -2,7 +2,8 @@
 
 `load_config` turns `domains.<name>` into a `DomainConfig` whose sections are the dataclasses
 the domain declares (`Domain.sections`) and whose `pretrain.options` is the chosen method's own
-options dataclass. Any unknown key, wrong type or out-of-range value anywhere in the block
+options dataclass. The block (with its chosen preset) is validated in one pass by pydantic, in
+strict mode, then each section's own `validate`: any unknown key, wrong type or out-of-range value
 fails when any stage starts, in one line naming the key and what is valid.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import types
 import typing
 from dataclasses import dataclass, field
@@ -17,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar, Union
 
 import yaml
+from pydantic import TypeAdapter, ValidationError
 
 from ssl_models.core.errors import PipelineError
 from ssl_models.core.privacy import PrivacyConfig
@@ -38,96 +41,102 @@ def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
-def describe(annotation: Any) -> str:
-    """A type as a user reads it: `a number`, `a list of numbers`, `one of cosine, wsd`..."""
-    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
-    if annotation is Any:
-        return "any value"
-    if annotation is bool:
-        return "true or false"
-    if annotation is int:
-        return "a whole number"
-    if annotation is float:
-        return "a number"
-    if annotation is str:
-        return "a string"
-    if annotation is type(None):
-        return "null"
-    if origin is Literal:
-        return "one of " + ", ".join(str(a) for a in args)
-    if origin in (Union, types.UnionType):
-        return " or ".join(describe(a) for a in args)
-    if origin is list:
-        item = describe(args[0]) if args else ""
-        return f"a list of {item.removeprefix('a ')}s" if item.startswith("a ") and " or " not in item else "a list"
-    if origin is dict:
-        return "a mapping"
-    if dataclasses.is_dataclass(annotation):
-        return f"a mapping of {', '.join(f.name for f in dataclasses.fields(annotation))}"
-    return getattr(annotation, "__name__", str(annotation))
+@functools.cache
+def _adapter(annotation: Any) -> TypeAdapter:
+    return TypeAdapter(annotation)
 
 
-def coerce(value: Any, annotation: Any, where: str) -> Any:
-    """`value` checked against `annotation` (ints accepted as floats, mappings parsed into
-    nested dataclasses); a mismatch fails with `where` and the expected type."""
-    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
-    if annotation is Any:
-        return value
-    if origin in (Union, types.UnionType):
-        for option in args:
-            try:
-                return coerce(value, option, where)
-            except PipelineError:
+def validated(annotation: Any, value: Any, where: str) -> Any:
+    """`value` from params.yaml checked against `annotation` by pydantic (mappings become the
+    dataclasses they are typed as), then each dataclass's own `validate(where)`, innermost first.
+
+    Strict: "5" is no number and 1 no boolean; an int passes for a float. Unknown keys, wrong
+    types and values out of range fail as one line naming their place under `where`."""
+    # pydantic's strict mode builds a dataclass from a mapping only in JSON input: YAML's values
+    # travel as JSON (they are JSON's, but for YAML timestamps and binaries, read as their text)
+    text = json.dumps(value, default=str)
+    try:
+        result = _adapter(annotation).validate_json(text, strict=True, extra="forbid")
+    except ValidationError as error:
+        raise PipelineError(_one_line(error, annotation, json.loads(text), where)) from None
+    _check_sections(result, where)
+    return result
+
+
+def _check_sections(value: Any, where: str) -> None:
+    if isinstance(value, list):
+        for index, item in enumerate(value):
+            _check_sections(item, f"{where}[{index}]")
+    elif dataclasses.is_dataclass(value):
+        for item in dataclasses.fields(value):
+            _check_sections(getattr(value, item.name), f"{where}.{item.name}")
+        check = getattr(value, "validate", None)
+        if check is not None:
+            check(where)
+
+
+# pydantic words these for JSON input; params.yaml says list, mapping, true and false
+_EXPECTED = {"list_type": "a list", "dict_type": "a mapping", "dataclass_type": "a mapping of settings",
+             "bool_type": "true or false"}
+
+
+def _one_line(error: ValidationError, annotation: Any, data: Any, where: str) -> str:
+    """pydantic's errors as one line: each place in params.yaml, the value there and what is valid."""
+    unknown: dict[str, tuple[list[str], list[str]]] = {}  # place -> (valid settings, unknown keys)
+    wrong: dict[str, tuple[Any, Any, list[str]]] = {}  # place -> (value, declared type, what is valid)
+    required: list[str] = []
+    for item in error.errors(include_url=False):
+        if item["type"] in ("unexpected_keyword_argument", "extra_forbidden", "missing"):
+            place, section, _ = _locate(annotation, data, item["loc"][:-1], where)
+            if item["type"] == "missing":
+                required.append(f"{place}.{item['loc'][-1]} is required")
                 continue
-    elif origin is Literal:
-        if value in args:
-            return value
-    elif origin is list:
-        if isinstance(value, list):
-            return [coerce(item, args[0], f"{where}[{i}]") if args else item for i, item in enumerate(value)]
-    elif origin is dict:
-        if isinstance(value, dict):
-            return {str(k): coerce(v, args[1], f"{where}.{k}") if args else v for k, v in value.items()}
-    elif dataclasses.is_dataclass(annotation):
-        if value is None or isinstance(value, dict):
-            return parse_section(annotation, value, where)
-    elif annotation is bool:
-        if isinstance(value, bool):
-            return value
-    elif annotation is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif annotation is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-    elif annotation is str:
-        if isinstance(value, str):
-            return value
-    elif annotation is type(None):
-        if value is None:
-            return None
-    elif isinstance(annotation, type) and isinstance(value, annotation):
-        return value
-    raise PipelineError(f"params.yaml {where}: {value!r} is not {describe(annotation)}")
+            valid = sorted(f.name for f in dataclasses.fields(section)) if dataclasses.is_dataclass(section) else []
+            unknown.setdefault(place, (valid, []))[1].append(str(item["loc"][-1]))
+        else:
+            place, declared, value = _locate(annotation, data, item["loc"], where)
+            expected = _EXPECTED.get(item["type"]) or item["msg"].removeprefix("Input should be ")
+            wrong.setdefault(place, (value, declared, []))[2].append(expected)
+    lines = [f"{place}: unknown setting(s) {sorted(keys)}; valid settings: {valid}"
+             for place, (valid, keys) in unknown.items()] + required
+    for place, (value, declared, expected) in wrong.items():
+        if type(None) in typing.get_args(declared):
+            expected.append("null")
+        lines.append(f"{place}: {value!r} should be {' or '.join(dict.fromkeys(expected))}")
+    return "params.yaml " + "; ".join(lines)
+
+
+def _locate(annotation: Any, data: Any, loc: Any, where: str) -> tuple[str, Any, Any]:
+    """The place in params.yaml a pydantic error location names, the type declared there and the
+    value found there (a union member's tag in the location is no place)."""
+    place, declared, value = where, annotation, data
+    for part in loc:
+        if isinstance(value, dict) and part in value:
+            value = value[part]
+        elif isinstance(value, list) and isinstance(part, int) and part < len(value):
+            value = value[part]
+        else:
+            continue
+        declared = _declared_inside(declared, part)
+        place += f"[{part}]" if isinstance(part, int) else f".{part}"
+    return place, declared, value
+
+
+def _declared_inside(declared: Any, part: str | int) -> Any:
+    """The type declared for `part` of a value of type `declared` (a setting, or an item)."""
+    members = [m for m in typing.get_args(declared) if m is not type(None)]
+    if typing.get_origin(declared) in (Union, types.UnionType) and len(members) == 1:
+        declared = members[0]  # `X | None` holding a value: X
+    if dataclasses.is_dataclass(declared):
+        return _hints(declared).get(str(part), Any)
+    if typing.get_origin(declared) in (list, dict) and typing.get_args(declared):
+        return typing.get_args(declared)[-1]
+    return Any
 
 
 def parse_section(cls: type[C], values: dict[str, Any] | None, where: str) -> C:
-    """Build dataclass `cls` from a params.yaml mapping: unknown keys, wrong types and the
-    section's own `validate(where)` checks fail with the key's place in params.yaml."""
-    if values is not None and not isinstance(values, dict):
-        raise PipelineError(f"params.yaml {where}: expected a mapping of settings, found {values!r}")
-    values = dict(values or {})
-    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    unknown = sorted(set(values) - set(fields))
-    if unknown:
-        raise PipelineError(f"params.yaml {where}: unknown setting(s) {unknown}; valid settings: {sorted(fields)}")
-    hints = _hints(cls)
-    typed = {name: coerce(value, hints[name], f"{where}.{name}") for name, value in values.items()}
-    section = cls(**typed)
-    check = getattr(section, "validate", None)
-    if check is not None:
-        check(where)
-    return section
+    """Build dataclass `cls` from a params.yaml mapping (null: its defaults), checked as `validated` does."""
+    return validated(cls, {} if values is None else values, where)
 
 
 @dataclass
@@ -303,9 +312,19 @@ class DomainConfig:
         return path if path.is_absolute() else self.root / path
 
 
-DOMAIN_KEYS = ("module", "corpus", "labels", "cpu_threads", "split", "ingest", "preprocess", "model",
-               "pretrain", "finetune", "default_data", "privacy", "preset", "presets")
 DOMAIN_SECTIONS = ("ingest", "preprocess", "model", "default_data")  # typed by the domain module
+
+
+@functools.cache
+def _block_type(domain_type: type[Domain]) -> type:
+    """A domain block of params.yaml as one dataclass: its own settings, the shared sections and the
+    domain's sections, validated together."""
+    sections = {"split": SplitConfig, **{name: domain_type.sections[name] for name in DOMAIN_SECTIONS},
+                "pretrain": PretrainConfig, "finetune": FinetuneConfig, "privacy": PrivacyConfig}
+    return dataclasses.make_dataclass(f"{domain_type.__name__}Block", [
+        ("module", str), ("corpus", str), ("labels", str | None, None), ("cpu_threads", int | None, None),
+        ("preset", str | None, None), ("presets", dict[str, dict[str, Any]], field(default_factory=dict)),
+        *[(name, section, field(default_factory=section)) for name, section in sections.items()]])
 
 
 def load_params(params_path: Path = Path("params.yaml")) -> dict[str, Any]:
@@ -331,70 +350,55 @@ def merged(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
-def apply_preset(block: dict[str, Any], where: str) -> dict[str, Any]:
-    """The block with its chosen `preset` (one of its `presets`, e.g. a GPU-sized model) laid over it."""
-    presets = coerce(block.get("presets") or {}, dict[str, dict[str, Any]], f"{where}.presets")
-    choice = coerce(block.get("preset"), str | None, f"{where}.preset")
-    settings = {k: v for k, v in block.items() if k not in ("preset", "presets")}
+def apply_preset(block: dict[str, Any], where: str) -> tuple[dict[str, Any], str]:
+    """The block with its chosen `preset` (one of its `presets`, e.g. a GPU-sized model) laid over
+    it, and the block's place for messages. Presets not chosen are not read."""
+    choice, presets = block.get("preset"), block.get("presets") or {}
     if choice is None:
-        return settings
-    if choice not in presets:
-        raise PipelineError(f"params.yaml {where}.preset: {choice!r} is not one of the block's presets "
-                            f"{sorted(presets)} (or null)")
-    unknown = sorted(set(presets[choice]) - set(DOMAIN_KEYS) - {"preset", "presets"})
-    if unknown:
-        raise PipelineError(f"params.yaml {where}.presets.{choice}: unknown setting(s) {unknown}; "
-                            f"valid: {sorted(set(DOMAIN_KEYS) - {'preset', 'presets'})}")
-    return merged(settings, presets[choice])
+        return block, where
+    if not isinstance(presets, dict) or not isinstance(choice, str) or choice not in presets:
+        names = sorted(map(str, presets)) if isinstance(presets, dict) else []
+        raise PipelineError(f"params.yaml {where}.preset: {choice!r} is not one of the block's presets {names} "
+                            "(or null)")
+    if not isinstance(presets[choice], dict):
+        raise PipelineError(f"params.yaml {where}.presets.{choice}: {presets[choice]!r} should be a mapping of "
+                            "settings")
+    return merged(block, presets[choice]), f"{where} (preset {choice})"
 
 
 def load_config(domain: str, params_path: Path = Path("params.yaml")) -> tuple[DomainConfig, Domain]:
-    """Parse and validate the whole `domains.<domain>` block, method options included; return
-    it with the domain module that reads it. Imports no torch: fails in well under a second."""
+    """Parse and validate the `domains.<domain>` block with its chosen preset, method options
+    included, in one pass; return it with the domain module that reads it. Imports no torch:
+    fails in well under a second."""
+    from ssl_models.core.domain import get_domain
 
     domains = load_params(params_path).get("domains") or {}
     if domain not in domains:
         raise PipelineError(f"params.yaml has no block domains.{domain}; blocks: {sorted(domains)}")
-    block = domains[domain] or {}
     where = f"domains.{domain}"
-    if not isinstance(block, dict):
+    if not isinstance(domains[domain] or {}, dict):
         raise PipelineError(f"params.yaml {where}: expected a mapping of settings")
-    unknown = sorted(set(block) - set(DOMAIN_KEYS))
-    if unknown:
-        raise PipelineError(f"params.yaml {where}: unknown setting(s) {unknown}; valid: {sorted(DOMAIN_KEYS)}")
-    cfg, owner = _parse_block(domain, apply_preset(block, where), where, params_path)
-    for name in block.get("presets") or {}:  # a preset not chosen today is checked too
-        if name != block.get("preset"):
-            _parse_block(domain, apply_preset({**block, "preset": name}, where), f"{where} (preset {name})",
-                         params_path)
-    return cfg, owner
-
-
-def _parse_block(domain: str, block: dict[str, Any], where: str, params_path: Path) -> tuple[DomainConfig, Domain]:
-    from ssl_models.core.domain import get_domain
-
+    block, where = apply_preset(domains[domain] or {}, where)
     for key in ("module", "corpus"):
         if not block.get(key):
             raise PipelineError(f"params.yaml {where}.{key} is required")
-    module = coerce(block["module"], str, f"{where}.module")
-    corpus = coerce(block["corpus"], str, f"{where}.corpus")
-    labels = coerce(block.get("labels"), str | None, f"{where}.labels")
-    threads = coerce(block.get("cpu_threads"), int | None, f"{where}.cpu_threads")
-    require(threads is None or threads > 0, f"{where}.cpu_threads", "must be a positive number of threads or null")
-    owner = get_domain(module)
-    sections = {name: parse_section(owner.sections[name], block.get(name), f"{where}.{name}")
-                for name in DOMAIN_SECTIONS}
-    pretrain = parse_section(PretrainConfig, block.get("pretrain"), f"{where}.pretrain")
+    owner = get_domain(validated(str, block["module"], f"{where}.module"))
+    block_type = _block_type(type(owner))
+    sections = {f.name for f in dataclasses.fields(block_type) if dataclasses.is_dataclass(f.type)}
+    # a section with nothing under it (`ingest:`) takes its defaults
+    parsed = validated(block_type, {key: {} if value is None and key in sections else value
+                                    for key, value in block.items()}, where)
+    require(parsed.cpu_threads is None or parsed.cpu_threads > 0, f"{where}.cpu_threads",
+            "must be a positive number of threads or null")
+    pretrain = parsed.pretrain
     owner.methods.check(pretrain.method, f"{where}.pretrain.method")
     pretrain.options = parse_section(owner.methods.options(pretrain.method), pretrain.options or None,
                                      f"{where}.pretrain.options")
     cfg = DomainConfig(
-        name=domain, module=module, corpus=Path(corpus), labels=Path(labels) if labels else None,
-        split=parse_section(SplitConfig, block.get("split"), f"{where}.split"),
-        pretrain=pretrain,
-        finetune=parse_section(FinetuneConfig, block.get("finetune"), f"{where}.finetune"),
-        privacy=parse_section(PrivacyConfig, block.get("privacy"), f"{where}.privacy"),
-        cpu_threads=threads, root=params_path.parent, **sections)
+        name=domain, module=parsed.module, corpus=Path(parsed.corpus),
+        labels=Path(parsed.labels) if parsed.labels else None, split=parsed.split, pretrain=pretrain,
+        finetune=parsed.finetune, privacy=parsed.privacy, cpu_threads=parsed.cpu_threads, root=params_path.parent,
+        **{name: getattr(parsed, name) for name in DOMAIN_SECTIONS})
     owner.validate(cfg)
     return cfg, owner
 

@@ -45,9 +45,9 @@ def test_a_trained_tokenizer_with_a_base_checkpoint_is_refused_at_ingest(tiny_pr
 
 def test_wrong_types_in_the_shared_sections_fail_in_one_line(tiny_project: Path) -> None:
     """The two cases a new user hit: a word for a number, a number for a list."""
-    for section, values, named in [("pretrain", {"steps": "ten"}, "domains.legal.pretrain.steps: 'ten' is not a whole number"),
+    for section, values, named in [("pretrain", {"steps": "ten"}, "domains.legal.pretrain.steps: 'ten' should be a valid integer"),
                                    ("finetune", {"label_fractions": 0.1},
-                                    "domains.legal.finetune.label_fractions: 0.1 is not a list of numbers"),
+                                    "domains.legal.finetune.label_fractions: 0.1 should be a list"),
                                    ("split", {"test": 1.5}, "domains.legal.split")]:
         write_params(tiny_project, tiny_params(**{section: values}))
         result = run_cli(tiny_project, "evaluate", "legal")

@@ -34,18 +34,21 @@ class Outer:
 
 @pytest.mark.parametrize("values, message", [
     ({"nmae": "b"}, "o: unknown setting(s) ['nmae']; valid settings: ['choice', 'count', 'flag', 'inner', "),
-    ({"count": "ten"}, "o.count: 'ten' is not a whole number"),
-    ({"count": 1.5}, "o.count: 1.5 is not a whole number"),
-    ({"count": True}, "o.count: True is not a whole number"),
-    ({"ratio": "0.1"}, "o.ratio: '0.1' is not a number"),
-    ({"flag": "yes"}, "o.flag: 'yes' is not true or false"),
-    ({"choice": "z"}, "o.choice: 'z' is not one of x, y"),
-    ({"sizes": 3}, "o.sizes: 3 is not a list of whole numbers"),
-    ({"sizes": [1, "b"]}, "o.sizes[1]: 'b' is not a whole number"),
-    ({"maybe": 3}, "o.maybe: 3 is not a string or null"),
-    ({"inner": {"rat": 1}}, "o.inner: unknown setting(s) ['rat']"),
+    ({"count": "ten"}, "o.count: 'ten' should be a valid integer"),
+    ({"count": 1.5}, "o.count: 1.5 should be a valid integer"),
+    ({"count": True}, "o.count: True should be a valid integer"),
+    ({"ratio": "0.1"}, "o.ratio: '0.1' should be a valid number"),
+    ({"ratio": True}, "o.ratio: True should be a valid number"),
+    ({"flag": "yes"}, "o.flag: 'yes' should be true or false"),
+    ({"flag": 1}, "o.flag: 1 should be true or false"),
+    ({"choice": "z"}, "o.choice: 'z' should be 'x' or 'y'"),
+    ({"sizes": 3}, "o.sizes: 3 should be a list"),
+    ({"sizes": [1, "b"]}, "o.sizes[1]: 'b' should be a valid integer"),
+    ({"maybe": 3}, "o.maybe: 3 should be a valid string or null"),
+    ({"inner": {"rat": 1}}, "o.inner: unknown setting(s) ['rat']; valid settings: ['rate']"),
     ({"inner": {"rate": 2.0}}, "o.inner: rate must be in (0, 1)"),
-    ({"inner": 3}, "o.inner: 3 is not a mapping of rate"),
+    ({"inner": 3}, "o.inner: 3 should be a mapping of settings"),
+    ({"count": "ten", "flag": 2}, "o.count: 'ten' should be a valid integer; o.flag: 2 should be true or false"),
 ])
 def test_each_kind_of_bad_value_is_named(values: dict, message: str) -> None:
     with pytest.raises(PipelineError) as caught:
@@ -58,6 +61,7 @@ def test_good_values_are_typed_ints_become_floats_and_nested_sections_parse() ->
     assert parsed.ratio == 1.0 and isinstance(parsed.ratio, float)
     assert parsed.inner == Inner(0.25) and parsed.sizes == [2, 3] and parsed.maybe is None
     assert parse_section(Outer, None, "o") == Outer()
+    assert type(parsed) is Outer and type(parsed.inner) is Inner  # the dataclasses themselves, not copies
 
 
 def test_shared_sections_check_their_ranges() -> None:
@@ -65,7 +69,7 @@ def test_shared_sections_check_their_ranges() -> None:
         parse_section(PretrainConfig, {"steps": 10, "warmup_steps": 10}, "p")
     with pytest.raises(PipelineError, match=r"f: label_fractions must list fractions in \(0, 1\]"):
         parse_section(FinetuneConfig, {"label_fractions": [0.5, 1.5]}, "f")
-    with pytest.raises(PipelineError, match=r"f.inits\[0\]: 'random' is not one of ssl, scratch, generic"):
+    with pytest.raises(PipelineError, match=r"f.inits\[0\]: 'random' should be 'ssl', 'scratch', 'generic' or 'baseline'"):
         parse_section(FinetuneConfig, {"inits": ["random"]}, "f")
 
 
@@ -76,12 +80,17 @@ def test_the_whole_block_is_parsed_once_into_typed_sections(tmp_path) -> None:
     assert type(cfg.model).__name__ != "dict" and cfg.model.hidden_size == 32
     assert cfg.resolve("data/x") == tmp_path / "data/x" and cfg.resolve("/abs") .as_posix() == "/abs"
     assert domain.name == "legal_text"
+    params = tiny_params()
+    params["domains"]["legal"]["ingest"] = None  # `ingest:` with nothing under it: the defaults
+    write_params(tmp_path, params)
+    assert load_config("legal", tmp_path / "params.yaml")[0].ingest == type(cfg.ingest)()
 
 
 @pytest.mark.parametrize("block, message", [
     ({"modul": "x"}, "domains.legal: unknown setting(s) ['modul']"),
     ({"cpu_threads": 0}, "domains.legal.cpu_threads: must be a positive number of threads or null"),
-    ({"cpu_threads": "two"}, "domains.legal.cpu_threads: 'two' is not a whole number or null"),
+    ({"cpu_threads": "two"}, "domains.legal.cpu_threads: 'two' should be a valid integer or null"),
+    ({"cpu_thread": 2}, "domains.legal: unknown setting(s) ['cpu_thread']; valid settings: ['corpus', 'cpu_threads', "),
     ({"module": "no_such_domain"}, "no domain module ssl_models.no_such_domain"),
     ({"pretrain": {"options": {"mlm_probabilty": 0.2}}}, "domains.legal.pretrain.options: unknown setting(s) ['mlm_probabilty']"),
     ({"pretrain": {"method": "bert"}}, "domains.legal.pretrain.method: unknown text SSL method 'bert'"),
@@ -107,24 +116,38 @@ def test_a_params_file_that_is_not_yaml_is_one_line(tmp_path) -> None:
     assert "is not valid YAML" in str(caught.value) and "\n" not in str(caught.value)
 
 
-def test_a_preset_lays_its_settings_over_the_block_and_every_preset_is_checked(tmp_path) -> None:
+def test_a_preset_lays_its_settings_over_the_block_and_only_the_chosen_one_is_read(tmp_path) -> None:
     params = tiny_params()
     legal = params["domains"]["legal"]
     legal["presets"] = {"gpu": {"model": {"hidden_size": 64, "num_heads": 4}, "pretrain": {"nproc": 2}},
                         "broken": {"model": {"hidden_sise": 64}}}
+    legal["preset"] = "gpu"
+    write_params(tmp_path, params)
+    cfg, _ = load_config("legal", tmp_path / "params.yaml")  # the broken preset, not chosen, is not read
+    assert (cfg.model.hidden_size, cfg.model.num_heads, cfg.model.num_layers) == (64, 4, 1)  # the rest stays
+    assert cfg.pretrain.nproc == 2 and cfg.pretrain.steps == 12
+    legal["preset"] = "broken"
     write_params(tmp_path, params)
     with pytest.raises(PipelineError, match=r"domains.legal \(preset broken\).model: unknown setting\(s\) \['hidden_sise'\]"):
         load_config("legal", tmp_path / "params.yaml")
-    del legal["presets"]["broken"]
-    legal["preset"] = "gpu"
-    write_params(tmp_path, params)
-    cfg, _ = load_config("legal", tmp_path / "params.yaml")
-    assert (cfg.model.hidden_size, cfg.model.num_heads, cfg.model.num_layers) == (64, 4, 1)  # the rest stays
-    assert cfg.pretrain.nproc == 2 and cfg.pretrain.steps == 12
     legal["preset"] = "tpu"
     write_params(tmp_path, params)
-    with pytest.raises(PipelineError, match=r"domains.legal.preset: 'tpu' is not one of the block's presets \['gpu'\]"):
+    with pytest.raises(PipelineError, match=r"domains.legal.preset: 'tpu' is not one of the block's presets \['broken', 'gpu'\]"):
         load_config("legal", tmp_path / "params.yaml")
+
+
+def test_load_config_validates_each_part_of_the_block_once(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One pass over the block (its sections together), then the chosen method's options."""
+    from ssl_models.core import config
+
+    params = tiny_params()
+    params["domains"]["legal"]["presets"] = {"gpu": {"pretrain": {"nproc": 2}}}
+    write_params(tmp_path, params)
+    places: list[str] = []
+    real = config.validated
+    monkeypatch.setattr(config, "validated", lambda kind, value, where: places.append(where) or real(kind, value, where))
+    load_config("legal", tmp_path / "params.yaml")
+    assert places == ["domains.legal.module", "domains.legal", "domains.legal.pretrain.options"]
 
 
 def test_the_repository_presets_parse(tmp_path) -> None:
@@ -140,3 +163,4 @@ def test_the_repository_presets_parse(tmp_path) -> None:
     for name in params["domains"]:
         cfg, _ = load_config(name, tmp_path / "params.yaml")
         assert cfg.pretrain.steps >= 50_000 and cfg.pretrain.nproc == "auto"
+
