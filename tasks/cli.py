@@ -33,7 +33,11 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
+
+if TYPE_CHECKING:
+    from ssl_models.core.config import DomainConfig
+    from ssl_models.core.domain import Domain
 
 # The stages in data-flow order: dvc.yaml declares one entry each (a test holds them equal),
 # and the Prefect flow runs them in this order. Stage `s` is the function `tasks.<s>.<s>`,
@@ -164,14 +168,16 @@ def check_inputs(stage: str, paths: Any) -> None:
         check_outputs_intact(artifact, paths.relative(artifact), f"{maker}@{paths.domain}")
 
 
-def run_stage(stage: str, domain_name: str, root: Path = Path(".")) -> object:
-    """Parse and check the domain's block, then run `stage` on it under the domain's lock (what the CLI does)."""
+def run_stage(stage: str, domain_name: str, root: Path = Path("."),
+              loaded: tuple[DomainConfig, Domain] | None = None) -> object:
+    """Run `stage` under the domain's lock on the domain's block as `load_config` parsed it
+    (`loaded`; parsed here when not given), as the CLI does."""
     from ssl_models.core.config import load_config
     from tasks.io import clean_stale
     from tasks.lineage import check_raw_inputs_unchanged
     from tasks.paths import DomainPaths
 
-    cfg, domain = load_config(domain_name, root / "params.yaml")
+    cfg, domain = loaded or load_config(domain_name, root / "params.yaml")
     paths = DomainPaths(domain_name, root)
     function = getattr(importlib.import_module(f"tasks.{stage}"), stage)
     with domain_lock(paths.lock, f"{stage}@{domain_name}") as holder:
@@ -199,12 +205,13 @@ def _report_failure(root: Path, name: str, line: str) -> None:
         write_text(folder / f"{name}.error", line + "\n")
 
 
-def _pseudonymises(root: Path, domain_name: str) -> bool:
-    """Whether the domain hides file names (True when that cannot be told: print less, not more)."""
+def _pseudonymises(loaded: tuple[DomainConfig, Domain] | None) -> bool:
+    """Whether the domain of the parsed block hides file names (True when that cannot be told,
+    the block not parsed included: print less, not more)."""
+    if loaded is None:
+        return True
     try:
-        from ssl_models.core.config import load_config
-
-        cfg, domain = load_config(domain_name, root / "params.yaml")
+        cfg, domain = loaded
         return bool(domain.pseudonymises(cfg))
     except Exception:  # noqa: BLE001 - deciding what to print must not fail itself
         return True
@@ -233,10 +240,15 @@ def main(argv: list[str] | None = None) -> int:
     from ssl_models.core.errors import PipelineError
 
     name = "lineage" if args.command == "lineage" else f"{args.command}-{args.domain}"
+    # the domain's block, parsed once: for the stage, and for what a failure may print
+    loaded: tuple[DomainConfig, Domain] | None = None
     try:
         if args.command == "lineage":
             return run_lineage(args.action, args.artifact, args.root, args.domain)
-        run_stage(args.command, args.domain, args.root)
+        from ssl_models.core.config import load_config
+
+        loaded = load_config(args.domain, args.root / "params.yaml")
+        run_stage(args.command, args.domain, args.root, loaded)
     except PipelineError as error:
         line = f"error: {_one_line(error)}"
         code = EXIT_BAD_INPUT
@@ -248,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Exception as error:  # noqa: BLE001 - the one place an unexpected error becomes one line
         logged = _log_traceback(args.root, name)
-        private = args.command != "lineage" and _pseudonymises(args.root, args.domain)
+        private = args.command != "lineage" and _pseudonymises(loaded)
         # a library's message may carry a file name: not printed when the domain hides them
         what = type(error).__name__ if private else f"{type(error).__name__}: {_one_line(error)}"
         where = f"; the traceback is in {logged}" if logged else ""

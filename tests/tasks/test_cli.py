@@ -55,6 +55,26 @@ def test_wrong_types_in_the_shared_sections_fail_in_one_line(tiny_project: Path)
         assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
 
 
+def test_a_stage_start_parses_the_block_once_and_hands_it_to_the_stage(
+        tiny_project: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """The stage gets the config the CLI parsed; a failure's message reuses it (no second parse)."""
+    from ssl_models.core import config
+
+    parsed: list = []
+    received: list = []
+    real = config.load_config
+    monkeypatch.setattr(config, "load_config", lambda *args: parsed.append(real(*args)) or parsed[-1])
+
+    def crash(cfg: object, domain: object, paths: object) -> None:
+        received.append(cfg)
+        raise RuntimeError("reader failed")
+
+    monkeypatch.setattr("tasks.default_data.default_data", crash)
+    assert main(["--root", str(tiny_project), "default_data", "legal"]) == 1
+    assert len(parsed) == 1 and len(received) == 1 and received[0] is parsed[0][0]
+    assert "unexpected RuntimeError: reader failed" in capsys.readouterr().err
+
+
 def test_a_stage_started_before_its_input_exists_says_which_stage_to_run(tiny_project: Path) -> None:
     for stage, named in [("preprocess", "reads data/legal/manifest, which does not exist; run ingest@legal first"),
                          ("finetune", "reads data/legal/shards, which does not exist; run preprocess@legal first")]:
