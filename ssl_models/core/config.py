@@ -244,7 +244,7 @@ class FinetuneConfig:
     generic_checkpoint: str | None = None  # the off-the-shelf encoder to compare with; null: model.base_checkpoint
     generic_protocols: list[Literal["linear", "knn", "finetune"]] | None = None  # null: every protocol
     # fine-tuning length: `epochs` over the labeled subset, capped at `max_steps` (at least 1 step)
-    epochs: float = 10.0
+    epochs: float = 5.0
     max_steps: int = 200
     batch_size: int = 16
     learning_rate: float = 3e-4

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal
 
 import pytest
 
-from ssl_models.core.config import FinetuneConfig, PretrainConfig, load_config, parse_section, require
+from ssl_models.core.config import (DOMAIN_SECTIONS, DomainConfig, FinetuneConfig, PretrainConfig, SplitConfig,
+                                    load_config, parse_section, require)
+from ssl_models.core.privacy import PrivacyConfig
 from ssl_models.core.errors import PipelineError
 from tests.conftest import tiny_params, write_params
 
@@ -164,3 +167,36 @@ def test_the_repository_presets_parse(tmp_path) -> None:
         cfg, _ = load_config(name, tmp_path / "params.yaml")
         assert cfg.pretrain.steps >= 50_000 and cfg.pretrain.nproc == "auto"
 
+
+def _default(cls: type, name: str) -> object:
+    setting = {f.name: f for f in dataclasses.fields(cls)}[name]
+    return setting.default if setting.default is not dataclasses.MISSING else setting.default_factory()
+
+
+def test_a_value_every_domain_block_sets_alike_is_the_dataclass_default() -> None:
+    """Defaults in one place: where every block of params.yaml sets a setting to the same value,
+    the dataclass default is that value (a value that differs by domain lives in params.yaml)."""
+    import yaml
+
+    from ssl_models.core.domain import get_domain
+    from tests.conftest import REPO
+
+    blocks = yaml.safe_load((REPO / "params.yaml").read_text())["domains"]
+    owners = {name: get_domain(block["module"]) for name, block in blocks.items()}
+    shared = {"split": SplitConfig, "pretrain": PretrainConfig, "finetune": FinetuneConfig, "privacy": PrivacyConfig}
+    mappings = {name: {None: block, **{s: block.get(s) or {} for s in [*shared, *DOMAIN_SECTIONS]}}
+                for name, block in blocks.items()}
+    disagreements, compared = [], 0
+    for section in [None, *shared, *DOMAIN_SECTIONS]:
+        for key in set.intersection(*(set(m[section]) for m in mappings.values())) - {"options"}:
+            values = [m[section][key] for m in mappings.values()]
+            if any(value != values[0] for value in values):
+                continue
+            for owner in owners.values():  # a mapping (a section) is compared setting by setting
+                cls = DomainConfig if section is None else shared.get(section) or owner.sections[section]
+                if key in {f.name for f in dataclasses.fields(cls)} and not isinstance(values[0], dict):
+                    compared += 1
+                    if _default(cls, key) != values[0]:
+                        disagreements.append(f"{cls.__name__}.{key} = {_default(cls, key)!r}; params.yaml: {values[0]!r}")
+    assert compared > 50  # the shared sections' settings are compared
+    assert not disagreements, sorted(set(disagreements))
