@@ -91,12 +91,10 @@ class Audio(Domain, module="audio"):
                      pretrained_dir: Path, seed: int) -> Encoder:
         if init == "generic":
             cfg = self.generic_config(cfg)
+        from ssl_models.audio.backbones import load_spectrogram_encoder, load_wav2vec2_encoder
+
         if cfg.model.backbone == "wav2vec2":
-            from ssl_models.audio.wav2vec2 import load_wav2vec2_encoder
-
             return load_wav2vec2_encoder(init, cfg, pretrained_dir, seed)
-        from ssl_models.audio.backbones import load_spectrogram_encoder
-
         return load_spectrogram_encoder(init, cfg, pretrained_dir, seed)
 
     # the report's sentence on what the labeled task is

@@ -1,4 +1,5 @@
-"""The spectrogram backbone (a small Transformer over log-mel patches) and its encoder wrapper.
+"""The audio backbones and their encoder wrappers: the spectrogram backbone (a small Transformer
+over log-mel patches) and wav2vec2 (transformers' `Wav2Vec2Model`) over raw waveforms.
 
 Tokens are patches of `patch_frames` x `patch_mels` log-mel bins; with all mel bins in a patch
 they are SSAST's frame-based patches, which Gong et al. (AAAI 2022) found best for speech.
@@ -12,16 +13,22 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
+import transformers
 from safetensors.torch import load_file, save_file
 from torch import nn
+from transformers import Wav2Vec2Config, Wav2Vec2ForPreTraining, Wav2Vec2Model
 
-from ssl_models.audio.features import STORAGE_DTYPE, InputSpec, pad_batch, stored_steps
+from ssl_models.audio.config import AudioModelConfig
+from ssl_models.audio.features import STORAGE_DTYPE, InputSpec, decode_row, pad_batch, stored_steps
 from ssl_models.core.errors import PipelineError
 from ssl_models.core.modules import Encoder
 
 if TYPE_CHECKING:
     from ssl_models.core.config import DomainConfig
+
+transformers.logging.set_verbosity_error()
 
 CONFIG_FILE, WEIGHTS_FILE = "audio_backbone.json", "model.safetensors"
 
@@ -207,3 +214,93 @@ def load_spectrogram_encoder(init: str, cfg: DomainConfig, pretrained_dir: Path,
         torch.manual_seed(seed)
         backbone = SpectrogramTransformer.load(pretrained_dir, weights=False)
     return SpectrogramEncoder(backbone, spec)
+
+
+def small_config(model_cfg: AudioModelConfig) -> Wav2Vec2Config:
+    """A small wav2vec2: 7 convolutions of 32 channels (320x down-sampling: 50 frames/s at 16 kHz)."""
+    return Wav2Vec2Config(
+        hidden_size=model_cfg.hidden_size, num_hidden_layers=model_cfg.num_layers,
+        num_attention_heads=model_cfg.num_heads, intermediate_size=model_cfg.intermediate_size,
+        conv_dim=(32,) * 7, feat_extract_norm="layer", do_stable_layer_norm=True,
+        num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4,
+        num_codevector_groups=2, num_codevectors_per_group=32, codevector_dim=64, proj_codevector_dim=64,
+        num_negatives=20, hidden_dropout=model_cfg.dropout, attention_dropout=model_cfg.dropout,
+        activation_dropout=0.0, feat_proj_dropout=0.0, feat_quantizer_dropout=0.0, final_dropout=0.0,
+        layerdrop=0.0, diversity_loss_weight=0.1,
+        # mask_time_prob > 0 makes transformers create the mask embedding; mild SpecAugment in fine-tuning
+        mask_time_prob=0.05, mask_time_length=2, pool_segments=model_cfg.pool_segments)
+
+
+def collate_waveforms(samples: list[dict[str, Any]], spec: InputSpec) -> dict[str, torch.Tensor]:
+    """Padded waveforms, each normalised to zero mean and unit variance over its own samples
+    (as Wav2Vec2FeatureExtractor does), and the attention mask."""
+    waves, lengths = pad_batch([decode_row(s, 1) for s in samples], spec.clip_steps)
+    waves = waves[..., 0]
+    mask = np.arange(waves.shape[1])[None, :] < lengths[:, None]
+    for index, length in enumerate(lengths):
+        clip = waves[index, :length]
+        waves[index, :length] = (clip - clip.mean()) / np.sqrt(clip.var() + 1e-7)
+    return {"input_values": torch.from_numpy(waves), "attention_mask": torch.from_numpy(mask.astype(np.int64))}
+
+
+def pooled(model: Wav2Vec2Model, batch: dict[str, torch.Tensor], segments: int) -> torch.Tensor:
+    hidden = model(batch["input_values"], attention_mask=batch["attention_mask"]).last_hidden_state
+    frames = model._get_feature_vector_attention_mask(hidden.shape[1], batch["attention_mask"])
+    return segment_pool(hidden, torch.arange(hidden.shape[1], device=hidden.device), frames.sum(1), segments)
+
+
+class Wav2Vec2Encoder(Encoder):
+    """Pooled hidden states of a wav2vec2 model. `model` is the bare `Wav2Vec2Model` (fine-tuning)
+    or, to pretrain, `Wav2Vec2ForPreTraining`, whose quantiser and projections are then saved
+    with it, so that continued pretraining from the saved folder keeps them."""
+
+    def __init__(self, model: Wav2Vec2Model | Wav2Vec2ForPreTraining, spec: InputSpec) -> None:
+        super().__init__()
+        self.model, self.spec = model, spec
+        self.pool_segments = int(getattr(model.config, "pool_segments", 1))
+        self.dim = int(model.config.hidden_size) * self.pool_segments
+
+    @property
+    def backbone(self) -> Wav2Vec2Model:
+        return self.model.wav2vec2 if isinstance(self.model, Wav2Vec2ForPreTraining) else self.model
+
+    def collate(self, samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        return collate_waveforms(samples, self.spec)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return pooled(self.backbone, batch, self.pool_segments)
+
+    def save(self, out_dir: Path) -> None:
+        self.model.save_pretrained(out_dir)
+        self.spec.save(out_dir)
+
+
+def _checkpoint_folder(path: Path) -> Path:
+    if not (path / "config.json").exists():
+        raise PipelineError(f"model.base_checkpoint {str(path)!r}: no Hugging Face wav2vec2 folder (config.json)")
+    return path
+
+
+def build_wav2vec2(cfg: DomainConfig, shards_dir: Path) -> Wav2Vec2Encoder:
+    """The `wav2vec2` backbone to pretrain (with its pretraining heads): from `model.base_checkpoint`
+    when one is set (continued pretraining), else a small model from scratch."""
+    spec = InputSpec.from_config(cfg.ingest, cfg.preprocess)
+    if cfg.model.base_checkpoint:
+        model = Wav2Vec2ForPreTraining.from_pretrained(_checkpoint_folder(cfg.resolve(cfg.model.base_checkpoint)))
+        model.config.pool_segments = cfg.model.pool_segments
+        return Wav2Vec2Encoder(model, spec)
+    return Wav2Vec2Encoder(Wav2Vec2ForPreTraining(small_config(cfg.model)), spec)
+
+
+def load_wav2vec2_encoder(init: str, cfg: DomainConfig, pretrained_dir: Path, seed: int) -> Wav2Vec2Encoder:
+    """ssl: the pretrained model; scratch: its architecture, random weights from `seed`;
+    generic: the base checkpoint."""
+    if init == "generic":
+        model = Wav2Vec2Model.from_pretrained(_checkpoint_folder(cfg.resolve(str(cfg.model.base_checkpoint))))
+        model.config.pool_segments = cfg.model.pool_segments
+    elif init == "ssl":
+        model = Wav2Vec2Model.from_pretrained(pretrained_dir)
+    else:
+        torch.manual_seed(seed)
+        model = Wav2Vec2Model(Wav2Vec2Config.from_pretrained(pretrained_dir))
+    return Wav2Vec2Encoder(model, InputSpec.from_config(cfg.ingest, cfg.preprocess))

@@ -64,14 +64,14 @@ class Wav2Vec2Options:
 
 
 METHODS: Registry[type[PretrainMethod]] = Registry("audio SSL method")
-METHODS.register_lazy("tera", "ssl_models.audio.spectrogram_methods:TERA", options=TERAOptions)
-METHODS.register_lazy("masked_spectrogram", "ssl_models.audio.spectrogram_methods:MaskedSpectrogramModeling",
+METHODS.register_lazy("tera", "ssl_models.audio.methods:TERA", options=TERAOptions)
+METHODS.register_lazy("masked_spectrogram", "ssl_models.audio.methods:MaskedSpectrogramModeling",
                       options=MaskedSpectrogramOptions)
-METHODS.register_lazy("wav2vec2", "ssl_models.audio.wav2vec2:Wav2Vec2Contrastive", options=Wav2Vec2Options)
+METHODS.register_lazy("wav2vec2", "ssl_models.audio.methods:Wav2Vec2Contrastive", options=Wav2Vec2Options)
 
 BACKBONES: Registry = Registry("audio backbone")
 BACKBONES.register_lazy("spectrogram_transformer", "ssl_models.audio.backbones:build_spectrogram_transformer")
-BACKBONES.register_lazy("wav2vec2", "ssl_models.audio.wav2vec2:build_wav2vec2")
+BACKBONES.register_lazy("wav2vec2", "ssl_models.audio.backbones:build_wav2vec2")
 
 # What each method and each backbone reads from the shards: log-mel frames or the raw waveform.
 METHOD_INPUTS: dict[str, InputKind] = {"tera": "log_mel", "masked_spectrogram": "log_mel", "wav2vec2": "waveform"}

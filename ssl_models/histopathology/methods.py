@@ -1,5 +1,5 @@
 """Self-supervised methods for tiles, each a `PretrainMethod(encoder, options)` with
-`forward(batch) -> loss`; their views and masks are built by the data sides in `augment.py`.
+`forward(batch) -> loss`; their views and masks are built by the data sides in `views.py`.
 Losses and heads come from lightly. With several processes (DDP) the world size changes nothing
 but speed: NT-Xent, DCL and VICReg gather the whole global batch (`gather_distributed`); BYOL's
 loss and MAE's (a fixed number of masked patches per tile) are means of per-sample terms. The
@@ -22,7 +22,7 @@ from torch import nn
 
 from ssl_models.core.errors import PipelineError
 from ssl_models.core.modules import DataSide, PretrainMethod
-from ssl_models.histopathology.augment import MaskedView, TwoViews
+from ssl_models.histopathology.views import MaskedView, TwoViews
 from ssl_models.histopathology.backbones import TileEncoder, decode_tiles, normalise
 from ssl_models.histopathology.config import BYOLOptions, MAEOptions, SimCLROptions, VICRegOptions
 

@@ -40,7 +40,7 @@ class LegalText(Domain, module="legal_text"):
                    locate: Locate) -> dict[str, Any]:
         from datasets import Dataset
 
-        from ssl_models.legal_text.preprocessing import (
+        from ssl_models.legal_text.shards import (
             build_tokenizer,
             normalised_text_hash,
             pack_blocks,
@@ -89,7 +89,7 @@ class LegalText(Domain, module="legal_text"):
 
     def load_encoder(self, init: str, cfg: DomainConfig, shards_dir: Path,
                      pretrained_dir: Path, seed: int) -> Encoder:
-        from ssl_models.legal_text.models import load_text_encoder
+        from ssl_models.legal_text.backbones import load_text_encoder
 
         return load_text_encoder(init, cfg, pretrained_dir, seed, self.generic_checkpoint(cfg))
 

@@ -125,8 +125,8 @@ SECTIONS = {"ingest": TextIngestConfig, "preprocess": TextPreprocessConfig, "mod
             "default_data": LicensedcodeDefaultConfig}
 
 METHODS: Registry[type[PretrainMethod]] = Registry("text SSL method")
-METHODS.register_lazy("mlm", "ssl_models.legal_text.models:MaskedLanguageModeling", options=MLMOptions)
-METHODS.register_lazy("mlm_span_contrastive", "ssl_models.legal_text.models:MaskedLanguageModelingWithSpanContrast",
+METHODS.register_lazy("mlm", "ssl_models.legal_text.methods:MaskedLanguageModeling", options=MLMOptions)
+METHODS.register_lazy("mlm_span_contrastive", "ssl_models.legal_text.methods:MaskedLanguageModelingWithSpanContrast",
                       options=MLMSpanContrastOptions)
 BACKBONES: Registry[Callable[[DomainConfig, Path], Encoder]] = Registry("text backbone")
-BACKBONES.register_lazy("bert", "ssl_models.legal_text.models:build_bert")
+BACKBONES.register_lazy("bert", "ssl_models.legal_text.backbones:build_bert")

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from ssl_models.core.config import DomainConfig
 from ssl_models.core.domain import Domain, Locate, Record, Rejected, Source
-from ssl_models.core.errors import PipelineError, UnreadableFileError
+from ssl_models.core.errors import PipelineError
 from ssl_models.medical3d.config import BACKBONES, METHODS, SECTIONS, VIT_METHODS
 from ssl_models.medical3d.default_data import ATTRIBUTION
 
@@ -50,31 +50,10 @@ class Medical3D(Domain, module="medical3d"):
             if not looks_like_dicom(path):
                 yield Source(path.relative_to(corpus).as_posix(), [path])
 
-    def _read_volume(self, source: Source, cfg: DomainConfig):
-        from ssl_models.medical3d.dicom import looks_like_dicom, read_series
-        from ssl_models.medical3d.volumes import check_volume, read_nifti, read_nrrd
-
-        first = source.paths[0]
-        if looks_like_dicom(first):
-            volume = read_series(source.paths, cfg.ingest.slice_gap_tolerance)
-        elif first.name.lower().endswith((".nrrd", ".nhdr")):
-            volume = read_nrrd(first)
-        else:
-            volume = read_nifti(first)
-        check_volume(volume, cfg.ingest.min_slices)
-        return volume
-
     def read(self, source: Source, cfg: DomainConfig) -> Iterator[Record | Rejected]:
-        from ssl_models.medical3d.volumes import guess_modality, volume_digest
+        from ssl_models.medical3d.readers import read_volume_record
 
-        volume = self._read_volume(source, cfg)
-        meta: dict[str, Any] = {"format": "dicom" if volume.modality else "volume",
-                                "modality": guess_modality(volume, cfg.ingest.nifti_modality),
-                                "shape": list(volume.array.shape),
-                                "spacing_mm": [round(s, 4) for s in volume.spacing]}
-        # the header's patient keeps a patient's volumes in one split; ingest writes it as a pseudonym
-        yield Record(source.key, volume_digest(volume), sum(p.stat().st_size for p in source.paths), meta, volume,
-                     group=volume.patient)
+        yield read_volume_record(source, cfg.ingest)
 
     def write_default_data(self, out_dir: Path, cfg: DomainConfig) -> dict[str, Any]:
         from ssl_models.medical3d.default_data import (
@@ -89,46 +68,13 @@ class Medical3D(Domain, module="medical3d"):
 
     def preprocess(self, cfg: DomainConfig, manifest: list[dict[str, Any]], out_dir: Path,
                    locate: Locate) -> dict[str, Any]:
-        from datasets import Dataset, Features, Sequence, Value
-        from tqdm import tqdm
+        from ssl_models.medical3d.shards import write_volume_shards
 
-        from ssl_models.medical3d.transforms import preprocess_volume
-
-        shard_features = {"sample_id": Value("string"), "image": Value("binary"), "shape": Sequence(Value("int32")),
-                          "label": Value("string"), "split": Value("string"), "group": Value("string")}
-        options, size = cfg.preprocess, cfg.model.size
-        columns: dict[str, dict[str, list]] = {name: {"sample_id": [], "image": [], "shape": []}
-                                               for name in ("pretrain_train", "pretrain_val", "labeled")}
-        for extra in ("label", "split", "group"):
-            columns["labeled"][extra] = []
-        quarantine: list[dict[str, str]] = []
-        for row in tqdm(manifest, desc=f"preprocess {cfg.name}", unit="volume", disable=None):
-            try:  # read at ingest, but the file may have changed since: quarantined, not a traceback
-                volume = self._read_volume(locate(row), cfg)
-            except UnreadableFileError as error:
-                quarantine.append({"key": row["key"], "reason": f"unreadable at preprocess: {error.reason}"})
-                continue
-            cube = preprocess_volume(volume.array, volume.spacing, row["modality"], options, size)
-            targets = [f"pretrain_{row['split']}"] if row["split"] in ("train", "val") else []
-            if row.get("label") is not None:
-                targets.append("labeled")
-                columns["labeled"]["label"].append(str(row["label"]))
-                columns["labeled"]["split"].append(row["split"])
-                columns["labeled"]["group"].append(str(row.get("group") or row["sha256"]))
-            for target in targets:
-                columns[target]["sample_id"].append(row["sha256"])
-                columns[target]["image"].append(cube.tobytes())
-                columns[target]["shape"].append(list(cube.shape))
-        for name, values in columns.items():  # explicit features: an empty split still saves and loads
-            features = Features({column: shard_features[column] for column in values})
-            Dataset.from_dict(values, features=features).save_to_disk(str(out_dir / name))
-        modalities = sorted({row["modality"] for row in manifest})
-        return {"cube_size": size, "spacing_mm": options.spacing, "modalities": modalities, "quarantine": quarantine,
-                **{f"{name}_volumes": len(values["sample_id"]) for name, values in columns.items()}}
+        return write_volume_shards(cfg, manifest, out_dir, locate)
 
     def load_encoder(self, init: str, cfg: DomainConfig, shards_dir: Path,
                      pretrained_dir: Path, seed: int) -> Encoder:
-        from ssl_models.medical3d.models import load_volume_encoder
+        from ssl_models.medical3d.backbones import load_volume_encoder
 
         return load_volume_encoder(init, self.generic_config(cfg) if init == "generic" else cfg, shards_dir,
                                    pretrained_dir, seed)

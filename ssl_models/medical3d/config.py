@@ -132,8 +132,8 @@ METHODS.register_lazy("simclr", "ssl_models.medical3d.methods:SimCLR3D", options
 VIT_METHODS = ("vit_inpainting_contrastive", "mae")  # they read the ViT's patch tokens
 
 BACKBONES: Registry = Registry("3D backbone")
-BACKBONES.register_lazy("vit", "ssl_models.medical3d.models:build_vit")
-BACKBONES.register_lazy("resnet", "ssl_models.medical3d.models:build_resnet")
+BACKBONES.register_lazy("vit", "ssl_models.medical3d.backbones:build_vit")
+BACKBONES.register_lazy("resnet", "ssl_models.medical3d.backbones:build_resnet")
 
 
 # The domain's params.yaml sections, each parsed and checked by `load_config` before any stage runs.

@@ -22,7 +22,7 @@ from torch import nn
 from ssl_models.core.distributed import global_mean
 from ssl_models.core.modules import DataSide, PretrainMethod
 from ssl_models.medical3d.config import InpaintingContrastiveOptions, MaeOptions, SimCLROptions
-from ssl_models.medical3d.models import VolumeEncoder
+from ssl_models.medical3d.backbones import VolumeEncoder
 from ssl_models.medical3d.views import MaskedPatches, TwoViews, contrastive_views, inpainting_views
 
 

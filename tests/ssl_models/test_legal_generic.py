@@ -13,7 +13,7 @@ import yaml
 
 from ssl_models.core.config import load_config
 from ssl_models.core.errors import PipelineError
-from ssl_models.legal_text.models import Pooling, load_text_encoder
+from ssl_models.legal_text.backbones import Pooling, load_text_encoder
 from tasks.probes import embed_rows, finetune_encoder
 from tests.conftest import REPO, pretrained_state, run_stages, tiny_params, write_params
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from ssl_models.core.config import DomainConfig, load_config
-from ssl_models.legal_text.models import CHARS_PER_TOKEN, TextEncoder, build_bert, mean_pool
-from ssl_models.legal_text.preprocessing import build_tokenizer
+from ssl_models.legal_text.backbones import CHARS_PER_TOKEN, TextEncoder, build_bert, mean_pool
+from ssl_models.legal_text.shards import build_tokenizer
 from tasks.probes import embed_rows
 from tests.conftest import tiny_params, write_params
 

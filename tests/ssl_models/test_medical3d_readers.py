@@ -146,7 +146,7 @@ def test_a_pixel_less_copy_in_a_series_is_rejected_alone_and_the_series_kept(med
 def test_a_corrupt_nifti_reason_carries_no_path(medical_project: Path) -> None:
     """nibabel quotes the absolute path in its messages (`Empty file: '/data/.../x.nii.gz'`)."""
     from ssl_models.core.errors import UnreadableFileError
-    from ssl_models.medical3d.volumes import read_nifti
+    from ssl_models.medical3d.readers import read_nifti
 
     folder = medical_project / "DOE_JOHN 1970"
     folder.mkdir()

@@ -1,11 +1,10 @@
-"""The text encoder (a BERT-style transformers model), BERT's token masking, and the
-masked-language-modelling methods."""
+"""The text encoder: a BERT-style transformers model whose document embedding pools its
+windows, the `bert` backbone that builds it for pretraining, and the encoders fine-tuning loads."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -24,17 +23,14 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from ssl_models.core import distributed
 from ssl_models.core.config import DomainConfig
 from ssl_models.core.errors import PipelineError
-from ssl_models.core.modules import DataSide, Encoder, PretrainMethod, generator
-from ssl_models.legal_text.config import MLMOptions, MLMSpanContrastOptions
+from ssl_models.core.modules import Encoder
 
 transformers.logging.set_verbosity_error()
 transformers.utils.logging.disable_progress_bar()  # loading a small checkpoint takes milliseconds
 
 CHARS_PER_TOKEN = 12
-IGNORE_INDEX = -100  # label of positions without loss (cross_entropy's default ignore_index)
 
 
 def resolve_checkpoint(cfg: DomainConfig, reference: str | None = None) -> Path:
@@ -252,107 +248,3 @@ def load_text_encoder(init: str, cfg: DomainConfig, pretrained_dir: Path, seed: 
                  else AutoModel.from_pretrained(source, dtype=torch.float32))  # float32 master weights to fine-tune
     return TextEncoder(model, AutoTokenizer.from_pretrained(source), cfg.model.max_length,
                        max_document_tokens=cfg.model.max_document_tokens, pooling=Pooling.read(source))
-
-
-@dataclass
-class MaskedTokens(DataSide):
-    """BERT's masking of packed token blocks (Devlin et al., NAACL 2019), sample by sample:
-    each non-special token is chosen with `mlm_probability` (at least one per block, so no
-    block is without loss); of the chosen, 80% become [MASK], 10% a random token, 10% stay.
-
-    Batch: `input_ids` (masked), `labels` (the original id at chosen positions, -100 elsewhere)
-    and, with `clean_ids`, `clean_input_ids` (the blocks unmasked). Blocks have the fixed
-    `preprocess.block_size`, so a batch is the concatenation of its samples."""
-
-    special_ids: tuple[int, ...]  # never chosen ([CLS], [SEP], [PAD], ...)
-    mask_id: int
-    vocab_size: int
-    mlm_probability: float
-    clean_ids: bool = False
-
-    @classmethod
-    def for_tokenizer(cls, tokenizer: PreTrainedTokenizerBase, mlm_probability: float,
-                      clean_ids: bool = False) -> MaskedTokens:
-        return cls(tuple(sorted(tokenizer.all_special_ids)), int(tokenizer.mask_token_id), len(tokenizer),
-                   mlm_probability, clean_ids)
-
-    def mask(self, ids: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(masked ids, labels) of one block, every draw from `seed`."""
-        draws = generator(seed)
-        maskable = ~torch.isin(ids, torch.tensor(self.special_ids, dtype=ids.dtype))
-        chosen = (torch.rand(ids.shape, generator=draws) < self.mlm_probability) & maskable
-        if not chosen.any() and maskable.any():  # one prediction at least: no block (or batch of one) without loss
-            chosen[torch.multinomial(maskable.float(), 1, generator=draws)] = True
-        action = torch.rand(ids.shape, generator=draws)
-        random_ids = torch.randint(self.vocab_size, ids.shape, generator=draws, dtype=ids.dtype)
-        masked = torch.where(chosen & (action < 0.8), self.mask_id, ids)
-        masked = torch.where(chosen & (action >= 0.8) & (action < 0.9), random_ids, masked)
-        return masked, torch.where(chosen, ids, IGNORE_INDEX)
-
-    def __call__(self, rows: Sequence[dict[str, Any]], seeds: Sequence[int]) -> dict[str, torch.Tensor]:
-        clean = torch.as_tensor([row["input_ids"] for row in rows], dtype=torch.long)
-        masked, labels = zip(*(self.mask(ids, seed) for ids, seed in zip(clean, seeds)))
-        batch = {"input_ids": torch.stack(masked), "labels": torch.stack(labels)}
-        if self.clean_ids:
-            batch["clean_input_ids"] = clean
-        return batch
-
-
-class MaskedLanguageModeling(PretrainMethod):
-    """Masked language modelling (Devlin et al., "BERT", NAACL 2019): predict the tokens that
-    `MaskedTokens` hid, scoring only the masked positions (the vocabulary projection dominates
-    the cost of a small BERT, and unmasked positions carry no loss).
-
-    Usage: `loss = method(method.data_side()(rows, seeds))` where rows hold packed `input_ids`.
-    """
-
-    def __init__(self, encoder: TextEncoder, options: MLMOptions) -> None:
-        super().__init__(encoder, options)
-        if encoder.masked_lm_head is None:
-            raise PipelineError("masked language modelling needs an encoder built by a backbone (with its MLM head)")
-        self.head = encoder.masked_lm_head
-
-    def data_side(self) -> MaskedTokens:
-        return MaskedTokens.for_tokenizer(self.backbone_encoder.tokenizer, self.options.mlm_probability)
-
-    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        labels = batch["labels"]
-        hidden = self.backbone_encoder.hidden_states(batch["input_ids"])
-        masked = labels != IGNORE_INDEX
-        # the mean over the masked tokens of every process' blocks (their number varies by block)
-        summed = nn.functional.cross_entropy(self.head(hidden[masked]), labels[masked], reduction="sum")
-        return distributed.global_mean(summed, masked.sum())
-
-    def embed(self, samples: list[dict[str, Any]]) -> torch.Tensor:
-        input_ids = torch.as_tensor([s["input_ids"] for s in samples])
-        return self.backbone_encoder.hidden_states(input_ids).mean(dim=1)
-
-
-class MaskedLanguageModelingWithSpanContrast(MaskedLanguageModeling):
-    """Masked language modelling plus a contrastive term that pulls together the pooled
-    embeddings of two adjacent spans of the same text and pushes apart the other spans of the
-    batch (NT-Xent). After DeCLUTR: Giorgi et al., "Deep Contrastive Learning for Unsupervised
-    Textual Representations", ACL 2021, which pairs MLM with span contrast from one document.
-
-    The contrastive term trains the pooled embedding that probes and fine-tuning use, so it
-    pays off after few steps, where MLM alone mostly learns token frequencies. Uses lightly's
-    NTXentLoss, which gathers the spans of every process (its negatives are the global batch's:
-    the loss, not the data side, is batch-level).
-    """
-
-    def __init__(self, encoder: TextEncoder, options: MLMSpanContrastOptions) -> None:
-        super().__init__(encoder, options)
-        from lightly.loss import NTXentLoss
-
-        self.contrastive_loss = NTXentLoss(temperature=options.temperature, gather_distributed=True)
-
-    def data_side(self) -> MaskedTokens:
-        return MaskedTokens.for_tokenizer(self.backbone_encoder.tokenizer, self.options.mlm_probability,
-                                          clean_ids=True)
-
-    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        clean = batch["clean_input_ids"]
-        half = clean.shape[1] // 2
-        first = self.backbone_encoder.hidden_states(clean[:, :half]).mean(dim=1)
-        second = self.backbone_encoder.hidden_states(clean[:, half:]).mean(dim=1)
-        return super().forward(batch) + self.options.contrastive_weight * self.contrastive_loss(first, second)

@@ -1,17 +1,22 @@
-"""Volume files: NIfTI (nibabel) and NRRD (MONAI's reader), reoriented to RAS+ with spacing
-kept, plus the checks every volume passes whatever its format (3D, finite voxels)."""
+"""Reading volumes: `read_volume_record` is what ingest records of a source, `read_volume` its
+volume whatever the format: a DICOM series or multi-frame file (assembled in `dicom.py`), NIfTI
+(nibabel) or NRRD (MONAI's reader), reoriented to RAS+ with spacing kept, plus the checks every
+volume passes whatever its format (3D, finite voxels)."""
 
 from __future__ import annotations
 
 import hashlib
 import re
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from ssl_models.core.domain import Record, Source
 from ssl_models.core.errors import UnreadableFileError
 from ssl_models.core.privacy import without_names
-from ssl_models.medical3d.dicom import Volume
+from ssl_models.medical3d.config import VolumeIngestConfig
+from ssl_models.medical3d.dicom import Volume, looks_like_dicom, read_series
 
 NIFTI_SUFFIXES = (".nii", ".gz")  # .nii.gz ends in .gz
 NRRD_SUFFIXES = (".nrrd", ".nhdr")
@@ -112,3 +117,28 @@ def volume_digest(volume: Volume) -> str:
     digest.update(repr((volume.array.shape, np.round(volume.spacing, 4).tolist())).encode())
     digest.update(np.ascontiguousarray(volume.array, dtype=np.float32).tobytes())
     return digest.hexdigest()
+
+
+def read_volume(source: Source, ingest: VolumeIngestConfig) -> Volume:
+    """The checked volume of `source`: a DICOM series (or multi-frame file), a NRRD or a NIfTI file."""
+    first = source.paths[0]
+    if looks_like_dicom(first):
+        volume = read_series(source.paths, ingest.slice_gap_tolerance)
+    elif first.name.lower().endswith((".nrrd", ".nhdr")):
+        volume = read_nrrd(first)
+    else:
+        volume = read_nifti(first)
+    check_volume(volume, ingest.min_slices)
+    return volume
+
+
+def read_volume_record(source: Source, ingest: VolumeIngestConfig) -> Record:
+    """The manifest record of `source`: its volume, content digest, bytes on disk and metadata."""
+    volume = read_volume(source, ingest)
+    meta: dict[str, Any] = {"format": "dicom" if volume.modality else "volume",
+                            "modality": guess_modality(volume, ingest.nifti_modality),
+                            "shape": list(volume.array.shape),
+                            "spacing_mm": [round(s, 4) for s in volume.spacing]}
+    # the header's patient keeps a patient's volumes in one split; ingest writes it as a pseudonym
+    return Record(source.key, volume_digest(volume), sum(p.stat().st_size for p in source.paths), meta, volume,
+                  group=volume.patient)

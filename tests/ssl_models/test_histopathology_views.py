@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ssl_models.core.modules import sample_seeds
-from ssl_models.histopathology.augment import MaskedView, TwoViews, batch_styles_standardization, hed_jitter
+from ssl_models.histopathology.views import MaskedView, TwoViews, batch_styles_standardization, hed_jitter
 from ssl_models.histopathology.config import AugmentConfig
 from tests.ssl_models.histo_files import ihc
 

