@@ -259,7 +259,7 @@ def baseline_features(plan: Plan, pool: Rows, test: Rows) -> Features:
     pool_x, test_x = plan.domain.baseline_features(plan.cfg, pool, test)
     pool_x, test_x = [x if sparse.issparse(x) else np.asarray(x, dtype=np.float32) for x in (pool_x, test_x)]
     if pool_x.ndim != 2 or pool_x.shape[0] != len(pool) or test_x.shape != (len(test), pool_x.shape[1]):
-        raise PipelineError(f"{plan.domain.package}.baseline.features returned shapes {pool_x.shape} and "
+        raise PipelineError(f"{plan.domain.baseline}.features returned shapes {pool_x.shape} and "
                             f"{test_x.shape} for {len(pool)} pool and {len(test)} test rows: it must give one "
                             f"row per sample, the same columns for both")
     return pool_x, test_x

@@ -248,8 +248,7 @@ def _class_problem(cfg: DomainConfig, domain: Domain, rows: list[dict[str, Any]]
     classes = sorted({value["label"] for value in labels.values()})
     if not classes:
         return None
-    resplits = getattr(domain, "splits_labeled_rows_at_preprocess", None)
-    if resplits is not None and resplits(cfg):
+    if domain.splits_labeled_rows_at_preprocess(cfg):
         return None  # tiles take their spatial block's split in preprocess, which checks then
     splits_of: dict[str, Counter] = {c: Counter() for c in classes}
     for row in rows:

@@ -570,8 +570,7 @@ def _train(cfg: DomainConfig, domain: Domain, paths: DomainPaths, world: World, 
     final_state = model_state(method, settings)  # every process takes part under FSDP2
     if world.is_main:
         kept = verified_candidates(folder, candidates)
-        rule, reason = choice_rule(settings.checkpoint_choice, settings.method,
-                                   getattr(type(method), "checkpoint_rule", None))
+        rule, reason = choice_rule(settings.checkpoint_choice, settings.method, type(method).checkpoint_rule)
         chosen = choose_checkpoint(rule, history["checkpoints"], set(kept))
         result["choice"] = {"rule": rule, "step": chosen, "reason": reason}
         with atomic_dir(paths.pretrain) as out:

@@ -10,9 +10,7 @@ does not beat all of them, it says what to use instead.
 from __future__ import annotations
 
 import html
-import importlib
 import logging
-import re
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -156,15 +154,6 @@ def all_quarantined(paths: DomainPaths) -> list[dict[str, str]]:
     return quarantined
 
 
-def baseline_description(domain: Domain) -> str | None:
-    """The first sentence of the domain's baseline module docstring (what its features are)."""
-    if not domain.has_baseline():
-        return None
-    doc = importlib.import_module(f"{domain.package}.baseline").__doc__ or ""
-    first = re.sub(r"\s*\([^)]*\)", "", " ".join(doc.split()).split(". ")[0]).strip().rstrip(".")
-    return first[:1].lower() + first[1:] if first else None
-
-
 def build_markdown(domain_name: str, task: str, metrics: dict[str, Any], comparisons: list[dict[str, Any]],
                    ingest_summary: dict[str, Any], shards_summary: dict[str, Any],
                    pretrain_log: dict[str, Any], lineage_text: str, quarantine: list[dict[str, str]],
@@ -223,7 +212,7 @@ def report(cfg: DomainConfig, domain: Domain, paths: DomainPaths) -> str:
                               read_json(paths.manifest / "summary.json"), read_json(paths.shards / "summary.json"),
                               pretrain_log, show(paths.evaluation, paths.root, runs=False),
                               all_quarantined(paths), checkpoint_choice,
-                              baseline_description(domain), has_embedding_plot=has_embedding)
+                              domain.baseline_description(), has_embedding_plot=has_embedding)
         write_text(out / "report.md", text)
         write_text(out / "report.html", build_html(domain_name, text))
         recorder.write(out)

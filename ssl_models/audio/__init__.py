@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 
 class Audio(Domain, module="audio"):
     name, suffixes, sections, methods, backbones = "audio", AUDIO_SUFFIXES, SECTIONS, METHODS, BACKBONES
+    baseline = "ssl_models.audio.baseline"
 
     def validate(self, cfg: DomainConfig) -> None:
         where, method, backbone = f"domains.{cfg.name}", cfg.pretrain.method, cfg.model.backbone

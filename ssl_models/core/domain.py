@@ -11,7 +11,7 @@ and checking the config, default_data and ingest start in a second.
 from __future__ import annotations
 
 import importlib
-import importlib.util
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -72,8 +72,8 @@ class Domain(ABC):
     A domain registers itself by subclassing with its package name, `class Audio(Domain,
     module="audio")`, and sets `name`, `suffixes`, `sections` (the dataclass of each of its
     params.yaml sections: ingest, preprocess, model, default_data), `methods` (its SSL methods,
-    each with its options dataclass) and `backbones` (callables `(cfg, shards_dir) -> Encoder`,
-    chosen by `model.backbone`)."""
+    each with its options dataclass), `backbones` (callables `(cfg, shards_dir) -> Encoder`,
+    chosen by `model.backbone`) and `baseline` (its classical features, or None)."""
 
     def __init_subclass__(cls, module: str | None = None, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -88,6 +88,10 @@ class Domain(ABC):
     sections: ClassVar[dict[str, type]] = {}
     methods: ClassVar[Registry]
     backbones: ClassVar[Registry]
+    # The module of the classical baseline ("package.module"): its `features(cfg, pool, test)` are
+    # init `baseline`, the first sentence of its docstring says in the report what they are.
+    # None: the domain offers no `baseline` init.
+    baseline: ClassVar[str | None] = None
 
     def accepts(self, path: Path) -> bool:
         """Whether `path` is a file this domain reads (others are quarantined as unsupported)."""
@@ -103,6 +107,11 @@ class Domain(ABC):
         """Whether keys, file names and groups leave ingest only as salted hashes."""
         setting = cfg.privacy.pseudonymise
         return self.pseudonymise_by_default if setting is None else setting
+
+    def splits_labeled_rows_at_preprocess(self, cfg: DomainConfig) -> bool:
+        """Whether preprocess, not ingest, gives the labeled rows their split (then ingest cannot
+        check that every class reaches the train split; preprocess does)."""
+        return False
 
     def validate(self, cfg: DomainConfig) -> None:
         """Checks across sections (each section checked itself when parsed): fail with
@@ -172,15 +181,24 @@ class Domain(ABC):
         return replace(cfg, model=replace(cfg.model, base_checkpoint=checkpoint))
 
     def has_baseline(self) -> bool:
-        """Whether the domain package ships classical baseline features (`<package>.baseline`)."""
-        return importlib.util.find_spec(f"{self.package}.baseline") is not None
+        """Whether the domain declares classical baseline features (`baseline`)."""
+        return self.baseline is not None
 
     def baseline_features(self, cfg: DomainConfig, pool: list[dict[str, Any]],
                           test: list[dict[str, Any]]) -> tuple[Any, Any]:
         """Classical features of the labeled pool and test rows (numpy arrays or scipy sparse
-        matrices) for init `baseline`: `<package>.baseline.features(cfg, pool, test)`. Whatever
-        the features learn without labels (a TF-IDF vocabulary, say) is fitted on the pool only."""
-        return importlib.import_module(f"{self.package}.baseline").features(cfg, pool, test)
+        matrices) for init `baseline`: `<baseline>.features(cfg, pool, test)`. Whatever the
+        features learn without labels (a TF-IDF vocabulary, say) is fitted on the pool only."""
+        return importlib.import_module(self.baseline).features(cfg, pool, test)
+
+    def baseline_description(self) -> str | None:
+        """The report's words for the baseline: the first sentence of its module docstring,
+        parentheses dropped, lower-cased first letter (None without a baseline)."""
+        if self.baseline is None:
+            return None
+        doc = importlib.import_module(self.baseline).__doc__ or ""
+        first = re.sub(r"\s*\([^)]*\)", "", " ".join(doc.split()).split(". ")[0]).strip().rstrip(".")
+        return first[:1].lower() + first[1:] if first else None
 
     def available_inits(self, cfg: DomainConfig) -> list[str]:
         """Initialisations this configuration can offer: no `generic` without a generic

@@ -7,7 +7,7 @@ import hashlib
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -89,6 +89,13 @@ class PretrainMethod(nn.Module, ABC):
     One constructor shape for every method: `Method(encoder, options)`, where `options` is the
     method's options dataclass (registered with it, parsed from `pretrain.options`). The method
     owns its encoder: `encoder()` returns it, sharing its weights, and the pretrain stage saves it."""
+
+    # How `pretrain.checkpoint_choice: auto` picks the encoder among the logged checkpoints:
+    # "rankme" (the highest effective rank) or "last". RankMe is validated on joint-embedding
+    # methods only, those that pull two views' pooled embeddings together, whose collapse it
+    # sees (Garrido et al., ICML 2023); a method that reconstructs or predicts masked content
+    # keeps "last". A joint-embedding method sets "rankme".
+    checkpoint_rule: ClassVar[str] = "last"
 
     def __init__(self, encoder: Encoder, options: Any) -> None:
         super().__init__()

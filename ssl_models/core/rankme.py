@@ -13,14 +13,6 @@ from typing import Any
 
 import torch
 
-# Methods that pull two views' pooled embeddings together (their collapse is what RankMe sees):
-# the family the paper shows RankMe to rank. Every other registered method reconstructs or
-# predicts masked content (mae, mlm, tera, masked_spectrogram), or mixes such a loss with a
-# contrastive term (mlm_span_contrastive, vit_inpainting_contrastive), or contrasts frame-level
-# quantised targets (wav2vec2): RankMe is not validated there, so they keep the last checkpoint.
-# A method class may declare its own rule with a `checkpoint_rule = "rankme" | "last"` attribute.
-JOINT_EMBEDDING_METHODS = frozenset({"simclr", "vicreg", "byol"})
-
 
 def effective_rank(embeddings: torch.Tensor, eps: float = 1e-7) -> float:
     """exp(entropy) of the normalised singular values of `embeddings` [n, dim]."""
@@ -29,15 +21,15 @@ def effective_rank(embeddings: torch.Tensor, eps: float = 1e-7) -> float:
     return float(torch.exp(-(p * torch.log(p)).sum()))
 
 
-def choice_rule(setting: str, method: str, declared: str | None = None) -> tuple[str, str]:
-    """(`rankme` | `last`, why) for `pretrain.checkpoint_choice` = `setting` and pretraining
-    method `method` (`declared`: the method class' own `checkpoint_rule`, if it has one)."""
+def choice_rule(setting: str, method_name: str, rule: str) -> tuple[str, str]:
+    """(`rankme` | `last`, why) for `pretrain.checkpoint_choice` = `setting` and the pretraining
+    method `method_name`, whose class declares `rule` (`PretrainMethod.checkpoint_rule`)."""
     if setting != "auto":
         return setting, f"pretrain.checkpoint_choice is {setting}"
-    if (declared or ("rankme" if method in JOINT_EMBEDDING_METHODS else "last")) == "rankme":
-        return "rankme", (f"{method} is a joint-embedding method: the logged checkpoint of highest RankMe "
+    if rule == "rankme":
+        return "rankme", (f"{method_name} is a joint-embedding method: the logged checkpoint of highest RankMe "
                           "(label-free, Garrido et al. 2023)")
-    return "last", (f"{method} is a reconstruction or masked-prediction objective, where RankMe is not "
+    return "last", (f"{method_name} is a reconstruction or masked-prediction objective, where RankMe is not "
                     "validated (Garrido et al. 2023): the last checkpoint")
 
 

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 
 class Histopathology(Domain, module="histopathology"):
     name, suffixes, sections, methods, backbones = "histopathology", HISTO_SUFFIXES, SECTIONS, METHODS, BACKBONES
+    baseline = "ssl_models.histopathology.baseline"
     # slide file names carry accession and case numbers (`S21-04711 A1.svs`): pseudonyms unless a
     # user sets privacy.pseudonymise: false
     pseudonymise_by_default = True

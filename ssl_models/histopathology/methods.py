@@ -63,6 +63,8 @@ class SimCLR(TileMethod):
     Usage: `method = SimCLR(encoder, SimCLROptions()); loss = method(method.data_side()(rows, seeds))`.
     """
 
+    checkpoint_rule = "rankme"  # joint-embedding: RankMe ranks its checkpoints
+
     def __init__(self, encoder: TileEncoder, options: SimCLROptions) -> None:
         super().__init__(encoder, options)
         from lightly.loss import DCLLoss, NTXentLoss
@@ -82,6 +84,8 @@ class VICReg(TileMethod):
     Self-Supervised Learning", ICLR 2022): no negatives; the variance and covariance terms keep
     the embedding from collapsing."""
 
+    checkpoint_rule = "rankme"  # joint-embedding: RankMe ranks its checkpoints
+
     def __init__(self, encoder: TileEncoder, options: VICRegOptions) -> None:
         super().__init__(encoder, options)
         from lightly.loss import VICRegLoss
@@ -99,6 +103,8 @@ class BYOL(TileMethod):
     like copy updated in `forward`, so checkpoints hold it and a resumed run continues exactly.
     Under DDP every process updates its teacher from the same (gradient-averaged) online
     weights, so the teachers stay identical without any communication."""
+
+    checkpoint_rule = "rankme"  # joint-embedding: RankMe ranks its checkpoints
 
     def __init__(self, encoder: TileEncoder, options: BYOLOptions) -> None:
         super().__init__(encoder, options)

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 
 class LegalText(Domain, module="legal_text"):
     name, suffixes, sections, methods, backbones = "legal_text", TEXT_SUFFIXES, SECTIONS, METHODS, BACKBONES
+    baseline = "ssl_models.legal_text.baseline"
 
     def validate(self, cfg: DomainConfig) -> None:
         if (cfg.preprocess.tokenizer == "base") != bool(cfg.model.base_checkpoint):

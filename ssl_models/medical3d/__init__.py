@@ -23,6 +23,7 @@ class Medical3D(Domain, module="medical3d"):
     name, suffixes = "medical3d", VOLUME_SUFFIXES
     pseudonymise_by_default = True  # file names of medical data often carry patient names
     sections, methods, backbones = SECTIONS, METHODS, BACKBONES
+    baseline = "ssl_models.medical3d.baseline"
 
     def validate(self, cfg: DomainConfig) -> None:
         method, model, where = cfg.pretrain.method, cfg.model, f"params.yaml domains.{cfg.name}"

@@ -140,6 +140,8 @@ class SimCLR3D(_VolumeMethod):
     """SimCLR (Chen et al., ICML 2020) on pooled 3D embeddings of any backbone: two augmented
     views, lightly's projection head and NT-Xent loss."""
 
+    checkpoint_rule = "rankme"  # joint-embedding: RankMe ranks its checkpoints
+
     def __init__(self, encoder: VolumeEncoder, options: SimCLROptions) -> None:
         super().__init__(encoder, options)
         self.head = SimCLRProjectionHead(encoder.dim, encoder.dim, options.projection_dim,

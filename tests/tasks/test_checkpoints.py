@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from ssl_models.core.domain import get_domain
-from ssl_models.core.rankme import JOINT_EMBEDDING_METHODS, candidate_steps, choice_rule
+from ssl_models.core.rankme import candidate_steps, choice_rule
 from tasks.cli import run_stage
 from tasks.io import read_json
 from tasks.lineage import hash_outputs
@@ -131,12 +131,17 @@ def test_the_encoder_is_the_chosen_candidate_and_candidates_survive_a_resume(ing
 def test_the_rule_per_method_covers_every_registered_method() -> None:
     rules: dict[str, set[str]] = {"rankme": set(), "last": set()}
     for module in ("legal_text", "audio", "histopathology", "medical3d"):
-        for method in get_domain(module).methods.names():
-            rules[choice_rule("auto", method)[0]].add(method)
-    assert rules["rankme"] == {"simclr", "vicreg", "byol"} == set(JOINT_EMBEDDING_METHODS)
+        methods = get_domain(module).methods
+        for name in methods.names():
+            rules[choice_rule("auto", name, methods.get(name).checkpoint_rule)[0]].add(name)
+    assert rules["rankme"] == {"simclr", "vicreg", "byol"}  # the joint-embedding classes declare it
     assert {"mae", "mlm", "tera", "masked_spectrogram"} <= rules["last"]
-    assert choice_rule("rankme", "mlm")[0] == "rankme" and choice_rule("last", "simclr")[0] == "last"
-    assert choice_rule("auto", "mlm", declared="rankme")[0] == "rankme"
+    assert choice_rule("rankme", "mlm", "last")[0] == "rankme" and choice_rule("last", "simclr", "rankme")[0] == "last"
+    assert choice_rule("auto", "simclr", "rankme")[1] == (
+        "simclr is a joint-embedding method: the logged checkpoint of highest RankMe (label-free, Garrido et al. 2023)")
+    assert choice_rule("auto", "mlm", "last")[1] == (
+        "mlm is a reconstruction or masked-prediction objective, where RankMe is not validated (Garrido et al. 2023): "
+        "the last checkpoint")
 
 
 def test_candidates_are_spread_evenly_and_hold_the_last_and_the_best() -> None:
