@@ -4,7 +4,10 @@ project folder with tiny params, so the stages run in seconds."""
 from __future__ import annotations
 
 import copy
+import shutil
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -12,7 +15,8 @@ import yaml
 
 from benchmarks.common import copy_project_code, stage_env  # noqa: F401  (re-exported for the tests)
 from ssl_models.core.offline import apply_offline_env
-from tasks.cli import run_stage
+from tasks.cli import STAGES, run_stage
+from tests.stage_processes import StageProcesses
 
 apply_offline_env()
 
@@ -65,11 +69,113 @@ def run_stages(root: Path, domain: str, *stages: str) -> list[object]:
     return [run_stage(stage, domain, root) for stage in stages]
 
 
+def copy_project(source: Path, target: Path) -> Path:
+    """A writable copy of a built project folder (hidden files, the salt and run records included):
+    the stages' outputs name no absolute path, so the copy is the project run in `target`."""
+    shutil.copytree(source, target, symlinks=True, dirs_exist_ok=True)
+    return target
+
+
+@pytest.fixture(scope="session")
+def built_legal(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
+    """The tiny legal project built once per session up to a stage (`preprocess` or `pretrain`),
+    read-only: tests copy it (`ingested_project`, `pretrained_project`)."""
+    built: dict[str, Path] = {}
+
+    def up_to(last: str) -> Path:
+        if last not in built:
+            root = tmp_path_factory.mktemp(f"built-legal-{last}")
+            write_params(root, tiny_params())
+            stages = STAGES[:STAGES.index(last) + 1]
+            if last != "preprocess":  # start from the preprocessed build instead of again from nothing
+                copy_project(up_to("preprocess"), root)
+                stages = stages[STAGES.index("preprocess") + 1:]
+            run_stages(root, "legal", *stages)
+            built[last] = root
+        return built[last]
+
+    return up_to
+
+
 @pytest.fixture
-def ingested_project(tiny_project: Path) -> Path:
-    """tiny_project with the default data laid out, ingested and preprocessed."""
-    run_stages(tiny_project, "legal", "default_data", "ingest", "preprocess")
-    return tiny_project
+def ingested_project(built_legal: Callable[[str], Path], tmp_path: Path) -> Path:
+    """tiny_project with the default data laid out, ingested and preprocessed (a copy of the
+    session's build: what a test changes stays in its own folder)."""
+    return copy_project(built_legal("preprocess"), tmp_path)
+
+
+@pytest.fixture
+def pretrained_project(built_legal: Callable[[str], Path], tmp_path: Path) -> Path:
+    """ingested_project with the encoder pretrained on the tiny params (12 steps)."""
+    return copy_project(built_legal("pretrain"), tmp_path)
+
+
+def reference_params(domain: str) -> dict:
+    """The tiny block each domain's reference run uses: a pretrain long enough to be killed
+    between checkpoints, inside them and after them."""
+    if domain == "legal":
+        return tiny_params(pretrain={"steps": 24, "checkpoint_every": 4, "warmup_steps": 2},
+                           finetune={"label_fractions": [0.1, 1.0], "seeds": [0, 1], "small_fraction_seeds": [0, 1]})
+    if domain == "audio":
+        from tests.ssl_models.test_audio_pipeline import audio_params as block
+    elif domain == "histo":
+        from tests.ssl_models.histo_files import histo_params as block
+    else:
+        from tests.ssl_models.medical_files import medical_params as block
+    extra = ({"corpus": "data/medical/default/corpus", "labels": "data/medical/default/labels.csv"}
+             if domain == "medical" else {})  # its tiny block names a test corpus: the default data here
+    return block(pretrain={"steps": 12, "checkpoint_every": 3, "warmup_steps": 1}, **extra)
+
+
+def output_digests(root: Path, domain: str) -> dict[str, str]:
+    """SHA-256 of every file the stages wrote, except run records (times, pids: not results) and
+    pretrain's checkpoints (`cache: false`: which ones are kept depends on when a run stopped)."""
+    import hashlib
+
+    found = {}
+    for base in ("data", "models", "reports"):
+        for path in sorted((root / base).rglob("*")):
+            relative = path.relative_to(root).as_posix()
+            if not path.is_file() or path.name.endswith(".run.json") or f"{domain}/checkpoints" in relative:
+                continue
+            found[relative] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return found
+
+
+@dataclass(frozen=True)
+class ReferenceRun:
+    """One uninterrupted run of every stage of a domain, each as the CLI runs it, in its own folder."""
+
+    root: Path
+    digests: dict[str, str]
+    durations: dict[str, float]
+
+
+@pytest.fixture(scope="session")
+def stage_processes() -> StageProcesses:
+    """`ssl-pipeline` commands in processes of their own, forked after the imports (see stage_processes.py)."""
+    return StageProcesses(stage_env())
+
+
+@pytest.fixture(scope="session")
+def reference_run(tmp_path_factory: pytest.TempPathFactory,
+                  stage_processes: StageProcesses) -> Callable[[str], ReferenceRun]:
+    """The session's reference run of a domain on `reference_params`, made once and shared by the
+    kill, re-run and network tests (read-only: copy it to change it)."""
+    made: dict[str, ReferenceRun] = {}
+
+    def of(domain: str) -> ReferenceRun:
+        if domain not in made:
+            root = tmp_path_factory.mktemp(f"reference-{domain}")
+            write_params(root, reference_params(domain))
+            durations = {}
+            for stage in STAGES:
+                code, stderr, durations[stage] = stage_processes.run(root, stage, domain)
+                assert code == 0 and "Traceback" not in stderr, f"{stage}@{domain} failed:\n{stderr[-3000:]}"
+            made[domain] = ReferenceRun(root, output_digests(root, domain), durations)
+        return made[domain]
+
+    return of
 
 
 def cli_error(root: Path, stage: str, domain: str) -> tuple[list[str], float]:
