@@ -27,7 +27,7 @@ Measured, after `--warmup` steps that are not timed (worker start-up, allocator 
 - step alone: samples/s of the loop's step (forward, backward, clipping, AdamW, schedule, loss
   read back every `log_every` steps) on batches built beforehand and kept in memory (pinned
   for a GPU), cycling over at most 8 distinct batches;
-- whole loop: samples/s of the loop as `tasks/pretrain.py` runs it, batches from the DataLoader
+- whole loop: samples/s of the loop as `tasks/stages/pretrain.py` runs it, batches from the DataLoader
   (checkpoints and RankMe, every `checkpoint_every` steps, are left out);
 - data wait: the time the whole loop spends inside `next(iterator)` waiting for its next batch,
   over the loop's wall time, both over the timed steps (timed directly, not inferred).
@@ -73,7 +73,7 @@ from ssl_models.core.schedules import make_schedule  # noqa: E402
 from tasks.cli import run_stage  # noqa: E402
 from tasks.parallel import wrap_for_world  # noqa: E402
 from tasks.paths import DomainPaths  # noqa: E402
-from tasks.pretrain import seed_everything  # noqa: E402
+from tasks.stages.pretrain import seed_everything  # noqa: E402
 from tasks.pretrain_data import (  # noqa: E402
     StepBatches,
     prefetch_factor,
@@ -215,7 +215,7 @@ class Projects:
         return setup
 
 
-# --- the loop's pieces, as tasks/pretrain.py runs them -------------------------------------------
+# --- the loop's pieces, as tasks/stages/pretrain.py runs them -------------------------------------------
 
 def synchronise(device: torch.device) -> None:
     if device.type == "cuda":
@@ -245,7 +245,7 @@ class Trainee:
     device: torch.device
 
     def step(self, micro_batches: list[dict[str, torch.Tensor]]) -> torch.Tensor:
-        """One optimizer step, the body of tasks/pretrain.py's loop with one process."""
+        """One optimizer step, the body of tasks/stages/pretrain.py's loop with one process."""
         step_loss = torch.zeros((), device=self.device)
         for batch in micro_batches:
             with autocast(self.device, self.settings.precision):

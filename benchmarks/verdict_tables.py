@@ -12,7 +12,7 @@ import argparse
 import json
 from pathlib import Path
 
-from tasks.report import ENVIRONMENT, best_of, percent
+from tasks.stages.report import ENVIRONMENT, best_of, percent
 
 INITS = ("ssl", "scratch", "generic", "baseline")
 VERDICT = ENVIRONMENT.get_template("verdict.md.j2").module  # the report's table rows, scores and differences

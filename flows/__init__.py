@@ -1,1 +1,1 @@
-"""Prefect flows: orchestration only; the stages live in tasks/ and DVC decides what is stale."""
+"""Prefect flows: orchestration only; the stages live in tasks/stages/ and DVC decides what is stale."""

@@ -40,7 +40,7 @@ if TYPE_CHECKING:
     from ssl_models.core.domain import Domain
 
 # The stages in data-flow order: dvc.yaml declares one entry each (a test holds them equal),
-# and the Prefect flow runs them in this order. Stage `s` is the function `tasks.<s>.<s>`,
+# and the Prefect flow runs them in this order. Stage `s` is the function `tasks.stages.<s>.<s>`,
 # called as `s(cfg, domain, paths)`.
 STAGES = ("default_data", "ingest", "preprocess", "pretrain", "finetune", "evaluate", "report")
 
@@ -179,7 +179,7 @@ def run_stage(stage: str, domain_name: str, root: Path = Path("."),
 
     cfg, domain = loaded or load_config(domain_name, root / "params.yaml")
     paths = DomainPaths(domain_name, root)
-    function = getattr(importlib.import_module(f"tasks.{stage}"), stage)
+    function = getattr(importlib.import_module(f"tasks.stages.{stage}"), stage)
     with domain_lock(paths.lock, f"{stage}@{domain_name}") as holder:
         if holder:  # what killed runs left behind: never taken for an output, never left to pile up
             for output in paths.outputs(stage):

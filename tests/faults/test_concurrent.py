@@ -81,7 +81,7 @@ def test_two_runs_of_one_stage_started_at_once_leave_one_intact_output(tiny_proj
     code = textwrap.dedent(f"""
         import sys, time
         from pathlib import Path
-        import tasks.cli, tasks.default_data, ssl_models.core.config, ssl_models.legal_text
+        import tasks.cli, tasks.stages.default_data, ssl_models.core.config, ssl_models.legal_text
         while not Path({str(go)!r}).exists():
             time.sleep(0.01)
         sys.exit(tasks.cli.main(["--root", {str(tiny_project)!r}, "default_data", "legal"]))

@@ -11,7 +11,7 @@ import torch
 from scipy.stats import spearmanr
 
 from ssl_models.core.config import DomainConfig
-from tasks.finetune import finetune
+from tasks.stages.finetune import finetune
 from tasks.io import read_json, write_json
 from tasks.paths import DomainPaths
 from tasks.probes import fit_chosen_probe, scores

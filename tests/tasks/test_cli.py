@@ -69,7 +69,7 @@ def test_a_stage_start_parses_the_block_once_and_hands_it_to_the_stage(
         received.append(cfg)
         raise RuntimeError("reader failed")
 
-    monkeypatch.setattr("tasks.default_data.default_data", crash)
+    monkeypatch.setattr("tasks.stages.default_data.default_data", crash)
     assert main(["--root", str(tiny_project), "default_data", "legal"]) == 1
     assert len(parsed) == 1 and len(received) == 1 and received[0] is parsed[0][0]
     assert "unexpected RuntimeError: reader failed" in capsys.readouterr().err
@@ -91,7 +91,7 @@ def test_an_unexpected_error_is_one_line_naming_the_log_with_its_traceback(
     def crash(cfg: object, domain: object, paths: object) -> None:
         raise RuntimeError("reader failed on /data/patients/DOE^JOHN.nii.gz")
 
-    monkeypatch.setattr("tasks.default_data.default_data", crash)
+    monkeypatch.setattr("tasks.stages.default_data.default_data", crash)
     assert main(["--root", str(tiny_project), "default_data", "legal"]) == 1
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in lines[0]

@@ -8,7 +8,7 @@ import pytest
 from sklearn.metrics import accuracy_score, f1_score
 
 from ssl_models.core.config import load_config
-from tasks.evaluate import (
+from tasks.stages.evaluate import (
     Bootstrap,
     aggregate,
     comparison_metric,

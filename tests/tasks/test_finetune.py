@@ -20,7 +20,7 @@ from ssl_models.core.domain import Domain
 from ssl_models.core.modules import Encoder
 from ssl_models.core.splits import select_label_subset
 from tasks.cli import run_stage
-from tasks.finetune import finetune
+from tasks.stages.finetune import finetune
 from tasks.io import read_json, write_json
 from tasks.lineage import record_path
 from tasks.paths import DomainPaths

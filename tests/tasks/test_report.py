@@ -7,14 +7,14 @@ import pytest
 
 from benchmarks import verdict_tables
 from benchmarks.report_screenshot import find_chromium, measure_overflow, screenshot
-from tasks.evaluate import (
+from tasks.stages.evaluate import (
     Bootstrap,
     aggregate,
     best_protocols,
     evaluate,
     paired_differences,
 )
-from tasks.report import TEMPLATES, build_html, build_markdown, report
+from tasks.stages.report import TEMPLATES, build_html, build_markdown, report
 from tests.tasks.test_evaluate import project_with_finetune_outputs, synthetic_finetune
 
 ALL_PROTOCOLS = ("linear", "knn", "finetune")

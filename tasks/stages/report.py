@@ -35,7 +35,7 @@ log = logging.getLogger("report")
 
 # what a practitioner pays to get each init, least first: the advice picks the cheapest of equals
 COST_ORDER = ("baseline", "generic", "scratch", "ssl")
-TEMPLATES = Path(__file__).parent / "templates"
+TEMPLATES = Path(__file__).parents[1] / "templates"
 
 
 def unbroken(text: str) -> str:

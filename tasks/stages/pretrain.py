@@ -101,8 +101,8 @@ SPEED_ONLY = ("nproc", "num_workers", "precision", "parallel", "compile", "log_e
 BOOKKEEPING = ("rankme_samples", "keep_checkpoints", "keep_candidates", "checkpoint_choice", "checkpoint_every")
 
 # The code a run's weights and log come from, besides the domain's own package (hashed whole).
-REPO = Path(__file__).resolve().parents[1]
-LOOP_CODE = ("tasks/pretrain.py", "tasks/pretrain_data.py", "tasks/parallel.py",
+REPO = Path(__file__).resolve().parents[2]
+LOOP_CODE = ("tasks/stages/pretrain.py", "tasks/pretrain_data.py", "tasks/parallel.py",
              "ssl_models/core/modules.py", "ssl_models/core/schedules.py", "ssl_models/core/rankme.py",
              "ssl_models/core/device.py", "ssl_models/core/distributed.py")
 
