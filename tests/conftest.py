@@ -1,9 +1,15 @@
 """Shared fixtures: a tiny real legal corpus (license texts from licensedcode-data) and a
-project folder with tiny params, so the stages run in seconds."""
+project folder with tiny params, so the stages run in seconds; projects and reference runs built
+once per session and copied where a test changes them.
+
+The suite runs in several processes (pytest-xdist, `-n auto` in pyproject.toml). Each takes an
+equal share of the cores for torch and what it starts: two processes of 2 threads each on 2 cores
+spin against each other (OpenMP busy-waits) and run several times slower than 1 thread each."""
 
 from __future__ import annotations
 
 import copy
+import os
 import shutil
 import sys
 from collections.abc import Callable
@@ -19,6 +25,25 @@ from tasks.cli import STAGES, run_stage
 from tests.stage_processes import StageProcesses
 
 apply_offline_env()
+
+
+def _share_the_cores() -> None:
+    """In one of several xdist workers, torch (and every process the tests start, which inherit the
+    environment) gets cores / workers threads, unless the caller set OMP_NUM_THREADS."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
+
+
+_share_the_cores()
+
+# The tests that wait on a clock more than they compute (a Prefect server's heartbeat windows)
+# start first, so the other workers fill the waits.
+FIRST = ("tests/flows/test_worker.py",)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    items.sort(key=lambda item: not item.nodeid.startswith(FIRST))
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = Path(sys.executable).parent

@@ -100,7 +100,8 @@ def test_every_project_module_a_stage_imports_is_among_its_deps(stage: str) -> N
     for key, item in domain_blocks().items():
         declared = entries(resolved_stage(stage, key, item)["deps"])
         package = REPO / "ssl_models" / item["module"]
-        code = import_closure(REPO / "tasks" / "cli.py", REPO / "tasks" / f"{stage}.py", package / "__init__.py",
+        code = import_closure(REPO / "tasks" / "cli.py", REPO / "tasks" / "stages" / f"{stage}.py",
+                              package / "__init__.py",
                               *package.glob("*.py"))
         uncovered = sorted(str(f.relative_to(REPO)) for f in code if holds_code(f)
                            and not any(f.relative_to(REPO).as_posix() == d or f.relative_to(REPO).is_relative_to(d)
@@ -178,7 +179,7 @@ def test_importing_a_project_module_finds_its_file() -> None:
     assert module_file("ssl_models.core.config") == REPO / "ssl_models/core/config.py"
     assert module_file("tasks") == REPO / "tasks/__init__.py"
     assert module_file("torch") is None
-    closure = import_closure(REPO / "tasks" / "pretrain.py")
+    closure = import_closure(REPO / "tasks" / "stages" / "pretrain.py")
     assert REPO / "ssl_models/core/schedules.py" in closure and REPO / "tasks/lineage.py" in closure
 
 
@@ -191,6 +192,7 @@ def test_every_params_entry_of_dvc_yaml_is_in_every_domain_block() -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("reference-legal")  # beside the kill tests that share its reference run
 def test_stage_outputs_are_byte_identical_when_re_run(tmp_path: Path, reference_run,
                                                      stage_processes) -> None:
     """Re-running a stage on the same inputs rewrites the same bytes, lineage records included
