@@ -11,11 +11,12 @@ in the plain loop of lightly's SimCLR example.
 What runs is what the pretrain stage runs: `load_config`, the domain's `build_pretrain_method`, its
 pretraining rows and data side, `tasks.pretrain_data.StepBatches` and `step_loader` with the configured
 `num_workers` (`auto` through `resolve_workers`) and `steps_per_item` (items of several steps,
-handed out one step at a time by `steps_of`), `wrap_for_world` (with `activation_checkpointing`),
-AdamW, the schedule, autocast and gradient clipping of the loop, and the loss read back every
-`log_every` steps. Shards come from the
-real stages (`default_data`, `ingest`, `preprocess`) in a temporary project on the default params
-(legal's corpus capped by `default_data.max_files`, see `--legal-files`); the large preset's shards
+handed out one step at a time by `steps_of`), and the stage's own `tasks.parallel.Training`:
+`wrap_for_world` (with `activation_checkpointing`), AdamW, the schedule and the step the loop calls
+(autocast, `no_sync` on all but the last micro-batch under DDP, gradient clipping), with the loss
+read back every `log_every` steps. Shards come from the real stages (`default_data`, `ingest`,
+`preprocess`) in a temporary project on the default params (legal's corpus capped by
+`default_data.max_files`, see `--legal-files`); the large preset's shards
 from `ingest` + `preprocess` of the same corpus under `preset: large`, except where the default
 corpus cannot give the preset's rows (histo: 224-pixel tiles from 64-pixel regions), where the
 default tiles are resized in memory; the table's notes say which.
@@ -64,16 +65,15 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from ssl_models.core import distributed  # noqa: E402
-from ssl_models.core.config import DomainConfig, load_config  # noqa: E402
-from ssl_models.core.device import autocast, keep_freed_memory, move, set_cpu_threads, training_device  # noqa: E402
+from ssl_models.core.config import DomainConfig, PretrainConfig, load_config  # noqa: E402
+from ssl_models.core.device import autocast, keep_freed_memory, set_cpu_threads, training_device  # noqa: E402
 from ssl_models.core.distributed import World  # noqa: E402
 from ssl_models.core.domain import Domain  # noqa: E402
 from ssl_models.core.offline import apply_offline_env  # noqa: E402
-from ssl_models.core.schedules import make_schedule  # noqa: E402
+from tasks.checkpoints import seed_everything  # noqa: E402
 from tasks.cli import run_stage  # noqa: E402
-from tasks.parallel import wrap_for_world  # noqa: E402
+from tasks.parallel import Training  # noqa: E402
 from tasks.paths import DomainPaths  # noqa: E402
-from tasks.stages.pretrain import seed_everything  # noqa: E402
 from tasks.pretrain_data import (  # noqa: E402
     StepBatches,
     prefetch_factor,
@@ -215,7 +215,7 @@ class Projects:
         return setup
 
 
-# --- the loop's pieces, as tasks/stages/pretrain.py runs them -------------------------------------------
+# --- the loop's pieces, as tasks/stages/pretrain.py runs them ------------------------------------
 
 def synchronise(device: torch.device) -> None:
     if device.type == "cuda":
@@ -235,28 +235,19 @@ def pinned(batch: Any) -> Any:
 
 @dataclass
 class Trainee:
-    """The stage's training state for one measurement."""
+    """The stage's training state for one measurement: its `Training` (the step the stage's loop
+    calls) and the settings it was built from."""
 
-    method: torch.nn.Module
-    trained: torch.nn.Module
-    optimizer: torch.optim.Optimizer
-    scheduler: Any
-    settings: Any
-    device: torch.device
+    training: Training
+    settings: PretrainConfig
+
+    @property
+    def device(self) -> torch.device:
+        return self.training.device
 
     def step(self, micro_batches: list[dict[str, torch.Tensor]]) -> torch.Tensor:
-        """One optimizer step, the body of tasks/stages/pretrain.py's loop with one process."""
-        step_loss = torch.zeros((), device=self.device)
-        for batch in micro_batches:
-            with autocast(self.device, self.settings.precision):
-                loss = self.trained(move(batch, self.device)) / len(micro_batches)
-            loss.backward()
-            step_loss += loss.detach().float()
-        torch.nn.utils.clip_grad_norm_(self.method.parameters(), 1.0)
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return step_loss
+        """One optimizer step, the stage's own (`Training.step`)."""
+        return self.training.step(micro_batches)
 
 
 def read_back(pending: list[torch.Tensor]) -> None:
@@ -275,11 +266,9 @@ def build_trainee(setup: Setup, device: torch.device, batch_size: int, total_ste
     set_cpu_threads(cfg.cpu_threads)
     seed_everything(settings.seed)
     method = setup.domain.build_pretrain_method(cfg, setup.shards).to(device)
-    trained = wrap_for_world(method, settings, World(), device)
-    optimizer = torch.optim.AdamW(method.parameters(), lr=settings.learning_rate, weight_decay=settings.weight_decay,
-                                  fused=device.type == "cuda")
+    training = Training.start(method, settings, World(), device)
     method.train()
-    return Trainee(method, trained, optimizer, make_schedule(optimizer, settings), settings, device)
+    return Trainee(training, settings)
 
 
 def count_flops(run: Callable[[], Any]) -> float | None:
@@ -354,7 +343,7 @@ def measure(setup: Setup, device: torch.device, batch_size: int, steps: int, war
     loop then step), so that a machine slowing down or speeding up hits both."""
     trainee = build_trainee(setup, device, batch_size, warmup + steps + 1)
     workers = distributed.resolve_workers(trainee.settings.num_workers, 1, device.type == "cuda")
-    dataset = StepBatches(setup.rows, trainee.method.data_side(), trainee.settings, World())
+    dataset = StepBatches(setup.rows, trainee.training.method.data_side(), trainee.settings, World())
     loader_rate = time_loader(dataset, workers, device, warmup, steps)
     distinct = [dataset[s] for s in range(min(steps, DISTINCT_BATCHES))]
     if device.type == "cuda":

@@ -143,6 +143,12 @@ def atomic_file(path: Path) -> Iterator[Path]:
         replace_path(tmp, path)
 
 
+def write_bytes(path: Path, data: bytes) -> None:
+    """`data` into `path` through a temporary file renamed over it: never a half-written file."""
+    with atomic_file(path) as tmp, open(tmp, "wb") as handle:
+        handle.write(data)
+
+
 def write_text(path: Path, text: str) -> None:
     """`text` into `path` through a temporary file renamed over it: never a half-written file."""
     with atomic_file(path) as tmp, open(tmp, "w", encoding="utf-8") as handle:

@@ -1,23 +1,25 @@
 """The pretraining method under the chosen engine: as is, DDP or FSDP2, optionally with its
-backbone's blocks recomputed in backward (activation checkpointing), and its whole state
-(gathered from the shards under FSDP2) for checkpoints that resume on any world size."""
+backbone's blocks recomputed in backward (activation checkpointing); the training step the stage's
+loop and benchmarks/throughput.py both run; and the whole state (gathered from the shards under
+FSDP2) for checkpoints that resume on any world size."""
 
 from __future__ import annotations
 
 import contextlib
 import functools
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from ssl_models.core import distributed
-from ssl_models.core.config import DomainConfig, PretrainConfig
+from ssl_models.core.config import PretrainConfig
+from ssl_models.core.device import autocast, move
 from ssl_models.core.distributed import World
-from ssl_models.core.domain import Domain
 from ssl_models.core.modules import PretrainMethod
-from tasks.paths import DomainPaths
+from ssl_models.core.schedules import make_schedule, move_schedule_to
 
 log = logging.getLogger("pretrain")
 
@@ -99,55 +101,97 @@ def _running_stats_kept(block: torch.nn.Module) -> Iterator[None]:
                     current.copy_(before)
 
 
-def model_state(method: PretrainMethod, settings: PretrainConfig) -> dict[str, Any]:
-    """The whole model's state (gathered from the shards under FSDP2), the same for any world size."""
-    if settings.parallel == "fsdp" and distributed.active():
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            get_model_state_dict,
-        )
+@dataclass
+class Training:
+    """What an optimizer step touches, set up once from the config: `method` (its parameters and
+    state are the run's), `module` (what the step calls: `method` under the chosen engine, see
+    `wrap_for_world`), AdamW and the schedule. `sharded`: under FSDP2 with several processes, its
+    states are gathered whole to be saved and loaded whole, so that they are the same for any world size."""
 
-        return get_model_state_dict(method, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return method.state_dict()
+    method: PretrainMethod
+    module: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    precision: str
+    device: torch.device
+    sharded: bool
 
+    @classmethod
+    def start(cls, method: PretrainMethod, settings: PretrainConfig, world: World, device: torch.device) -> Training:
+        module = wrap_for_world(method, settings, world, device)  # before AdamW: FSDP2 swaps the parameters
+        optimizer = torch.optim.AdamW(method.parameters(), lr=settings.learning_rate,
+                                      weight_decay=settings.weight_decay, fused=device.type == "cuda")
+        return cls(method, module, optimizer, make_schedule(optimizer, settings), settings.precision, device,
+                   settings.parallel == "fsdp" and distributed.active())
 
-def optimizer_state(method: PretrainMethod, optimizer: torch.optim.Optimizer,
-                    settings: PretrainConfig) -> dict[str, Any]:
-    if settings.parallel == "fsdp" and distributed.active():
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            get_optimizer_state_dict,
-        )
+    def step(self, micro_batches: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+        """One optimizer step on a step's micro-batches (gradient accumulation rounds): forward and
+        backward of each, the gradients averaged over processes only after the last one (DDP's
+        `no_sync` before: one all-reduce a step), clipping, AdamW, the schedule. Returns the step's
+        loss on the device (reading it back would wait for the device)."""
+        step_loss = torch.zeros((), device=self.device)
+        for round_, batch in enumerate(micro_batches):
+            last_round = round_ == len(micro_batches) - 1
+            syncing = last_round or not isinstance(self.module, torch.nn.parallel.DistributedDataParallel)
+            with contextlib.nullcontext() if syncing else self.module.no_sync():
+                with autocast(self.device, self.precision):
+                    loss = self.module(move(batch, self.device)) / len(micro_batches)
+                loss.backward()
+            step_loss += loss.detach().float()
+        torch.nn.utils.clip_grad_norm_(self.method.parameters(), 1.0)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return step_loss
 
-        return get_optimizer_state_dict(method, optimizer,
-                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return optimizer.state_dict()
+    def model_state(self) -> dict[str, Any]:
+        """The whole model's state (gathered from the shards under FSDP2), the same for any world size."""
+        if self.sharded:
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                get_model_state_dict,
+            )
 
+            return get_model_state_dict(self.method, options=StateDictOptions(full_state_dict=True,
+                                                                              cpu_offload=True))
+        return self.method.state_dict()
 
-def unsharded(method: PretrainMethod, state: dict[str, Any], settings: PretrainConfig, domain: Domain,
-              cfg: DomainConfig, paths: DomainPaths) -> PretrainMethod:
-    """The method with whole tensors: itself, or under FSDP2 a CPU copy holding the gathered state
-    (a sharded method runs only when every process calls its forward)."""
-    if not (settings.parallel == "fsdp" and distributed.active()):
-        return method
-    with torch.random.fork_rng(devices=[]):  # building the copy must not move this process' generator
-        copy_ = domain.build_pretrain_method(cfg, paths.shards)
-    copy_.load_state_dict(state)
-    return copy_
+    def optimizer_state(self) -> dict[str, Any]:
+        if self.sharded:
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                get_optimizer_state_dict,
+            )
 
+            return get_optimizer_state_dict(self.method, self.optimizer,
+                                            options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return self.optimizer.state_dict()
 
-def load_states(method: PretrainMethod, optimizer: torch.optim.Optimizer, state: dict[str, Any],
-                settings: PretrainConfig) -> None:
-    if settings.parallel == "fsdp" and distributed.active():
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            set_model_state_dict,
-            set_optimizer_state_dict,
-        )
+    def resume(self, state: dict[str, Any]) -> None:
+        """Model, optimizer and schedule as a checkpoint's `state` holds them; the schedule's rates
+        are this run's plan's (a wsd extension: the new plan's)."""
+        if self.sharded:
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                set_model_state_dict,
+                set_optimizer_state_dict,
+            )
 
-        options = StateDictOptions(full_state_dict=True)
-        set_model_state_dict(method, state["model"], options=options)
-        set_optimizer_state_dict(method, optimizer, state["optimizer"], options=options)
-        return
-    method.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
+            options = StateDictOptions(full_state_dict=True)
+            set_model_state_dict(self.method, state["model"], options=options)
+            set_optimizer_state_dict(self.method, self.optimizer, state["optimizer"], options=options)
+        else:
+            self.method.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        move_schedule_to(self.scheduler, state["step"])
+
+    def whole(self, model_state: dict[str, Any], build: Callable[[], PretrainMethod]) -> PretrainMethod:
+        """The method with whole tensors: itself, or under FSDP2 a CPU copy that `build` makes,
+        holding `model_state` (a sharded method runs only when every process calls its forward)."""
+        if not self.sharded:
+            return self.method
+        with torch.random.fork_rng(devices=[]):  # building the copy must not move this process' generator
+            copy_ = build()
+        copy_.load_state_dict(model_state)
+        return copy_

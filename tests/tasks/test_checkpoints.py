@@ -73,12 +73,12 @@ def test_cosmetic_settings_resume_and_a_code_change_starts_over(ingested_project
                                                                 monkeypatch: pytest.MonkeyPatch,
                                                                 tmp_path_factory: pytest.TempPathFactory,
                                                                 caplog: pytest.LogCaptureFixture) -> None:
-    import tasks.stages.pretrain
+    import tasks.checkpoints
 
     extra = tmp_path_factory.mktemp("code") / "objective.py"  # stands for a file of the method's code
     extra.write_text("SCALE = 1.0\n")
-    code_files = tasks.stages.pretrain.code_files
-    monkeypatch.setattr(tasks.stages.pretrain, "code_files", lambda domain: [*code_files(domain), extra])
+    code_files = tasks.checkpoints.code_files
+    monkeypatch.setattr(tasks.checkpoints, "code_files", lambda domain: [*code_files(domain), extra])
     threads = torch.get_num_threads()
     run_stage("pretrain", "legal", ingested_project)
     first = final_weights(ingested_project)
@@ -155,7 +155,7 @@ def test_candidates_are_spread_evenly_and_hold_the_last_and_the_best() -> None:
 
 
 def test_a_kill_between_the_manifest_and_the_rename_leaves_the_older_checkpoint_in_charge(tmp_path: Path) -> None:
-    from tasks.stages.pretrain import Plan, load_checkpoint, save_checkpoint, sort_checkpoints
+    from tasks.checkpoints import Plan, load_checkpoint, save_checkpoint, sort_checkpoints
 
     plan = Plan(steps=10, decay_start=8)
     for step in (2, 4, 6, 8, 9):
