@@ -67,10 +67,10 @@ class Audio(Domain, module="audio"):
     def preprocess(self, cfg: DomainConfig, manifest: list[dict[str, Any]], out_dir: Path,
                    locate: Callable[[dict[str, Any]], Source]) -> dict[str, Any]:
         from ssl_models.audio.features import InputSpec
-        from ssl_models.audio.shards import write_shards
+        from ssl_models.audio.shards import write_audio_shards
 
         spec = InputSpec.from_config(cfg.ingest, cfg.preprocess)
-        summary = write_shards(self._records(cfg, manifest, locate), {row["key"]: row for row in manifest}, spec,
+        summary = write_audio_shards(self._records(cfg, manifest, locate), {row["key"]: row for row in manifest}, spec,
                                out_dir)
         spec.save(out_dir)
         return summary
@@ -88,15 +88,21 @@ class Audio(Domain, module="audio"):
                 if isinstance(record, Record) and record.key in wanted:
                     yield record
 
-    def load_encoder(self, init: str, cfg: DomainConfig, shards_dir: Path,
-                     pretrained_dir: Path, seed: int) -> Encoder:
-        if init == "generic":
-            cfg = self.generic_config(cfg)
-        from ssl_models.audio.backbones import load_spectrogram_encoder, load_wav2vec2_encoder
+    def load_pretrained(self, cfg: DomainConfig, shards_dir: Path, pretrained_dir: Path) -> Encoder:
+        from ssl_models.audio.backbones import saved_encoder
 
-        if cfg.model.backbone == "wav2vec2":
-            return load_wav2vec2_encoder(init, cfg, pretrained_dir, seed)
-        return load_spectrogram_encoder(init, cfg, pretrained_dir, seed)
+        return saved_encoder(cfg, pretrained_dir)
+
+    def build_scratch(self, cfg: DomainConfig, shards_dir: Path, pretrained_dir: Path) -> Encoder:
+        """The pretrained encoder's architecture and normalisation statistics, random weights."""
+        from ssl_models.audio.backbones import saved_encoder
+
+        return saved_encoder(cfg, pretrained_dir, weights=False)
+
+    def build_generic(self, cfg: DomainConfig, shards_dir: Path) -> Encoder:
+        from ssl_models.audio.backbones import generic_encoder
+
+        return generic_encoder(cfg)
 
     # the report's sentence on what the labeled task is
     task_kind = "audio clip classification"

@@ -202,20 +202,6 @@ def build_spectrogram_transformer(cfg: DomainConfig, shards_dir: Path) -> Spectr
         pool_segments=model_cfg.pool_segments, mean=mean, std=std), spec)
 
 
-def load_spectrogram_encoder(init: str, cfg: DomainConfig, pretrained_dir: Path, seed: int) -> SpectrogramEncoder:
-    """ssl: the pretrained backbone; scratch: its architecture and normalisation, random weights
-    from `seed`; generic: the base checkpoint as it is."""
-    spec = InputSpec.from_config(cfg.ingest, cfg.preprocess)
-    if init == "generic":
-        backbone = SpectrogramTransformer.load(cfg.resolve(str(cfg.model.base_checkpoint)))
-    elif init == "ssl":
-        backbone = SpectrogramTransformer.load(pretrained_dir)
-    else:
-        torch.manual_seed(seed)
-        backbone = SpectrogramTransformer.load(pretrained_dir, weights=False)
-    return SpectrogramEncoder(backbone, spec)
-
-
 def small_config(model_cfg: AudioModelConfig) -> Wav2Vec2Config:
     """A small wav2vec2: 7 convolutions of 32 channels (320x down-sampling: 50 frames/s at 16 kHz)."""
     return Wav2Vec2Config(
@@ -292,15 +278,22 @@ def build_wav2vec2(cfg: DomainConfig, shards_dir: Path) -> Wav2Vec2Encoder:
     return Wav2Vec2Encoder(Wav2Vec2ForPreTraining(small_config(cfg.model)), spec)
 
 
-def load_wav2vec2_encoder(init: str, cfg: DomainConfig, pretrained_dir: Path, seed: int) -> Wav2Vec2Encoder:
-    """ssl: the pretrained model; scratch: its architecture, random weights from `seed`;
-    generic: the base checkpoint."""
-    if init == "generic":
-        model = Wav2Vec2Model.from_pretrained(_checkpoint_folder(cfg.resolve(str(cfg.model.base_checkpoint))))
-        model.config.pool_segments = cfg.model.pool_segments
-    elif init == "ssl":
-        model = Wav2Vec2Model.from_pretrained(pretrained_dir)
-    else:
-        torch.manual_seed(seed)
-        model = Wav2Vec2Model(Wav2Vec2Config.from_pretrained(pretrained_dir))
+def saved_encoder(cfg: DomainConfig, folder: Path, weights: bool = True) -> Encoder:
+    """The `model.backbone` encoder saved in `folder` (by `save`): its architecture and weights, or
+    without `weights` its architecture (and normalisation) randomly initialised."""
+    spec = InputSpec.from_config(cfg.ingest, cfg.preprocess)
+    if cfg.model.backbone == "wav2vec2":
+        model = (Wav2Vec2Model.from_pretrained(folder) if weights
+                 else Wav2Vec2Model(Wav2Vec2Config.from_pretrained(folder)))
+        return Wav2Vec2Encoder(model, spec)
+    return SpectrogramEncoder(SpectrogramTransformer.load(folder, weights=weights), spec)
+
+
+def generic_encoder(cfg: DomainConfig) -> Encoder:
+    """`model.base_checkpoint` as it is (a wav2vec2 checkpoint pooled into `model.pool_segments`)."""
+    folder = cfg.resolve(str(cfg.model.base_checkpoint))
+    if cfg.model.backbone != "wav2vec2":
+        return saved_encoder(cfg, folder)
+    model = Wav2Vec2Model.from_pretrained(_checkpoint_folder(folder))
+    model.config.pool_segments = cfg.model.pool_segments
     return Wav2Vec2Encoder(model, InputSpec.from_config(cfg.ingest, cfg.preprocess))

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from ssl_models.core.errors import PipelineError
 from ssl_models.core.registry import Registry
+from ssl_models.core.shards import PRETRAIN_PARTS
 
 if TYPE_CHECKING:  # torch is imported by the stages that train, not by ingest
     from ssl_models.core.config import DomainConfig
@@ -73,7 +74,9 @@ class Domain(ABC):
     module="audio")`, and sets `name`, `suffixes`, `sections` (the dataclass of each of its
     params.yaml sections: ingest, preprocess, model, default_data), `methods` (its SSL methods,
     each with its options dataclass), `backbones` (callables `(cfg, shards_dir) -> Encoder`,
-    chosen by `model.backbone`) and `baseline` (its classical features, or None)."""
+    chosen by `model.backbone`) and `baseline` (its classical features, or None). Fine-tuning's
+    encoders come through `load_encoder`, which dispatches on the init: a domain declares
+    `load_pretrained`, and `build_scratch` / `build_generic` where the defaults do not fit."""
 
     def __init_subclass__(cls, module: str | None = None, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -130,16 +133,16 @@ class Domain(ABC):
     @abstractmethod
     def preprocess(self, cfg: DomainConfig, manifest: list[dict[str, Any]], out_dir: Path,
                    locate: Locate) -> dict[str, Any]:
-        """Write `pretrain_train`, `pretrain_val` and `labeled` Arrow datasets under `out_dir`;
-        return a summary (counts, what the shards hold; `labeled_test` when the labeled rows
-        are not the manifest's, e.g. tiles). `locate(row)` gives the source a manifest row was
-        read from (the manifest holds no file names when pseudonymised)."""
+        """Write `pretrain_train`, `pretrain_val` and `labeled` Arrow datasets under `out_dir`
+        (`ssl_models.core.shards.write_shards`); return a summary (counts, what the shards hold;
+        `labeled_test` when the labeled rows are not the manifest's, e.g. tiles). `locate(row)`
+        gives the source a manifest row was read from (no file names in a pseudonymised manifest)."""
 
     def pretrain_dataset(self, shards_dir: Path, split: str) -> Sequence[dict[str, Any]]:
         """The `train` or `val` pretraining rows, indexable (a `datasets.Dataset`; [] when empty)."""
         from datasets import load_from_disk
 
-        folder = shards_dir / f"pretrain_{split}"
+        folder = shards_dir / PRETRAIN_PARTS[split]
         if not any(folder.glob("*.arrow")):  # datasets writes no table file for zero rows
             return []
         return load_from_disk(str(folder))
@@ -153,11 +156,47 @@ class Domain(ABC):
         """The method named by `pretrain.method` around a new encoder, with its parsed options."""
         return self.methods.get(cfg.pretrain.method)(self.build_encoder(cfg, shards_dir), cfg.pretrain.options)
 
-    @abstractmethod
     def load_encoder(self, init: str, cfg: DomainConfig, shards_dir: Path,
                      pretrained_dir: Path, seed: int) -> Encoder:
-        """`ssl`: the encoder the pretrain stage saved in `pretrained_dir`; `scratch`: the same
-        architecture, randomly initialised from `seed`; `generic`: `model.base_checkpoint`."""
+        """`ssl`: the encoder the pretrain stage saved in `pretrained_dir` (`load_pretrained`);
+        `scratch`: the same architecture, randomly initialised from `seed` (`build_scratch`);
+        `generic`: the generic checkpoint (`build_generic`, given `generic_config(cfg)`)."""
+        import torch
+
+        if init not in ENCODER_INITS:
+            raise PipelineError(f"unknown init {init!r}")
+        if init == "generic":
+            cfg = self.generic_config(cfg)
+        # torch and transformers initialise from the global generator: the scratch weights, and any
+        # part a checkpoint lacks (BERT's pooler after MLM pretraining), come from `seed` alone, not
+        # from whatever ran before in this process; the caller's generator is left as it was
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            if init == "ssl":
+                return self.load_pretrained(cfg, shards_dir, pretrained_dir)
+            if init == "scratch":
+                return self.build_scratch(cfg, shards_dir, pretrained_dir)
+            return self.build_generic(cfg, shards_dir)
+
+    def load_pretrained(self, cfg: DomainConfig, shards_dir: Path, pretrained_dir: Path) -> Encoder:
+        """Init `ssl`: the encoder `Encoder.save` wrote in `pretrained_dir`, its architecture and weights.
+        Every domain declares it (not abstract while tests' stand-in domains override `load_encoder`)."""
+        raise NotImplementedError(f"domain {self.name!r} declares no load_pretrained")
+
+    def build_scratch(self, cfg: DomainConfig, shards_dir: Path, pretrained_dir: Path) -> Encoder:
+        """Init `scratch`, random draws seeded by `load_encoder`: by default `model.backbone` as
+        built for pretraining, without its base checkpoint. A domain whose saved encoder records its
+        own architecture builds that instead."""
+        if getattr(cfg.model, "base_checkpoint", None) is not None:
+            from dataclasses import replace
+
+            cfg = replace(cfg, model=replace(cfg.model, base_checkpoint=None))
+        return self.build_encoder(cfg, shards_dir)
+
+    def build_generic(self, cfg: DomainConfig, shards_dir: Path) -> Encoder:
+        """Init `generic`, `cfg` from `generic_config` (`model.base_checkpoint` is the generic
+        checkpoint): by default `model.backbone` built from its base checkpoint."""
+        return self.build_encoder(cfg, shards_dir)
 
     @property
     def package(self) -> str:
@@ -170,8 +209,8 @@ class Domain(ABC):
         return cfg.finetune.generic_checkpoint or getattr(cfg.model, "base_checkpoint", None)
 
     def generic_config(self, cfg: DomainConfig) -> DomainConfig:
-        """`cfg` with `model.base_checkpoint` set to the generic checkpoint, for the domains whose
-        loaders read the checkpoint from there; one clear line when there is none."""
+        """`cfg` with `model.base_checkpoint` set to the generic checkpoint, as `build_generic`
+        reads it; one clear line when there is none."""
         from dataclasses import replace
 
         checkpoint = self.generic_checkpoint(cfg)
@@ -218,6 +257,7 @@ class Domain(ABC):
 
 
 DOMAINS: Registry[type[Domain]] = Registry("domain module")
+ENCODER_INITS = ("ssl", "scratch", "generic")  # the inits `Domain.load_encoder` loads an encoder for
 
 
 def get_domain(module: str) -> Domain:

@@ -56,27 +56,17 @@ class Histopathology(Domain, module="histopathology"):
         return write_tile_shards(manifest, locate, cfg.preprocess,
                                  lambda block: assign_split(block, split.val, split.test, split.salt), out_dir)
 
-    def load_encoder(self, init: str, cfg: DomainConfig, shards_dir: Path,
-                     pretrained_dir: Path, seed: int) -> Encoder:
-        import torch
-
+    def load_pretrained(self, cfg: DomainConfig, shards_dir: Path, pretrained_dir: Path) -> Encoder:
+        """The architecture the pretrain stage saved (for tiles of the size preprocess stores), then its weights."""
         from ssl_models.histopathology.backbones import load_weights, saved_model
 
-        torch.manual_seed(seed)
-        if init == "ssl":  # the architecture the pretrain stage saved, then its weights
-            model, image_size = saved_model(pretrained_dir)
-            if image_size != cfg.preprocess.stored_size:
-                raise PipelineError(f"the pretrained encoder in {pretrained_dir} was trained on {image_size}-pixel "
-                                    f"tiles; preprocess now stores {cfg.preprocess.stored_size}: re-run pretrain")
-            encoder = self.build_encoder(replace(cfg, model=replace(model, base_checkpoint=None)), shards_dir)
-            load_weights(encoder.backbone, pretrained_dir)
-            return encoder
-        if init == "generic":
-            cfg = self.generic_config(cfg)
-        if init not in ("scratch", "generic"):
-            raise PipelineError(f"unknown init {init!r}")
-        model = cfg.model if init == "generic" else replace(cfg.model, base_checkpoint=None)
-        return self.build_encoder(replace(cfg, model=model), shards_dir)
+        model, image_size = saved_model(pretrained_dir)
+        if image_size != cfg.preprocess.stored_size:
+            raise PipelineError(f"the pretrained encoder in {pretrained_dir} was trained on {image_size}-pixel "
+                                f"tiles; preprocess now stores {cfg.preprocess.stored_size}: re-run pretrain")
+        encoder = self.build_encoder(replace(cfg, model=replace(model, base_checkpoint=None)), shards_dir)
+        load_weights(encoder.backbone, pretrained_dir)
+        return encoder
 
     def task_description(self, cfg: DomainConfig, uses_default_data: bool) -> str:
         preprocess = cfg.preprocess

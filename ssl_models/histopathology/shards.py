@@ -14,12 +14,12 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Callable
 
-from datasets import Dataset
 from tqdm import tqdm
 
 from ssl_models.core.domain import Source
 from ssl_models.core.errors import UnreadableFileError
 from ssl_models.core.privacy import without_names
+from ssl_models.core.shards import write_shards
 from ssl_models.histopathology.config import HistoPreprocessConfig
 from ssl_models.histopathology.readers import open_slide
 from ssl_models.histopathology.tiling import evenly_spaced, tile_slide
@@ -76,15 +76,13 @@ def write_tile_shards(manifest: list[dict[str, Any]], locate: Callable[[dict[str
             labeled.append({"sample_id": row["sha256"], "pixels": [blob for t in bag for blob in t["pixels"]],
                             "label": str(row["label"]), "split": row["split"], "group": group,
                             "source": row["key"], "x": -1, "y": -1})
-    for split, columns in pretrain.items():
-        Dataset.from_dict(columns).save_to_disk(str(out_dir / f"pretrain_{split}"))
     columns = ("sample_id", "pixels", "label", "split", "group", "source", "x", "y")
-    Dataset.from_dict({c: [r[c] for r in labeled] for c in columns}).save_to_disk(str(out_dir / "labeled"))
+    rows = write_shards(out_dir, pretrain_train=pretrain["train"], pretrain_val=pretrain["val"],
+                        labeled={c: [r[c] for r in labeled] for c in columns})
     return {"tile_size": options.stored_size, "level": options.level, "labeled_unit": options.labeled_unit,
             "sources_tiled": len(manifest) - len(quarantine), "sources_failed": len(quarantine),
             "quarantine": quarantine,
             "sources_stain_normalised": normalised, "tile_positions": dict(sorted(counts.items())),
-            "pretrain_train_tiles": len(pretrain["train"]["pixels"]),
-            "pretrain_val_tiles": len(pretrain["val"]["pixels"]),
+            "pretrain_train_tiles": rows["pretrain_train"], "pretrain_val_tiles": rows["pretrain_val"],
             "labeled_rows_by_split": {s: sum(r["split"] == s for r in labeled) for s in ("train", "val", "test")},
             "labeled_test": sum(r["split"] == "test" for r in labeled)}  # tiles (or slides) scored

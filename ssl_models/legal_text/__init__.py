@@ -39,14 +39,8 @@ class LegalText(Domain, module="legal_text"):
 
     def preprocess(self, cfg: DomainConfig, manifest: list[dict[str, Any]], out_dir: Path,
                    locate: Locate) -> dict[str, Any]:
-        from datasets import Dataset
-
-        from ssl_models.legal_text.shards import (
-            build_tokenizer,
-            normalised_text_hash,
-            pack_blocks,
-            save_blocks,
-        )
+        from ssl_models.core.shards import write_shards
+        from ssl_models.legal_text.shards import build_tokenizer, normalised_text_hash, pack_blocks
 
         options = cfg.preprocess
         texts = self._read_texts(cfg, manifest, locate)
@@ -56,23 +50,22 @@ class LegalText(Domain, module="legal_text"):
         tokenizer = build_tokenizer(cfg, by_split["train"])
         tokenizer.save_pretrained(out_dir / "tokenizer")
         summary: dict[str, Any] = {"tokenizer": options.tokenizer, "vocab_size": len(tokenizer)}
-        for split in ("train", "val"):
-            blocks = pack_blocks(tokenizer, by_split[split], options.block_size)
-            save_blocks(blocks, out_dir / f"pretrain_{split}")
-            summary[f"pretrain_{split}_blocks"] = int(blocks.shape[0])
-            summary[f"pretrain_{split}_tokens"] = int(blocks.size)
+        blocks = {split: pack_blocks(tokenizer, by_split[split], options.block_size) for split in ("train", "val")}
+        for split, split_blocks in blocks.items():
+            summary[f"pretrain_{split}_blocks"] = int(split_blocks.shape[0])
+            summary[f"pretrain_{split}_tokens"] = int(split_blocks.size)
         labeled = [row for row in manifest if row.get("label") is not None]
         pretrain_near_copies = {normalised_text_hash(texts[r["key"]]) for r in manifest if r["split"] == "train"}
         test_rows = [r for r in labeled if r["split"] == "test"]
         summary["labeled_test_near_copies_in_pretraining"] = sum(
             normalised_text_hash(texts[r["key"]]) in pretrain_near_copies for r in test_rows)
-        Dataset.from_dict({
-            "sample_id": [r["sha256"] for r in labeled],
-            "text": [texts[r["key"]] for r in labeled],
-            "label": [str(r["label"]) for r in labeled],
-            "split": [r["split"] for r in labeled],
-            "group": [str(r.get("group") or r["sha256"]) for r in labeled],
-        }).save_to_disk(str(out_dir / "labeled"))
+        write_shards(out_dir, pretrain_train={"input_ids": blocks["train"].tolist()},
+                     pretrain_val={"input_ids": blocks["val"].tolist()}, labeled={
+                         "sample_id": [r["sha256"] for r in labeled],
+                         "text": [texts[r["key"]] for r in labeled],
+                         "label": [str(r["label"]) for r in labeled],
+                         "split": [r["split"] for r in labeled],
+                         "group": [str(r.get("group") or r["sha256"]) for r in labeled]})
         return summary
 
     def _read_texts(self, cfg: DomainConfig, manifest: list[dict[str, Any]],
@@ -88,11 +81,22 @@ class LegalText(Domain, module="legal_text"):
             texts.update((row["key"], by_hash[row["sha256"]]) for row in rows)
         return texts
 
-    def load_encoder(self, init: str, cfg: DomainConfig, shards_dir: Path,
-                     pretrained_dir: Path, seed: int) -> Encoder:
+    def load_pretrained(self, cfg: DomainConfig, shards_dir: Path, pretrained_dir: Path) -> Encoder:
         from ssl_models.legal_text.backbones import load_text_encoder
 
-        return load_text_encoder(init, cfg, pretrained_dir, seed, self.generic_checkpoint(cfg))
+        return load_text_encoder(pretrained_dir, cfg)
+
+    def build_scratch(self, cfg: DomainConfig, shards_dir: Path, pretrained_dir: Path) -> Encoder:
+        """The pretrained encoder's architecture and tokenizer, random weights."""
+        from ssl_models.legal_text.backbones import load_text_encoder
+
+        return load_text_encoder(pretrained_dir, cfg, weights=False)
+
+    def build_generic(self, cfg: DomainConfig, shards_dir: Path) -> Encoder:
+        """The generic checkpoint as published, with its own tokenizer and pooling."""
+        from ssl_models.legal_text.backbones import load_text_encoder, resolve_checkpoint
+
+        return load_text_encoder(resolve_checkpoint(cfg), cfg)
 
     # the report's sentence on what the labeled task is
     task_kind = "document classification"

@@ -33,11 +33,10 @@ transformers.utils.logging.disable_progress_bar()  # loading a small checkpoint 
 CHARS_PER_TOKEN = 12
 
 
-def resolve_checkpoint(cfg: DomainConfig, reference: str | None = None) -> Path:
-    """A Hugging Face checkpoint on disk (`reference`, by default `model.base_checkpoint`): a
-    folder (relative to the project root), or `package:<importable module>/<subdir>` for
-    weights shipped in a package."""
-    reference = reference or cfg.model.base_checkpoint
+def resolve_checkpoint(cfg: DomainConfig) -> Path:
+    """The Hugging Face checkpoint `model.base_checkpoint` on disk: a folder (relative to the
+    project root), or `package:<importable module>/<subdir>` for weights shipped in a package."""
+    reference = cfg.model.base_checkpoint
     if reference.startswith("package:"):
         module, _, subdir = reference[len("package:"):].partition("/")
         spec = importlib.util.find_spec(module)
@@ -225,26 +224,15 @@ def build_bert(cfg: DomainConfig, shards_dir: Path) -> TextEncoder:
                        max_document_tokens=model_cfg.max_document_tokens, pooling=pooling)
 
 
-def load_text_encoder(init: str, cfg: DomainConfig, pretrained_dir: Path, seed: int,
-                      generic_checkpoint: str | None = None) -> TextEncoder:
-    """ssl: the domain-pretrained encoder; scratch: its architecture, randomly initialised from
-    `seed`; generic: `generic_checkpoint` as published, with its own tokenizer and pooling."""
-    if init not in ("ssl", "scratch", "generic"):
-        raise PipelineError(f"unknown init {init!r}")
-    if init == "generic" and not generic_checkpoint:
-        raise PipelineError(f"init `generic` needs domains.{cfg.name}.finetune.generic_checkpoint (or "
-                            "model.base_checkpoint) in params.yaml")
-    source = resolve_checkpoint(cfg, generic_checkpoint) if init == "generic" else pretrained_dir
+def load_text_encoder(source: Path, cfg: DomainConfig, weights: bool = True) -> TextEncoder:
+    """The encoder in the Hugging Face folder `source` with its own tokenizer and pooling: its
+    weights, or without `weights` its architecture randomly initialised (from the global generator)."""
     config = AutoConfig.from_pretrained(source)
     positions = getattr(config, "max_position_embeddings", None)
     if positions is not None and cfg.model.max_length > positions:
         raise PipelineError(f"params.yaml domains.{cfg.name}.model.max_length {cfg.model.max_length} is beyond "
                             f"the {positions} positions of the checkpoint at {source}: lower it")
-    # transformers initialises from the global generator: the scratch weights, and any head a
-    # checkpoint lacks (BERT's pooler after MLM pretraining), come from `seed`, not from the run
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = (AutoModel.from_config(config) if init == "scratch"
-                 else AutoModel.from_pretrained(source, dtype=torch.float32))  # float32 master weights to fine-tune
+    model = (AutoModel.from_pretrained(source, dtype=torch.float32) if weights  # float32 master weights to fine-tune
+             else AutoModel.from_config(config))
     return TextEncoder(model, AutoTokenizer.from_pretrained(source), cfg.model.max_length,
                        max_document_tokens=cfg.model.max_document_tokens, pooling=Pooling.read(source))

@@ -5,10 +5,8 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Iterable
-from pathlib import Path
 
 import numpy as np
-from datasets import Dataset
 from tokenizers import BertWordPieceTokenizer
 from tokenizers.models import WordPiece
 from tokenizers.processors import TemplateProcessing
@@ -76,7 +74,3 @@ def pack_blocks(tokenizer: PreTrainedTokenizerBase, texts: Iterable[str], block_
 def normalised_text_hash(text: str) -> str:
     """Hash of lower-cased text with whitespace collapsed: finds near-exact copies."""
     return hashlib.sha256(" ".join(re.findall(r"\w+", text.lower())).encode()).hexdigest()
-
-
-def save_blocks(blocks: np.ndarray, out_dir: Path) -> None:
-    Dataset.from_dict({"input_ids": blocks.tolist()}).save_to_disk(str(out_dir))

@@ -73,12 +73,24 @@ class Medical3D(Domain, module="medical3d"):
 
         return write_volume_shards(cfg, manifest, out_dir, locate)
 
-    def load_encoder(self, init: str, cfg: DomainConfig, shards_dir: Path,
-                     pretrained_dir: Path, seed: int) -> Encoder:
-        from ssl_models.medical3d.backbones import load_volume_encoder
+    def load_pretrained(self, cfg: DomainConfig, shards_dir: Path, pretrained_dir: Path) -> Encoder:
+        """The architecture and weights `VolumeEncoder.save` wrote."""
+        from dataclasses import replace
 
-        return load_volume_encoder(init, self.generic_config(cfg) if init == "generic" else cfg, shards_dir,
-                                   pretrained_dir, seed)
+        from ssl_models.medical3d.backbones import load_saved_weights, saved_model
+
+        encoder = self.build_encoder(replace(cfg, model=saved_model(pretrained_dir)), shards_dir)
+        load_saved_weights(encoder.backbone, pretrained_dir)
+        return encoder
+
+    def build_generic(self, cfg: DomainConfig, shards_dir: Path) -> Encoder:
+        """`model.backbone` with the tensors of the `model.base_checkpoint` state dict that fit it."""
+        from ssl_models.medical3d.backbones import load_backbone_weights, read_state
+
+        encoder = self.build_encoder(cfg, shards_dir)
+        load_backbone_weights(encoder.backbone, read_state(cfg.resolve(cfg.model.base_checkpoint)),
+                              str(cfg.model.base_checkpoint))
+        return encoder
 
     # the report's sentence on what the labeled task is
     task_kind = "volume classification"

@@ -1,10 +1,10 @@
-"""3D backbones (MONAI ViT, MONAI 3D ResNet) as encoders, and the encoders fine-tuning loads."""
+"""3D backbones (MONAI ViT, MONAI 3D ResNet) as encoders, and the saved or published weights fine-tuning loads."""
 
 from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +15,7 @@ from torch import nn
 from ssl_models.core.config import DomainConfig, parse_section
 from ssl_models.core.errors import PipelineError
 from ssl_models.core.modules import Encoder
-from ssl_models.medical3d.config import BACKBONES, VolumeModelConfig
+from ssl_models.medical3d.config import VolumeModelConfig
 from ssl_models.medical3d.views import images_of
 
 log = logging.getLogger(__name__)
@@ -93,24 +93,14 @@ def read_state(path: Path) -> dict[str, torch.Tensor]:
     return state.get("state_dict", state) if isinstance(state, dict) else state
 
 
-def load_volume_encoder(init: str, cfg: DomainConfig, shards_dir: Path, pretrained_dir: Path,
-                        seed: int) -> VolumeEncoder:
-    """`ssl`: the architecture and weights `VolumeEncoder.save` wrote; `scratch`: `model.backbone`
-    randomly initialised from `seed`; `generic`: `model.base_checkpoint` loaded into it."""
-    model = cfg.model
-    if init == "ssl":
-        if not (pretrained_dir / CONFIG).exists():
-            raise PipelineError(f"no pretrained encoder in {pretrained_dir}; run the pretrain stage first")
-        model = parse_section(VolumeModelConfig, json.loads((pretrained_dir / CONFIG).read_text()),
-                              str(pretrained_dir / CONFIG))
-    elif init == "generic" and not model.base_checkpoint:
-        raise PipelineError(f"init `generic` needs domains.{cfg.name}.model.base_checkpoint in params.yaml")
-    with torch.random.fork_rng(devices=[]):  # the init depends on `seed` alone, and leaves the caller's RNG be
-        torch.manual_seed(seed)
-        encoder = BACKBONES.get(model.backbone)(replace(cfg, model=model), shards_dir)
-    if init == "ssl":
-        load_backbone_weights(encoder.backbone, load_file(str(pretrained_dir / WEIGHTS)), str(pretrained_dir))
-    elif init == "generic":
-        path = cfg.resolve(model.base_checkpoint)
-        load_backbone_weights(encoder.backbone, read_state(path), str(model.base_checkpoint))
-    return encoder
+def saved_model(pretrained_dir: Path) -> VolumeModelConfig:
+    """The model section a pretrained encoder was saved with (`VolumeEncoder.save`)."""
+    if not (pretrained_dir / CONFIG).exists():
+        raise PipelineError(f"no pretrained encoder in {pretrained_dir}; run the pretrain stage first")
+    return parse_section(VolumeModelConfig, json.loads((pretrained_dir / CONFIG).read_text()),
+                         str(pretrained_dir / CONFIG))
+
+
+def load_saved_weights(backbone: nn.Module, pretrained_dir: Path) -> None:
+    """The weights `VolumeEncoder.save` wrote, into `backbone`."""
+    load_backbone_weights(backbone, load_file(str(pretrained_dir / WEIGHTS)), str(pretrained_dir))

@@ -13,7 +13,7 @@ import yaml
 
 from ssl_models.core.config import load_config
 from ssl_models.core.errors import PipelineError
-from ssl_models.legal_text.backbones import Pooling, load_text_encoder
+from ssl_models.legal_text.backbones import Pooling
 from tasks.probes import embed_rows, finetune_encoder
 from tests.conftest import REPO, pretrained_state, run_stages, tiny_params, write_params
 
@@ -55,7 +55,7 @@ def test_generic_embeds_a_short_text_as_sentence_transformers_does(cfg, tmp_path
     assert torch.allclose(torch.from_numpy(embed_rows(generic, [{"text": t} for t in SHORT])), expected, atol=1e-5)
     # the saved encoder keeps its pooling: read back by this domain and by sentence-transformers alike
     generic.save(tmp_path / "saved")
-    reloaded = load_text_encoder("ssl", cfg, tmp_path / "saved", seed=0)
+    reloaded = domain.load_encoder("ssl", cfg, tmp_path, tmp_path / "saved", seed=0)
     assert reloaded.pooling == generic.pooling
     assert torch.allclose(SentenceTransformer(str(tmp_path / "saved"), device="cpu").encode(
         SHORT, convert_to_tensor=True), expected, atol=1e-5)
