@@ -26,6 +26,7 @@ from typing import Any
 from ssl_models.core.errors import PipelineError
 from ssl_models.core.hashing import digest_of, sha256_file
 from ssl_models.core.privacy import pseudonymiser
+from ssl_models.core.shards import LABELED, PRETRAIN_PARTS
 from tasks.io import read_jsonl, write_text
 from tasks.paths import DomainPaths, relative_to
 
@@ -303,10 +304,9 @@ def _verify_raw_inputs(record: dict[str, Any], root: Path) -> list[str]:
 
 # --- the record-level ledger: which artifacts consumed one raw record ---
 
-# What each part of the shards holds, by the manifest row's split (the contract every domain's
-# preprocess follows: pretraining reads the train split only, RankMe and the checkpoint choice
-# the val split; `labeled` holds every labeled record with its split).
-_SHARD_PARTS = {"train": "pretrain_train", "val": "pretrain_val"}
+# What each part of the shards holds, by the manifest row's split (ssl_models/core/shards.py, the
+# layout every domain's preprocess writes: pretraining reads the train split only, RankMe and the
+# checkpoint choice the val split; `labeled` holds every labeled record with its split).
 
 
 def _record_keys(query: str, record: dict[str, Any], root: Path) -> set[str]:
@@ -380,13 +380,13 @@ def _consumers(row: dict[str, Any], paths: DomainPaths) -> list[str]:
              f"{', labeled' if labeled else ''}):",
              f"  manifest    {rel(paths.manifest)}/manifest.jsonl"]
     stale = lambda artifact, upstream: "" if _consistent(artifact, upstream) else "  (built from an older input: re-run)"  # noqa: E731
-    parts = [part for part in (_SHARD_PARTS.get(split), "labeled" if labeled else None) if part]
+    parts = [part for part in (PRETRAIN_PARTS.get(split), LABELED if labeled else None) if part]
     if not record_path(paths.shards).exists():
         return lines
     present = [part for part in parts if (paths.shards / part).exists()]
     lines.append(f"  shards      {rel(paths.shards)}: {', '.join(present) or 'none of its parts'}"
                  f"{stale(paths.shards, paths.manifest)}")
-    if record_path(paths.pretrain).exists() and split in _SHARD_PARTS:
+    if record_path(paths.pretrain).exists() and split in PRETRAIN_PARTS:
         use = "trained on" if split == "train" else "scored for RankMe / the checkpoint choice"
         checkpoints = sorted(p.name for p in paths.checkpoints.glob("step_*")
                              if not p.name.endswith(".json")) if paths.checkpoints.exists() else []

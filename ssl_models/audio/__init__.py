@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 
 
 class Audio(Domain, module="audio"):
+    default_method = "tera"
     name, suffixes, sections, methods, backbones = "audio", AUDIO_SUFFIXES, SECTIONS, METHODS, BACKBONES
     baseline = "ssl_models.audio.baseline"
 

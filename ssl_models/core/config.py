@@ -167,7 +167,7 @@ class IngestLimits:
 
 @dataclass
 class PretrainConfig:
-    method: str = "mlm"
+    method: str | None = None  # a name from the domain's method registry; null: the domain's `default_method`
     steps: int = 300
     batch_size: int = 32
     learning_rate: float = 5e-4
@@ -194,7 +194,7 @@ class PretrainConfig:
     # joint-embedding methods, last for reconstruction ones (MAE, MLM, TERA); auto picks by method
     checkpoint_choice: Literal["auto", "rankme", "last"] = "auto"
     keep_candidates: int = 10  # logged checkpoints' encoders kept for that choice (and its tracking figures)
-    # the method's own options dataclass once parsed (e.g. mlm_probability); a mapping in params.yaml
+    # the method's own options dataclass once parsed (its masking ratio, temperature...); a mapping in params.yaml
     options: Any = field(default_factory=dict)
 
     def validate(self, where: str) -> None:
@@ -391,6 +391,7 @@ def load_config(domain: str, params_path: Path = Path("params.yaml")) -> tuple[D
     require(parsed.cpu_threads is None or parsed.cpu_threads > 0, f"{where}.cpu_threads",
             "must be a positive number of threads or null")
     pretrain = parsed.pretrain
+    pretrain.method = pretrain.method or owner.default_method
     owner.methods.check(pretrain.method, f"{where}.pretrain.method")
     pretrain.options = parse_section(owner.methods.options(pretrain.method), pretrain.options or None,
                                      f"{where}.pretrain.options")

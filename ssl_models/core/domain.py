@@ -88,6 +88,7 @@ class Domain(ABC):
     default_task = ""  # the report's sentence on the default data's labeled task (with its attribution)
     task_kind = "classification"  # what a user's labels CSV asks for, e.g. "document classification"
     pseudonymise_by_default = False  # keys, groups and file names become salted hashes
+    default_method: ClassVar[str] = ""  # the `methods` entry pretrain.method names when params.yaml names none
     sections: ClassVar[dict[str, type]] = {}
     methods: ClassVar[Registry]
     backbones: ClassVar[Registry]

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 
 
 class Histopathology(Domain, module="histopathology"):
+    default_method = "simclr"
     name, suffixes, sections, methods, backbones = "histopathology", HISTO_SUFFIXES, SECTIONS, METHODS, BACKBONES
     baseline = "ssl_models.histopathology.baseline"
     # slide file names carry accession and case numbers (`S21-04711 A1.svs`): pseudonyms unless a

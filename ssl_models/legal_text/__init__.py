@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 
 
 class LegalText(Domain, module="legal_text"):
+    default_method = "mlm"
     name, suffixes, sections, methods, backbones = "legal_text", TEXT_SUFFIXES, SECTIONS, METHODS, BACKBONES
     baseline = "ssl_models.legal_text.baseline"
 

@@ -20,6 +20,7 @@ VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".dcm", ".dicom", ".ima"
 
 
 class Medical3D(Domain, module="medical3d"):
+    default_method = "mae"
     name, suffixes = "medical3d", VOLUME_SUFFIXES
     pseudonymise_by_default = True  # file names of medical data often carry patient names
     sections, methods, backbones = SECTIONS, METHODS, BACKBONES

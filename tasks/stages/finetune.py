@@ -52,6 +52,7 @@ from ssl_models.core.distributed import resolve_nproc
 from ssl_models.core.domain import Domain
 from ssl_models.core.errors import PipelineError
 from ssl_models.core.modules import Encoder
+from ssl_models.core.shards import LABELED
 from ssl_models.core.splits import select_label_subset
 from tasks.io import atomic_dir, read_json, write_json
 from tasks.lineage import LineageRecorder
@@ -81,7 +82,7 @@ MIN_CANDIDATES = 3  # a rank correlation over fewer checkpoints says nothing
 
 
 def load_labeled(shards: Path) -> tuple[Rows, Rows]:
-    rows = load_from_disk(str(shards / "labeled")).to_list()
+    rows = load_from_disk(str(shards / LABELED)).to_list()
     pool = [r for r in rows if r["split"] != "test"]
     test = [r for r in rows if r["split"] == "test"]
     if not pool or not test:

@@ -15,6 +15,7 @@ from typing import Any
 from ssl_models.core.config import DomainConfig, section_params
 from ssl_models.core.domain import Domain, Source
 from ssl_models.core.errors import PipelineError
+from ssl_models.core.shards import LABELED
 from tasks.io import atomic_dir, read_json, read_jsonl, write_json, write_jsonl
 from tasks.lineage import LineageRecorder
 from tasks.paths import DomainPaths
@@ -84,7 +85,7 @@ def _preprocess_problem(cfg: DomainConfig, manifest: list[dict[str, Any]], quara
         return (f"{where}: {len(quarantine)} of {len(manifest)} sources quarantined in preprocess (above "
                 f"ingest.max_quarantined_fraction {limit:.0%}; first: {quarantine[0]['reason']!r}); see the shards' "
                 "quarantine.jsonl")
-    labeled = _labeled_columns(out / "labeled")
+    labeled = _labeled_columns(out / LABELED)
     if labeled is None:
         return None
     with_train = {label for label, split in labeled if split == "train"}

@@ -4,16 +4,16 @@ Each domain gets a corpus of good files mixed with empty files, truncated header
 garbage under a valid extension, a huge (sparse) file and the domain's own faults (DICOM without
 pixels, all-NaN and constant volumes, a slide whose full-resolution level does not decode, text
 with NUL bytes or in an unexpected encoding, zero-sample audio). `ingest` and `preprocess` run in
-a subprocess: both must exit 0 with no traceback, every bad file must be quarantined with a reason
-that says what is wrong, every good file must be in the manifest, and where the domain
-pseudonymises no file name (nor a planted patient name) may reach an output or the console.
+a process of their own (tests/stage_processes.py): both must exit 0 with no traceback, every bad
+file must be quarantined with a reason that says what is wrong, every good file must be in the
+manifest, and where the domain pseudonymises no file name (nor a planted patient name) may reach
+an output or the console.
 """
 
 from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +24,8 @@ import pytest
 from ssl_models.core.privacy import pseudonymiser
 from ssl_models.legal_text.readers import MAX_TEXT_BYTES
 from tasks.io import read_json, read_jsonl
-from tests.conftest import stage_env, tiny_params, write_params
+from tests.conftest import tiny_params, write_params
+from tests.stage_processes import StageProcesses
 
 RNG_SEED = 7
 HUGE_BYTES = MAX_TEXT_BYTES + 2 ** 20  # a sparse file: this many bytes on paper, none on disk
@@ -220,9 +221,10 @@ DOMAINS: dict[str, tuple[Callable[[Path], Corpus], Callable[[], dict]]] = {
     "histo": (histo_corpus, histo_params), "audio": (audio_corpus, audio_params)}
 
 
-def run_cli(root: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "tasks", "--root", str(root), *args], capture_output=True,
-                          text=True, env=stage_env(), timeout=600)
+def run_cli(processes: StageProcesses, root: Path, stage: str, domain: str) -> subprocess.CompletedProcess:
+    """The stage command in a process of its own (forked after the imports: tests/stage_processes.py)."""
+    code, stderr, _ = processes.run(root, stage, domain)
+    return subprocess.CompletedProcess([stage, domain], code, "", stderr)
 
 
 def written_text(folder: Path) -> str:
@@ -233,12 +235,13 @@ def written_text(folder: Path) -> str:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("domain", sorted(DOMAINS))
-def test_bad_files_are_quarantined_with_a_reason_and_the_run_completes(tmp_path: Path, domain: str) -> None:
+def test_bad_files_are_quarantined_with_a_reason_and_the_run_completes(tmp_path: Path, domain: str,
+                                                                      stage_processes: StageProcesses) -> None:
     build, params = DOMAINS[domain]
     made = build(tmp_path)
     block = params()
     write_params(tmp_path, block)
-    ingest = run_cli(tmp_path, "ingest", domain)
+    ingest = run_cli(stage_processes, tmp_path, "ingest", domain)
     assert ingest.returncode == 0 and "Traceback" not in ingest.stderr, ingest.stderr[-3000:]
     manifest_dir = tmp_path / "data" / domain / "manifest"
     summary = read_json(manifest_dir / "summary.json")
@@ -260,7 +263,7 @@ def test_bad_files_are_quarantined_with_a_reason_and_the_run_completes(tmp_path:
     for reason in reasons.values():  # a reason says what is wrong, never which file
         assert not any(name in reason for name in names) and str(tmp_path) not in reason, reason
 
-    preprocess = run_cli(tmp_path, "preprocess", domain)
+    preprocess = run_cli(stage_processes, tmp_path, "preprocess", domain)
     assert preprocess.returncode == 0 and "Traceback" not in preprocess.stderr, preprocess.stderr[-3000:]
     shards_dir = tmp_path / "data" / domain / "shards"
     later = {q["key"]: q["reason"] for q in read_jsonl(shards_dir / "quarantine.jsonl")}

@@ -23,19 +23,29 @@ def dvc(folder: Path, *args: str) -> subprocess.CompletedProcess:
                           env=stage_env())
 
 
+# the module's tests share one temporary Prefect server: in one worker process
+pytestmark = pytest.mark.xdist_group("prefect-harness")
+
+
 @pytest.fixture(scope="module")
-def spine(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """Run the flow twice on a fresh project; keep what each run executed."""
+def prefect_server():
+    """One temporary Prefect server (and database) for the module's flow runs (~15 s to start)."""
     from prefect.testing.utilities import prefect_test_harness
 
+    with prefect_test_harness(server_startup_timeout=180):
+        yield
+
+
+@pytest.fixture(scope="module")
+def spine(tmp_path_factory: pytest.TempPathFactory, prefect_server: None) -> dict:
+    """Run the flow twice on a fresh project; keep what each run executed."""
     from flows.pipeline import pipeline
 
     folder = tmp_path_factory.mktemp("project")
     write_params(folder, tiny_params())
     copy_project_code(folder)
-    with prefect_test_harness(server_startup_timeout=180):
-        first = pipeline(root=str(folder))
-        second = pipeline(root=str(folder))
+    first = pipeline(root=str(folder))
+    second = pipeline(root=str(folder))
     return {"folder": folder, "first": first, "second": second}
 
 
@@ -102,10 +112,10 @@ def test_a_bad_input_failure_is_never_retried_and_any_other_keeps_its_retries() 
 
 
 @pytest.mark.slow
-def test_a_stage_that_exits_on_bad_input_runs_once_and_a_crashing_one_is_retried(tmp_path: Path) -> None:
+def test_a_stage_that_exits_on_bad_input_runs_once_and_a_crashing_one_is_retried(tmp_path: Path,
+                                                                                 prefect_server: None) -> None:
     """Through Prefect and DVC: a stage command exiting 2 is tried once, one exiting 1 three times."""
     from prefect import flow
-    from prefect.testing.utilities import prefect_test_harness
 
     from flows.pipeline import run_stage
 
@@ -123,10 +133,9 @@ def test_a_stage_that_exits_on_bad_input_runs_once_and_a_crashing_one_is_retried
         state = quick("ingest", domain, str(tmp_path), return_state=True)
         return type(state.result(raise_on_failure=False)).__name__
 
-    with prefect_test_harness(server_startup_timeout=180):
-        assert one("bad") == "PipelineError"
-        assert one("crash") == "ReproductionError"
-        assert one("missing") == "PipelineError"  # no such stage in dvc.yaml: not retried either
+    assert one("bad") == "PipelineError"
+    assert one("crash") == "ReproductionError"
+    assert one("missing") == "PipelineError"  # no such stage in dvc.yaml: not retried either
     assert (tmp_path / "tries-bad").read_text() == "x"
     assert (tmp_path / "tries-crash").read_text() == "x" * (1 + run_stage.retries)
 
@@ -135,8 +144,6 @@ def test_a_stage_that_exits_on_bad_input_runs_once_and_a_crashing_one_is_retried
 def test_a_pretrain_killed_mid_run_resumes_from_its_checkpoint_at_the_next_flow_run(
         spine: dict, capfd: pytest.CaptureFixture[str]) -> None:
     """A worker lost mid-training: the next flow run re-runs the DVC stage, which resumes."""
-    from prefect.testing.utilities import prefect_test_harness
-
     from flows.pipeline import pipeline
 
     folder = spine["folder"]
@@ -156,8 +163,7 @@ def test_a_pretrain_killed_mid_run_resumes_from_its_checkpoint_at_the_next_flow_
         os.killpg(training.pid, signal.SIGKILL)  # the whole worker: dvc and the stage under it
         training.wait()
     capfd.readouterr()
-    with prefect_test_harness(server_startup_timeout=180):
-        executed = pipeline(root=str(folder))
+    executed = pipeline(root=str(folder))
     output = capfd.readouterr()
     resumed = re.search(r"resuming legal pretraining from step (\d+)", output.out + output.err)
     assert resumed and int(resumed.group(1)) >= 4, output.err[-3000:]

@@ -32,10 +32,10 @@ def finetune_outputs(root: Path, nproc: int) -> tuple[bytes, dict[str, bytes], d
 
 
 @pytest.mark.slow
-def test_two_processes_give_the_serial_results_and_models(ingested_project: Path,
+def test_two_processes_give_the_serial_results_and_models(pretrained_project: Path,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SSL_PIPELINE_DEVICE", "cpu")  # bit-identical on the CPU; GPUs only come close
-    run_stage("pretrain", "legal", ingested_project)
+    ingested_project = pretrained_project
     serial_results, serial_models, serial_run = finetune_outputs(ingested_project, nproc=1)
     spread_results, spread_models, spread_run = finetune_outputs(ingested_project, nproc=2)
     assert (serial_run["processes"], spread_run["processes"]) == (1, 2)
