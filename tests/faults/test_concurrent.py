@@ -11,6 +11,8 @@ import textwrap
 import time
 from pathlib import Path
 
+import pytest
+
 from ssl_models.core.privacy import load_salt
 from tasks.cli import EXIT_BUSY, LOCK_HOLDER_ENV, LOCK_TIMEOUT_ENV, domain_lock
 from tasks.lineage import verify
@@ -75,6 +77,7 @@ def test_the_second_run_waits_for_the_first_then_runs_and_another_domain_does_no
     assert verify(tiny_project / "data/legal/default", tiny_project) == []
 
 
+@pytest.mark.slow
 def test_two_runs_of_one_stage_started_at_once_leave_one_intact_output(tiny_project: Path) -> None:
     go = tiny_project / "go"
     # both import everything first, then start the stage at the same moment

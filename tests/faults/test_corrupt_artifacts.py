@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import REPO, run_stages, stage_env
 
 
@@ -21,6 +23,7 @@ def flip_a_byte(path: Path) -> None:
     path.write_bytes(bytes(data))
 
 
+@pytest.mark.slow
 def test_a_damaged_shard_or_encoder_is_named_and_never_read(ingested_project: Path) -> None:
     shard = min((ingested_project / "data/legal/shards").rglob("*.arrow"))
     flip_a_byte(shard)

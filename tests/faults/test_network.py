@@ -121,6 +121,7 @@ def wait_for_attempts(attempts: Path, seconds: float) -> str:
     return attempts.read_text()
 
 
+@pytest.mark.slow
 def test_dvc_version_and_doctor_make_no_connection_attempt(tmp_path: Path,
                                                             offline_env: tuple[dict[str, str], Path]) -> None:
     """As a user runs them in a fresh clone, without our environment: the project's .dvc/config

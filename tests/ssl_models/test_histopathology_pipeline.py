@@ -64,6 +64,7 @@ def write_tissue_of_origin_labels(path: Path) -> None:
         csv.writer(handle).writerows([("path", "label"), *rows])
 
 
+@pytest.mark.slow
 @needs_shared
 def test_real_slides_with_a_broken_one_run_ingest_and_tiling_by_spatial_block(histo_project: Path) -> None:
     corpus = histo_project / "lab_slides"

@@ -75,6 +75,7 @@ def test_a_stage_start_parses_the_block_once_and_hands_it_to_the_stage(
     assert "unexpected RuntimeError: reader failed" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_a_stage_started_before_its_input_exists_says_which_stage_to_run(tiny_project: Path) -> None:
     for stage, named in [("preprocess", "reads data/legal/manifest, which does not exist; run ingest@legal first"),
                          ("finetune", "reads data/legal/shards, which does not exist; run preprocess@legal first")]:

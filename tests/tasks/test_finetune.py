@@ -221,6 +221,7 @@ def test_a_fixed_c_is_used_and_recorded_as_fixed(tmp_path: Path) -> None:
         "linear_c": 0.5, "linear_c_by": "fixed", "steps": None}
 
 
+@pytest.mark.slow
 def test_continued_pretraining_from_a_local_checkpoint_adds_the_generic_baseline(tiny_project: Path) -> None:
     write_params(tiny_project, tiny_params(
         default_data={"max_files": 30},

@@ -52,6 +52,7 @@ def test_two_runs_give_bit_identical_weights_and_log_rankme(pretrained_project: 
     assert_identical(first, final_weights(ingested_project))
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_same_weights(ingested_project: Path) -> None:
     settings = {"steps": 60, "checkpoint_every": 10, "warmup_steps": 5, "schedule": "wsd"}
     write_params(ingested_project, tiny_params(pretrain=settings))
@@ -91,6 +92,7 @@ def test_checkpoints_of_another_configuration_are_not_resumed(ingested_project: 
     assert_identical(clean, final_weights(ingested_project))  # started over instead of resuming a foreign run
 
 
+@pytest.mark.slow
 def test_preprocess_in_two_processes_gives_identical_shards(ingested_project: Path) -> None:
     """The WordPiece trainer numbers its alphabet in hash-map order, which changes between
     processes; the shards (and so the pretrained weights) must not."""
