@@ -2,9 +2,10 @@
 project folder with tiny params, so the stages run in seconds; projects and reference runs built
 once per session and copied where a test changes them.
 
-The suite runs in several processes (pytest-xdist, `-n auto` in pyproject.toml). Each takes an
-equal share of the cores for torch and what it starts: two processes of 2 threads each on 2 cores
-spin against each other (OpenMP busy-waits) and run several times slower than 1 thread each."""
+The suite runs in several processes (pytest-xdist, `-n auto` in pyproject.toml: a worker per core
+and one more). Each takes an equal share of the cores, at least one thread, for torch and what it
+starts: two processes of 2 threads each on 2 cores spin against each other (OpenMP busy-waits)
+and run several times slower than 1 thread each."""
 
 from __future__ import annotations
 
@@ -36,6 +37,12 @@ def _share_the_cores() -> None:
 
 
 _share_the_cores()
+
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """`-n auto`: a worker per core and one more, since the worker test spends most of its six
+    minutes waiting on Prefect's heartbeat windows (PYTEST_XDIST_AUTO_NUM_WORKERS overrides)."""
+    return int(os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS") or (os.cpu_count() or 1) + 1)
+
 
 # The tests that wait on a clock more than they compute (a Prefect server's heartbeat windows)
 # start first, so the other workers fill the waits.

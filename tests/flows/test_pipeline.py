@@ -27,7 +27,9 @@ def dvc(folder: Path, *args: str) -> subprocess.CompletedProcess:
 pytestmark = pytest.mark.xdist_group("prefect-harness")
 
 
-@pytest.fixture(scope="module")
+# session-scoped (in this module): made once even if the worker runs another module's tests
+# between these
+@pytest.fixture(scope="session")
 def prefect_server():
     """One temporary Prefect server (and database) for the module's flow runs (~15 s to start)."""
     from prefect.testing.utilities import prefect_test_harness
@@ -36,7 +38,7 @@ def prefect_server():
         yield
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def spine(tmp_path_factory: pytest.TempPathFactory, prefect_server: None) -> dict:
     """Run the flow twice on a fresh project; keep what each run executed."""
     from flows.pipeline import pipeline
