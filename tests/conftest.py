@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 import shutil
 import sys
 from collections.abc import Callable
@@ -42,6 +43,32 @@ def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
     """`-n auto`: a worker per core and one more, since the worker test spends most of its six
     minutes waiting on Prefect's heartbeat windows (PYTEST_XDIST_AUTO_NUM_WORKERS overrides)."""
     return int(os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS") or (os.cpu_count() or 1) + 1)
+
+
+def worker_group(nodeid: str) -> str:
+    """The tests that must run in one worker process, to share what it builds once (a reference
+    run, a Prefect server): the kill tests of a domain and the re-run test beside their reference
+    run, the flow tests beside their server. Any other test is a group of its own."""
+    kill = re.match(r"tests/faults/test_kills\.py::\w+\[(\w+)-\d+\]$", nodeid)
+    if kill:
+        return f"reference-{kill.group(1)}"
+    if nodeid == "tests/test_dvc_contract.py::test_stage_outputs_are_byte_identical_when_re_run":
+        return "reference-legal"
+    if nodeid.startswith("tests/flows/test_pipeline.py::"):
+        return "prefect-harness"
+    return nodeid
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
+    """xdist's load scheduling over `worker_group`s. (xdist's own `xdist_group` marker does not
+    group under pytest 9, whose node ids xdist can no longer rename: seen with xdist 3.8.0.)"""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class SharedWorkScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return worker_group(nodeid)
+
+    return SharedWorkScheduling(config, log)
 
 
 # The tests that wait on a clock more than they compute (a Prefect server's heartbeat windows)

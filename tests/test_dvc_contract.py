@@ -192,7 +192,6 @@ def test_every_params_entry_of_dvc_yaml_is_in_every_domain_block() -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("reference-legal")  # beside the kill tests that share its reference run
 def test_stage_outputs_are_byte_identical_when_re_run(tmp_path: Path, reference_run,
                                                      stage_processes) -> None:
     """Re-running a stage on the same inputs rewrites the same bytes, lineage records included

@@ -38,10 +38,9 @@ def leftovers(root: Path) -> list[str]:
                   if ".tmp" in p.name and ".venv" not in p.parts)
 
 
-@pytest.mark.parametrize(("domain", "seed"), [
-    # a domain's tests run in one worker process, beside its reference run (made once there)
-    pytest.param(domain, seed, marks=pytest.mark.xdist_group(f"reference-{domain}"))
-    for domain, seed in [("legal", 0), ("legal", 1), ("legal", 2), ("audio", 3), ("histo", 4), ("medical", 5)]])
+# a domain's tests run in one worker process, beside its reference run (conftest.worker_group)
+@pytest.mark.parametrize(("domain", "seed"), [("legal", 0), ("legal", 1), ("legal", 2), ("audio", 3),
+                                              ("histo", 4), ("medical", 5)])
 def test_killed_anywhere_then_rerun_ends_bit_identical(tmp_path: Path, domain: str, seed: int,
                                                        reference_run, stage_processes: StageProcesses) -> None:
     reference: ReferenceRun = reference_run(domain)

@@ -23,10 +23,6 @@ def dvc(folder: Path, *args: str) -> subprocess.CompletedProcess:
                           env=stage_env())
 
 
-# the module's tests share one temporary Prefect server: in one worker process
-pytestmark = pytest.mark.xdist_group("prefect-harness")
-
-
 # session-scoped (in this module): made once even if the worker runs another module's tests
 # between these
 @pytest.fixture(scope="session")
