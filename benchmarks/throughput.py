@@ -241,14 +241,6 @@ class Trainee:
     training: Training
     settings: PretrainConfig
 
-    @property
-    def device(self) -> torch.device:
-        return self.training.device
-
-    def step(self, micro_batches: list[dict[str, torch.Tensor]]) -> torch.Tensor:
-        """One optimizer step, the stage's own (`Training.step`)."""
-        return self.training.step(micro_batches)
-
 
 def read_back(pending: list[torch.Tensor]) -> None:
     """The loop's one host sync: the pending step losses as numbers."""
@@ -307,15 +299,15 @@ def time_training(trainee: Trainee, next_batch: Callable[[int], list[dict[str, t
         micro_batches = next_batch(step)
         if step > warmup:
             waited += time.perf_counter() - asked
-        pending.append(trainee.step(micro_batches))
+        pending.append(trainee.training.step(micro_batches))
         if step % trainee.settings.log_every == 0:
             read_back(pending)
         if step == warmup:
             read_back(pending)
-            synchronise(trainee.device)
+            synchronise(trainee.training.device)
             started = time.perf_counter()
     read_back(pending)
-    synchronise(trainee.device)
+    synchronise(trainee.training.device)
     seconds = time.perf_counter() - started
     return steps * trainee.settings.batch_size / seconds, waited / seconds
 
@@ -331,7 +323,7 @@ def time_loop(trainee: Trainee, dataset: StepBatches, workers: int, warmup: int,
     steps per item), so that the timed steps see the loop's steady state."""
     steps_per_item = resolve_steps_per_item(dataset.steps_per_item, dataset.micro * dataset.rounds)
     ahead = workers * (prefetch_factor(steps_per_item, workers) or 0) * steps_per_item
-    batches = steps_of(step_loader(dataset, 0, warmup + ahead + steps, workers, trainee.device))
+    batches = steps_of(step_loader(dataset, 0, warmup + ahead + steps, workers, trainee.training.device))
     return time_training(trainee, lambda step: next(batches), warmup + ahead, steps)
 
 
@@ -348,7 +340,7 @@ def measure(setup: Setup, device: torch.device, batch_size: int, steps: int, war
     distinct = [dataset[s] for s in range(min(steps, DISTINCT_BATCHES))]
     if device.type == "cuda":
         distinct = [pinned(batch) for batch in distinct]
-    flops = count_flops(lambda: read_back([trainee.step(distinct[0])]))
+    flops = count_flops(lambda: read_back([trainee.training.step(distinct[0])]))
     step_rates, loops = [], []
     phases = (lambda: step_rates.append(time_steps(trainee, distinct, warmup, steps)),
               lambda: loops.append(time_loop(trainee, dataset, workers, warmup, steps)))

@@ -9,27 +9,23 @@ interval, and how the label-free checkpoint choice tracked a probe. Reads what e
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
-from tasks.stages.report import ENVIRONMENT, best_of, percent
+from ssl_models.core.config import INITS
+from tasks.stages.report import ENVIRONMENT, best_of, optional_json, percent
 
-INITS = ("ssl", "scratch", "generic", "baseline")
 VERDICT = ENVIRONMENT.get_template("verdict.md.j2").module  # the report's table rows, scores and differences
-
-
-def read(path: Path) -> dict | list | None:
-    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
 
 
 def table(root: Path, domain: str) -> str:
     reports = root / "reports" / domain
-    metrics = read(reports / "metrics.json")
+    metrics = optional_json(reports / "metrics.json")
     if metrics is None:
         return f"{domain}: no reports/{domain}/metrics.json (run the pipeline first)"
-    comparisons = read(reports / "evaluation" / "comparisons.json") or []
+    comparisons = optional_json(reports / "evaluation" / "comparisons.json") or []
     best = best_of(metrics)
     inits = [i for i in INITS if any(key[0] == i for key in best)]
+    others = [i for i in inits if i != "ssl"]  # the differences' columns
     paired = {(c["against"], c["label_fraction"]): c for c in comparisons if c.get("protocol") == "best"}
     compared = metrics.get("comparison_metric", metrics["primary_metric"])
     rows = []
@@ -38,12 +34,12 @@ def table(root: Path, domain: str) -> str:
         rows.append([percent(fraction), f"{ssl.get('n_train', '')} ({ssl.get('n_groups', '')})"]
                     + [VERDICT.best(best[(i, fraction)]) if (i, fraction) in best else "–" for i in inits]
                     + [VERDICT.difference(paired[(i, fraction)], seeds=False) if (i, fraction) in paired else "–"
-                       for i in inits[1:]])
-    header = ["labels", "n (groups)", *inits, *(f"ssl − {i}" for i in inits if i != "ssl")]
+                       for i in others])
+    header = ["labels", "n (groups)", *inits, *(f"ssl − {i}" for i in others)]
     lines = [f"**{domain}**: {metrics['primary_metric']} on {metrics['labeled_test']} test rows; each init's "
              f"best protocol, mean ± std over seeds; ssl − other: mean paired difference in {compared} "
              "[bootstrap interval]", "", VERDICT.table(header, rows)]
-    choice = read(reports / "evaluation" / "checkpoint_choice.json")
+    choice = optional_json(reports / "evaluation" / "checkpoint_choice.json")
     if choice:
         lines += ["", f"Checkpoint choice: rule `{choice.get('rule')}`, step {choice.get('chosen_step')} (last "
                       f"{choice.get('last_step')}); Spearman(RankMe, val-split probe macro-F1) over "

@@ -49,7 +49,7 @@ from ssl_models.core.domain import Domain
 from ssl_models.core.hashing import digest_of, sha256_file
 from ssl_models.core.modules import PretrainMethod
 from ssl_models.core.schedules import decay_start
-from tasks.io import atomic_dir, atomic_file, clean_stale, fsync_path, write_bytes
+from tasks.io import atomic_dir, atomic_file, clean_stale, fsync_path, write_text
 from tasks.lineage import hash_outputs, read_record
 
 log = logging.getLogger("pretrain")
@@ -206,7 +206,7 @@ def save_checkpoint(folder: Path, state: dict[str, Any], plan: Plan, keep: int) 
                     "planned_steps": plan.steps, "decay_start": plan.decay_start, "sha256": sha256_file(tmp)}
         # the manifest first: a kill between the two leaves a manifest without a checkpoint (cleaned
         # at start), never a complete checkpoint without its checksum
-        write_bytes(_manifest_path(path), json.dumps(manifest, sort_keys=True).encode())
+        write_text(_manifest_path(path), json.dumps(manifest, sort_keys=True))
     for old in sorted(folder.glob("step_*.pt"))[:-keep]:
         if _step_of(old) != plan.decay_start:
             old.unlink()
@@ -338,7 +338,7 @@ def save_candidate(folder: Path, step: int, method: PretrainMethod, device: torc
     target = _candidate(folder, step)
     target.parent.mkdir(parents=True, exist_ok=True)
     if _candidates_owner(folder) != fingerprint:
-        write_bytes(target.parent / CANDIDATES_OWNER, fingerprint.encode())
+        write_text(target.parent / CANDIDATES_OWNER, fingerprint)
     with atomic_dir(target) as tmp:
         encoder.save(tmp)
     return digest_of(hash_outputs(target))

@@ -26,8 +26,21 @@ from ssl_models.core.processes import process_alive
 _LEFTOVER = re.compile(r"^\.(?P<target>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)(?:-[0-9a-f]+)?$")
 
 
-def _unique(target: Path, kind: str) -> Path:
-    return target.with_name(f".{target.name}.{kind}-{os.getpid()}-{secrets.token_hex(4)}")
+# this process's temporaries and aside copies that are in use now: any other leftover carrying
+# this pid is stale (a killed run whose pid came round again, as in a restarted container)
+_IN_USE: set[Path] = set()
+
+
+@contextlib.contextmanager
+def _unique(target: Path, kind: str) -> Iterator[Path]:
+    """A name for a temporary (or an aside copy) of `target` unique to this process and this write,
+    which `clean_stale` leaves alone while the block runs."""
+    path = target.with_name(f".{target.name}.{kind}-{os.getpid()}-{secrets.token_hex(4)}")
+    _IN_USE.add(path)
+    try:
+        yield path
+    finally:
+        _IN_USE.discard(path)
 
 
 def fsync_path(path: Path) -> None:
@@ -60,7 +73,7 @@ def _remove(path: Path) -> None:
 def clean_stale(folder: Path, recursive: bool = False) -> list[str]:
     """Remove the temporaries that killed processes left in `folder` (`.X.tmp-<pid>-*`), and put
     back an output that a kill between two renames left only aside (`.X.old-<pid>-*` with `X`
-    missing). Leftovers of live processes are not touched. Returns what was done, one line each."""
+    missing). Leftovers of live processes, and this process's writes in progress, are not touched. Returns what was done, one line each."""
     done: list[str] = []
     if not folder.is_dir():
         return done
@@ -71,7 +84,8 @@ def clean_stale(folder: Path, recursive: bool = False) -> list[str]:
             if recursive and entry.is_dir() and not entry.is_symlink():
                 done.extend(clean_stale(entry, recursive=True))
             continue
-        if process_alive(int(match["pid"])):
+        pid = int(match["pid"])
+        if entry in _IN_USE if pid == os.getpid() else process_alive(pid):
             continue
         target = folder / match["target"]
         if match["kind"] == "old" and not target.exists():
@@ -87,14 +101,15 @@ def clean_stale(folder: Path, recursive: bool = False) -> list[str]:
 def replace_path(new: Path, target: Path) -> None:
     """Rename the complete, fsynced `new` to `target`, keeping the old `target` until `new` is in."""
     parent = target.parent
-    aside = None
-    if target.is_dir() and not target.is_symlink():
-        aside = _unique(target, "old")
+    if not target.is_dir() or target.is_symlink():
+        os.replace(new, target)  # a file target is replaced in one step by the rename itself
+        fsync_path(parent)
+        return
+    with _unique(target, "old") as aside:
         target.rename(aside)
         fsync_path(parent)
-    os.replace(new, target)  # a file target is replaced in one step by the rename itself
-    fsync_path(parent)
-    if aside is not None:
+        os.replace(new, target)
+        fsync_path(parent)
         shutil.rmtree(aside, ignore_errors=True)
 
 
@@ -104,15 +119,15 @@ def atomic_dir(target: Path) -> Iterator[Path]:
     so a killed stage never leaves a half-written artifact under the real name."""
     target.parent.mkdir(parents=True, exist_ok=True)
     clean_stale(target.parent)  # an aside copy put back, stale temporaries dropped
-    tmp = _unique(target, "tmp")
-    tmp.mkdir()
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    fsync_tree(tmp)
-    replace_path(tmp, target)
+    with _unique(target, "tmp") as tmp:
+        tmp.mkdir()
+        try:
+            yield tmp
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        fsync_tree(tmp)
+        replace_path(tmp, target)
 
 
 def _inside_own_temporary(path: Path) -> bool:
@@ -129,24 +144,18 @@ def _inside_own_temporary(path: Path) -> bool:
 def atomic_file(path: Path) -> Iterator[Path]:
     """Yield a temporary path beside `path` for a library to write (`torch.save`, `save_file`);
     it is fsynced and renamed to `path` when the block completes, removed when it fails."""
-    tmp = _unique(path, "tmp")
-    try:
-        yield tmp
-        if not _inside_own_temporary(path):
-            fsync_path(tmp)
-    except BaseException:
-        _remove(tmp)
-        raise
-    if _inside_own_temporary(path):
-        os.replace(tmp, path)
-    else:
-        replace_path(tmp, path)
-
-
-def write_bytes(path: Path, data: bytes) -> None:
-    """`data` into `path` through a temporary file renamed over it: never a half-written file."""
-    with atomic_file(path) as tmp, open(tmp, "wb") as handle:
-        handle.write(data)
+    with _unique(path, "tmp") as tmp:
+        try:
+            yield tmp
+            if not _inside_own_temporary(path):
+                fsync_path(tmp)
+        except BaseException:
+            _remove(tmp)
+            raise
+        if _inside_own_temporary(path):
+            os.replace(tmp, path)
+        else:
+            replace_path(tmp, path)
 
 
 def write_text(path: Path, text: str) -> None:

@@ -304,10 +304,6 @@ def _verify_raw_inputs(record: dict[str, Any], root: Path) -> list[str]:
 
 # --- the record-level ledger: which artifacts consumed one raw record ---
 
-# What each part of the shards holds, by the manifest row's split (ssl_models/core/shards.py, the
-# layout every domain's preprocess writes: pretraining reads the train split only, RankMe and the
-# checkpoint choice the val split; `labeled` holds every labeled record with its split).
-
 
 def _record_keys(query: str, record: dict[str, Any], root: Path) -> set[str]:
     """The manifest keys `query` may stand for: itself, its name relative to the corpus, and

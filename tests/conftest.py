@@ -189,7 +189,7 @@ def reference_params(domain: str) -> dict:
 def output_digests(root: Path, domain: str) -> dict[str, str]:
     """SHA-256 of every file the stages wrote, except run records (times, pids: not results) and
     pretrain's checkpoints (`cache: false`: which ones are kept depends on when a run stopped)."""
-    import hashlib
+    from ssl_models.core.hashing import sha256_file
 
     found = {}
     for base in ("data", "models", "reports"):
@@ -197,7 +197,7 @@ def output_digests(root: Path, domain: str) -> dict[str, str]:
             relative = path.relative_to(root).as_posix()
             if not path.is_file() or path.name.endswith(".run.json") or f"{domain}/checkpoints" in relative:
                 continue
-            found[relative] = hashlib.sha256(path.read_bytes()).hexdigest()
+            found[relative] = sha256_file(path)
     return found
 
 
@@ -211,16 +211,16 @@ class ReferenceRun:
 
 
 @pytest.fixture(scope="session")
-def stage_processes() -> StageProcesses:
+def stage_processes(tmp_path_factory: pytest.TempPathFactory) -> StageProcesses:
     """`ssl-pipeline` commands in processes of their own, forked after the imports (see stage_processes.py)."""
-    return StageProcesses(stage_env())
+    return StageProcesses(stage_env(), tmp_path_factory.mktemp("stage-stderr"))
 
 
 @pytest.fixture(scope="session")
 def reference_run(tmp_path_factory: pytest.TempPathFactory,
                   stage_processes: StageProcesses) -> Callable[[str], ReferenceRun]:
     """The session's reference run of a domain on `reference_params`, made once and shared by the
-    kill, re-run and network tests (read-only: copy it to change it)."""
+    kill tests and the re-run test (read-only: copy it to change it)."""
     made: dict[str, ReferenceRun] = {}
 
     def of(domain: str) -> ReferenceRun:

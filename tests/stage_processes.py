@@ -18,7 +18,6 @@ import multiprocessing
 import os
 import signal
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,10 +33,10 @@ def _stage_main(argv: list[str], env: dict[str, str], cwd: str, stderr_path: str
     os.environ.clear()
     os.environ.update(env)
     os.chdir(cwd)
-    error = os.open(stderr_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    null = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(error, 2)
-    os.dup2(null, 1)
+    for descriptor, target in ((os.open(stderr_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), 2),
+                               (os.open(os.devnull, os.O_WRONLY), 1)):
+        os.dup2(descriptor, target)
+        os.close(descriptor)
     from tasks.cli import main
 
     sys.exit(main(argv))
@@ -47,10 +46,6 @@ def _stage_main(argv: list[str], env: dict[str, str], cwd: str, stderr_path: str
 class StageProcess:
     process: multiprocessing.process.BaseProcess
     stderr_path: Path
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
 
     def wait(self, timeout: float | None = None) -> int | None:
         """The exit status once it ended within `timeout` seconds, else None."""
@@ -73,19 +68,20 @@ class StageProcess:
 class StageProcesses:
     """Starts `ssl-pipeline` commands as forks of one process that imported the stages' libraries."""
 
-    def __init__(self, env: dict[str, str]) -> None:
+    def __init__(self, env: dict[str, str], logs: Path) -> None:
+        """`env`: every command's environment; `logs`: the folder their stderr files go to."""
         self.env = dict(env)
         self.context = multiprocessing.get_context("forkserver")
         self.context.set_forkserver_preload(PRELOAD)
-        self.logs = Path(tempfile.mkdtemp(prefix="stage-stderr-"))
+        self.logs = logs
         self.count = 0
 
-    def start(self, root: Path, stage: str, domain: str, env: dict[str, str] | None = None) -> StageProcess:
+    def start(self, root: Path, stage: str, domain: str) -> StageProcess:
         self.count += 1
         stderr_path = self.logs / f"{self.count:05d}-{stage}-{domain}.err"
         process = self.context.Process(target=_stage_main, daemon=False,
-                                       args=(["--root", str(root), stage, domain], {**self.env, **(env or {})},
-                                             os.getcwd(), str(stderr_path)))
+                                       args=(["--root", str(root), stage, domain], self.env, os.getcwd(),
+                                             str(stderr_path)))
         process.start()
         return StageProcess(process, stderr_path)
 

@@ -123,4 +123,5 @@ def test_the_default_run_deselects_nothing() -> None:
     """`pytest -q` (README, .ci/run) selects every test: no `-m` or `-k` among the default options."""
     options = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["pytest"]["ini_options"]
     assert not re.search(r"(^|\s)-(m|k)\b", options.get("addopts", ""))
-    assert "-q" in (REPO / ".ci/run").read_text().splitlines()[-1]
+    readme = (REPO / "README.md").read_text().split("```bash\n", 1)[1].split("```", 1)[0].splitlines()
+    assert (REPO / ".ci/run").read_text().splitlines()[-1] == readme[1] == ".venv/bin/python -m pytest -q"

@@ -15,10 +15,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-import transformers
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import Wav2Vec2Config, Wav2Vec2ForPreTraining, Wav2Vec2Model
 
 from ssl_models.audio.config import AudioModelConfig
 from ssl_models.audio.features import STORAGE_DTYPE, InputSpec, decode_row, pad_batch, stored_steps
@@ -26,9 +24,9 @@ from ssl_models.core.errors import PipelineError
 from ssl_models.core.modules import Encoder
 
 if TYPE_CHECKING:
-    from ssl_models.core.config import DomainConfig
+    from transformers import Wav2Vec2Config, Wav2Vec2ForPreTraining, Wav2Vec2Model
 
-transformers.logging.set_verbosity_error()
+    from ssl_models.core.config import DomainConfig
 
 CONFIG_FILE, WEIGHTS_FILE = "audio_backbone.json", "model.safetensors"
 
@@ -202,9 +200,18 @@ def build_spectrogram_transformer(cfg: DomainConfig, shards_dir: Path) -> Spectr
         pool_segments=model_cfg.pool_segments, mean=mean, std=std), spec)
 
 
+def quiet_transformers() -> Any:
+    """transformers (its logging quietened), imported by the wav2vec2 code only: the spectrogram
+    backbone and its methods start without it (several seconds per process here)."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    return transformers
+
+
 def small_config(model_cfg: AudioModelConfig) -> Wav2Vec2Config:
     """A small wav2vec2: 7 convolutions of 32 channels (320x down-sampling: 50 frames/s at 16 kHz)."""
-    return Wav2Vec2Config(
+    return quiet_transformers().Wav2Vec2Config(
         hidden_size=model_cfg.hidden_size, num_hidden_layers=model_cfg.num_layers,
         num_attention_heads=model_cfg.num_heads, intermediate_size=model_cfg.intermediate_size,
         conv_dim=(32,) * 7, feat_extract_norm="layer", do_stable_layer_norm=True,
@@ -248,7 +255,7 @@ class Wav2Vec2Encoder(Encoder):
 
     @property
     def backbone(self) -> Wav2Vec2Model:
-        return self.model.wav2vec2 if isinstance(self.model, Wav2Vec2ForPreTraining) else self.model
+        return getattr(self.model, "wav2vec2", self.model)  # Wav2Vec2ForPreTraining holds the bare model there
 
     def collate(self, samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         return collate_waveforms(samples, self.spec)
@@ -270,12 +277,12 @@ def _checkpoint_folder(path: Path) -> Path:
 def build_wav2vec2(cfg: DomainConfig, shards_dir: Path) -> Wav2Vec2Encoder:
     """The `wav2vec2` backbone to pretrain (with its pretraining heads): from `model.base_checkpoint`
     when one is set (continued pretraining), else a small model from scratch."""
-    spec = InputSpec.from_config(cfg.ingest, cfg.preprocess)
+    spec, pretraining = InputSpec.from_config(cfg.ingest, cfg.preprocess), quiet_transformers().Wav2Vec2ForPreTraining
     if cfg.model.base_checkpoint:
-        model = Wav2Vec2ForPreTraining.from_pretrained(_checkpoint_folder(cfg.resolve(cfg.model.base_checkpoint)))
+        model = pretraining.from_pretrained(_checkpoint_folder(cfg.resolve(cfg.model.base_checkpoint)))
         model.config.pool_segments = cfg.model.pool_segments
         return Wav2Vec2Encoder(model, spec)
-    return Wav2Vec2Encoder(Wav2Vec2ForPreTraining(small_config(cfg.model)), spec)
+    return Wav2Vec2Encoder(pretraining(small_config(cfg.model)), spec)
 
 
 def saved_encoder(cfg: DomainConfig, folder: Path, weights: bool = True) -> Encoder:
@@ -283,8 +290,9 @@ def saved_encoder(cfg: DomainConfig, folder: Path, weights: bool = True) -> Enco
     without `weights` its architecture (and normalisation) randomly initialised."""
     spec = InputSpec.from_config(cfg.ingest, cfg.preprocess)
     if cfg.model.backbone == "wav2vec2":
-        model = (Wav2Vec2Model.from_pretrained(folder) if weights
-                 else Wav2Vec2Model(Wav2Vec2Config.from_pretrained(folder)))
+        transformers = quiet_transformers()
+        model = (transformers.Wav2Vec2Model.from_pretrained(folder) if weights
+                 else transformers.Wav2Vec2Model(transformers.Wav2Vec2Config.from_pretrained(folder)))
         return Wav2Vec2Encoder(model, spec)
     return SpectrogramEncoder(SpectrogramTransformer.load(folder, weights=weights), spec)
 
@@ -294,6 +302,6 @@ def generic_encoder(cfg: DomainConfig) -> Encoder:
     folder = cfg.resolve(str(cfg.model.base_checkpoint))
     if cfg.model.backbone != "wav2vec2":
         return saved_encoder(cfg, folder)
-    model = Wav2Vec2Model.from_pretrained(_checkpoint_folder(folder))
+    model = quiet_transformers().Wav2Vec2Model.from_pretrained(_checkpoint_folder(folder))
     model.config.pool_segments = cfg.model.pool_segments
     return Wav2Vec2Encoder(model, InputSpec.from_config(cfg.ingest, cfg.preprocess))

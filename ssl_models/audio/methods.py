@@ -13,9 +13,9 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import Wav2Vec2ForPreTraining
 
-from ssl_models.audio.backbones import SpectrogramEncoder, SpectrogramTransformer, Wav2Vec2Encoder, frame_padding
+from ssl_models.audio.backbones import (SpectrogramEncoder, SpectrogramTransformer, Wav2Vec2Encoder, frame_padding,
+                                        quiet_transformers)
 from ssl_models.audio.config import MaskedSpectrogramOptions, TERAOptions, Wav2Vec2Options
 from ssl_models.audio.views import SpanMasks, TERAAlterations, TokenMasks, alteration_masks
 from ssl_models.core import distributed
@@ -141,7 +141,7 @@ class Wav2Vec2Contrastive(PretrainMethod):
 
     def __init__(self, encoder: Wav2Vec2Encoder, options: Wav2Vec2Options) -> None:
         super().__init__(encoder, options)
-        if not isinstance(encoder.model, Wav2Vec2ForPreTraining):
+        if not isinstance(encoder.model, quiet_transformers().Wav2Vec2ForPreTraining):
             raise TypeError("wav2vec2 pretraining needs an encoder around Wav2Vec2ForPreTraining")
         encoder.model.set_gumbel_temperature(options.gumbel_temperature)
 

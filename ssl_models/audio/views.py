@@ -17,7 +17,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from transformers.models.wav2vec2.modeling_wav2vec2 import _compute_mask_indices, _sample_negative_indices
 
 from ssl_models.audio.backbones import collate_spectrograms, collate_waveforms
 from ssl_models.audio.config import MaskedSpectrogramOptions, TERAOptions, Wav2Vec2Options, conv_frames
@@ -145,6 +144,8 @@ class SpanMasks(DataSide):
     codevectors: int  # num_codevector_groups x num_codevectors_per_group
 
     def __call__(self, rows: Sequence[dict[str, Any]], seeds: Sequence[int]) -> dict[str, torch.Tensor]:
+        from transformers.models.wav2vec2.modeling_wav2vec2 import _compute_mask_indices, _sample_negative_indices
+
         batch = collate_waveforms(list(rows), self.spec)
         n_frames = conv_frames(self.spec.clip_steps, self.conv_layers)
         masks = np.zeros((len(rows), n_frames), dtype=bool)

@@ -225,7 +225,6 @@ def _product(values: list[int]) -> int:
 
 
 INITS = ("ssl", "scratch", "generic", "baseline")
-PROTOCOLS = ("linear", "knn", "finetune")
 
 
 @dataclass
@@ -375,10 +374,10 @@ def load_config(domain: str, params_path: Path = Path("params.yaml")) -> tuple[D
     domains = load_params(params_path).get("domains") or {}
     if domain not in domains:
         raise PipelineError(f"params.yaml has no block domains.{domain}; blocks: {sorted(domains)}")
-    where = f"domains.{domain}"
-    if not isinstance(domains[domain] or {}, dict):
+    where, block = f"domains.{domain}", domains[domain] or {}
+    if not isinstance(block, dict):
         raise PipelineError(f"params.yaml {where}: expected a mapping of settings")
-    block, where = apply_preset(domains[domain] or {}, where)
+    block, where = apply_preset(block, where)
     for key in ("module", "corpus"):
         if not block.get(key):
             raise PipelineError(f"params.yaml {where}.{key} is required")

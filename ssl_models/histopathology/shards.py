@@ -19,7 +19,7 @@ from tqdm import tqdm
 from ssl_models.core.domain import Source
 from ssl_models.core.errors import UnreadableFileError
 from ssl_models.core.privacy import without_names
-from ssl_models.core.shards import write_shards
+from ssl_models.core.shards import PRETRAIN_TRAIN, PRETRAIN_VAL, write_shards
 from ssl_models.histopathology.config import HistoPreprocessConfig
 from ssl_models.histopathology.readers import open_slide
 from ssl_models.histopathology.tiling import evenly_spaced, tile_slide
@@ -83,6 +83,6 @@ def write_tile_shards(manifest: list[dict[str, Any]], locate: Callable[[dict[str
             "sources_tiled": len(manifest) - len(quarantine), "sources_failed": len(quarantine),
             "quarantine": quarantine,
             "sources_stain_normalised": normalised, "tile_positions": dict(sorted(counts.items())),
-            "pretrain_train_tiles": rows["pretrain_train"], "pretrain_val_tiles": rows["pretrain_val"],
+            "pretrain_train_tiles": rows[PRETRAIN_TRAIN], "pretrain_val_tiles": rows[PRETRAIN_VAL],
             "labeled_rows_by_split": {s: sum(r["split"] == s for r in labeled) for s in ("train", "val", "test")},
             "labeled_test": sum(r["split"] == "test" for r in labeled)}  # tiles (or slides) scored

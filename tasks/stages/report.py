@@ -130,16 +130,17 @@ def checkpoint_story(choice: dict[str, Any] | None, pretrain_log: dict[str, Any]
     rule_of_log = pretrain_log.get("choice") or {}
     if choice is None and not rule_of_log:
         return None
-    chosen = (choice or {}).get("chosen_step", rule_of_log.get("step"))
+    choice = choice or {}
+    chosen = choice.get("chosen_step", rule_of_log.get("step"))
     logged_last = pretrain_log["checkpoints"][-1]["step"] if pretrain_log["checkpoints"] else None
-    last = (choice or {}).get("last_step", logged_last)
-    note = str((choice or {}).get("note") or "")
-    candidates = (choice or {}).get("candidates") or []
-    return {"rule": (choice or {}).get("rule") or rule_of_log.get("rule"), "chosen": chosen, "last": last,
+    last = choice.get("last_step", logged_last)
+    note = str(choice.get("note") or "")
+    candidates = choice.get("candidates") or []
+    return {"rule": choice.get("rule") or rule_of_log.get("rule"), "chosen": chosen, "last": last,
             "reason": str(rule_of_log.get("reason") or "").rstrip("."),
-            "metric": (choice or {}).get("metric", "score"),
-            "spearman": (choice or {}).get("spearman"),
-            "gain": (choice or {}).get("gain_vs_last") if chosen != last else None,  # no gain against itself
+            "metric": choice.get("metric", "score"),
+            "spearman": choice.get("spearman"),
+            "gain": choice.get("gain_vs_last") if chosen != last else None,  # no gain against itself
             "note": note[:1].upper() + note[1:],
             "candidates": [{**c, "marks": [m for m, step in (("chosen", chosen), ("last", last)) if c["step"] == step]}
                            for c in candidates]}

@@ -23,9 +23,9 @@ def dvc(folder: Path, *args: str) -> subprocess.CompletedProcess:
                           env=stage_env())
 
 
-# session-scoped (in this module): made once even if the worker runs another module's tests
-# between these
-@pytest.fixture(scope="session")
+# conftest.worker_group keeps this module's tests together in one worker: the server and the
+# spine are made once
+@pytest.fixture(scope="module")
 def prefect_server():
     """One temporary Prefect server (and database) for the module's flow runs (~15 s to start)."""
     from prefect.testing.utilities import prefect_test_harness
@@ -34,7 +34,7 @@ def prefect_server():
         yield
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def spine(tmp_path_factory: pytest.TempPathFactory, prefect_server: None) -> dict:
     """Run the flow twice on a fresh project; keep what each run executed."""
     from flows.pipeline import pipeline

@@ -153,19 +153,24 @@ def test_load_config_validates_each_part_of_the_block_once(tmp_path, monkeypatch
     assert places == ["domains.legal.module", "domains.legal", "domains.legal.pretrain.options"]
 
 
-def test_the_repository_presets_parse(tmp_path) -> None:
+def test_every_repository_preset_parses(tmp_path) -> None:
+    """A stage start reads the chosen preset only, so each preset of params.yaml is checked here."""
     import yaml
 
     from tests.conftest import REPO
 
     params = yaml.safe_load((REPO / "params.yaml").read_text())
+    chosen = []
     for name, block in params["domains"].items():
         assert "large" in block["presets"], name
-        block["preset"] = "large"
-    write_params(tmp_path, params)
-    for name in params["domains"]:
-        cfg, _ = load_config(name, tmp_path / "params.yaml")
-        assert cfg.pretrain.steps >= 50_000 and cfg.pretrain.nproc == "auto"
+        for preset in block["presets"]:
+            block["preset"] = preset
+            write_params(tmp_path, params)
+            cfg, _ = load_config(name, tmp_path / "params.yaml")
+            chosen.append((name, preset))
+            if preset == "large":
+                assert cfg.pretrain.steps >= 50_000 and cfg.pretrain.nproc == "auto"
+    assert ("legal", "dapt") in chosen and len(chosen) >= 5
 
 
 def _default(cls: type, name: str) -> object:
