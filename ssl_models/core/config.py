@@ -252,7 +252,11 @@ class FinetuneConfig:
     # the probe's inverse regularisation: `cv` picks from `linear_c_grid` by stratified
     # cross-validation inside the labeled subset (never the test set); a number fixes it
     linear_c: float | Literal["cv"] = "cv"
-    linear_c_grid: list[float] = field(default_factory=lambda: [0.01, 0.1, 1.0, 10.0])
+    linear_c_grid: list[float] = field(default_factory=lambda: [0.01, 0.1, 1.0, 10.0, 100.0])
+    # balanced: every class weighs as much in the probes' and fine-tuning's loss as the others
+    # (scikit-learn's class_weight="balanced", n / (classes x count), from the labeled subset): the
+    # metric is macro-averaged, and unweighted fits on imbalanced labels predict the majority class
+    class_weight: Literal["balanced"] | None = "balanced"
     cv_folds: int = 5
     bootstrap_samples: int = 1000  # paired bootstrap over test samples and seeds, for the intervals
     confidence: float = 0.95
