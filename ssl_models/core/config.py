@@ -308,6 +308,8 @@ class DomainConfig:
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     cpu_threads: int | None = None  # torch threads in training and embedding; null: torch's default
     root: Path = Path(".")  # the project root (the folder of params.yaml): relative paths start here
+    preset: str | None = None  # the chosen preset (laid over the sections above), null: none
+    presets: tuple[str, ...] = ()  # the names of the presets the block offers
 
     def resolve(self, path: str | Path) -> Path:
         """A path setting of params.yaml (corpus, base_checkpoint...) as a path on disk."""
@@ -402,6 +404,7 @@ def load_config(domain: str, params_path: Path = Path("params.yaml")) -> tuple[D
         name=domain, module=parsed.module, corpus=Path(parsed.corpus),
         labels=Path(parsed.labels) if parsed.labels else None, split=parsed.split, pretrain=pretrain,
         finetune=parsed.finetune, privacy=parsed.privacy, cpu_threads=parsed.cpu_threads, root=params_path.parent,
+        preset=parsed.preset, presets=tuple(parsed.presets),
         **{name: getattr(parsed, name) for name in DOMAIN_SECTIONS})
     owner.validate(cfg)
     return cfg, owner
