@@ -111,8 +111,45 @@ def verdicts(metrics: dict[str, Any], comparisons: list[dict[str, Any]]) -> list
             paid_off = beats_all and "baseline" in judged  # the only "paid off"
             verdict["outcome"] = "paid off" if paid_off else "no baseline" if beats_all else "not paid off"
             verdict["advice"] = advice(best, judged, paid_off)
+            verdict["shortfall"] = None if beats_all else shortfall(judged)
         found.append(verdict)
     return found
+
+
+def shortfall(judged: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """How far ssl was from paying off at one fraction: the alternative it is furthest from
+    beating (the lowest lower end of the paired interval, else the lowest mean difference) and
+    how much `ssl` would have to gain for that interval to clear zero (its lower end, negated)."""
+    def lower(comparison: dict[str, Any]) -> float:
+        interval = comparison.get("interval")
+        return interval[0] if interval is not None else comparison["mean_difference"]
+
+    init = min((i for i, c in judged.items() if c["verdict"] != "better"), key=lambda i: lower(judged[i]))
+    return {"init": init, "comparison": judged[init], "needed": -lower(judged[init])}
+
+
+def next_steps(cfg: DomainConfig, found: list[dict[str, Any]], pretrain_steps: int) -> list[str]:
+    """The knobs a user would turn next where pretraining did not pay off, from what this run
+    was: longer pretraining, continued pretraining of the generic checkpoint (a `dapt` preset)
+    instead of from scratch, the larger preset on GPUs. Empty where it paid off everywhere."""
+    if not any(v.get("shortfall") for v in found):
+        return []
+    where = f"domains.{cfg.name}"
+    steps = [f"More pretraining: this run trained {pretrain_steps} steps (`{where}.pretrain.steps`, "
+             "`pretrain.batch_size`); the CPU defaults are sized for a first look, not for a verdict."]
+    generic_ahead = any(v["best"].get("generic", {}).get("mean", float("-inf")) > v["best"]["ssl"]["mean"]
+                        for v in found if v.get("shortfall") and "ssl" in v["best"])
+    if "dapt" in cfg.presets and cfg.preset != "dapt":
+        steps.append("Continue pretraining the generic checkpoint on your corpus instead of starting from scratch "
+                     f"(`dvc exp run -S {where}.preset=dapt`){': it is ahead of `ssl` here' if generic_ahead else ''}; "
+                     "the verdict then asks whether the domain tokens added anything to that same checkpoint.")
+    elif generic_ahead and cfg.preset != "dapt":
+        steps.append("The generic checkpoint is ahead of `ssl`: set `model.base_checkpoint` to it (where the "
+                     "domain's backbone can load it) to continue pretraining from it instead of from scratch.")
+    if "large" in cfg.presets and cfg.preset != "large":
+        steps.append(f"The larger encoder of the `large` preset on one or more GPUs (`dvc exp run -S {where}.preset=large`, "
+                     "`pretrain.nproc: auto` trains on every visible GPU).")
+    return steps
 
 
 def table_rows(results: list[dict[str, Any]], key: Any) -> list[tuple]:
@@ -159,18 +196,20 @@ def build_markdown(domain_name: str, task: str, metrics: dict[str, Any], compari
                    ingest_summary: dict[str, Any], shards_summary: dict[str, Any],
                    pretrain_log: dict[str, Any], lineage_text: str, quarantine: list[dict[str, str]],
                    checkpoint_choice: dict[str, Any] | None = None, baseline_text: str | None = None,
-                   has_embedding_plot: bool = False) -> str:
+                   has_embedding_plot: bool = False, cfg: DomainConfig | None = None) -> str:
     """The report's Markdown: report.md.j2 filled with what these inputs say."""
     primary = metrics["primary_metric"]
     results = [r for r in metrics["results"] if r["metric"] == primary]
     inits = {r["init"] for r in metrics["results"]}
     with_interval = [c for c in comparisons if c.get("interval") is not None]
     order = alternatives(comparisons)
+    found = verdicts(metrics, comparisons)
     return ENVIRONMENT.get_template("report.md.j2").render(
         domain_name=domain_name, task=task, metrics=metrics, ingest=ingest_summary, shards=shards_summary,
         primary=primary, unit=metrics.get("comparison_metric", primary),
         quarantined=len(quarantine), quarantine_reasons=Counter(q["reason"] for q in quarantine).most_common(10),
-        verdicts=verdicts(metrics, comparisons),
+        verdicts=found,
+        next_steps=next_steps(cfg, found, pretrain_log["checkpoints"][-1]["step"]) if cfg is not None else [],
         inits=inits, not_run=[i for i in ("generic", "baseline") if i not in inits], baseline_text=baseline_text,
         interval={"confidence": metrics.get("confidence") or with_interval[0]["confidence"],
                   "samples": with_interval[0]["bootstrap_samples"]} if with_interval else None,
@@ -213,7 +252,7 @@ def report(cfg: DomainConfig, domain: Domain, paths: DomainPaths) -> str:
                               read_json(paths.manifest / "summary.json"), read_json(paths.shards / "summary.json"),
                               pretrain_log, show(paths.evaluation, paths.root, runs=False),
                               all_quarantined(paths), checkpoint_choice,
-                              domain.baseline_description(), has_embedding_plot=has_embedding)
+                              domain.baseline_description(), has_embedding_plot=has_embedding, cfg=cfg)
         write_text(out / "report.md", text)
         write_text(out / "report.html", build_html(domain_name, text))
         recorder.write(out)

@@ -197,3 +197,38 @@ def test_the_report_fits_a_1280_px_laptop_screen(tmp_path: Path) -> None:
     (folder / "old.html").write_text(old.replace("<p>", "<p><img src='label_efficiency.png' width=1400>", 1))
     assert not measure_overflow(folder / "old.html", 1280, 800)["fits"]
     assert screenshot(folder / "report.html", tmp_path / "shot.png").stat().st_size > 10_000
+
+
+def test_where_pretraining_did_not_pay_off_the_report_says_how_far_and_what_to_try_next() -> None:
+    from types import SimpleNamespace
+
+    metrics, comparisons = judged({**every_protocol("ssl", 0.5), **every_protocol("scratch", 0.3),
+                                   ("baseline", "linear"): 0.55, ("generic", "finetune"): 0.7})
+    (line,) = verdict_lines(metrics, comparisons)
+    # furthest from beating: generic (the lowest lower end of the paired intervals), by its lower end
+    against = {c["against"]: c for c in comparisons if c["protocol"] == "best"}
+    lowest = min(against, key=lambda init: against[init]["interval"][0])
+    assert lowest == "generic"
+    assert (f"It was {-against['generic']['interval'][0]:.3f} macro_f1 short of paying off: against generic, "
+            in line)
+    cfg = SimpleNamespace(name="legal", preset=None, presets=("large", "dapt"))
+
+    def text_of(metrics: dict, comparisons: list) -> str:
+        return build_markdown(
+            "legal", "A task.", {"labeled_test": 300, "labeled_test_in_pretraining_corpus": 0, **metrics},
+            comparisons, {"records": 2, "files": 2, "quarantined": 0, "duplicates_dropped": 0, "labeled": 2,
+                          "labeled_by_split": {}},
+            {}, {"checkpoints": [{"step": 200, "loss": 1.0, "rankme": 3.0}]}, "lineage", [], None, cfg=cfg)
+
+    text = text_of(metrics, comparisons)
+    steps = text.split("What would change the verdict")[1].split("\n\nInitialisations")[0]
+    assert "trained 200 steps (`domains.legal.pretrain.steps`" in steps
+    assert "`dvc exp run -S domains.legal.preset=dapt`): it is ahead of `ssl` here" in steps
+    assert "`dvc exp run -S domains.legal.preset=large`" in steps
+    # under the dapt preset the advice no longer proposes it; where ssl pays off there is none at all
+    cfg.preset = "dapt"
+    assert "preset=dapt" not in text_of(metrics, comparisons)
+    metrics, comparisons = judged({**every_protocol("ssl", 0.85), **every_protocol("scratch", 0.3),
+                                   ("baseline", "linear"): 0.6, ("generic", "linear"): 0.55})
+    text = text_of(metrics, comparisons)
+    assert "What would change the verdict" not in text and "short of paying off" not in text
