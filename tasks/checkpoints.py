@@ -12,6 +12,8 @@ generators' states they hold. Every file goes through tasks/io.py's durable writ
   the domain; the shards; optimisation, model and preprocess settings), not what only changes
   speed (SPEED_ONLY) or bookkeeping (BOOKKEEPING). Checkpoints of another fingerprint move to
   `other-runs/<fingerprint[:12]>/`, never deleted.
+- `steps` is the plan sized to the corpus (`epochs` over the train rows, capped at `steps`), the
+  number every rule below means; `epochs` itself is not in the fingerprint.
 - with the wsd schedule `steps` is not in the fingerprint: a checkpoint taken before its own
   plan's decay started is a checkpoint of any plan whose decay starts no earlier, so raising
   (or lowering) `steps` resumes from the latest such one and decays from there. The checkpoint
@@ -110,8 +112,11 @@ def code_digest(files: list[Path]) -> str:
 
 
 def run_fingerprint(cfg: DomainConfig, shards_digest: str, code: str) -> str:
-    """Identifies the run a checkpoint belongs to: only such checkpoints are resumed."""
-    ignored = set(SPEED_ONLY) | set(BOOKKEEPING) | ({"steps"} if cfg.pretrain.schedule == "wsd" else set())
+    """Identifies the run a checkpoint belongs to: only such checkpoints are resumed. `cfg.pretrain`
+    is sized to the corpus (`PretrainConfig.for_corpus`): its `steps` are the plan, whatever
+    `epochs` gave them, so `epochs` itself is left out."""
+    ignored = (set(SPEED_ONLY) | set(BOOKKEEPING) | {"epochs"}
+               | ({"steps"} if cfg.pretrain.schedule == "wsd" else set()))
     settings = {k: v for k, v in asdict(cfg.pretrain).items() if k not in ignored}
     payload = json.dumps({"checkpoint_format": CHECKPOINT_FORMAT, "pretrain": settings,
                           "model": section_params(cfg.model), "preprocess": section_params(cfg.preprocess),

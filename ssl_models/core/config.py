@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -168,7 +169,10 @@ class IngestLimits:
 @dataclass
 class PretrainConfig:
     method: str | None = None  # a name from the domain's method registry; null: the domain's `default_method`
-    steps: int = 300
+    steps: int = 300  # the run's optimizer steps; with `epochs`, their cap
+    # passes over the pretraining train split's rows (blocks, tiles, crops) that size the run:
+    # min(steps, ceil(epochs x train rows / batch_size)) steps (`for_corpus`); null: `steps` alone
+    epochs: float | None = None
     batch_size: int = 32
     learning_rate: float = 5e-4
     weight_decay: float = 0.01
@@ -199,6 +203,7 @@ class PretrainConfig:
 
     def validate(self, where: str) -> None:
         require(self.steps > 0 and self.batch_size > 0, where, "steps and batch_size must be positive")
+        require(self.epochs is None or self.epochs > 0, f"{where}.epochs", "must be null or positive")
         require(0 <= self.warmup_steps < self.steps, where, "warmup_steps must be below steps")
         require(0 < self.decay_fraction <= 1, where, "decay_fraction must be in (0, 1]")
         require(self.checkpoint_every > 0 and self.keep_checkpoints > 0, where,
@@ -215,6 +220,25 @@ class PretrainConfig:
         fixed = [n for n in (self.nproc, self.grad_accumulation) if n != "auto"]
         require(self.batch_size % _product(fixed) == 0, f"{where}.batch_size",
                 f"{self.batch_size} must divide by nproc x grad_accumulation ({_product(fixed)})")
+
+    def planned_steps(self, train_rows: int) -> int:
+        """The run's optimizer steps on `train_rows` pretraining rows: `steps`, or with `epochs`
+        the steps of that many passes over the rows, capped at `steps` (at least one)."""
+        if self.epochs is None:
+            return self.steps
+        return max(1, min(self.steps, math.ceil(self.epochs * train_rows / self.batch_size)))
+
+    def for_corpus(self, train_rows: int) -> PretrainConfig:
+        """These settings with `steps` the planned steps on `train_rows` rows: the one number the
+        schedule, the checkpoints, resuming, the logs and the lineage use. A `warmup_steps` that
+        no longer fits below them keeps its share of the cap (50 of 1000 steps: 5 of 100);
+        a `checkpoint_every` beyond them leaves one checkpoint, at the end. The same for settings
+        already sized: `for_corpus(n).for_corpus(n) == for_corpus(n)`."""
+        steps = self.planned_steps(train_rows)
+        if steps == self.steps:
+            return self
+        warmup_steps = self.warmup_steps if self.warmup_steps < steps else self.warmup_steps * steps // self.steps
+        return dataclasses.replace(self, steps=steps, warmup_steps=warmup_steps)
 
 
 def _product(values: list[int]) -> int:

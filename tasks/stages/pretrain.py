@@ -23,7 +23,7 @@ import functools
 import logging
 import shutil
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Any
 
 import numpy as np
@@ -77,23 +77,30 @@ def pretrain(cfg: DomainConfig, domain: Domain, paths: DomainPaths) -> dict[str,
 
 def train(cfg: DomainConfig, domain: Domain, paths: DomainPaths, world: World, device: torch.device) -> dict[str, Any]:
     """This process' part of the run, from the newest checkpoint of this run (or step 0) to the last step."""
-    domain_name, settings, folder = cfg.name, cfg.pretrain, paths.checkpoints
+    domain_name, given, folder = cfg.name, cfg.pretrain, paths.checkpoints
 
-    # --- set up: the same initial weights in every process
+    # --- set up: the steps sized to the corpus, the same initial weights in every process
     check_batch_splits(cfg, world.size)
+    train_rows, rankme_rows, rankme_split = pretraining_rows(cfg, domain, paths)
+    # from here on `steps` is the planned number (`epochs` over the train rows, capped at `steps`)
+    settings = given.for_corpus(len(train_rows))
+    cfg = replace(cfg, pretrain=settings)
+    if settings.steps != given.steps:
+        log.info("pretrain %s: %g epoch(s) of %d rows at batch %d: %d steps (warmup %d)", domain_name,
+                 given.epochs, len(train_rows), settings.batch_size, settings.steps, settings.warmup_steps)
     torch.use_deterministic_algorithms(True, warn_only=True)
     set_cpu_threads(cfg.cpu_threads)
     keep_freed_memory()  # batches and activations of one size every step: no page faults for each
     seed_everything(settings.seed)
     rebuild = functools.partial(domain.build_pretrain_method, cfg, paths.shards)
     method = rebuild().to(device)
-    train_rows, rankme_rows, rankme_split = pretraining_rows(cfg, domain, paths)
     fingerprint, plan = fingerprint_of(cfg, domain, paths.shards), Plan.of(settings)
     logged_steps = plan.logged_steps(settings.checkpoint_every)
     recorder = LineageRecorder(f"pretrain@{domain_name}", paths.pretrain, seeds=[settings.seed], root=paths.root,
-                               params={"pretrain": asdict(settings), "model": section_params(cfg.model)},
+                               params={"pretrain": asdict(given), "planned_steps": settings.steps,
+                                       "model": section_params(cfg.model)},
                                upstream=[paths.shards])
-    step, history = 0, {"loss": [], "checkpoints": [], "rankme_rows": rankme_split}
+    step, history = 0, {"loss": [], "checkpoints": [], "rankme_rows": rankme_split, "planned_steps": settings.steps}
     candidates: dict[str, str] = {}  # step -> digest of the kept candidate encoders
 
     # --- resume from the newest checkpoint of this run, if there is one
@@ -103,6 +110,7 @@ def train(cfg: DomainConfig, domain: Domain, paths: DomainPaths, world: World, d
         training.resume(state)
         restore_rng_states(state["rng"])
         step, history, candidates = state["step"], state["history"], dict(state["candidates"])
+        history["planned_steps"] = settings.steps  # a wsd checkpoint of another plan continues on this one
         if world.is_main:
             prune_candidates(folder, candidates)
         log.info("resuming %s pretraining from step %d", domain_name, step)
