@@ -3,7 +3,12 @@ init's best protocol (mean ± std over seeds), ssl minus each other init with it
 interval, and how the label-free checkpoint choice tracked a probe. Reads what evaluate wrote
 (`reports/<domain>/metrics.json`, `evaluation/comparisons.json`, `evaluation/checkpoint_choice.json`).
 
-    .venv/bin/python benchmarks/verdict_tables.py [--root .] [--domain legal ...]
+    .venv/bin/python benchmarks/verdict_tables.py [--root .] [--domain legal ...] [--plain-recipe]
+
+`--plain-recipe` adds a reference column: what a practitioner gets with the plain, well-known
+recipe on the same rows, scikit-learn's `LogisticRegression(C=1, class_weight="balanced")` on the
+domain's own baseline features (fitted on the same labeled pool), over the same label subsets
+and seeds as the pipeline (macro-F1, mean ± std over seeds). Needs the project's shards.
 """
 
 from __future__ import annotations
@@ -17,7 +22,35 @@ from tasks.stages.report import ENVIRONMENT, best_of, optional_json, percent
 VERDICT = ENVIRONMENT.get_template("verdict.md.j2").module  # the report's table rows, scores and differences
 
 
-def table(root: Path, domain: str) -> str:
+def plain_recipe(root: Path, domain_name: str) -> dict[float, str]:
+    """Per label fraction: macro-F1 (mean ± std over the pipeline's seeds) of plain balanced
+    logistic regression on the domain's baseline features, on the pipeline's own subsets."""
+    import numpy as np
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import f1_score
+
+    from ssl_models.core.config import load_config
+    from ssl_models.core.splits import select_label_subset
+    from tasks.paths import DomainPaths
+    from tasks.stages.finetune import load_labeled
+
+    cfg, domain = load_config(domain_name, root / "params.yaml")
+    pool, test = load_labeled(DomainPaths(domain_name, root).shards)
+    pool_x, test_x = domain.baseline_features(cfg, pool, test)
+    labels, test_y = [r["label"] for r in pool], [r["label"] for r in test]
+    found = {}
+    for fraction in cfg.finetune.label_fractions:
+        scores = []
+        for seed in cfg.finetune.seeds_for(fraction):
+            subset = select_label_subset(labels, fraction, seed)
+            plain = LogisticRegression(C=1.0, class_weight="balanced", max_iter=1000)
+            plain.fit(pool_x[subset], [labels[i] for i in subset])
+            scores.append(f1_score(test_y, plain.predict(test_x), average="macro", zero_division=0))
+        found[fraction] = f"{np.mean(scores):.3f} ± {np.std(scores):.3f}"
+    return found
+
+
+def table(root: Path, domain: str, reference: bool = False) -> str:
     reports = root / "reports" / domain
     metrics = optional_json(reports / "metrics.json")
     if metrics is None:
@@ -36,6 +69,11 @@ def table(root: Path, domain: str) -> str:
                     + [VERDICT.difference(paired[(i, fraction)], seeds=False) if (i, fraction) in paired else "–"
                        for i in others])
     header = ["labels", "n (groups)", *inits, *(f"ssl − {i}" for i in others)]
+    if reference:
+        plain = plain_recipe(root, domain)
+        header.append("plain balanced LR (C=1) on the baseline's features")
+        for row, fraction in zip(rows, sorted({key[1] for key in best})):
+            row.append(plain.get(fraction, "–"))
     lines = [f"**{domain}**: {metrics['primary_metric']} on {metrics['labeled_test']} test rows; each init's "
              f"best protocol, mean ± std over seeds; ssl − other: mean paired difference in {compared} "
              "[bootstrap interval]", "", VERDICT.table(header, rows)]
@@ -56,9 +94,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", type=Path, default=Path("."))
     parser.add_argument("--domain", action="append", help="repeatable; default: every domain with reports")
+    parser.add_argument("--plain-recipe", action="store_true",
+                        help="add the plain balanced logistic regression on the baseline features as a column")
     args = parser.parse_args()
     domains = args.domain or sorted(p.name for p in (args.root / "reports").iterdir() if p.is_dir())
-    print("\n\n".join(table(args.root, domain) for domain in domains))
+    print("\n\n".join(table(args.root, domain, args.plain_recipe) for domain in domains))
 
 
 if __name__ == "__main__":
