@@ -4,7 +4,9 @@ The loop is plain: the batch of step `s` is a function of `s` alone (a seeded pe
 rows; views and masks from per-sample seeds), built by the method's data side in DataLoader
 workers; loss, step, and every `checkpoint_every` steps the loss, RankMe on held-out rows and a
 checkpoint holding everything needed to resume exactly (model, optimizer, scheduler, RNG states,
-step). A run killed at any moment and re-run ends with the same weights.
+step). A run killed at any moment and re-run ends with the same weights. The run's length is sized
+to the corpus once, at the start: `epochs` passes over the train rows, capped at `steps`
+(`PretrainConfig.for_corpus`); every later use of `steps` means that planned number.
 
 `pretrain.batch_size` is the global batch. With `nproc > 1` the stage re-starts itself under
 `torch.distributed.run`; each process takes its slice of every step's batch and DDP (or FSDP2)
@@ -85,9 +87,10 @@ def train(cfg: DomainConfig, domain: Domain, paths: DomainPaths, world: World, d
     # from here on `steps` is the planned number (`epochs` over the train rows, capped at `steps`)
     settings = given.for_corpus(len(train_rows))
     cfg = replace(cfg, pretrain=settings)
-    if settings.steps != given.steps:
-        log.info("pretrain %s: %g epoch(s) of %d rows at batch %d: %d steps (warmup %d)", domain_name,
-                 given.epochs, len(train_rows), settings.batch_size, settings.steps, settings.warmup_steps)
+    if given.epochs is not None:
+        log.info("pretrain %s: %g epoch(s) of %d rows at batch %d: %d steps%s (warmup %d)", domain_name, given.epochs,
+                 len(train_rows), settings.batch_size, settings.steps,
+                 ", pretrain.steps' cap" if settings.steps == given.steps else "", settings.warmup_steps)
     torch.use_deterministic_algorithms(True, warn_only=True)
     set_cpu_threads(cfg.cpu_threads)
     keep_freed_memory()  # batches and activations of one size every step: no page faults for each
