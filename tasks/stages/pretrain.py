@@ -25,7 +25,7 @@ import functools
 import logging
 import shutil
 from collections.abc import Sequence
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from typing import Any
 
 import numpy as np
@@ -86,7 +86,8 @@ def train(cfg: DomainConfig, domain: Domain, paths: DomainPaths, world: World, d
     train_rows, rankme_rows, rankme_split = pretraining_rows(cfg, domain, paths)
     # from here on `steps` is the planned number (`epochs` over the train rows, capped at `steps`)
     settings = given.for_corpus(len(train_rows))
-    cfg = replace(cfg, pretrain=settings)
+    cfg = copy.copy(cfg)  # not dataclasses.replace: it reads every section, the stage reads only its own
+    cfg.pretrain = settings
     if given.epochs is not None:
         log.info("pretrain %s: %g epoch(s) of %d rows at batch %d: %d steps%s (warmup %d)", domain_name, given.epochs,
                  len(train_rows), settings.batch_size, settings.steps,
