@@ -185,6 +185,7 @@ def practitioner(train_x, train_y: list[str], test_x) -> list[str]:
     return list(LogisticRegression(C=1.0, class_weight="balanced", max_iter=1000).fit(train_x, train_y).predict(test_x))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("features", ["tfidf_baseline", "frozen_dense"])
 def test_on_imbalanced_labels_the_probe_scores_what_the_plain_balanced_recipe_scores(features: str) -> None:
     texts, dense, labels = imbalanced_rows(2400, seed=5)
@@ -200,21 +201,20 @@ def test_on_imbalanced_labels_the_probe_scores_what_the_plain_balanced_recipe_sc
         plain_pool_x, plain_test_x = scaler.transform(pool_x), scaler.transform(test_x)
     pool_y, test_y = labels[pool], labels[test]
     settings = FinetuneConfig()
-    ours, plain, unweighted = [], [], []
-    for fraction in (0.05, 0.1, 1.0):
-        for seed in (0, 1, 2):
+    for fraction, seeds in ((0.05, (0, 1, 2)), (0.1, (0, 1, 2)), (1.0, (0,))):  # every seed's 100% is the pool
+        ours, plain = [], []
+        for seed in seeds:
             subset = select_label_subset(pool_y, fraction, seed)
             assert {pool_y[i] for i in subset} == set(SHARES)  # stratified: every class kept
             train_y = [pool_y[i] for i in subset]
             _, probe = fit_chosen_probe(pool_x[subset], train_y, settings)
             ours.append(macro_f1(test_y, probe_predictions(probe, train_y, test_x, sorted(SHARES))[0]))
             plain.append(macro_f1(test_y, practitioner(plain_pool_x[subset], train_y, plain_test_x)))
-            _, probe = fit_chosen_probe(pool_x[subset], train_y, dataclasses.replace(settings, class_weight=None))
-            unweighted.append(macro_f1(test_y, probe_predictions(probe, train_y, test_x, sorted(SHARES))[0]))
-        mean = slice(-3, None)
-        assert np.mean(ours[mean]) >= np.mean(plain[mean]) - 0.01, (features, fraction, ours, plain)
-    # the check has teeth: the unweighted probe of before falls short of the plain recipe somewhere
-    assert min(np.mean(unweighted[i:i + 3]) - np.mean(plain[i:i + 3]) for i in (0, 3, 6)) < -0.01, unweighted
+        assert np.mean(ours) >= np.mean(plain) - 0.01, (features, fraction, ours, plain)
+    # the check has teeth: the unweighted probe of before falls short of the plain recipe on all labels
+    _, probe = fit_chosen_probe(pool_x, pool_y, dataclasses.replace(settings, class_weight=None))
+    unweighted = macro_f1(test_y, probe_predictions(probe, pool_y, test_x, sorted(SHARES))[0])
+    assert unweighted < plain[0] - 0.01, (unweighted, plain)
 
 
 def test_fine_tuning_weights_classes_as_the_probes_do() -> None:
