@@ -103,17 +103,20 @@ def test_cross_validation_moves_off_the_default_c_only_when_the_folds_show_it_be
 def test_ties_keep_the_grids_middle_and_too_few_labels_take_it_too() -> None:
     x = np.zeros((12, 3))  # nothing to learn: every C scores the same
     y = ["a", "b", "c"] * 4
-    chosen, _ = fit_chosen_probe(x, y, FinetuneConfig(linear_c_grid=[10.0, 0.05, 1.0]))
+    chosen, _ = fit_chosen_probe(x, y, FinetuneConfig(linear_c_grid=[10.0, 0.05, 1.0], cv_folds=4))
     assert (chosen.c, chosen.chosen_by) == (1.0, "cv")
     # digit names (spoken digits): scikit-learn's balanced search fails on them unless encoded first
-    chosen, probe = fit_chosen_probe(x, ["0", "1", "2"] * 4, FinetuneConfig())
+    chosen, probe = fit_chosen_probe(x, ["0", "1", "2"] * 4, FinetuneConfig(cv_folds=4))
     assert chosen.chosen_by == "cv" and list(probe.classes_) == ["0", "1", "2"]
     # one example of every class: no two folds can hold one, so the documented default applies
     chosen, probe = fit_chosen_probe(np.eye(3), ["a", "b", "c"], FinetuneConfig())
     assert (chosen.c, chosen.chosen_by, chosen.folds) == (1.0, "default", 0) and probe is not None
     # a single example of one class among splittable ones: cross-validated over the others' folds
-    chosen, probe = fit_chosen_probe(np.eye(5), ["a", "a", "b", "b", "c"], FinetuneConfig())
+    chosen, probe = fit_chosen_probe(np.eye(5), ["a", "a", "b", "b", "c"], FinetuneConfig(cv_folds=2))
     assert (chosen.chosen_by, chosen.folds) == ("cv", 2) and probe is not None
+    # fewer examples of some class than the configured folds: two fold differences are no evidence
+    chosen, probe = fit_chosen_probe(np.eye(5), ["a", "a", "b", "b", "c"], FinetuneConfig())
+    assert (chosen.c, chosen.chosen_by, chosen.folds) == (1.0, "default", 2) and probe is not None
     chosen, probe = fit_chosen_probe(np.eye(5), ["a"] * 5, FinetuneConfig())
     assert probe is None  # one class: nothing to fit
     chosen, _ = fit_chosen_probe(x, y, dataclasses.replace(FinetuneConfig(), linear_c=3.0))
