@@ -61,19 +61,19 @@ def table(root: Path, domain: str, reference: bool = False) -> str:
     others = [i for i in inits if i != "ssl"]  # the differences' columns
     paired = {(c["against"], c["label_fraction"]): c for c in comparisons if c.get("protocol") == "best"}
     compared = metrics.get("comparison_metric", metrics["primary_metric"])
+    fractions = sorted({key[1] for key in best})
+    plain = plain_recipe(root, domain) if reference else {}
     rows = []
-    for fraction in sorted({key[1] for key in best}):
+    for fraction in fractions:
         ssl = best.get(("ssl", fraction), {})
         rows.append([percent(fraction), f"{ssl.get('n_train', '')} ({ssl.get('n_groups', '')})"]
                     + [VERDICT.best(best[(i, fraction)]) if (i, fraction) in best else "–" for i in inits]
                     + [VERDICT.difference(paired[(i, fraction)], seeds=False) if (i, fraction) in paired else "–"
-                       for i in others])
+                       for i in others]
+                    + ([plain.get(fraction, "–")] if reference else []))
     header = ["labels", "n (groups)", *inits, *(f"ssl − {i}" for i in others)]
     if reference:
-        plain = plain_recipe(root, domain)
         header.append("plain balanced LR (C=1) on the baseline's features")
-        for row, fraction in zip(rows, sorted({key[1] for key in best})):
-            row.append(plain.get(fraction, "–"))
     lines = [f"**{domain}**: {metrics['primary_metric']} on {metrics['labeled_test']} test rows; each init's "
              f"best protocol, mean ± std over seeds; ssl − other: mean paired difference in {compared} "
              "[bootstrap interval]", "", VERDICT.table(header, rows)]

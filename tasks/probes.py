@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import math
 import warnings
 from collections import Counter
 from collections.abc import Iterator
@@ -27,7 +26,7 @@ from sklearn.utils.class_weight import compute_class_weight
 from threadpoolctl import threadpool_limits
 from transformers import get_cosine_schedule_with_warmup
 
-from ssl_models.core.config import FinetuneConfig
+from ssl_models.core.config import FinetuneConfig, epoch_steps
 from ssl_models.core.device import autocast, move
 from ssl_models.core.modules import Encoder
 
@@ -120,8 +119,9 @@ def fit_linear_probe(train_x: Any, train_y: list[str], c: float,
 @dataclass(frozen=True)
 class ChosenC:
     """The probe's inverse regularisation and how it was chosen: `cv` (stratified k-fold
-    macro-F1 inside the labeled subset, k in `folds`), `default` (a class with a single label:
-    no k >= 2 folds hold it, so the grid's middle value) or `fixed` (finetune.linear_c is a number)."""
+    macro-F1 inside the labeled subset, k in `folds`), `default` (the grid's middle value: some
+    class has fewer examples than `cv_folds`, `folds` then the k that would have fitted) or
+    `fixed` (finetune.linear_c is a number)."""
 
     c: float
     chosen_by: Literal["cv", "default", "fixed"]
@@ -162,9 +162,7 @@ def fit_chosen_probe(train_x: Any, train_y: list[str], settings: FinetuneConfig)
         return ChosenC(float(settings.linear_c), "fixed"), fit_linear_probe(train_x, train_y,
                                                                              float(settings.linear_c), weight)
     # k from the classes that can be split at all: a class of one example (common at 1-10% of a
-    # long-tailed label set) sits in one validation fold and is simply absent from the other
-    # folds' training rows; letting it force the default C instead leaves a sparse baseline
-    # predicting the majority class (measured on the legal default: macro-F1 0.055 -> 0.29 at 10%)
+    # long-tailed label set) sits in one validation fold and is simply absent from the other folds'
     splittable = [count for count in Counter(train_y).values() if count >= 2]
     folds = min(settings.cv_folds, min(splittable)) if splittable else 0
     c = default_c(settings.linear_c_grid)
@@ -202,12 +200,6 @@ def probe_predictions(probe: Pipeline | None, train_y: list[str], test_x: Any,
         return [train_y[0]] * test_x.shape[0], _spread([train_y[0]], np.ones((test_x.shape[0], 1)), classes)
     with one_blas_thread():
         return list(probe.predict(test_x)), _spread(list(probe.classes_), probe.predict_proba(test_x), classes)
-
-
-def linear_probe(train_x: Any, train_y: list[str], test_x: Any, c: float, classes: list[str],
-                 class_weight: Literal["balanced"] | None = "balanced") -> tuple[list[str], np.ndarray]:
-    """Fit a probe with `c` and return its test predictions and class probabilities."""
-    return probe_predictions(fit_linear_probe(train_x, train_y, c, class_weight), train_y, test_x, classes)
 
 
 def head_from_probe(probe: Pipeline | None, dim: int, classes: list[str]) -> torch.nn.Linear:
@@ -262,7 +254,7 @@ def project_2d(features: Any) -> tuple[list[list[float]], str]:
 
 def finetune_steps(cfg: FinetuneConfig, n_train: int) -> int:
     """`cfg.epochs` passes over the subset in batches of `cfg.batch_size`, capped at `cfg.max_steps`."""
-    return max(1, min(cfg.max_steps, math.ceil(cfg.epochs * n_train / cfg.batch_size)))
+    return epoch_steps(cfg.epochs, n_train, cfg.batch_size, cfg.max_steps)
 
 
 def class_weights(train_y: list[str], classes: list[str], class_weight: Literal["balanced"] | None) -> torch.Tensor:

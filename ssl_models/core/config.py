@@ -224,9 +224,7 @@ class PretrainConfig:
     def planned_steps(self, train_rows: int) -> int:
         """The run's optimizer steps on `train_rows` pretraining rows: `steps`, or with `epochs`
         the steps of that many passes over the rows, capped at `steps` (at least one)."""
-        if self.epochs is None:
-            return self.steps
-        return max(1, min(self.steps, math.ceil(self.epochs * train_rows / self.batch_size)))
+        return self.steps if self.epochs is None else epoch_steps(self.epochs, train_rows, self.batch_size, self.steps)
 
     def for_corpus(self, train_rows: int) -> PretrainConfig:
         """These settings with `steps` the planned steps on `train_rows` rows: the one number the
@@ -239,6 +237,12 @@ class PretrainConfig:
             return self
         warmup_steps = self.warmup_steps if self.warmup_steps < steps else self.warmup_steps * steps // self.steps
         return dataclasses.replace(self, steps=steps, warmup_steps=warmup_steps)
+
+
+def epoch_steps(epochs: float, rows: int, batch_size: int, cap: int) -> int:
+    """Optimizer steps of `epochs` passes over `rows` in batches of `batch_size`, capped at `cap`
+    (at least one): the length rule of pretraining (`PretrainConfig.epochs`) and fine-tuning."""
+    return max(1, min(cap, math.ceil(epochs * rows / batch_size)))
 
 
 def _product(values: list[int]) -> int:

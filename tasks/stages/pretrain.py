@@ -104,7 +104,7 @@ def train(cfg: DomainConfig, domain: Domain, paths: DomainPaths, world: World, d
                                params={"pretrain": asdict(given), "planned_steps": settings.steps,
                                        "model": section_params(cfg.model)},
                                upstream=[paths.shards])
-    step, history = 0, {"loss": [], "checkpoints": [], "rankme_rows": rankme_split, "planned_steps": settings.steps}
+    step, history = 0, {"loss": [], "checkpoints": [], "rankme_rows": rankme_split}
     candidates: dict[str, str] = {}  # step -> digest of the kept candidate encoders
 
     # --- resume from the newest checkpoint of this run, if there is one
@@ -114,10 +114,10 @@ def train(cfg: DomainConfig, domain: Domain, paths: DomainPaths, world: World, d
         training.resume(state)
         restore_rng_states(state["rng"])
         step, history, candidates = state["step"], state["history"], dict(state["candidates"])
-        history["planned_steps"] = settings.steps  # a wsd checkpoint of another plan continues on this one
         if world.is_main:
             prune_candidates(folder, candidates)
         log.info("resuming %s pretraining from step %d", domain_name, step)
+    history["planned_steps"] = settings.steps  # this plan's, also where a wsd checkpoint of another continues
     workers = distributed.resolve_workers(settings.num_workers, world.size, device.type == "cuda")
     log.info("pretrain %s on %s: %d process(es), %d loader worker(s) each, batch %d", domain_name, device,
              world.size, workers, settings.batch_size)

@@ -140,11 +140,12 @@ def next_steps(cfg: DomainConfig, found: list[dict[str, Any]], pretrain_steps: i
              "the CPU defaults are sized for a first look, not for a verdict."]
     generic_ahead = any(v["best"].get("generic", {}).get("mean", float("-inf")) > v["best"]["ssl"]["mean"]
                         for v in found if v.get("shortfall") and "ssl" in v["best"])
-    if "dapt" in cfg.presets and cfg.preset != "dapt":
+    continued = cfg.preset == "dapt"  # this run already continued the generic checkpoint
+    if "dapt" in cfg.presets and not continued:
         steps.append("Continue pretraining the generic checkpoint on your corpus instead of starting from scratch "
                      f"(`dvc exp run -S {where}.preset=dapt`){': it is ahead of `ssl` here' if generic_ahead else ''}; "
                      "the verdict then asks whether the domain tokens added anything to that same checkpoint.")
-    elif generic_ahead and cfg.preset != "dapt":
+    elif generic_ahead and not continued:
         steps.append("The generic checkpoint is ahead of `ssl`: set `model.base_checkpoint` to it (where the "
                      "domain's backbone can load it) to continue pretraining from it instead of from scratch.")
     if "large" in cfg.presets and cfg.preset != "large":

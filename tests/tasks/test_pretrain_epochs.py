@@ -79,5 +79,9 @@ def test_a_run_sized_by_epochs_is_the_run_of_its_planned_steps(ingested_project:
     write_params(ingested_project, tiny_params(pretrain={"epochs": 0.02, "steps": 100, "checkpoint_every": 4}))
     shutil.rmtree(ingested_project / "models")
     run_stage("pretrain", "legal", ingested_project)
+    checkpoints = ingested_project / "models/legal/checkpoints"
+    written = {path.name: path.stat().st_mtime_ns for path in checkpoints.glob("step_*")}
     again = run_stage("pretrain", "legal", ingested_project)
-    assert again["checkpoints"] == history["checkpoints"]
+    assert again["checkpoints"] == history["checkpoints"] and again["loss"][-1][0] == planned
+    # resumed at its last checkpoint: no checkpoint trained or written again (a fresh run would rewrite them)
+    assert {path.name: path.stat().st_mtime_ns for path in checkpoints.glob("step_*")} == written
