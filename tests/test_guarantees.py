@@ -47,7 +47,7 @@ GUARANTEES: dict[str, list[str]] = {
         "tests/tasks/test_pretrain.py::test_checkpoints_of_another_configuration_are_not_resumed",
     ],
     "no network": [
-        "tests/faults/test_network.py::test_the_tiny_pipeline_runs_with_the_network_blocked",
+        "tests/flows/test_worker.py::test_a_long_pretrain_under_a_worker_stays_running_and_a_lost_worker_resumes_from_its_checkpoint",
         "tests/faults/test_network.py::test_dvc_version_and_doctor_make_no_connection_attempt",
         "tests/faults/test_network.py::test_prefect_settings_are_offline_under_the_project_env",
     ],
@@ -59,7 +59,6 @@ GUARANTEES: dict[str, list[str]] = {
     "long runs under Prefect": [
         "tests/flows/test_worker.py::test_a_long_pretrain_under_a_worker_stays_running_and_a_lost_worker_resumes_from_its_checkpoint",
         "tests/flows/test_worker.py::test_serve_registers_its_deployment_with_the_same_automation",
-        "tests/flows/test_pipeline.py::test_a_pretrain_killed_mid_run_resumes_from_its_checkpoint_at_the_next_flow_run",
     ],
 }
 

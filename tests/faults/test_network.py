@@ -1,8 +1,7 @@
-"""No network: the whole tiny pipeline runs, and `dvc version` / `dvc doctor` run, with every
-connection attempt to a non-local address failing (and recorded), in every process they start.
-
-The block is a `sitecustomize` module put first on PYTHONPATH: Python imports it at start-up in
-every process (stage commands, loader and fine-tuning workers, DVC's daemons), before any library."""
+"""No network: `dvc version` / `doctor` / `status` run with every connection attempt to a non-local
+address failing (and recorded), in every process they start (tests/network_block.py), and make
+none; the block itself catches an attempt. The whole pipeline under the block is
+tests/flows/test_worker.py's: a Prefect server, its worker, the flow runs, DVC and every stage."""
 
 from __future__ import annotations
 
@@ -14,86 +13,13 @@ from pathlib import Path
 import pytest
 
 from ssl_models.core.offline import OFFLINE_ENV
-from tasks.cli import STAGES
 from tests.conftest import REPO, SCRIPTS, stage_env
-
-BLOCK = '''
-import ipaddress, os, socket, subprocess
-
-_LOG = os.environ["SSL_TEST_NETWORK_LOG"]
-_HOOK = os.path.dirname(os.path.abspath(__file__))
-_HOSTS = {"localhost", socket.gethostname()}
-_popen_init = subprocess.Popen.__init__
-
-
-def _popen_keeping_the_block(self, *args, **kwargs):
-    """A child given an environment of its own (DVC's daemons reset PYTHONPATH) still loads this module."""
-    env = kwargs.get("env")
-    if env is not None:
-        env = dict(env)
-        parts = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
-        env["PYTHONPATH"] = os.pathsep.join([_HOOK] + [p for p in parts if p != _HOOK])
-        env["SSL_TEST_NETWORK_LOG"] = _LOG
-        kwargs["env"] = env
-    _popen_init(self, *args, **kwargs)
-
-
-subprocess.Popen.__init__ = _popen_keeping_the_block
-
-
-def _refuse(what):
-    with open(_LOG, "a") as handle:
-        handle.write(f"{os.getpid()} {what}\\n")
-    raise OSError(f"network blocked by the test: {what}")
-
-
-def _local(host):
-    if host is None or host in _HOSTS:
-        return True
-    try:
-        return ipaddress.ip_address(host.decode() if isinstance(host, bytes) else host).is_loopback
-    except ValueError:
-        return False
-
-
-def _guard(method):
-    def guarded(self, address, *args):
-        if self.family in (socket.AF_INET, socket.AF_INET6) and not _local(address[0]):
-            _refuse(f"{method.__name__} {address!r}")
-        return method(self, address, *args)
-    return guarded
-
-
-socket.socket.connect = _guard(socket.socket.connect)
-socket.socket.connect_ex = _guard(socket.socket.connect_ex)
-socket.socket.sendto = (lambda send: lambda self, data, *rest: (
-    _refuse(f"sendto {rest[-1]!r}") if self.family in (socket.AF_INET, socket.AF_INET6)
-    and not _local(rest[-1][0]) else send(self, data, *rest)))(socket.socket.sendto)
-_getaddrinfo = socket.getaddrinfo
-
-
-def getaddrinfo(host, *args, **kwargs):
-    if not _local(host):
-        _refuse(f"getaddrinfo {host!r}")
-    return _getaddrinfo(host, *args, **kwargs)
-
-
-socket.getaddrinfo = getaddrinfo
-'''
-
+from tests.network_block import blocked_env
 
 @pytest.fixture
 def offline_env(tmp_path: Path) -> tuple[dict[str, str], Path]:
     """An environment whose processes cannot reach the network; and the file each attempt is written to."""
-    hook = tmp_path / "network-block"
-    hook.mkdir()
-    (hook / "sitecustomize.py").write_text(BLOCK)
-    attempts = tmp_path / "network-attempts.log"
-    attempts.write_text("")
-    env = {**stage_env(), "PYTHONPATH": f"{hook}:{REPO}", "SSL_TEST_NETWORK_LOG": str(attempts)}
-    for key in [k for k in env if k.endswith("_PROXY") or k.endswith("_proxy")]:
-        del env[key]
-    return env, attempts
+    return blocked_env(stage_env(), tmp_path, REPO)
 
 
 def test_the_block_catches_a_connection_attempt(offline_env: tuple[dict[str, str], Path]) -> None:
@@ -147,16 +73,3 @@ def test_prefect_settings_are_offline_under_the_project_env() -> None:
     exports = subprocess.run([sys.executable, "-m", "ssl_models.core.offline"], capture_output=True, text=True,
                              cwd=REPO).stdout
     assert "export PREFECT_SERVER_ANALYTICS_ENABLED=false" in exports and "export HF_HUB_OFFLINE=1" in exports
-
-
-@pytest.mark.slow
-def test_the_tiny_pipeline_runs_with_the_network_blocked(tiny_project: Path,
-                                                         offline_env: tuple[dict[str, str], Path]) -> None:
-    env, attempts = offline_env
-    for stage in STAGES:
-        result = subprocess.run([sys.executable, "-m", "tasks", "--root", str(tiny_project), stage, "legal"],
-                                cwd=REPO, env=env, capture_output=True, text=True)
-        assert result.returncode == 0, f"{stage}: {result.stderr[-2000:]}"
-        assert "network blocked" not in result.stderr, result.stderr
-    assert attempts.read_text() == ""
-    assert (tiny_project / "reports/legal/report/report.md").exists()

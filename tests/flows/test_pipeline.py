@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import os
 import re
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -136,33 +133,3 @@ def test_a_stage_that_exits_on_bad_input_runs_once_and_a_crashing_one_is_retried
     assert one("missing") == "PipelineError"  # no such stage in dvc.yaml: not retried either
     assert (tmp_path / "tries-bad").read_text() == "x"
     assert (tmp_path / "tries-crash").read_text() == "x" * (1 + run_stage.retries)
-
-
-@pytest.mark.slow
-def test_a_pretrain_killed_mid_run_resumes_from_its_checkpoint_at_the_next_flow_run(
-        spine: dict, capfd: pytest.CaptureFixture[str]) -> None:
-    """A worker lost mid-training: the next flow run re-runs the DVC stage, which resumes."""
-    from flows.pipeline import pipeline
-
-    folder = spine["folder"]
-    params = yaml.safe_load((folder / "params.yaml").read_text())
-    params["domains"]["legal"]["pretrain"].update(seed=7, steps=40, checkpoint_every=4)  # never run before
-    (folder / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    started = time.time()
-    training = subprocess.Popen([str(SCRIPTS / "dvc"), "repro", "-s", "pretrain@legal"], cwd=folder, env=stage_env(),
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    checkpoints = folder / "models/legal/checkpoints"
-    try:
-        while not any(p.stat().st_mtime > started for p in checkpoints.glob("step_*.pt")):
-            assert training.poll() is None, "pretrain finished before it could be killed"
-            assert time.time() - started < 600
-            time.sleep(0.05)
-    finally:
-        os.killpg(training.pid, signal.SIGKILL)  # the whole worker: dvc and the stage under it
-        training.wait()
-    capfd.readouterr()
-    executed = pipeline(root=str(folder))
-    output = capfd.readouterr()
-    resumed = re.search(r"resuming legal pretraining from step (\d+)", output.out + output.err)
-    assert resumed and int(resumed.group(1)) >= 4, output.err[-3000:]
-    assert executed["pretrain@legal"] and executed["report@legal"]
