@@ -1,8 +1,12 @@
 """The nightly deployment on a Prefect work pool, and the zombie-run automation that goes with it.
 
-    prefect work-pool create ssl-nightly --type process
     python -m flows.pipeline --deploy ssl-nightly --cron "0 2 * * *"
     prefect worker start --pool ssl-nightly
+
+`--deploy` creates the process work pool when there is none, from the process worker's own job
+template: `prefect work-pool create` makes the Prefect server fetch its worker registry from
+raw.githubusercontent.com (it falls back to a bundled copy when that fails), a connection a site
+without internet access should not see attempted.
 
 Every flow run sends a heartbeat event every PREFECT_FLOWS_HEARTBEAT_FREQUENCY seconds (180 by
 default) from a thread of its own; training runs in a process DVC starts, so it never starves
@@ -79,15 +83,37 @@ def install_zombie_automation(deployment_id: UUID, deployment_name: str, heartbe
     return existing
 
 
+def ensure_process_pool(pool: str) -> bool:
+    """Create work pool `pool` of type `process` unless a pool of that name exists; True if created.
+
+    The job template is the process worker's own (what `prefect work-pool create --type process`
+    installs), read locally: no request to Prefect's collection registry."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectNotFound
+    from prefect.workers.process import ProcessWorker
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_work_pool(pool)
+            return False
+        except ObjectNotFound:
+            client.create_work_pool(WorkPoolCreate(name=pool, type="process",
+                                                   base_job_template=ProcessWorker.get_default_base_job_template()))
+            return True
+
+
 def deploy(pool: str, *, name: str = "nightly", cron: str | None = "0 2 * * *", domains: list[str] | None = None,
            root: Path | None = None) -> UUID:
-    """Register the flow from this project folder on a process work pool; returns the deployment id.
+    """Register the flow from this project folder on a process work pool (created if there is
+    none); returns the deployment id.
 
     One run at a time (`concurrency_limit=1`); the flow run's environment carries the heartbeat
     interval the automation was sized for.
     """
     root = (root or Path.cwd()).resolve()
     heartbeat_s = heartbeat_frequency()
+    ensure_process_pool(pool)
     deployment_id = pipeline.from_source(source=str(root), entrypoint="flows/pipeline.py:pipeline").deploy(
         name=name, work_pool_name=pool, cron=cron, concurrency_limit=1, build=False, push=False,
         parameters={"domains": domains, "root": str(root)}, print_next_steps=False,

@@ -109,8 +109,6 @@ def server(tmp_path_factory: pytest.TempPathFactory):
 
     try:
         _wait("the Prefect server", healthy, 180)
-        subprocess.run([str(SCRIPTS / "prefect"), "work-pool", "create", POOL, "--type", "process"], env=env,
-                       check=True, capture_output=True)
         yield {"env": env, "api": api, "home": home, "attempts": attempts}
     finally:
         api.close()
@@ -166,6 +164,7 @@ def test_a_long_pretrain_under_a_worker_stays_running_and_a_lost_worker_resumes_
         assert deployed.returncode == 0, deployed.stderr[-3000:]
     deployment = api.get("/deployments/name/ssl-pipeline/nightly").raise_for_status().json()
     assert len(api.post("/deployments/filter", json={}).raise_for_status().json()) == 1
+    assert api.get(f"/work_pools/{POOL}").raise_for_status().json()["type"] == "process"  # --deploy made it
     assert deployment["global_concurrency_limit"]["limit"] == 1  # one run at a time
     assert deployment["parameters"] == {"domains": ["legal"], "root": str(folder.resolve())}
     automations = api.post("/automations/filter", json={}).raise_for_status().json()
