@@ -38,26 +38,42 @@ def assert_close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None
     assert worst < ATOL, f"weights differ by {worst}"
 
 
-def test_nproc_2_in_params_trains_two_processes_through_dvc(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, torch.Tensor]]:
+    """The stages up to pretrain with one process (in this one), made once for the module: the
+    folder and the weights both tests compare against (conftest.worker_group keeps them together)."""
+    from tests.conftest import run_stages
+
+    root = tmp_path_factory.mktemp("one-process")
+    threads = torch.get_num_threads()
+    write_params(root, settings(1))
+    run_stages(root, "legal", "default_data", "ingest", "preprocess", "pretrain")
+    torch.set_num_threads(threads)  # cpu_threads set it for the stages
+    return root, load_file(str(root / WEIGHTS))
+
+
+def shards_of(reference: Path, folder: Path, nproc: int) -> None:
+    """`folder` gets the reference's shards (the raw data and the salt too), no model, and the settings."""
+    shutil.copytree(reference, folder, symlinks=True, dirs_exist_ok=True)
+    shutil.rmtree(folder / "models")
+    write_params(folder, settings(nproc))
+
+
+def test_nproc_2_in_params_trains_two_processes_through_dvc(
+        one_process: tuple[Path, dict[str, torch.Tensor]], tmp_path: Path) -> None:
+    reference, one = one_process
     copy_project_code(tmp_path)
-    write_params(tmp_path, settings(1))
-    dvc(tmp_path, "repro", "pretrain@legal")  # and the stages before it, in one DVC process
-    one = load_file(str(tmp_path / WEIGHTS))
-    shutil.rmtree(tmp_path / "models/legal/checkpoints")  # else the run resumes from the finished one
-    write_params(tmp_path, settings(2))
+    shards_of(reference, tmp_path, 2)
     run = dvc(tmp_path, "repro", "-s", "pretrain@legal")
     assert "2 process(es)" in run.stdout + run.stderr
     assert_close(one, load_file(str(tmp_path / WEIGHTS)))
     assert "pretrain@legal" not in dvc(tmp_path, "status", "pretrain@legal").stdout
 
 
-def test_a_stage_started_by_torchrun_joins_its_world(tmp_path: Path) -> None:
-    from tests.conftest import run_stages
-
-    write_params(tmp_path, settings(1))
-    run_stages(tmp_path, "legal", "default_data", "ingest", "preprocess", "pretrain")
-    one = load_file(str(tmp_path / WEIGHTS))
-    shutil.rmtree(tmp_path / "models")
+def test_a_stage_started_by_torchrun_joins_its_world(one_process: tuple[Path, dict[str, torch.Tensor]],
+                                                    tmp_path: Path) -> None:
+    reference, one = one_process
+    shards_of(reference, tmp_path, 1)
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
                           "-m", "tasks", "--root", str(tmp_path), "pretrain", "legal"],
                          env=stage_env(), capture_output=True, text=True)
