@@ -213,10 +213,22 @@ class ReferenceRun:
     durations: dict[str, float]
 
 
+_STAGE_PROCESSES: list[StageProcesses] = []
+
+
+def shared_stage_processes() -> StageProcesses:
+    """This test process' one `StageProcesses` (its forkserver imports the libraries once)."""
+    if not _STAGE_PROCESSES:
+        import tempfile
+
+        _STAGE_PROCESSES.append(StageProcesses(stage_env(), Path(tempfile.mkdtemp(prefix="stage-stderr-"))))
+    return _STAGE_PROCESSES[0]
+
+
 @pytest.fixture(scope="session")
-def stage_processes(tmp_path_factory: pytest.TempPathFactory) -> StageProcesses:
+def stage_processes() -> StageProcesses:
     """`ssl-pipeline` commands in processes of their own, forked after the imports (see stage_processes.py)."""
-    return StageProcesses(stage_env(), tmp_path_factory.mktemp("stage-stderr"))
+    return shared_stage_processes()
 
 
 @pytest.fixture(scope="session")
@@ -259,7 +271,9 @@ def cli_error(root: Path, stage: str, domain: str) -> tuple[list[str], float]:
 def pretrained_state(root: Path, domain: str, **pretrain: object) -> tuple[dict, dict]:
     """Run the pretrain stage of `domain` in `root` (shards made already) from scratch with
     `pretrain` settings over the block's (e.g. nproc=2, steps=3); return the saved encoder's
-    tensors and the run's log. `nproc > 1` starts that many processes (gloo on the CPU)."""
+    tensors and the run's log. `nproc > 1` runs the stage as that many ranks of one world (gloo
+    on the CPU), forked after the imports like torchrun's processes minus the import
+    (StageProcesses.run_world)."""
     import shutil
 
     import torch
@@ -271,7 +285,11 @@ def pretrained_state(root: Path, domain: str, **pretrain: object) -> tuple[dict,
     params["domains"][domain].setdefault("pretrain", {}).update(pretrain)
     write_params(root, params)
     shutil.rmtree(root / "models" / domain, ignore_errors=True)
-    run_stage("pretrain", domain, root)
+    nproc = int(params["domains"][domain]["pretrain"].get("nproc", 1))
+    if nproc > 1:
+        shared_stage_processes().run_world(root, "pretrain", domain, nproc)
+    else:
+        run_stage("pretrain", domain, root)
     folder = root / "models" / domain / "pretrain"
     tensors = {}
     for path in sorted((folder / "encoder").glob("*.safetensors")):

@@ -23,8 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 # what a stage process imports before its work; torch first (the others load it)
-PRELOAD = ["torch", "transformers", "datasets", "monai", "sklearn.linear_model", "safetensors.torch",
-           "tasks.cli", "tasks.io", "tasks.lineage", "ssl_models.core.domain", "ssl_models.core.config"]
+PRELOAD = ["torch", "transformers", "datasets", "monai", "sklearn.linear_model", "safetensors.torch", "lightly.loss",
+           "timm", "tasks.cli", "tasks.io", "tasks.lineage", "tasks.stages.pretrain", "ssl_models.core.domain",
+           "ssl_models.core.config", "ssl_models.legal_text.methods", "ssl_models.histopathology.methods",
+           "ssl_models.medical3d.methods", "ssl_models.audio.methods"]
 
 
 def _stage_main(argv: list[str], env: dict[str, str], cwd: str, stderr_path: str) -> None:
@@ -76,12 +78,13 @@ class StageProcesses:
         self.logs = logs
         self.count = 0
 
-    def start(self, root: Path, stage: str, domain: str) -> StageProcess:
+    def start(self, root: Path, stage: str, domain: str, env: dict[str, str] | None = None) -> StageProcess:
+        """Start a command; `env`: variables set for this one over the common environment."""
         self.count += 1
         stderr_path = self.logs / f"{self.count:05d}-{stage}-{domain}.err"
         process = self.context.Process(target=_stage_main, daemon=False,
-                                       args=(["--root", str(root), stage, domain], self.env, os.getcwd(),
-                                             str(stderr_path)))
+                                       args=(["--root", str(root), stage, domain], {**self.env, **(env or {})},
+                                             os.getcwd(), str(stderr_path)))
         process.start()
         return StageProcess(process, stderr_path)
 
@@ -93,6 +96,28 @@ class StageProcesses:
         if code is None:
             process.kill()
         return code, process.stderr, time.perf_counter() - started
+
+    def run_world(self, root: Path, stage: str, domain: str, nproc: int, timeout: float = 600) -> list[str]:
+        """Run a command as the `nproc` ranks of one torch.distributed world on this node, as the
+        processes torchrun would start (RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR
+        and MASTER_PORT set; one torch thread each, as the stage's own relaunch gives them); returns
+        their stderr, after asserting that every rank exited 0. The launch itself (nproc in
+        params.yaml -> torch.distributed.run) is tested in tests/tasks/test_pretrain_distributed.py."""
+        import socket
+
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        world = {"WORLD_SIZE": str(nproc), "LOCAL_WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1",
+                 "MASTER_PORT": str(port), "OMP_NUM_THREADS": self.env.get("OMP_NUM_THREADS", "1")}
+        ranks = [self.start(root, stage, domain, {**world, "RANK": str(rank), "LOCAL_RANK": str(rank)})
+                 for rank in range(nproc)]
+        codes = [rank.wait(timeout) for rank in ranks]
+        for rank in ranks:
+            rank.kill()  # any rank still running (a timeout), and what it started
+        errors = [rank.stderr for rank in ranks]
+        assert codes == [0] * nproc, f"{stage}@{domain} ranks exited {codes}:\n" + "\n".join(e[-2000:] for e in errors)
+        return errors
 
     def kill_after(self, root: Path, stage: str, domain: str, delay: float) -> None:
         """Start a command and SIGKILL it (with what it started) after `delay` seconds, unless it ended."""
