@@ -66,6 +66,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                                           "which: a raw record's key (file name in the corpus, or its "
                                           "pseudonym) or its sha256")
     lineage.add_argument("--domain", action="append", help="which: only this domain (repeatable; default: all)")
+    export = commands.add_parser("export", help="write a domain's encoder in its field's format with a model card "
+                                                "(`export DOMAIN`), or re-hash an export (`export verify DIR`)")
+    export.add_argument("domain", help="a block name under `domains:` in params.yaml, or `verify`")
+    export.add_argument("folder", nargs="?", type=Path, help="with `verify`: the export folder")
+    export.add_argument("--init", default="ssl", help="ssl (the pretrained encoder, default) or generic")
+    export.add_argument("--out", type=Path, help="where to write it (default: models/DOMAIN/export)")
     return parser.parse_args(argv)
 
 
@@ -245,6 +251,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "lineage":
             return run_lineage(args.action, args.artifact, args.root, args.domain)
+        if args.command == "export":
+            return run_export(args)
         from ssl_models.core.config import load_config
 
         loaded = load_config(args.domain, args.root / "params.yaml")
@@ -272,6 +280,27 @@ def main(argv: list[str] | None = None) -> int:
     print(line, file=sys.stderr)
     _report_failure(args.root, name, line)
     return code
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from ssl_models.core.errors import PipelineError
+    from tasks import export
+    from tasks.paths import DomainPaths
+
+    if args.domain == "verify":
+        if args.folder is None:
+            raise PipelineError("export verify needs the export folder: ssl-pipeline export verify DIR")
+        problems = export.verify(args.folder)
+        for problem in problems:
+            print(f"MISMATCH {problem}")
+        print(f"{len(problems)} mismatch(es) in {args.folder}" if problems
+              else f"{args.folder}: every file matches its manifest")
+        return 1 if problems else 0
+    if args.folder is not None:
+        raise PipelineError(f"export {args.domain}: unexpected argument {str(args.folder)!r} (the folder goes in --out)")
+    with domain_lock(DomainPaths(args.domain, args.root).lock, f"export@{args.domain}"):
+        print(export.export(args.root, args.domain, args.init, args.out))
+    return 0
 
 
 def run_lineage(action: str, artifact: str, root: Path, domains: list[str] | None = None) -> int:

@@ -95,6 +95,11 @@ def test_dvc_yaml_has_one_entry_per_stage_in_the_clis_order() -> None:
     assert tuple(yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]) == STAGES
 
 
+# modules the CLI imports only for a command that is not a stage (`ssl-pipeline export`): no stage
+# runs their code, so a change to them changes no stage's output
+COMMANDS_ONLY = {REPO / "tasks" / "export.py"}
+
+
 @pytest.mark.parametrize("stage", STAGES)
 def test_every_project_module_a_stage_imports_is_among_its_deps(stage: str) -> None:
     for key, item in domain_blocks().items():
@@ -103,7 +108,7 @@ def test_every_project_module_a_stage_imports_is_among_its_deps(stage: str) -> N
         code = import_closure(REPO / "tasks" / "cli.py", REPO / "tasks" / "stages" / f"{stage}.py",
                               package / "__init__.py",
                               *package.glob("*.py"))
-        uncovered = sorted(str(f.relative_to(REPO)) for f in code if holds_code(f)
+        uncovered = sorted(str(f.relative_to(REPO)) for f in code if holds_code(f) and f not in COMMANDS_ONLY
                            and not any(f.relative_to(REPO).as_posix() == d or f.relative_to(REPO).is_relative_to(d)
                                       for d in declared))
         assert not uncovered, f"{stage}@{key} imports code dvc.yaml does not list in its deps: {uncovered}"

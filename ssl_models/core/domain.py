@@ -179,6 +179,15 @@ class Domain(ABC):
                 return self.build_scratch(cfg, shards_dir, pretrained_dir)
             return self.build_generic(cfg, shards_dir)
 
+    def export(self, cfg: DomainConfig, encoder: Encoder, out_dir: Path) -> dict[str, Any]:
+        """Write `encoder` (loaded by `load_encoder`, in eval mode) into the empty folder `out_dir` in
+        the format its field loads without this project: the bare encoder's weights in safetensors,
+        no head and no key prefix, and the input settings beside them. Returns what the model card
+        says of it: `library` (what loads it), `format` (a phrase), `snippet` (Python that loads the
+        folder named by `FOLDER` with that library alone and defines `embed(inputs)` giving the
+        pipeline's embeddings) and `inputs` (what `embed` takes)."""
+        raise PipelineError(f"export is not available for domain {self.name!r} yet")
+
     def load_pretrained(self, cfg: DomainConfig, shards_dir: Path, pretrained_dir: Path) -> Encoder:
         """Init `ssl`: the encoder `Encoder.save` wrote in `pretrained_dir`, its architecture and weights.
         Every domain declares it (not abstract while tests' stand-in domains override `load_encoder`)."""

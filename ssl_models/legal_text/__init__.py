@@ -93,6 +93,22 @@ class LegalText(Domain, module="legal_text"):
 
         return load_text_encoder(pretrained_dir, cfg, weights=False)
 
+    def export(self, cfg: DomainConfig, encoder: Encoder, out_dir: Path) -> dict[str, Any]:
+        """A Hugging Face folder (`AutoModel`, `AutoTokenizer`; sentence-transformers' pooling files
+        where the pooling is not the plain mean) and `embedding.json`: how a document's windows
+        are cut and pooled (the snippet reproduces it with transformers alone)."""
+        import json
+
+        from ssl_models.legal_text.backbones import CHARS_PER_TOKEN, EXPORT_SNIPPET
+
+        encoder.save(out_dir)  # the base model as loaded (BERT's unused pooler included: a strict load)
+        settings = {"max_length": encoder.max_length, "max_document_tokens": encoder.max_document_tokens,
+                    "chars_per_token": CHARS_PER_TOKEN, "pooling": encoder.pooling.mode,
+                    "normalize": encoder.pooling.normalize}
+        (out_dir / "embedding.json").write_text(json.dumps(settings, indent=1, sort_keys=True) + "\n")
+        return {"library": "transformers", "format": "a Hugging Face model folder (AutoModel, AutoTokenizer)",
+                "snippet": EXPORT_SNIPPET, "inputs": "a list of document texts (str)"}
+
     def build_generic(self, cfg: DomainConfig, shards_dir: Path) -> Encoder:
         """The generic checkpoint as published, with its own tokenizer and pooling."""
         from ssl_models.legal_text.backbones import load_text_encoder, resolve_checkpoint

@@ -102,6 +102,40 @@ class Pooling:
         return nn.functional.normalize(pooled, dim=-1) if self.normalize else pooled
 
 
+# What an exported folder's card gives to embed documents as the pipeline does (TextEncoder's
+# collate and forward, with transformers and torch alone); `FOLDER` is the export's path. A
+# document within `max_length` tokens is plain mean (or CLS) pooling, what sentence-transformers
+# does with the folder's pooling files.
+EXPORT_SNIPPET = '''import json, torch
+from transformers import AutoModel, AutoTokenizer
+
+settings = json.load(open(f"{FOLDER}/embedding.json"))
+tokenizer = AutoTokenizer.from_pretrained(FOLDER)
+model = AutoModel.from_pretrained(FOLDER).eval()
+
+@torch.no_grad()
+def embed(texts):
+    """One embedding per text: its windows of max_length tokens (at most max_document_tokens in
+    all) pooled each, then averaged with weights proportional to their tokens."""
+    length, budget = settings["max_length"], settings["max_document_tokens"]
+    texts = [t[: budget * settings["chars_per_token"]] for t in texts]
+    enc = tokenizer(texts, truncation=True, max_length=length, padding=True,
+                    return_overflowing_tokens=True, return_tensors="pt")
+    doc, mask = enc["overflow_to_sample_mapping"], enc["attention_mask"]
+    _, counts = doc.unique_consecutive(return_counts=True)
+    keep = torch.arange(len(doc)) - torch.repeat_interleave(counts.cumsum(0) - counts, counts) < max(1, budget // length)
+    doc, mask = doc[keep], mask[keep]
+    hidden = model(input_ids=enc["input_ids"][keep], attention_mask=mask).last_hidden_state
+    m = mask.unsqueeze(-1).float()
+    pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1.0) if settings["pooling"] == "mean" else hidden[:, 0]
+    if settings["normalize"]:
+        pooled = torch.nn.functional.normalize(pooled, dim=-1)
+    weights = torch.zeros(len(texts), len(doc))
+    weights[doc, torch.arange(len(doc))] = mask.sum(1).float()
+    return (weights / weights.sum(1, keepdim=True).clamp(min=1.0)) @ pooled
+'''
+
+
 def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
     return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)

@@ -1,0 +1,139 @@
+"""Hand a pretrained encoder over: `ssl-pipeline export <domain>` writes `models/<domain>/export/`
+in the format the domain's field loads without this project (the domain's `export` hook), a
+model card (`README.md`, Hugging Face front matter) and `manifest.json` (the sha256 of every
+file); `ssl-pipeline export verify DIR` re-hashes a copy against its manifest.
+
+The card's numbers come from the run's own files: the verdict from `reports/<d>/metrics.json`
+when evaluate has run, the provenance from the pretrain stage's lineage record, so
+`ssl-pipeline lineage verify models/<d>/pretrain` ties the card to the data, code and params.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ssl_models.core.errors import PipelineError
+from ssl_models.core.hashing import sha256_file
+from tasks.io import atomic_dir, read_json
+from tasks.paths import DomainPaths
+
+log = logging.getLogger("export")
+
+MANIFEST = "manifest.json"
+EXPORT_INITS = ("ssl", "generic")
+
+
+def export(root: Path, domain_name: str, init: str = "ssl", out: Path | None = None) -> Path:
+    """Export the `init` encoder (the pretrained one, or the generic checkpoint) of `domain_name`
+    in the project `root` to `out` (default `models/<domain>/export`); returns the folder."""
+    import torch
+
+    from ssl_models.core.config import load_config
+
+    if init not in EXPORT_INITS:
+        raise PipelineError(f"export --init {init!r}: one of {', '.join(EXPORT_INITS)}")
+    cfg, domain = load_config(domain_name, root / "params.yaml")
+    paths = DomainPaths(domain_name, root)
+    encoder_dir = paths.pretrain / "encoder"
+    if init == "ssl" and not (paths.pretrain / "lineage.json").exists():
+        raise PipelineError(f"no pretrained encoder at {paths.relative(encoder_dir)}: run "
+                            f"`ssl-pipeline pretrain {domain_name}` (or `dvc repro pretrain@{domain_name}`) first")
+    if init == "generic" and init not in domain.available_inits(cfg):
+        raise PipelineError(f"domain {domain_name!r} has no generic checkpoint to export")
+    target = out or root / "models" / domain_name / "export"
+    encoder = domain.load_encoder(init, cfg, paths.shards, encoder_dir, seed=0).eval()
+    with atomic_dir(target) as folder, torch.no_grad():
+        about = domain.export(cfg, encoder, folder)
+        (folder / "README.md").write_text(model_card(cfg, domain, paths, init, about), encoding="utf-8")
+        write_manifest(folder)
+    log.info("export %s: %s encoder written to %s (%s)", domain_name, init, target, about["format"])
+    return target
+
+
+def write_manifest(folder: Path) -> None:
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
+    manifest = {"algorithm": "sha256",
+                "files": {p.relative_to(folder).as_posix(): sha256_file(p) for p in files}}
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def verify(folder: Path) -> list[str]:
+    """What differs between `folder` and its manifest: changed, missing and unlisted files."""
+    manifest_file = folder / MANIFEST
+    if not manifest_file.exists():
+        return [f"{manifest_file}: no manifest (not an export folder)"]
+    listed = json.loads(manifest_file.read_text(encoding="utf-8"))["files"]
+    found = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST}
+    problems = [f"missing: {name}" for name in sorted(set(listed) - found)]
+    problems += [f"not in the manifest: {name}" for name in sorted(found - set(listed))]
+    problems += [f"changed: {name}" for name in sorted(set(listed) & found)
+                 if sha256_file(folder / name) != listed[name]]
+    return problems
+
+
+def _verdict_rows(metrics: dict[str, Any]) -> list[str]:
+    """The card's evaluation table: each init's best protocol per label fraction, and the paired
+    difference of `ssl` against each alternative with its interval."""
+    rows = ["| label fraction | init | protocol | mean | seeds | test rows |", "|---|---|---|---|---|---|"]
+    for row in metrics.get("best_protocols", []):
+        rows.append(f"| {row['label_fraction']:g} | {row['init']} | {row['protocol']} | {row['mean']:.4f} "
+                    f"| {row['n_seeds']} | {row['n_test']} |")
+    rows += ["", f"Paired differences of `ssl` ({metrics.get('confidence', 0.95):.0%} intervals):", "",
+             "| label fraction | against | difference | interval |", "|---|---|---|---|"]
+    for fraction, pairs in sorted(metrics.get("paired", {}).items(), key=lambda item: float(item[0][3:])):
+        for name, pair in sorted(pairs.items()):
+            rows.append(f"| {fraction[3:]}% | {name.split('_vs_')[1]} | {pair['difference']:+.4f} "
+                        f"| [{pair['low']:+.4f}, {pair['high']:+.4f}] |")
+    return rows
+
+
+def model_card(cfg: Any, domain: Any, paths: DomainPaths, init: str, about: dict[str, Any]) -> str:
+    """The export's README.md: Hugging Face front matter (with the verdict's numbers as a
+    model-index where evaluate has run), how to load it, the evaluation, and the provenance."""
+    metrics = read_json(paths.metrics) if paths.metrics.exists() else None
+    lineage_file = paths.pretrain / "lineage.json"
+    lineage = read_json(lineage_file) if lineage_file.exists() else {}
+    base = domain.generic_checkpoint(cfg) if init == "generic" else getattr(cfg.model, "base_checkpoint", None)
+    front = {"library_name": about["library"], "tags": ["ssl-pipeline", cfg.name, "self-supervised",
+                                                        "feature-extraction"],
+             "pipeline_tag": "feature-extraction"}
+    if base and "/" in str(base) and not Path(str(base)).is_absolute():
+        front["base_model"] = str(base)  # a hub id; a local folder is named in the provenance only
+    if metrics:
+        front["model-index"] = [{"name": f"ssl-pipeline-{cfg.name}", "results": [
+            {"task": {"type": "feature-extraction"},
+             "dataset": {"type": "private", "name": f"{cfg.name} labeled set (test split)"},
+             "metrics": [{"type": metrics["primary_metric"], "name": f"{row['init']} {row['protocol']} "
+                          f"with {row['label_fraction']:.0%} of labels", "value": row["mean"]}
+                         for row in metrics.get("best_protocols", []) if row["init"] in (init, "baseline")]}]}]
+    lines = ["---", yaml.safe_dump(front, sort_keys=True).rstrip(), "---", "",
+             f"# {cfg.name}: the `{init}` encoder of an ssl-pipeline run", "",
+             f"{about['format'][0].upper()}{about['format'][1:]}. Method `{cfg.pretrain.method}`, backbone "
+             f"`{getattr(cfg.model, 'backbone', 'bert')}`"
+             + (f", continued from `{base}`" if base and init == "ssl" else "") + ".", "",
+             "## How to load it", "",
+             f"With {about['library']} alone (no import of ssl-pipeline); `embed` takes {about['inputs']} "
+             "and gives the embeddings the pipeline's probes were fitted on:", "", "```python",
+             'FOLDER = "."  # this folder', about["snippet"].rstrip(), "```", "",
+             f"`{MANIFEST}` holds the sha256 of every file; `ssl-pipeline export verify FOLDER` re-checks them.", "",
+             "## Evaluation", ""]
+    if metrics:
+        lines += [f"Metric: {metrics['primary_metric']} on {metrics['labeled_test']} held-out test rows "
+                  f"({metrics.get('labeled_test_in_pretraining_corpus', 0)} of them in the pretraining corpus). "
+                  "`baseline` is the classical features a practitioner tries first, `generic` an off-the-shelf "
+                  "checkpoint, `scratch` the same architecture untrained.", "", *_verdict_rows(metrics), ""]
+    else:
+        lines += ["Not evaluated: this export was written before the evaluate stage ran "
+                  "(`dvc repro` runs it; export again for the numbers).", ""]
+    lines += ["## Provenance", "",
+              f"- pretrain lineage record: `{paths.relative(lineage_file)}`, sha256 "
+              f"`{sha256_file(lineage_file) if lineage_file.exists() else 'none'}`",
+              f"- the encoder's outputs digest in it: `{lineage.get('outputs_digest', 'none')}`",
+              f"- `ssl-pipeline lineage verify {paths.relative(paths.pretrain)}` re-hashes the data, code and "
+              "params behind it. No raw record, no path of the corpus and no salt is in this folder.", ""]
+    return "\n".join(lines)
