@@ -61,10 +61,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         sub = commands.add_parser(stage, help=f"run the {stage} stage for one domain")
         sub.add_argument("domain", help="a block name under `domains:` in params.yaml")
     lineage = commands.add_parser("lineage", help="show or verify an artifact's lineage, or find what used a record")
-    lineage.add_argument("action", choices=("show", "verify", "which"))
-    lineage.add_argument("artifact", help="show/verify: an artifact folder, e.g. models/legal/finetune; "
+    lineage.add_argument("action", choices=("show", "verify", "which", "diff"))
+    lineage.add_argument("artifact", help="show/verify/diff: an artifact folder, e.g. models/legal/finetune; "
                                           "which: a raw record's key (file name in the corpus, or its "
                                           "pseudonym) or its sha256")
+    lineage.add_argument("other", nargs="?", type=Path,
+                         help="diff: the same artifact of another run (another clone or workspace)")
     lineage.add_argument("--domain", action="append", help="which: only this domain (repeatable; default: all)")
     export = commands.add_parser("export", help="write a domain's encoder in its field's format with a model card "
                                                 "(`export DOMAIN`), or re-hash an export (`export verify DIR`)")
@@ -250,6 +252,8 @@ def main(argv: list[str] | None = None) -> int:
     loaded: tuple[DomainConfig, Domain] | None = None
     try:
         if args.command == "lineage":
+            if args.action == "diff":
+                return run_lineage_diff(Path(args.artifact), args.other)
             return run_lineage(args.action, args.artifact, args.root, args.domain)
         if args.command == "export":
             return run_export(args)
@@ -301,6 +305,20 @@ def run_export(args: argparse.Namespace) -> int:
     with domain_lock(DomainPaths(args.domain, args.root).lock, f"export@{args.domain}"):
         print(export.export(args.root, args.domain, args.init, args.out))
     return 0
+
+
+def run_lineage_diff(a: Path, b: Path | None) -> int:
+    """Print what differs between two runs' lineage; exit 0 when nothing does, 1 otherwise."""
+    from ssl_models.core.errors import PipelineError
+    from tasks import lineage
+
+    if b is None:
+        raise PipelineError("lineage diff needs two artifact folders: ssl-pipeline lineage diff A B")
+    lines = lineage.diff(a, b)
+    for line in lines:
+        print(line)
+    print(f"{len(lines)} difference(s) between {a} (A) and {b} (B)" if lines else f"{a} and {b}: the same lineage")
+    return 1 if lines else 0
 
 
 def run_lineage(action: str, artifact: str, root: Path, domains: list[str] | None = None) -> int:

@@ -407,3 +407,68 @@ def _consumers(row: dict[str, Any], paths: DomainPaths) -> list[str]:
                 if record_path(artifact).exists():
                     lines.append(f"  {'evaluate' if artifact == paths.evaluation else 'report':<11} {rel(artifact)}")
     return lines
+
+
+def _root_of(artifact: Path, record: dict[str, Any]) -> Path:
+    """The project root an artifact folder lies in: its record names it relative to that root."""
+    depth = len(Path(record["artifact"]).parts)
+    return artifact.resolve().parents[depth - 1] if depth else artifact.resolve()
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(value, dict):
+        return {prefix: value}
+    flat: dict[str, Any] = {}
+    for key, inner in value.items():
+        flat.update(_flatten(inner, f"{prefix}.{key}" if prefix else str(key)))
+    return flat
+
+
+def _changes(what: str, a: dict[str, Any], b: dict[str, Any], values: bool = True) -> list[str]:
+    """One line per key whose value differs between `a` and `b` (with the values, or without)."""
+    lines = []
+    for key in sorted(set(a) | set(b), key=str):
+        if key not in b:
+            lines.append(f"{what} {key}: only in A")
+        elif key not in a:
+            lines.append(f"{what} {key}: only in B")
+        elif a[key] != b[key]:
+            lines.append(f"{what} {key}: {a[key]!r} -> {b[key]!r}" if values else f"{what} {key}: changed")
+    return lines
+
+
+def diff(a: Path, b: Path) -> list[str]:
+    """What differs between two runs' lineage, from artifact folder `a` (run A) and the same
+    artifact of another run `b` (run B, e.g. another clone or experiment workspace), down to the
+    raw corpus: raw files (added, removed, changed), other inputs (the labels CSV), params and
+    seeds per stage, the code each stage ran (commit, uncommitted changes), which artifacts'
+    outputs differ, and the domain's metrics where both runs have them. Empty: the same run."""
+    record_a, record_b = read_record(a), read_record(b)
+    root_a, root_b = _root_of(a, record_a), _root_of(b, record_b)
+    chain_a = {record["artifact"]: (path, record) for path, record in chain(a, root_a)}
+    chain_b = {record["artifact"]: (path, record) for path, record in chain(b, root_b)}
+    lines: list[str] = []
+    for name in sorted(set(chain_a) | set(chain_b)):
+        if name not in chain_b or name not in chain_a:
+            lines.append(f"{name}: only in {'A' if name in chain_a else 'B'}")
+            continue
+        (path_a, x), (path_b, y) = chain_a[name], chain_b[name]
+        stage = x["stage"]
+        lines += _changes(f"{stage} raw file", x.get("raw_inputs", {}), y.get("raw_inputs", {}), values=False)
+        lines += _changes(f"{stage} input", x.get("inputs", {}), y.get("inputs", {}), values=False)
+        lines += _changes(f"{stage} param", _flatten(x["params"]), _flatten(y["params"]))
+        if x["seeds"] != y["seeds"]:
+            lines.append(f"{stage} seeds: {x['seeds']} -> {y['seeds']}")
+        code_a = (read_run_record(path_a) or {}).get("code", {})
+        code_b = (read_run_record(path_b) or {}).get("code", {})
+        lines += _changes(f"{stage} code", code_a, code_b)
+        if x["outputs_digest"] != y["outputs_digest"]:
+            differing = sum(1 for k in set(x["outputs"]) | set(y["outputs"]) if x["outputs"].get(k) != y["outputs"].get(k))
+            lines.append(f"{name}: outputs differ ({differing} of {len(set(x['outputs']) | set(y['outputs']))} files)")
+    domain = record_a["stage"].partition("@")[2]
+    metrics_a, metrics_b = (root / "reports" / domain / "metrics.json" for root in (root_a, root_b))
+    if domain and metrics_a.exists() and metrics_b.exists():
+        best_a = _flatten(json.loads(metrics_a.read_text(encoding="utf-8")).get("best", {}))
+        best_b = _flatten(json.loads(metrics_b.read_text(encoding="utf-8")).get("best", {}))
+        lines += _changes("metric best", best_a, best_b)
+    return lines

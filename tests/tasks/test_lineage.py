@@ -2,6 +2,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import yaml
+
 from tasks.cli import run_stage
 from tasks.io import read_json, read_jsonl
 from tasks.lineage import read_record, show, verify, which
@@ -104,3 +106,30 @@ def test_removing_a_record_and_re_running_rebuilds_what_depended_on_it(ingested_
     assert read_record(ingested_project / "data/legal/shards")["outputs_digest"] != before
     assert read_json(ingested_project / "data/legal/shards/summary.json")["pretrain_train_tokens"] < tokens
     assert verify(ingested_project / "data/legal/shards", ingested_project) == []
+
+
+def test_diff_names_the_raw_file_params_and_outputs_that_differ_between_two_runs(
+        built_legal, tmp_path: Path) -> None:
+    """Run B: one raw file edited and the pretrain seed changed, then re-run; the diff names both,
+    and which artifacts' outputs changed; a run against its own copy differs in nothing."""
+    from tasks.cli import main
+    from tasks.lineage import diff
+    from tests.conftest import copy_project
+
+    a = copy_project(built_legal("pretrain"), tmp_path / "a")
+    b = copy_project(built_legal("pretrain"), tmp_path / "b")
+    assert diff(a / "models/legal/pretrain", b / "models/legal/pretrain") == []
+    edited = sorted((b / "data/legal/default/corpus").rglob("*.txt"))[3]
+    edited.write_text(edited.read_text(encoding="utf-8") + "\nAn added clause.\n", encoding="utf-8")
+    params = yaml.safe_load((b / "params.yaml").read_text())
+    params["domains"]["legal"]["pretrain"]["seed"] = 5
+    (b / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    run_stages(b, "legal", "ingest", "preprocess", "pretrain")
+    lines = diff(a / "models/legal/pretrain", b / "models/legal/pretrain")
+    key = edited.relative_to(b / "data/legal/default/corpus").as_posix()
+    assert f"ingest@legal raw file {key}: changed" in lines
+    assert "pretrain@legal param pretrain.seed: 0 -> 5" in lines
+    assert {"data/legal/manifest", "data/legal/shards", "models/legal/pretrain"} == {
+        line.split(":")[0] for line in lines if "outputs differ" in line}
+    assert not any("only in" in line for line in lines)
+    assert main(["lineage", "diff", str(a / "models/legal/pretrain"), str(b / "models/legal/pretrain")]) == 1
