@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import os
 import re
@@ -39,7 +40,7 @@ apply_offline_env()  # before Prefect reads its settings
 os.environ.setdefault("PREFECT_SERVER_ALLOW_EPHEMERAL_MODE", "true")
 
 from prefect import flow, get_run_logger, task  # noqa: E402
-from prefect.artifacts import create_markdown_artifact  # noqa: E402
+from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 from prefect.runtime import flow_run  # noqa: E402
 
@@ -129,11 +130,34 @@ def run_stage(stage: str, domain: str, root: str) -> bool:
     return ran
 
 
+def verdict_rows(metrics: dict) -> list[dict]:
+    """The verdict as table rows: per label fraction and alternative, `ssl`'s best mean against the
+    alternative's, the paired difference and its interval, and whether it paid off (low end > 0)."""
+    best = metrics.get("best", {})
+    rows = []
+    for fraction, pairs in sorted(metrics.get("paired", {}).items(), key=lambda item: float(item[0][3:])):
+        for name, pair in sorted(pairs.items()):
+            other = name.split("_vs_")[1]
+            rows.append({"label_fraction": f"{fraction[3:]}%", "against": other,
+                         "ssl": best.get(fraction, {}).get("ssl"), "alternative": best.get(fraction, {}).get(other),
+                         "difference": pair["difference"], "low": pair["low"], "high": pair["high"],
+                         "paid_off": pair["low"] > 0})
+    return rows
+
+
 @task
 def publish_report(domain: str, root: str) -> None:
-    report = DomainPaths(domain, Path(root)).report / "report.md"
-    create_markdown_artifact(key=f"{domain.replace('_', '-')}-report", markdown=report.read_text(),
+    """The report as a Markdown artifact, the verdict as a table artifact, and a link to the HTML report."""
+    paths = DomainPaths(domain, Path(root))
+    key = domain.replace("_", "-")
+    create_markdown_artifact(key=f"{key}-report", markdown=(paths.report / "report.md").read_text(),
                              description=f"Domain pretraining report: {domain}")
+    metrics = json.loads(paths.metrics.read_text())
+    create_table_artifact(key=f"{key}-verdict", table=verdict_rows(metrics),
+                          description=f"{domain}: ssl against each alternative, {metrics['primary_metric']}, "
+                                      f"paired {metrics.get('confidence', 0.95):.0%} intervals")
+    create_link_artifact(key=f"{key}-report-html", link=(paths.report / "report.html").resolve().as_uri(),
+                         link_text=f"{domain} report (HTML)", description="The report page on the machine that ran it")
 
 
 @flow(name=FLOW_NAME)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -65,6 +66,22 @@ def test_report_metrics_schema_and_lineage(spine: dict) -> None:
     run = read_run_record(folder / "models/legal/finetune")  # times and run ids: beside the artifact
     assert run["prefect_flow_run_id"] and run["code"]["commit"]
     assert "prefect_flow_run_id" not in yaml.safe_load((folder / "models/legal/finetune/lineage.json").read_text())
+    # the flow published the verdict as a table and a link to the HTML report
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        published = {a.key: a for a in client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["legal-verdict", "legal-report-html"])))}
+    table = published["legal-verdict"].data
+    table = json.loads(table) if isinstance(table, str) else table
+    assert {(r["label_fraction"], r["against"]) for r in table} == {
+        (f, a) for f in ("10%", "100%") for a in ("baseline", "scratch")}
+    pair = metrics["paired"]["pct100"]["ssl_vs_baseline"]
+    row = next(r for r in table if r["label_fraction"] == "100%" and r["against"] == "baseline")
+    assert (row["difference"], row["low"], row["paid_off"]) == (pair["difference"], pair["low"], pair["low"] > 0)
+    link = published["legal-report-html"].data  # Prefect keeps a link as Markdown: [text](url)
+    assert f"({(folder / 'reports/legal/report/report.html').resolve().as_uri()})" in link
     verified = subprocess.run([str(SCRIPTS / "ssl-pipeline"), "lineage", "verify", "reports/legal/report"],
                               cwd=folder, capture_output=True, text=True, env=stage_env())
     assert verified.returncode == 0, verified.stdout
