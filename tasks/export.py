@@ -49,7 +49,10 @@ def export(root: Path, domain_name: str, init: str = "ssl", out: Path | None = N
     encoder = domain.load_encoder(init, cfg, paths.shards, encoder_dir, seed=0).eval()
     with atomic_dir(target) as folder, torch.no_grad():
         about = domain.export(cfg, encoder, folder)
-        (folder / "README.md").write_text(model_card(cfg, domain, paths, init, about), encoding="utf-8")
+        card = model_card(cfg, domain, paths, init, about)
+        (folder / "README.md").write_text(card, encoding="utf-8")
+        if about.get("docs"):  # where the format keeps its own copy (a MONAI bundle's docs/README.md)
+            (folder / about["docs"]).write_text(card, encoding="utf-8")
         write_manifest(folder)
     log.info("export %s: %s encoder written to %s (%s)", domain_name, init, target, about["format"])
     return target

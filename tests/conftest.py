@@ -48,13 +48,16 @@ def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
 def worker_group(nodeid: str) -> str:
     """The tests that must run in one worker process, to share what it builds once (a reference
     run, a Prefect server): the kill tests of a domain and the re-run test beside their reference
-    run, the flow tests beside their server, the two distributed pretrain tests beside their
-    one-process run. Any other test is a group of its own."""
+    run (and the medical export test beside the medical one), the flow tests beside their server,
+    the two distributed pretrain tests beside their one-process run. Any other test is a group of
+    its own."""
     kill = re.match(r"tests/faults/test_kills\.py::\w+\[(\w+)-\d+\]$", nodeid)
     if kill:
         return f"reference-{kill.group(1)}"
     if nodeid == "tests/test_dvc_contract.py::test_stage_outputs_are_byte_identical_when_re_run":
         return "reference-legal"
+    if nodeid.startswith("tests/tasks/test_export.py::test_the_medical_export"):
+        return "reference-medical"
     if nodeid.startswith("tests/flows/test_pipeline.py::"):
         return "prefect-harness"
     if nodeid.startswith("tests/tasks/test_pretrain_distributed.py::"):

@@ -74,6 +74,53 @@ class Medical3D(Domain, module="medical3d"):
 
         return write_volume_shards(cfg, manifest, out_dir, locate)
 
+    def export(self, cfg: DomainConfig, encoder: Encoder, out_dir: Path) -> dict[str, Any]:
+        """A MONAI bundle: `configs/inference.json` (the network), `configs/metadata.json` (with
+        `network_data_format`, and the preprocessing: spacing, orientation, CT window, MR scaling),
+        `models/model.pt` and `models/model.safetensors` (the bare backbone), `docs/README.md`."""
+        import json
+
+        import monai
+        import torch
+        from safetensors.torch import save_file
+
+        from ssl_models.medical3d.backbones import EXPORT_SNIPPET, network_def
+
+        m, pre = encoder.cfg, cfg.preprocess
+        state = {k: v.contiguous() for k, v in encoder.backbone.state_dict().items()}
+        (out_dir / "models").mkdir()
+        (out_dir / "configs").mkdir()
+        (out_dir / "docs").mkdir()
+        torch.save(state, out_dir / "models" / "model.pt")
+        save_file(state, str(out_dir / "models" / "model.safetensors"))
+        (out_dir / "configs" / "inference.json").write_text(json.dumps({"network_def": network_def(m)}, indent=1))
+        preprocessing = {
+            "orientation": "RAS", "spacing_mm": pre.spacing or "each volume's own (not resampled)", "cube_voxels": m.size,
+            "ct": f"HU clipped to {pre.ct_window} and scaled to [0, 1]",
+            "mr": (f"{pre.mr_percentiles[0]:g}th-{pre.mr_percentiles[1]:g}th percentile to [0, 1]"
+                   if pre.mr_normalisation == "percentile" else "z-score of the nonzero voxels"),
+            "crop_foreground": pre.crop_foreground, "foreground_threshold": pre.foreground_threshold}
+        metadata = {
+            "version": "0.1.0", "monai_version": monai.__version__, "pytorch_version": torch.__version__.split("+")[0],
+            "name": f"ssl-pipeline {cfg.name} encoder", "task": "self-supervised feature extraction",
+            "description": f"The {m.backbone} backbone pretrained by ssl-pipeline ({cfg.pretrain.method}); "
+                           "one feature vector per volume.",
+            "authors": "ssl-pipeline run", "copyright": "the organisation that ran it",
+            "network_data_format": {
+                "inputs": {"image": {"type": "image", "format": "hounsfield or magnitude, scaled to [0, 1]",
+                                     "modality": "CT or MR", "num_channels": 1,
+                                     "spatial_shape": [m.size] * 3, "dtype": "float32", "value_range": [0, 1],
+                                     "is_patch_data": False, "channel_def": {"0": "image"}}},
+                "outputs": {"pred": {"type": "vector", "format": "features", "num_channels": encoder.dim,
+                                     "spatial_shape": [], "dtype": "float32",
+                                     "value_range": [], "is_patch_data": False}}},
+            "preprocessing": preprocessing}
+        (out_dir / "configs" / "metadata.json").write_text(json.dumps(metadata, indent=1, sort_keys=True))
+        return {"library": "monai", "format": "a MONAI bundle (configs/inference.json, configs/metadata.json, "
+                                              "models/model.pt)",
+                "snippet": EXPORT_SNIPPET, "inputs": f"float32 cubes [n, 1, {m.size}, {m.size}, {m.size}]",
+                "docs": "docs/README.md"}
+
     def load_pretrained(self, cfg: DomainConfig, shards_dir: Path, pretrained_dir: Path) -> Encoder:
         """The architecture and weights `VolumeEncoder.save` wrote."""
         from dataclasses import replace

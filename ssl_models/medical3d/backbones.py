@@ -47,6 +47,36 @@ class VolumeEncoder(Encoder):
         (out_dir / CONFIG).write_text(json.dumps(asdict(self.cfg), indent=1))
 
 
+# The bundle's network, as MONAI's ConfigParser instantiates it: the same class and arguments
+# `build_vit` / `build_resnet` use (keep them in step).
+def network_def(m: VolumeModelConfig) -> dict[str, Any]:
+    if m.backbone == "vit":
+        return {"_target_": "monai.networks.nets.ViT", "in_channels": 1, "img_size": m.size,
+                "patch_size": m.patch_size, "hidden_size": m.hidden_size, "mlp_dim": m.mlp_dim,
+                "num_layers": m.num_layers, "num_heads": m.num_heads, "classification": False, "spatial_dims": 3}
+    return {"_target_": "monai.networks.nets.ResNet", "block": "basic", "layers": [1, 1, 1, 1],
+            "block_inplanes": list(m.resnet_widths), "spatial_dims": 3, "n_input_channels": 1, "conv1_t_size": 3,
+            "conv1_t_stride": 1, "no_max_pool": True, "feed_forward": False, "num_classes": 1}
+
+
+# What the bundle's card gives to embed preprocessed cubes as the pipeline does (VolumeEncoder's
+# forward) with MONAI alone; `FOLDER` is the bundle's path.
+EXPORT_SNIPPET = '''import torch
+from monai.bundle import ConfigParser
+
+parser = ConfigParser()
+parser.read_config(f"{FOLDER}/configs/inference.json")
+network = parser.get_parsed_content("network_def").eval()
+network.load_state_dict(torch.load(f"{FOLDER}/models/model.pt", weights_only=True), strict=True)
+
+@torch.no_grad()
+def embed(images):
+    """images: float32 [n, 1, size, size, size], preprocessed as configs/metadata.json says."""
+    out = network(torch.as_tensor(images, dtype=torch.float32))
+    return out[0].mean(dim=1) if isinstance(out, tuple) else out  # a ViT's tokens are mean-pooled
+'''
+
+
 def build_vit(cfg: DomainConfig, shards_dir: Path) -> VolumeEncoder:
     """MONAI's ViT on the model cube, patch tokens without a class token."""
     from monai.networks.nets import ViT

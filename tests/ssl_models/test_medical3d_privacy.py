@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tasks.export import export
 from tasks.lineage import verify
 from tests.conftest import run_stages, write_params
 from tests.ssl_models.medical_files import blob_volume, medical_params, write_nifti, write_series
@@ -18,7 +19,8 @@ PLANTED = ["Planted", "PID-4711", "ACC-7", "19700101"]  # name, id, accession, b
 def test_a_planted_patient_reaches_no_output_log_or_report(
         tmp_path: Path, caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture) -> None:
     """The patient's name is in the DICOM header and in every file and folder name; after the
-    whole pipeline it is in no manifest, shard, checkpoint, model, report, lineage record or log."""
+    whole pipeline and the export it is in no manifest, shard, checkpoint, model, report, lineage
+    record, exported bundle, model card or log."""
     corpus = tmp_path / "corpus"
     write_series(corpus / "Doe^Planted_PID-4711", "Doe^Planted", "PID-4711", n_slices=16, file_stem="Doe_Planted",
                  contrast=300)
@@ -36,6 +38,8 @@ def test_a_planted_patient_reaches_no_output_log_or_report(
     assert summary["labeled"] == 24
     run_stages(tmp_path, "medical", "preprocess", "pretrain", "finetune", "evaluate", "report")
     assert verify(tmp_path / "reports/medical/report", tmp_path) == []
+    export(tmp_path, "medical")  # the bundle and its model card: scanned below with the rest
+    assert (tmp_path / "models/medical/export/README.md").exists()
     written = [p for folder in ("data", "models", "reports") for p in (tmp_path / folder).rglob("*")]
     assert len(written) > 30
     for path in written:

@@ -37,17 +37,31 @@ for name in PROJECT:
         continue
     raise SystemExit(f"{name} could be imported")
 
-folder, texts_file, out_file = sys.argv[1:4]
+folder, inputs_file, out_file = sys.argv[1:4]
 card = open(f"{folder}/README.md").read()
 snippet = card.split("```python\\n", 1)[1].split("```", 1)[0]
 scope = {}
 exec(snippet.replace('FOLDER = "."', f"FOLDER = {folder!r}"), scope)
-from transformers import AutoModel
-_, info = AutoModel.from_pretrained(folder, output_loading_info=True)
-embeddings = scope["embed"](json.load(open(texts_file)))
-json.dump({"embeddings": embeddings.tolist(), "loading": {k: list(v) for k, v in info.items()}},
-          open(out_file, "w"))
+if inputs_file.endswith(".json"):  # texts; a transformers folder: its loading report too
+    from transformers import AutoModel
+    _, info = AutoModel.from_pretrained(folder, output_loading_info=True)
+    inputs, loading = json.load(open(inputs_file)), {k: list(v) for k, v in info.items()}
+else:  # a tensor of images; the snippet's own load is strict
+    import torch
+    inputs, loading = torch.load(inputs_file), {"missing_keys": [], "unexpected_keys": []}
+embeddings = scope["embed"](inputs)
+json.dump({"embeddings": embeddings.tolist(), "loading": loading}, open(out_file, "w"))
 '''
+
+def load_elsewhere(folder: Path, inputs: Path, work: Path) -> torch.Tensor:
+    """The embeddings the export's card snippet gives in a process without this project."""
+    env = {k: v for k, v in stage_env().items() if k != "PYTHONPATH"}
+    run = subprocess.run([sys.executable, "-c", ISOLATED, str(folder), str(inputs), str(work / "theirs.json")],
+                         cwd=work, env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+    theirs = json.loads((work / "theirs.json").read_text())
+    assert theirs["loading"]["missing_keys"] == [] and theirs["loading"]["unexpected_keys"] == [], theirs["loading"]
+    return torch.tensor(theirs["embeddings"])
 
 
 def test_the_legal_export_loads_strictly_without_the_project_and_embeds_as_the_pipeline(
@@ -66,14 +80,7 @@ def test_the_legal_export_loads_strictly_without_the_project_and_embeds_as_the_p
         ours = encoder(encoder.collate([{"text": t} for t in texts]))
 
     (tmp_path / "texts.json").write_text(json.dumps(texts))
-    env = {k: v for k, v in stage_env().items() if k != "PYTHONPATH"}
-    run = subprocess.run([sys.executable, "-c", ISOLATED, str(folder), str(tmp_path / "texts.json"),
-                          str(tmp_path / "theirs.json")], cwd=tmp_path, env=env, capture_output=True, text=True)
-    assert run.returncode == 0, run.stderr[-3000:]
-    theirs = json.loads((tmp_path / "theirs.json").read_text())
-    loading = theirs["loading"]
-    assert loading["missing_keys"] == [] and loading["unexpected_keys"] == [], loading
-    gap = (torch.tensor(theirs["embeddings"]) - ours).abs().max().item()
+    gap = (load_elsewhere(folder, tmp_path / "texts.json", tmp_path) - ours).abs().max().item()
     assert gap < 1e-5, gap
 
     card = (folder / "README.md").read_text()
@@ -95,3 +102,31 @@ def test_export_before_pretrain_and_an_unknown_init_are_one_line(ingested_projec
     assert "run `ssl-pipeline pretrain legal`" in capsys.readouterr().err
     assert main(["--root", str(ingested_project), "export", "legal", "--init", "scratch"]) == 2
     assert "one of ssl, generic" in capsys.readouterr().err
+
+
+def test_the_medical_export_is_a_monai_bundle_that_loads_strictly_without_the_project(reference_run,
+                                                                                     tmp_path: Path) -> None:
+    """On the medical reference run (pseudonymised: its raw names must not reach the card)."""
+    run = reference_run("medical")  # read-only: the bundle goes to tmp_path
+    folder = export(run.root, "medical", out=tmp_path / "bundle")
+    for part in ("configs/inference.json", "configs/metadata.json", "models/model.pt", "models/model.safetensors",
+                 "docs/README.md", "README.md", "manifest.json"):
+        assert (folder / part).is_file(), part
+    metadata = json.loads((folder / "configs/metadata.json").read_text())
+    assert metadata["network_data_format"]["inputs"]["image"]["num_channels"] == 1
+    cfg, domain = load_config("medical", run.root / "params.yaml")
+    assert metadata["preprocessing"]["orientation"] == "RAS"
+    assert metadata["preprocessing"]["spacing_mm"] == (cfg.preprocess.spacing or "each volume's own (not resampled)")
+    paths = DomainPaths("medical", run.root)
+    encoder = domain.load_encoder("ssl", cfg, paths.shards, paths.pretrain / "encoder", seed=0).eval()
+    rows = [domain.pretrain_dataset(paths.shards, "train")[i] for i in range(3)]
+    batch = encoder.collate(rows)
+    with torch.no_grad():
+        ours = encoder(batch)
+    torch.save(batch["image"], tmp_path / "images.pt")
+    gap = (load_elsewhere(folder, tmp_path / "images.pt", tmp_path) - ours).abs().max().item()
+    assert gap < 1e-5, gap
+    card = (folder / "README.md").read_text()
+    raw_names = [p.stem for p in (run.root / "data/medical/default/corpus").rglob("*") if p.is_file()]
+    assert raw_names and not [name for name in raw_names if name in card]
+    assert verify(folder) == []
