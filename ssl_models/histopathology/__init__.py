@@ -57,6 +57,28 @@ class Histopathology(Domain, module="histopathology"):
         return write_tile_shards(manifest, locate, cfg.preprocess,
                                  lambda block: assign_split(block, split.val, split.test, split.salt), out_dir)
 
+    def export(self, cfg: DomainConfig, encoder: Encoder, out_dir: Path) -> dict[str, Any]:
+        """timm's `save_for_hf` layout: `model.safetensors` (the bare backbone, no head) and
+        `config.json` (architecture, `model_args`, `pretrained_cfg` with the input size, mean and
+        std), plus the tiling and stain settings under `ssl_pipeline_preprocessing`."""
+        import json
+        from dataclasses import asdict
+
+        from safetensors.torch import save_file
+
+        from ssl_models.histopathology.backbones import EXPORT_SNIPPET, MEAN, STD, timm_description
+
+        size = encoder.image_size
+        save_file({k: v.contiguous() for k, v in encoder.backbone.state_dict().items()},
+                  str(out_dir / "model.safetensors"))
+        config = {**timm_description(encoder.cfg, size), "num_classes": 0, "num_features": encoder.dim,
+                  "pretrained_cfg": {"input_size": [3, size, size], "mean": [MEAN] * 3, "std": [STD] * 3,
+                                     "interpolation": "bilinear", "crop_pct": 1.0, "num_classes": 0},
+                  "ssl_pipeline_preprocessing": asdict(cfg.preprocess)}
+        (out_dir / "config.json").write_text(json.dumps(config, indent=1, sort_keys=True))
+        return {"library": "timm", "format": "a timm model folder (save_for_hf layout: config.json, model.safetensors)",
+                "snippet": EXPORT_SNIPPET, "inputs": f"uint8 RGB tiles [n, {size}, {size}, 3]"}
+
     def load_pretrained(self, cfg: DomainConfig, shards_dir: Path, pretrained_dir: Path) -> Encoder:
         """The architecture the pretrain stage saved (for tiles of the size preprocess stores), then its weights."""
         from ssl_models.histopathology.backbones import load_weights, saved_model

@@ -69,6 +69,47 @@ class TileEncoder(Encoder):
                                                         indent=2))
 
 
+# The timm description of a backbone as `build_resnet` / `build_vit` make it (keep them in step):
+# a registered timm architecture, the arguments that resize it, and for the ResNet the small-tile
+# stem those builders put in place of timm's (one 3x3 conv, no max-pooling).
+def timm_description(model: HistoModelConfig, image_size: int) -> dict[str, Any]:
+    if model.backbone == "vit":
+        return {"architecture": "vit_small_patch16_224", "stem": None,
+                "model_args": {"img_size": image_size, "patch_size": model.patch_size, "embed_dim": 4 * model.width,
+                               "depth": model.depth, "num_heads": model.num_heads, "num_classes": 0,
+                               "global_pool": "avg"}}
+    widths = [model.width * 2 ** i for i in range(4)]
+    return {"architecture": "resnet18", "stem": {"width": model.width, "stride": model.stem_stride},
+            "model_args": {"layers": [model.depth] * 4, "channels": widths, "num_classes": 0, "zero_init_last": False,
+                           "stem_width": max(1, model.width // 2), "stem_type": "deep"}}
+
+
+# What the export's card gives to embed tiles as the pipeline does (TileEncoder's collate and
+# forward) with timm alone; `FOLDER` is the export's path.
+EXPORT_SNIPPET = '''import json, timm, torch
+from safetensors.torch import load_file
+from torch import nn
+
+config = json.load(open(f"{FOLDER}/config.json"))
+model = timm.create_model(config["architecture"], pretrained=False, **config["model_args"])
+if config["stem"]:  # the small-tile ResNet stem: one 3x3 conv, no max-pooling
+    model.conv1 = nn.Conv2d(3, config["stem"]["width"], 3, stride=config["stem"]["stride"], padding=1, bias=False)
+    model.bn1, model.maxpool = nn.BatchNorm2d(config["stem"]["width"]), nn.Identity()
+model.load_state_dict(load_file(f"{FOLDER}/model.safetensors"), strict=True)
+model.eval()
+mean = torch.tensor(config["pretrained_cfg"]["mean"]).view(1, 3, 1, 1)
+std = torch.tensor(config["pretrained_cfg"]["std"]).view(1, 3, 1, 1)
+
+@torch.no_grad()
+def embed(tiles):
+    """tiles: uint8 RGB [n, size, size, 3], cut as config.json's ssl_pipeline_preprocessing says;
+    a slide's embedding is the mean of its tiles'."""
+    x = (torch.as_tensor(tiles).permute(0, 3, 1, 2).float() / 255.0 - mean) / std
+    features = model(x)
+    return nn.functional.layer_norm(features, (features.shape[1],))
+'''
+
+
 def build_resnet(cfg: DomainConfig, shards_dir: Path) -> TileEncoder:
     """A small timm ResNet (BasicBlocks, widths w, 2w, 4w, 8w), no head."""
     from timm.models.resnet import BasicBlock, ResNet

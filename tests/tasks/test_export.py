@@ -130,3 +130,24 @@ def test_the_medical_export_is_a_monai_bundle_that_loads_strictly_without_the_pr
     raw_names = [p.stem for p in (run.root / "data/medical/default/corpus").rglob("*") if p.is_file()]
     assert raw_names and not [name for name in raw_names if name in card]
     assert verify(folder) == []
+
+
+def test_the_histopathology_export_is_a_timm_model_that_loads_strictly_without_the_project(reference_run,
+                                                                                          tmp_path: Path) -> None:
+    run = reference_run("histo")  # read-only: the export goes to tmp_path
+    folder = export(run.root, "histo", out=tmp_path / "timm")
+    config = json.loads((folder / "config.json").read_text())
+    assert config["pretrained_cfg"]["mean"] and config["ssl_pipeline_preprocessing"]["tile_size"]
+    cfg, domain = load_config("histo", run.root / "params.yaml")
+    paths = DomainPaths("histo", run.root)
+    encoder = domain.load_encoder("ssl", cfg, paths.shards, paths.pretrain / "encoder", seed=0).eval()
+    rows = [domain.pretrain_dataset(paths.shards, "train")[i] for i in range(4)]
+    with torch.no_grad():
+        ours = encoder(encoder.collate([{"pixels": [row["pixels"]]} for row in rows]))
+    side = encoder.image_size
+    tiles = torch.stack([torch.frombuffer(bytearray(row["pixels"]), dtype=torch.uint8).view(side, side, 3)
+                         for row in rows])
+    torch.save(tiles, tmp_path / "tiles.pt")
+    gap = (load_elsewhere(folder, tmp_path / "tiles.pt", tmp_path) - ours).abs().max().item()
+    assert gap < 1e-5, gap
+    assert verify(folder) == []
