@@ -48,9 +48,9 @@ def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
 def worker_group(nodeid: str) -> str:
     """The tests that must run in one worker process, to share what it builds once (a reference
     run, a Prefect server): the kill tests of a domain and the re-run test beside their reference
-    run (the medical and histopathology export tests beside theirs), the flow tests beside their server,
-    the two distributed pretrain tests beside their one-process run. Any other test is a group of
-    its own."""
+    run (the medical and histopathology export tests beside theirs), the flow tests beside their
+    Prefect server (each flow module its own), the two distributed pretrain tests beside their
+    one-process run. Any other test is a group of its own."""
     kill = re.match(r"tests/faults/test_kills\.py::\w+\[(\w+)-\d+\]$", nodeid)
     if kill:
         return f"reference-{kill.group(1)}"
@@ -62,6 +62,8 @@ def worker_group(nodeid: str) -> str:
         return "reference-histo"
     if nodeid.startswith("tests/flows/test_pipeline.py::"):
         return "prefect-harness"
+    if nodeid.startswith("tests/flows/test_worker.py::"):
+        return "prefect-worker"
     if nodeid.startswith("tests/tasks/test_pretrain_distributed.py::"):
         return "one-process-pretrain"
     return nodeid
@@ -72,6 +74,10 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
     group under pytest 9, whose node ids xdist can no longer rename: seen with xdist 3.8.0.)"""
     from xdist.scheduler import LoadScopeScheduling
 
+    # the groups start in the order pytest_collection_modifyitems gives them, not largest first
+    # (xdist's default), which put the worker test behind the multi-test groups (9 min, not 7.5)
+    config.option.loadscopereorder = False
+
     class SharedWorkScheduling(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
             return worker_group(nodeid)
@@ -80,12 +86,19 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
 
 
 # The tests that wait on a clock more than they compute (a Prefect server's heartbeat windows)
-# start first, so the other workers fill the waits.
+# start first, so the other workers fill the waits; then the groups that share a build (the
+# longest units of work); then the rest, in collection order.
 FIRST = ("tests/flows/test_worker.py",)
 
 
+def _start_order(item: pytest.Item) -> int:
+    if item.nodeid.startswith(FIRST):
+        return 0
+    return 1 if worker_group(item.nodeid) != item.nodeid else 2
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    items.sort(key=lambda item: not item.nodeid.startswith(FIRST))
+    items.sort(key=_start_order)
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = Path(sys.executable).parent
