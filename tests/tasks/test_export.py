@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from ssl_models.core.config import load_config
@@ -104,6 +105,7 @@ def test_export_before_pretrain_and_an_unknown_init_are_one_line(ingested_projec
     assert "one of ssl, generic" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # builds the domain's reference run when no kill test has
 def test_the_medical_export_is_a_monai_bundle_that_loads_strictly_without_the_project(reference_run,
                                                                                      tmp_path: Path) -> None:
     """On the medical reference run (pseudonymised: its raw names must not reach the card)."""
@@ -132,6 +134,7 @@ def test_the_medical_export_is_a_monai_bundle_that_loads_strictly_without_the_pr
     assert verify(folder) == []
 
 
+@pytest.mark.slow  # builds the domain's reference run when no kill test has
 def test_the_histopathology_export_is_a_timm_model_that_loads_strictly_without_the_project(reference_run,
                                                                                           tmp_path: Path) -> None:
     run = reference_run("histo")  # read-only: the export goes to tmp_path
