@@ -54,6 +54,8 @@ def export(root: Path, domain_name: str, init: str = "ssl", out: Path | None = N
         if about.get("docs"):  # where the format keeps its own copy (a MONAI bundle's docs/README.md)
             (folder / about["docs"]).write_text(card, encoding="utf-8")
         write_manifest(folder)
+        for path in folder.rglob("*"):  # for the team it is handed to: nothing private is in it
+            path.chmod(0o755 if path.is_dir() else 0o644)
     log.info("export %s: %s encoder written to %s (%s)", domain_name, init, target, about["format"])
     return target
 

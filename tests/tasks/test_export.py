@@ -89,6 +89,7 @@ def test_the_legal_export_loads_strictly_without_the_project_and_embeds_as_the_p
     assert "lineage verify models/legal/pretrain" in card and "corpus/" not in card
 
     assert verify(folder) == []
+    assert all(p.stat().st_mode & 0o444 == 0o444 for p in folder.rglob("*"))  # readable by the receiving team
     assert main(["export", "verify", str(folder)]) == 0
     weights = folder / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-1] + bytes([weights.read_bytes()[-1] ^ 1]))
