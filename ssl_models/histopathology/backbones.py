@@ -69,9 +69,9 @@ class TileEncoder(Encoder):
                                                         indent=2))
 
 
-# The timm description of a backbone as `build_resnet` / `build_vit` make it (keep them in step):
-# a registered timm architecture, the arguments that resize it, and for the ResNet the small-tile
-# stem those builders put in place of timm's (one 3x3 conv, no max-pooling).
+# The timm description of a backbone, the one `build_resnet` and `build_vit` build from (and the
+# export's config.json): a registered timm architecture, the arguments that resize it, and for the
+# ResNet the small-tile stem put in place of timm's (one 3x3 conv, no max-pooling).
 def timm_description(model: HistoModelConfig, image_size: int) -> dict[str, Any]:
     if model.backbone == "vit":
         return {"architecture": "vit_small_patch16_224", "stem": None,
@@ -114,13 +114,12 @@ def build_resnet(cfg: DomainConfig, shards_dir: Path) -> TileEncoder:
     """A small timm ResNet (BasicBlocks, widths w, 2w, 4w, 8w), no head."""
     from timm.models.resnet import BasicBlock, ResNet
 
-    model = cfg.model
-    widths = tuple(model.width * 2 ** i for i in range(4))
+    described = timm_description(cfg.model, cfg.preprocess.stored_size)
+    backbone = ResNet(BasicBlock, **described["model_args"])  # stem outputs 2 * stem_width
     # one 3x3 stem conv and no max-pooling: tiles are 32-96 pixels, not 224
-    backbone = ResNet(BasicBlock, layers=(model.depth,) * 4, channels=widths, num_classes=0, zero_init_last=False,
-                      stem_width=max(1, model.width // 2), stem_type="deep")  # stem outputs 2 * stem_width
-    backbone.conv1 = nn.Conv2d(3, model.width, 3, stride=model.stem_stride, padding=1, bias=False)
-    backbone.bn1 = nn.BatchNorm2d(model.width)
+    stem = described["stem"]
+    backbone.conv1 = nn.Conv2d(3, stem["width"], 3, stride=stem["stride"], padding=1, bias=False)
+    backbone.bn1 = nn.BatchNorm2d(stem["width"])
     backbone.maxpool = nn.Identity()
     return _encoder(backbone, cfg)
 
@@ -129,11 +128,7 @@ def build_vit(cfg: DomainConfig, shards_dir: Path) -> TileEncoder:
     """A small timm ViT (embed 4w, mean-pooled tokens), no head."""
     from timm.models.vision_transformer import VisionTransformer
 
-    model = cfg.model
-    backbone = VisionTransformer(img_size=cfg.preprocess.stored_size, patch_size=model.patch_size,
-                                 embed_dim=4 * model.width, depth=model.depth, num_heads=model.num_heads,
-                                 num_classes=0, global_pool="avg")
-    return _encoder(backbone, cfg)
+    return _encoder(VisionTransformer(**timm_description(cfg.model, cfg.preprocess.stored_size)["model_args"]), cfg)
 
 
 def _encoder(backbone: nn.Module, cfg: DomainConfig) -> TileEncoder:

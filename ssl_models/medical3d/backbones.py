@@ -47,8 +47,8 @@ class VolumeEncoder(Encoder):
         (out_dir / CONFIG).write_text(json.dumps(asdict(self.cfg), indent=1))
 
 
-# The bundle's network, as MONAI's ConfigParser instantiates it: the same class and arguments
-# `build_vit` / `build_resnet` use (keep them in step).
+# The network as MONAI's ConfigParser instantiates it (the bundle's inference.json): the one
+# description `build_vit` and `build_resnet` build from.
 def network_def(m: VolumeModelConfig) -> dict[str, Any]:
     if m.backbone == "vit":
         return {"_target_": "monai.networks.nets.ViT", "in_channels": 1, "img_size": m.size,
@@ -81,20 +81,18 @@ def build_vit(cfg: DomainConfig, shards_dir: Path) -> VolumeEncoder:
     """MONAI's ViT on the model cube, patch tokens without a class token."""
     from monai.networks.nets import ViT
 
-    m = cfg.model
-    return VolumeEncoder(m, ViT(in_channels=1, img_size=m.size, patch_size=m.patch_size, hidden_size=m.hidden_size,
-                                mlp_dim=m.mlp_dim, num_layers=m.num_layers, num_heads=m.num_heads,
-                                classification=False, spatial_dims=3), m.hidden_size)
+    return VolumeEncoder(cfg.model, ViT(**_arguments(cfg.model)), cfg.model.hidden_size)
 
 
 def build_resnet(cfg: DomainConfig, shards_dir: Path) -> VolumeEncoder:
     """MONAI's 3D ResNet (one basic block per stage), globally pooled features."""
     from monai.networks.nets import ResNet
 
-    m = cfg.model
-    return VolumeEncoder(m, ResNet(block="basic", layers=[1, 1, 1, 1], block_inplanes=m.resnet_widths, spatial_dims=3,
-                                   n_input_channels=1, conv1_t_size=3, conv1_t_stride=1, no_max_pool=True,
-                                   feed_forward=False, num_classes=1), m.resnet_widths[-1])
+    return VolumeEncoder(cfg.model, ResNet(**_arguments(cfg.model)), cfg.model.resnet_widths[-1])
+
+
+def _arguments(m: VolumeModelConfig) -> dict[str, Any]:
+    return {k: v for k, v in network_def(m).items() if k != "_target_"}
 
 
 def load_backbone_weights(backbone: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
