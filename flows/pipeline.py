@@ -130,21 +130,6 @@ def run_stage(stage: str, domain: str, root: str) -> bool:
     return ran
 
 
-def verdict_rows(metrics: dict) -> list[dict]:
-    """The verdict as table rows: per label fraction and alternative, `ssl`'s best mean against the
-    alternative's, the paired difference and its interval, and whether it paid off (low end > 0)."""
-    best = metrics.get("best", {})
-    rows = []
-    for fraction, pairs in sorted(metrics.get("paired", {}).items(), key=lambda item: float(item[0][3:])):
-        for name, pair in sorted(pairs.items()):
-            other = name.split("_vs_")[1]
-            rows.append({"label_fraction": f"{fraction[3:]}%", "against": other,
-                         "ssl": best.get(fraction, {}).get("ssl"), "alternative": best.get(fraction, {}).get(other),
-                         "difference": pair["difference"], "low": pair["low"], "high": pair["high"],
-                         "paid_off": pair["low"] > 0})
-    return rows
-
-
 @task
 def publish_report(domain: str, root: str) -> None:
     """The report as a Markdown artifact, the verdict as a table artifact, and a link to the HTML report."""
@@ -152,8 +137,11 @@ def publish_report(domain: str, root: str) -> None:
     key = domain.replace("_", "-")
     create_markdown_artifact(key=f"{key}-report", markdown=(paths.report / "report.md").read_text(),
                              description=f"Domain pretraining report: {domain}")
+    from tasks.stages.report import verdict_table
+
     metrics = json.loads(paths.metrics.read_text())
-    create_table_artifact(key=f"{key}-verdict", table=verdict_rows(metrics),
+    comparisons = json.loads((paths.evaluation / "comparisons.json").read_text())
+    create_table_artifact(key=f"{key}-verdict", table=verdict_table(metrics, comparisons),
                           description=f"{domain}: ssl against each alternative, {metrics['primary_metric']}, "
                                       f"paired {metrics.get('confidence', 0.95):.0%} intervals")
     create_link_artifact(key=f"{key}-report-html", link=(paths.report / "report.html").resolve().as_uri(),

@@ -20,6 +20,7 @@ import yaml
 from ssl_models.core.errors import PipelineError
 from ssl_models.core.hashing import sha256_file
 from tasks.io import atomic_dir, read_json
+from tasks.lineage import RECORD_NAME, hash_outputs
 from tasks.paths import DomainPaths
 
 log = logging.getLogger("export")
@@ -61,9 +62,7 @@ def export(root: Path, domain_name: str, init: str = "ssl", out: Path | None = N
 
 
 def write_manifest(folder: Path) -> None:
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
-    manifest = {"algorithm": "sha256",
-                "files": {p.relative_to(folder).as_posix(): sha256_file(p) for p in files}}
+    manifest = {"algorithm": "sha256", "files": hash_outputs(folder, exclude=MANIFEST)}
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n", encoding="utf-8")
 
 
@@ -73,27 +72,27 @@ def verify(folder: Path) -> list[str]:
     if not manifest_file.exists():
         return [f"{manifest_file}: no manifest (not an export folder)"]
     listed = json.loads(manifest_file.read_text(encoding="utf-8"))["files"]
-    found = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST}
-    problems = [f"missing: {name}" for name in sorted(set(listed) - found)]
-    problems += [f"not in the manifest: {name}" for name in sorted(found - set(listed))]
-    problems += [f"changed: {name}" for name in sorted(set(listed) & found)
-                 if sha256_file(folder / name) != listed[name]]
-    return problems
+    found = hash_outputs(folder, exclude=MANIFEST)
+    return ([f"missing: {name}" for name in sorted(set(listed) - set(found))]
+            + [f"not in the manifest: {name}" for name in sorted(set(found) - set(listed))]
+            + [f"changed: {name}" for name in sorted(set(listed) & set(found)) if found[name] != listed[name]])
 
 
-def _verdict_rows(metrics: dict[str, Any]) -> list[str]:
-    """The card's evaluation table: each init's best protocol per label fraction, and the paired
-    difference of `ssl` against each alternative with its interval."""
+def _evaluation_rows(metrics: dict[str, Any], comparisons: list[dict[str, Any]]) -> list[str]:
+    """The card's evaluation tables: each init's best protocol per label fraction, and `ssl`
+    against each alternative (report.verdict_table: the paired difference, interval, verdict)."""
+    from tasks.stages.report import verdict_table
+
     rows = ["| label fraction | init | protocol | mean | seeds | test rows |", "|---|---|---|---|---|---|"]
     for row in metrics.get("best_protocols", []):
         rows.append(f"| {row['label_fraction']:g} | {row['init']} | {row['protocol']} | {row['mean']:.4f} "
                     f"| {row['n_seeds']} | {row['n_test']} |")
-    rows += ["", f"Paired differences of `ssl` ({metrics.get('confidence', 0.95):.0%} intervals):", "",
-             "| label fraction | against | difference | interval |", "|---|---|---|---|"]
-    for fraction, pairs in sorted(metrics.get("paired", {}).items(), key=lambda item: float(item[0][3:])):
-        for name, pair in sorted(pairs.items()):
-            rows.append(f"| {fraction[3:]}% | {name.split('_vs_')[1]} | {pair['difference']:+.4f} "
-                        f"| [{pair['low']:+.4f}, {pair['high']:+.4f}] |")
+    rows += ["", f"`ssl` against each alternative, paired over seeds ({metrics.get('confidence', 0.95):.0%} "
+             "intervals):", "", "| label fraction | against | difference | interval | verdict |", "|---|---|---|---|---|"]
+    for row in verdict_table(metrics, comparisons):
+        interval = "–" if row["interval"] is None else f"[{row['interval'][0]:+.4f}, {row['interval'][1]:+.4f}]"
+        rows.append(f"| {row['label_fraction']:g} | {row['against']} | {row['difference']:+.4f} | {interval} "
+                    f"| {row['verdict']} |")
     return rows
 
 
@@ -101,14 +100,12 @@ def model_card(cfg: Any, domain: Any, paths: DomainPaths, init: str, about: dict
     """The export's README.md: Hugging Face front matter (with the verdict's numbers as a
     model-index where evaluate has run), how to load it, the evaluation, and the provenance."""
     metrics = read_json(paths.metrics) if paths.metrics.exists() else None
-    lineage_file = paths.pretrain / "lineage.json"
+    lineage_file = paths.pretrain / RECORD_NAME
     lineage = read_json(lineage_file) if lineage_file.exists() else {}
     base = domain.generic_checkpoint(cfg) if init == "generic" else getattr(cfg.model, "base_checkpoint", None)
     front = {"library_name": about["library"], "tags": ["ssl-pipeline", cfg.name, "self-supervised",
                                                         "feature-extraction"],
              "pipeline_tag": "feature-extraction"}
-    if base and "/" in str(base) and not Path(str(base)).is_absolute():
-        front["base_model"] = str(base)  # a hub id; a local folder is named in the provenance only
     if metrics:
         front["model-index"] = [{"name": f"ssl-pipeline-{cfg.name}", "results": [
             {"task": {"type": "feature-extraction"},
@@ -118,9 +115,10 @@ def model_card(cfg: Any, domain: Any, paths: DomainPaths, init: str, about: dict
                          for row in metrics.get("best_protocols", []) if row["init"] in (init, "baseline")]}]}]
     lines = ["---", yaml.safe_dump(front, sort_keys=True).rstrip(), "---", "",
              f"# {cfg.name}: the `{init}` encoder of an ssl-pipeline run", "",
-             f"{about['format'][0].upper()}{about['format'][1:]}. Method `{cfg.pretrain.method}`, backbone "
-             f"`{getattr(cfg.model, 'backbone', 'bert')}`"
-             + (f", continued from `{base}`" if base and init == "ssl" else "") + ".", "",
+             f"{about['format'][0].upper()}{about['format'][1:]}. "
+             + (f"Pretrained with `{cfg.pretrain.method}`, backbone `{cfg.model.backbone}`"
+                + (f", continued from `{base}`." if base else ".") if init == "ssl"
+                else f"The generic checkpoint `{base}` as published."), "",
              "## How to load it", "",
              f"With {about['library']} alone (no import of ssl-pipeline); `embed` takes {about['inputs']} "
              "and gives the embeddings the pipeline's probes were fitted on:", "", "```python",
@@ -131,7 +129,8 @@ def model_card(cfg: Any, domain: Any, paths: DomainPaths, init: str, about: dict
         lines += [f"Metric: {metrics['primary_metric']} on {metrics['labeled_test']} held-out test rows "
                   f"({metrics.get('labeled_test_in_pretraining_corpus', 0)} of them in the pretraining corpus). "
                   "`baseline` is the classical features a practitioner tries first, `generic` an off-the-shelf "
-                  "checkpoint, `scratch` the same architecture untrained.", "", *_verdict_rows(metrics), ""]
+                  "checkpoint, `scratch` the same architecture untrained.", "",
+                  *_evaluation_rows(metrics, read_json(paths.evaluation / "comparisons.json")), ""]
     else:
         lines += ["Not evaluated: this export was written before the evaluate stage ran "
                   "(`dvc repro` runs it; export again for the numbers).", ""]

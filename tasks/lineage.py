@@ -36,10 +36,10 @@ PACKAGES = ("torch", "transformers", "tokenizers", "datasets", "dvc", "prefect",
 PREFECT_RUN_ENV = "SSL_PIPELINE_PREFECT_FLOW_RUN_ID"
 
 
-def hash_outputs(artifact: Path) -> dict[str, str]:
-    """sha256 of every file of an artifact folder, its lineage record excluded."""
+def hash_outputs(artifact: Path, exclude: str = RECORD_NAME) -> dict[str, str]:
+    """sha256 of every file of an artifact folder, its lineage record (or the `exclude` file) left out."""
     return {str(p.relative_to(artifact)): sha256_file(p)
-            for p in sorted(artifact.rglob("*")) if p.is_file() and p.name != RECORD_NAME}
+            for p in sorted(artifact.rglob("*")) if p.is_file() and p.name != exclude}
 
 
 def record_path(artifact: Path) -> Path:

@@ -72,6 +72,18 @@ def alternatives(comparisons: list[dict[str, Any]]) -> list[str]:
     return list(dict.fromkeys(c["against"] for c in comparisons))
 
 
+def verdict_table(metrics: dict[str, Any], comparisons: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """`ssl` against each alternative per label fraction (best protocol against best protocol), as
+    rows: both means, the paired difference, its interval (None without per-row predictions) and
+    the evaluate stage's verdict. What the flow publishes and the export's model card shows."""
+    best = best_of(metrics)
+    return [{"label_fraction": c["label_fraction"], "against": c["against"],
+             "ssl": best.get(("ssl", c["label_fraction"]), {}).get("mean"),
+             "alternative": best.get((c["against"], c["label_fraction"]), {}).get("mean"),
+             "difference": c["mean_difference"], "interval": c["interval"], "verdict": c["verdict"]}
+            for c in sorted((c for c in comparisons if c["protocol"] == "best"), key=lambda c: c["label_fraction"])]
+
+
 def subset_of(metrics: dict[str, Any], fraction: float) -> dict[str, Any]:
     """The result row that gives a fraction's label subset (labels, groups, seeds: the same for every init)."""
     rows = [r for r in metrics["results"]

@@ -75,11 +75,14 @@ def test_report_metrics_schema_and_lineage(spine: dict) -> None:
             artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["legal-verdict", "legal-report-html"])))}
     table = published["legal-verdict"].data
     table = json.loads(table) if isinstance(table, str) else table
-    assert {(r["label_fraction"], r["against"]) for r in table} == {
-        (f, a) for f in ("10%", "100%") for a in ("baseline", "scratch")}
-    pair = metrics["paired"]["pct100"]["ssl_vs_baseline"]
-    row = next(r for r in table if r["label_fraction"] == "100%" and r["against"] == "baseline")
-    assert (row["difference"], row["low"], row["paid_off"]) == (pair["difference"], pair["low"], pair["low"] > 0)
+    comparisons = yaml.safe_load((folder / "reports/legal/evaluation/comparisons.json").read_text())
+    best = [c for c in comparisons if c["protocol"] == "best"]
+    assert {(r["label_fraction"], r["against"]) for r in table} == {(0.1, a) for a in ("baseline", "scratch")} | {
+        (1.0, a) for a in ("baseline", "scratch")} == {(c["label_fraction"], c["against"]) for c in best}
+    for row in table:
+        c = next(c for c in best if (c["label_fraction"], c["against"]) == (row["label_fraction"], row["against"]))
+        assert (row["difference"], row["interval"], row["verdict"]) == (c["mean_difference"], c["interval"],
+                                                                       c["verdict"])
     link = published["legal-report-html"].data  # Prefect keeps a link as Markdown: [text](url)
     assert f"({(folder / 'reports/legal/report/report.html').resolve().as_uri()})" in link
     verified = subprocess.run([str(SCRIPTS / "ssl-pipeline"), "lineage", "verify", "reports/legal/report"],
