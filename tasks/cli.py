@@ -74,6 +74,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     export.add_argument("folder", nargs="?", type=Path, help="with `verify`: the export folder")
     export.add_argument("--init", default="ssl", help="ssl (the pretrained encoder, default) or generic")
     export.add_argument("--out", type=Path, help="where to write it (default: models/DOMAIN/export)")
+    embed = commands.add_parser("embed", help="turn a folder of raw files into embeddings (Parquet), through the "
+                                              "domain's readers, quarantine, pseudonyms and preprocessing")
+    embed.add_argument("domain", help="a block name under `domains:` in params.yaml (its pretrained encoder)")
+    embed.add_argument("folder", type=Path, help="the folder of raw files to embed")
+    embed.add_argument("--out", type=Path, required=True, help="the Parquet file to write (quarantine beside it)")
+    embed.add_argument("--init", default="ssl", help="ssl (the pretrained encoder, default) or generic")
+    embed.add_argument("--batch-size", type=int, default=64, help="rows per forward pass (default 64)")
+    embed.add_argument("--device", help="cpu, cuda, cuda:1... (default: cuda when there is one)")
     return parser.parse_args(argv)
 
 
@@ -257,6 +265,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_lineage(args.action, args.artifact, args.root, args.domain)
         if args.command == "export":
             return run_export(args)
+        if args.command == "embed":
+            return run_embed(args)
         from ssl_models.core.config import load_config
 
         loaded = load_config(args.domain, args.root / "params.yaml")
@@ -304,6 +314,17 @@ def run_export(args: argparse.Namespace) -> int:
         raise PipelineError(f"export {args.domain}: unexpected argument {str(args.folder)!r} (the folder goes in --out)")
     with domain_lock(DomainPaths(args.domain, args.root).lock, f"export@{args.domain}"):
         print(export.export(args.root, args.domain, args.init, args.out))
+    return 0
+
+
+def run_embed(args: argparse.Namespace) -> int:
+    """`ssl-pipeline embed`: tasks/embed.py does the work; prints one line of what it wrote."""
+    from tasks import embed
+
+    summary = embed.embed(args.root, args.domain, args.folder, args.out, init=args.init,
+                          batch_size=args.batch_size, device=args.device)
+    print(f"{summary['embedded']} embedded, {summary['quarantined']} quarantined: {summary['out']}"
+          + (f" (quarantine: {summary['quarantine']})" if summary.get("quarantine") else ""))
     return 0
 
 
