@@ -48,7 +48,7 @@ def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
 def worker_group(nodeid: str) -> str:
     """The tests that must run in one worker process, to share what it builds once (a reference
     run, a Prefect server): the kill tests of a domain and the re-run test beside their reference
-    run (the medical and histopathology export tests beside theirs), the flow tests beside their
+    run (the medical, histopathology and audio export tests beside theirs), the flow tests beside their
     Prefect server (each flow module its own), the two distributed pretrain tests beside their
     one-process run. Any other test is a group of its own."""
     kill = re.match(r"tests/faults/test_kills\.py::\w+\[(\w+)-\d+\]$", nodeid)
@@ -60,6 +60,8 @@ def worker_group(nodeid: str) -> str:
         return "reference-medical"
     if nodeid.startswith("tests/tasks/test_export.py::test_the_histopathology_export"):
         return "reference-histo"
+    if nodeid.startswith("tests/tasks/test_export.py::test_the_audio_export_of_a_pretrained_run"):
+        return "reference-audio"
     if nodeid.startswith("tests/flows/test_pipeline.py::"):
         return "prefect-harness"
     if nodeid.startswith("tests/flows/test_worker.py::"):

@@ -89,6 +89,13 @@ class Audio(Domain, module="audio"):
                 if isinstance(record, Record) and record.key in wanted:
                     yield record
 
+    def export(self, cfg: DomainConfig, encoder: Encoder, out_dir: Path) -> dict[str, Any]:
+        """The spectrogram backbone as a timm VisionTransformer folder, wav2vec2 as a Hugging Face
+        folder; the feature settings (sample rate, mel, normalisation statistics) beside the weights."""
+        from ssl_models.audio.backbones import export
+
+        return export(encoder, out_dir)
+
     def load_pretrained(self, cfg: DomainConfig, shards_dir: Path, pretrained_dir: Path) -> Encoder:
         from ssl_models.audio.backbones import saved_encoder
 

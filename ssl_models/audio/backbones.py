@@ -238,8 +238,10 @@ def collate_waveforms(samples: list[dict[str, Any]], spec: InputSpec) -> dict[st
 
 def pooled(model: Wav2Vec2Model, batch: dict[str, torch.Tensor], segments: int) -> torch.Tensor:
     hidden = model(batch["input_values"], attention_mask=batch["attention_mask"]).last_hidden_state
-    frames = model._get_feature_vector_attention_mask(hidden.shape[1], batch["attention_mask"])
-    return segment_pool(hidden, torch.arange(hidden.shape[1], device=hidden.device), frames.sum(1), segments)
+    # the frames the convolutions make of each clip's samples (a clip shorter than one frame pools
+    # its first frame; transformers' own frame mask wraps its index round to the end there)
+    n_valid = model._get_feat_extract_output_lengths(batch["attention_mask"].sum(1))
+    return segment_pool(hidden, torch.arange(hidden.shape[1], device=hidden.device), n_valid, segments)
 
 
 class Wav2Vec2Encoder(Encoder):
@@ -305,3 +307,153 @@ def generic_encoder(cfg: DomainConfig) -> Encoder:
     model = quiet_transformers().Wav2Vec2Model.from_pretrained(_checkpoint_folder(folder))
     model.config.pool_segments = cfg.model.pool_segments
     return Wav2Vec2Encoder(model, InputSpec.from_config(cfg.ingest, cfg.preprocess))
+
+
+# The export (`ssl-pipeline export audio`). The spectrogram backbone is handed over as a timm
+# VisionTransformer: its blocks are the same pre-norm attention + GELU MLP, a patch of
+# patch_frames x patch_mels is a one-channel "image" patch (the linear patch embedding is
+# timm's convolution with the same weights), and timm takes a key-padding mask (`attn_mask`),
+# so clips shorter than the window embed as in the pipeline. timm loads it from the folder
+# (`timm.create_model("local-dir:...")`); transformers' AST would need square patches and a
+# class token. wav2vec2 is a Hugging Face folder (`Wav2Vec2Model` and its feature extractor).
+
+# What both snippets pool with: the pipeline's `segment_pool`.
+_POOL_SNIPPET = '''
+def segment_pool(hidden, time_index, n_valid, segments):
+    """Means over `segments` equal time stretches of each clip's real steps, concatenated."""
+    n_valid, pooled = n_valid.clamp(min=1)[:, None], []
+    for k in range(segments):
+        start = n_valid * k // segments
+        end = torch.maximum(n_valid * (k + 1) // segments, start + 1)
+        inside = ((time_index[None, :] >= start) & (time_index[None, :] < end)).unsqueeze(-1).to(hidden.dtype)
+        pooled.append((hidden * inside).sum(1) / inside.sum(1).clamp(min=1.0))
+    return torch.cat(pooled, dim=1)
+'''
+
+# What the card gives to embed log-mel clips as the pipeline does, with timm alone.
+SPECTROGRAM_SNIPPET = '''import functools, json, numpy as np, timm, torch
+from safetensors.torch import load_file
+
+config = json.load(open(f"{FOLDER}/config.json"))
+features, args = config["ssl_pipeline_features"], config["model_args"]
+model = timm.create_model(config["architecture"], pretrained=False, **args,
+                          norm_layer=functools.partial(torch.nn.LayerNorm, eps=features["layer_norm_eps"]))
+model.load_state_dict(load_file(f"{FOLDER}/model.safetensors"), strict=True)
+model.eval()
+mean, std = torch.tensor(features["mean"]), torch.tensor(features["std"])
+(height, n_mels), (patch_frames, patch_mels) = args["img_size"], args["patch_size"]
+
+def log_mel(samples):
+    """Mono float32 samples at features["sample_rate"] -> [frames, n_mels], as the pipeline computes them."""
+    import librosa
+    power = np.abs(librosa.stft(samples, n_fft=features["n_fft"], hop_length=features["hop_length"])) ** 2
+    mel = librosa.filters.mel(sr=features["sample_rate"], n_fft=features["n_fft"], n_mels=n_mels) @ power
+    return np.log(mel + 1e-6).T.astype(np.float32)
+''' + _POOL_SNIPPET + '''
+@torch.no_grad()
+def embed(clips):
+    """clips: log-mel arrays [frames, n_mels] (`log_mel`); the first clip_frames of each are used."""
+    lengths = torch.tensor([min(len(clip), features["clip_frames"]) for clip in clips])
+    x = torch.zeros(len(clips), height, n_mels)
+    for i, clip in enumerate(clips):
+        x[i, :lengths[i]] = torch.as_tensor(np.asarray(clip, dtype=np.float32)[:lengths[i]])
+    valid = (torch.arange(height)[None, :] < lengths[:, None]).unsqueeze(-1).float()
+    x = (x - mean) / std * valid
+    if features["clip_mean"]:  # each clip's own mean per mel bin removed
+        x = (x - x.sum(1, keepdim=True) / valid.sum(1, keepdim=True).clamp(min=1.0)) * valid
+    mel_patches = n_mels // patch_mels
+    padded = (torch.arange(height // patch_frames)[None, :] * patch_frames >= lengths[:, None])
+    padded = padded.repeat_interleave(mel_patches, dim=1)  # [clips, tokens]: token past the clip's end
+    hidden = model.forward_features(x[:, None], attn_mask=~padded[:, None, None, :])
+    time_index = torch.arange(hidden.shape[1]) // mel_patches
+    return segment_pool(hidden, time_index, (~padded).sum(1) // mel_patches, features["pool_segments"])
+'''
+
+# What the card gives to embed waveforms as the pipeline does, with transformers alone.
+WAV2VEC2_SNIPPET = '''import json, numpy as np, torch
+from transformers import AutoFeatureExtractor, AutoModel
+
+model = AutoModel.from_pretrained(FOLDER).eval()
+extractor = AutoFeatureExtractor.from_pretrained(FOLDER)
+settings = json.load(open(f"{FOLDER}/embedding.json"))
+
+def frames(samples):
+    """How many frames the convolutional feature encoder makes of `samples` samples."""
+    for kernel, stride in zip(model.config.conv_kernel, model.config.conv_stride):
+        samples = torch.div(samples - kernel, stride, rounding_mode="floor") + 1
+    return samples
+''' + _POOL_SNIPPET + '''
+@torch.no_grad()
+def embed(waveforms):
+    """waveforms: mono float32 arrays at the extractor's sampling_rate; the first clip_samples of each are used."""
+    inputs = extractor([np.asarray(w, dtype=np.float32) for w in waveforms], sampling_rate=extractor.sampling_rate,
+                       padding="max_length", max_length=settings["clip_samples"], truncation=True,
+                       return_attention_mask=True, return_tensors="pt")
+    hidden = model(**inputs).last_hidden_state
+    n_valid = frames(inputs["attention_mask"].sum(1))
+    return segment_pool(hidden, torch.arange(hidden.shape[1]), n_valid, settings["pool_segments"])
+'''
+
+
+def timm_description(backbone: SpectrogramTransformer) -> dict[str, Any]:
+    """The timm VisionTransformer that computes what `backbone` does (weights by `timm_state_dict`)."""
+    config = backbone.config
+    hidden, intermediate = config["hidden_size"], config["intermediate_size"]
+    if int(hidden * (intermediate / hidden)) != intermediate:
+        raise PipelineError(f"export: timm's ViT cannot hold an MLP of {intermediate} units over width {hidden} "
+                            "(mlp_ratio rounds it); choose model.intermediate_size as a multiple of hidden_size")
+    return {"architecture": "vit_base_patch16_224",
+            "model_args": {"img_size": [backbone.time_patches * backbone.patch_frames, config["n_mels"]],
+                           "patch_size": [backbone.patch_frames, backbone.patch_mels], "in_chans": 1,
+                           "embed_dim": hidden, "depth": config["num_layers"], "num_heads": config["num_heads"],
+                           "mlp_ratio": intermediate / hidden, "qkv_bias": True, "class_token": False,
+                           "global_pool": "", "num_classes": 0}}
+
+
+def timm_state_dict(backbone: SpectrogramTransformer) -> dict[str, torch.Tensor]:
+    """`backbone`'s weights under timm VisionTransformer's names (the normalisation buffers go to the config)."""
+    hidden = backbone.hidden_size
+    weights = {"pos_embed": backbone.position,
+               "patch_embed.proj.weight": backbone.patch_embedding.weight.reshape(
+                   hidden, 1, backbone.patch_frames, backbone.patch_mels),
+               "patch_embed.proj.bias": backbone.patch_embedding.bias,
+               "norm.weight": backbone.norm.weight, "norm.bias": backbone.norm.bias}
+    for index, layer in enumerate(backbone.encoder.layers):
+        block = f"blocks.{index}."
+        for ours, theirs in (("norm1", "norm1"), ("norm2", "norm2"), ("self_attn.out_proj", "attn.proj"),
+                             ("linear1", "mlp.fc1"), ("linear2", "mlp.fc2")):
+            module = layer.get_submodule(ours)
+            weights[f"{block}{theirs}.weight"], weights[f"{block}{theirs}.bias"] = module.weight, module.bias
+        weights[f"{block}attn.qkv.weight"] = layer.self_attn.in_proj_weight
+        weights[f"{block}attn.qkv.bias"] = layer.self_attn.in_proj_bias
+    return {name: tensor.detach().contiguous().clone() for name, tensor in weights.items()}
+
+
+def export(encoder: Encoder, out_dir: Path) -> dict[str, Any]:
+    """Write `encoder` into `out_dir`: a timm folder (spectrogram backbone) or a Hugging Face
+    wav2vec2 folder, with the feature settings beside the weights. Returns what the card says."""
+    spec = encoder.spec
+    if isinstance(encoder, Wav2Vec2Encoder):
+        transformers = quiet_transformers()
+        encoder.backbone.save_pretrained(out_dir)  # the bare Wav2Vec2Model: no quantiser, no projections
+        transformers.Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=spec.sample_rate, padding_value=0.0,
+                                              do_normalize=True, return_attention_mask=True).save_pretrained(out_dir)
+        settings = {"clip_samples": spec.clip_steps, "pool_segments": encoder.pool_segments}
+        (out_dir / "embedding.json").write_text(json.dumps(settings, indent=1, sort_keys=True) + "\n")
+        return {"library": "transformers", "format": "a Hugging Face wav2vec2 folder (AutoModel, AutoFeatureExtractor)",
+                "snippet": WAV2VEC2_SNIPPET, "inputs": f"mono waveforms at {spec.sample_rate} Hz"}
+    backbone = encoder.backbone
+    save_file(timm_state_dict(backbone), str(out_dir / WEIGHTS_FILE))
+    config = {**timm_description(backbone), "num_classes": 0, "num_features": backbone.hidden_size,
+              "pretrained_cfg": {"input_size": [1, *timm_description(backbone)["model_args"]["img_size"]],
+                                 "mean": [0.0], "std": [1.0], "num_classes": 0},
+              "ssl_pipeline_features": {"sample_rate": spec.sample_rate, "n_fft": spec.n_fft,
+                                        "hop_length": spec.hop_length, "n_mels": spec.width,
+                                        "clip_frames": spec.clip_steps, "log_offset": 1e-6,
+                                        "mean": backbone.mean.tolist(), "std": backbone.std.tolist(),
+                                        "clip_mean": backbone.clip_mean, "pool_segments": backbone.pool_segments,
+                                        "layer_norm_eps": backbone.norm.eps}}
+    (out_dir / "config.json").write_text(json.dumps(config, indent=1, sort_keys=True) + "\n")
+    return {"library": "timm", "format": "a timm VisionTransformer folder (save_for_hf layout: config.json, "
+            "model.safetensors) over one-channel log-mel patches", "snippet": SPECTROGRAM_SNIPPET,
+            "inputs": f"log-mel clips [frames, {spec.width}] (`log_mel(samples)` of {spec.sample_rate} Hz mono audio)"}

@@ -21,7 +21,7 @@ from tests.conftest import stage_env
 # The other team's process: the field's library only. The editable install puts this project on
 # sys.path, so its packages are refused explicitly, and the refusal is checked.
 ISOLATED = '''
-import importlib.abc, json, sys
+import importlib.abc, json, os, sys
 
 PROJECT = ("ssl_models", "tasks", "flows", "benchmarks", "tests")
 
@@ -43,13 +43,18 @@ card = open(f"{folder}/README.md").read()
 snippet = card.split("```python\\n", 1)[1].split("```", 1)[0]
 scope = {}
 exec(snippet.replace('FOLDER = "."', f"FOLDER = {folder!r}"), scope)
-if inputs_file.endswith(".json"):  # texts; a transformers folder: its loading report too
+if inputs_file.endswith(".json"):  # texts
+    inputs = json.load(open(inputs_file))
+else:  # images, or a list of clips
+    import torch
+    inputs = torch.load(inputs_file)
+config = os.path.join(folder, "config.json")
+if os.path.exists(config) and "model_type" in json.load(open(config)):  # transformers: its own report of the load
     from transformers import AutoModel
     _, info = AutoModel.from_pretrained(folder, output_loading_info=True)
-    inputs, loading = json.load(open(inputs_file)), {k: list(v) for k, v in info.items()}
-else:  # a tensor of images: the snippet's own load_state_dict(strict=True) raises on a mismatch
-    import torch
-    inputs, loading = torch.load(inputs_file), None
+    loading = {k: list(v) for k, v in info.items()}
+else:  # timm, MONAI: the snippet's own load_state_dict(strict=True) raises on a mismatch
+    loading = None
 embeddings = scope["embed"](inputs)
 json.dump({"embeddings": embeddings.tolist(), "loading": loading}, open(out_file, "w"))
 '''
@@ -157,4 +162,75 @@ def test_the_histopathology_export_is_a_timm_model_that_loads_strictly_without_t
     torch.save(tiles, tmp_path / "tiles.pt")
     gap = (load_elsewhere(folder, tmp_path / "tiles.pt", tmp_path) - ours).abs().max().item()
     assert gap < 1e-5, gap
+    assert verify(folder) == []
+
+
+def write_card(folder: Path, about: dict) -> None:
+    """The card's snippet, for an export written by the domain's hook alone."""
+    (folder / "README.md").write_text(f'```python\nFOLDER = "."  # this folder\n{about["snippet"]}```\n')
+
+
+@pytest.mark.parametrize("backbone", ["spectrogram_transformer", "wav2vec2"])
+def test_the_audio_exports_load_strictly_without_the_project_and_embed_as_the_pipeline(
+        backbone: str, tmp_path: Path) -> None:
+    """Both audio backbones, built here with every option the export must carry (per-bin
+    statistics, each clip's own mean, several pooling segments, patches of part of the mel
+    bins, a window that is not a whole number of patches), on clips shorter and longer than it."""
+    from ssl_models.audio.features import decode_row, encode_row
+    from tests.conftest import write_params
+    from tests.ssl_models.test_audio_pipeline import audio_params
+
+    model = {"hidden_size": 16, "num_layers": 2, "num_heads": 2, "intermediate_size": 32, "pool_segments": 2}
+    if backbone == "wav2vec2":
+        block = audio_params(model={**model, "backbone": "wav2vec2"}, preprocess={"input": "waveform"},
+                             pretrain={"method": "wav2vec2"})
+    else:
+        block = audio_params(model={**model, "patch_frames": 3, "patch_mels": 8, "clip_mean": True})
+    write_params(tmp_path, block)
+    cfg, domain = load_config("audio", tmp_path / "params.yaml")
+    torch.manual_seed(0)
+    encoder = domain.build_encoder(cfg, tmp_path / "no-shards").eval()
+    spec = encoder.spec
+    if backbone != "wav2vec2":
+        assert spec.clip_steps % 3 and encoder.backbone.mel_patches == 2
+        encoder.backbone.mean.copy_(torch.randn(spec.width))
+        encoder.backbone.std.copy_(torch.rand(spec.width) + 0.5)
+    generator = torch.Generator().manual_seed(1)
+    rows = [encode_row(torch.randn(n, spec.width, generator=generator).numpy())
+            for n in (spec.clip_steps, spec.clip_steps // 3, 5, spec.clip_steps + 7)]
+    with torch.no_grad():
+        ours = encoder(encoder.collate(rows))
+    folder = tmp_path / "export"
+    folder.mkdir()
+    about = domain.export(cfg, encoder, folder)
+    write_card(folder, about)
+    clips = [torch.from_numpy(decode_row(row, spec.width)) for row in rows]
+    torch.save([clip[:, 0] for clip in clips] if backbone == "wav2vec2" else clips, tmp_path / "clips.pt")
+    gap = (load_elsewhere(folder, tmp_path / "clips.pt", tmp_path) - ours).abs().max().item()
+    assert gap < 1e-5, gap
+    config = json.loads((folder / "config.json").read_text())
+    if backbone == "wav2vec2":  # the bare model: no quantiser, no pretraining projections
+        assert config["architectures"] == ["Wav2Vec2Model"] and (folder / "preprocessor_config.json").is_file()
+    else:
+        assert config["ssl_pipeline_features"]["sample_rate"] == cfg.ingest.sample_rate
+        assert config["model_args"]["patch_size"] == [3, 8]
+
+
+@pytest.mark.slow  # builds the domain's reference run when no kill test has
+def test_the_audio_export_of_a_pretrained_run_loads_without_the_project(reference_run, tmp_path: Path) -> None:
+    run = reference_run("audio")  # read-only: the export goes to tmp_path
+    folder = export(run.root, "audio", out=tmp_path / "timm")
+    cfg, domain = load_config("audio", run.root / "params.yaml")
+    paths = DomainPaths("audio", run.root)
+    encoder = domain.load_encoder("ssl", cfg, paths.shards, paths.pretrain / "encoder", seed=0).eval()
+    rows = [domain.pretrain_dataset(paths.shards, "train")[i] for i in range(4)]
+    with torch.no_grad():
+        ours = encoder(encoder.collate(rows))
+    from ssl_models.audio.features import decode_row
+
+    torch.save([torch.from_numpy(decode_row(row, encoder.spec.width)) for row in rows], tmp_path / "clips.pt")
+    gap = (load_elsewhere(folder, tmp_path / "clips.pt", tmp_path) - ours).abs().max().item()
+    assert gap < 1e-5, gap
+    card = (folder / "README.md").read_text()
+    assert "library_name: timm" in card and "lineage verify models/audio/pretrain" in card
     assert verify(folder) == []
