@@ -132,7 +132,7 @@ def run_stage(stage: str, domain: str, root: str) -> bool:
 
 @task
 def publish_report(domain: str, root: str) -> None:
-    """The report as a Markdown artifact, the verdict as a table artifact, and a link to the HTML report."""
+    """The report as a Markdown artifact, the verdict as a table artifact, links to the HTML report and the export."""
     paths = DomainPaths(domain, Path(root))
     key = domain.replace("_", "-")
     create_markdown_artifact(key=f"{key}-report", markdown=(paths.report / "report.md").read_text(),
@@ -146,6 +146,9 @@ def publish_report(domain: str, root: str) -> None:
                                       f"paired {metrics.get('confidence', 0.95):.0%} intervals")
     create_link_artifact(key=f"{key}-report-html", link=(paths.report / "report.html").resolve().as_uri(),
                          link_text=f"{domain} report (HTML)", description="The report page on the machine that ran it")
+    create_link_artifact(key=f"{key}-export", link=paths.export.resolve().as_uri(),
+                         link_text=f"{domain} encoder export (model card: README.md)",
+                         description="The encoder in its field's format, on the machine that ran it")
 
 
 @flow(name=FLOW_NAME)

@@ -42,7 +42,7 @@ if TYPE_CHECKING:
 # The stages in data-flow order: dvc.yaml declares one entry each (a test holds them equal),
 # and the Prefect flow runs them in this order. Stage `s` is the function `tasks.stages.<s>.<s>`,
 # called as `s(cfg, domain, paths)`.
-STAGES = ("default_data", "ingest", "preprocess", "pretrain", "finetune", "evaluate", "report")
+STAGES = ("default_data", "ingest", "preprocess", "pretrain", "finetune", "evaluate", "report", "export")
 
 LOCK_TIMEOUT_ENV = "SSL_PIPELINE_LOCK_TIMEOUT"
 LOCK_HOLDER_ENV = "SSL_PIPELINE_LOCK_HOLDER"  # "<lock file>:<pid>" of the stage process holding it
@@ -58,6 +58,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="project root holding params.yaml (default: the working directory)")
     commands = parser.add_subparsers(dest="command", required=True)
     for stage in STAGES:
+        if stage == "export":
+            continue
         sub = commands.add_parser(stage, help=f"run the {stage} stage for one domain")
         sub.add_argument("domain", help="a block name under `domains:` in params.yaml")
     lineage = commands.add_parser("lineage", help="show or verify an artifact's lineage, or find what used a record")
@@ -68,8 +70,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     lineage.add_argument("other", nargs="?", type=Path,
                          help="diff: the same artifact of another run (another clone or workspace)")
     lineage.add_argument("--domain", action="append", help="which: only this domain (repeatable; default: all)")
-    export = commands.add_parser("export", help="write a domain's encoder in its field's format with a model card "
-                                                "(`export DOMAIN`), or re-hash an export (`export verify DIR`)")
+    export = commands.add_parser("export", help="run the export stage for one domain (its encoder in its field's "
+                                                "format with a model card), export another init or elsewhere "
+                                                "(--init, --out), or re-hash an export (`export verify DIR`)")
     export.add_argument("domain", help="a block name under `domains:` in params.yaml, or `verify`")
     export.add_argument("folder", nargs="?", type=Path, help="with `verify`: the export folder")
     export.add_argument("--init", default="ssl", help="ssl (the pretrained encoder, default) or generic")
@@ -263,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.action == "diff":
                 return run_lineage_diff(Path(args.artifact), args.other)
             return run_lineage(args.action, args.artifact, args.root, args.domain)
-        if args.command == "export":
+        if args.command == "export" and (args.domain == "verify" or args.folder or args.init != "ssl" or args.out):
             return run_export(args)
         if args.command == "embed":
             return run_embed(args)

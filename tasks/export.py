@@ -32,21 +32,25 @@ EXPORT_INITS = ("ssl", "generic")
 def export(root: Path, domain_name: str, init: str = "ssl", out: Path | None = None) -> Path:
     """Export the `init` encoder (the pretrained one, or the generic checkpoint) of `domain_name`
     in the project `root` to `out` (default `models/<domain>/export`); returns the folder."""
-    import torch
-
     from ssl_models.core.config import load_config
+
+    cfg, domain = load_config(domain_name, root / "params.yaml")
+    paths = DomainPaths(domain_name, root)
+    return write_export(cfg, domain, paths, init, out or paths.export)
+
+
+def write_export(cfg: Any, domain: Any, paths: DomainPaths, init: str, target: Path) -> Path:
+    """The export of the parsed domain block: the domain's `export` hook, the card, the manifest."""
+    import torch
 
     if init not in EXPORT_INITS:
         raise PipelineError(f"export --init {init!r}: one of {', '.join(EXPORT_INITS)}")
-    cfg, domain = load_config(domain_name, root / "params.yaml")
-    paths = DomainPaths(domain_name, root)
     encoder_dir = paths.pretrain / "encoder"
-    if init == "ssl" and not (paths.pretrain / "lineage.json").exists():
+    if init == "ssl" and not (paths.pretrain / RECORD_NAME).exists():
         raise PipelineError(f"no pretrained encoder at {paths.relative(encoder_dir)}: run "
-                            f"`ssl-pipeline pretrain {domain_name}` (or `dvc repro pretrain@{domain_name}`) first")
+                            f"`ssl-pipeline pretrain {cfg.name}` (or `dvc repro pretrain@{cfg.name}`) first")
     if init == "generic" and init not in domain.available_inits(cfg):
-        raise PipelineError(f"domain {domain_name!r} has no generic checkpoint to export")
-    target = out or root / "models" / domain_name / "export"
+        raise PipelineError(f"domain {cfg.name!r} has no generic checkpoint to export")
     encoder = domain.load_encoder(init, cfg, paths.shards, encoder_dir, seed=0).eval()
     with atomic_dir(target) as folder, torch.no_grad():
         about = domain.export(cfg, encoder, folder)
@@ -57,7 +61,7 @@ def export(root: Path, domain_name: str, init: str = "ssl", out: Path | None = N
         write_manifest(folder)
         for path in folder.rglob("*"):  # for the team it is handed to: nothing private is in it
             path.chmod(0o755 if path.is_dir() else 0o644)
-    log.info("export %s: %s encoder written to %s (%s)", domain_name, init, target, about["format"])
+    log.info("export %s: %s encoder written to %s (%s)", cfg.name, init, paths.relative(target), about["format"])
     return target
 
 
@@ -78,32 +82,27 @@ def verify(folder: Path) -> list[str]:
             + [f"changed: {name}" for name in sorted(set(listed) & set(found)) if found[name] != listed[name]])
 
 
-def _evaluation_rows(metrics: dict[str, Any], comparisons: list[dict[str, Any]]) -> list[str]:
-    """The card's evaluation tables: each init's best protocol per label fraction, and `ssl`
-    against each alternative (report.verdict_table: the paired difference, interval, verdict)."""
-    from tasks.stages.report import verdict_table
-
-    rows = ["| label fraction | init | protocol | mean | seeds | test rows |", "|---|---|---|---|---|---|"]
-    for row in metrics.get("best_protocols", []):
-        rows.append(f"| {row['label_fraction']:g} | {row['init']} | {row['protocol']} | {row['mean']:.4f} "
-                    f"| {row['n_seeds']} | {row['n_test']} |")
-    rows += ["", f"`ssl` against each alternative, paired over seeds ({metrics.get('confidence', 0.95):.0%} "
-             "intervals):", "", "| label fraction | against | difference | interval | verdict |", "|---|---|---|---|---|"]
-    for row in verdict_table(metrics, comparisons):
-        interval = "–" if row["interval"] is None else f"[{row['interval'][0]:+.4f}, {row['interval'][1]:+.4f}]"
-        rows.append(f"| {row['label_fraction']:g} | {row['against']} | {row['difference']:+.4f} | {interval} "
-                    f"| {row['verdict']} |")
-    return rows
-
-
 def model_card(cfg: Any, domain: Any, paths: DomainPaths, init: str, about: dict[str, Any]) -> str:
-    """The export's README.md: Hugging Face front matter (with the verdict's numbers as a
-    model-index where evaluate has run), how to load it, the evaluation, and the provenance."""
-    metrics = read_json(paths.metrics) if paths.metrics.exists() else None
+    """The export's README.md (templates/model_card.md.j2): Hugging Face front matter with the
+    verdict's numbers as a model-index where evaluate has run, intended and out-of-scope uses, a
+    data statement, the evaluation, limitations, provenance and how to load it."""
+    from collections import Counter
+
+    from tasks.stages.report import ENVIRONMENT, all_quarantined, verdict_table, verdicts
+
+    metrics_file = paths.evaluation / "metrics.json"
+    metrics = read_json(metrics_file) if metrics_file.exists() else None
+    comparisons = read_json(paths.evaluation / "comparisons.json") if metrics else []
     lineage_file = paths.pretrain / RECORD_NAME
     lineage = read_json(lineage_file) if lineage_file.exists() else {}
+    pretrain_log = read_json(paths.pretrain / "log.json") if (paths.pretrain / "log.json").exists() else {}
+    ingest = read_json(paths.manifest / "summary.json") if (paths.manifest / "summary.json").exists() else None
+    quarantine = all_quarantined(paths) if ingest else []
+    found = verdicts(metrics, comparisons) if metrics else []
+    uses_default = cfg.resolve(cfg.corpus).resolve().is_relative_to(paths.default_data.resolve())
     base = domain.generic_checkpoint(cfg) if init == "generic" else getattr(cfg.model, "base_checkpoint", None)
-    front = {"library_name": about["library"], "tags": ["ssl-pipeline", cfg.name, "self-supervised",
+    # the weights derive from the organisation's own data: no open license is presumed
+    front = {"license": "other", "license_name": "organisation-internal", "library_name": about["library"], "tags": ["ssl-pipeline", cfg.name, "self-supervised",
                                                         "feature-extraction"],
              "pipeline_tag": "feature-extraction"}
     if metrics:
@@ -113,31 +112,19 @@ def model_card(cfg: Any, domain: Any, paths: DomainPaths, init: str, about: dict
              "metrics": [{"type": metrics["primary_metric"], "name": f"{row['init']} {row['protocol']} "
                           f"with {row['label_fraction']:.0%} of labels", "value": row["mean"]}
                          for row in metrics.get("best_protocols", []) if row["init"] in (init, "baseline")]}]}]
-    lines = ["---", yaml.safe_dump(front, sort_keys=True).rstrip(), "---", "",
-             f"# {cfg.name}: the `{init}` encoder of an ssl-pipeline run", "",
-             f"{about['format'][0].upper()}{about['format'][1:]}. "
-             + (f"Pretrained with `{cfg.pretrain.method}`, backbone `{cfg.model.backbone}`"
-                + (f", continued from `{base}`." if base else ".") if init == "ssl"
-                else f"The generic checkpoint `{base}` as published."), "",
-             "## How to load it", "",
-             f"With {about['library']} alone (no import of ssl-pipeline); `embed` takes {about['inputs']} "
-             "and gives the embeddings the pipeline's probes were fitted on:", "", "```python",
-             'FOLDER = "."  # this folder', about["snippet"].rstrip(), "```", "",
-             f"`{MANIFEST}` holds the sha256 of every file; `ssl-pipeline export verify FOLDER` re-checks them.", "",
-             "## Evaluation", ""]
-    if metrics:
-        lines += [f"Metric: {metrics['primary_metric']} on {metrics['labeled_test']} held-out test rows "
-                  f"({metrics.get('labeled_test_in_pretraining_corpus', 0)} of them in the pretraining corpus). "
-                  "`baseline` is the classical features a practitioner tries first, `generic` an off-the-shelf "
-                  "checkpoint, `scratch` the same architecture untrained.", "",
-                  *_evaluation_rows(metrics, read_json(paths.evaluation / "comparisons.json")), ""]
-    else:
-        lines += ["Not evaluated: this export was written before the evaluate stage ran "
-                  "(`dvc repro` runs it; export again for the numbers).", ""]
-    lines += ["## Provenance", "",
-              f"- pretrain lineage record: `{paths.relative(lineage_file)}`, sha256 "
-              f"`{sha256_file(lineage_file) if lineage_file.exists() else 'none'}`",
-              f"- the encoder's outputs digest in it: `{lineage.get('outputs_digest', 'none')}`",
-              f"- `ssl-pipeline lineage verify {paths.relative(paths.pretrain)}` re-hashes the data, code and "
-              "params behind it. No raw record, no path of the corpus and no salt is in this folder.", ""]
-    return "\n".join(lines)
+    return ENVIRONMENT.get_template("model_card.md.j2").render(
+        front_matter=yaml.safe_dump(front, sort_keys=True).rstrip(), domain_name=cfg.name, init=init, about=about,
+        method=cfg.pretrain.method, backbone=cfg.model.backbone, base=base, manifest=MANIFEST,
+        task_kind=domain.task_kind, task=domain.task_description(cfg, uses_default),
+        ingest=ingest and {"labeled_by_split": {}, **ingest}, quarantined=len(quarantine),
+        quarantine_reasons=Counter(q["reason"] for q in quarantine).most_common(10),
+        pseudonymised=domain.pseudonymises(cfg), metrics=metrics,
+        primary=metrics and metrics["primary_metric"],
+        unit=metrics and metrics.get("comparison_metric", metrics["primary_metric"]),
+        confidence=(metrics or {}).get("confidence", 0.95), verdicts=found,
+        paid_off_anywhere=any(v["outcome"] == "paid off" for v in found),
+        best_protocols=(metrics or {}).get("best_protocols", []), table=verdict_table(metrics, comparisons) if metrics else [],
+        checkpoints=pretrain_log.get("checkpoints", [])[-12:], rankme_rows=pretrain_log.get("rankme_rows", "validation"),
+        chosen=pretrain_log.get("choice"), lineage_path=paths.relative(lineage_file),
+        lineage_sha=sha256_file(lineage_file) if lineage_file.exists() else "none",
+        outputs_digest=lineage.get("outputs_digest", "none"), pretrain_path=paths.relative(paths.pretrain))

@@ -41,6 +41,7 @@ class DomainPaths:
     metrics = _Artifact("reports/{domain}/metrics.json")
     plots = _Artifact("reports/{domain}/plots")
     report = _Artifact("reports/{domain}/report")
+    export = _Artifact("models/{domain}/export")
 
     def relative(self, path: Path) -> str:
         """How lineage records name an artifact: relative to the project root."""
@@ -52,7 +53,7 @@ class DomainPaths:
                 "pretrain": [self.pretrain, self.checkpoints], "finetune": [self.finetune],
                 "evaluate": [self.evaluation, self.metrics, self.plots / "label_efficiency.csv",
                              self.plots / "pretrain_curve.csv"],
-                "report": [self.report]}[stage]
+                "report": [self.report], "export": [self.export]}[stage]
 
     def inputs(self, stage: str) -> dict[Path, str]:
         """The artifacts `stage` reads (its dvc.yaml deps made by other stages) -> the stage making each."""
@@ -60,7 +61,8 @@ class DomainPaths:
                    self.finetune: "finetune", self.evaluation: "evaluate"}
         needs = {"default_data": [], "ingest": [], "preprocess": [self.manifest], "pretrain": [self.shards],
                  "finetune": [self.shards, self.pretrain], "evaluate": [self.finetune, self.pretrain, self.shards],
-                 "report": [self.evaluation, self.pretrain, self.manifest, self.shards]}[stage]
+                 "report": [self.evaluation, self.pretrain, self.manifest, self.shards],
+                 "export": [self.pretrain, self.evaluation, self.manifest, self.shards]}[stage]
         return {path: made_by[path] for path in needs}
 
     @property

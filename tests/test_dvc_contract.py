@@ -97,9 +97,10 @@ def test_dvc_yaml_has_one_entry_per_stage_in_the_clis_order() -> None:
     assert tuple(yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]) == STAGES
 
 
-# modules the CLI imports only for a command that is not a stage (`ssl-pipeline export`, `embed`): no
-# stage runs their code (nor what they import), so a change to them changes no stage's output
-COMMANDS_ONLY = {REPO / "tasks" / "export.py", REPO / "tasks" / "embed.py"}
+# modules the CLI imports only for one command: `embed` (not a stage) and `export` with options (the
+# export stage's own code too): no other stage runs them (nor what they import), so a change to them
+# changes no other stage's output
+COMMAND_MODULES = {"embed": REPO / "tasks" / "embed.py", "export": REPO / "tasks" / "export.py"}
 
 
 @pytest.mark.parametrize("stage", STAGES)
@@ -107,10 +108,11 @@ def test_every_project_module_a_stage_imports_is_among_its_deps(stage: str) -> N
     for key, item in domain_blocks().items():
         declared = entries(resolved_stage(stage, key, item)["deps"])
         package = REPO / "ssl_models" / item["module"]
+        other_commands = {path for command, path in COMMAND_MODULES.items() if command != stage}
         code = import_closure(REPO / "tasks" / "cli.py", REPO / "tasks" / "stages" / f"{stage}.py",
                               package / "__init__.py",
-                              *package.glob("*.py"), skip=COMMANDS_ONLY)
-        uncovered = sorted(str(f.relative_to(REPO)) for f in code if holds_code(f) and f not in COMMANDS_ONLY
+                              *package.glob("*.py"), skip=other_commands)
+        uncovered = sorted(str(f.relative_to(REPO)) for f in code if holds_code(f) and f not in other_commands
                            and not any(f.relative_to(REPO).as_posix() == d or f.relative_to(REPO).is_relative_to(d)
                                       for d in declared))
         assert not uncovered, f"{stage}@{key} imports code dvc.yaml does not list in its deps: {uncovered}"
@@ -188,6 +190,14 @@ def test_importing_a_project_module_finds_its_file() -> None:
     assert module_file("torch") is None
     closure = import_closure(REPO / "tasks" / "stages" / "pretrain.py")
     assert REPO / "ssl_models/core/schedules.py" in closure and REPO / "tasks/lineage.py" in closure
+
+
+def test_every_domain_block_has_its_export_registered_as_a_dvc_artifact() -> None:
+    artifacts = yaml.safe_load((REPO / "dvc.yaml").read_text())["artifacts"]
+    for key in domain_blocks():
+        entry = artifacts.get(f"{key}-encoder")
+        assert entry and entry["path"] == DomainPaths(key).relative(DomainPaths(key).export), key
+        assert entry["type"] == "model"
 
 
 def test_every_params_entry_of_dvc_yaml_is_in_every_domain_block() -> None:

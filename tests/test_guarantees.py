@@ -78,6 +78,8 @@ STAGES_TESTED: dict[str, list[str]] = {stage: STAGE_TESTS for stage in STAGES} |
                  "tests/tasks/test_finetune.py::test_every_init_runs_its_protocols_on_paired_subsets_with_per_sample_predictions"],
     "evaluate": [*STAGE_TESTS, "tests/flows/test_pipeline.py::test_report_metrics_schema_and_lineage"],
     "report": [*STAGE_TESTS, "tests/flows/test_pipeline.py::test_report_metrics_schema_and_lineage"],
+    "export": [*STAGE_TESTS,
+               "tests/tasks/test_export.py::test_the_export_stage_card_tells_a_governance_board_what_it_needs"],
 }
 
 

@@ -72,7 +72,8 @@ def test_report_metrics_schema_and_lineage(spine: dict) -> None:
 
     with get_client(sync_client=True) as client:
         published = {a.key: a for a in client.read_artifacts(
-            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["legal-verdict", "legal-report-html"])))}
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(
+                any_=["legal-verdict", "legal-report-html", "legal-export"])))}
     table = published["legal-verdict"].data
     table = json.loads(table) if isinstance(table, str) else table
     comparisons = yaml.safe_load((folder / "reports/legal/evaluation/comparisons.json").read_text())
@@ -85,6 +86,8 @@ def test_report_metrics_schema_and_lineage(spine: dict) -> None:
                                                                        c["verdict"])
     link = published["legal-report-html"].data  # Prefect keeps a link as Markdown: [text](url)
     assert f"({(folder / 'reports/legal/report/report.html').resolve().as_uri()})" in link
+    assert f"({(folder / 'models/legal/export').resolve().as_uri()})" in published["legal-export"].data
+    assert (folder / "models/legal/export/README.md").is_file()  # the flow ran the export stage
     verified = subprocess.run([str(SCRIPTS / "ssl-pipeline"), "lineage", "verify", "reports/legal/report"],
                               cwd=folder, capture_output=True, text=True, env=stage_env())
     assert verified.returncode == 0, verified.stdout
@@ -102,7 +105,7 @@ def test_dvc_is_up_to_date_and_a_finetune_param_reruns_only_downstream(spine: di
     repro = dvc(folder, "repro")
     assert repro.returncode == 0, repro.stderr
     ran = set(re.findall(r"Running stage '([^']+)'", repro.stdout))
-    assert ran == {"finetune@legal", "evaluate@legal", "report@legal"}
+    assert ran == {"finetune@legal", "evaluate@legal", "report@legal", "export@legal"}  # the card carries the numbers
 
 
 def test_a_bad_input_failure_is_never_retried_and_any_other_keeps_its_retries() -> None:

@@ -7,7 +7,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tasks.export import export
 from tasks.lineage import verify
 from tests.conftest import run_stages, write_params
 from tests.ssl_models.medical_files import blob_volume, medical_params, write_nifti, write_series
@@ -36,9 +35,9 @@ def test_a_planted_patient_reaches_no_output_log_or_report(
     caplog.set_level(logging.DEBUG)
     (summary,) = run_stages(tmp_path, "medical", "ingest")
     assert summary["labeled"] == 24
-    run_stages(tmp_path, "medical", "preprocess", "pretrain", "finetune", "evaluate", "report")
+    run_stages(tmp_path, "medical", "preprocess", "pretrain", "finetune", "evaluate", "report", "export")
     assert verify(tmp_path / "reports/medical/report", tmp_path) == []
-    export(tmp_path, "medical")  # the bundle and its model card: scanned below with the rest
+    # the bundle and its model card (with the data statement and the verdict): scanned below with the rest
     assert (tmp_path / "models/medical/export/README.md").exists()
     written = [p for folder in ("data", "models", "reports") for p in (tmp_path / folder).rglob("*")]
     assert len(written) > 30

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from ssl_models.core.config import load_config
 from tasks.cli import main
@@ -108,10 +109,34 @@ def test_the_legal_export_loads_strictly_without_the_project_and_embeds_as_the_p
 
 def test_export_before_pretrain_and_an_unknown_init_are_one_line(ingested_project: Path,
                                                                 capsys) -> None:
-    assert main(["--root", str(ingested_project), "export", "legal"]) == 2
+    assert main(["--root", str(ingested_project), "export", "legal"]) == 2  # the stage
+    assert "export@legal reads models/legal/pretrain, which does not exist; run pretrain@legal first" in \
+        capsys.readouterr().err
+    assert main(["--root", str(ingested_project), "export", "legal", "--out", "elsewhere"]) == 2
     assert "run `ssl-pipeline pretrain legal`" in capsys.readouterr().err
     assert main(["--root", str(ingested_project), "export", "legal", "--init", "scratch"]) == 2
     assert "one of ssl, generic" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # reads the domain's reference run, which every stage built, export included
+def test_the_export_stage_card_tells_a_governance_board_what_it_needs(reference_run) -> None:
+    run = reference_run("legal")
+    folder = DomainPaths("legal", run.root).export
+    card = (folder / "README.md").read_text()
+    front = yaml.safe_load(card.split("---\n")[1])
+    metrics = json.loads((run.root / "reports/legal/metrics.json").read_text())
+    ssl_best = [row for row in metrics["best_protocols"] if row["init"] == "ssl"]
+    assert sorted(m["value"] for m in front["model-index"][0]["results"][0]["metrics"] if m["name"].startswith("ssl")) \
+        == sorted(row["mean"] for row in ssl_best)
+    for section in ("## Intended use", "## Out-of-scope uses", "## How to load it", "## Data statement",
+                    "## Evaluation", "## Limitations", "## Provenance"):
+        assert section in card, section
+    summary = json.loads((run.root / "data/legal/manifest/summary.json").read_text())
+    assert f"Files: {summary['files']} read, {summary['records']} records kept" in card
+    assert "De-identification: none" in card and "RankMe" in card
+    for row in ssl_best:  # the verdict per fraction, in words, as the report gives it
+        assert f"**{row['label_fraction']:.0%} of labels**" in card
+    assert verify(folder) == []
 
 
 @pytest.mark.slow  # builds the domain's reference run when no kill test has
@@ -138,7 +163,8 @@ def test_the_medical_export_is_a_monai_bundle_that_loads_strictly_without_the_pr
     gap = (load_elsewhere(folder, tmp_path / "images.pt", tmp_path) - ours).abs().max().item()
     assert gap < 1e-5, gap
     card = (folder / "README.md").read_text()
-    raw_names = [p.stem for p in (run.root / "data/medical/default/corpus").rglob("*") if p.is_file()]
+    # whole file names ("anatomical.nii"; "anatomical" alone is a word of the task's description)
+    raw_names = [p.name for p in (run.root / "data/medical/default/corpus").rglob("*") if p.is_file()]
     assert raw_names and not [name for name in raw_names if name in card]
     assert verify(folder) == []
 
