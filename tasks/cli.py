@@ -76,7 +76,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     export.add_argument("domain", help="a block name under `domains:` in params.yaml, or `verify`")
     export.add_argument("folder", nargs="?", type=Path, help="with `verify`: the export folder")
     export.add_argument("--init", default="ssl", help="ssl (the pretrained encoder, default) or generic")
-    export.add_argument("--out", type=Path, help="where to write it (default: models/DOMAIN/export)")
+    export.add_argument("--out", type=Path, help="where to write it (default: models/DOMAIN/export, and "
+                                                 "export-generic or export-finetuned-FRACTION beside it)")
+    export.add_argument("--finetuned", type=float, metavar="FRACTION",
+                        help="the encoder as fine-tuned on this label fraction (with its head), not as pretrained")
     embed = commands.add_parser("embed", help="turn a folder of raw files into embeddings (Parquet), through the "
                                               "domain's readers, quarantine, pseudonyms and preprocessing")
     embed.add_argument("domain", help="a block name under `domains:` in params.yaml (its pretrained encoder)")
@@ -266,7 +269,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.action == "diff":
                 return run_lineage_diff(Path(args.artifact), args.other)
             return run_lineage(args.action, args.artifact, args.root, args.domain)
-        if args.command == "export" and (args.domain == "verify" or args.folder or args.init != "ssl" or args.out):
+        if args.command == "export" and (args.domain == "verify" or args.folder or args.init != "ssl" or args.out
+                                         or args.finetuned is not None):
             return run_export(args)
         if args.command == "embed":
             return run_embed(args)
@@ -316,7 +320,7 @@ def run_export(args: argparse.Namespace) -> int:
     if args.folder is not None:
         raise PipelineError(f"export {args.domain}: unexpected argument {str(args.folder)!r} (the folder goes in --out)")
     with domain_lock(DomainPaths(args.domain, args.root).lock, f"export@{args.domain}"):
-        print(export.export(args.root, args.domain, args.init, args.out))
+        print(export.export(args.root, args.domain, args.init, args.out, args.finetuned))
     return 0
 
 

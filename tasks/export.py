@@ -29,31 +29,61 @@ MANIFEST = "manifest.json"
 EXPORT_INITS = ("ssl", "generic")
 
 
-def export(root: Path, domain_name: str, init: str = "ssl", out: Path | None = None) -> Path:
+def export(root: Path, domain_name: str, init: str = "ssl", out: Path | None = None,
+           finetuned: float | None = None) -> Path:
     """Export the `init` encoder (the pretrained one, or the generic checkpoint) of `domain_name`
-    in the project `root` to `out` (default `models/<domain>/export`); returns the folder."""
+    in the project `root` to `out` (default `models/<domain>/export`, the stage's, for the pretrained
+    encoder; `export-generic`, `export-finetuned-<fraction>` beside it for the others); with `finetuned`, the
+    pretrained encoder as the finetune stage fine-tuned it on that fraction of the labels, with its
+    classification head. Returns the folder."""
     from ssl_models.core.config import load_config
 
     cfg, domain = load_config(domain_name, root / "params.yaml")
     paths = DomainPaths(domain_name, root)
-    return write_export(cfg, domain, paths, init, out or paths.export)
+    # the stage's own output (a DVC out) is the pretrained encoder's; the others go beside it
+    variant = f"-finetuned-{finetuned:g}" if finetuned is not None else "" if init == "ssl" else f"-{init}"
+    return write_export(cfg, domain, paths, init, out or paths.export.with_name(f"export{variant}"), finetuned)
 
 
-def write_export(cfg: Any, domain: Any, paths: DomainPaths, init: str, target: Path) -> Path:
+def finetuned_model(paths: DomainPaths, fraction: float) -> Path:
+    """The finetune stage's saved `ssl` model at `fraction` (its first seed's)."""
+    saved = {}
+    for folder in sorted((paths.finetune / "models").glob("ssl_fraction-*_seed-*")):
+        value, _, seed = folder.name[len("ssl_fraction-"):].partition("_seed-")
+        saved.setdefault(float(value), folder)
+    if fraction not in saved:
+        offered = ", ".join(f"{value:g}" for value in sorted(saved)) or "none (run the finetune stage first)"
+        raise PipelineError(f"export --finetuned {fraction:g}: no fine-tuned model at that label fraction in "
+                            f"{paths.relative(paths.finetune)}; saved: {offered}")
+    return saved[fraction]
+
+
+def write_export(cfg: Any, domain: Any, paths: DomainPaths, init: str, target: Path,
+                 finetuned: float | None = None) -> Path:
     """The export of the parsed domain block: the domain's `export` hook, the card, the manifest."""
+    import shutil
+
     import torch
 
     if init not in EXPORT_INITS:
         raise PipelineError(f"export --init {init!r}: one of {', '.join(EXPORT_INITS)}")
+    if finetuned is not None and init != "ssl":
+        raise PipelineError("export --finetuned exports the fine-tuned `ssl` encoder: leave out --init")
     encoder_dir = paths.pretrain / "encoder"
     if init == "ssl" and not (paths.pretrain / RECORD_NAME).exists():
         raise PipelineError(f"no pretrained encoder at {paths.relative(encoder_dir)}: run "
                             f"`ssl-pipeline pretrain {cfg.name}` (or `dvc repro pretrain@{cfg.name}`) first")
     if init == "generic" and init not in domain.available_inits(cfg):
         raise PipelineError(f"domain {cfg.name!r} has no generic checkpoint to export")
-    encoder = domain.load_encoder(init, cfg, paths.shards, encoder_dir, seed=0).eval()
+    model_dir = finetuned_model(paths, finetuned) if finetuned is not None else None
+    encoder = domain.load_encoder(init, cfg, paths.shards, model_dir / "encoder" if model_dir else encoder_dir,
+                                  seed=0).eval()
     with atomic_dir(target) as folder, torch.no_grad():
         about = domain.export(cfg, encoder, folder)
+        if model_dir is not None:  # the classifier the encoder was fine-tuned with
+            shutil.copyfile(model_dir / "head.safetensors", folder / "head.safetensors")
+            shutil.copyfile(model_dir / "classes.json", folder / "classes.json")
+            about = {**about, "finetuned": {"fraction": finetuned, "model": model_dir.name}}
         card = model_card(cfg, domain, paths, init, about)
         (folder / "README.md").write_text(card, encoding="utf-8")
         if about.get("docs"):  # where the format keeps its own copy (a MONAI bundle's docs/README.md)
@@ -114,6 +144,7 @@ def model_card(cfg: Any, domain: Any, paths: DomainPaths, init: str, about: dict
                          for row in metrics.get("best_protocols", []) if row["init"] in (init, "baseline")]}]}]
     return ENVIRONMENT.get_template("model_card.md.j2").render(
         front_matter=yaml.safe_dump(front, sort_keys=True).rstrip(), domain_name=cfg.name, init=init, about=about,
+        finetuned=about.get("finetuned"),
         method=cfg.pretrain.method, backbone=cfg.model.backbone, base=base, manifest=MANIFEST,
         task_kind=domain.task_kind, task=domain.task_description(cfg, uses_default),
         ingest=ingest and {"labeled_by_split": {}, **ingest}, quarantined=len(quarantine),

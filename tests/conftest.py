@@ -56,7 +56,8 @@ def worker_group(nodeid: str) -> str:
         return f"reference-{kill.group(1)}"
     if nodeid == "tests/test_dvc_contract.py::test_stage_outputs_are_byte_identical_when_re_run":
         return "reference-legal"
-    if nodeid.startswith("tests/tasks/test_export.py::test_the_export_stage_card"):
+    if nodeid.startswith(("tests/tasks/test_export.py::test_the_export_stage_card",
+                          "tests/tasks/test_export.py::test_a_fine_tuned_encoder_exports")):
         return "reference-legal"
     if nodeid.startswith("tests/tasks/test_export.py::test_the_medical_export"):
         return "reference-medical"

@@ -139,6 +139,34 @@ def test_the_export_stage_card_tells_a_governance_board_what_it_needs(reference_
     assert verify(folder) == []
 
 
+@pytest.mark.slow  # reads the domain's reference run
+def test_a_fine_tuned_encoder_exports_with_its_head_and_loads_without_the_project(reference_run,
+                                                                                  tmp_path: Path) -> None:
+    run = reference_run("legal")  # read-only: the export goes to tmp_path
+    assert main(["--root", str(run.root), "export", "legal", "--finetuned", "0.5", "--out", str(tmp_path / "x")]) == 2
+    assert main(["--root", str(run.root), "export", "legal", "--finetuned", "1", "--out", str(tmp_path / "ft")]) == 0
+    folder = tmp_path / "ft"
+    cfg, domain = load_config("legal", run.root / "params.yaml")
+    paths = DomainPaths("legal", run.root)
+    saved = paths.finetune / "models" / "ssl_fraction-1.0_seed-0"
+    tuned = domain.load_encoder("ssl", cfg, paths.shards, saved / "encoder", seed=0).eval()
+    pretrained = domain.load_encoder("ssl", cfg, paths.shards, paths.pretrain / "encoder", seed=0).eval()
+    texts = [p.read_text(encoding="utf-8") for p in sorted((run.root / "data/legal/default/corpus").rglob("*.txt"))[:4]]
+    with torch.no_grad():
+        ours = tuned(tuned.collate([{"text": t} for t in texts]))
+        before = pretrained(pretrained.collate([{"text": t} for t in texts]))
+    assert (ours - before).abs().max() > 1e-3  # fine-tuning moved it: this is not the pretrained encoder
+    (tmp_path / "texts.json").write_text(json.dumps(texts))
+    assert (load_elsewhere(folder, tmp_path / "texts.json", tmp_path) - ours).abs().max().item() < 1e-5
+    from safetensors.torch import load_file
+
+    head, classes = load_file(str(folder / "head.safetensors")), json.loads((folder / "classes.json").read_text())
+    assert head["weight"].shape == (len(classes), tuned.dim) and classes == json.loads((saved / "classes.json").read_text())
+    card = (folder / "README.md").read_text()
+    assert "fine-tuned on 100% of the labels" in card and "head.safetensors" in card
+    assert verify(folder) == []
+
+
 @pytest.mark.slow  # builds the domain's reference run when no kill test has
 def test_the_medical_export_is_a_monai_bundle_that_loads_strictly_without_the_project(reference_run,
                                                                                      tmp_path: Path) -> None:
