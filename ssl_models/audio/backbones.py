@@ -399,14 +399,13 @@ def timm_description(backbone: SpectrogramTransformer) -> dict[str, Any]:
     """The timm VisionTransformer that computes what `backbone` does (weights by `timm_state_dict`)."""
     config = backbone.config
     hidden, intermediate = config["hidden_size"], config["intermediate_size"]
-    if int(hidden * (intermediate / hidden)) != intermediate:
-        raise PipelineError(f"export: timm's ViT cannot hold an MLP of {intermediate} units over width {hidden} "
-                            "(mlp_ratio rounds it); choose model.intermediate_size as a multiple of hidden_size")
+    # timm sizes the MLP as int(width * mlp_ratio): half a unit more keeps a float's rounding from
+    # losing one (intermediate / hidden alone gives 487 for 488 over 56, and thousands more)
     return {"architecture": "vit_base_patch16_224",
             "model_args": {"img_size": [backbone.time_patches * backbone.patch_frames, config["n_mels"]],
                            "patch_size": [backbone.patch_frames, backbone.patch_mels], "in_chans": 1,
                            "embed_dim": hidden, "depth": config["num_layers"], "num_heads": config["num_heads"],
-                           "mlp_ratio": intermediate / hidden, "qkv_bias": True, "class_token": False,
+                           "mlp_ratio": (intermediate + 0.5) / hidden, "qkv_bias": True, "class_token": False,
                            "global_pool": "", "num_classes": 0}}
 
 

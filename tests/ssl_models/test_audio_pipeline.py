@@ -173,6 +173,38 @@ def test_fsdd_speakers_never_cross_splits(audio_project: Path) -> None:
     assert not speakers_by_split["test"] & (speakers_by_split["train"] | speakers_by_split.get("val", set()))
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(not FSDD.is_dir(), reason="shared FSDD recordings (../shared/data/audio-fsdd) not present")
+def test_a_run_on_real_recordings_exports_an_encoder_that_loads_and_matches_elsewhere(audio_project: Path) -> None:
+    """Real speech at its own rate (8 kHz, 0.3-0.8 s clips), not the generated default: the export
+    of the run loads without the project and embeds its rows as the pipeline does."""
+    import torch
+
+    from ssl_models.audio.features import decode_row
+    from ssl_models.core.config import load_config
+    from tasks.export import export
+    from tasks.paths import DomainPaths
+    from tests.tasks.test_export import load_elsewhere
+
+    corpus = audio_project / "fsdd"
+    corpus.mkdir()
+    for path in sorted(FSDD.glob("*_*_[0-1].wav")):
+        (corpus / path.name).symlink_to(path)
+    write_params(audio_project, audio_params(corpus="fsdd", labels=None, model={"pool_segments": 2}))
+    run_stages(audio_project, "audio", "ingest", "preprocess", "pretrain")
+    folder = export(audio_project, "audio")
+    cfg, domain = load_config("audio", audio_project / "params.yaml")
+    paths = DomainPaths("audio", audio_project)
+    encoder = domain.load_encoder("ssl", cfg, paths.shards, paths.pretrain / "encoder", seed=0).eval()
+    dataset = domain.pretrain_dataset(paths.shards, "train")
+    rows = [dataset[i] for i in range(0, len(dataset), max(1, len(dataset) // 8))]
+    with torch.no_grad():
+        ours = encoder(encoder.collate(rows))
+    torch.save([torch.from_numpy(decode_row(row, encoder.spec.width)) for row in rows], audio_project / "clips.pt")
+    gap = (load_elsewhere(folder, audio_project / "clips.pt", audio_project) - ours).abs().max().item()
+    assert gap < 1e-5, gap
+
+
 def test_continued_pretraining_from_a_local_checkpoint_and_the_generic_init(audio_project: Path) -> None:
     import shutil
 
