@@ -165,7 +165,8 @@ def reads_ahead(device: Any) -> bool:
     embedded: where the encoder runs on an accelerator, whose forward leaves the CPU cores free.
     On the CPU the forward's threads already use every core, and the preprocessing's own torch
     work (MONAI's and the tiling's transforms) would start a second team of threads beside them;
-    there the chunks take turns (measured on 2 cores: no gain from the thread, BENCHMARKS.md)."""
+    there the chunks take turns (legal on 2 busy cores: the thread's passes within the noise of
+    these, BENCHMARKS.md)."""
     return device.type != "cpu"
 
 
