@@ -1,7 +1,7 @@
 """`ssl-pipeline embed DOMAIN FOLDER --out FILE`: any folder of raw files -> one embedding per record.
 
 The folder goes through exactly the code the stages run: ingest's discovery, reader and
-quarantine (`tasks.sources.discover`, `ingest._read_source`), its pseudonyms (`public_namer`, with
+quarantine (`tasks.sources.discover`, `ingest.read_source`), its pseudonyms (`public_namer`, with
 the project's salt: a file gets the pseudonym the pipeline gives it at the same path), the
 domain's own `preprocess` into shards, and the embedding the fine-tune stage fits its probes on
 (`tasks.probes.embed_rows`: the encoder's `collate` and `forward`, the same precision). A record
@@ -41,7 +41,7 @@ from ssl_models.core.shards import LABELED
 from tasks.io import atomic_file
 from tasks.paths import DomainPaths
 from tasks.sources import Namer, discover, public_namer
-from tasks.stages.ingest import _read_source, _reason_kind
+from tasks.stages.ingest import read_source, reason_kind
 
 if TYPE_CHECKING:
     import numpy as np
@@ -186,7 +186,7 @@ class Quarantine:
         for entry in entries:
             self.handle.write(json.dumps({"key": entry["key"], "reason": entry["reason"]}, sort_keys=True) + "\n")
             self.count += 1
-            self.kinds[_reason_kind(entry["reason"])] += 1
+            self.kinds[reason_kind(entry["reason"])] += 1
 
 
 def _device(name: str | None) -> Any:
@@ -304,7 +304,7 @@ def _prepare(target: Target, folder_cfg: DomainConfig, sources: list[tuple[str, 
     manifest: list[dict[str, Any]] = []
     keys: dict[str, list[str]] = {}
     for source_key, source in sources:
-        records, rejected = _read_source(domain, source, folder_cfg)
+        records, rejected = read_source(domain, source, folder_cfg)
         quarantine.extend({"key": public("key", item["key"]), "reason": item["reason"]} for item in rejected)
         for record in records:
             key = public("key", record.key)

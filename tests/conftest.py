@@ -48,7 +48,7 @@ def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
 def worker_group(nodeid: str) -> str:
     """The tests that must run in one worker process, to share what it builds once (a reference
     run, a Prefect server): the kill tests of a domain and the re-run test beside their reference
-    run (the medical, histopathology and audio export tests beside theirs), the flow tests beside their
+    run (the export and embed tests beside theirs), the flow tests beside their
     Prefect server (each flow module its own), the two distributed pretrain tests beside their
     one-process run. Any other test is a group of its own."""
     kill = re.match(r"tests/faults/test_kills\.py::\w+\[(\w+)-\d+\]$", nodeid)
@@ -59,7 +59,8 @@ def worker_group(nodeid: str) -> str:
     if nodeid.startswith(("tests/tasks/test_export.py::test_the_export_stage_card",
                           "tests/tasks/test_export.py::test_a_fine_tuned_encoder_exports")):
         return "reference-legal"
-    if nodeid.startswith("tests/tasks/test_export.py::test_the_medical_export"):
+    if nodeid.startswith(("tests/tasks/test_export.py::test_the_medical_export",
+                          "tests/tasks/test_embed.py::test_a_medical_folder")):
         return "reference-medical"
     if nodeid.startswith("tests/tasks/test_export.py::test_the_histopathology_export"):
         return "reference-histo"

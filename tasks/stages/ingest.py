@@ -75,7 +75,7 @@ def read_labels(path: Path | None, corpus: Path) -> dict[str, dict[str, Any]]:
     return labels
 
 
-def _read_source(domain: Domain, source: Source, cfg: DomainConfig) -> tuple[list[Record], list[dict]]:
+def read_source(domain: Domain, source: Source, cfg: DomainConfig) -> tuple[list[Record], list[dict]]:
     records, rejected = [], []
     try:
         for item in domain.read(source, cfg):
@@ -127,7 +127,7 @@ def ingest(cfg: DomainConfig, domain: Domain, paths: DomainPaths) -> dict[str, A
     raw_inputs = {key: sha256_file(path) for key, path in found.files}
     reader_groups: dict[str, str] = {}  # key -> the group a reader found (a patient), private
     for source_key, source in tqdm(found.sources.items(), desc=f"ingest {domain_name}", unit="source", disable=None):
-        records, rejected = _read_source(domain, source, cfg)
+        records, rejected = read_source(domain, source, cfg)
         quarantine.extend({"key": public("key", item["key"]), "reason": item["reason"]} for item in rejected)
         for record in records:
             key = public("key", record.key)
@@ -176,7 +176,7 @@ def _quarantine_problem(cfg: DomainConfig, domain: Domain, paths: DomainPaths, r
     share = len(quarantine) / total
     if rows and share <= limit:
         return None
-    reasons = Counter(_reason_kind(q["reason"]) for q in quarantine).most_common(3)
+    reasons = Counter(reason_kind(q["reason"]) for q in quarantine).most_common(3)
     common = "; ".join(f"{reason!r} x{count}" for reason, count in reasons)
     listed = f"see {paths.manifest.relative_to(paths.root).as_posix()}/quarantine.jsonl"
     if not rows:
@@ -187,7 +187,7 @@ def _quarantine_problem(cfg: DomainConfig, domain: Domain, paths: DomainPaths, r
             f"the ingest settings, or raise domains.{cfg.name}.ingest.max_quarantined_fraction")
 
 
-def _reason_kind(reason: str) -> str:
+def reason_kind(reason: str) -> str:
     """A reason without its particulars (`text too short (3 characters)` -> `text too short`), to count."""
     return reason.split(" (", 1)[0].split(": ", 1)[0][:80]
 
