@@ -3,6 +3,11 @@ in the format the domain's field loads without this project (the domain's `expor
 model card (`README.md`, Hugging Face front matter) and `manifest.json` (the sha256 of every
 file); `ssl-pipeline export verify DIR` re-hashes a copy against its manifest.
 
+`ssl_pipeline.json` carries the exporting block's settings (readers, preprocessing, model, whether
+keys are pseudonymised; no path, no salt, no corpus): with it another team that installed this
+project embeds a new folder as the pipeline did (`ssl-pipeline embed EXPORT_DIR FOLDER`), without
+the exporter's params.yaml (`read_settings`).
+
 The card's numbers come from the run's own files: the verdict from `reports/<d>/metrics.json`
 when evaluate has run, the provenance from the pretrain stage's lineage record, so
 `ssl-pipeline lineage verify models/<d>/pretrain` ties the card to the data, code and params.
@@ -12,6 +17,8 @@ from __future__ import annotations
 
 import json
 import logging
+import tempfile
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +33,13 @@ from tasks.paths import DomainPaths
 log = logging.getLogger("export")
 
 MANIFEST = "manifest.json"
+SETTINGS = "ssl_pipeline.json"
 EXPORT_INITS = ("ssl", "generic")
+SETTINGS_VERSION = 1
+# settings that hold a path on the exporter's machine: left out of ssl_pipeline.json (only that they
+# were set is kept); where the export is used, they name the export folder itself, which holds the
+# weights the encoder has now (a base checkpoint's vocabulary included)
+WITHHELD = ("model.base_checkpoint",)
 
 
 def export(root: Path, domain_name: str, init: str = "ssl", out: Path | None = None,
@@ -84,6 +97,8 @@ def write_export(cfg: Any, domain: Any, paths: DomainPaths, init: str, target: P
             shutil.copyfile(model_dir / "head.safetensors", folder / "head.safetensors")
             shutil.copyfile(model_dir / "classes.json", folder / "classes.json")
             about = {**about, "finetuned": {"fraction": finetuned, "model": model_dir.name}}
+        (folder / SETTINGS).write_text(json.dumps(export_settings(cfg, domain, init), indent=1, sort_keys=True)
+                                       + "\n", encoding="utf-8")
         card = model_card(cfg, domain, paths, init, about)
         (folder / "README.md").write_text(card, encoding="utf-8")
         if about.get("docs"):  # where the format keeps its own copy (a MONAI bundle's docs/README.md)
@@ -93,6 +108,59 @@ def write_export(cfg: Any, domain: Any, paths: DomainPaths, init: str, target: P
             path.chmod(0o755 if path.is_dir() else 0o644)
     log.info("export %s: %s encoder written to %s (%s)", cfg.name, init, paths.relative(target), about["format"])
     return target
+
+
+def export_settings(cfg: Any, domain: Any, init: str) -> dict[str, Any]:
+    """ssl_pipeline.json: the block's sections as the run used them (ingest, preprocess, model, the
+    method and its options, fine-tuning's precision, whether keys are pseudonymised), its preset
+    applied; no corpus, labels, salt file or other path (`WITHHELD`), nothing of the data."""
+    from ssl_models.core.config import section_params
+
+    sections = {"ingest": section_params(cfg.ingest), "preprocess": section_params(cfg.preprocess),
+                "model": section_params(cfg.model),
+                "pretrain": {"method": cfg.pretrain.method, "options": section_params(cfg.pretrain.options)},
+                "finetune": {"precision": cfg.finetune.precision},
+                "privacy": {"pseudonymise": domain.pseudonymises(cfg)}}
+    withheld = []
+    for name in WITHHELD:
+        section, key = name.split(".")
+        if sections[section].pop(key, None) is not None:
+            withheld.append(name)
+    return {"version": SETTINGS_VERSION, "domain": cfg.name, "module": cfg.module, "init": init,
+            "block": sections, "withheld": withheld}
+
+
+def read_settings(folder: Path, root: Path) -> tuple[Any, Any, dict[str, Any]]:
+    """The block an export was made with (its ssl_pipeline.json), parsed and validated as a block of
+    params.yaml is (`load_config`), with the domain that reads it and the settings as written.
+    Relative paths (privacy.salt_file) start at `root`, the receiving project's; a withheld path
+    names `folder`."""
+    from ssl_models.core.config import load_config
+
+    file = folder / SETTINGS
+    try:
+        settings = json.loads(file.read_text(encoding="utf-8"))
+        block = {"module": settings["module"], "corpus": ".", **settings["block"]}
+        name, version = settings["domain"], settings["version"]
+        for setting in settings["withheld"]:
+            section, key = setting.split(".")
+            block[section][key] = str(folder.absolute())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        raise PipelineError(f"{file}: not the settings `ssl-pipeline export` writes ({type(error).__name__}: "
+                            f"{error}); export the encoder again") from None
+    if version != SETTINGS_VERSION:
+        raise PipelineError(f"{file}: settings version {version!r}, this ssl-pipeline reads version "
+                            f"{SETTINGS_VERSION}; export the encoder again with this version")
+    # the one parser of a block is load_config's, which reads a params.yaml: the block goes through one
+    with tempfile.TemporaryDirectory(prefix="ssl-pipeline-export-settings-") as scratch:
+        params = Path(scratch) / "params.yaml"
+        params.write_text(yaml.safe_dump({"domains": {name: block}}, sort_keys=False), encoding="utf-8")
+        try:
+            cfg, domain = load_config(name, params)
+        except PipelineError as error:  # another version's settings
+            raise PipelineError(f"{file}: {str(error).removeprefix('params.yaml ')}; export the encoder again "
+                                "with this version of ssl-pipeline") from None
+    return replace(cfg, root=root), domain, settings
 
 
 def write_manifest(folder: Path) -> None:
