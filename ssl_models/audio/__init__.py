@@ -96,6 +96,12 @@ class Audio(Domain, module="audio"):
 
         return export(encoder, out_dir)
 
+    def load_export(self, cfg: DomainConfig, folder: Path) -> Encoder:
+        """The timm folder back into the spectrogram backbone (`from_timm`), or the wav2vec2 folder."""
+        from ssl_models.audio.backbones import exported_encoder
+
+        return exported_encoder(cfg, folder)
+
     def load_pretrained(self, cfg: DomainConfig, shards_dir: Path, pretrained_dir: Path) -> Encoder:
         from ssl_models.audio.backbones import saved_encoder
 

@@ -409,23 +409,84 @@ def timm_description(backbone: SpectrogramTransformer) -> dict[str, Any]:
                            "global_pool": "", "num_classes": 0}}
 
 
+def timm_names(num_layers: int) -> dict[str, str]:
+    """Our state dict's names -> timm VisionTransformer's, for a backbone of `num_layers` blocks
+    (the normalisation buffers `mean`/`std` have no place in timm: they go to the config)."""
+    names = {"position": "pos_embed", "patch_embedding.weight": "patch_embed.proj.weight",
+             "patch_embedding.bias": "patch_embed.proj.bias", "norm.weight": "norm.weight", "norm.bias": "norm.bias"}
+    for index in range(num_layers):
+        ours, theirs = f"encoder.layers.{index}.", f"blocks.{index}."
+        for module, timm_module in (("norm1", "norm1"), ("norm2", "norm2"), ("self_attn.out_proj", "attn.proj"),
+                                    ("linear1", "mlp.fc1"), ("linear2", "mlp.fc2")):
+            for kind in ("weight", "bias"):
+                names[f"{ours}{module}.{kind}"] = f"{theirs}{timm_module}.{kind}"
+        names[f"{ours}self_attn.in_proj_weight"] = f"{theirs}attn.qkv.weight"
+        names[f"{ours}self_attn.in_proj_bias"] = f"{theirs}attn.qkv.bias"
+    return names
+
+
 def timm_state_dict(backbone: SpectrogramTransformer) -> dict[str, torch.Tensor]:
-    """`backbone`'s weights under timm VisionTransformer's names (the normalisation buffers go to the config)."""
-    hidden = backbone.hidden_size
-    weights = {"pos_embed": backbone.position,
-               "patch_embed.proj.weight": backbone.patch_embedding.weight.reshape(
-                   hidden, 1, backbone.patch_frames, backbone.patch_mels),
-               "patch_embed.proj.bias": backbone.patch_embedding.bias,
-               "norm.weight": backbone.norm.weight, "norm.bias": backbone.norm.bias}
-    for index, layer in enumerate(backbone.encoder.layers):
-        block = f"blocks.{index}."
-        for ours, theirs in (("norm1", "norm1"), ("norm2", "norm2"), ("self_attn.out_proj", "attn.proj"),
-                             ("linear1", "mlp.fc1"), ("linear2", "mlp.fc2")):
-            module = layer.get_submodule(ours)
-            weights[f"{block}{theirs}.weight"], weights[f"{block}{theirs}.bias"] = module.weight, module.bias
-        weights[f"{block}attn.qkv.weight"] = layer.self_attn.in_proj_weight
-        weights[f"{block}attn.qkv.bias"] = layer.self_attn.in_proj_bias
+    """`backbone`'s weights under timm VisionTransformer's names (the normalisation buffers go to the
+    config); the patch embedding becomes timm's one-channel convolution of the same weights."""
+    state = backbone.state_dict()
+    weights = {theirs: state[ours] for ours, theirs in timm_names(len(backbone.encoder.layers)).items()}
+    weights["patch_embed.proj.weight"] = weights["patch_embed.proj.weight"].reshape(
+        backbone.hidden_size, 1, backbone.patch_frames, backbone.patch_mels)
     return {name: tensor.detach().contiguous().clone() for name, tensor in weights.items()}
+
+
+def from_timm(config: dict[str, Any], weights: dict[str, torch.Tensor], folder: Path,
+              dropout: float = 0.0) -> SpectrogramTransformer:
+    """The inverse of `timm_state_dict` and `timm_description`: the backbone an export's config.json
+    (`model_args`, `ssl_pipeline_features`) describes, its statistics and weights loaded strictly."""
+    from ssl_models.core.domain import load_exported_weights, require_exact_load
+
+    args, features = config["model_args"], config["ssl_pipeline_features"]
+    hidden, (patch_frames, patch_mels) = args["embed_dim"], args["patch_size"]
+    backbone = SpectrogramTransformer(
+        n_mels=features["n_mels"], clip_frames=features["clip_frames"], hidden_size=hidden,
+        num_layers=args["depth"], num_heads=args["num_heads"],
+        intermediate_size=int(hidden * args["mlp_ratio"]),  # timm's own rule for the MLP's width
+        patch_frames=patch_frames, patch_mels=patch_mels, dropout=dropout, clip_mean=features["clip_mean"],
+        pool_segments=features["pool_segments"], mean=features["mean"], std=features["std"])
+    if backbone.norm.eps != features["layer_norm_eps"]:
+        raise PipelineError(f"the export {folder}: layer norms with eps {features['layer_norm_eps']}; the spectrogram "
+                            f"backbone's are {backbone.norm.eps}")
+    names = timm_names(args["depth"])
+    require_exact_load(folder, sorted(set(names.values()) - set(weights)), sorted(set(weights) - set(names.values())))
+    state = {ours: weights[theirs] for ours, theirs in names.items()}
+    state["patch_embedding.weight"] = state["patch_embedding.weight"].reshape(hidden, patch_frames * patch_mels)
+    load_exported_weights(backbone, {**state, "mean": backbone.mean, "std": backbone.std}, folder)
+    return backbone
+
+
+def exported_encoder(cfg: DomainConfig, folder: Path) -> Encoder:
+    """The inverse of `export`: the encoder in an export folder, strictly loaded, for clips that `cfg`'s
+    ingest and preprocess sections make (checked against the export's own feature settings)."""
+    from ssl_models.core.domain import require_exact_load
+
+    spec = InputSpec.from_config(cfg.ingest, cfg.preprocess)
+    if cfg.model.backbone == "wav2vec2":
+        settings = json.loads((folder / "embedding.json").read_text())
+        _require_same(folder, {"clip_samples": spec.clip_steps}, settings)
+        model, loading = quiet_transformers().Wav2Vec2Model.from_pretrained(folder, output_loading_info=True)
+        require_exact_load(folder, loading["missing_keys"], loading["unexpected_keys"])
+        model.config.pool_segments = settings["pool_segments"]
+        return Wav2Vec2Encoder(model, spec)
+    config = json.loads((folder / "config.json").read_text())
+    features = config["ssl_pipeline_features"]
+    _require_same(folder, {"sample_rate": spec.sample_rate, "n_fft": spec.n_fft, "hop_length": spec.hop_length,
+                           "n_mels": spec.width, "clip_frames": spec.clip_steps}, features)
+    return SpectrogramEncoder(from_timm(config, load_file(str(folder / WEIGHTS_FILE)), folder, cfg.model.dropout),
+                              spec)
+
+
+def _require_same(folder: Path, ours: dict[str, Any], theirs: dict[str, Any]) -> None:
+    differ = {key: (value, theirs.get(key)) for key, value in ours.items() if theirs.get(key) != value}
+    if differ:
+        raise PipelineError(f"the export {folder}: its feature settings differ from its ssl_pipeline.json's "
+                            f"({', '.join(f'{k} {b} there, {a} here' for k, (a, b) in differ.items())}); export the "
+                            "encoder again")
 
 
 def export(encoder: Encoder, out_dir: Path) -> dict[str, Any]:

@@ -188,6 +188,14 @@ class Domain(ABC):
         pipeline's embeddings) and `inputs` (what `embed` takes)."""
         raise PipelineError(f"export is not available for domain {self.name!r} yet")
 
+    def load_export(self, cfg: DomainConfig, folder: Path) -> Encoder:
+        """The inverse of `export`: the encoder the pipeline uses (its `collate` and `forward`), read
+        from the files `export` wrote in `folder` alone, strictly (every weight there, none left over:
+        `load_exported_weights`). `cfg` is the block the export carries (its ssl_pipeline.json), with
+        `model.base_checkpoint`, where the exporting block had one, naming `folder`."""
+        raise PipelineError(f"embedding with an export folder is not available for domain {self.name!r} yet; "
+                            "embed with the project that exported it (`ssl-pipeline embed <block> ...`)")
+
     def load_pretrained(self, cfg: DomainConfig, shards_dir: Path, pretrained_dir: Path) -> Encoder:
         """Init `ssl`: the encoder `Encoder.save` wrote in `pretrained_dir`, its architecture and weights.
         Every domain declares it (not abstract while tests' stand-in domains override `load_encoder`)."""
@@ -264,6 +272,26 @@ class Domain(ABC):
         if uses_default_data and self.default_task:
             return self.default_task
         return f"{self.task_kind} by the `label` column of {cfg.labels}"
+
+
+def require_exact_load(folder: Path, missing: Sequence[str], unexpected: Sequence[str]) -> None:
+    """One line when loading an export's weights left part of the model unset (random) or found
+    tensors it has no place for, as a library's loader reports them before carrying on."""
+    if missing or unexpected:
+        raise PipelineError(f"the export {folder} does not load exactly: {len(missing)} weight(s) missing (e.g. "
+                            f"{list(missing)[:2]}), {len(unexpected)} not used (e.g. {list(unexpected)[:2]}); its "
+                            "settings and weights do not belong together: export the encoder again")
+
+
+def load_exported_weights(module: Any, state: dict[str, Any], folder: Path) -> None:
+    """`state` (an export's tensors) into the torch `module` strictly, or one line saying how they differ."""
+    try:
+        result = module.load_state_dict(state, strict=False)
+    except RuntimeError as error:  # a tensor of another shape
+        reason = " ".join(str(error).split())[:300]
+        raise PipelineError(f"the export {folder} does not fit the model its settings describe ({reason}); "
+                            "export the encoder again") from None
+    require_exact_load(folder, result.missing_keys, result.unexpected_keys)
 
 
 DOMAINS: Registry[type[Domain]] = Registry("domain module")

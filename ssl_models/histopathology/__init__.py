@@ -79,6 +79,27 @@ class Histopathology(Domain, module="histopathology"):
         return {"library": "timm", "format": "a timm model folder (save_for_hf layout: config.json, model.safetensors)",
                 "snippet": EXPORT_SNIPPET, "inputs": f"uint8 RGB tiles [n, {size}, {size}, 3]"}
 
+    def load_export(self, cfg: DomainConfig, folder: Path) -> Encoder:
+        """The block's backbone (checked against the description in the export's config.json), the
+        export's weights loaded into it strictly."""
+        import json
+
+        from safetensors.torch import load_file
+
+        from ssl_models.core.domain import load_exported_weights
+        from ssl_models.histopathology.backbones import timm_description
+
+        config = json.loads((folder / "config.json").read_text())
+        size = cfg.preprocess.stored_size
+        ours = json.loads(json.dumps({**timm_description(cfg.model, size), "input_size": [3, size, size]}))
+        theirs = {**{key: config.get(key) for key in ours}, "input_size": config["pretrained_cfg"]["input_size"]}
+        if ours != theirs:
+            raise PipelineError(f"the export {folder}: its config.json describes another backbone than its "
+                                f"ssl_pipeline.json ({theirs} there, {ours} here); export the encoder again")
+        encoder = self.build_encoder(replace(cfg, model=replace(cfg.model, base_checkpoint=None)), folder)
+        load_exported_weights(encoder.backbone, load_file(str(folder / "model.safetensors")), folder)
+        return encoder
+
     def load_pretrained(self, cfg: DomainConfig, shards_dir: Path, pretrained_dir: Path) -> Encoder:
         """The architecture the pretrain stage saved (for tiles of the size preprocess stores), then its weights."""
         from ssl_models.histopathology.backbones import load_weights, saved_model

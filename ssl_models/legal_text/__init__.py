@@ -109,6 +109,12 @@ class LegalText(Domain, module="legal_text"):
         return {"library": "transformers", "format": "a Hugging Face model folder (AutoModel, AutoTokenizer)",
                 "snippet": EXPORT_SNIPPET, "inputs": "a list of document texts (str)"}
 
+    def load_export(self, cfg: DomainConfig, folder: Path) -> Encoder:
+        """The folder `export` wrote with `Encoder.save`: the model (strictly), its tokenizer and pooling."""
+        from ssl_models.legal_text.backbones import load_text_encoder
+
+        return load_text_encoder(folder, cfg, strict=True)
+
     def build_generic(self, cfg: DomainConfig, shards_dir: Path) -> Encoder:
         """The generic checkpoint as published, with its own tokenizer and pooling."""
         from ssl_models.legal_text.backbones import load_text_encoder, resolve_checkpoint

@@ -258,15 +258,23 @@ def build_bert(cfg: DomainConfig, shards_dir: Path) -> TextEncoder:
                        max_document_tokens=model_cfg.max_document_tokens, pooling=pooling)
 
 
-def load_text_encoder(source: Path, cfg: DomainConfig, weights: bool = True) -> TextEncoder:
+def load_text_encoder(source: Path, cfg: DomainConfig, weights: bool = True, strict: bool = False) -> TextEncoder:
     """The encoder in the Hugging Face folder `source` with its own tokenizer and pooling: its
-    weights, or without `weights` its architecture randomly initialised (from the global generator)."""
+    weights, or without `weights` its architecture randomly initialised (from the global generator).
+    `strict`: every weight of the model from the folder, none left over (an export holds them all;
+    a pretrained encoder lacks BERT's pooler, which MLM does not train)."""
     config = AutoConfig.from_pretrained(source)
     positions = getattr(config, "max_position_embeddings", None)
     if positions is not None and cfg.model.max_length > positions:
         raise PipelineError(f"params.yaml domains.{cfg.name}.model.max_length {cfg.model.max_length} is beyond "
                             f"the {positions} positions of the checkpoint at {source}: lower it")
-    model = (AutoModel.from_pretrained(source, dtype=torch.float32) if weights  # float32 master weights to fine-tune
-             else AutoModel.from_config(config))
+    if not weights:
+        model = AutoModel.from_config(config)
+    else:  # float32 master weights to fine-tune
+        model, loading = AutoModel.from_pretrained(source, dtype=torch.float32, output_loading_info=True)
+        if strict:
+            from ssl_models.core.domain import require_exact_load
+
+            require_exact_load(source, loading["missing_keys"], loading["unexpected_keys"])
     return TextEncoder(model, AutoTokenizer.from_pretrained(source), cfg.model.max_length,
                        max_document_tokens=cfg.model.max_document_tokens, pooling=Pooling.read(source))

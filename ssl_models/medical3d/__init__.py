@@ -121,6 +121,26 @@ class Medical3D(Domain, module="medical3d"):
                 "snippet": EXPORT_SNIPPET, "inputs": f"float32 cubes [n, 1, {m.size}, {m.size}, {m.size}]",
                 "docs": "docs/README.md"}
 
+    def load_export(self, cfg: DomainConfig, folder: Path) -> Encoder:
+        """The block's network (checked against the bundle's configs/inference.json), the bundle's
+        weights loaded into it strictly."""
+        import json
+        from dataclasses import replace
+
+        from safetensors.torch import load_file
+
+        from ssl_models.core.domain import load_exported_weights
+        from ssl_models.medical3d.backbones import network_def
+
+        ours = json.loads(json.dumps(network_def(cfg.model)))
+        theirs = json.loads((folder / "configs" / "inference.json").read_text())["network_def"]
+        if ours != theirs:
+            raise PipelineError(f"the export {folder}: its configs/inference.json describes another network than "
+                                f"its ssl_pipeline.json ({theirs} there, {ours} here); export the encoder again")
+        encoder = self.build_encoder(replace(cfg, model=replace(cfg.model, base_checkpoint=None)), folder)
+        load_exported_weights(encoder.backbone, load_file(str(folder / "models" / "model.safetensors")), folder)
+        return encoder
+
     def load_pretrained(self, cfg: DomainConfig, shards_dir: Path, pretrained_dir: Path) -> Encoder:
         """The architecture and weights `VolumeEncoder.save` wrote."""
         from dataclasses import replace

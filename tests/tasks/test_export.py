@@ -98,6 +98,8 @@ def test_the_legal_export_loads_strictly_without_the_project_and_embeds_as_the_p
     assert "lineage verify models/legal/pretrain" in card and "corpus/" not in card
 
     assert verify(folder) == []
+    assert "ssl_pipeline.json" in json.loads((folder / "manifest.json").read_text())["files"]  # what embed reads
+    assert "data/legal" not in (folder / "ssl_pipeline.json").read_text()  # no corpus or labels path
     assert all(p.stat().st_mode & 0o444 == 0o444 for p in folder.rglob("*"))  # readable by the receiving team
     assert main(["export", "verify", str(folder)]) == 0
     weights = folder / "model.safetensors"
@@ -290,3 +292,87 @@ def test_the_audio_export_of_a_pretrained_run_loads_without_the_project(referenc
     card = (folder / "README.md").read_text()
     assert "library_name: timm" in card and "lineage verify models/audio/pretrain" in card
     assert verify(folder) == []
+
+
+@pytest.mark.parametrize("kind", ["audio-spectrogram_transformer", "audio-wav2vec2", "histo-resnet", "histo-vit",
+                                  "medical-vit", "medical-resnet"])
+def test_an_export_loads_back_into_the_pipeline_encoder_from_its_own_files(kind: str, tmp_path: Path) -> None:
+    """`Domain.load_export`, the inverse of `export`, on an encoder built here: the block rebuilt from
+    ssl_pipeline.json alone (no path of the exporter's in it), the encoder from the export's files,
+    embedding as the original does."""
+    from dataclasses import replace
+
+    from ssl_models.audio.features import encode_row
+    from tasks.export import SETTINGS, export_settings, read_settings
+    from tests.conftest import write_params
+    from tests.ssl_models.histo_files import histo_params
+    from tests.ssl_models.medical_files import cube_rows, medical_params
+    from tests.ssl_models.test_audio_pipeline import audio_params
+
+    name, backbone = kind.split("-")
+    if name == "audio":
+        model = {"hidden_size": 56, "num_layers": 2, "num_heads": 4, "intermediate_size": 488, "pool_segments": 2,
+                 "patch_frames": 3, "patch_mels": 8, "clip_mean": True}
+        params = (audio_params(model=model) if backbone != "wav2vec2" else audio_params(
+            model={**model, "hidden_size": 16, "num_heads": 2, "intermediate_size": 32, "backbone": "wav2vec2"},
+            preprocess={"input": "waveform"}, pretrain={"method": "wav2vec2"}))
+    elif name == "histo":
+        params = histo_params(model={"backbone": backbone, "width": 8, "depth": 1})
+    else:
+        params = medical_params(model={"backbone": backbone},
+                                **({"pretrain": {"method": "simclr"}} if backbone == "resnet" else {}))
+    write_params(tmp_path, params)
+    cfg, domain = load_config(name, tmp_path / "params.yaml")
+    torch.manual_seed(0)
+    encoder = domain.build_encoder(cfg, tmp_path / "no-shards").eval()
+    generator = torch.Generator().manual_seed(1)
+    if name == "audio":
+        spec = encoder.spec
+        if backbone != "wav2vec2":
+            encoder.backbone.mean.copy_(torch.randn(spec.width, generator=generator))
+            encoder.backbone.std.copy_(torch.rand(spec.width, generator=generator) + 0.5)
+        rows = [encode_row(torch.randn(n, spec.width, generator=generator).numpy())
+                for n in (spec.clip_steps, spec.clip_steps // 3, 5, spec.clip_steps + 7)]
+    elif name == "histo":
+        side = cfg.preprocess.stored_size
+        rows = [{"pixels": [torch.randint(0, 256, (side, side, 3), dtype=torch.uint8, generator=generator)
+                            .numpy().tobytes() for _ in range(tiles)]} for tiles in (1, 3, 1)]  # a bag of 3
+    else:
+        rows = cube_rows(3, size=cfg.model.size)
+    with torch.no_grad():
+        ours = encoder(encoder.collate(rows))
+
+    folder = tmp_path / "export"
+    folder.mkdir()
+    domain.export(cfg, encoder, folder)
+    # as written by the export of a block with a base checkpoint at a private path
+    private = replace(cfg, model=replace(cfg.model, base_checkpoint="/home/alice/checkpoints/start"))
+    settings = export_settings(private, domain, "ssl")
+    (folder / SETTINGS).write_text(json.dumps(settings))
+    text = (folder / SETTINGS).read_text()
+    assert "alice" not in text and "corpus" not in text and "salt" not in text and settings["withheld"] == [
+        "model.base_checkpoint"]
+
+    elsewhere = tmp_path / "elsewhere"  # the receiving team's root, without params.yaml
+    received, received_domain, _ = read_settings(folder, elsewhere)
+    assert received.root == elsewhere and received.model.base_checkpoint == str(folder.absolute())
+    for section in ("ingest", "preprocess"):
+        assert getattr(received, section) == getattr(cfg, section), section
+    assert replace(received.model, base_checkpoint=None) == cfg.model
+    assert (received.pretrain.method, received.pretrain.options) == (cfg.pretrain.method, cfg.pretrain.options)
+    assert received.privacy.pseudonymise is domain.pseudonymises(cfg)
+    assert received.resolve(received.privacy.salt_file).is_relative_to(elsewhere)  # the team's own salt
+    loaded = received_domain.load_export(received, folder).eval()
+    with torch.no_grad():
+        theirs = loaded(loaded.collate(rows))
+    assert theirs.shape == ours.shape and (theirs - ours).abs().max().item() < 1e-6
+
+    from safetensors.torch import load_file, save_file
+
+    from ssl_models.core.errors import PipelineError
+
+    weights = folder / ("models/model.safetensors" if name == "medical" else "model.safetensors")
+    state = load_file(str(weights))
+    save_file(dict(list(state.items())[:-1]), str(weights))  # a tensor short: refused, not left random
+    with pytest.raises(PipelineError, match="does not load exactly: 1 weight"):
+        received_domain.load_export(received, folder)
