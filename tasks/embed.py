@@ -1,4 +1,8 @@
-"""`ssl-pipeline embed DOMAIN FOLDER --out FILE`: any folder of raw files -> one embedding per record.
+"""`ssl-pipeline embed DOMAIN|EXPORT_DIR FOLDER --out FILE`: any folder of raw files -> one embedding per record.
+
+DOMAIN is a block of the project's params.yaml (its pretrained encoder); EXPORT_DIR is a folder
+`ssl-pipeline export` wrote, for a team that received it: the block it carries (ssl_pipeline.json)
+and its encoder (`Domain.load_export`), checked against its manifest first (`export_target`).
 
 The folder goes through exactly the code the stages run: ingest's discovery, reader and
 quarantine (`tasks.sources.discover`, `ingest.read_source`), its pseudonyms (`public_namer`, with
@@ -36,8 +40,10 @@ from tqdm import tqdm
 from ssl_models.core.config import DomainConfig, load_config
 from ssl_models.core.domain import Domain, Source
 from ssl_models.core.errors import PipelineError
+from ssl_models.core.hashing import sha256_file
 from ssl_models.core.privacy import without_names
 from ssl_models.core.shards import LABELED
+from tasks.export import MANIFEST, SETTINGS, read_settings, verify
 from tasks.io import atomic_file
 from tasks.paths import DomainPaths
 from tasks.sources import Namer, discover, public_namer
@@ -70,12 +76,23 @@ class Target:
 
 
 def embedding_target(root: Path, domain_name: str, init: str) -> Target:
-    """The config and encoder of `domain_name`'s block in `root`/params.yaml: `ssl`, the encoder
-    the pretrain stage saved, or `generic`, the block's generic checkpoint. One clear line when
-    there is none. (The one place that decides which encoder and config embed a folder.)"""
+    """The config and encoder that embed the folder: with a block name, that block of `root`/params.yaml
+    and its `ssl` encoder (the one the pretrain stage saved) or its `generic` checkpoint; with an export
+    folder (`ssl-pipeline export` wrote it: manifest.json and ssl_pipeline.json), the block it carries and
+    its encoder (`export_target`). One clear line when there is none. (The one place that decides which
+    encoder and config embed a folder.)"""
     if init not in EMBED_INITS:
         raise PipelineError(f"embed --init {init!r}: one of {', '.join(EMBED_INITS)}")
-    cfg, domain = load_config(domain_name, root / "params.yaml")
+    given = Path(domain_name)
+    if given.is_dir() and ((given / MANIFEST).exists() or (given / SETTINGS).exists()):
+        return export_target(root, given, init)
+    try:
+        cfg, domain = load_config(domain_name, root / "params.yaml")
+    except PipelineError as error:
+        if given.is_dir():
+            raise PipelineError(f"embed {domain_name}: a folder without {MANIFEST}, so no export; give the folder "
+                                f"`ssl-pipeline export` wrote, or a block of params.yaml ({error})") from None
+        raise
     paths = DomainPaths(domain_name, root)
     encoder_dir = paths.pretrain / "encoder"
     about = {"domain": domain_name, "module": cfg.module, "init": init}
@@ -94,6 +111,29 @@ def embedding_target(root: Path, domain_name: str, init: str) -> Target:
     else:
         about["checkpoint"] = str(domain.generic_checkpoint(cfg))
     return Target(cfg, domain, lambda: domain.load_encoder(init, cfg, paths.shards, encoder_dir, seed=0), about)
+
+
+def export_target(root: Path, folder: Path, init: str) -> Target:
+    """The encoder of an export folder and the block it carries (ssl_pipeline.json: the readers',
+    preprocessing's and model's settings the run used), for a team without the exporting project:
+    no params.yaml, runs or salt of it are needed. The folder must match its manifest. Where the
+    block pseudonymises, keys are salted with `root`'s own salt (privacy.salt_file under `root`,
+    made on first use as ingest makes it): pseudonyms of the receiving team, not the exporter's."""
+    if init != "ssl":
+        raise PipelineError(f"embed --init {init}: an export folder holds one encoder, the one it was exported "
+                            "with; leave out --init")
+    problems = verify(folder)
+    if problems:
+        shown = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
+        raise PipelineError(f"embed: the export {folder} does not match its {MANIFEST} ({shown}): it changed "
+                            "after the export; use an intact copy (`ssl-pipeline export verify` checks one)")
+    if not (folder / SETTINGS).exists():
+        raise PipelineError(f"embed: the export {folder} holds no {SETTINGS} (exported by an earlier ssl-pipeline): "
+                            "export the encoder again to embed with it")
+    cfg, domain, settings = read_settings(folder, root)
+    about = {"domain": cfg.name, "module": cfg.module, "init": str(settings["init"]),
+             "export_manifest_sha256": sha256_file(folder / MANIFEST)}
+    return Target(cfg, domain, lambda: domain.load_export(cfg, folder), about)
 
 
 def quarantine_path(out: Path) -> Path:

@@ -14,15 +14,19 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import yaml
 from datasets import load_from_disk
 
 from ssl_models.core.config import load_config
+from ssl_models.core.privacy import Pseudonymiser
 from ssl_models.core.shards import LABELED
 from tasks.cli import main
 from tasks.embed import embed, quarantine_path, read_embeddings
+from tasks.export import export as export_folder
 from tasks.paths import DomainPaths
 from tasks.probes import embed_rows
 from tasks.sources import public_namer
+from tests.conftest import write_params
 
 
 def pipeline_embeddings(root: Path, domain_name: str, sample_ids: list[str]) -> dict[str, np.ndarray]:
@@ -190,3 +194,84 @@ def test_a_medical_folder_writes_no_file_or_patient_name(reference_run, tmp_path
     gap = max(np.abs(ours[public("key", f"Planted_case_{i}.nii.gz")] - theirs[record]).max()
               for i, record in enumerate(records))
     assert gap < 1e-5, gap
+
+
+def fails_in_one_line(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
+    code = main(list(argv))
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    return err
+
+
+def test_an_export_folder_embeds_elsewhere_as_its_project_does_and_a_changed_one_is_refused(
+        pretrained_project: Path, tmp_path_factory: pytest.TempPathFactory,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Another team holds the export folder and this project, not the exporting project's params.yaml,
+    runs or salt: `embed EXPORT_DIR` reads, preprocesses and embeds as `embed <block>` does there."""
+    root = pretrained_project
+    tmp_path = tmp_path_factory.mktemp("elsewhere")  # outside the exporting project
+    folder = tmp_path / "incoming"
+    (folder / "sub").mkdir(parents=True)
+    for name, source in zip(["a.txt", "sub/b.md", "c.txt"], sorted((root / "data/legal/default/corpus").glob("*.txt"))):
+        shutil.copy(source, folder / name)
+    (folder / "sub/records.jsonl").write_text(json.dumps({"text": "Permission is hereby granted"}) + "\n{not json\n")
+    (folder / "empty.txt").write_bytes(b"")
+    export = tmp_path / "received" / "legal-encoder"
+    shutil.copytree(export_folder(root, "legal"), export)
+    team = tmp_path / "team"  # the receiving team's working root: no params.yaml
+    team.mkdir()
+
+    theirs_file, ours_file = tmp_path / "theirs.parquet", tmp_path / "ours.parquet"
+    assert main(["--root", str(team), "embed", str(export), str(folder), "--out", str(theirs_file)]) == 0
+    embed(root, "legal", folder, ours_file)
+
+    (keys, theirs), (our_keys, ours) = read_embeddings(theirs_file), read_embeddings(ours_file)
+    assert keys == our_keys == ["a.txt", "c.txt", "sub/b.md", "sub/records.jsonl#L1"]
+    assert np.abs(theirs - ours).max() < 1e-5
+    assert quarantine_path(theirs_file).read_text() == quarantine_path(ours_file).read_text()
+    about = pq.read_schema(theirs_file).metadata
+    assert about[b"ssl_pipeline.domain"] == b"legal" and about[b"ssl_pipeline.export_manifest_sha256"] == \
+        sha256(export / "manifest.json").encode()
+    assert list(team.iterdir()) == []  # nothing of the project is needed or made there (no pseudonyms: no salt)
+
+    def refused(*extra: str) -> str:
+        return fails_in_one_line(capsys, "--root", str(team), "embed", *extra, "--out", str(tmp_path / "x.parquet"))
+
+    assert "an export folder holds one encoder" in refused(str(export), str(folder), "--init", "generic")
+    weights = export / "model.safetensors"
+    original = weights.read_bytes()
+    weights.write_bytes(original[:-1] + bytes([original[-1] ^ 1]))
+    assert "does not match its manifest.json (changed: model.safetensors)" in refused(str(export), str(folder))
+    weights.write_bytes(original)
+    (export / "ssl_pipeline.json").unlink()
+    assert "(missing: ssl_pipeline.json)" in refused(str(export), str(folder))
+    assert "a folder without manifest.json, so no export" in refused(str(folder), str(folder))
+    assert not (tmp_path / "x.parquet").exists()
+
+
+def test_a_pseudonymising_export_keys_a_folder_with_the_receiving_teams_salt(
+        pretrained_project: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """The export carries no salt: where its block pseudonymises, keys are salted with the salt of
+    the team that embeds (made on first use under its root, as ingest makes it), so they are that
+    team's pseudonyms and cannot be matched against the exporter's."""
+    root = pretrained_project
+    tmp_path = tmp_path_factory.mktemp("elsewhere")  # outside the exporting project
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["domains"]["legal"]["privacy"] = {"pseudonymise": True, "salt_file": "exporter-secrets/salt"}
+    write_params(root, params)
+    folder = tmp_path / "incoming"
+    folder.mkdir()
+    shutil.copy(next((root / "data/legal/default/corpus").glob("*.txt")), folder / "Doe_contract.txt")
+    export = export_folder(root, "legal", out=tmp_path / "export")
+    assert "exporter-secrets" not in (export / "ssl_pipeline.json").read_text()
+    team = tmp_path / "team"
+
+    theirs_file, ours_file = tmp_path / "theirs.parquet", tmp_path / "ours.parquet"
+    embed(team, str(export), folder, theirs_file)
+    embed(root, "legal", folder, ours_file)
+
+    (keys, theirs), (our_keys, ours) = read_embeddings(theirs_file), read_embeddings(ours_file)
+    salt = team / ".secrets/pseudonym-salt"  # privacy.salt_file's default, under the team's root
+    assert salt.is_file() and salt.read_bytes() != (root / "exporter-secrets/salt").read_bytes()
+    assert keys == [Pseudonymiser(salt.read_bytes().strip())("key", "Doe_contract.txt")] != our_keys
+    assert np.abs(theirs - ours).max() < 1e-5
