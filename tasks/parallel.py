@@ -16,7 +16,7 @@ import torch
 
 from ssl_models.core import distributed
 from ssl_models.core.config import PretrainConfig
-from ssl_models.core.device import autocast, move
+from ssl_models.core.device import autocast, fused_adamw, move
 from ssl_models.core.distributed import World
 from ssl_models.core.modules import PretrainMethod
 from ssl_models.core.schedules import make_schedule, move_schedule_to
@@ -120,7 +120,7 @@ class Training:
     def start(cls, method: PretrainMethod, settings: PretrainConfig, world: World, device: torch.device) -> Training:
         module = wrap_for_world(method, settings, world, device)  # before AdamW: FSDP2 swaps the parameters
         optimizer = torch.optim.AdamW(method.parameters(), lr=settings.learning_rate,
-                                      weight_decay=settings.weight_decay, fused=device.type == "cuda")
+                                      weight_decay=settings.weight_decay, fused=fused_adamw(device))
         return cls(method, module, optimizer, make_schedule(optimizer, settings), settings.precision, device,
                    settings.parallel == "fsdp" and distributed.active())
 

@@ -27,7 +27,7 @@ from threadpoolctl import threadpool_limits
 from transformers import get_cosine_schedule_with_warmup
 
 from ssl_models.core.config import FinetuneConfig, epoch_steps
-from ssl_models.core.device import autocast, move
+from ssl_models.core.device import autocast, fused_adamw, move
 from ssl_models.core.modules import Encoder
 
 # The probe's folds are drawn with this fixed seed, so the chosen C depends on the subset alone:
@@ -279,7 +279,8 @@ def finetune_encoder(encoder: Encoder, train_rows: list[dict[str, Any]], train_y
     model = copy.deepcopy(encoder)
     head = copy.deepcopy(head).to(device)
     optimizer = torch.optim.AdamW([{"params": model.parameters(), "lr": cfg.learning_rate},
-                                   {"params": head.parameters(), "lr": cfg.head_learning_rate}])
+                                   {"params": head.parameters(), "lr": cfg.head_learning_rate}],
+                                  fused=fused_adamw(device))
     steps = finetune_steps(cfg, len(train_rows))
     scheduler = get_cosine_schedule_with_warmup(optimizer, max(1, steps // 10), steps)
     targets = torch.tensor([classes.index(y) for y in train_y], device=device)
