@@ -82,7 +82,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="the encoder as fine-tuned on this label fraction (with its head), not as pretrained")
     embed = commands.add_parser("embed", help="turn a folder of raw files into embeddings (Parquet), through the "
                                               "domain's readers, quarantine, pseudonyms and preprocessing")
-    embed.add_argument("domain", help="a block name under `domains:` in params.yaml (its pretrained encoder)")
+    embed.add_argument("domain", help="a block name under `domains:` in params.yaml (its pretrained encoder), "
+                                      "or an export folder (`ssl-pipeline export`)")
     embed.add_argument("folder", type=Path, help="the folder of raw files to embed")
     embed.add_argument("--out", type=Path, required=True, help="the Parquet file to write (quarantine beside it)")
     embed.add_argument("--init", default="ssl", help="ssl (the pretrained encoder, default) or generic")

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import tempfile
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -135,7 +133,7 @@ def read_settings(folder: Path, root: Path) -> tuple[Any, Any, dict[str, Any]]:
     params.yaml is (`load_config`), with the domain that reads it and the settings as written.
     Relative paths (privacy.salt_file) start at `root`, the receiving project's; a withheld path
     names `folder`."""
-    from ssl_models.core.config import load_config
+    from ssl_models.core.config import parse_block
 
     file = folder / SETTINGS
     try:
@@ -151,16 +149,12 @@ def read_settings(folder: Path, root: Path) -> tuple[Any, Any, dict[str, Any]]:
     if version != SETTINGS_VERSION:
         raise PipelineError(f"{file}: settings version {version!r}, this ssl-pipeline reads version "
                             f"{SETTINGS_VERSION}; export the encoder again with this version")
-    # the one parser of a block is load_config's, which reads a params.yaml: the block goes through one
-    with tempfile.TemporaryDirectory(prefix="ssl-pipeline-export-settings-") as scratch:
-        params = Path(scratch) / "params.yaml"
-        params.write_text(yaml.safe_dump({"domains": {name: block}}, sort_keys=False), encoding="utf-8")
-        try:
-            cfg, domain = load_config(name, params)
-        except PipelineError as error:  # another version's settings
-            raise PipelineError(f"{file}: {str(error).removeprefix('params.yaml ')}; export the encoder again "
-                                "with this version of ssl-pipeline") from None
-    return replace(cfg, root=root), domain, settings
+    try:  # the one parser of a block, load_config's
+        cfg, domain = parse_block(name, block, root)
+    except PipelineError as error:  # another version's settings
+        raise PipelineError(f"{file}: {str(error).removeprefix('params.yaml ')}; export the encoder again "
+                            "with this version of ssl-pipeline") from None
+    return cfg, domain, settings
 
 
 def write_manifest(folder: Path) -> None:

@@ -403,18 +403,24 @@ def load_config(domain: str, params_path: Path = Path("params.yaml")) -> tuple[D
     """Parse and validate the `domains.<domain>` block with its chosen preset, method options
     included, in one pass; return it with the domain module that reads it. Imports no torch:
     fails in well under a second."""
-    from ssl_models.core.domain import get_domain
-
     domains = load_params(params_path).get("domains") or {}
     if domain not in domains:
         raise PipelineError(f"params.yaml has no block domains.{domain}; blocks: {sorted(domains)}")
-    where, block = f"domains.{domain}", domains[domain] or {}
+    return parse_block(domain, domains[domain], params_path.parent)
+
+
+def parse_block(domain: str, block: Any, root: Path, source: str = "params.yaml") -> tuple[DomainConfig, Domain]:
+    """`load_config` of a block already read (`source` names where from, in the errors); relative
+    paths in it start at `root`."""
+    from ssl_models.core.domain import get_domain
+
+    where, block = f"domains.{domain}", block or {}
     if not isinstance(block, dict):
-        raise PipelineError(f"params.yaml {where}: expected a mapping of settings")
+        raise PipelineError(f"{source} {where}: expected a mapping of settings")
     block, where = apply_preset(block, where)
     for key in ("module", "corpus"):
         if not block.get(key):
-            raise PipelineError(f"params.yaml {where}.{key} is required")
+            raise PipelineError(f"{source} {where}.{key} is required")
     owner = get_domain(validated(str, block["module"], f"{where}.module"))
     block_type = _block_type(type(owner))
     sections = {f.name for f in dataclasses.fields(block_type) if dataclasses.is_dataclass(f.type)}
@@ -431,7 +437,7 @@ def load_config(domain: str, params_path: Path = Path("params.yaml")) -> tuple[D
     cfg = DomainConfig(
         name=domain, module=parsed.module, corpus=Path(parsed.corpus),
         labels=Path(parsed.labels) if parsed.labels else None, split=parsed.split, pretrain=pretrain,
-        finetune=parsed.finetune, privacy=parsed.privacy, cpu_threads=parsed.cpu_threads, root=params_path.parent,
+        finetune=parsed.finetune, privacy=parsed.privacy, cpu_threads=parsed.cpu_threads, root=root,
         preset=parsed.preset, presets=tuple(parsed.presets),
         **{name: getattr(parsed, name) for name in DOMAIN_SECTIONS})
     owner.validate(cfg)
