@@ -141,6 +141,17 @@ def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tenso
     return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
 
 
+WINDOW_CACHE_TEXTS = 100_000  # texts whose windows an encoder keeps (emptied when full)
+
+
+class WindowCache(dict):
+    """Text -> its token windows. Shared by an encoder's copies (fine-tuning trains a deep copy):
+    the windows depend on the tokenizer and lengths only, which a copy keeps."""
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> WindowCache:
+        return self
+
+
 class TextEncoder(Encoder):
     """A transformers base model whose document embedding pools its windows.
 
@@ -169,6 +180,7 @@ class TextEncoder(Encoder):
         self.__dict__["masked_lm_head"] = masked_lm_head  # in __dict__: not registered as a submodule
         # whole windows only: `max_document_tokens` is a budget, not a length to fill
         self.windows_per_document = max(1, self.max_document_tokens // max_length)
+        self.window_cache = WindowCache()
 
     def collate(self, samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         """`input_ids` and `attention_mask` of every window of the batch [windows, length], and
@@ -177,18 +189,40 @@ class TextEncoder(Encoder):
         # run to 100k characters, so cut first (no token spans more than CHARS_PER_TOKEN chars
         # on average in any vocabulary we ship).
         texts = [s["text"][: self.max_document_tokens * CHARS_PER_TOKEN] for s in samples]
-        # the tokenizer's overflow cuts a text into windows of max_length, each with its [CLS]/[SEP]
-        encoded = self.tokenizer(texts, truncation=True, max_length=self.max_length, padding=True,
-                                 return_overflowing_tokens=True, return_tensors="pt")
-        document = encoded["overflow_to_sample_mapping"]
-        _, counts = document.unique_consecutive(return_counts=True)
-        first_window = torch.repeat_interleave(counts.cumsum(0) - counts, counts)
-        kept = torch.arange(len(document)) - first_window < self.windows_per_document
-        document, attention_mask = document[kept], encoded["attention_mask"][kept]
+        windows = self._windows(texts)
+        document = torch.tensor([index for index, kept in enumerate(windows) for _ in kept], dtype=torch.long)
+        ids = [window for kept in windows for window in kept]
+        # padded to the batch's longest window, on the tokenizer's side: what padding=True gives
+        length, pad = max(len(window) for window in ids), self.tokenizer.pad_token_id or 0
+        left = self.tokenizer.padding_side == "left"
+        input_ids = torch.full((len(ids), length), pad, dtype=torch.long)
+        attention_mask = torch.zeros((len(ids), length), dtype=torch.long)
+        for row, window in enumerate(ids):
+            where = slice(length - len(window), length) if left else slice(0, len(window))
+            input_ids[row, where] = torch.tensor(window, dtype=torch.long)
+            attention_mask[row, where] = 1
         weights = torch.zeros(len(samples), len(document))
         weights[document, torch.arange(len(document))] = attention_mask.sum(1).float()
-        return {"input_ids": encoded["input_ids"][kept], "attention_mask": attention_mask,
+        return {"input_ids": input_ids, "attention_mask": attention_mask,
                 "window_weights": weights / weights.sum(1, keepdim=True).clamp(min=1.0)}
+
+    def _windows(self, texts: list[str]) -> list[list[list[int]]]:
+        """Each text's kept windows of token ids, [CLS]/[SEP] included (the tokenizer's overflow cuts
+        a text into windows of max_length). A text is tokenized once: fine-tuning passes over the
+        same texts epoch after epoch, and every probe embeds them again (tokenizing was ~8% of the
+        legal fine-tuning stage)."""
+        missing = [text for text in dict.fromkeys(texts) if text not in self.window_cache]
+        if missing:
+            if len(self.window_cache) + len(missing) > WINDOW_CACHE_TEXTS:
+                self.window_cache.clear()
+            encoded = self.tokenizer(missing, truncation=True, max_length=self.max_length,
+                                     return_overflowing_tokens=True)
+            per_text: list[list[list[int]]] = [[] for _ in missing]
+            for window, index in zip(encoded["input_ids"], encoded["overflow_to_sample_mapping"]):
+                if len(per_text[index]) < self.windows_per_document:  # whole windows within the budget
+                    per_text[index].append(list(window))
+            self.window_cache.update(zip(missing, per_text))
+        return [self.window_cache[text] for text in texts]
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         hidden = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
