@@ -169,12 +169,12 @@ def test_a_fine_tuned_encoder_exports_with_its_head_and_loads_without_the_projec
     assert verify(folder) == []
 
 
-@pytest.mark.slow  # builds the domain's reference run when no kill test has
+@pytest.mark.slow  # reads the export stage's output of the domain's reference run (built once per session)
 def test_the_medical_export_is_a_monai_bundle_that_loads_strictly_without_the_project(reference_run,
                                                                                      tmp_path: Path) -> None:
     """On the medical reference run (pseudonymised: its raw names must not reach the card)."""
-    run = reference_run("medical")  # read-only: the bundle goes to tmp_path
-    folder = export(run.root, "medical", out=tmp_path / "bundle")
+    run = reference_run("medical")  # read-only
+    folder = DomainPaths("medical", run.root).export  # the export stage's, in the reference run
     for part in ("configs/inference.json", "configs/metadata.json", "models/model.pt", "models/model.safetensors",
                  "docs/README.md", "README.md", "manifest.json"):
         assert (folder / part).is_file(), part
@@ -199,11 +199,11 @@ def test_the_medical_export_is_a_monai_bundle_that_loads_strictly_without_the_pr
     assert verify(folder) == []
 
 
-@pytest.mark.slow  # builds the domain's reference run when no kill test has
+@pytest.mark.slow  # reads the export stage's output of the domain's reference run
 def test_the_histopathology_export_is_a_timm_model_that_loads_strictly_without_the_project(reference_run,
                                                                                           tmp_path: Path) -> None:
-    run = reference_run("histo")  # read-only: the export goes to tmp_path
-    folder = export(run.root, "histo", out=tmp_path / "timm")
+    run = reference_run("histo")  # read-only
+    folder = DomainPaths("histo", run.root).export  # the export stage's, in the reference run
     config = json.loads((folder / "config.json").read_text())
     assert config["pretrained_cfg"]["mean"] and config["ssl_pipeline_preprocessing"]["tile_size"]
     cfg, domain = load_config("histo", run.root / "params.yaml")
@@ -274,10 +274,10 @@ def test_the_audio_exports_load_strictly_without_the_project_and_embed_as_the_pi
         assert config["model_args"]["patch_size"] == [3, 8]
 
 
-@pytest.mark.slow  # builds the domain's reference run when no kill test has
+@pytest.mark.slow  # reads the export stage's output of the domain's reference run
 def test_the_audio_export_of_a_pretrained_run_loads_without_the_project(reference_run, tmp_path: Path) -> None:
-    run = reference_run("audio")  # read-only: the export goes to tmp_path
-    folder = export(run.root, "audio", out=tmp_path / "timm")
+    run = reference_run("audio")  # read-only
+    folder = DomainPaths("audio", run.root).export  # the export stage's, in the reference run
     cfg, domain = load_config("audio", run.root / "params.yaml")
     paths = DomainPaths("audio", run.root)
     encoder = domain.load_encoder("ssl", cfg, paths.shards, paths.pretrain / "encoder", seed=0).eval()
