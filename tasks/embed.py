@@ -57,7 +57,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("embed")
 
 EMBED_INITS = ("ssl", "generic")
-CHUNK_BATCHES = 4  # rows of a chunk: about this many batches (a source is never split across chunks)
+# rows of a chunk: about this many batches (a source is never split across chunks). Each chunk pays
+# fixed costs (preprocess's shard folders, its tokenizer files): 4 batches cost 17% of a pass of the
+# legal encoder on the CPU, 16 about 8% (BENCHMARKS.md); memory holds one chunk whatever the folder
+CHUNK_BATCHES = 16
 # what preprocess needs of a manifest row beyond ingest's: every record "labeled" (so it reaches the
 # `labeled` shard, the rows the probes are fitted on) and in the test split (pretrained on by nobody:
 # no pretraining rows are built for it)
@@ -273,6 +276,9 @@ def _embed_sources(target: Target, folder_cfg: DomainConfig, sources: dict[str, 
 
     cfg = target.cfg
     set_cpu_threads(cfg.cpu_threads)  # the block's one thread setting, as in fine-tuning's embedding
+    import datasets
+
+    datasets.disable_progress_bars()  # a bar per chunk's shard folder would bury embed's own
     schema = pa.schema([("key", pa.string()), ("embedding", pa.list_(pa.float32(), encoder.dim))],
                        metadata={f"ssl_pipeline.{k}": v for k, v in {**target.about, "dim": str(encoder.dim)}.items()})
     pending = iter(sources.items())

@@ -3,12 +3,14 @@ windows, the `bert` backbone that builds it for pretraining, and the encoders fi
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import torch
 import transformers
 from torch import nn
@@ -141,11 +143,11 @@ def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tenso
     return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
 
 
-WINDOW_CACHE_TEXTS = 100_000  # texts whose windows an encoder keeps (emptied when full)
+WINDOW_CACHE_TEXTS = 8192  # texts whose windows an encoder keeps (emptied when full): ~8 MB
 
 
 class WindowCache(dict):
-    """Text -> its token windows. Shared by an encoder's copies (fine-tuning trains a deep copy):
+    """A text's digest -> its token windows. Shared by an encoder's copies (fine-tuning trains a deep copy):
     the windows depend on the tokenizer and lengths only, which a copy keeps."""
 
     def __deepcopy__(self, memo: dict[int, Any]) -> WindowCache:
@@ -199,30 +201,37 @@ class TextEncoder(Encoder):
         attention_mask = torch.zeros((len(ids), length), dtype=torch.long)
         for row, window in enumerate(ids):
             where = slice(length - len(window), length) if left else slice(0, len(window))
-            input_ids[row, where] = torch.tensor(window, dtype=torch.long)
+            input_ids[row, where] = torch.from_numpy(window)
             attention_mask[row, where] = 1
         weights = torch.zeros(len(samples), len(document))
         weights[document, torch.arange(len(document))] = attention_mask.sum(1).float()
         return {"input_ids": input_ids, "attention_mask": attention_mask,
                 "window_weights": weights / weights.sum(1, keepdim=True).clamp(min=1.0)}
 
-    def _windows(self, texts: list[str]) -> list[list[list[int]]]:
+    def _windows(self, texts: list[str]) -> list[list[np.ndarray]]:
         """Each text's kept windows of token ids, [CLS]/[SEP] included (the tokenizer's overflow cuts
-        a text into windows of max_length). A text is tokenized once: fine-tuning passes over the
-        same texts epoch after epoch, and every probe embeds them again (tokenizing was ~8% of the
-        legal fine-tuning stage)."""
-        missing = [text for text in dict.fromkeys(texts) if text not in self.window_cache]
+        a text into windows of max_length). A text is tokenized once while it stays in the cache:
+        fine-tuning passes over the same texts epoch after epoch, and every probe embeds them again
+        (tokenizing was ~8% of the legal fine-tuning stage). The cache holds at most
+        WINDOW_CACHE_TEXTS texts (by digest, ids as int32: ~1 KB a text), so a stream of new texts
+        (`embed` on a large folder) keeps memory flat."""
+        keys = [hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest() for text in texts]
+        missing = {key: text for key, text in zip(keys, texts) if key not in self.window_cache}
+        if missing and len(self.window_cache) + len(missing) > WINDOW_CACHE_TEXTS:
+            self.window_cache.clear()  # full: start again, with every text of this batch to tokenize
+            missing = dict(zip(keys, texts))
         if missing:
-            if len(self.window_cache) + len(missing) > WINDOW_CACHE_TEXTS:
-                self.window_cache.clear()
-            encoded = self.tokenizer(missing, truncation=True, max_length=self.max_length,
+            encoded = self.tokenizer(list(missing.values()), truncation=True, max_length=self.max_length,
                                      return_overflowing_tokens=True)
-            per_text: list[list[list[int]]] = [[] for _ in missing]
+            per_text: list[list[np.ndarray]] = [[] for _ in missing]
             for window, index in zip(encoded["input_ids"], encoded["overflow_to_sample_mapping"]):
                 if len(per_text[index]) < self.windows_per_document:  # whole windows within the budget
-                    per_text[index].append(list(window))
+                    per_text[index].append(np.asarray(window, dtype=np.int32))
             self.window_cache.update(zip(missing, per_text))
-        return [self.window_cache[text] for text in texts]
+        found = [self.window_cache[key] for key in keys]
+        if len(self.window_cache) > WINDOW_CACHE_TEXTS:  # one batch larger than the cache: not kept
+            self.window_cache.clear()
+        return found
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         hidden = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state

@@ -127,3 +127,29 @@ def test_ssl_and_scratch_encoders_window_their_texts(project, tmp_path: Path, in
     assert loaded.windows_per_document == 8
     features = embed_rows(loaded, [{"text": FILLER + COPYLEFT}, {"text": "short"}, {"text": FILLER}], batch_size=2)
     assert features.shape == (3, 32) and not (features[0] == features[2]).all()
+
+
+def test_cached_windows_give_the_tokenizers_own_batches_also_when_the_cache_fills(project, monkeypatch) -> None:
+    """A text is tokenized once per encoder; the batches are the tokenizer's own (padding=True),
+    and a full cache starts again without losing a text of the batch at hand."""
+    import copy
+
+    from ssl_models.legal_text import backbones
+
+    monkeypatch.setattr(backbones, "WINDOW_CACHE_TEXTS", 4)
+    cfg, shards = project
+    encoder = encoder_for(cfg, shards, 4 * MAX_LENGTH)
+    texts = [FILLER, COPYLEFT, PERMISSIVE, "", FILLER + COPYLEFT, "mit", PERMISSIVE + FILLER]
+    for start, stop in ((0, 3), (1, 5), (2, 7), (0, 7), (3, 4)):  # hits beside misses; a batch past the size
+        batch = texts[start:stop]
+        encoded = encoder.tokenizer(batch, truncation=True, max_length=MAX_LENGTH, padding=True,
+                                    return_overflowing_tokens=True, return_tensors="pt")
+        document = encoded["overflow_to_sample_mapping"]
+        _, counts = document.unique_consecutive(return_counts=True)
+        first = torch.repeat_interleave(counts.cumsum(0) - counts, counts)  # each window's document's first
+        kept = torch.arange(len(document)) - first < encoder.windows_per_document
+        got = encoder.collate([{"text": t} for t in batch])
+        assert torch.equal(got["input_ids"], encoded["input_ids"][kept])
+        assert torch.equal(got["attention_mask"], encoded["attention_mask"][kept])
+        assert len(encoder.window_cache) <= 4
+    assert copy.deepcopy(encoder).window_cache is encoder.window_cache  # fine-tuning's copies share it

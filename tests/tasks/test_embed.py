@@ -60,7 +60,9 @@ def test_a_folder_of_good_and_bad_files_embeds_the_good_as_the_pipeline_does(
     (folder / "empty.txt").write_bytes(b"")
     out = tmp_path / "out" / "embeddings.parquet"
 
-    # batch size 2: chunks of 8 sources, so the folder is read, preprocessed and written in two chunks
+    # batch size 2, 4 batches a chunk: chunks of 8 sources, so the folder is read, preprocessed and
+    # written in two chunks
+    monkeypatch.setattr("tasks.embed.CHUNK_BATCHES", 4)
     summary = embed(root, "legal", folder, out, batch_size=2)
 
     quarantined = {q["key"]: q["reason"] for q in map(json.loads, quarantine_path(out).read_text().splitlines())}
