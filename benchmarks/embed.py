@@ -4,7 +4,7 @@ files, each in a process of its own, and their ratio; (b) embedding throughput o
 folder (rows/s, the encoder's loading excluded) against the bare encoder's collate + forward on
 the same texts read beforehand, and the same with the next chunk prepared in a thread (the GPU path).
 
-    .venv/bin/python benchmarks/embed.py [--files 1000] [--repeats 3] [--batch-size 64]
+    .venv/bin/python benchmarks/embed.py [--files 2000] [--repeats 3] [--batch-size 64]
 
 5 minutes on the busy 2-core VM of BENCHMARKS.md (about 2 by the rates it reaches idle), most of
 it embedding the 10N folder.
@@ -121,7 +121,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     # N spans several chunks (of 4 batches): the allocators' first chunks raise the resident size by ~10%
     # before it levels off (measured: 1171 MiB after 2 chunks, 1307 after 6, 1315 from then to 12)
-    parser.add_argument("--files", type=int, default=1000, help="N: the small folder's files (the large one: 10 N)")
+    parser.add_argument("--files", type=int, default=2000, help="N: the small folder's files (the large one: 10 N); "
+                        "several chunks of 16 batches, so that both folders run at their steady state")
     parser.add_argument("--repeats", type=int, default=3, help="rounds of the throughput passes")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--child", nargs=3, type=Path, help=argparse.SUPPRESS)
