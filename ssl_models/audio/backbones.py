@@ -9,6 +9,7 @@ with its weights.
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -317,18 +318,8 @@ def generic_encoder(cfg: DomainConfig) -> Encoder:
 # (`timm.create_model("local-dir:...")`); transformers' AST would need square patches and a
 # class token. wav2vec2 is a Hugging Face folder (`Wav2Vec2Model` and its feature extractor).
 
-# What both snippets pool with: the pipeline's `segment_pool`.
-_POOL_SNIPPET = '''
-def segment_pool(hidden, time_index, n_valid, segments):
-    """Means over `segments` equal time stretches of each clip's real steps, concatenated."""
-    n_valid, pooled = n_valid.clamp(min=1)[:, None], []
-    for k in range(segments):
-        start = n_valid * k // segments
-        end = torch.maximum(n_valid * (k + 1) // segments, start + 1)
-        inside = ((time_index[None, :] >= start) & (time_index[None, :] < end)).unsqueeze(-1).to(hidden.dtype)
-        pooled.append((hidden * inside).sum(1) / inside.sum(1).clamp(min=1.0))
-    return torch.cat(pooled, dim=1)
-'''
+# What both snippets pool with: the pipeline's own `segment_pool`, its source as it is.
+_POOL_SNIPPET = "\n" + inspect.getsource(segment_pool)
 
 # What the card gives to embed log-mel clips as the pipeline does, with timm alone.
 SPECTROGRAM_SNIPPET = '''import functools, json, numpy as np, timm, torch
