@@ -312,12 +312,8 @@ def run_export(args: argparse.Namespace) -> int:
     if args.domain == "verify":
         if args.folder is None:
             raise PipelineError("export verify needs the export folder: ssl-pipeline export verify DIR")
-        problems = export.verify(args.folder)
-        for problem in problems:
-            print(f"MISMATCH {problem}")
-        print(f"{len(problems)} mismatch(es) in {args.folder}" if problems
-              else f"{args.folder}: every file matches its manifest")
-        return 1 if problems else 0
+        return _print_mismatches(export.verify(args.folder), f"in {args.folder}",
+                                 f"{args.folder}: every file matches its manifest")
     if args.folder is not None:
         raise PipelineError(f"export {args.domain}: unexpected argument {str(args.folder)!r} (the folder goes in --out)")
     with domain_lock(DomainPaths(args.domain, args.root).lock, f"export@{args.domain}"):
@@ -331,8 +327,8 @@ def run_embed(args: argparse.Namespace) -> int:
 
     summary = embed.embed(args.root, args.domain, args.folder, args.out, init=args.init,
                           batch_size=args.batch_size, device=args.device)
-    print(f"{summary['embedded']} embedded, {summary['quarantined']} quarantined: {summary['out']}"
-          + (f" (quarantine: {summary['quarantine']})" if summary.get("quarantine") else ""))
+    print(f"{summary['embedded']} embedded, {summary['quarantined']} quarantined: {summary['out']} "
+          f"(quarantine: {summary['quarantine']})")
     return 0
 
 
@@ -359,9 +355,13 @@ def run_lineage(action: str, artifact: str, root: Path, domains: list[str] | Non
     if action == "show":
         print(lineage.show(Path(artifact), root))
         return 0
-    problems = lineage.verify(Path(artifact), root)
+    return _print_mismatches(lineage.verify(Path(artifact), root), f"in the lineage of {artifact}",
+                             f"lineage of {artifact} verified: every file re-hashed and matched")
+
+
+def _print_mismatches(problems: list[str], where: str, all_match: str) -> int:
+    """A verify command's output: a MISMATCH line each and a count, or the all-match line; exit 1 or 0."""
     for problem in problems:
         print(f"MISMATCH {problem}")
-    print(f"{len(problems)} mismatch(es) in the lineage of {artifact}" if problems
-          else f"lineage of {artifact} verified: every file re-hashed and matched")
+    print(f"{len(problems)} mismatch(es) {where}" if problems else all_match)
     return 1 if problems else 0

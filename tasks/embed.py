@@ -43,8 +43,9 @@ from ssl_models.core.errors import PipelineError
 from ssl_models.core.hashing import sha256_file
 from ssl_models.core.privacy import without_names
 from ssl_models.core.shards import LABELED
-from tasks.export import MANIFEST, SETTINGS, read_settings, verify
-from tasks.io import atomic_file
+from tasks.export import MANIFEST, SETTINGS, check_init, encoder_folder, read_settings, verify
+from tasks.io import atomic_file, read_json
+from tasks.lineage import RECORD_NAME
 from tasks.paths import DomainPaths
 from tasks.sources import Namer, discover, public_namer
 from tasks.stages.ingest import read_source, reason_kind
@@ -56,7 +57,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("embed")
 
-EMBED_INITS = ("ssl", "generic")
 # rows of a chunk: about this many batches (a source is never split across chunks). Each chunk pays
 # fixed costs (preprocess's shard folders, its tokenizer files): 4 batches cost 17% of a pass of the
 # legal encoder on the CPU, 16 about 8% (BENCHMARKS.md); memory holds one chunk whatever the folder
@@ -84,8 +84,7 @@ def embedding_target(root: Path, domain_name: str, init: str) -> Target:
     folder (`ssl-pipeline export` wrote it: manifest.json and ssl_pipeline.json), the block it carries and
     its encoder (`export_target`). One clear line when there is none. (The one place that decides which
     encoder and config embed a folder.)"""
-    if init not in EMBED_INITS:
-        raise PipelineError(f"embed --init {init!r}: one of {', '.join(EMBED_INITS)}")
+    check_init(init, "embed")
     given = Path(domain_name)
     if given.is_dir() and ((given / MANIFEST).exists() or (given / SETTINGS).exists()):
         return export_target(root, given, init)
@@ -97,20 +96,10 @@ def embedding_target(root: Path, domain_name: str, init: str) -> Target:
                                 f"`ssl-pipeline export` wrote, or a block of params.yaml ({error})") from None
         raise
     paths = DomainPaths(domain_name, root)
-    encoder_dir = paths.pretrain / "encoder"
+    encoder_dir = encoder_folder(cfg, domain, paths, init, "embed")
     about = {"domain": domain_name, "module": cfg.module, "init": init}
     if init == "ssl":
-        record = paths.pretrain / "lineage.json"
-        if not record.exists():
-            raise PipelineError(f"no pretrained encoder at {paths.relative(encoder_dir)}: run "
-                                f"`ssl-pipeline pretrain {domain_name}` (or `dvc repro pretrain@{domain_name}`) "
-                                "first, or embed with --init generic")
-        from tasks.io import read_json
-
-        about["encoder_outputs_digest"] = str(read_json(record).get("outputs_digest"))
-    elif init not in domain.available_inits(cfg):
-        raise PipelineError(f"embed --init generic: domain {domain_name!r} has no generic checkpoint (set "
-                            f"domains.{domain_name}.finetune.generic_checkpoint in params.yaml)")
+        about["encoder_outputs_digest"] = str(read_json(paths.pretrain / RECORD_NAME).get("outputs_digest"))
     else:
         about["checkpoint"] = str(domain.generic_checkpoint(cfg))
     return Target(cfg, domain, lambda: domain.load_encoder(init, cfg, paths.shards, encoder_dir, seed=0), about)
@@ -182,9 +171,7 @@ def embed(root: Path, domain_name: str, folder: Path, out: Path, init: str = "ss
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_file(quarantine_file) as quarantine_tmp, open(quarantine_tmp, "w", encoding="utf-8") as handle:
         quarantine = Quarantine(handle)
-        quarantine.add({"key": key, "reason": f"unsupported file type; {domain.name} reads "
-                                              f"{', '.join(domain.suffixes)}"} for key in found.unsupported)
-        quarantine.add(found.rejected)
+        quarantine.add(found.quarantined(domain))
         try:
             with atomic_file(out) as parquet_tmp:
                 embedded = _embed_sources(target, folder_cfg, found.sources, public, encoder, batch_size,

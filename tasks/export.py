@@ -8,7 +8,7 @@ keys are pseudonymised; no path, no salt, no corpus): with it another team that 
 project embeds a new folder as the pipeline did (`ssl-pipeline embed EXPORT_DIR FOLDER`), without
 the exporter's params.yaml (`read_settings`).
 
-The card's numbers come from the run's own files: the verdict from `reports/<d>/metrics.json`
+The card's numbers come from the run's own files: the verdict from `reports/<d>/evaluation/`
 when evaluate has run, the provenance from the pretrain stage's lineage record, so
 `ssl-pipeline lineage verify models/<d>/pretrain` ties the card to the data, code and params.
 """
@@ -32,7 +32,7 @@ log = logging.getLogger("export")
 
 MANIFEST = "manifest.json"
 SETTINGS = "ssl_pipeline.json"
-EXPORT_INITS = ("ssl", "generic")
+HAND_OVER_INITS = ("ssl", "generic")  # what export and embed take: the pretrained encoder, the generic checkpoint
 SETTINGS_VERSION = 1
 # settings that hold a path on the exporter's machine: left out of ssl_pipeline.json (only that they
 # were set is kept); where the export is used, they name the export folder itself, which holds the
@@ -60,13 +60,33 @@ def finetuned_model(paths: DomainPaths, fraction: float) -> Path:
     """The finetune stage's saved `ssl` model at `fraction` (its first seed's)."""
     saved = {}
     for folder in sorted((paths.finetune / "models").glob("ssl_fraction-*_seed-*")):
-        value, _, seed = folder.name[len("ssl_fraction-"):].partition("_seed-")
+        value = folder.name[len("ssl_fraction-"):].partition("_seed-")[0]
         saved.setdefault(float(value), folder)
     if fraction not in saved:
         offered = ", ".join(f"{value:g}" for value in sorted(saved)) or "none (run the finetune stage first)"
         raise PipelineError(f"export --finetuned {fraction:g}: no fine-tuned model at that label fraction in "
                             f"{paths.relative(paths.finetune)}; saved: {offered}")
     return saved[fraction]
+
+
+def check_init(init: str, command: str) -> None:
+    if init not in HAND_OVER_INITS:
+        raise PipelineError(f"{command} --init {init!r}: one of {', '.join(HAND_OVER_INITS)}")
+
+
+def encoder_folder(cfg: Any, domain: Any, paths: DomainPaths, init: str, command: str) -> Path:
+    """What `export` and `embed` check before `domain.load_encoder(init, ...)`, each in one line:
+    the init, the pretrained encoder's lineage record (written last: the encoder is whole), the
+    generic checkpoint. Returns the pretrained encoder's folder."""
+    check_init(init, command)
+    encoder_dir = paths.pretrain / "encoder"
+    if init == "ssl" and not (paths.pretrain / RECORD_NAME).exists():
+        raise PipelineError(f"no pretrained encoder at {paths.relative(encoder_dir)}: run "
+                            f"`ssl-pipeline pretrain {cfg.name}` (or `dvc repro pretrain@{cfg.name}`) first")
+    if init == "generic" and init not in domain.available_inits(cfg):
+        raise PipelineError(f"{command} --init generic: domain {cfg.name!r} has no generic checkpoint (set "
+                            f"domains.{cfg.name}.finetune.generic_checkpoint in params.yaml)")
+    return encoder_dir
 
 
 def write_export(cfg: Any, domain: Any, paths: DomainPaths, init: str, target: Path,
@@ -76,16 +96,9 @@ def write_export(cfg: Any, domain: Any, paths: DomainPaths, init: str, target: P
 
     import torch
 
-    if init not in EXPORT_INITS:
-        raise PipelineError(f"export --init {init!r}: one of {', '.join(EXPORT_INITS)}")
+    encoder_dir = encoder_folder(cfg, domain, paths, init, "export")
     if finetuned is not None and init != "ssl":
         raise PipelineError("export --finetuned exports the fine-tuned `ssl` encoder: leave out --init")
-    encoder_dir = paths.pretrain / "encoder"
-    if init == "ssl" and not (paths.pretrain / RECORD_NAME).exists():
-        raise PipelineError(f"no pretrained encoder at {paths.relative(encoder_dir)}: run "
-                            f"`ssl-pipeline pretrain {cfg.name}` (or `dvc repro pretrain@{cfg.name}`) first")
-    if init == "generic" and init not in domain.available_inits(cfg):
-        raise PipelineError(f"domain {cfg.name!r} has no generic checkpoint to export")
     model_dir = finetuned_model(paths, finetuned) if finetuned is not None else None
     encoder = domain.load_encoder(init, cfg, paths.shards, model_dir / "encoder" if model_dir else encoder_dir,
                                   seed=0).eval()
@@ -180,22 +193,27 @@ def model_card(cfg: Any, domain: Any, paths: DomainPaths, init: str, about: dict
     data statement, the evaluation, limitations, provenance and how to load it."""
     from collections import Counter
 
-    from tasks.stages.report import ENVIRONMENT, all_quarantined, verdict_table, verdicts
+    from tasks.stages.report import (
+        ENVIRONMENT,
+        all_quarantined,
+        optional_json,
+        uses_default_data,
+        verdict_table,
+        verdicts,
+    )
 
-    metrics_file = paths.evaluation / "metrics.json"
-    metrics = read_json(metrics_file) if metrics_file.exists() else None
+    metrics = optional_json(paths.evaluation / "metrics.json")
     comparisons = read_json(paths.evaluation / "comparisons.json") if metrics else []
     lineage_file = paths.pretrain / RECORD_NAME
-    lineage = read_json(lineage_file) if lineage_file.exists() else {}
-    pretrain_log = read_json(paths.pretrain / "log.json") if (paths.pretrain / "log.json").exists() else {}
-    ingest = read_json(paths.manifest / "summary.json") if (paths.manifest / "summary.json").exists() else None
+    lineage = optional_json(lineage_file) or {}
+    pretrain_log = optional_json(paths.pretrain / "log.json") or {}
+    ingest = optional_json(paths.manifest / "summary.json")
     quarantine = all_quarantined(paths) if ingest else []
     found = verdicts(metrics, comparisons) if metrics else []
-    uses_default = cfg.resolve(cfg.corpus).resolve().is_relative_to(paths.default_data.resolve())
     base = domain.generic_checkpoint(cfg) if init == "generic" else getattr(cfg.model, "base_checkpoint", None)
     # the weights derive from the organisation's own data: no open license is presumed
-    front = {"license": "other", "license_name": "organisation-internal", "library_name": about["library"], "tags": ["ssl-pipeline", cfg.name, "self-supervised",
-                                                        "feature-extraction"],
+    front = {"license": "other", "license_name": "organisation-internal", "library_name": about["library"],
+             "tags": ["ssl-pipeline", cfg.name, "self-supervised", "feature-extraction"],
              "pipeline_tag": "feature-extraction"}
     if metrics:
         front["model-index"] = [{"name": f"ssl-pipeline-{cfg.name}", "results": [
@@ -208,7 +226,7 @@ def model_card(cfg: Any, domain: Any, paths: DomainPaths, init: str, about: dict
         front_matter=yaml.safe_dump(front, sort_keys=True).rstrip(), domain_name=cfg.name, init=init, about=about,
         finetuned=about.get("finetuned"),
         method=cfg.pretrain.method, backbone=cfg.model.backbone, base=base, manifest=MANIFEST,
-        task_kind=domain.task_kind, task=domain.task_description(cfg, uses_default),
+        task_kind=domain.task_kind, task=domain.task_description(cfg, uses_default_data(cfg, paths)),
         ingest=ingest and {"labeled_by_split": {}, **ingest}, quarantined=len(quarantine),
         quarantine_reasons=Counter(q["reason"] for q in quarantine).most_common(10),
         pseudonymised=domain.pseudonymises(cfg), metrics=metrics,
@@ -216,8 +234,10 @@ def model_card(cfg: Any, domain: Any, paths: DomainPaths, init: str, about: dict
         unit=metrics and metrics.get("comparison_metric", metrics["primary_metric"]),
         confidence=(metrics or {}).get("confidence", 0.95), verdicts=found,
         paid_off_anywhere=any(v["outcome"] == "paid off" for v in found),
-        best_protocols=(metrics or {}).get("best_protocols", []), table=verdict_table(metrics, comparisons) if metrics else [],
-        checkpoints=pretrain_log.get("checkpoints", [])[-12:], rankme_rows=pretrain_log.get("rankme_rows", "validation"),
+        best_protocols=(metrics or {}).get("best_protocols", []),
+        table=verdict_table(metrics, comparisons) if metrics else [],
+        checkpoints=pretrain_log.get("checkpoints", [])[-12:],
+        rankme_rows=pretrain_log.get("rankme_rows", "validation"),
         chosen=pretrain_log.get("choice"), lineage_path=paths.relative(lineage_file),
         lineage_sha=sha256_file(lineage_file) if lineage_file.exists() else "none",
         outputs_digest=lineage.get("outputs_digest", "none"), pretrain_path=paths.relative(paths.pretrain))

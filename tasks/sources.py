@@ -32,6 +32,12 @@ class Discovery:
     rejected: list[dict[str, str]] = field(default_factory=list)  # sources the domain refused, with reasons
     hidden: int = 0
 
+    def quarantined(self, domain: Domain) -> list[dict[str, str]]:
+        """The quarantine entries of what discovery set aside: files of a type the domain does not
+        read, then sources it refused."""
+        reads = f"unsupported file type; {domain.name} reads {', '.join(domain.suffixes)}"
+        return [{"key": key, "reason": reads} for key in self.unsupported] + self.rejected
+
 
 def corpus_files(corpus: Path, labels: Path | None) -> list[Path]:
     labels_file = labels.resolve() if labels else None  # may sit inside the corpus folder

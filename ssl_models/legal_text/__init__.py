@@ -57,9 +57,10 @@ class LegalText(Domain, module="legal_text"):
             summary[f"pretrain_{split}_tokens"] = int(split_blocks.size)
         labeled = [row for row in manifest if row.get("label") is not None]
         pretrain_near_copies = {normalised_text_hash(texts[r["key"]]) for r in manifest if r["split"] == "train"}
-        test_rows = [r for r in labeled if r["split"] == "test"] if pretrain_near_copies else []  # none without
-        summary["labeled_test_near_copies_in_pretraining"] = sum(  # training rows (embed's chunks): skip
-            normalised_text_hash(texts[r["key"]]) in pretrain_near_copies for r in test_rows)
+        # without training rows (embed's chunks) nothing can be a near-copy: no test text is hashed
+        summary["labeled_test_near_copies_in_pretraining"] = sum(
+            normalised_text_hash(texts[r["key"]]) in pretrain_near_copies for r in labeled
+            if r["split"] == "test") if pretrain_near_copies else 0
         write_shards(out_dir, pretrain_train={"input_ids": blocks["train"].tolist()},
                      pretrain_val={"input_ids": blocks["val"].tolist()}, labeled={
                          "sample_id": [r["sha256"] for r in labeled],

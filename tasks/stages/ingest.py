@@ -117,9 +117,7 @@ def ingest(cfg: DomainConfig, domain: Domain, paths: DomainPaths) -> dict[str, A
     member_of = {public("key", path.relative_to(corpus).as_posix()): key
                  for key, source in found.sources.items() if len(source.paths) > 1 for path in source.paths}
     labels = {member_of.get(key, key): value for key, value in labels.items()}
-    quarantine: list[dict[str, str]] = [
-        {"key": key, "reason": f"unsupported file type; {domain.name} reads {', '.join(domain.suffixes)}"}
-        for key in found.unsupported] + found.rejected
+    quarantine = found.quarantined(domain)
     rows: list[dict[str, Any]] = []
     duplicates: list[dict[str, str]] = []
     canonical: dict[str, str] = {}  # content hash -> first key with it

@@ -254,7 +254,7 @@ def report(cfg: DomainConfig, domain: Domain, paths: DomainPaths) -> str:
     checkpoint_choice = optional_json(paths.evaluation / "checkpoint_choice.json")
     recorder = LineageRecorder(f"report@{domain_name}", paths.report, params={}, root=paths.root,
                                upstream=[paths.evaluation])
-    uses_default = cfg.resolve(cfg.corpus).resolve().is_relative_to(paths.default_data.resolve())
+    uses_default = uses_default_data(cfg, paths)
     with atomic_dir(paths.report) as out:
         plot_label_efficiency(metrics["results"], metrics["primary_metric"], out / "label_efficiency.png",
                               metrics.get("best_protocols"))
@@ -272,6 +272,11 @@ def report(cfg: DomainConfig, domain: Domain, paths: DomainPaths) -> str:
         recorder.write(out)
     log.info("report %s written to %s", domain_name, paths.report / "report.md")
     return text
+
+
+def uses_default_data(cfg: DomainConfig, paths: DomainPaths) -> bool:
+    """Whether the block's corpus is the embedded default data (the task is then described as such)."""
+    return cfg.resolve(cfg.corpus).resolve().is_relative_to(paths.default_data.resolve())
 
 
 def optional_json(path: Path) -> Any:
