@@ -270,6 +270,11 @@ class FinetuneConfig:
         default_factory=lambda: ["linear", "knn", "finetune"])
     generic_checkpoint: str | None = None  # the off-the-shelf encoder to compare with; null: model.base_checkpoint
     generic_protocols: list[Literal["linear", "knn", "finetune"]] | None = None  # null: every protocol
+    # where fine-tuning's linear head starts: probe (LP-FT: the fitted probe's head, Kumar et al. 2022)
+    # or fresh (a random head, as transformers' AutoModelForSequenceClassification and timm's
+    # create_model(num_classes=...) start); generic_head_init: the generic checkpoint's (null: head_init)
+    head_init: Literal["probe", "fresh"] = "probe"
+    generic_head_init: Literal["probe", "fresh"] | None = "fresh"
     # fine-tuning length: `epochs` over the labeled subset, capped at `max_steps` (at least 1 step)
     epochs: float = 5.0
     max_steps: int = 200

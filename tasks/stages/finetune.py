@@ -7,7 +7,9 @@ subset for a (fraction, seed) is drawn by example, stratified by class, and is t
 every initialisation, so the differences are paired. Test rows never change, and nothing is
 chosen with them: the probe's C by cross-validation inside the subset
 (`tasks.probes.fit_chosen_probe`), the fine-tune length by epochs with a cap (`finetune_steps`).
-Fine-tuning starts from that probe's head (LP-FT), so it keeps what the probe found. Every
+Fine-tuning starts from that probe's head (LP-FT), so it keeps what the probe found, or from a
+fresh head (`finetune.head_init`; the generic checkpoint's by `generic_head_init`: fresh, as a
+practitioner fine-tunes it with transformers or timm). Every
 result row carries its test predictions, for the bootstrap intervals of evaluate.
 
 A job is one (init, seed): it loads the encoder once, embeds once and runs every fraction that
@@ -99,6 +101,18 @@ def protocols_of(init: str, settings: FinetuneConfig) -> list[str]:
     if init == "generic" and settings.generic_protocols is not None:
         return list(settings.generic_protocols)
     return list(settings.protocols)
+
+
+def head_start(init: str, settings: FinetuneConfig) -> str:
+    """Where an init's fine-tuning head starts: `probe` (LP-FT) or `fresh`; the generic
+    checkpoint by `generic_head_init` when set. Started from its probe's head, MiniLM fine-tuned
+    below its own linear probe (its L2-normalised features have per-dimension spreads of ~0.05,
+    so the folded-in scaler makes the head's weights ~20x larger and small feature changes swing
+    the logits); started fresh, as transformers' classifier classes start, it did not
+    (BENCHMARKS.md, issue 20)."""
+    if init == "generic" and settings.generic_head_init is not None:
+        return settings.generic_head_init
+    return settings.head_init
 
 
 def job_seeds(settings: FinetuneConfig) -> list[int]:
@@ -300,7 +314,8 @@ def run_job(plan: Plan, init: str, seed: int, pool: Rows, test: Rows, device: to
         for protocol in protocols:
             started = time.time()
             chosen: dict[str, Any] = {"linear_c": None, "linear_c_by": None, "steps": None}
-            if protocol in ("linear", "finetune"):
+            lp_ft = protocol == "finetune" and head_start(init, settings) == "probe"
+            if protocol == "linear" or lp_ft:
                 probe = probe or fitted_probe(reuse, init, subset, train_x, train_y, settings)
                 if probe[1] is not None:  # a one-class subset fits no probe: no C applies
                     chosen.update(linear_c=probe[0].c, linear_c_by=probe[0].chosen_by)
@@ -310,11 +325,12 @@ def run_job(plan: Plan, init: str, seed: int, pool: Rows, test: Rows, device: to
                 predicted, probabilities = knn_probe(train_x, train_y, test_x, settings.knn_neighbors, plan.classes)
             elif protocol == "finetune":
                 chosen["steps"] = finetune_steps(settings, len(subset))
-                # a one-class subset has no probe and keeps the head's random init: draw it from `seed`,
-                # not from whatever ran before in this process, so every process order gives the same head
+                chosen["head"] = "probe" if lp_ft else "fresh"
+                # a fresh head (and a one-class subset's: it has no probe) is drawn from `seed`, not from
+                # whatever ran before in this process, so every process order gives the same head
                 with torch.random.fork_rng(devices=[]):
                     torch.manual_seed(seed)
-                    head = head_from_probe(probe[1], encoder.dim, plan.classes)
+                    head = head_from_probe(probe[1] if lp_ft else None, encoder.dim, plan.classes)
                 predicted, probabilities, model, head = finetune_encoder(
                     encoder, [pool[i] for i in subset], train_y, test, plan.classes, settings, seed, head)
                 if settings.save_models and init == "ssl" and seed == settings.seeds_for(fraction)[0]:

@@ -219,8 +219,28 @@ def test_a_fixed_c_is_used_and_recorded_as_fixed(tmp_path: Path) -> None:
                               linear_c=0.5)
     results = finetune(cfg, FakeDomain(), paths)
     by_protocol = {r["protocol"]: r["chosen"] for r in results}
+    assert by_protocol["finetune"].pop("head") == "probe"  # LP-FT: the probe's C is the head's
     assert by_protocol["linear"] == by_protocol["finetune"] | {"steps": None} == {
         "linear_c": 0.5, "linear_c_by": "fixed", "steps": None}
+
+
+@pytest.mark.parametrize("generic_head_init", ["fresh", None])
+def test_the_head_starts_from_the_probe_or_fresh_as_configured(tmp_path: Path, generic_head_init: str | None) -> None:
+    """Learning rates 0: fine-tuning changes nothing, so an LP-FT model predicts what its probe
+    predicts, and a fresh head predicts little. ssl starts from the probe (head_init), the
+    generic checkpoint fresh (generic_head_init; null: as head_init)."""
+    cfg, paths = fake_project(tmp_path, labeled_rows(), label_fractions=[1.0], seeds=[0], inits=["ssl", "generic"],
+                              generic_protocols=["linear", "finetune"], generic_head_init=generic_head_init,
+                              learning_rate=0.0, head_learning_rate=0.0)
+    rows = {(r["init"], r["protocol"]): r for r in finetune(cfg, FakeDomain(), paths)}
+    assert rows[("ssl", "finetune")]["chosen"]["head"] == "probe"
+    assert rows[("ssl", "finetune")]["predicted"] == rows[("ssl", "linear")]["predicted"]
+    generic, probe = rows[("generic", "finetune")], rows[("generic", "linear")]
+    if generic_head_init == "fresh":
+        assert generic["chosen"] == {"linear_c": None, "linear_c_by": None, "steps": 3, "head": "fresh"}
+        assert generic["macro_f1"] < probe["macro_f1"] - 0.2  # a random head, never trained
+    else:
+        assert generic["chosen"]["head"] == "probe" and generic["predicted"] == probe["predicted"]
 
 
 @pytest.mark.slow
