@@ -75,6 +75,21 @@ def aggregate(results: Results) -> Results:
     return summary
 
 
+def finetune_budget(results: Results, batch_size: int) -> Results:
+    """Fine-tuning's length per label fraction, the same rule for every init: the steps it ran
+    (`finetune.epochs` passes over the subset, capped at `max_steps`) and the passes over the
+    labeled subset they made (mean over seeds). Rows of an older finetune stage record no steps."""
+    runs: dict[float, list[tuple[int, int]]] = defaultdict(list)
+    for row in results:
+        steps = (row.get("chosen") or {}).get("steps")
+        if row["protocol"] == "finetune" and steps:
+            runs[row["label_fraction"]].append((steps, row["n_train"]))
+    return [{"label_fraction": fraction, "steps": round(float(np.mean([s for s, _ in rows]))),
+             "batch_size": batch_size,
+             "passes": round(float(np.mean([s * batch_size / max(1, n) for s, n in rows])), 2)}
+            for fraction, rows in sorted(runs.items())]
+
+
 def flat_summary(summary: Results, metric: str) -> dict[str, dict[str, dict[str, float]]]:
     """Primary-metric means as protocol -> pct<labels> -> init, the nesting `dvc metrics show`
     and `dvc exp show` flatten into columns such as `summary.linear.pct10.ssl`."""
@@ -322,6 +337,7 @@ def evaluate(cfg: DomainConfig, domain: Domain, paths: DomainPaths) -> dict[str,
                **({"confidence": settings.confidence} if with_predictions else {}),
                "results": summary, "summary": flat_summary(summary, metric), "best_protocols": best,
                "best": best_summary(best), "paired": paired_summary(comparisons),
+               "finetune_budget": finetune_budget(finetuned["results"], settings.batch_size),
                "labeled_test": shards_summary["labeled_test"],
                "labeled_test_in_pretraining_corpus": shards_summary["labeled_test_exact_copies_in_pretraining"]}
     with atomic_dir(paths.evaluation) as out:

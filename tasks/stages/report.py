@@ -234,6 +234,7 @@ def build_markdown(domain_name: str, task: str, metrics: dict[str, Any], compari
         comparisons=sorted(comparisons, key=lambda c: (c["label_fraction"], order.index(c["against"]),
                                                       c["protocol"] != "best", c["protocol"])),
         per_protocol=any(c["protocol"] != "best" for c in comparisons), has_embedding_plot=has_embedding_plot,
+        budget=metrics.get("finetune_budget", []),
         first=pretrain_log["checkpoints"][0], last=pretrain_log["checkpoints"][-1],
         checkpoint=checkpoint_story(checkpoint_choice, pretrain_log), lineage_text=lineage_text)
 

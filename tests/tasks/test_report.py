@@ -232,3 +232,23 @@ def test_where_pretraining_did_not_pay_off_the_report_says_how_far_and_what_to_t
                                    ("baseline", "linear"): 0.6, ("generic", "linear"): 0.55})
     text = text_of(metrics, comparisons)
     assert "What would change the verdict" not in text and "short of paying off" not in text
+
+
+def test_the_report_gives_fine_tunings_length_and_says_when_it_is_under_one_pass() -> None:
+    from tasks.stages.evaluate import finetune_budget
+
+    finetuned = synthetic_finetune({**every_protocol("ssl", 0.6), ("baseline", "linear"): 0.6}, fractions=(0.01, 1.0))
+    for row in finetuned["results"]:  # the rule: 5 passes over the subset, capped at 40 steps of 16
+        row["chosen"] = {**row["chosen"], "steps": min(40, -(-5 * row["n_train"] // 16))
+                         if row["protocol"] == "finetune" else None}
+    budget = finetune_budget(finetuned["results"], batch_size=16)
+    assert budget == [{"label_fraction": 0.01, "steps": 6, "batch_size": 16, "passes": 5.33},
+                      {"label_fraction": 1.0, "steps": 40, "batch_size": 16, "passes": 0.35}]
+    metrics, comparisons = judged({**every_protocol("ssl", 0.6), ("baseline", "linear"): 0.6})
+    text = markdown_for({**metrics, "finetune_budget": budget}, comparisons)
+    assert "6 steps at 1% labels (5.3 passes), 40 steps at 100% labels (0.35 passes)." in text
+    assert "Under one pass, a fine-tuned score is that of a short run" in text
+    budget[1].update(steps=400, passes=3.49)
+    text = markdown_for({**metrics, "finetune_budget": budget}, comparisons)
+    assert "40 steps at 100%" not in text and "(3.5 passes)" in text and "Under one pass" not in text
+    assert "Fine-tuning's length" not in markdown_for(metrics, comparisons)  # an older evaluate stage's metrics
