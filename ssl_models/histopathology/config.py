@@ -22,10 +22,16 @@ class HistoIngestConfig(IngestLimits):
     """`ingest:` block: which slides are too small to tile."""
 
     min_side: int = 8  # pixels at level 0; smaller images are quarantined
+    # width x height x bands a level may decode whole, read from the header before decoding (tiles,
+    # plain TIFFs, the level a slide's thumbnail comes from; OpenSlide reads tiles by region):
+    # 2^28 is Pillow's own decompression-bomb scale, 256 MiB of 8-bit samples
+    max_pixels: int = 2 ** 28
 
     def validate(self, where: str) -> None:
         super().validate(where)
         require(self.min_side >= 1, f"{where}.min_side", "must be at least 1 pixel")
+        require(self.max_pixels >= 3 * self.min_side ** 2, f"{where}.max_pixels",
+                "must allow at least an RGB image of min_side x min_side pixels")
 
 
 @dataclass

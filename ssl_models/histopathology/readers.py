@@ -7,6 +7,7 @@ tiling does not care whether a source is a 40x slide or a 512-pixel tile.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -21,19 +22,58 @@ TILE_SUFFIXES = (".png", ".jpg", ".jpeg")
 SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".scn", ".bif", ".svslide")
 HISTO_SUFFIXES = TILE_SUFFIXES + SLIDE_SUFFIXES
 # Pillow and tifffile decode a whole level at once: a 100,000-pixel-wide plain TIFF (no pyramid) took
-# 30 GB at ingest. 2^28 pixels (768 MiB of RGB) is Pillow's own decompression-bomb scale; OpenSlide
-# reads pyramidal slides by region and is not limited.
+# 30 GB at ingest, a 657 KB RGBA PNG of 13000x13000 5 GiB. The default of `ingest.max_pixels`,
+# counted as width x height x bands from the header before anything is decoded: 2^28 values is
+# Pillow's own decompression-bomb scale (its MAX_IMAGE_PIXELS is 2^28 / 3 RGB pixels), 256 MiB of
+# 8-bit samples. OpenSlide reads by region: only the level a thumbnail decodes whole is limited.
 MAX_DECODED_PIXELS = 2 ** 28
+OPENSLIDE_BANDS = 4  # read_region decodes RGBA
+_STRIP_PIXELS = 2 ** 20  # to_rgb converts this many pixels at a time: its float temporaries stay small
+
+
+class ImageTooLargeError(UnreadableFileError):
+    """A level whose decoded size, from the header, exceeds `ingest.max_pixels`."""
+
+
+def check_decoded_size(width: int, height: int, bands: int, max_pixels: int, what: str = "image") -> None:
+    """Refuse, before decoding, a level of width x height x bands values over `max_pixels`."""
+    values = int(width) * int(height) * int(bands)
+    if values > max_pixels:
+        raise ImageTooLargeError(f"{what} of {width}x{height} pixels x {bands} bands ({values}) exceeds "
+                                 f"ingest.max_pixels={max_pixels}")
 
 
 def to_rgb(pixels: np.ndarray) -> np.ndarray:
-    """uint8 RGB [h, w, 3] from grayscale, RGBA (composited on white glass) or 16-bit data."""
+    """uint8 RGB [h, w, 3] from grayscale, RGBA (composited on white glass) or 16-bit data.
+
+    Converted a strip of rows at a time: compositing RGBA in float32 took 16 bytes a pixel over the
+    whole level at once (5 GiB for a 13000-pixel square)."""
+    array = np.asarray(pixels)
+    if array.ndim < 2 or array.shape[0] * (array.shape[1] if array.ndim > 1 else 1) <= _STRIP_PIXELS:
+        return _strip_to_rgb(array, _float_scale(array))
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (1, 2, 3, 4)):
+        raise UnreadableFileError(f"unsupported pixel layout {tuple(array.shape)}")
+    scale = _float_scale(array)
+    rows = max(1, _STRIP_PIXELS // array.shape[1])
+    out = np.empty((array.shape[0], array.shape[1], 3), dtype=np.uint8)
+    for top in range(0, array.shape[0], rows):
+        out[top:top + rows] = _strip_to_rgb(array[top:top + rows], scale)
+    return out
+
+
+def _float_scale(array: np.ndarray) -> float:
+    """The factor that brings the whole image (not one strip) of a float or wide-integer type into 0..255."""
+    if array.dtype in (np.uint8, np.uint16):
+        return 1.0
+    top = float(array.max()) if array.size else 0.0
+    return 255.0 if top <= 1.0 else (255.0 / top if top > 255 else 1.0)  # float in [0, 1], or wider ints
+
+
+def _strip_to_rgb(pixels: np.ndarray, scale: float) -> np.ndarray:
     array = np.asarray(pixels)
     if array.dtype == np.uint16:
         array = (array.astype(np.uint32) * 255 + 32767) // 65535  # 16-bit scans: same intensities in 8 bits
     elif array.dtype != np.uint8:
-        top = float(array.max()) if array.size else 0.0
-        scale = 255.0 if top <= 1.0 else (255.0 / top if top > 255 else 1.0)  # float in [0, 1], or wider ints
         array = array.astype(np.float64) * scale
     array = np.clip(array, 0, 255).astype(np.uint8) if array.dtype != np.uint8 else array
     if array.ndim == 2:
@@ -71,13 +111,24 @@ class SlideImage:
         """RGB uint8 [height, width, 3]; parts outside the image read as white glass."""
         raise NotImplementedError
 
+    bands = 3  # values a decoded pixel holds (the level decoded whole is limited by them)
+    max_pixels = MAX_DECODED_PIXELS  # ingest.max_pixels: width x height x bands a level may decode whole
+
+    def decodable(self, level: int) -> bool:
+        """Whether `level` fits `max_pixels` when decoded whole."""
+        width, height = self.dimensions[level]
+        return width * height * self.bands <= self.max_pixels
+
     def thumbnail(self, max_side: int) -> np.ndarray:
         """The whole image, at most `max_side` pixels on its longer side, from the smallest
-        level that is at least that large."""
+        level that is at least that large (or the largest that fits `max_pixels` decoded whole)."""
         from PIL import Image
 
         level = self.level_count - 1
-        while level > 0 and max(self.dimensions[level]) < max_side:
+        width, height = self.dimensions[level]
+        check_decoded_size(width, height, self.bands, self.max_pixels,
+                           "image (no pyramid level small enough to decode whole)" if self.level_count > 1 else "image")
+        while level > 0 and max(self.dimensions[level]) < max_side and self.decodable(level - 1):
             level -= 1
         width, height = self.dimensions[level]
         image = self.read(level, 0, 0, width, height)
@@ -100,16 +151,25 @@ class SlideImage:
 class InMemoryLevels(SlideImage):
     """Levels decoded into memory: tiles, and TIFFs that OpenSlide does not read."""
 
-    def __init__(self, loaders: list, dimensions: list[tuple[int, int]], backend: str) -> None:
+    def __init__(self, loaders: list, dimensions: list[tuple[int, int]], backend: str, bands: int = 3,
+                 max_pixels: int = MAX_DECODED_PIXELS) -> None:
         super().__init__(dimensions)
         self.loaders = loaders  # one callable per level, decoding it on first use
         self.cache: dict[int, np.ndarray] = {}
         self.backend = backend
+        self.bands, self.max_pixels = bands, max_pixels
 
     def read(self, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
         if level not in self.cache:
+            # a tile of level 0 of a plain TIFF decodes all of level 0: refused over the limit
+            level_width, level_height = self.dimensions[level]
+            check_decoded_size(level_width, level_height, self.bands, self.max_pixels,
+                               f"pyramid level {level}" if self.level_count > 1 else "image")
             self.cache[level] = to_rgb(self.loaders[level]())
+            self.cache[level].flags.writeable = False  # handed out whole below: nobody may change it
         pixels = self.cache[level]
+        if (x, y, width, height) == (0, 0, pixels.shape[1], pixels.shape[0]):
+            return pixels  # the whole level (a thumbnail's source): no second copy of it
         out = np.full((height, width, 3), 255, dtype=np.uint8)
         top, left = max(0, y), max(0, x)
         bottom, right = min(pixels.shape[0], y + height), min(pixels.shape[1], x + width)
@@ -121,7 +181,10 @@ class InMemoryLevels(SlideImage):
 class OpenSlideImage(SlideImage):
     backend = "openslide"
 
-    def __init__(self, slide: Any) -> None:
+    bands = OPENSLIDE_BANDS
+
+    def __init__(self, slide: Any, max_pixels: int = MAX_DECODED_PIXELS) -> None:
+        self.max_pixels = max_pixels
         properties = slide.properties
         mpp = properties.get("openslide.mpp-x")
         objective = properties.get("openslide.objective-power")
@@ -138,19 +201,31 @@ class OpenSlideImage(SlideImage):
         self.slide.close()
 
 
-def _open_with_pillow(path: Path) -> SlideImage:
+def _open_with_pillow(path: Path, max_pixels: int) -> SlideImage:
     from PIL import Image
 
-    image = Image.open(path)
-    image.load()  # decode now: a truncated file fails here, not in the middle of preprocess
-    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        array = np.asarray(image)
-    else:
-        array = np.asarray(image.convert("RGBA" if "A" in image.getbands() else "RGB"))
-    return InMemoryLevels([lambda: array], [(image.width, image.height)], "pillow")
+    # Pillow's own guard at the same scale (it warns over MAX_IMAGE_PIXELS and refuses twice that,
+    # counting pixels, not bands); the check below, on the header's size and bands, comes first
+    Image.MAX_IMAGE_PIXELS = max_pixels
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(path)  # lazy: the header only
+    except Image.DecompressionBombError as error:  # over twice the limit in pixels alone
+        raise ImageTooLargeError(f"image exceeds ingest.max_pixels={max_pixels}: {error}") from None
+    with image:
+        bands = max(3, len(image.getbands()))  # decoded as they are, converted to RGB
+        check_decoded_size(image.width, image.height, bands, max_pixels)
+        image.load()  # decode now: a truncated file fails here, not in the middle of preprocess
+        if image.mode in ("I;16", "I;16B", "I;16L", "I", "F", "RGB", "RGBA", "L", "LA"):
+            array = np.asarray(image)  # to_rgb converts these itself, a strip at a time
+        else:  # palette, CMYK, YCbCr, 1-bit
+            array = np.asarray(image.convert("RGBA" if "A" in image.getbands() else "RGB"))
+        size = (image.width, image.height)
+    return InMemoryLevels([lambda: array], [size], "pillow", bands, max_pixels)
 
 
-def _open_with_tifffile(path: Path) -> SlideImage:
+def _open_with_tifffile(path: Path, max_pixels: int) -> SlideImage:
     import tifffile
 
     tif = tifffile.TiffFile(path)
@@ -160,42 +235,57 @@ def _open_with_tifffile(path: Path) -> SlideImage:
     for level in levels:
         axes, shape = level.axes, level.shape
         dimensions.append((int(shape[axes.index("X")]), int(shape[axes.index("Y")])))
+    axes, shape = levels[-1].axes, levels[-1].shape
+    bands = max(3, int(shape[axes.index("S")]) if "S" in axes else 1)
     smallest = min(width * height for width, height in dimensions)
-    if smallest > MAX_DECODED_PIXELS:  # the thumbnail alone would decode a whole level into memory
+    if smallest * bands > max_pixels:  # the thumbnail alone would decode a whole level into memory
         tif.close()
         width, height = dimensions[0]
         raise UnreadableFileError(f"image too large to decode whole ({width}x{height} pixels without a smaller "
-                                  f"pyramid level; the limit is {MAX_DECODED_PIXELS} pixels): convert it to a "
-                                  "tiled pyramidal TIFF (e.g. `vips tiffsave --tile --pyramid`)")
-    return InMemoryLevels([level.asarray for level in levels], dimensions, "tifffile")
+                                  f"pyramid level; {smallest * bands} values exceed ingest.max_pixels={max_pixels}): "
+                                  "convert it to a tiled pyramidal TIFF (e.g. `vips tiffsave --tile --pyramid`)")
+    return InMemoryLevels([level.asarray for level in levels], dimensions, "tifffile", bands, max_pixels)
 
 
-def open_slide(path: Path) -> SlideImage:
-    """Open a slide or tile; `UnreadableFileError` with the reason when no reader can."""
+def open_slide(path: Path, max_pixels: int = MAX_DECODED_PIXELS) -> SlideImage:
+    """Open a slide or tile; `UnreadableFileError` with the reason when no reader can. A level is
+    decoded whole only when its width x height x bands (from the header) fit `max_pixels`."""
     suffix = path.suffix.lower()
     errors = []
     if suffix in TILE_SUFFIXES:
         try:
-            return _open_with_pillow(path)
+            return _open_with_pillow(path, max_pixels)
+        except ImageTooLargeError:
+            raise
         except Exception as error:  # Pillow raises many types for corrupt files
             raise UnreadableFileError(f"cannot decode image: {without_names(str(error), [path])}") from None
     import openslide
 
     try:
-        return OpenSlideImage(openslide.OpenSlide(str(path)))
+        slide = OpenSlideImage(openslide.OpenSlide(str(path)), max_pixels)
     except Exception as error:
         errors.append(f"OpenSlide: {without_names(str(error), [path])}")
+    else:
+        width, height = slide.dimensions[-1]
+        try:  # tiles are read by region; the thumbnail decodes the smallest level whole
+            check_decoded_size(width, height, slide.bands, max_pixels, "image (no pyramid level small enough "
+                               "to decode whole)" if slide.level_count > 1 else "image")
+        except ImageTooLargeError:
+            slide.close()
+            raise
+        return slide
     if suffix in (".tif", ".tiff", ".svs"):
         try:
-            return _open_with_tifffile(path)
+            return _open_with_tifffile(path, max_pixels)
         except Exception as error:
             errors.append(f"tifffile: {without_names(str(error), [path])}")
     raise UnreadableFileError("cannot open slide (" + "; ".join(errors) + ")")
 
 
-def read_slide(source: Source, min_side: int) -> Record:
+def read_slide(source: Source, min_side: int, max_pixels: int = MAX_DECODED_PIXELS) -> Record:
     """One record per slide or tile: its hash and pyramid metadata. The pixels are checked
-    (a thumbnail is decoded) so that a corrupt file is quarantined here, not in preprocess."""
+    (a thumbnail is decoded) so that a corrupt file is quarantined here, not in preprocess;
+    a level is decoded whole only within `max_pixels` (ingest.max_pixels)."""
     path = source.paths[0]
     try:
         digest, size = sha256_file(path), path.stat().st_size
@@ -203,7 +293,7 @@ def read_slide(source: Source, min_side: int) -> Record:
         raise UnreadableFileError(f"cannot read file ({error.strerror})") from None
     if size == 0:
         raise UnreadableFileError("empty file")
-    slide = open_slide(path)
+    slide = open_slide(path, max_pixels)
     try:
         width, height = slide.dimensions[0]
         if min(width, height) < min_side:

@@ -17,10 +17,16 @@ class VolumeIngestConfig(IngestLimits):
     # NIfTI/NRRD carry no modality; auto: CT when values reach the HU of air
     nifti_modality: Literal["auto", "ct", "mr"] = "auto"
     slice_gap_tolerance: float = 0.5  # a gap above (1 + this) x the usual slice spacing is a missing slice
+    # voxels a source may declare, every dimension counted (4D time points and channels, DICOM frames
+    # and samples per pixel, all files of a series), checked on the header before any pixel is
+    # decoded: 2^30 is a 4 GiB float32 volume, above any clinical CT or MR (512 x 512 x 2000 is 2^29)
+    max_voxels: int = 2 ** 30
 
     def validate(self, where: str) -> None:
         super().validate(where)
         require(self.min_slices >= 1, f"{where}.min_slices", "must be at least 1")
+        require(self.max_voxels >= self.min_slices ** 3, f"{where}.max_voxels",
+                "must allow at least a volume of min_slices voxels along each axis")
         require(self.slice_gap_tolerance > 0, f"{where}.slice_gap_tolerance", "must be positive")
 
 

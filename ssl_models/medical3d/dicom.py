@@ -169,8 +169,19 @@ def _affine(first, step: np.ndarray) -> np.ndarray:
     return affine
 
 
-def read_series(paths: list[Path], gap_tolerance: float) -> Volume:
-    """Assemble one series (or read one multi-frame / single file) into a RAS volume."""
+def declared_shape(datasets: list) -> tuple[int, ...]:
+    """What decoding the pixel data of `datasets` would allocate, from their headers alone: rows,
+    columns, all frames of all files, and samples per pixel where there are several."""
+    rows = max(int(d.get("Rows", 0) or 0) for d in datasets)
+    columns = max(int(d.get("Columns", 0) or 0) for d in datasets)
+    frames = sum(int(str(d.get("NumberOfFrames", 1) or 1)) for d in datasets)
+    samples = max(int(d.get("SamplesPerPixel", 1) or 1) for d in datasets)
+    return (rows, columns, frames) + ((samples,) if samples > 1 else ())
+
+
+def read_series(paths: list[Path], gap_tolerance: float, max_voxels: int | None = None) -> Volume:
+    """Assemble one series (or read one multi-frame / single file) into a RAS volume; refused
+    from the headers, before any pixel is decoded, when it would hold over `max_voxels`."""
     import pydicom
 
     for path in paths:
@@ -182,12 +193,23 @@ def read_series(paths: list[Path], gap_tolerance: float) -> Volume:
             raise UnreadableFileError("empty file (0 bytes)")
     with quiet_pydicom():
         try:
-            datasets = [pydicom.dcmread(path, force=True) for path in paths]
+            # pixel data stays on disk until the headers have been checked
+            datasets = [pydicom.dcmread(path, force=True, defer_size="1 MB") for path in paths]
         except Exception as error:
             raise UnreadableFileError(f"not a readable DICOM file ({type(error).__name__})") from None
         if not all(is_dicom(d) for d in datasets):
             raise UnreadableFileError("not a DICOM file (no DICOM header: garbage or another format "
                                       "under a DICOM name)")
+        if max_voxels is not None:
+            try:
+                shape = declared_shape(datasets)
+            except (TypeError, ValueError):
+                raise UnreadableFileError("DICOM header with a malformed image size (Rows, Columns, "
+                                          "NumberOfFrames or SamplesPerPixel)") from None
+            voxels = int(np.prod(shape, dtype=object))
+            if voxels > max_voxels:
+                raise UnreadableFileError(f"volume too large: the DICOM headers declare {'x'.join(map(str, shape))} "
+                                          f"voxels ({voxels}) over ingest.max_voxels={max_voxels}")
         first = datasets[0]
         modality = str(first.get("Modality", "")).lower() or "unknown"
         if len(datasets) == 1:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -20,10 +20,12 @@ from ssl_models.medical3d.dicom import Volume, looks_like_dicom, read_series
 
 NIFTI_SUFFIXES = (".nii", ".gz")  # .nii.gz ends in .gz
 NRRD_SUFFIXES = (".nrrd", ".nhdr")
-# A header is trusted only this far: one declaring 2048^3 voxels made the reader allocate 32 GiB
-# (MemoryError, or the OOM killer where memory is overcommitted). 2^30 float32 voxels are 4 GiB,
-# larger than any CT or MR volume of a clinical scanner (a 512 x 512 x 2000 CT is 2^29).
+# A header is trusted only this far (the default of `ingest.max_voxels`): one declaring 2048^3 voxels
+# made the reader allocate 32 GiB (MemoryError, or the OOM killer where memory is overcommitted), a
+# 4D one whose first volume was small took 4 GiB through all of its time points. Every dimension
+# counts; only the first 3D volume is ever decoded.
 MAX_VOXELS = 2 ** 30
+_SLAB_VOXELS = 2 ** 24  # voxels converted (and hashed, checked) at a time: temporaries stay small
 _QUOTED_PATH = re.compile(r"""(['"])[^'"]*[\\/.][^'"]*\1""")  # a quoted name, spaces and all
 _PATH_LIKE = re.compile(r"""(?:[A-Za-z]:)?[\\/][^\s'"]+|[^\s'"/]+\.(?:nii|gz|hdr|img|nrrd|nhdr)\b""")
 
@@ -37,34 +39,69 @@ def _empty_check(path: Path) -> None:
         raise UnreadableFileError("empty file (0 bytes)")
 
 
-def read_nifti(path: Path) -> Volume:
+def too_large(shape: tuple[int, ...], max_voxels: int, what: str = "the header declares") -> UnreadableFileError:
+    """The reason for a source whose declared voxels (every dimension) exceed `ingest.max_voxels`."""
+    voxels = declared_voxels(shape)
+    return UnreadableFileError(f"volume too large: {what} {'x'.join(map(str, shape))} voxels ({voxels}) "
+                               f"over ingest.max_voxels={max_voxels}")
+
+
+def declared_voxels(shape: tuple[int, ...]) -> int:
+    return int(np.prod([int(n) for n in shape], dtype=object))  # Python ints: no int64 overflow
+
+
+def read_nifti(path: Path, max_voxels: int = MAX_VOXELS) -> Volume:
+    """The first 3D volume of a NIfTI file, checked against `max_voxels` on the header (every
+    dimension) before any voxel is read, and read slab by slab (a .nii.gz never whole)."""
     import nibabel as nib
 
     _empty_check(path)
     try:
-        image = nib.load(path)
+        image = nib.load(path)  # the header only: the voxels stay on disk behind `dataobj`
         shape = tuple(int(n) for n in image.shape)
     except Exception as error:  # nibabel raises many types for a file cut short or corrupt
         raise UnreadableFileError(f"truncated or corrupt NIfTI header ({type(error).__name__}: "
                                   f"{_message(error, path)})") from None
-    if int(np.prod(shape[:3], dtype=np.int64)) > MAX_VOXELS:
-        raise UnreadableFileError(f"volume too large: the header declares {'x'.join(map(str, shape))} voxels "
-                                  f"(more than {MAX_VOXELS} in its first 3D volume)")
+    if declared_voxels(shape) > max_voxels:
+        raise too_large(shape, max_voxels)
     try:
-        image = nib.as_closest_canonical(image)
+        first = _first_volume_of(image.dataobj, shape)
+        image = nib.as_closest_canonical(nib.Nifti1Image(first, image.affine, image.header))
         array = np.asarray(image.dataobj, dtype=np.float32)
     except Exception as error:
         raise UnreadableFileError(f"truncated or corrupt NIfTI ({type(error).__name__}: "
                                   f"{_message(error, path)})") from None
     zooms = image.header.get_zooms()[:3]
-    return Volume(_first_volume(array), tuple(float(z) for z in zooms), "", None)
+    return Volume(array, tuple(float(z) for z in zooms), "", None)
 
 
-def read_nrrd(path: Path) -> Volume:
+def _first_volume_of(dataobj, shape: tuple[int, ...]) -> np.ndarray:
+    """float32 voxels of the first 3D volume (time point, echo, channel) behind nibabel's array
+    proxy, read a slab of slices at a time: the values of `np.asarray(dataobj, float32)`, scaling
+    included, without the other volumes or a full-size copy in the stored type."""
+    if len(shape) < 3:
+        return np.asarray(dataobj, dtype=np.float32)
+    rest = (0,) * (len(shape) - 3)
+    out = np.empty(shape[:3], dtype=np.float32, order="F")
+    step = max(1, _SLAB_VOXELS // max(1, shape[0] * shape[1]))
+    for start in range(0, shape[2], step):  # along z: contiguous on disk (NIfTI is Fortran order)
+        out[:, :, start:start + step] = np.asarray(dataobj[(slice(None), slice(None), slice(start, start + step),
+                                                            *rest)], dtype=np.float32)
+    return out
+
+
+def read_nrrd(path: Path, max_voxels: int = MAX_VOXELS) -> Volume:
     import nibabel as nib
+    import nrrd
     from monai.transforms import LoadImage
 
     _empty_check(path)
+    try:
+        shape = tuple(int(n) for n in nrrd.read_header(str(path))["sizes"])
+    except Exception as error:
+        raise UnreadableFileError(f"unreadable NRRD ({type(error).__name__})") from None
+    if declared_voxels(shape) > max_voxels:
+        raise too_large(shape, max_voxels)
     try:
         image = LoadImage(reader="NrrdReader", image_only=True)(str(path))
     except Exception as error:
@@ -95,11 +132,22 @@ def check_volume(volume: Volume, min_slices: int) -> None:
     if volume.array.ndim != 3 or min(volume.array.shape) < min_slices:
         raise UnreadableFileError(f"not a 3D volume: shape {tuple(volume.array.shape)} has fewer than "
                                   f"{min_slices} slices along an axis (ingest.min_slices)")
-    finite = np.isfinite(volume.array)
-    if not finite.any():
+    low, high = np.inf, -np.inf
+    for slab in _slabs(volume.array):  # a boolean mask and a copy of the finite voxels of the
+        finite = slab[np.isfinite(slab)]  # whole volume at once were 5 bytes a voxel
+        if finite.size:
+            low, high = min(low, float(finite.min())), max(high, float(finite.max()))
+    if low > high:
         raise UnreadableFileError("volume with no finite voxel (all NaN or infinite)")
-    if np.ptp(volume.array[finite]) == 0:
+    if low == high:
         raise UnreadableFileError("volume with a single intensity value (blank)")
+
+
+def _slabs(array: np.ndarray) -> Iterator[np.ndarray]:
+    """C-order slabs along the first axis of about `_SLAB_VOXELS` voxels each."""
+    step = max(1, _SLAB_VOXELS // max(1, int(np.prod(array.shape[1:]))))
+    for start in range(0, array.shape[0], step):
+        yield np.ascontiguousarray(array[start:start + step], dtype=np.float32)
 
 
 def guess_modality(volume: Volume, setting: str) -> str:
@@ -115,7 +163,8 @@ def volume_digest(volume: Volume) -> str:
     """Content identity: voxels, shape and spacing (not headers, so a re-export is a duplicate)."""
     digest = hashlib.sha256()
     digest.update(repr((volume.array.shape, np.round(volume.spacing, 4).tolist())).encode())
-    digest.update(np.ascontiguousarray(volume.array, dtype=np.float32).tobytes())
+    for slab in _slabs(volume.array):  # the bytes of the whole C-order array, a slab at a time
+        digest.update(slab.tobytes())
     return digest.hexdigest()
 
 
@@ -123,11 +172,11 @@ def read_volume(source: Source, ingest: VolumeIngestConfig) -> Volume:
     """The checked volume of `source`: a DICOM series (or multi-frame file), a NRRD or a NIfTI file."""
     first = source.paths[0]
     if looks_like_dicom(first):
-        volume = read_series(source.paths, ingest.slice_gap_tolerance)
+        volume = read_series(source.paths, ingest.slice_gap_tolerance, ingest.max_voxels)
     elif first.name.lower().endswith((".nrrd", ".nhdr")):
-        volume = read_nrrd(first)
+        volume = read_nrrd(first, ingest.max_voxels)
     else:
-        volume = read_nifti(first)
+        volume = read_nifti(first, ingest.max_voxels)
     check_volume(volume, ingest.min_slices)
     return volume
 
