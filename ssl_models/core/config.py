@@ -53,6 +53,9 @@ def validated(annotation: Any, value: Any, where: str) -> Any:
 
     Strict: "5" is no number and 1 no boolean; an int passes for a float. Unknown keys, wrong
     types and values out of range fail as one line naming their place under `where`."""
+    # YAML's .nan and .inf are floats pydantic accepts: a NaN learning rate would pass here and
+    # stop training an hour later (a NaN loss, a LinAlgError in RankMe); no setting means one
+    refuse_non_finite(value, where)
     # pydantic's strict mode builds a dataclass from a mapping only in JSON input: YAML's values
     # travel as JSON (they are JSON's, but for YAML timestamps and binaries, read as their text)
     text = json.dumps(value, default=str)
@@ -62,6 +65,29 @@ def validated(annotation: Any, value: Any, where: str) -> Any:
         raise PipelineError(_one_line(error, annotation, json.loads(text), where)) from None
     _check_sections(result, where)
     return result
+
+
+def _non_finite(value: Any, where: str) -> tuple[str, float] | None:
+    """The first place under `where` holding NaN or an infinity, with the value; None when none does."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return where, value
+    items = (value.items() if isinstance(value, dict)
+             else ((f"[{index}]", item) for index, item in enumerate(value)) if isinstance(value, (list, tuple))
+             else ())
+    for key, item in items:
+        found = _non_finite(item, f"{where}{key}" if isinstance(value, (list, tuple)) else f"{where}.{key}")
+        if found is not None:
+            return found
+    return None
+
+
+def refuse_non_finite(value: Any, where: str) -> None:
+    """One line naming the first NaN or infinity in `value` (as params.yaml spells it), if any."""
+    found = _non_finite(value, where)
+    if found is not None:
+        place, number = found
+        spelled = ".nan" if math.isnan(number) else ".inf" if number > 0 else "-.inf"
+        raise PipelineError(f"params.yaml {place}: {spelled} is not a finite number")
 
 
 def _check_sections(value: Any, where: str) -> None:
@@ -166,6 +192,9 @@ class IngestLimits:
                 "must be a fraction in [0, 1]")
 
 
+SEED_LIMIT = 2**32  # numpy's generators take seeds in [0, 2**32)
+
+
 @dataclass
 class PretrainConfig:
     method: str | None = None  # a name from the domain's method registry; null: the domain's `default_method`
@@ -211,6 +240,8 @@ class PretrainConfig:
         require(self.rankme_samples > 1, where, "rankme_samples must be at least 2")
         require(self.learning_rate > 0 and self.weight_decay >= 0, where,
                 "learning_rate must be positive and weight_decay >= 0")
+        require(self.keep_candidates >= 1, f"{where}.keep_candidates", "must be at least 1")
+        require(0 <= self.seed < SEED_LIMIT, f"{where}.seed", f"must be in [0, {SEED_LIMIT})")
         require(self.nproc == "auto" or self.nproc >= 1, f"{where}.nproc", "must be auto or at least 1")
         require(self.num_workers == "auto" or self.num_workers >= 0, f"{where}.num_workers", "must be auto or >= 0")
         require(self.grad_accumulation >= 1 and self.log_every >= 1, where,
@@ -313,6 +344,11 @@ class FinetuneConfig:
         require(self.bootstrap_samples >= 100 and 0 < self.confidence < 1, where,
                 "bootstrap_samples must be at least 100 and confidence in (0, 1)")
         require(self.nproc == "auto" or self.nproc >= 1, f"{where}.nproc", "must be auto or at least 1")
+        require(self.learning_rate >= 0 and self.head_learning_rate >= 0, where,
+                "learning_rate and head_learning_rate must be >= 0 (0: that part stays as it starts)")
+        require(0 <= self.small_fraction <= 1, f"{where}.small_fraction", "must be a fraction in [0, 1]")
+        require(all(0 <= seed < SEED_LIMIT for seed in [*self.seeds, *self.small_fraction_seeds]), where,
+                f"seeds and small_fraction_seeds must be in [0, {SEED_LIMIT})")
 
     def seeds_for(self, fraction: float) -> list[int]:
         """The seeds a label fraction runs with."""
@@ -365,17 +401,89 @@ def _block_type(domain_type: type[Domain]) -> type:
         *[(name, section, field(default_factory=section)) for name, section in sections.items()]])
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader refusing a key given twice in one mapping (PyYAML keeps the last one
+    silently; DVC's ruamel.yaml refuses the file): a block pasted twice, or a file cut off and
+    appended to, is not read one way here and another way by DVC."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: list[Any] = []
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice in one mapping", key_node.start_mark)
+            seen.append(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_params(params_path: Path = Path("params.yaml")) -> dict[str, Any]:
+    """params.yaml as a mapping; one line naming the file and what is wrong when it is missing,
+    not UTF-8 text, not YAML, or not a mapping with a `domains:` mapping."""
     if not params_path.exists():
         raise PipelineError(f"{params_path} not found; run from the project root")
     try:
-        params = yaml.safe_load(params_path.read_text()) or {}
+        text = params_path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = error.object.count(b"\n", 0, error.start) + 1
+        raise PipelineError(f"{params_path} is not UTF-8 text (byte 0x{error.object[error.start]:02x} on line {line}, "
+                            f"offset {error.start}); it must be a YAML file in UTF-8") from None
+    try:
+        params = yaml.load(text, Loader=_UniqueKeyLoader) or {}
     except yaml.YAMLError as error:
         reason = " ".join(str(error).split())
         raise PipelineError(f"{params_path} is not valid YAML: {reason}") from None
+    except RecursionError:
+        raise PipelineError(f"{params_path} is not valid YAML: nested too deeply") from None
     if not isinstance(params, dict) or not isinstance(params.get("domains") or {}, dict):
         raise PipelineError(f"{params_path}: expected a mapping with a `domains:` block")
     return params
+
+
+def declared_params(dvc_file: Path, domain: str) -> list[str]:
+    """The params.yaml keys under `domains.<domain>` that `dvc_file`'s stages declare (`params:`
+    lists, `${key}` taken as the block name for stages with `foreach: ${domains}`), as dotted paths
+    below the block (`finetune`, `model.backbone`); none when there is no such file."""
+    if not dvc_file.exists():
+        return []
+    try:
+        stages = (yaml.safe_load(dvc_file.read_bytes().decode("utf-8")) or {}).get("stages") or {}
+    except (UnicodeDecodeError, yaml.YAMLError, AttributeError) as error:
+        reason = " ".join(str(error).split())
+        raise PipelineError(f"{dvc_file} is not a readable DVC pipeline file: {reason}") from None
+    prefix, declared = f"domains.{domain}.", []
+    for stage in stages.values() if isinstance(stages, dict) else ():
+        if not isinstance(stage, dict):
+            continue
+        foreach = stage.get("foreach") == "${domains}"
+        body = stage.get("do") if foreach else stage
+        entries = body.get("params") if isinstance(body, dict) else None
+        for entry in entries if isinstance(entries, list) else ():
+            # an entry is a key of params.yaml, or {file: [keys]} naming its file
+            keys = [entry] if isinstance(entry, str) else entry.get("params.yaml") if isinstance(entry, dict) else None
+            for key in keys if isinstance(keys, list) else ():
+                key = key.replace("${key}", domain) if foreach and isinstance(key, str) else key
+                if isinstance(key, str) and key.startswith(prefix) and key not in declared:
+                    declared.append(key)
+    return [key.removeprefix(prefix) for key in declared]
+
+
+def check_declared_params(block: dict[str, Any], declared: list[str], where: str, dvc_file: Path) -> None:
+    """Refuse a block lacking a key that dvc.yaml declares for its stages (a cut-off params.yaml):
+    the stage would run on built-in defaults while DVC counts the key as deleted and `dvc repro`
+    fails after the run (MissingParamsError)."""
+    missing = []
+    for key in declared:
+        value: Any = block
+        for part in key.split("."):
+            if not isinstance(value, dict) or part not in value:
+                missing.append(key)
+                break
+            value = value[part]
+    if missing:
+        raise PipelineError(f"params.yaml {where} lacks {', '.join(missing)}, which {dvc_file.name} declares as "
+                            "parameters of its stages (a cut-off file?); add them back (null or {} "
+                            "takes the defaults)")
 
 
 def merged(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
@@ -410,7 +518,10 @@ def load_config(domain: str, params_path: Path = Path("params.yaml")) -> tuple[D
     fails in well under a second."""
     domains = load_params(params_path).get("domains") or {}
     if domain not in domains:
-        raise PipelineError(f"params.yaml has no block domains.{domain}; blocks: {sorted(domains)}")
+        raise PipelineError(f"params.yaml has no block domains.{domain}; blocks: {sorted(map(str, domains))}")
+    dvc_file = params_path.parent / "dvc.yaml"
+    if isinstance(domains[domain], dict):
+        check_declared_params(domains[domain], declared_params(dvc_file, domain), f"domains.{domain}", dvc_file)
     return parse_block(domain, domains[domain], params_path.parent)
 
 
@@ -422,6 +533,7 @@ def parse_block(domain: str, block: Any, root: Path, source: str = "params.yaml"
     where, block = f"domains.{domain}", block or {}
     if not isinstance(block, dict):
         raise PipelineError(f"{source} {where}: expected a mapping of settings")
+    refuse_non_finite(block, where)  # here, before the preset: named where it is written
     block, where = apply_preset(block, where)
     for key in ("module", "corpus"):
         if not block.get(key):
