@@ -3,10 +3,13 @@
 Also `ssl-pipeline lineage show|verify <artifact folder>` and `ssl-pipeline lineage which <record>`.
 The whole domain block of params.yaml is parsed and checked before any stage works.
 
-Exit status and what is printed (always one line on stderr, never a traceback):
+Exit status and what is printed (always one line on stderr, never a traceback; what comes from
+data or file names, there and on stdout, has its control characters escaped: `printable`):
 - 0: done.
-- 2: bad input or configuration (`PipelineError`): the line names the file or setting and the
-  fix. The Prefect flow never retries it.
+- 2: bad input or configuration (`PipelineError`), and what else the user must fix: a full disk
+  (ENOSPC, EDQUOT: the line names the disk's file), a weights file that is not weights-only or not
+  safetensors (never loaded). The line names the file or setting and the fix. The Prefect flow
+  never retries it.
 - 75: another run holds this domain's lock and did not let go within SSL_PIPELINE_LOCK_TIMEOUT.
 - 1: anything else, a bug or a machine fault: the line names the error and the log file under
   `.ssl-pipeline/logs/` that holds the traceback (owner-readable only). The flow retries it.
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import fcntl
 import importlib
 import json
@@ -214,8 +218,80 @@ def run_stage(stage: str, domain_name: str, root: Path = Path("."),
         return function(cfg, domain, paths)
 
 
-def _one_line(text: str) -> str:
-    return " ".join(str(text).split())
+def _one_line(text: object) -> str:
+    """`text` escaped (`printable`) and on one line: a CR in a file name shows as \\r, not a space."""
+    return " ".join(printable(text).split())
+
+
+def printable(text: object) -> str:
+    """`text` made safe for a terminal: control and other non-printing characters (ESC, CR, bidi
+    overrides, a file name's undecodable bytes) written as Python escapes (\\x1b, \\r, \\u202e,
+    \\udcff); newlines and tabs kept. A file name holding "\\x1b[2J" cannot clear or recolour the
+    screen, or hide the rest of a line."""
+    text = str(text)
+    return "".join(c if c.isprintable() or c in "\n\t" else repr(c)[1:-1] for c in text)
+
+
+def _say(text: object, stream: Any = None) -> None:
+    """Print what comes from data or file names (lineage, mismatches, paths), escaped."""
+    print(printable(text), file=stream or sys.stdout)
+
+
+class _PrintableFormatter(logging.Formatter):
+    """Log lines escaped as `printable` does: they name files too."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return printable(super().format(record))
+
+
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def _chain(error: BaseException) -> Iterator[BaseException]:
+    """`error` and the exceptions it was raised from or while handling, outermost first."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        yield error
+        error = error.__cause__ or error.__context__
+
+
+def _disk_full(error: BaseException) -> OSError | None:
+    """The out-of-space (or quota) OSError behind `error`, if that is what stopped the stage."""
+    return next((e for e in _chain(error) if isinstance(e, OSError) and e.errno in DISK_FULL), None)
+
+
+def _loaded_file(error: BaseException) -> str | None:
+    """The file torch.load or safetensors was reading when `error` was raised (from its traceback)."""
+    names = {("serialization.py", "load"): "f", ("torch.py", "load_file"): "filename"}
+    tb, found = error.__traceback__, None
+    while tb is not None:
+        code = tb.tb_frame.f_code
+        local = names.get((Path(code.co_filename).name, code.co_name))
+        value = tb.tb_frame.f_locals.get(local) if local else None
+        if isinstance(value, (str, os.PathLike)) or hasattr(value, "name"):
+            found = str(getattr(value, "name", value))
+        tb = tb.tb_next
+    return found
+
+
+def _unloadable_checkpoint(error: BaseException) -> str | None:
+    """One line for a weights file that is not what it must be: a pickle torch.load(weights_only=True)
+    refused (torch's own message advises weights_only=False, which would run the pickle's code: never
+    repeated), or a file that is not safetensors; None for any other error."""
+    import pickle
+
+    from safetensors import SafetensorError
+
+    for cause in _chain(error):
+        if isinstance(cause, pickle.UnpicklingError):
+            path = _loaded_file(cause) or "a checkpoint file"
+            return (f"{path} is not a weights-only checkpoint; it was not loaded (give a .safetensors file, or "
+                    "a torch state dict of tensors that torch.load(weights_only=True) reads)")
+        if isinstance(cause, SafetensorError):
+            path = _loaded_file(cause) or "a checkpoint file"
+            return f"{path} is not a safetensors file ({_one_line(cause)}); it was not loaded"
+    return None
 
 
 def _report_failure(root: Path, name: str, line: str) -> None:
@@ -258,7 +334,9 @@ def main(argv: list[str] | None = None) -> int:
     from ssl_models.core.offline import apply_offline_env
 
     apply_offline_env()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    handler = logging.StreamHandler()
+    handler.setFormatter(_PrintableFormatter("%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S"))
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
     args = parse_args(sys.argv[1:] if argv is None else argv)
     from ssl_models.core.errors import PipelineError
 
@@ -289,16 +367,27 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except Exception as error:  # noqa: BLE001 - the one place an unexpected error becomes one line
-        logged = _log_traceback(args.root, name)
-        private = args.command != "lineage" and _pseudonymises(loaded)
-        # a library's message may carry a file name: not printed when the domain hides them
-        what = type(error).__name__ if private else f"{type(error).__name__}: {_one_line(error)}"
-        where = f"; the traceback is in {logged}" if logged else ""
         stage = "lineage" if args.command == "lineage" else f"{args.command}@{args.domain}"
-        line = f"error: {stage} stopped on an unexpected {what}{where}"
-        code = EXIT_ERROR
+        private = args.command != "lineage" and _pseudonymises(loaded)
+        full, unloadable = _disk_full(error), _unloadable_checkpoint(error)
+        if full is not None:  # the user's to fix (free space), not a fault a retry cures
+            # the file written, unless the domain hides file names: then the project it is in
+            place = args.root.resolve() if private or not full.filename else full.filename
+            line = (f"error: {stage} stopped: the disk holding {place} is full ({os.strerror(full.errno)}); "
+                    "free space on it, or move data/ and models/ to a larger disk, and run again")
+            code = EXIT_BAD_INPUT
+        elif unloadable is not None:
+            line, code = f"error: {stage} stopped: {unloadable}", EXIT_BAD_INPUT
+        else:
+            logged = _log_traceback(args.root, name)
+            # a library's message may carry a file name: not printed when the domain hides them
+            what = type(error).__name__ if private else f"{type(error).__name__}: {_one_line(error)}"
+            where = f"; the traceback is in {logged}" if logged else ""
+            line = f"error: {stage} stopped on an unexpected {what}{where}"
+            code = EXIT_ERROR
     else:
         return 0
+    line = printable(line)
     print(line, file=sys.stderr)
     _report_failure(args.root, name, line)
     return code
@@ -317,7 +406,7 @@ def run_export(args: argparse.Namespace) -> int:
     if args.folder is not None:
         raise PipelineError(f"export {args.domain}: unexpected argument {str(args.folder)!r} (the folder goes in --out)")
     with domain_lock(DomainPaths(args.domain, args.root).lock, f"export@{args.domain}"):
-        print(export.export(args.root, args.domain, args.init, args.out, args.finetuned))
+        _say(export.export(args.root, args.domain, args.init, args.out, args.finetuned))
     return 0
 
 
@@ -327,8 +416,8 @@ def run_embed(args: argparse.Namespace) -> int:
 
     summary = embed.embed(args.root, args.domain, args.folder, args.out, init=args.init,
                           batch_size=args.batch_size, device=args.device)
-    print(f"{summary['embedded']} embedded, {summary['quarantined']} quarantined: {summary['out']} "
-          f"(quarantine: {summary['quarantine']})")
+    _say(f"{summary['embedded']} embedded, {summary['quarantined']} quarantined: {summary['out']} "
+         f"(quarantine: {summary['quarantine']})")
     return 0
 
 
@@ -341,8 +430,8 @@ def run_lineage_diff(a: Path, b: Path | None) -> int:
         raise PipelineError("lineage diff needs two artifact folders: ssl-pipeline lineage diff A B")
     lines = lineage.diff(a, b)
     for line in lines:
-        print(line)
-    print(f"{len(lines)} difference(s) between {a} (A) and {b} (B)" if lines else f"{a} and {b}: the same lineage")
+        _say(line)
+    _say(f"{len(lines)} difference(s) between {a} (A) and {b} (B)" if lines else f"{a} and {b}: the same lineage")
     return 1 if lines else 0
 
 
@@ -350,10 +439,10 @@ def run_lineage(action: str, artifact: str, root: Path, domains: list[str] | Non
     from tasks import lineage
 
     if action == "which":
-        print(lineage.which(artifact, root, domains))
+        _say(lineage.which(artifact, root, domains))
         return 0
     if action == "show":
-        print(lineage.show(Path(artifact), root))
+        _say(lineage.show(Path(artifact), root))
         return 0
     return _print_mismatches(lineage.verify(Path(artifact), root), f"in the lineage of {artifact}",
                              f"lineage of {artifact} verified: every file re-hashed and matched")
@@ -362,6 +451,6 @@ def run_lineage(action: str, artifact: str, root: Path, domains: list[str] | Non
 def _print_mismatches(problems: list[str], where: str, all_match: str) -> int:
     """A verify command's output: a MISMATCH line each and a count, or the all-match line; exit 1 or 0."""
     for problem in problems:
-        print(f"MISMATCH {problem}")
-    print(f"{len(problems)} mismatch(es) {where}" if problems else all_match)
+        _say(f"MISMATCH {problem}")
+    _say(f"{len(problems)} mismatch(es) {where}" if problems else all_match)
     return 1 if problems else 0

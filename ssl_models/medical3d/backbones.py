@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import logging
+import pickle
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -113,12 +115,27 @@ def load_backbone_weights(backbone: nn.Module, state: dict[str, torch.Tensor], s
 
 
 def read_state(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of `model.base_checkpoint`: a .safetensors file, or a torch state dict that
+    torch.load(weights_only=True) reads (a pickle of anything else is never loaded)."""
     if not path.exists():
         raise PipelineError(f"checkpoint {path} not found; set model.base_checkpoint to a local file")
     if path.suffix == ".safetensors":
-        return load_file(str(path))
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    return state.get("state_dict", state) if isinstance(state, dict) else state
+        try:
+            return load_file(str(path))
+        except SafetensorError as error:
+            reason = " ".join(str(error).split())
+            raise PipelineError(f"checkpoint {path} is not a safetensors file ({reason}); it was not loaded") from None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError):
+        # torch's own message advises weights_only=False, which would run the pickle's code: not repeated
+        raise PipelineError(f"checkpoint {path} is not a weights-only checkpoint (or is damaged); it was not "
+                            "loaded (give a .safetensors file, or a state dict of tensors saved with torch.save)") from None
+    state = state.get("state_dict", state) if isinstance(state, dict) else state
+    if not isinstance(state, dict):
+        raise PipelineError(f"checkpoint {path} holds a {type(state).__name__}, not a state dict of tensors; "
+                            "give a MONAI network's state_dict() or a .safetensors file")
+    return {name: value for name, value in state.items() if isinstance(value, torch.Tensor)}
 
 
 def saved_model(pretrained_dir: Path) -> VolumeModelConfig:
