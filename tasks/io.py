@@ -6,6 +6,10 @@ power cut at any moment leaves either the old complete output or the new complet
 half-written file under the real name. A folder being replaced is first renamed aside
 (`.<name>.old-<pid>-<random>`) and deleted only once the new one is in: a kill between the two
 renames leaves the old copy aside, and `clean_stale` puts it back at the next start.
+
+Inside `private_outputs` (a stage of a domain that pseudonymises), what is written is the owner's
+alone: the umask is 077, and every file these helpers put in place is 0600 (its owner bits kept)
+and every folder 0700, whatever mode a library gave it.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import os
 import re
 import secrets
 import shutil
+import stat
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -24,6 +29,47 @@ from ssl_models.core.processes import process_alive
 # `.<target name>.<tmp|old>-<pid>[-<random>]`: what this module leaves behind when killed
 # (the random part is absent in leftovers of the older helpers, `.shards.tmp-<pid>`)
 _LEFTOVER = re.compile(r"^\.(?P<target>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)(?:-[0-9a-f]+)?$")
+
+
+# whether this process writes a pseudonymising domain's outputs now (`private_outputs`)
+_PRIVATE = False
+
+
+@contextlib.contextmanager
+def private_outputs(enabled: bool = True) -> Iterator[None]:
+    """When `enabled` (the domain pseudonymises), what this process and the processes it starts
+    create in the block is the owner's alone: umask 077, so a library's files and new folders are
+    0600/0700 (loader workers and torchrun's ranks inherit it), and `atomic_dir`/`atomic_file`
+    take group and others' bits off what they put in place (a file copied with its source's 0644
+    included). Not enabled: nothing changes."""
+    global _PRIVATE
+    if not enabled:
+        yield
+        return
+    previous_mask, previous = os.umask(0o077), _PRIVATE
+    os.umask(previous_mask | 0o077)  # a stricter umask the user set stays
+    _PRIVATE = True
+    try:
+        yield
+    finally:
+        _PRIVATE = previous
+        os.umask(previous_mask)
+
+
+def _owner_only(path: Path) -> None:
+    """`path` (a file, or a folder and all below it) readable by its owner only: folders 0700,
+    files their owner's bits alone (0644 -> 0600, a read-only 0444 -> 0400). Links are left."""
+    if path.is_symlink():
+        return
+    if not path.is_dir():
+        os.chmod(path, stat.S_IMODE(path.stat().st_mode) & 0o700)
+        return
+    for current, folders, files in os.walk(path):
+        os.chmod(current, 0o700)
+        for name in files:
+            file = Path(current) / name
+            if not file.is_symlink():
+                os.chmod(file, stat.S_IMODE(file.stat().st_mode) & 0o700)
 
 
 # this process's temporaries and aside copies that are in use now: any other leftover carrying
@@ -126,6 +172,8 @@ def atomic_dir(target: Path) -> Iterator[Path]:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+        if _PRIVATE:
+            _owner_only(tmp)
         fsync_tree(tmp)
         replace_path(tmp, target)
 
@@ -147,6 +195,8 @@ def atomic_file(path: Path) -> Iterator[Path]:
     with _unique(path, "tmp") as tmp:
         try:
             yield tmp
+            if _PRIVATE:
+                _owner_only(tmp)
             if not _inside_own_temporary(path):
                 fsync_path(tmp)
         except BaseException:

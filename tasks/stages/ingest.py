@@ -24,7 +24,7 @@ from ssl_models.core.errors import PipelineError, UnreadableFileError
 from ssl_models.core.hashing import sha256_file
 from ssl_models.core.privacy import without_names
 from ssl_models.core.splits import assign_split
-from tasks.io import atomic_dir, write_json, write_jsonl
+from tasks.io import atomic_dir, private_outputs, write_json, write_jsonl
 from tasks.lineage import LineageRecorder
 from tasks.paths import DomainPaths
 from tasks.sources import Namer, discover, public_namer
@@ -44,14 +44,17 @@ def normalise_label_path(value: str, corpus: Path) -> str:
     return path.as_posix()
 
 
-def read_labels(path: Path | None, corpus: Path) -> dict[str, dict[str, Any]]:
+def read_labels(path: Path | None, corpus: Path, show_paths: bool = True) -> dict[str, dict[str, Any]]:
     """labels CSV -> {path relative to the corpus: {"label", "group", "line"}}; columns `path,label`
-    and an optional `group`. A record inside a .jsonl file is `file.jsonl#L<line>`."""
+    and an optional `group`. A record inside a .jsonl file is `file.jsonl#L<line>`. A file listed
+    twice with another label (or group) is refused, naming both lines (and the path when
+    `show_paths`: not where the domain pseudonymises); listed twice alike, it is kept once."""
     if path is None:
         return {}
     if not path.is_file():
         raise PipelineError(f"labels file {path} not found; set `labels:` in params.yaml or remove it")
     labels: dict[str, dict[str, Any]] = {}
+    repeated: list[int] = []  # lines that repeat an earlier row
     with open(path, newline="", encoding="utf-8-sig") as handle:
         reader = csv.DictReader(handle)
         try:
@@ -62,9 +65,14 @@ def read_labels(path: Path | None, corpus: Path) -> dict[str, dict[str, Any]]:
             for row in reader:
                 row = {k.strip(): v for k, v in row.items() if isinstance(k, str)}
                 if row.get("path") and row.get("label") not in (None, ""):
-                    labels[normalise_label_path(row["path"], corpus)] = {
-                        "label": row["label"].strip(), "group": (row.get("group") or "").strip() or None,
-                        "line": reader.line_num}
+                    key = normalise_label_path(row["path"], corpus)
+                    value = {"label": row["label"].strip(), "group": (row.get("group") or "").strip() or None,
+                             "line": reader.line_num}
+                    if key in labels:
+                        _check_same_label(path, key, labels[key], value, show_paths)
+                        repeated.append(value["line"])
+                        continue
+                    labels[key] = value
         except UnicodeDecodeError as error:
             raise PipelineError(f"{path}: not UTF-8 text (byte 0x{error.object[error.start]:02x} at offset "
                                 f"{error.start}); save the labels CSV as UTF-8 (a spreadsheet's "
@@ -72,7 +80,22 @@ def read_labels(path: Path | None, corpus: Path) -> dict[str, dict[str, Any]]:
         except csv.Error as error:
             raise PipelineError(f"{path}: line {reader.line_num} is not CSV ({error}); "
                                 "write it as comma-separated path,label[,group] rows") from None
+    if repeated:
+        log.info("%s: %d row(s) repeat a file listed above with the same label, kept once (line(s) %s)", path,
+                 len(repeated), ", ".join(map(str, repeated[:10])) + (", ..." if len(repeated) > 10 else ""))
     return labels
+
+
+def _check_same_label(path: Path, key: str, first: dict[str, Any], second: dict[str, Any],
+                      show_paths: bool) -> None:
+    """Two rows of the labels CSV for one file (or one source) must agree: which would win is a guess."""
+    for what in ("label", "group"):
+        if first[what] != second[what]:
+            which = f" ({key!r})" if show_paths else ""
+            values = (f"{first[what]!r} on line {first['line']}, {second[what]!r} on line {second['line']}"
+                      if what == "label" or show_paths else f"lines {first['line']} and {second['line']}")
+            raise PipelineError(f"{path}: lines {first['line']} and {second['line']} give the same file{which} "
+                                f"different {what}s ({values}); keep one row per file")
 
 
 def read_source(domain: Domain, source: Source, cfg: DomainConfig) -> tuple[list[Record], list[dict]]:
@@ -98,9 +121,17 @@ def ingest(cfg: DomainConfig, domain: Domain, paths: DomainPaths) -> dict[str, A
     corpus = cfg.resolve(cfg.corpus)
     if not corpus.is_dir():
         raise PipelineError(f"corpus folder {cfg.corpus} not found; set domains.{domain_name}.corpus in params.yaml")
+    with private_outputs(domain.pseudonymises(cfg)):
+        return _ingest(cfg, domain, paths, corpus)
+
+
+def _ingest(cfg: DomainConfig, domain: Domain, paths: DomainPaths, corpus: Path) -> dict[str, Any]:
+    domain_name = cfg.name
     public = public_namer(domain, cfg)
+    if domain.pseudonymises(cfg):
+        _warn_if_dvc_cache_open(paths.root)
     labels_file = cfg.resolve(cfg.labels) if cfg.labels else None
-    private_labels = read_labels(labels_file, corpus)
+    private_labels = read_labels(labels_file, corpus, show_paths=not domain.pseudonymises(cfg))
     if labels_file is not None and not private_labels:
         raise PipelineError(f"{cfg.labels}: no row with both a path and a label; fill in the labels CSV, or set "
                             f"domains.{domain_name}.labels: null to ingest without labels")
@@ -116,7 +147,10 @@ def ingest(cfg: DomainConfig, domain: Domain, paths: DomainPaths) -> dict[str, A
     # a label may name any file of a multi-file source (one slice of a DICOM series): it labels the source
     member_of = {public("key", path.relative_to(corpus).as_posix()): key
                  for key, source in found.sources.items() if len(source.paths) > 1 for path in source.paths}
-    labels = {member_of.get(key, key): value for key, value in labels.items()}
+    labels = _labels_by_source(labels, member_of, written_as, cfg, domain)
+    if found.links_followed:
+        log.info("ingest %s: followed %d symlink(s) leaving the corpus (ingest.follow_symlinks), %d file(s) read "
+                 "through them", domain_name, found.links_followed, found.files_through_links)
     quarantine = found.quarantined(domain)
     rows: list[dict[str, Any]] = []
     duplicates: list[dict[str, str]] = []
@@ -140,6 +174,7 @@ def ingest(cfg: DomainConfig, domain: Domain, paths: DomainPaths) -> dict[str, A
                          "bytes": record.n_bytes, **record.meta})
     summary, missing = _attach_labels_and_splits(rows, labels, reader_groups, alias, quarantine, cfg, public)
     summary.update(files=len(found.files) + found.hidden, sources=len(found.sources),
+                   symlinks_followed_out_of_corpus=found.links_followed,
                    hidden_files_skipped=found.hidden, records=len(rows),
                    quarantined=len(quarantine), duplicates_dropped=len(duplicates),
                    pseudonymised=domain.pseudonymises(cfg))
@@ -161,6 +196,40 @@ def ingest(cfg: DomainConfig, domain: Domain, paths: DomainPaths) -> dict[str, A
     log.info("ingest %s: %d records, %d quarantined, %d duplicates dropped, %d labeled",
              domain_name, len(rows), len(quarantine), len(duplicates), summary["labeled"])
     return summary
+
+
+def _labels_by_source(labels: dict[str, dict[str, Any]], member_of: dict[str, str], written_as: dict[str, str],
+                      cfg: DomainConfig, domain: Domain) -> dict[str, dict[str, Any]]:
+    """The labels keyed by the source they label: a label may name any file of a multi-file source
+    (one slice of a DICOM series); two files of one source labeled differently are refused."""
+    by_source: dict[str, dict[str, Any]] = {}
+    for key, value in labels.items():
+        source = member_of.get(key, key)
+        if source in by_source:
+            first = by_source[source]
+            if (first["label"], first["group"]) != (value["label"], value["group"]):
+                private = domain.pseudonymises(cfg)
+                which = "" if private else f" ({written_as[first['key']]!r} and {written_as[key]!r})"
+                what = "labels" if first["label"] != value["label"] else "groups"
+                values = (f" ({first['label']!r} and {value['label']!r})" if what == "labels" or not private
+                          else "")
+                raise PipelineError(f"{cfg.labels}: lines {first['line']} and {value['line']} name two files of one "
+                                    f"source{which} with different {what}{values}; a source takes one label: keep "
+                                    "one row")
+            continue
+        by_source[source] = {**value, "key": key}
+    return {source: {k: v for k, v in value.items() if k != "key"} for source, value in by_source.items()}
+
+
+def _warn_if_dvc_cache_open(root: Path) -> None:
+    """DVC copies every output into its cache (`.dvc/cache`), whose folders follow the umask of the
+    `dvc` command and whose files are 0444: a pseudonymising domain's data there is readable by
+    any local user unless the cache folder is closed."""
+    cache = root / ".dvc" / "cache"
+    if cache.is_dir() and cache.stat().st_mode & 0o077:
+        log.warning("DVC's cache %s is open to other local users (mode %04o) and will hold this domain's "
+                    "manifest, shards and models: run `chmod 700 %s` (and keep `cache.shared` unset)",
+                    cache, cache.stat().st_mode & 0o777, cache)
 
 
 def _quarantine_problem(cfg: DomainConfig, domain: Domain, paths: DomainPaths, rows: list[dict[str, Any]],
