@@ -98,9 +98,14 @@ class AudioIngestConfig(IngestLimits):
     silence_db: float = 40.0  # below the clip's peak by this many dB counts as silence
     group_by: Literal["none", "folder"] = "none"  # folder: a clip's parent folder is its group (speaker)
                                                   # when the labels give none
+    # frames x channels a file's header may declare, checked before any sample is decoded: a few KB of
+    # FLAC or Ogg can declare days of audio (memory stays flat, streamed, but ingest would decode it
+    # all). 2^32 samples: 12 hours of 48 kHz stereo, 74 hours of 16 kHz mono
+    max_samples: int = 2 ** 32
 
     def validate(self, where: str) -> None:
         super().validate(where)
+        require(self.max_samples > 0, f"{where}.max_samples", "must be positive")
         require(4000 <= self.sample_rate <= 96000, f"{where}.sample_rate",
                 f"{self.sample_rate} must be in [4000, 96000] Hz")
         require(self.segment_seconds > 0, f"{where}.segment_seconds", "must be positive")

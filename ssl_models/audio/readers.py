@@ -23,6 +23,9 @@ from ssl_models.core.errors import UnreadableFileError
 
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".oga", ".mp3")
 BLOCK_FRAMES = 65536  # frames read at a time: bounds memory whatever the file's length
+# samples (frames x channels) read at a time at most: a file of hundreds of channels reads fewer
+# frames per block, so a block stays at 2 MiB of float32 (files of up to 8 channels read BLOCK_FRAMES)
+BLOCK_SAMPLES = 2 ** 19
 
 
 def segment_key(key: str, start_seconds: float) -> str:
@@ -59,7 +62,8 @@ def stream_mono(path: Path, sample_rate: int) -> Iterator[np.ndarray]:
         resampler = (soxr.ResampleStream(sound.samplerate, sample_rate, 1, dtype="float32")
                      if sound.samplerate != sample_rate else None)
         try:
-            for block in sound.blocks(blocksize=BLOCK_FRAMES, dtype="float32", always_2d=True):
+            frames = max(1, min(BLOCK_FRAMES, BLOCK_SAMPLES // max(1, sound.channels)))
+            for block in sound.blocks(blocksize=frames, dtype="float32", always_2d=True):
                 mono = block.mean(axis=1)
                 yield resampler.resample_chunk(mono) if resampler else mono
         except (soundfile.SoundFileError, RuntimeError) as error:
@@ -102,7 +106,10 @@ def read_audio_file(path: Path, key: str, options: AudioIngestConfig) -> Iterato
     folder = Path(key).parent.as_posix()
     group = folder if options.group_by == "folder" and folder != "." else None
     suffix = path.suffix.lower().lstrip(".")
-    info_rate, channels = _header(path)
+    info_rate, channels, frames = _header(path)
+    if frames * channels > options.max_samples:
+        raise UnreadableFileError(f"audio too long: the header declares {frames} frames x {channels} channels "
+                                  f"({frames * channels} samples) over ingest.max_samples={options.max_samples}")
     chunks = stream_mono(path, rate)
     for start, samples, whole_file in iter_segments(chunks, int(round(options.segment_seconds * rate))):
         clip_key = key if whole_file else segment_key(key, start / rate)
@@ -129,9 +136,12 @@ def read_audio_file(path: Path, key: str, options: AudioIngestConfig) -> Iterato
         yield record
 
 
-def _header(path: Path) -> tuple[int, int]:
+def _header(path: Path) -> tuple[int, int, int]:
+    """Sample rate, channels and frames the header declares (zeros when it does not open)."""
     try:
         info = soundfile.info(str(path))
     except (soundfile.SoundFileError, RuntimeError):
-        return 0, 0  # stream_mono raises the reason
-    return int(info.samplerate), int(info.channels)
+        return 0, 0, 0  # stream_mono raises the reason
+    frames = int(info.frames)
+    unknown = frames < 0 or frames >= 2 ** 62  # libsndfile's SF_COUNT_MAX: a length it cannot tell (streamed)
+    return int(info.samplerate), int(info.channels), 0 if unknown else frames

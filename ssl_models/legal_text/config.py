@@ -60,9 +60,15 @@ class TextIngestConfig(IngestLimits):
     text_field: str = "text"  # field holding the text in .jsonl records
     fallback_encoding: str = "latin-1"  # used when UTF-8 fails and detection finds nothing
     min_characters: int = 1
+    # characters of one document (a file's text, a .jsonl record's field), counted after decoding:
+    # a longer one is quarantined with its size (a 200 MB single-line text once took preprocess's
+    # tokenizer past 6 GB). 10 million characters is some 4,000 pages; files stay under 256 MiB
+    max_characters: int = 10_000_000
 
     def validate(self, where: str) -> None:
         super().validate(where)
+        require(self.max_characters >= self.min_characters, f"{where}.max_characters",
+                f"must be at least min_characters ({self.min_characters})")
         require(_is_encoding(self.fallback_encoding), f"{where}.fallback_encoding",
                 f"unknown encoding {self.fallback_encoding!r}")
         require(self.min_characters >= 1, f"{where}.min_characters", "must be at least 1")

@@ -19,6 +19,16 @@ TEXT_SUFFIXES = (".txt", ".md", ".html", ".htm", ".jsonl")
 # image or a database dump under a text name, would take the machine's memory. 256 MiB is some
 # 100,000 pages of plain text; split bigger collections into several files.
 MAX_TEXT_BYTES = 256 * 2 ** 20
+# The default of `ingest.max_characters`: one document's characters after decoding. Checked per
+# document and per .jsonl record, so preprocess (which reads what ingest accepted) never hands the
+# tokenizer a longer string; it tokenises in pieces besides (shards.py).
+MAX_DOCUMENT_CHARACTERS = 10_000_000
+
+
+def too_long(characters: int, max_characters: int) -> str:
+    """The reason for a document over `ingest.max_characters`."""
+    return (f"text too long ({characters:,} characters exceed ingest.max_characters={max_characters}); "
+            "split the document")
 
 
 def _utf16_without_bom(raw: bytes) -> str | None:
@@ -96,9 +106,10 @@ def _record(key: str, text: str, digest: str, n_bytes: int, fmt: str, encoding: 
                   meta={"format": fmt, "encoding": encoding, "characters": len(text)}, content=text)
 
 
-def read_text_file(path: Path, key: str, text_field: str, fallback_encoding: str,
-                   min_characters: int) -> Iterator[Record | Rejected]:
-    """Yield one record per document: the file itself, or one per line of a .jsonl file."""
+def read_text_file(path: Path, key: str, text_field: str, fallback_encoding: str, min_characters: int,
+                   max_characters: int = MAX_DOCUMENT_CHARACTERS) -> Iterator[Record | Rejected]:
+    """Yield one record per document: the file itself, or one per line of a .jsonl file; a
+    document (or record) over `max_characters` is refused with its size."""
     try:
         size = path.stat().st_size
         if size > MAX_TEXT_BYTES:
@@ -112,17 +123,19 @@ def read_text_file(path: Path, key: str, text_field: str, fallback_encoding: str
     text, encoding = decode_text(raw, fallback_encoding)
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
-        yield from _read_jsonl(text, key, text_field, encoding, min_characters)
+        yield from _read_jsonl(text, key, text_field, encoding, min_characters, max_characters)
         return
     if suffix in (".html", ".htm"):
         text = html_to_text(text)
+    if len(text) > max_characters:
+        raise UnreadableFileError(too_long(len(text), max_characters))
     if len(text.strip()) < min_characters:
         raise UnreadableFileError(f"text too short ({len(text.strip())} characters < {min_characters})")
     yield _record(key, text, hashlib.sha256(raw).hexdigest(), len(raw), suffix.lstrip("."), encoding)
 
 
-def _read_jsonl(text: str, key: str, text_field: str, encoding: str,
-                min_characters: int) -> Iterator[Record | Rejected]:
+def _read_jsonl(text: str, key: str, text_field: str, encoding: str, min_characters: int,
+                max_characters: int) -> Iterator[Record | Rejected]:
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
@@ -135,6 +148,9 @@ def _read_jsonl(text: str, key: str, text_field: str, encoding: str,
         value = row.get(text_field) if isinstance(row, dict) else None
         if not isinstance(value, str):
             yield Rejected(record_key, f"no string field {text_field!r} (set ingest.text_field)")
+            continue
+        if len(value) > max_characters:
+            yield Rejected(record_key, too_long(len(value), max_characters))
             continue
         if len(value.strip()) < min_characters:
             yield Rejected(record_key, f"text too short ({len(value.strip())} characters)")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 from tokenizers import BertWordPieceTokenizer
@@ -29,7 +29,9 @@ def build_tokenizer(cfg: DomainConfig, train_texts: list[str]) -> PreTrainedToke
     if options.tokenizer == "base":
         return AutoTokenizer.from_pretrained(resolve_checkpoint(cfg))
     wordpiece = BertWordPieceTokenizer(lowercase=options.lowercase)
-    wordpiece.train_from_iterator(train_texts, vocab_size=options.vocab_size, min_frequency=options.min_frequency,
+    # in pieces, as pack_blocks tokenises: the trainer too holds a whole string's alignments at once
+    pieces = (piece for text in train_texts for piece in text_pieces(text))
+    wordpiece.train_from_iterator(pieces, vocab_size=options.vocab_size, min_frequency=options.min_frequency,
                                   special_tokens=list(SPECIAL_TOKENS.values()), show_progress=False)
     renumber_deterministically(wordpiece)
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=wordpiece, model_max_length=options.block_size,
@@ -54,15 +56,58 @@ def renumber_deterministically(wordpiece: BertWordPieceTokenizer) -> None:
                                            unk_token=SPECIAL_TOKENS["unk_token"])
 
 
+# A fast tokenizer keeps some 20 bytes of alignment per character of the strings it is given at
+# once: a 200 MB text took it past 6 GB (and aborted the process). It is given at most this many
+# characters per call, long documents cut at whitespace into pieces of at most PIECE_CHARACTERS.
+PIECE_CHARACTERS = 2 ** 20
+BATCH_CHARACTERS = 2 ** 23
+
+
+def text_pieces(text: str, limit: int = PIECE_CHARACTERS) -> Iterator[str]:
+    """`text` in consecutive pieces of at most `limit` characters, each cut before a whitespace
+    character (so the words, and the tokens, are those of the whole text), hard only in a run of
+    `limit` characters without whitespace."""
+    start = 0
+    while len(text) - start > limit:
+        end = start + limit
+        cut = max(text.rfind(space, start + 1, end + 1) for space in (" ", "\n", "\t"))
+        cut = cut if cut > start else end
+        yield text[start:cut]
+        start = cut
+    yield text[start:]
+
+
 def pack_blocks(tokenizer: PreTrainedTokenizerBase, texts: Iterable[str], block_size: int) -> np.ndarray:
     """Concatenate documents (separated by [SEP]) and cut into [CLS] ... [SEP] blocks;
-    the last partial block is dropped. Returns int32 [n_blocks, block_size]."""
-    texts = list(texts)
-    if not texts:
-        return np.zeros((0, block_size), dtype=np.int32)
-    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    the last partial block is dropped. Returns int32 [n_blocks, block_size]. The tokenizer gets
+    the documents in batches of bounded size, long ones in pieces (`text_pieces`)."""
     sep = tokenizer.sep_token_id
-    stream = np.fromiter((t for doc in ids for t in (*doc, sep)), dtype=np.int32)
+    parts: list[np.ndarray] = []
+    batch: list[str] = []
+    ends: list[bool] = []  # whether each piece of the batch ends its document ([SEP] after it)
+    size = 0
+
+    def flush() -> None:
+        for ids, last in zip(tokenizer(batch, add_special_tokens=False)["input_ids"], ends):
+            parts.append(np.asarray([*ids, sep] if last else ids, dtype=np.int32))
+        batch.clear()
+        ends.clear()
+
+    for text in texts:
+        pieces = list(text_pieces(text))
+        for index, piece in enumerate(pieces):
+            batch.append(piece)
+            ends.append(index == len(pieces) - 1)
+            size += len(piece)
+            if size >= BATCH_CHARACTERS:
+                flush()
+                size = 0
+    if batch:
+        flush()
+    if not parts:
+        return np.zeros((0, block_size), dtype=np.int32)
+    stream = np.concatenate(parts)
+    del parts
     body = block_size - 2
     n_blocks = len(stream) // body
     blocks = stream[: n_blocks * body].reshape(n_blocks, body)
