@@ -130,7 +130,8 @@ def read_state(path: Path) -> dict[str, torch.Tensor]:
     except (pickle.UnpicklingError, RuntimeError, EOFError):
         # torch's own message advises weights_only=False, which would run the pickle's code: not repeated
         raise PipelineError(f"checkpoint {path} is not a weights-only checkpoint (or is damaged); it was not "
-                            "loaded (give a .safetensors file, or a state dict of tensors saved with torch.save)") from None
+                            "loaded (give a .safetensors file, or a state dict of tensors saved with "
+                            "torch.save)") from None
     state = state.get("state_dict", state) if isinstance(state, dict) else state
     if not isinstance(state, dict):
         raise PipelineError(f"checkpoint {path} holds a {type(state).__name__}, not a state dict of tensors; "

@@ -151,7 +151,8 @@ def test_a_pickle_among_resumable_checkpoints_is_moved_aside_never_run(
 # --- terminal escapes -----------------------------------------------------------------------------
 
 def test_printable_escapes_control_characters_and_keeps_lines() -> None:
-    assert printable(f"a{ESCAPES}b\n\tc\x00\x7f\x9b\u2028é") == "a\\x1b[31mred\\x1b[0m\\r\\u202eb\n\tc\\x00\\x7f\\x9b\\u2028é"
+    assert printable(f"a{ESCAPES}b\n\tc\x00\x7f\x9b\u2028é") == (
+        "a\\x1b[31mred\\x1b[0m\\r\\u202eb\n\tc\\x00\\x7f\\x9b\\u2028é")
     assert printable("plain: models/legal/finetune") == "plain: models/legal/finetune"
     name = b"scan\xff.txt".decode("utf-8", "surrogateescape")  # a file name that is not UTF-8
     assert printable(name) == "scan\\udcff.txt"

@@ -119,7 +119,8 @@ def test_dvc_finds_the_same_parameters_missing_as_the_refusal_names(
     ({"pretrain": {"learning_rate": float("inf")}}, "domains.legal.pretrain.learning_rate: .inf"),
     ({"finetune": {"learning_rate": float("nan")}}, "domains.legal.finetune.learning_rate: .nan"),
     ({"finetune": {"label_fractions": [0.1, float("-inf")]}}, "domains.legal.finetune.label_fractions[1]: -.inf"),
-    ({"pretrain": {"options": {"mlm_probability": float("nan")}}}, "domains.legal.pretrain.options.mlm_probability: .nan"),
+    ({"pretrain": {"options": {"mlm_probability": float("nan")}}},
+     "domains.legal.pretrain.options.mlm_probability: .nan"),
     ({"split": {"val": float("nan")}}, "domains.legal.split.val: .nan"),
 ])
 def test_a_non_finite_number_anywhere_in_the_block_is_refused(
@@ -130,7 +131,8 @@ def test_a_non_finite_number_anywhere_in_the_block_is_refused(
 
 def test_a_non_finite_number_in_the_chosen_preset_is_refused(
         tiny_project: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    write_params(tiny_project, tiny_params(preset="faster", presets={"faster": {"pretrain": {"learning_rate": float("inf")}}}))
+    faster = {"pretrain": {"learning_rate": float("inf")}}
+    write_params(tiny_project, tiny_params(preset="faster", presets={"faster": faster}))
     assert refusal(tiny_project, capsys) == ("error: params.yaml domains.legal.presets.faster.pretrain.learning_rate: "
                                              ".inf is not a finite number")
 
@@ -140,9 +142,11 @@ def test_a_non_finite_number_in_the_chosen_preset_is_refused(
      "domains.legal.finetune: learning_rate and head_learning_rate must be >= 0 (0: that part stays as it starts)"),
     ({"finetune": {"head_learning_rate": -1.0}},
      "domains.legal.finetune: learning_rate and head_learning_rate must be >= 0 (0: that part stays as it starts)"),
-    ({"finetune": {"seeds": [0, -1]}}, "domains.legal.finetune: seeds and small_fraction_seeds must be in [0, 4294967296)"),
+    ({"finetune": {"seeds": [0, -1]}},
+     "domains.legal.finetune: seeds and small_fraction_seeds must be in [0, 4294967296)"),
     ({"finetune": {"small_fraction": 2.0}}, "domains.legal.finetune.small_fraction: must be a fraction in [0, 1]"),
-    ({"pretrain": {"learning_rate": -0.002}}, "domains.legal.pretrain: learning_rate must be positive and weight_decay >= 0"),
+    ({"pretrain": {"learning_rate": -0.002}},
+     "domains.legal.pretrain: learning_rate must be positive and weight_decay >= 0"),
     ({"pretrain": {"seed": 2**32}}, "domains.legal.pretrain.seed: must be in [0, 4294967296)"),
     ({"pretrain": {"keep_candidates": 0}}, "domains.legal.pretrain.keep_candidates: must be at least 1"),
 ])
