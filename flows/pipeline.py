@@ -130,25 +130,39 @@ def run_stage(stage: str, domain: str, root: str) -> bool:
     return ran
 
 
+def report_artifacts(domain: str, root: str) -> dict[str, Any]:
+    """What publish_report hands Prefect, as keyword arguments per call (`markdown`, `table`, `links`),
+    built without Prefect. Prefect renders descriptions, link texts and the report as Markdown: the
+    report's values are escaped by its templates, the domain's name here (`markdown_text`), and the
+    links are file URIs (percent-encoded)."""
+    from tasks.stages.report import markdown_text, verdict_table
+
+    paths = DomainPaths(domain, Path(root))
+    key = domain.replace("_", "-")
+    name = markdown_text(domain)
+    metrics = json.loads(paths.metrics.read_text())
+    comparisons = json.loads((paths.evaluation / "comparisons.json").read_text())
+    return {
+        "markdown": {"key": f"{key}-report", "markdown": (paths.report / "report.md").read_text(),
+                     "description": f"Domain pretraining report: {name}"},
+        "table": {"key": f"{key}-verdict", "table": verdict_table(metrics, comparisons),
+                  "description": f"{name}: ssl against each alternative, {metrics['primary_metric']}, "
+                                 f"paired {metrics.get('confidence', 0.95):.0%} intervals"},
+        "links": [{"key": f"{key}-report-html", "link": (paths.report / "report.html").resolve().as_uri(),
+                   "link_text": f"{name} report (HTML)", "description": "The report page on the machine that ran it"},
+                  {"key": f"{key}-export", "link": paths.export.resolve().as_uri(),
+                   "link_text": f"{name} encoder export (model card: README.md)",
+                   "description": "The encoder in its field's format, on the machine that ran it"}]}
+
+
 @task
 def publish_report(domain: str, root: str) -> None:
     """The report as a Markdown artifact, the verdict as a table artifact, links to the HTML report and the export."""
-    paths = DomainPaths(domain, Path(root))
-    key = domain.replace("_", "-")
-    create_markdown_artifact(key=f"{key}-report", markdown=(paths.report / "report.md").read_text(),
-                             description=f"Domain pretraining report: {domain}")
-    from tasks.stages.report import verdict_table
-
-    metrics = json.loads(paths.metrics.read_text())
-    comparisons = json.loads((paths.evaluation / "comparisons.json").read_text())
-    create_table_artifact(key=f"{key}-verdict", table=verdict_table(metrics, comparisons),
-                          description=f"{domain}: ssl against each alternative, {metrics['primary_metric']}, "
-                                      f"paired {metrics.get('confidence', 0.95):.0%} intervals")
-    create_link_artifact(key=f"{key}-report-html", link=(paths.report / "report.html").resolve().as_uri(),
-                         link_text=f"{domain} report (HTML)", description="The report page on the machine that ran it")
-    create_link_artifact(key=f"{key}-export", link=paths.export.resolve().as_uri(),
-                         link_text=f"{domain} encoder export (model card: README.md)",
-                         description="The encoder in its field's format, on the machine that ran it")
+    artifacts = report_artifacts(domain, root)
+    create_markdown_artifact(**artifacts["markdown"])
+    create_table_artifact(**artifacts["table"])
+    for link in artifacts["links"]:
+        create_link_artifact(**link)
 
 
 @flow(name=FLOW_NAME)

@@ -17,12 +17,16 @@ INIT_ORDER = ("ssl", "generic", "scratch", "baseline")
 STYLE = {"ssl": ("tab:blue", "-", "o"), "scratch": ("tab:gray", "--", "o"), "generic": ("tab:orange", "-.", "^"),
          "baseline": ("tab:green", ":", "s")}
 DPI = 110
+# Text in the figures comes from the data (class names, protocol and init names): drawn as written, never
+# parsed as mathtext or LaTeX, where `$\undefinedmacro{x}$` in a label would stop the report stage.
+LITERAL_TEXT = {"text.parse_math": False, "text.usetex": False}
 
 
 def ordered_inits(inits: set[str] | list[str]) -> list[str]:
     return sorted(inits, key=lambda i: (INIT_ORDER.index(i) if i in INIT_ORDER else len(INIT_ORDER), i))
 
 
+@plt.rc_context(LITERAL_TEXT)
 def plot_label_efficiency(summary: list[dict[str, Any]], metric: str, out: Path,
                           best: list[dict[str, Any]] | None = None) -> None:
     """A panel with each init's `best` protocol (when given), then one per protocol; two panels
@@ -62,6 +66,7 @@ def plot_label_efficiency(summary: list[dict[str, Any]], metric: str, out: Path,
     plt.close(fig)
 
 
+@plt.rc_context(LITERAL_TEXT)
 def plot_embeddings(embedding: dict[str, Any], out: Path) -> None:
     """The test set's frozen features projected to 2D, one panel per init, coloured by label."""
     inits = ordered_inits(embedding["inits"])
@@ -93,6 +98,7 @@ def plot_embeddings(embedding: dict[str, Any], out: Path) -> None:
     plt.close(fig)
 
 
+@plt.rc_context(LITERAL_TEXT)
 def plot_pretraining(pretrain_log: dict[str, Any], out: Path) -> None:
     fig, (loss_axis, rank_axis) = plt.subplots(1, 2, figsize=(8.4, 3.2))
     steps, losses = zip(*pretrain_log["loss"])

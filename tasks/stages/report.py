@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import html
 import logging
+import re
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import jinja2
 import markdown
-from markupsafe import Markup
+from markupsafe import Markup, escape
 
 from ssl_models.core.config import DomainConfig
 from ssl_models.core.domain import Domain
@@ -53,13 +54,53 @@ def html_entities(text: str) -> Markup:
     return Markup(html.escape(text))
 
 
-# Only the HTML page is escaped: Markdown is not HTML (the Markdown package escapes code spans and
-# blocks when it converts, and passes raw HTML through), so the .md templates print values as given.
+# Markdown characters that start markup anywhere in a line (python-markdown's and CommonMark's
+# backslash escapes both cover them): `\` first, so the escapes added are not escaped again; `_` only
+# where it can open or close emphasis (intra-word, as in `my_labels.csv`, it cannot in either).
+MARKDOWN_INLINE = re.compile(r"[\\`*\[\]|]|(?<![^\W_])_|_(?![^\W_])")
+# ... and those that start a block at the start of a line: a heading, a list item, an ordered list's number
+MARKDOWN_LEADING = re.compile(r"^(\d*)([#+-]|(?<=\d)[.)])")
+
+
+def markdown_text(value: Any) -> str:
+    """A string from the data or the file system (a path, label, reason, group name) as Markdown that
+    renders as exactly that text: on one line, Markdown's active characters backslash-escaped, HTML's
+    (`& < > " '`) as entities, so neither the page nor a Markdown viewer makes markup of it."""
+    text = re.sub(r"\s*[\r\n]+\s*", " ", str(value))  # a line break would end a list item or a table row
+    text = MARKDOWN_INLINE.sub(r"\\\g<0>", text)
+    text = MARKDOWN_LEADING.sub(r"\1\\\2", text)
+    return str(escape(text))
+
+
+def code_span(value: Any) -> str:
+    """`value` as one Markdown code span, whatever backticks it holds (a fence longer than its longest run)."""
+    text = re.sub(r"\s*[\r\n]+\s*", " ", str(value))
+    fence = "`" * (max(map(len, re.findall("`+", text)), default=0) + 1)
+    padding = " " if text.startswith("`") or text.endswith("`") else ""
+    return f"{fence}{padding}{text}{padding}{fence}"
+
+
+def code_fence(text: str) -> str:
+    """The fence of a code block that holds `text` whole: ``` unless a line of it could close that."""
+    return "`" * max(3, max(map(len, re.findall("`+", text)), default=0) + 1)
+
+
+def task_sentence(domain: Domain, cfg: DomainConfig, uses_default: bool) -> str:
+    """The domain's one-sentence task (Markdown: its code spans are meant), with the labels file's path in
+    it escaped (`markdown_text`): the path is the user's, and may hold anything a folder name can."""
+    text = domain.task_description(cfg, uses_default)
+    labels = str(cfg.labels) if cfg.labels is not None else ""
+    return text.replace(labels, markdown_text(labels)) if labels else text
+
+
+# The HTML page is escaped by Jinja; the Markdown templates print data through `md` (markdown_text), code
+# through `code_span`, and what the templates and the stages word themselves as given: it is Markdown.
 ENVIRONMENT = jinja2.Environment(
     loader=jinja2.FileSystemLoader(TEMPLATES),
     autoescape=jinja2.select_autoescape(enabled_extensions=("html.j2",), default_for_string=False),
     trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True, undefined=jinja2.StrictUndefined)
-ENVIRONMENT.filters.update(percent=percent, unbroken=unbroken, html_entities=html_entities)
+ENVIRONMENT.filters.update(percent=percent, unbroken=unbroken, html_entities=html_entities, md=markdown_text,
+                           code_span=code_span, code_fence=code_fence)
 
 
 def best_of(metrics: dict[str, Any]) -> dict[tuple[str, float], dict[str, Any]]:
@@ -241,7 +282,12 @@ def build_markdown(domain_name: str, task: str, metrics: dict[str, Any], compari
 
 def build_html(domain_name: str, text: str) -> str:
     """The Markdown as one self-contained page; tables wrapped so they scroll on their own."""
-    body = markdown.markdown(text, extensions=["tables", "fenced_code"])
+    converter = markdown.Markdown(extensions=["tables", "fenced_code"])
+    # raw HTML stays text: the templates write none and escape every value from the data (`md`), so this
+    # only keeps a value a template missed from becoming a tag (python-markdown has no safe mode any more)
+    converter.preprocessors.deregister("html_block")
+    converter.inlinePatterns.deregister("html")
+    body = converter.convert(text)
     body = body.replace("<table>", '<div class="table-scroll"><table>').replace("</table>", "</table></div>")
     return ENVIRONMENT.get_template("report.html.j2").render(domain_name=domain_name, body=Markup(body))
 
@@ -263,7 +309,7 @@ def report(cfg: DomainConfig, domain: Domain, paths: DomainPaths) -> str:
         has_embedding = bool(embedding and embedding.get("inits"))
         if has_embedding:
             plot_embeddings(embedding, out / "embedding_2d.png")
-        text = build_markdown(domain_name, domain.task_description(cfg, uses_default), metrics, comparisons,
+        text = build_markdown(domain_name, task_sentence(domain, cfg, uses_default), metrics, comparisons,
                               read_json(paths.manifest / "summary.json"), read_json(paths.shards / "summary.json"),
                               pretrain_log, show(paths.evaluation, paths.root, runs=False),
                               all_quarantined(paths), checkpoint_choice,
