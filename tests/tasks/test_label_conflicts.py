@@ -35,8 +35,8 @@ def test_one_file_labeled_twice_differently_is_refused_naming_both_rows(tiny_pro
     with pytest.raises(PipelineError) as caught:
         run_stage("ingest", "legal", tiny_project)
     message = str(caught.value)
-    assert message == (f"{tiny_project / 'labels.csv'}: lines 5 and 10 give the same file ('c3.txt') different labels ('supply' on "
-                       "line 5, 'service' on line 10); keep one row per file")
+    assert message == (f"{tiny_project / 'labels.csv'}: lines 5 and 10 give the same file ('c3.txt') different "
+                       "labels ('supply' on line 5, 'service' on line 10); keep one row per file")
     assert not (tiny_project / "data/legal/manifest").exists()  # refused before anything is written
     lines, _ = cli_error(tiny_project, "ingest", "legal")
     assert lines == [f"error: {tiny_project / 'labels.csv'}: lines 5 and 10 give the same file ('c3.txt') different "

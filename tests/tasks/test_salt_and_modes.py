@@ -67,7 +67,8 @@ def test_a_missing_salt_is_not_made_anew_once_outputs_used_it(private_project: P
         make_new_salt(*load_config("legal", private_project / "params.yaml"))
 
 
-def test_a_first_run_makes_its_salt_without_asking(private_project: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
+def test_a_first_run_makes_its_salt_without_asking(private_project: Path,
+                                                    tmp_path_factory: pytest.TempPathFactory) -> None:
     other = tmp_path_factory.mktemp("other")  # a manifest salted with another file does not hold this one back
     shutil.copytree(private_project, other, dirs_exist_ok=True)
     write_params(other, tiny_params(corpus="corpus", labels=None, privacy={**PRIVATE, "salt_file": "secret/other"}))
@@ -98,7 +99,8 @@ def test_a_shared_salt_of_another_user_is_refused(tmp_path: Path, monkeypatch: p
     os.chmod(salt, 0o640)
     owner = salt.stat().st_uid
     monkeypatch.setattr(os, "geteuid", lambda: owner + 1)  # as another user who can read it sees it
-    with pytest.raises(PipelineError, match=r"belongs to another user \(uid \d+\) and others may read it \(mode 0640\)"):
+    refused = r"belongs to another user \(uid \d+\) and others may read it \(mode 0640\)"
+    with pytest.raises(PipelineError, match=refused):
         load_salt(salt)
     assert mode(salt) == 0o640  # not ours to change
     with pytest.raises(PipelineError, match="exists"):
@@ -148,3 +150,20 @@ def test_private_outputs_take_others_bits_off_what_the_atomic_helpers_put_in_pla
     with private_outputs(False), atomic_file(tmp_path / "plain.txt") as tmp:
         shutil.copy(source, tmp)
     assert mode(tmp_path / "plain.txt") == 0o644
+
+
+def test_dvc_run_under_umask_077_keeps_its_cache_behind_owner_only_folders(tmp_path: Path) -> None:
+    """The README's recipe for DVC's cache (its files are always 0444; its folders follow the umask
+    of the `dvc` command, or 2775 with `cache.shared: group`): under umask 077 nobody else can reach them."""
+    import subprocess
+    import sys
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "DOE_JOHN.txt").write_text("private")
+    dvc = Path(sys.executable).parent / "dvc"
+    subprocess.run(["sh", "-c", f"umask 077 && {dvc} init --no-scm -q && {dvc} add data -q"], cwd=tmp_path,
+                   check=True, capture_output=True, env={**os.environ, "DVC_NO_ANALYTICS": "1"})
+    cache = tmp_path / ".dvc" / "cache"
+    folders = [cache, *(p for p in cache.rglob("*") if p.is_dir())]
+    assert len(folders) > 2 and {mode(p) for p in folders} == {0o700}
+    assert {mode(p) for p in cache.rglob("*") if p.is_file()} == {0o444}  # readable only through those folders
