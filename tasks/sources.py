@@ -13,7 +13,6 @@ under their own names).
 from __future__ import annotations
 
 import errno
-import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,8 +24,6 @@ from ssl_models.core.errors import PipelineError
 from ssl_models.core.privacy import new_salt, pseudonymiser
 from tasks.io import read_json
 from tasks.paths import DomainPaths, relative_to
-
-log = logging.getLogger("sources")
 
 Namer = Callable[[str, str], str]  # (kind, private value) -> what may be written
 
@@ -49,7 +46,8 @@ def public_namer(domain: Domain, cfg: DomainConfig, create_salt: bool = True) ->
         if salted:
             shown = ", ".join(salted[:3]) + (f" and {len(salted) - 3} more" if len(salted) > 3 else "")
             raise PipelineError(
-                f"salt file {cfg.privacy.salt_file} is missing, but {shown} was pseudonymised with it: a new salt "
+                f"salt file {cfg.privacy.salt_file} is missing, but {shown} {'was' if len(salted) == 1 else 'were'} "
+                "pseudonymised with it: a new salt "
                 "changes every pseudonym (each key and group) of those outputs, so every stage from ingest on "
                 "re-runs and keys recorded elsewhere stop matching; put the salt file back from a backup, or make "
                 f"a new one on purpose with `ssl-pipeline ingest {cfg.name} --new-salt`")

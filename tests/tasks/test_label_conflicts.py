@@ -71,3 +71,22 @@ def test_a_row_repeated_with_the_same_label_is_kept_once_and_said(tiny_project: 
     rows = {r["key"]: r for r in read_jsonl(tiny_project / "data/legal/manifest/manifest.jsonl")}
     assert rows["c3.txt"]["label"] == "supply"
     assert "2 row(s) repeat a file listed above with the same label, kept once (line(s) 10, 11)" in caplog.text
+
+
+def test_two_files_of_one_source_labeled_differently_are_refused(tiny_project: Path) -> None:
+    """Slices of one DICOM series are one source: labels on two of them must agree."""
+    from ssl_models.core.config import load_config
+    from tasks.stages.ingest import _labels_by_source
+
+    make_project(tiny_project, BASE)
+    cfg, domain = load_config("legal", tiny_project / "params.yaml")
+    member_of = {"series/s1.dcm": "series", "series/s2.dcm": "series"}
+    written_as = {key: key for key in member_of}
+    agreeing = {"series/s1.dcm": {"label": "tumour", "group": None, "line": 2},
+                "series/s2.dcm": {"label": "tumour", "group": None, "line": 3}}
+    assert _labels_by_source(agreeing, member_of, written_as, cfg, domain) == {"series": agreeing["series/s1.dcm"]}
+    differing = {**agreeing, "series/s2.dcm": {"label": "normal", "group": None, "line": 3}}
+    with pytest.raises(PipelineError, match=r"labels.csv: lines 2 and 3 name two files of one source "
+                                            r"\('series/s1.dcm' and 'series/s2.dcm'\) with different labels "
+                                            r"\('tumour' and 'normal'\); a source takes one label"):
+        _labels_by_source(differing, member_of, written_as, cfg, domain)
