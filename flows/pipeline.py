@@ -134,11 +134,13 @@ def report_artifacts(domain: str, root: str) -> dict[str, Any]:
     """What publish_report hands Prefect, as keyword arguments per call (`markdown`, `table`, `links`),
     built without Prefect. Prefect renders descriptions, link texts and the report as Markdown: the
     report's values are escaped by its templates, the domain's name here (`markdown_text`), and the
-    links are file URIs (percent-encoded)."""
+    links are file URIs (percent-encoded); keys are the domain's name as a slug."""
+    from slugify import slugify  # python-slugify, Prefect's own dependency
+
     from tasks.stages.report import markdown_text, verdict_table
 
     paths = DomainPaths(domain, Path(root))
-    key = domain.replace("_", "-")
+    key = slugify(domain)  # Prefect takes lowercase letters, digits and dashes only: `legal_text` -> `legal-text`
     name = markdown_text(domain)
     metrics = json.loads(paths.metrics.read_text())
     comparisons = json.loads((paths.evaluation / "comparisons.json").read_text())

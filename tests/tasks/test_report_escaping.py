@@ -160,12 +160,15 @@ def test_the_prefect_artifacts_carry_the_escaped_report(hostile_project: tuple) 
     assert_quoted(viewed, "the Markdown artifact")
     assert all(literal in viewed.text for literal in [LABELS, *literal_reasons()])
     assert all(link["link"].startswith("file://") for link in artifacts["links"])
+    assert [link["key"] for link in artifacts["links"]] == ["legal-report-html", "legal-export"]
     assert [row["against"] for row in artifacts["table"]["table"]] == ["scratch", "baseline"] * 2
 
 
 def test_the_artifacts_quote_a_domain_name_in_their_descriptions_and_link_texts(hostile_project: tuple) -> None:
     """A domain's name (a folder name too) is shown as written where Prefect renders Markdown."""
     import shutil
+
+    from prefect.artifacts import LinkArtifact, MarkdownArtifact, TableArtifact
 
     from flows.pipeline import report_artifacts
 
@@ -174,11 +177,14 @@ def test_the_artifacts_quote_a_domain_name_in_their_descriptions_and_link_texts(
     name = "x*y* [z](javascript:alert(1))"
     shutil.copytree(paths.root / "reports" / "legal", paths.root / "reports" / name)
     artifacts = report_artifacts(name, str(paths.root))
+    MarkdownArtifact(**artifacts["markdown"]), TableArtifact(**artifacts["table"])  # keys Prefect takes
     for text in [artifacts["markdown"]["description"], artifacts["table"]["description"],
-                 *(f"[{link['link_text']}]({link['link']})" for link in artifacts["links"])]:
+                 *(LinkArtifact(**link).format() for link in artifacts["links"])]:  # Prefect's own Markdown
         page = Page(shown(text))
         assert name in page.text and {tag for tag, _ in page.tags} <= {"p", "a"}, text
         assert all(attrs["href"].startswith("file://") for tag, attrs in page.tags if tag == "a"), text
+    assert [artifacts[kind]["key"] for kind in ("markdown", "table")] == ["x-y-z-javascript-alert-1-report",
+                                                                         "x-y-z-javascript-alert-1-verdict"]
 
 
 def model_card_of(cfg, domain, paths) -> str:  # noqa: ANN001 - the parsed block, its domain, its paths
