@@ -204,15 +204,18 @@ class OpenSlideImage(SlideImage):
 def _open_with_pillow(path: Path, max_pixels: int) -> SlideImage:
     from PIL import Image
 
-    # Pillow's own guard at the same scale (it warns over MAX_IMAGE_PIXELS and refuses twice that,
-    # counting pixels, not bands); the check below, on the header's size and bands, comes first
-    Image.MAX_IMAGE_PIXELS = max_pixels
+    # Pillow's own guard at the same scale while it opens the file (it warns over MAX_IMAGE_PIXELS and
+    # refuses twice that, counting pixels, not bands); the check below, on the header's size and
+    # bands, decides. Put back after: other code of the process opens its own images with Pillow
+    pillows_limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, max_pixels
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = Image.open(path)  # lazy: the header only
     except Image.DecompressionBombError as error:  # over twice the limit in pixels alone
         raise ImageTooLargeError(f"image exceeds ingest.max_pixels={max_pixels}: {error}") from None
+    finally:
+        Image.MAX_IMAGE_PIXELS = pillows_limit
     with image:
         bands = max(3, len(image.getbands()))  # decoded as they are, converted to RGB
         check_decoded_size(image.width, image.height, bands, max_pixels)

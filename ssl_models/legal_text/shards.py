@@ -60,13 +60,14 @@ def renumber_deterministically(wordpiece: BertWordPieceTokenizer) -> None:
 # once: a 200 MB text took it past 6 GB (and aborted the process). It is given at most this many
 # characters per call, long documents cut at whitespace into pieces of at most PIECE_CHARACTERS.
 PIECE_CHARACTERS = 2 ** 20
-BATCH_CHARACTERS = 2 ** 23
+BATCH_CHARACTERS = 2 ** 21
 
 
-def text_pieces(text: str, limit: int = PIECE_CHARACTERS) -> Iterator[str]:
+def text_pieces(text: str, limit: int | None = None) -> Iterator[str]:
     """`text` in consecutive pieces of at most `limit` characters, each cut before a whitespace
     character (so the words, and the tokens, are those of the whole text), hard only in a run of
     `limit` characters without whitespace."""
+    limit = limit or PIECE_CHARACTERS
     start = 0
     while len(text) - start > limit:
         end = start + limit
