@@ -25,7 +25,7 @@ NRRD_SUFFIXES = (".nrrd", ".nhdr")
 # 4D one whose first volume was small took 4 GiB through all of its time points. Every dimension
 # counts; only the first 3D volume is ever decoded.
 MAX_VOXELS = 2 ** 30
-_SLAB_VOXELS = 2 ** 24  # voxels converted (and hashed, checked) at a time: temporaries stay small
+_SLAB_VOXELS = 2 ** 22  # voxels converted (and hashed, checked) at a time: temporaries stay small
 _QUOTED_PATH = re.compile(r"""(['"])[^'"]*[\\/.][^'"]*\1""")  # a quoted name, spaces and all
 _PATH_LIKE = re.compile(r"""(?:[A-Za-z]:)?[\\/][^\s'"]+|[^\s'"/]+\.(?:nii|gz|hdr|img|nrrd|nhdr)\b""")
 
