@@ -66,6 +66,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
             continue
         sub = commands.add_parser(stage, help=f"run the {stage} stage for one domain")
         sub.add_argument("domain", help="a block name under `domains:` in params.yaml")
+        if stage == "ingest":
+            sub.add_argument("--new-salt", action="store_true",
+                             help="make the domain's pseudonym salt anew, on purpose (its file is missing): every "
+                                  "pseudonym and key of the domains using it changes, and everything from ingest on "
+                                  "re-runs")
     lineage = commands.add_parser("lineage", help="show or verify an artifact's lineage, or find what used a record")
     lineage.add_argument("action", choices=("show", "verify", "which", "diff"))
     lineage.add_argument("artifact", help="show/verify/diff: an artifact folder, e.g. models/legal/finetune; "
@@ -200,7 +205,7 @@ def run_stage(stage: str, domain_name: str, root: Path = Path("."),
     """Run `stage` under the domain's lock on the domain's block as `load_config` parsed it
     (`loaded`; parsed here when not given), as the CLI does."""
     from ssl_models.core.config import load_config
-    from tasks.io import clean_stale
+    from tasks.io import clean_stale, private_outputs
     from tasks.lineage import check_raw_inputs_unchanged
     from tasks.paths import DomainPaths
 
@@ -215,7 +220,8 @@ def run_stage(stage: str, domain_name: str, root: Path = Path("."),
         check_inputs(stage, paths)
         if stage == "preprocess":
             check_raw_inputs_unchanged(paths.manifest, root, f"ingest@{domain_name}")
-        return function(cfg, domain, paths)
+        with private_outputs(domain.pseudonymises(cfg)):  # a private domain's outputs: the owner's alone
+            return function(cfg, domain, paths)
 
 
 def _one_line(text: object) -> str:
@@ -356,6 +362,10 @@ def main(argv: list[str] | None = None) -> int:
         from ssl_models.core.config import load_config
 
         loaded = load_config(args.domain, args.root / "params.yaml")
+        if getattr(args, "new_salt", False):
+            from tasks.sources import make_new_salt
+
+            log.warning("%s", make_new_salt(*loaded))
         run_stage(args.command, args.domain, args.root, loaded)
     except PipelineError as error:
         line = f"error: {_one_line(error)}"

@@ -186,6 +186,9 @@ class IngestLimits:
     # a larger share of the corpus' files quarantined stops the run at ingest: the corpus or the
     # reader settings are wrong, and training on the rest would be silently training on a sample
     max_quarantined_fraction: float = 0.25
+    # a corpus symlink whose target lies outside the corpus folder is read only when true (ingest then
+    # logs how many it followed); false: quarantined as "symlink leaving the corpus"
+    follow_symlinks: bool = False
 
     def validate(self, where: str) -> None:
         require(0 <= self.max_quarantined_fraction <= 1, f"{where}.max_quarantined_fraction",

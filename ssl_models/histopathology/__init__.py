@@ -41,7 +41,7 @@ class Histopathology(Domain, module="histopathology"):
                 f"{cfg.preprocess.stored_size} (preprocess.tile_size * scale)")
 
     def read(self, source: Source, cfg: DomainConfig) -> Iterator[Record | Rejected]:
-        yield read_slide(source, cfg.ingest.min_side)
+        yield read_slide(source, cfg.ingest.min_side, cfg.ingest.max_pixels)
 
     def write_default_data(self, out_dir: Path, cfg: DomainConfig) -> dict[str, Any]:
         from ssl_models.histopathology.default_data import write_ihc_regions
@@ -55,7 +55,8 @@ class Histopathology(Domain, module="histopathology"):
 
         split = cfg.split
         return write_tile_shards(manifest, locate, cfg.preprocess,
-                                 lambda block: assign_split(block, split.val, split.test, split.salt), out_dir)
+                                 lambda block: assign_split(block, split.val, split.test, split.salt), out_dir,
+                                 cfg.ingest.max_pixels)
 
     def export(self, cfg: DomainConfig, encoder: Encoder, out_dir: Path) -> dict[str, Any]:
         """timm's `save_for_hf` layout: `model.safetensors` (the bare backbone, no head) and

@@ -21,7 +21,7 @@ from ssl_models.core.errors import UnreadableFileError
 from ssl_models.core.privacy import without_names
 from ssl_models.core.shards import PRETRAIN_TRAIN, PRETRAIN_VAL, write_shards
 from ssl_models.histopathology.config import HistoPreprocessConfig
-from ssl_models.histopathology.readers import open_slide
+from ssl_models.histopathology.readers import MAX_DECODED_PIXELS, open_slide
 from ssl_models.histopathology.tiling import evenly_spaced, tile_slide
 
 log = logging.getLogger("preprocess")
@@ -29,7 +29,7 @@ log = logging.getLogger("preprocess")
 
 def write_tile_shards(manifest: list[dict[str, Any]], locate: Callable[[dict[str, Any]], Source],
                       options: HistoPreprocessConfig, split_of_block: Callable[[str], str],
-                      out_dir: Path) -> dict[str, Any]:
+                      out_dir: Path, max_pixels: int = MAX_DECODED_PIXELS) -> dict[str, Any]:
     pretrain: dict[str, dict[str, list]] = {s: {"pixels": [], "source": [], "x": [], "y": []} for s in ("train", "val")}
     labeled: list[dict[str, Any]] = []
     counts: Counter = Counter()
@@ -38,7 +38,7 @@ def write_tile_shards(manifest: list[dict[str, Any]], locate: Callable[[dict[str
     for row in tqdm(manifest, desc="tile slides", unit="slide", disable=None):
         paths = locate(row).paths
         try:
-            with open_slide(paths[0]) as slide:
+            with open_slide(paths[0], max_pixels) as slide:
                 result = tile_slide(slide, options)
         except UnreadableFileError as error:  # changed since ingest, or a level that no longer decodes
             reason = f"tiling failed: {error.reason}"

@@ -32,7 +32,7 @@ class LegalText(Domain, module="legal_text"):
     def read(self, source: Source, cfg: DomainConfig) -> Iterator[Record | Rejected]:
         ingest = cfg.ingest
         yield from read_text_file(source.paths[0], source.key, ingest.text_field, ingest.fallback_encoding,
-                                  ingest.min_characters)
+                                  ingest.min_characters, ingest.max_characters)
 
     def write_default_data(self, out_dir: Path, cfg: DomainConfig) -> dict[str, Any]:
         counts = write_licensedcode_corpus(out_dir, cfg.default_data.max_files)

@@ -161,7 +161,7 @@ def test_fsdd_speakers_never_cross_splits(audio_project: Path) -> None:
         rows.append((path.name, digit, speaker))
     with open(audio_project / "labels.csv", "w", newline="") as handle:
         csv.writer(handle).writerows([("path", "label", "group"), *rows])
-    write_params(audio_project, audio_params(corpus="fsdd", labels="labels.csv",
+    write_params(audio_project, audio_params(corpus="fsdd", labels="labels.csv", ingest={"follow_symlinks": True},
                                              split={"val": 0.1, "test": 0.1, "salt": "split-v1"}))
     [summary] = run_stages(audio_project, "audio", "ingest")
     assert summary["labeled"] == 300 and summary["quarantined"] == 0
@@ -190,7 +190,8 @@ def test_a_run_on_real_recordings_exports_an_encoder_that_loads_and_matches_else
     corpus.mkdir()
     for path in sorted(FSDD.glob("*_*_[0-1].wav")):
         (corpus / path.name).symlink_to(path)
-    write_params(audio_project, audio_params(corpus="fsdd", labels=None, model={"pool_segments": 2}))
+    write_params(audio_project, audio_params(corpus="fsdd", labels=None, model={"pool_segments": 2},
+                                             ingest={"follow_symlinks": True}))  # links to the shared recordings
     run_stages(audio_project, "audio", "ingest", "preprocess", "pretrain")
     folder = export(audio_project, "audio")
     cfg, domain = load_config("audio", audio_project / "params.yaml")

@@ -211,8 +211,6 @@ def test_the_model_card_quotes_reasons_and_its_front_matter_stays_yaml(hostile_p
     assert all(literal in viewed.text for literal in literal_reasons())
 
 
-@pytest.mark.xfail(strict=True, reason="tasks/export.py (model_card) passes domain.task_description unescaped: it "
-                                       "should pass report.task_sentence(domain, cfg, uses_default_data(cfg, paths))")
 def test_the_model_card_quotes_the_labels_path(hostile_project: tuple) -> None:
     cfg, domain, paths = hostile_project
     viewed = Page(shown(model_card_of(cfg, domain, paths).split("---\n", 2)[2]))
