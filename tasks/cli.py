@@ -13,6 +13,16 @@ data or file names, there and on stdout, has its control characters escaped: `pr
 - 75: another run holds this domain's lock and did not let go within SSL_PIPELINE_LOCK_TIMEOUT.
 - 1: anything else, a bug or a machine fault: the line names the error and the log file under
   `.ssl-pipeline/logs/` that holds the traceback (owner-readable only). The flow retries it.
+- 143 (SIGTERM) or 130 (SIGINT), 128 + the signal as a shell reports it: cancelled (`cancelled: ...`).
+
+A cancel stops the work: SIGTERM or SIGINT to a stage (a scheduler's cancel, Ctrl-C, the flow
+stopping it) is forwarded as SIGTERM to every process under it (torchrun and its workers, loader
+and fine-tuning workers), and the stage unwinds as on Ctrl-C: temporaries removed, the lock held
+until every one of those processes is gone, then released. Checkpoints are whole files, so the
+next run resumes from the last one. A stage DVC started (`dvc repro`, the flow) also gets SIGTERM
+from the kernel when that process dies (DVC itself dies at once on SIGTERM): no stage trains on as
+an orphan holding its domain's lock. A second signal while unwinding is forwarded, not raised.
+(DVC ignores SIGINT while its stage runs: Ctrl-C reaches the stage through the terminal's group.)
 
 One run at a time per domain: a stage takes `.ssl-pipeline/locks/<domain>.lock` (fcntl.flock,
 released by the kernel when the process dies, so a killed run never leaves it held). A second
@@ -33,9 +43,11 @@ import importlib
 import json
 import logging
 import os
+import signal
 import sys
 import time
 import traceback
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
@@ -52,6 +64,11 @@ LOCK_TIMEOUT_ENV = "SSL_PIPELINE_LOCK_TIMEOUT"
 LOCK_HOLDER_ENV = "SSL_PIPELINE_LOCK_HOLDER"  # "<lock file>:<pid>" of the stage process holding it
 DEFAULT_LOCK_TIMEOUT = 3600.0
 EXIT_ERROR, EXIT_BAD_INPUT, EXIT_BUSY = 1, 2, 75
+CANCEL_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+DVC_STAGE_ENV = "DVC_STAGE"  # set by DVC in every stage command it runs
+# seconds the processes under a cancelled stage get to exit after its SIGTERM before SIGKILL: they
+# got it when the stage did, and every write is atomic (a SIGKILL loses no finished file)
+STOP_GRACE_SECONDS = 2.0
 
 log = logging.getLogger("ssl-pipeline")
 
@@ -99,6 +116,121 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     embed.add_argument("--batch-size", type=int, default=64, help="rows per forward pass (default 64)")
     embed.add_argument("--device", help="cpu, cuda, cuda:1... (default: cuda when there is one)")
     return parser.parse_args(argv)
+
+
+class Cancelled(KeyboardInterrupt):
+    """A SIGTERM or SIGINT, raised in the main thread: the stage unwinds as on Ctrl-C (a subclass
+    of KeyboardInterrupt, so libraries clean up as they do for it)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@dataclass
+class Cancellation:
+    """What the signal handlers of one `cancellable` block saw."""
+
+    forward: bool
+    signum: int | None = None  # the first cancel signal received
+    armed: bool = True  # raises on the first signal (not once the block is ending)
+    signalled: list[Any] = field(default_factory=list)  # psutil.Process: those SIGTERM was forwarded to
+
+    def handle(self, signum: int, frame: object) -> None:
+        first = self.signum is None
+        if first:
+            self.signum = signum
+        if self.forward:  # every time: a process started while unwinding gets it too
+            under = descendants()
+            self.signalled.extend(under)
+            send_signal(under, signal.SIGTERM)
+        if first and self.armed:  # a second signal while unwinding: no second exception (no traceback)
+            raise Cancelled(signum)
+
+
+_cancellation: Cancellation | None = None  # the running `cancellable` block's
+
+
+def cancelled() -> Cancellation | None:
+    """The running `cancellable` block's state once a cancel signal arrived, else None."""
+    return _cancellation if _cancellation is not None and _cancellation.signum is not None else None
+
+
+def descendants() -> list[Any]:
+    """Every process under this one (psutil.Process objects: a reused pid is never signalled)."""
+    import psutil
+
+    try:
+        return psutil.Process().children(recursive=True)
+    except psutil.Error:
+        return []
+
+
+def send_signal(processes: list[Any], signum: int) -> None:
+    import psutil
+
+    for process in processes:
+        with contextlib.suppress(psutil.Error):
+            process.send_signal(signum)
+
+
+def stop_processes(processes: list[Any], grace: float = STOP_GRACE_SECONDS) -> None:
+    """SIGTERM `processes`, give them `grace` seconds to exit, SIGKILL the rest; returns when all are gone."""
+    import psutil
+
+    send_signal(processes, signal.SIGTERM)
+    _, alive = psutil.wait_procs(processes, timeout=grace)
+    send_signal(alive, signal.SIGKILL)
+    psutil.wait_procs(alive, timeout=grace)
+
+
+def _pdeathsig(signum: int | None = None) -> int:
+    """prctl(PR_SET_PDEATHSIG, signum) when given; returns the signal set before (0 for none)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    before = ctypes.c_int(0)
+    libc.prctl(2, ctypes.byref(before), 0, 0, 0)  # PR_GET_PDEATHSIG
+    if signum is not None:
+        libc.prctl(1, signum, 0, 0, 0)  # PR_SET_PDEATHSIG
+    return before.value
+
+
+@contextlib.contextmanager
+def cancellable(forward: bool = True, die_with_parent: bool = False) -> Iterator[Cancellation]:
+    """SIGTERM and SIGINT raise `Cancelled` in the block (`forward`: after forwarding SIGTERM to
+    every process under this one; at the end, what it reached and what is still under this process
+    is stopped, `stop_processes`). `die_with_parent`: on Linux the kernel sends SIGTERM when the
+    parent dies (for a parent that waits on us: not a shell we were left running under by nohup).
+    The handlers before are back after the block; a signal ignored at the start (nohup) stays
+    ignored. Outside the main thread (signals cannot be handled there) a plain block."""
+    import threading
+
+    global _cancellation
+    if threading.current_thread() is not threading.main_thread():
+        yield Cancellation(forward)
+        return
+    state, outer = Cancellation(forward), _cancellation
+    before = {s: signal.getsignal(s) for s in CANCEL_SIGNALS}
+    parent = os.getppid()
+    deathsig = _pdeathsig(signal.SIGTERM) if die_with_parent and sys.platform.startswith("linux") else None
+    _cancellation = state
+    try:
+        for signum, handler in before.items():
+            if handler is not signal.SIG_IGN:
+                signal.signal(signum, state.handle)
+        if deathsig is not None and os.getppid() != parent:  # it died before the kernel could be told
+            os.kill(os.getpid(), signal.SIGTERM)
+        yield state
+    finally:
+        state.armed = False
+        if state.signum is not None and forward:
+            stop_processes(state.signalled + descendants())
+        for signum, handler in before.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+        if deathsig is not None:
+            _pdeathsig(deathsig)
+        _cancellation = outer
 
 
 class WorkspaceBusyError(Exception):
@@ -177,6 +309,9 @@ def domain_lock(lock_file: Path, stage: str, timeout: float | None = None) -> It
         try:
             yield True
         finally:
+            cancel = cancelled()
+            if cancel is not None and cancel.forward:  # held until nothing this run started works on
+                stop_processes(cancel.signalled + descendants())
             if previous is None:
                 os.environ.pop(LOCK_HOLDER_ENV, None)
             else:
@@ -344,63 +479,76 @@ def main(argv: list[str] | None = None) -> int:
     handler.setFormatter(_PrintableFormatter("%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S"))
     logging.basicConfig(level=logging.INFO, handlers=[handler])
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    from ssl_models.core.errors import PipelineError
-
     name = "lineage" if args.command == "lineage" else f"{args.command}-{args.domain}"
     # the domain's block, parsed once: for the stage, and for what a failure may print
-    loaded: tuple[DomainConfig, Domain] | None = None
-    try:
-        if args.command == "lineage":
-            if args.action == "diff":
-                return run_lineage_diff(Path(args.artifact), args.other)
-            return run_lineage(args.action, args.artifact, args.root, args.domain)
-        if args.command == "export" and (args.domain == "verify" or args.folder or args.init != "ssl" or args.out
-                                         or args.finetuned is not None):
-            return run_export(args)
-        if args.command == "embed":
-            return run_embed(args)
-        from ssl_models.core.config import load_config
-
-        loaded = load_config(args.domain, args.root / "params.yaml")
-        if getattr(args, "new_salt", False):
-            from tasks.sources import make_new_salt
-
-            log.warning("%s", make_new_salt(*loaded))
-        run_stage(args.command, args.domain, args.root, loaded)
-    except PipelineError as error:
-        line = f"error: {_one_line(error)}"
-        code = EXIT_BAD_INPUT
-    except WorkspaceBusyError as error:
-        line = f"busy: {_one_line(error)}"
-        code = EXIT_BUSY
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    except Exception as error:  # noqa: BLE001 - the one place an unexpected error becomes one line
-        stage = "lineage" if args.command == "lineage" else f"{args.command}@{args.domain}"
-        private = args.command != "lineage" and _pseudonymises(loaded)
-        full, unloadable = _disk_full(error), _unloadable_checkpoint(error)
-        if full is not None:  # the user's to fix (free space), not a fault a retry cures
-            # the file written, unless the domain hides file names: then the project it is in
-            place = args.root.resolve() if private or not full.filename else full.filename
-            line = (f"error: {stage} stopped: the disk holding {place} is full ({os.strerror(full.errno)}); "
-                    "free space on it, or move data/ and models/ to a larger disk, and run again")
-            code = EXIT_BAD_INPUT
-        elif unloadable is not None:
-            line, code = f"error: {stage} stopped: {unloadable}", EXIT_BAD_INPUT
-        else:
-            logged = _log_traceback(args.root, name)
-            # a library's message may carry a file name: not printed when the domain hides them
-            what = type(error).__name__ if private else f"{type(error).__name__}: {_one_line(error)}"
-            where = f"; the traceback is in {logged}" if logged else ""
-            line = f"error: {stage} stopped on an unexpected {what}{where}"
-            code = EXIT_ERROR
-    else:
-        return 0
+    loaded: list[tuple[DomainConfig, Domain]] = []
+    # started by DVC (`dvc repro`, the flow): DVC waits on us, and dies at once on SIGTERM itself
+    with cancellable(die_with_parent=DVC_STAGE_ENV in os.environ) as cancel:
+        try:
+            return run_command(args, loaded)
+        except BaseException as error:
+            cancel.armed = False  # a signal now is forwarded, not raised over the report of this one
+            if not isinstance(error, (Exception, KeyboardInterrupt)) and cancel.signum is None:
+                raise  # SystemExit and the like: not a failure to report
+            line, code = failure_line(error, args, loaded[0] if loaded else None, cancel)
     line = printable(line)
     print(line, file=sys.stderr)
     _report_failure(args.root, name, line)
     return code
+
+
+def run_command(args: argparse.Namespace, loaded: list[tuple[DomainConfig, Domain]]) -> int:
+    """The command `args` names; its exit status. A stage's parsed block is appended to `loaded`."""
+    if args.command == "lineage":
+        if args.action == "diff":
+            return run_lineage_diff(Path(args.artifact), args.other)
+        return run_lineage(args.action, args.artifact, args.root, args.domain)
+    if args.command == "export" and (args.domain == "verify" or args.folder or args.init != "ssl" or args.out
+                                     or args.finetuned is not None):
+        return run_export(args)
+    if args.command == "embed":
+        return run_embed(args)
+    from ssl_models.core.config import load_config
+
+    loaded.append(load_config(args.domain, args.root / "params.yaml"))
+    if getattr(args, "new_salt", False):
+        from tasks.sources import make_new_salt
+
+        log.warning("%s", make_new_salt(*loaded[0]))
+    run_stage(args.command, args.domain, args.root, loaded[0])
+    return 0
+
+
+def failure_line(error: BaseException, args: argparse.Namespace, loaded: tuple[DomainConfig, Domain] | None,
+                 cancel: Cancellation) -> tuple[str, int]:
+    """The one line a command that stopped on `error` prints, and its exit status."""
+    from ssl_models.core.errors import PipelineError
+
+    stage = "lineage" if args.command == "lineage" else f"{args.command}@{args.domain}"
+    if cancel.signum is not None or isinstance(error, KeyboardInterrupt):
+        # whatever the unwinding raised (a loader worker's SIGTERM, torchrun's exit): a cancel
+        signum = cancel.signum or getattr(error, "signum", signal.SIGINT)
+        return (f"cancelled: {stage} stopped on {signal.Signals(signum).name}, with every process it started; "
+                "run it again to go on (pretrain resumes from its last checkpoint)"), 128 + signum
+    if isinstance(error, PipelineError):
+        return f"error: {_one_line(error)}", EXIT_BAD_INPUT
+    if isinstance(error, WorkspaceBusyError):
+        return f"busy: {_one_line(error)}", EXIT_BUSY
+    private = args.command != "lineage" and _pseudonymises(loaded)
+    full, unloadable = _disk_full(error), _unloadable_checkpoint(error)
+    if full is not None:  # the user's to fix (free space), not a fault a retry cures
+        # the file written, unless the domain hides file names: then the project it is in
+        place = args.root.resolve() if private or not full.filename else full.filename
+        return (f"error: {stage} stopped: the disk holding {place} is full ({os.strerror(full.errno)}); "
+                "free space on it, or move data/ and models/ to a larger disk, and run again"), EXIT_BAD_INPUT
+    if unloadable is not None:
+        return f"error: {stage} stopped: {unloadable}", EXIT_BAD_INPUT
+    name = "lineage" if args.command == "lineage" else f"{args.command}-{args.domain}"
+    logged = _log_traceback(args.root, name)
+    # a library's message may carry a file name: not printed when the domain hides them
+    what = type(error).__name__ if private else f"{type(error).__name__}: {_one_line(error)}"
+    where = f"; the traceback is in {logged}" if logged else ""
+    return f"error: {stage} stopped on an unexpected {what}{where}", EXIT_ERROR
 
 
 def run_export(args: argparse.Namespace) -> int:

@@ -103,9 +103,13 @@ def process_group(world: World, device: torch.device) -> Iterator[None]:
     dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     try:
         yield
-    finally:
-        dist.barrier()
+    except BaseException:
+        # no barrier: a process stopped by an error or a cancel (SIGTERM from torchrun or the stage)
+        # would wait there for ranks that are stopping elsewhere, or mid-collective, until the timeout
         dist.destroy_process_group()
+        raise
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 def active() -> bool:
