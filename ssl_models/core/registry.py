@@ -2,7 +2,8 @@
 
 An entry may be registered lazily, by "package.module:attribute", so that checking a name in
 params.yaml never imports torch. A method entry also names its options dataclass (torch-free),
-which `load_config` binds `pretrain.options` to before any stage runs.
+which `load_config` binds `pretrain.options` to before any stage runs; a method in a file of its own
+may name its options by "package.module:Class" too (imported only when that method is chosen).
 """
 
 from __future__ import annotations
@@ -29,9 +30,9 @@ class Registry(Generic[T]):
         self.kind = kind
         self._entries: dict[str, T] = {}
         self._lazy: dict[str, str] = {}  # name -> "package.module:attribute", imported on first use
-        self._options: dict[str, type] = {}
+        self._options: dict[str, type | str] = {}
 
-    def register_lazy(self, name: str, target: str, options: type = NoOptions) -> None:
+    def register_lazy(self, name: str, target: str, options: type | str = NoOptions) -> None:
         """Name an entry without importing it: validation stays cheap (no torch import)."""
         self._lazy[name] = target
         self._options[name] = options
@@ -55,9 +56,14 @@ class Registry(Generic[T]):
             raise PipelineError(f"{place}unknown {self.kind} {name!r}; valid names: {valid}")
 
     def options(self, name: str) -> type:
-        """The options dataclass of entry `name` (known without importing the entry)."""
+        """The options dataclass of entry `name` (known without importing the entry, unless it was
+        registered by "package.module:Class")."""
         self.check(name)
-        return self._options[name]
+        options = self._options[name]
+        if isinstance(options, str):
+            module, _, attribute = options.partition(":")
+            options = self._options[name] = getattr(importlib.import_module(module), attribute)
+        return options
 
     def get(self, name: str) -> T:
         self.check(name)

@@ -190,6 +190,8 @@ METHODS.register_lazy("simclr", "ssl_models.histopathology.methods:SimCLR", opti
 METHODS.register_lazy("vicreg", "ssl_models.histopathology.methods:VICReg", options=VICRegOptions)
 METHODS.register_lazy("byol", "ssl_models.histopathology.methods:BYOL", options=BYOLOptions)
 METHODS.register_lazy("mae", "ssl_models.histopathology.methods:MAE", options=MAEOptions)
+METHODS.register_lazy("barlow_twins", "ssl_models.histopathology.barlow_twins:BarlowTwins",
+                      options="ssl_models.histopathology.barlow_twins:BarlowTwinsOptions")
 
 BACKBONES: Registry[Callable[..., Encoder]] = Registry("histopathology backbone")
 BACKBONES.register_lazy("resnet", "ssl_models.histopathology.backbones:build_resnet")

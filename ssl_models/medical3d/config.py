@@ -135,6 +135,8 @@ METHODS.register_lazy("mae", "ssl_models.medical3d.methods:MaskedAutoencoder3D",
 METHODS.register_lazy("vit_inpainting_contrastive", "ssl_models.medical3d.methods:InpaintingContrastive",
                       options=InpaintingContrastiveOptions)
 METHODS.register_lazy("simclr", "ssl_models.medical3d.methods:SimCLR3D", options=SimCLROptions)
+METHODS.register_lazy("barlow_twins", "ssl_models.medical3d.barlow_twins:BarlowTwins3D",
+                      options="ssl_models.medical3d.barlow_twins:BarlowTwinsOptions")
 VIT_METHODS = ("vit_inpainting_contrastive", "mae")  # they read the ViT's patch tokens
 
 BACKBONES: Registry = Registry("3D backbone")

@@ -75,7 +75,7 @@ def method(name: str, **options: object) -> dict:
     (method("mae"), f"{W}.pretrain.method: mae needs model.backbone: vit"),
     ({"model": {"backbone": "vit", "patch_size": 5}}, f"{W}.model.patch_size: 5 must divide the stored tile size 32"),
     ({"pretrain": {"method": "dino"}},
-     f"{W}.pretrain.method: unknown histopathology SSL method 'dino'; valid names: byol, mae, simclr, vicreg"),
+     f"{W}.pretrain.method: unknown histopathology SSL method 'dino'; valid names: barlow_twins, byol, mae, simclr, vicreg"),
 ])
 def test_each_bad_setting_fails_naming_its_key(tmp_path: Path, overrides: dict, message: str) -> None:
     write_params(tmp_path, histo_params(**overrides))
@@ -101,7 +101,7 @@ def test_sections_and_method_options_arrive_typed(tmp_path: Path) -> None:
 def test_backbone_choices_are_the_registered_backbones() -> None:
     allowed = typing.get_args(typing.get_type_hints(HistoModelConfig)["backbone"])
     assert sorted(allowed) == BACKBONES.names() == ["resnet", "vit"]
-    assert METHODS.names() == ["byol", "mae", "simclr", "vicreg"]
+    assert METHODS.names() == ["barlow_twins", "byol", "mae", "simclr", "vicreg"]
 
 
 def test_a_bad_setting_fails_through_the_cli_in_one_line_within_two_seconds(tmp_path: Path) -> None:
@@ -109,3 +109,14 @@ def test_a_bad_setting_fails_through_the_cli_in_one_line_within_two_seconds(tmp_
     lines, cpu_seconds = cli_error(tmp_path, "ingest", "histo")
     assert lines == [f"error: params.yaml {O}.augment.crop_scale: must be in (0, 1]"]
     assert cpu_seconds < 2.0, f"{cpu_seconds:.2f} CPU s"
+
+
+def test_a_method_in_a_file_of_its_own_names_its_options_lazily_and_they_parse(tmp_path: Path) -> None:
+    """Barlow Twins is one file and one registration line: its options load only when it is chosen."""
+    write_params(tmp_path, histo_params(**method("barlow_twins", projection_dim=32, lambda_param=0.01)))
+    cfg, _ = load_config("histo", tmp_path / "params.yaml")
+    assert type(cfg.pretrain.options).__name__ == "BarlowTwinsOptions"
+    assert (cfg.pretrain.options.projection_dim, cfg.pretrain.options.lambda_param) == (32, 0.01)
+    write_params(tmp_path, histo_params(**method("barlow_twins", lambda_param=-1)))
+    with pytest.raises(PipelineError, match="lambda_param: must be zero or positive"):
+        load_config("histo", tmp_path / "params.yaml")

@@ -34,6 +34,7 @@ METHODS = {
     # a fast teacher (momentum 0.5): its updates weigh on the loss within 3 steps
     "byol": ("byol", {"momentum": 0.5, **NO_BN}),
     "mae": ("mae", {}),
+    "barlow_twins": ("barlow_twins", NO_BN),
 }
 # Weights the loss does not depend on at all have a gradient of pure float rounding noise, which
 # Adam scales to steps of the learning rate's size, different in any two runs that sum in another
@@ -41,7 +42,7 @@ METHODS = {
 # of `qkv.bias`: q.b_k is the same for every key, and softmax ignores it); in VICReg the head's
 # biases: its three terms are invariant to a shift of all embeddings, which the last bias is, and
 # the first one too wherever a hidden unit is active on every sample (most are, in 3 steps).
-LOSS_FREE = {"vicreg": {"head.layers.0.bias", "head.layers.2.bias"}}
+LOSS_FREE = {method: {"head.layers.0.bias", "head.layers.2.bias"} for method in ("vicreg", "barlow_twins")}
 # float32 rounding of a sum over 8 samples against two sums of 4 averaged by the all-reduce
 WEIGHT_ATOL, LOSS_RTOL = 1e-5, 1e-5
 

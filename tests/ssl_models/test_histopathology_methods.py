@@ -44,8 +44,8 @@ def histo_config(tmp_path: Path, method: str, backbone: str, options: dict) -> t
 BSS = {"batch_styles_standardization": True}
 CASES = [("simclr", "resnet", {"loss": "ntxent"}), ("simclr", "resnet", {"loss": "dcl"}),
          ("simclr", "resnet", {"loss": "dcl", "augment": BSS}), ("vicreg", "resnet", {}), ("byol", "resnet", {}),
-         ("mae", "vit", {})]
-IDS = ["simclr-ntxent", "simclr-dcl", "simclr-dcl-bss", "vicreg", "byol", "mae-vit"]
+         ("mae", "vit", {}), ("barlow_twins", "resnet", {})]
+IDS = ["simclr-ntxent", "simclr-dcl", "simclr-dcl-bss", "vicreg", "byol", "mae-vit", "barlow-twins"]
 
 
 @pytest.mark.parametrize("method_name,backbone,options", CASES, ids=IDS)

@@ -15,7 +15,7 @@ from tests.ssl_models.medical_files import blob_volume, cube_rows, medical_param
 
 
 @pytest.mark.parametrize("method, backbone", [("mae", "vit"), ("vit_inpainting_contrastive", "vit"),
-                                              ("simclr", "resnet")])
+                                              ("simclr", "resnet"), ("barlow_twins", "resnet")])
 def test_each_method_learns_and_its_encoder_is_what_finetuning_loads(method: str, backbone: str,
                                                                      tmp_path: Path) -> None:
     write_params(tmp_path, medical_params(model={"backbone": backbone}, pretrain={"method": method}))
