@@ -60,6 +60,46 @@ GUARANTEES: dict[str, list[str]] = {
         "tests/flows/test_worker.py::test_a_long_pretrain_under_a_worker_stays_running_and_a_lost_worker_resumes_from_its_checkpoint",
         "tests/flows/test_worker.py::test_serve_registers_its_deployment_with_the_same_automation",
     ],
+    "no input takes a stage past a stated peak": [
+        "tests/faults/test_bombs.py::test_a_png_bomb_is_refused_from_its_header_before_any_pixel_is_decoded",
+        "tests/faults/test_bombs.py::test_a_tiled_tiff_bomb_opened_by_openslide_is_refused_from_its_level_sizes",
+        "tests/faults/test_bombs.py::test_nifti_and_dicom_bombs_are_refused_from_their_headers",
+        "tests/faults/test_bombs.py::test_a_sparse_4d_nifti_reads_only_its_first_volume",
+        "tests/faults/test_bombs.py::test_a_200_mb_single_line_text_is_quarantined_at_ingest_with_its_size",
+        "tests/faults/test_bombs.py::test_audio_longer_than_max_samples_is_refused_from_its_header",
+        "tests/faults/test_bombs.py::test_ingest_quarantines_every_bomb_under_the_stated_peak_and_keeps_the_good_files",
+    ],
+    "reports quote what they are given": [
+        "tests/tasks/test_report_escaping.py::test_the_report_quotes_paths_labels_and_reasons_and_draws_its_figures",
+        "tests/tasks/test_report_escaping.py::test_the_html_step_keeps_raw_html_as_text",
+        "tests/tasks/test_report_escaping.py::test_class_names_with_mathtext_are_drawn_as_written",
+        "tests/tasks/test_report_escaping.py::test_the_prefect_artifacts_carry_the_escaped_report",
+        "tests/tasks/test_report_escaping.py::test_the_model_card_quotes_the_labels_path",
+    ],
+    "configuration cannot half-load": [
+        "tests/tasks/test_config_refusals.py::test_a_params_file_of_random_bytes_is_refused_naming_the_file",
+        "tests/tasks/test_config_refusals.py::test_a_block_cut_off_before_sections_dvc_declares_is_refused_naming_them",
+        "tests/tasks/test_config_refusals.py::test_dvc_finds_the_same_parameters_missing_as_the_refusal_names",
+        "tests/tasks/test_config_refusals.py::test_a_non_finite_number_anywhere_in_the_block_is_refused",
+        "tests/tasks/test_config_refusals.py::test_absurd_numbers_are_refused_in_one_line",
+    ],
+    "errors name their cause": [
+        "tests/tasks/test_cli_errors.py::test_a_full_disk_is_named_in_one_line_with_exit_status_2",
+        "tests/tasks/test_cli_errors.py::test_a_pickle_checkpoint_a_library_loads_is_refused_naming_the_file",
+        "tests/tasks/test_cli_errors.py::test_lineage_which_on_a_name_with_escapes_prints_them_escaped",
+        "tests/tasks/test_label_conflicts.py::test_one_file_labeled_twice_differently_is_refused_naming_both_rows",
+    ],
+    "the corpus boundary holds": [
+        "tests/tasks/test_corpus_boundary.py::test_symlinks_leaving_the_corpus_are_quarantined_not_followed",
+        "tests/tasks/test_corpus_boundary.py::test_follow_symlinks_reads_outside_targets_and_logs_a_count",
+        "tests/tasks/test_corpus_boundary.py::test_link_loops_outside_the_corpus_end_and_nothing_is_read_twice",
+    ],
+    "a private domain's salt and outputs stay private": [
+        "tests/tasks/test_salt_and_modes.py::test_a_missing_salt_is_not_made_anew_once_outputs_used_it",
+        "tests/tasks/test_salt_and_modes.py::test_a_salt_others_may_read_is_made_owner_only_with_a_warning",
+        "tests/tasks/test_salt_and_modes.py::test_a_pseudonymising_domain_writes_owner_only_outputs_and_others_keep_their_modes",
+        "tests/tasks/test_salt_and_modes.py::test_dvc_run_under_umask_077_keeps_its_cache_behind_owner_only_folders",
+    ],
 }
 
 # Every stage, run whole, by the flow and by `dvc repro`, and re-run to the same bytes.

@@ -129,6 +129,21 @@ def test_a_pseudonymising_domain_writes_owner_only_outputs_and_others_keep_their
         os.umask(mask)
 
 
+def test_every_stage_of_a_pseudonymising_domain_writes_owner_only_outputs(private_project: Path) -> None:
+    """Not ingest alone: the CLI runs every stage of such a domain under `private_outputs`."""
+    mask = os.umask(0o022)
+    try:
+        for stage in ("ingest", "preprocess"):
+            run_stage(stage, "legal", private_project)
+        shards = private_project / "data/legal/shards"
+        found = [shards, *shards.rglob("*")]
+        assert {mode(p) for p in found if p.is_dir()} == {0o700}
+        assert {mode(p) for p in found if p.is_file()} == {0o600}
+        assert os.umask(0o022) == 0o022
+    finally:
+        os.umask(mask)
+
+
 def test_private_outputs_take_others_bits_off_what_the_atomic_helpers_put_in_place(tmp_path: Path) -> None:
     source = tmp_path / "raw.txt"
     source.write_text("raw")
