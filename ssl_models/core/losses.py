@@ -10,10 +10,14 @@ all-reduces (`torch.distributed.nn`), and keeps lightly's loss terms and weighti
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.distributed as dist
 from lightly.loss import BarlowTwinsLoss
 from torch.distributed import nn as dist_nn
+
+from ssl_models.core.config import require
 
 EPS = 1e-5  # F.batch_norm's default, as lightly's standardisation uses
 
@@ -53,3 +57,16 @@ class GlobalBarlowTwinsLoss(BarlowTwinsLoss):
         on_diagonal = torch.diagonal(correlation).add(-1).pow(2).sum()
         off_diagonal = correlation.flatten()[:-1].view(correlation.shape[0] - 1, -1)[:, 1:].pow(2).sum()
         return on_diagonal + self.lambda_param * off_diagonal
+
+
+@dataclass
+class BarlowTwinsOptions:
+    """A domain's `barlow_twins` options (a domain adds its own, e.g. the augmentations)."""
+
+    projection_dim: int = 256  # the paper's projector is 3 x 8192 wide; a CPU run uses a narrower one
+    lambda_param: float = 5e-3  # weight of the off-diagonal (redundancy) terms, the paper's
+    head_batch_norm: bool = True  # BatchNorm in the projector (off where a CPU run must not depend on the split)
+
+    def validate(self, where: str) -> None:
+        require(self.projection_dim >= 1, f"{where}.projection_dim", "must be positive")
+        require(self.lambda_param >= 0, f"{where}.lambda_param", "must be zero or positive")

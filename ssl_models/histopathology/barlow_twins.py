@@ -13,23 +13,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ssl_models.core.config import require
+from ssl_models.core import losses as core_losses
 from ssl_models.core.losses import GlobalBarlowTwinsLoss
 from ssl_models.histopathology.config import AugmentConfig
 from ssl_models.histopathology.methods import TileMethod, two_layer_head
 
 
 @dataclass
-class BarlowTwinsOptions:
-    # the paper's projector is 3 x 8192 wide; a CPU run uses a narrower one (wider helps on GPUs)
-    projection_dim: int = 256
-    lambda_param: float = 5e-3  # weight of the off-diagonal (redundancy) terms, the paper's
-    head_batch_norm: bool = True  # BatchNorm in the projector (see SimCLROptions)
+class BarlowTwinsOptions(core_losses.BarlowTwinsOptions):
     augment: AugmentConfig = field(default_factory=AugmentConfig)
-
-    def validate(self, where: str) -> None:
-        require(self.projection_dim >= 1, f"{where}.projection_dim", "must be positive")
-        require(self.lambda_param >= 0, f"{where}.lambda_param", "must be zero or positive")
 
 
 class BarlowTwins(TileMethod):

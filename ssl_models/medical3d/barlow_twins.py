@@ -9,27 +9,13 @@ Registered in config.py: `METHODS.register_lazy("barlow_twins", ...:BarlowTwins3
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
-from ssl_models.core.config import require
-from ssl_models.core.losses import GlobalBarlowTwinsLoss
+from ssl_models.core.losses import BarlowTwinsOptions, GlobalBarlowTwinsLoss
 from ssl_models.core.modules import DataSide
 from ssl_models.medical3d.methods import _VolumeMethod, freeze_unused_norms
 from ssl_models.medical3d.views import TwoViews, contrastive_views
-
-
-@dataclass
-class BarlowTwinsOptions:
-    projection_dim: int = 256  # the paper's projector is 3 x 8192 wide; a CPU run uses a narrower one
-    lambda_param: float = 5e-3  # weight of the off-diagonal (redundancy) terms, the paper's
-    head_batch_norm: bool = True  # BatchNorm in the projector (see SimCLROptions)
-
-    def validate(self, where: str) -> None:
-        require(self.projection_dim >= 1, f"{where}.projection_dim", "must be at least 1")
-        require(self.lambda_param >= 0, f"{where}.lambda_param", "must be zero or positive")
 
 
 class BarlowTwins3D(_VolumeMethod):
