@@ -20,19 +20,29 @@ never starved by training. `--deploy POOL` (a process work pool) and `--serve` i
 automation (flows/deployment.py) that marks a run Crashed only after 3 missed beats (Prefect #16459,
 #18653); a crashed run is not retried by Prefect itself, and the next scheduled run (or
 `prefect deployment run ssl-pipeline/nightly`) resumes it from the last checkpoint.
+
+A cancel stops the work: SIGTERM or SIGINT to the flow process, or a cancel from the UI (the
+worker's runner sends the flow run SIGTERM; Prefect's handler raises in the flow and records the
+run Cancelled, or Crashed for a bare SIGTERM) stops the stage processes the running task started
+(each forwards it to everything under it and releases its domain's lock), the task is not
+retried, and the flow ends: exit status 143 (SIGTERM) or 130 (SIGINT) and one line, `cancelled:`.
+The temporary Prefect server is stopped on the way out, then anything still under the flow. A
+stage exiting 143 or 130 (cancelled on its own) is not retried either.
 """
 
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import json
 import logging
 import os
 import re
+import signal
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from ssl_models.core.offline import apply_offline_env  # noqa: E402
 
@@ -46,11 +56,22 @@ from prefect.runtime import flow_run  # noqa: E402
 
 from ssl_models.core.config import load_params  # noqa: E402
 from ssl_models.core.errors import PipelineError  # noqa: E402
-from tasks.cli import EXIT_BAD_INPUT, STAGES  # noqa: E402
+from tasks.cli import (  # noqa: E402
+    EXIT_BAD_INPUT,
+    STAGES,
+    STOP_GRACE_SECONDS,
+    cancellable,
+    descendants,
+    printable,
+    stop_processes,
+)
 from tasks.lineage import PREFECT_RUN_ENV  # noqa: E402
 from tasks.paths import DomainPaths  # noqa: E402
 
 FLOW_NAME = "ssl-pipeline"
+CANCELLED_EXITS = (128 + 2, 128 + 15)  # a stage that stopped on SIGINT or SIGTERM (tasks/cli.py)
+# seconds a stage gets to stop after the flow's SIGTERM (it stops what it started first) before SIGKILL
+STAGE_STOP_GRACE_SECONDS = 4 * STOP_GRACE_SECONDS
 
 
 def _stage_environment() -> None:
@@ -97,6 +118,22 @@ def retry_unless_bad_input(task: Any, task_run: Any, state: Any) -> bool:
     return True
 
 
+def reproduce_stoppably(reproduce: Callable[[], Any]) -> Any:
+    """`reproduce()` (DVC running a stage command) in a thread of its own, while this one waits:
+    DVC ignores SIGINT in the main thread while a stage runs, which would leave the flow deaf to
+    it. When the wait ends on a signal (Prefect's SIGTERM handler, the UI's cancel, SIGINT), the
+    processes DVC started are stopped before the exception goes on, so no stage outlives its task."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    already = set(descendants())  # the temporary Prefect server, when there is one
+    with ThreadPoolExecutor(1, thread_name_prefix="dvc-reproduce") as running:
+        try:
+            return running.submit(reproduce).result()
+        except BaseException:
+            stop_processes([p for p in descendants() if p not in already], grace=STAGE_STOP_GRACE_SECONDS)
+            raise  # once DVC's thread has ended (the pool's exit waits for it): its lock is free
+
+
 # No timeout: a pretraining stage runs for hours. Retries re-run the DVC stage, never a cached state.
 @task(retries=2, retry_delay_seconds=[10, 60], retry_condition_fn=retry_unless_bad_input,
       cache_policy=NO_CACHE, timeout_seconds=None, task_run_name="{stage}@{domain}")
@@ -114,13 +151,21 @@ def run_stage(stage: str, domain: str, root: str) -> bool:
 
     _stage_environment()
     logging.getLogger("dvc").propagate = False  # DVC prints its own lines; no second copy via Prefect
-    # DVC resolves some output paths against the working directory, so work from the root.
-    try:
+
+    def reproduce() -> list:
+        # DVC resolves some output paths against the working directory, so work from the root.
         with contextlib.chdir(root), Repo(".") as repo:
-            reproduced = repo.reproduce(f"{stage}@{domain}", single_item=True)
+            return repo.reproduce(f"{stage}@{domain}", single_item=True)
+
+    try:
+        reproduced = reproduce_stoppably(reproduce)
     except ReproductionError as error:
-        if stage_exit_status(error) == EXIT_BAD_INPUT:  # the CLI's PipelineError: fix, do not retry
+        status = stage_exit_status(error)
+        if status == EXIT_BAD_INPUT:  # the CLI's PipelineError: fix, do not retry
             raise PipelineError(f"{stage}@{domain} stopped on bad input or configuration (not retried): "
+                                f"{_stage_error_line(stage, domain, root)}") from None
+        if status in CANCELLED_EXITS:  # someone cancelled the stage itself: not undone by a retry
+            raise PipelineError(f"{stage}@{domain} was cancelled (exit status {status}; not retried): "
                                 f"{_stage_error_line(stage, domain, root)}") from None
         raise
     except description_errors as error:
@@ -204,12 +249,24 @@ def main(argv: list[str] | None = None) -> int:
         print(f"deployment {FLOW_NAME}/{args.name} ({deployment_id}) on work pool {args.deploy!r}; "
               f"start a worker with: prefect worker start --pool {args.deploy}")
         return 0
-    if args.serve:
-        from flows.deployment import serve
+    # after the temporary server's own stop (atexit runs the last registered first): what is left under the flow
+    atexit.register(lambda: stop_processes(descendants()))
+    # SIGINT, and SIGTERM once Prefect's handler has recorded the run (it passes SIGTERM on to this one)
+    with cancellable(forward=False) as cancel:
+        try:
+            if args.serve:
+                from flows.deployment import serve
 
-        serve(name=args.name, cron=args.cron, domains=args.domain)
-        return 0
-    pipeline(domains=args.domain, root=".")
+                serve(name=args.name, cron=args.cron, domains=args.domain)
+            else:
+                pipeline(domains=args.domain, root=".")
+        except KeyboardInterrupt as error:  # Cancelled included
+            cancel.armed = False
+            signum = cancel.signum or getattr(error, "signum", 2)
+            print(printable(f"cancelled: the flow stopped on {signal.Signals(signum).name}, with the stage it "
+                            "was running; run it again to go on (pretrain resumes from its last checkpoint)"),
+                  file=sys.stderr)
+            return 128 + signum
     return 0
 
 
