@@ -252,12 +252,18 @@ def assert_next_run_resumes(folder: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("nproc", [1, 2], ids=["one-process", "torchrun-2"])
 def test_sigterm_to_dvc_repro_stops_the_stage_and_the_next_run_resumes(long_pretrain_project: Path,
-                                                                        tmp_path: Path) -> None:
+                                                                        tmp_path: Path, nproc: int) -> None:
+    """nproc 2: the stage runs torch.distributed.run and its two training processes (gloo): all stop."""
     folder = long_pretrain_project
+    params = long_pretrain_params()
+    params["domains"]["legal"]["pretrain"]["nproc"] = nproc
+    write_params(folder, params)
     status, output = cancel_mid_pretrain(folder, [str(SCRIPTS / "dvc"), "repro", "-s", "pretrain@legal"],
                                          stage_env(), tmp_path / "dvc.log")
     assert status == -signal.SIGTERM  # DVC dies at once; the stage gets SIGTERM from the kernel
+    assert f"{nproc} process(es)" in output
     assert "cancelled: pretrain@legal stopped on SIGTERM" in output and "Traceback" not in output, output[-3000:]
     assert_next_run_resumes(folder)
 
