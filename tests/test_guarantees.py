@@ -100,6 +100,13 @@ GUARANTEES: dict[str, list[str]] = {
         "tests/tasks/test_salt_and_modes.py::test_a_pseudonymising_domain_writes_owner_only_outputs_and_others_keep_their_modes",
         "tests/tasks/test_salt_and_modes.py::test_dvc_run_under_umask_077_keeps_its_cache_behind_owner_only_folders",
     ],
+    "a cancel stops the work": [
+        "tests/faults/test_cancel.py::test_a_signalled_stage_stops_its_children_releases_the_lock_and_says_one_line",
+        "tests/faults/test_cancel.py::test_a_second_signal_while_unwinding_prints_no_traceback",
+        "tests/faults/test_cancel.py::test_a_stage_dvc_started_stops_when_dvc_dies_and_a_nohup_one_does_not",
+        "tests/faults/test_cancel.py::test_sigterm_to_dvc_repro_stops_the_stage_and_the_next_run_resumes",
+        "tests/faults/test_cancel.py::test_a_signal_to_the_flow_stops_the_stage_and_the_temporary_server_and_the_next_run_resumes",
+    ],
 }
 
 # Every stage, run whole, by the flow and by `dvc repro`, and re-run to the same bytes.
