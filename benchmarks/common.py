@@ -5,6 +5,7 @@ Benchmarks import nothing from tests/; the test suite imports `copy_project_code
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import shutil
@@ -88,6 +89,7 @@ def run_on_shared_data(domain: str, overrides: dict, assignments: list[str], lay
         metrics = yaml.safe_load((folder / "reports" / domain / "metrics.json").read_text())
         evaluation = folder / "reports" / domain / "evaluation"
         metrics["comparisons"] = yaml.safe_load((evaluation / "comparisons.json").read_text())
+        metrics["finetune_results"] = json.loads((folder / "models" / domain / "finetune" / "results.json").read_text())
         if (evaluation / "checkpoint_choice.json").exists():
             metrics["checkpoint_choice"] = yaml.safe_load((evaluation / "checkpoint_choice.json").read_text())
     print(f"{title}: {n_files} files; machine: {platform.machine()}, {os.cpu_count()} cores")
