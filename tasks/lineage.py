@@ -456,8 +456,10 @@ def diff(a: Path, b: Path) -> list[str]:
     """What differs between two runs' lineage, from artifact folder `a` (run A) and the same
     artifact of another run `b` (run B, e.g. another clone or experiment workspace), down to the
     raw corpus: raw files (added, removed, changed), other inputs (the labels CSV), params and
-    seeds per stage, the code each stage ran (commit, uncommitted changes), which artifacts'
-    outputs differ, and the domain's metrics where both runs have them. Empty: the same run."""
+    seeds per stage, the code each stage ran (commit, uncommitted changes: where both sides have the
+    run record, which stays on the machine that ran the stage, so a clone that pulled the outputs
+    has none), which artifacts' outputs differ, and the domain's metrics where both runs have them.
+    Empty: the same run."""
     record_a, record_b = read_record(a), read_record(b)
     root_a, root_b = _root_of(a, record_a), _root_of(b, record_b)
     chain_a = {record["artifact"]: (path, record) for path, record in chain(a, root_a)}
@@ -474,9 +476,11 @@ def diff(a: Path, b: Path) -> list[str]:
         lines += _changes(f"{stage} param", _flatten(x["params"]), _flatten(y["params"]))
         if x["seeds"] != y["seeds"]:
             lines.append(f"{stage} seeds: {x['seeds']} -> {y['seeds']}")
-        code_a = (read_run_record(path_a) or {}).get("code", {})
-        code_b = (read_run_record(path_b) or {}).get("code", {})
-        lines += _changes(f"{stage} code", code_a, code_b)
+        # a run record stays where its stage ran: a clone that pulled the outputs (`dvc pull`) has
+        # none, and code it cannot know is not code that differs
+        run_a, run_b = read_run_record(path_a), read_run_record(path_b)
+        if run_a is not None and run_b is not None:
+            lines += _changes(f"{stage} code", run_a.get("code", {}), run_b.get("code", {}))
         if x["outputs_digest"] != y["outputs_digest"]:
             differing = sum(1 for k in set(x["outputs"]) | set(y["outputs"]) if x["outputs"].get(k) != y["outputs"].get(k))
             lines.append(f"{name}: outputs differ ({differing} of {len(set(x['outputs']) | set(y['outputs']))} files)")
