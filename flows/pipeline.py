@@ -12,7 +12,7 @@ a `PipelineError`) fails its task at once, never retried: the same input would f
 Anything else (a crash, exit status 1; the domain's lock still held after the wait, 75; DVC's own
 lock held by another `dvc` process) is retried twice. A retry, and any later flow run, asks DVC
 again: nothing is cached on Prefect's side (`NO_CACHE`), so a stage that failed or was killed is
-re-run, and pretrain picks up from its last checkpoint (`models/<domain>/checkpoints` persists).
+re-run, and pretrain picks up from its last checkpoint (`models/<domain>/checkpoints`, local state DVC does not track, persists).
 
 Long runs: no task has a timeout, and the stage works in a process of its own (DVC starts the
 CLI), so the flow's heartbeat thread (every PREFECT_FLOWS_HEARTBEAT_FREQUENCY s, default 180) is

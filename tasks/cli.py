@@ -349,7 +349,7 @@ def run_stage(stage: str, domain_name: str, root: Path = Path("."),
     function = getattr(importlib.import_module(f"tasks.stages.{stage}"), stage)
     with domain_lock(paths.lock, f"{stage}@{domain_name}") as holder:
         if holder:  # what killed runs left behind: never taken for an output, never left to pile up
-            for output in paths.outputs(stage):
+            for output in paths.outputs(stage) + paths.working_state(stage):
                 for line in clean_stale(output.parent) + clean_stale(output, recursive=True):
                     log.info("%s@%s: %s", stage, domain_name, line)
         check_inputs(stage, paths)

@@ -50,10 +50,15 @@ class DomainPaths:
     def outputs(self, stage: str) -> list[Path]:
         """What `stage` writes: exactly the `outs`, `metrics` and `plots` of its dvc.yaml entry."""
         return {"default_data": [self.default_data], "ingest": [self.manifest], "preprocess": [self.shards],
-                "pretrain": [self.pretrain, self.checkpoints], "finetune": [self.finetune],
+                "pretrain": [self.pretrain], "finetune": [self.finetune],
                 "evaluate": [self.evaluation, self.metrics, self.plots / "label_efficiency.csv",
                              self.plots / "pretrain_curve.csv"],
                 "report": [self.report], "export": [self.export]}[stage]
+
+    def working_state(self, stage: str) -> list[Path]:
+        """What `stage` keeps between its runs on this machine and DVC does not version: pretrain's
+        resumable checkpoints (a remote carries none, so a clone that pulled has nothing to re-run)."""
+        return [self.checkpoints] if stage == "pretrain" else []
 
     def inputs(self, stage: str) -> dict[Path, str]:
         """The artifacts `stage` reads (its dvc.yaml deps made by other stages) -> the stage making each."""

@@ -107,6 +107,10 @@ GUARANTEES: dict[str, list[str]] = {
         "tests/faults/test_cancel.py::test_sigterm_to_dvc_repro_stops_the_stage_and_the_next_run_resumes",
         "tests/faults/test_cancel.py::test_a_signal_to_the_flow_stops_the_stage_and_the_temporary_server_and_the_next_run_resumes",
     ],
+    "a team shares results through a DVC remote": [
+        "tests/flows/test_remote.py::test_a_fresh_clone_pulls_from_the_remote_and_has_nothing_to_run",
+        "tests/flows/test_remote.py::test_lineage_diff_of_pulled_outputs_names_no_code_difference",
+    ],
 }
 
 # Every stage, run whole, by the flow and by `dvc repro`, and re-run to the same bytes.

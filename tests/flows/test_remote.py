@@ -92,9 +92,6 @@ def output_mtimes(root: Path) -> dict[str, int]:
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(raises=RerunAfterPull, strict=True,
-                   reason="dvc.yaml declares models/<domain>/checkpoints (cache: false), which no remote carries: "
-                          "a fresh clone re-runs pretrain to make it (remove this mark once it is not a DVC output)")
 def test_a_fresh_clone_pulls_from_the_remote_and_has_nothing_to_run(tmp_path: Path) -> None:
     origin, clone, remote = tmp_path / "origin", tmp_path / "elsewhere" / "clone", tmp_path / "remote"
     domains = ("legal", PRIVATE)
