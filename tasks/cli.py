@@ -43,6 +43,7 @@ import importlib
 import json
 import logging
 import os
+import shutil
 import signal
 import sys
 import time
@@ -386,6 +387,9 @@ class _PrintableFormatter(logging.Formatter):
 
 
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+# an unexpected error with less than this free where the project lives reads as a full disk: torch.save
+# on a full disk raises a RuntimeError ("PytorchStreamWriter failed writing file") with no errno behind it
+DISK_NEARLY_FULL_BYTES = 64 * 2**20
 
 
 def _chain(error: BaseException) -> Iterator[BaseException]:
@@ -400,6 +404,14 @@ def _chain(error: BaseException) -> Iterator[BaseException]:
 def _disk_full(error: BaseException) -> OSError | None:
     """The out-of-space (or quota) OSError behind `error`, if that is what stopped the stage."""
     return next((e for e in _chain(error) if isinstance(e, OSError) and e.errno in DISK_FULL), None)
+
+
+def _nearly_full(root: Path) -> bool:
+    """Whether the disk holding the project has less than DISK_NEARLY_FULL_BYTES free."""
+    try:
+        return shutil.disk_usage(root).free < DISK_NEARLY_FULL_BYTES
+    except OSError:
+        return False
 
 
 def _loaded_file(error: BaseException) -> str | None:
@@ -536,10 +548,12 @@ def failure_line(error: BaseException, args: argparse.Namespace, loaded: tuple[D
         return f"busy: {_one_line(error)}", EXIT_BUSY
     private = args.command != "lineage" and _pseudonymises(loaded)
     full, unloadable = _disk_full(error), _unloadable_checkpoint(error)
-    if full is not None:  # the user's to fix (free space), not a fault a retry cures
+    if full is not None or _nearly_full(args.root):  # the user's to fix (free space), not a fault a retry cures
         # the file written, unless the domain hides file names: then the project it is in
-        place = args.root.resolve() if private or not full.filename else full.filename
-        return (f"error: {stage} stopped: the disk holding {place} is full ({os.strerror(full.errno)}); "
+        place = args.root.resolve() if private or full is None or not full.filename else full.filename
+        why = os.strerror(full.errno) if full is not None else (
+            f"under {DISK_NEARLY_FULL_BYTES // 2**20} MiB free after {type(error).__name__}")
+        return (f"error: {stage} stopped: the disk holding {place} is full ({why}); "
                 "free space on it, or move data/ and models/ to a larger disk, and run again"), EXIT_BAD_INPUT
     if unloadable is not None:
         return f"error: {stage} stopped: {unloadable}", EXIT_BAD_INPUT

@@ -45,6 +45,26 @@ def test_a_full_disk_is_named_in_one_line_with_exit_status_2(
     assert not list((tiny_project / ".ssl-pipeline/logs").glob("*.log"))  # no traceback log to fill the disk with
 
 
+def test_a_full_disk_without_an_errno_is_named_by_the_free_space_left(
+        tiny_project: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """torch.save on a full disk raises a bare RuntimeError: the free space left says what happened."""
+    import shutil
+    from collections import namedtuple
+
+    def fill(cfg: object, domain: object, paths: object) -> None:
+        raise RuntimeError("[enforce fail at inline_container.cc:626] . PytorchStreamWriter failed writing file")
+
+    monkeypatch.setattr("tasks.stages.default_data.default_data", fill)
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10 * 2**30, 10 * 2**30 - 2**20, 2**20))
+    assert main(["--root", str(tiny_project), "default_data", "legal"]) == 2
+    assert one_line(capsys) == (f"error: default_data@legal stopped: the disk holding {tiny_project.resolve()} is full "
+                                "(under 64 MiB free after RuntimeError); free space on it, or move data/ and models/ "
+                                "to a larger disk, and run again")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10 * 2**30, 2**30, 9 * 2**30))
+    assert main(["--root", str(tiny_project), "default_data", "legal"]) == 1  # room left: an unexpected error
+
+
 def test_a_full_disk_behind_a_library_error_names_the_project_when_file_names_are_hidden(
         tiny_project: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     """A library wrapping the OSError (raise ... from it) still reads as a full disk; a domain that
