@@ -136,11 +136,17 @@ class Cancellation:
     signum: int | None = None  # the first cancel signal received
     armed: bool = True  # raises on the first signal (not once the block is ending)
     signalled: list[Any] = field(default_factory=list)  # psutil.Process: those SIGTERM was forwarded to
+    sigchld: Any = None  # the SIGCHLD handler before the cancel (put back at the block's end)
 
     def handle(self, signum: int, frame: object) -> None:
         first = self.signum is None
         if first:
             self.signum = signum
+            if self.forward:
+                # children now die on purpose: torch's DataLoader raises from its SIGCHLD handler when a
+                # worker dies ("DataLoader worker ... is killed by signal"), even inside __del__, where
+                # it prints a traceback ("Exception ignored in ...") after the one-line cancel
+                self.sigchld = signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         if self.forward:  # every time: a process started while unwinding gets it too
             under = descendants()
             self.signalled.extend(under)
@@ -229,6 +235,8 @@ def cancellable(forward: bool = True, die_with_parent: bool = False) -> Iterator
             stop_processes(state.signalled + descendants())
         for signum, handler in before.items():
             signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+        if state.sigchld is not None:
+            signal.signal(signal.SIGCHLD, state.sigchld)
         if deathsig is not None:
             _pdeathsig(deathsig)
         _cancellation = outer

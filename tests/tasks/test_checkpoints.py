@@ -134,7 +134,7 @@ def test_the_rule_per_method_covers_every_registered_method() -> None:
         methods = get_domain(module).methods
         for name in methods.names():
             rules[choice_rule("auto", name, methods.get(name).checkpoint_rule)[0]].add(name)
-    assert rules["rankme"] == {"simclr", "vicreg", "byol"}  # the joint-embedding classes declare it
+    assert rules["rankme"] == {"simclr", "vicreg", "byol", "barlow_twins"}  # the joint-embedding classes declare it
     assert {"mae", "mlm", "tera", "masked_spectrogram"} <= rules["last"]
     assert choice_rule("rankme", "mlm", "last")[0] == "rankme" and choice_rule("last", "simclr", "rankme")[0] == "last"
     assert choice_rule("auto", "simclr", "rankme")[1] == (
