@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -137,6 +138,30 @@ def tiny_params(**overrides: dict) -> dict:
         else:
             block[section] = values
     return {"domains": {"legal": block}}
+
+
+def wait_for(what: str, check: Callable[[], object], timeout: float, every: float) -> object:
+    """`check()`'s first truthy value, tried every `every` s; an AssertionError naming `what` after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = check()
+        if found:
+            return found
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def wsd_plan_resuming(step: int, warmup: int) -> int:
+    """The shortest wsd plan (with `warmup` steps) whose decay starts at or after `step`: a checkpoint
+    taken there is a checkpoint of that plan too (the rate before the decay does not depend on `steps`),
+    so a run cut short after a kill or a cancel resumes from it and ends soon."""
+    from ssl_models.core.config import PretrainConfig
+    from ssl_models.core.schedules import decay_start
+
+    steps = step + 1
+    while decay_start(PretrainConfig(steps=steps, warmup_steps=warmup, schedule="wsd")) < step:
+        steps += 1
+    return steps
 
 
 def write_params(folder: Path, params: dict) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import os
 import re
 import signal
@@ -24,7 +25,16 @@ import psutil
 import pytest
 import yaml
 
-from tests.conftest import SCRIPTS, copy_project, copy_project_code, stage_env, tiny_params, write_params
+from tests.conftest import (
+    SCRIPTS,
+    copy_project,
+    copy_project_code,
+    stage_env,
+    tiny_params,
+    wait_for,
+    write_params,
+    wsd_plan_resuming,
+)
 
 STOPPED_WITHIN_S = 10  # the issue's bound: no process of the run alive 10 s after the signal
 
@@ -53,14 +63,7 @@ sys.exit(cli.main(["--root", str(root), "pretrain", "legal"]))
 """
 
 
-def _wait(what: str, check: Callable[[], object], timeout: float, every: float = 0.1) -> object:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = check()
-        if found:
-            return found
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+_wait = functools.partial(wait_for, every=0.1)
 
 
 def lock_is_free(root: Path, domain: str = "legal") -> bool:
@@ -171,18 +174,6 @@ def checkpoint_steps(root: Path) -> list[int]:
     return sorted(int(p.stem.split("_")[1]) for p in (root / "models/legal/checkpoints").glob("step_*.pt"))
 
 
-def plan_resuming(step: int) -> int:
-    """The shortest wsd plan whose decay starts at or after `step`: a checkpoint taken there is a
-    checkpoint of that plan too (the rate before the decay does not depend on `steps`)."""
-    from ssl_models.core.config import PretrainConfig
-    from ssl_models.core.schedules import decay_start
-
-    steps = step + 1
-    while decay_start(PretrainConfig(steps=steps, warmup_steps=WARMUP, schedule="wsd")) < step:
-        steps += 1
-    return steps
-
-
 def long_pretrain_params() -> dict:
     """The tiny legal block with a wsd plan far longer than any test (cut short after the cancel,
     so that the resumed run ends soon whatever the step rate)."""
@@ -239,7 +230,7 @@ def assert_next_run_resumes(folder: Path) -> None:
     """`dvc repro` of pretrain, with the plan cut short just past the newest checkpoint, resumes there."""
     last = checkpoint_steps(folder)[-1]
     params = long_pretrain_params()
-    params["domains"]["legal"]["pretrain"]["steps"] = steps = plan_resuming(last)
+    params["domains"]["legal"]["pretrain"]["steps"] = steps = wsd_plan_resuming(last, WARMUP)
     write_params(folder, params)
     rerun = subprocess.run([str(SCRIPTS / "dvc"), "repro", "-s", "pretrain@legal"], cwd=folder, env=stage_env(),
                            capture_output=True, text=True)

@@ -18,6 +18,7 @@ be guessed from a machine whose other cores are busy with other tests.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import re
@@ -33,7 +34,16 @@ import psutil
 import pytest
 import yaml
 
-from tests.conftest import REPO, SCRIPTS, copy_project_code, stage_env, tiny_params, write_params
+from tests.conftest import (
+    REPO,
+    SCRIPTS,
+    copy_project_code,
+    stage_env,
+    tiny_params,
+    wait_for,
+    write_params,
+    wsd_plan_resuming,
+)
 from tests.network_block import blocked_env
 
 LONG_RUN_S = int(os.environ.get("SSL_PIPELINE_LONG_RUN_S", "0"))
@@ -49,14 +59,7 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-def _wait(what: str, check, timeout: float, every: float = 1.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = check()
-        if found:
-            return found
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+_wait = functools.partial(wait_for, every=1.0)
 
 
 def _kill_tree(process: subprocess.Popen) -> None:
@@ -70,18 +73,6 @@ def _kill_tree(process: subprocess.Popen) -> None:
             member.send_signal(signal.SIGKILL)
     process.wait()
     psutil.wait_procs(tree, timeout=30)
-
-
-def _plan_resuming(step: int) -> int:
-    """The shortest wsd plan whose decay starts at or after `step`: a checkpoint taken there is a
-    checkpoint of that plan too (the rate before the decay does not depend on `steps`)."""
-    from ssl_models.core.config import PretrainConfig
-    from ssl_models.core.schedules import decay_start
-
-    steps = step + 1
-    while decay_start(PretrainConfig(steps=steps, warmup_steps=WARMUP, schedule="wsd")) < step:
-        steps += 1
-    return steps
 
 
 @pytest.fixture(scope="module")
@@ -196,7 +187,7 @@ def test_a_long_pretrain_under_a_worker_stays_running_and_a_lost_worker_resumes_
         _kill_tree(worker)  # the machine is gone: worker, flow run, DVC and the trainer with it
     assert 0 < done_at_kill and not (folder / "models/legal/pretrain/encoder").exists(), done_at_kill
     # the next nightly run's plan ends a little after the newest checkpoint (it resumes from there)
-    steps = _plan_resuming(_checkpoint_steps(folder)[-1])
+    steps = wsd_plan_resuming(_checkpoint_steps(folder)[-1], WARMUP)
     params["domains"]["legal"]["pretrain"]["steps"] = steps
     write_params(folder, params)
 
