@@ -191,18 +191,6 @@ def stop_processes(processes: list[Any], grace: float = STOP_GRACE_SECONDS) -> N
     psutil.wait_procs(alive, timeout=grace)
 
 
-def _pdeathsig(signum: int | None = None) -> int:
-    """prctl(PR_SET_PDEATHSIG, signum) when given; returns the signal set before (0 for none)."""
-    import ctypes
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    before = ctypes.c_int(0)
-    libc.prctl(2, ctypes.byref(before), 0, 0, 0)  # PR_GET_PDEATHSIG
-    if signum is not None:
-        libc.prctl(1, signum, 0, 0, 0)  # PR_SET_PDEATHSIG
-    return before.value
-
-
 @contextlib.contextmanager
 def cancellable(forward: bool = True, die_with_parent: bool = False) -> Iterator[Cancellation]:
     """SIGTERM and SIGINT raise `Cancelled` in the block (`forward`: after forwarding SIGTERM to
@@ -213,6 +201,8 @@ def cancellable(forward: bool = True, die_with_parent: bool = False) -> Iterator
     ignored. Outside the main thread (signals cannot be handled there) a plain block."""
     import threading
 
+    from ssl_models.core.processes import parent_death_signal
+
     global _cancellation
     if threading.current_thread() is not threading.main_thread():
         yield Cancellation(forward)
@@ -220,7 +210,7 @@ def cancellable(forward: bool = True, die_with_parent: bool = False) -> Iterator
     state, outer = Cancellation(forward), _cancellation
     before = {s: signal.getsignal(s) for s in CANCEL_SIGNALS}
     parent = os.getppid()
-    deathsig = _pdeathsig(signal.SIGTERM) if die_with_parent and sys.platform.startswith("linux") else None
+    deathsig = parent_death_signal(signal.SIGTERM) if die_with_parent and sys.platform.startswith("linux") else None
     _cancellation = state
     try:
         for signum, handler in before.items():
@@ -238,7 +228,7 @@ def cancellable(forward: bool = True, die_with_parent: bool = False) -> Iterator
         if state.sigchld is not None:
             signal.signal(signal.SIGCHLD, state.sigchld)
         if deathsig is not None:
-            _pdeathsig(deathsig)
+            parent_death_signal(deathsig)
         _cancellation = outer
 
 

@@ -280,20 +280,6 @@ def check_raw_inputs_unchanged(artifact: Path, root: Path, made_by: str) -> None
                             f"re-run {made_by} first (`dvc repro` does both)")
 
 
-def _corpus_listing(corpus: Path, follow_symlinks: bool) -> list[Path]:
-    """The corpus' files as ingest reached them: through linked folders only with
-    `ingest.follow_symlinks` (each real folder once, so a link loop ends)."""
-    found, seen = [], set()
-    for folder, subfolders, names in os.walk(corpus, followlinks=follow_symlinks):
-        real = os.path.realpath(folder)
-        if real in seen:
-            subfolders.clear()
-            continue
-        seen.add(real)
-        found += [Path(folder) / name for name in names if (Path(folder) / name).is_file()]
-    return found
-
-
 def _verify_raw_inputs(record: dict[str, Any], root: Path) -> list[str]:
     """Re-hash the raw corpus; pseudonymised names are matched through the salt, and a
     problem names a pseudonymised file by its pseudonym only."""
@@ -302,8 +288,11 @@ def _verify_raw_inputs(record: dict[str, Any], root: Path) -> list[str]:
     privacy = record["params"].get("privacy") or {}
     if privacy.get("pseudonymised"):
         public = pseudonymiser(_under(root, privacy["salt_file"]), create=False)
+        from tasks.sources import corpus_files  # the corpus as ingest listed it (its symlink rule included)
+
         follow = (record["params"].get("ingest") or {}).get("follow_symlinks", False)
-        files = {public("key", p.relative_to(corpus).as_posix()): p for p in _corpus_listing(corpus, follow)}
+        listed = corpus_files(corpus, None, follow_symlinks=follow).files
+        files = {public("key", p.relative_to(corpus).as_posix()): p for p in listed}
     else:
         files = {name: corpus / name for name in record["raw_inputs"]}
     problems = []

@@ -85,12 +85,11 @@ def die_with_launcher() -> None:
     """On Linux, have the kernel kill this training process when its launcher (torchrun's agent)
     dies: torchrun starts each process in a session of its own, so a SIGKILL of the stage's
     process group would otherwise leave them training and writing checkpoints beside a re-run."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-        import signal
+    import signal
 
-        PR_SET_PDEATHSIG = 1
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    from ssl_models.core.processes import parent_death_signal
+
+    parent_death_signal(signal.SIGKILL)
 
 
 @contextlib.contextmanager
