@@ -129,8 +129,9 @@ def test_a_pseudonymising_domain_writes_owner_only_outputs_and_others_keep_their
         os.umask(mask)
 
 
-def test_every_stage_of_a_pseudonymising_domain_writes_owner_only_outputs(private_project: Path) -> None:
-    """Not ingest alone: the CLI runs every stage of such a domain under `private_outputs`."""
+def test_the_stages_after_ingest_of_a_pseudonymising_domain_write_owner_only_outputs_too(private_project: Path) -> None:
+    """Not ingest alone: the CLI runs every stage of such a domain under `private_outputs` (preprocess
+    shown here: its shards, files and folders)."""
     mask = os.umask(0o022)
     try:
         for stage in ("ingest", "preprocess"):
