@@ -201,7 +201,7 @@ def cancellable(forward: bool = True, die_with_parent: bool = False) -> Iterator
     ignored. Outside the main thread (signals cannot be handled there) a plain block."""
     import threading
 
-    from ssl_models.core.processes import parent_death_signal
+    from ssl_models.core.processes import on_process_exit, parent_death_signal, shell_wrapper_parent
 
     global _cancellation
     if threading.current_thread() is not threading.main_thread():
@@ -211,6 +211,7 @@ def cancellable(forward: bool = True, die_with_parent: bool = False) -> Iterator
     before = {s: signal.getsignal(s) for s in CANCEL_SIGNALS}
     parent = os.getppid()
     deathsig = parent_death_signal(signal.SIGTERM) if die_with_parent and sys.platform.startswith("linux") else None
+    unwatch = None
     _cancellation = state
     try:
         for signum, handler in before.items():
@@ -218,6 +219,9 @@ def cancellable(forward: bool = True, die_with_parent: bool = False) -> Iterator
                 signal.signal(signum, state.handle)
         if deathsig is not None and os.getppid() != parent:  # it died before the kernel could be told
             os.kill(os.getpid(), signal.SIGTERM)
+        if deathsig is not None and (starter := shell_wrapper_parent()) is not None:
+            # `sh -c CMD` that did not exec us: the shell outlives its killed parent (DVC), so watch that one
+            unwatch = on_process_exit(starter, signal.SIGTERM)
         yield state
     finally:
         state.armed = False
@@ -229,6 +233,8 @@ def cancellable(forward: bool = True, die_with_parent: bool = False) -> Iterator
             signal.signal(signal.SIGCHLD, state.sigchld)
         if deathsig is not None:
             parent_death_signal(deathsig)
+        if unwatch is not None:
+            unwatch()
         _cancellation = outer
 
 

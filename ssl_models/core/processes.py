@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 
 
 def process_alive(pid: int) -> bool:
@@ -32,3 +33,53 @@ def parent_death_signal(signum: int | None = None) -> int:
     if signum is not None:
         libc.prctl(1, signum, 0, 0, 0)  # PR_SET_PDEATHSIG
     return before.value
+
+
+SHELLS = frozenset({"sh", "dash", "bash", "zsh", "ksh", "mksh", "busybox", "ash"})
+
+
+def shell_wrapper_parent() -> int | None:
+    """The pid of the process that started our parent, when our parent is a shell running one
+    command string (`sh -c CMD`) that did not exec it (dash keeps itself as the parent: DVC runs
+    stage commands as `$SHELL -c CMD`, /bin/sh where SHELL is unset). None otherwise."""
+    import psutil
+
+    try:
+        parent = psutil.Process(os.getppid())
+        command = parent.cmdline()
+        if os.path.basename(command[0] if command else parent.name()) not in SHELLS or "-c" not in command:
+            return None
+        return parent.ppid() or None
+    except (psutil.Error, OSError):
+        return None
+
+
+def on_process_exit(pid: int, signum: int) -> Callable[[], None] | None:
+    """Send this process `signum` when process `pid` ends (a daemon thread waits on its pidfd:
+    no polling). Returns what stops the watch (the signal is then never sent), or None where `pid`
+    cannot be watched (no pidfd, or it is already gone)."""
+    import select
+    import signal
+    import threading
+
+    if not hasattr(os, "pidfd_open"):
+        return None
+    try:
+        descriptor = os.pidfd_open(pid)
+    except ProcessLookupError:  # ended already
+        os.kill(os.getpid(), signal.Signals(signum))
+        return None
+    except OSError:
+        return None
+    stopped = threading.Event()
+
+    def wait() -> None:
+        try:
+            select.select([descriptor], [], [])
+        finally:
+            os.close(descriptor)
+        if not stopped.is_set():
+            os.kill(os.getpid(), signal.Signals(signum))
+
+    threading.Thread(target=wait, name=f"watch-{pid}", daemon=True).start()
+    return stopped.set
