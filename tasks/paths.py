@@ -57,8 +57,14 @@ class DomainPaths:
 
     def working_state(self, stage: str) -> list[Path]:
         """What `stage` keeps between its runs on this machine and DVC does not version: pretrain's
-        resumable checkpoints (a remote carries none, so a clone that pulled has nothing to re-run)."""
-        return [self.checkpoints] if stage == "pretrain" else []
+        resumable checkpoints, a data stage's finished chunks (a remote carries none, so a clone that
+        pulled has nothing to re-run)."""
+        return [self.checkpoints] if stage == "pretrain" else [self.work(stage)]
+
+    def work(self, stage: str) -> Path:
+        """Where a data stage keeps its finished chunks until its output is in place (tasks/workers.py):
+        `.ssl-pipeline/work/<domain>/<stage>`, this machine's run-time state."""
+        return self.workspace / "work" / self.domain / stage
 
     def inputs(self, stage: str) -> dict[Path, str]:
         """The artifacts `stage` reads (its dvc.yaml deps made by other stages) -> the stage making each."""

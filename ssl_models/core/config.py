@@ -180,7 +180,26 @@ class SplitConfig:
 
 
 @dataclass
-class IngestLimits:
+class ParallelWork:
+    """How a data stage (ingest, preprocess) spreads its per-file work (tasks/workers.py): never
+    what it makes, so its output is byte-identical for any of these settings, and they are left
+    out of its lineage record."""
+
+    workers: int | Literal["auto"] = "auto"  # local processes; auto: this machine's cores; 1: in the stage's process
+    # a Dask scheduler address (tcp://host:8786) to run the work on that cluster instead; null: the
+    # environment's DASK_SCHEDULER_ADDRESS when set, else the local `workers`
+    scheduler: str | None = None
+    chunk_size: int = 64  # sources a task carries, and committed together (a killed run resumes at a chunk)
+
+    def validate(self, where: str) -> None:
+        require(self.workers == "auto" or self.workers >= 1, f"{where}.workers", "must be auto or at least 1")
+        require(self.chunk_size >= 1, f"{where}.chunk_size", "must be at least 1")
+        require(self.scheduler is None or "://" in self.scheduler or ":" in self.scheduler, f"{where}.scheduler",
+                "must be a Dask scheduler address such as tcp://10.0.0.5:8786")
+
+
+@dataclass
+class IngestLimits(ParallelWork):
     """Settings every domain's `ingest:` block shares (its own dataclass inherits them)."""
 
     # a larger share of the corpus' files quarantined stops the run at ingest: the corpus or the
@@ -191,6 +210,7 @@ class IngestLimits:
     follow_symlinks: bool = False
 
     def validate(self, where: str) -> None:
+        super().validate(where)
         require(0 <= self.max_quarantined_fraction <= 1, f"{where}.max_quarantined_fraction",
                 "must be a fraction in [0, 1]")
 
@@ -567,3 +587,15 @@ def parse_block(domain: str, block: Any, root: Path, source: str = "params.yaml"
 def section_params(section: Any) -> Any:
     """A typed section back as plain values, for lineage records."""
     return dataclasses.asdict(section) if dataclasses.is_dataclass(section) else section
+
+
+def made_by(section: Any) -> Any:
+    """`section_params` without the settings that say how the work runs (`ParallelWork`'s), not
+    what it makes: the lineage record, and so the artifact, is the same for any of them."""
+    values = section_params(section)
+    if isinstance(section, ParallelWork):
+        values = {key: value for key, value in values.items() if key not in _EXECUTION_FIELDS}
+    return values
+
+
+_EXECUTION_FIELDS = frozenset(field.name for field in dataclasses.fields(ParallelWork))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import os
 from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
@@ -18,8 +19,8 @@ from typing import Any
 
 from tqdm import tqdm
 
-from ssl_models.core.config import DomainConfig, section_params
-from ssl_models.core.domain import Domain, Record, Rejected, Source
+from ssl_models.core.config import DomainConfig, made_by, section_params
+from ssl_models.core.domain import Domain, Record, Rejected, Source, get_domain
 from ssl_models.core.errors import PipelineError, UnreadableFileError
 from ssl_models.core.hashing import sha256_file
 from ssl_models.core.privacy import without_names
@@ -27,7 +28,8 @@ from ssl_models.core.splits import assign_split
 from tasks.io import atomic_dir, private_outputs, write_json, write_jsonl
 from tasks.lineage import LineageRecorder
 from tasks.paths import DomainPaths
-from tasks.sources import Namer, discover, public_namer
+from tasks.sources import Discovery, Namer, discover, public_namer
+from tasks.workers import chunked, chunked_work, digest
 
 log = logging.getLogger("ingest")
 
@@ -115,6 +117,55 @@ def read_source(domain: Domain, source: Source, cfg: DomainConfig) -> tuple[list
     return records, rejected
 
 
+def _chunks(found: Discovery, corpus: Path, size: int) -> tuple[list[list[tuple[str, Any]]], list[str]]:
+    """The work of ingest in chunks of `size` sources (each with its files), then the files no
+    source reads (hashed only); and each chunk's identity: its files' paths, sizes and times."""
+    items: list[tuple[str, Any]] = [("source", source) for source in found.sources.values()]
+    in_sources = {path for source in found.sources.values() for path in source.paths}
+    items += [("file", path) for _, path in found.files if path not in in_sources]
+    chunks = chunked(items, size)
+    identities = []
+    for chunk in chunks:
+        files = [path for kind, item in chunk for path in (item.paths if kind == "source" else [item])]
+        identities.append(digest([(path.relative_to(corpus).as_posix(), *_stamp(path)) for path in files]))
+    return chunks, identities
+
+
+def _stamp(path: Path) -> tuple[int, int]:
+    try:
+        status = os.stat(path)
+    except OSError:
+        return (-1, -1)
+    return (status.st_size, status.st_mtime_ns)
+
+
+def ingest_chunk(job: tuple[DomainConfig, list[tuple[str, Any]]]) -> list[dict[str, Any]]:
+    """One chunk of ingest, in any process: each source read by the domain's reader and its files
+    hashed, each file no source reads hashed. Plain JSON-ready values (see tasks/workers.py)."""
+    cfg, chunk = job
+    domain = get_domain(cfg.module)
+    corpus = cfg.resolve(cfg.corpus)
+    done = []
+    for kind, item in chunk:
+        files = item.paths if kind == "source" else [item]
+        entry: dict[str, Any] = {"files": [path.relative_to(corpus).as_posix() for path in files],
+                                 "hashes": [_hash_or_none(path) for path in files], "source": None}
+        if kind == "source":
+            records, rejected = read_source(domain, item, cfg)
+            entry.update(source=item.key, rejected=rejected,
+                         records=[{"key": r.key, "sha256": r.sha256, "n_bytes": r.n_bytes, "meta": r.meta,
+                                   "group": r.group} for r in records])
+        done.append(entry)
+    return done
+
+
+def _hash_or_none(path: Path) -> str | None:
+    try:
+        return sha256_file(path)
+    except OSError:  # gone or unreadable since the walk: the reader quarantines it
+        return None
+
+
 def ingest(cfg: DomainConfig, domain: Domain, paths: DomainPaths) -> dict[str, Any]:
     """Run the ingest stage for one domain; returns its summary."""
     domain_name = cfg.name
@@ -140,7 +191,7 @@ def _ingest(cfg: DomainConfig, domain: Domain, paths: DomainPaths, corpus: Path)
     recorder = LineageRecorder(f"ingest@{domain_name}", paths.manifest, root=paths.root,
                                params={"module": cfg.module, "corpus": str(cfg.corpus),
                                        "labels": str(cfg.labels) if cfg.labels else None,
-                                       "split": asdict(cfg.split), "ingest": section_params(cfg.ingest),
+                                       "split": asdict(cfg.split), "ingest": made_by(cfg.ingest),
                                        "privacy": {**asdict(cfg.privacy),
                                                    "pseudonymised": domain.pseudonymises(cfg)}})
     found = discover(domain, cfg, public)
@@ -156,22 +207,35 @@ def _ingest(cfg: DomainConfig, domain: Domain, paths: DomainPaths, corpus: Path)
     duplicates: list[dict[str, str]] = []
     canonical: dict[str, str] = {}  # content hash -> first key with it
     alias: dict[str, str] = {}  # duplicate key -> kept key
-    raw_inputs = {key: sha256_file(path) for key, path in found.files}
     reader_groups: dict[str, str] = {}  # key -> the group a reader found (a patient), private
-    for source_key, source in tqdm(found.sources.items(), desc=f"ingest {domain_name}", unit="source", disable=None):
-        records, rejected = read_source(domain, source, cfg)
-        quarantine.extend({"key": public("key", item["key"]), "reason": item["reason"]} for item in rejected)
-        for record in records:
-            key = public("key", record.key)
-            if record.sha256 in canonical:
-                alias[key] = canonical[record.sha256]
-                duplicates.append({"key": key, "duplicate_of": canonical[record.sha256]})
+    work = chunked_work(cfg, paths, "ingest", {"module": cfg.module, "corpus": str(corpus),
+                                               "ingest": section_params(cfg.ingest)})
+    items, identities = _chunks(found, corpus, cfg.ingest.chunk_size)
+    log.info("ingest %s: %d sources in %d chunks on %s", domain_name, len(found.sources), len(items), work.engine)
+    file_hashes: dict[str, str] = {}  # corpus-relative path -> sha256, private
+    progress = tqdm(total=len(found.sources), desc=f"ingest {domain_name}", unit="source", disable=None)
+    for result in work.results(ingest_chunk, [(cfg, chunk) for chunk in items], identities):
+        for done in result:
+            file_hashes.update(zip(done["files"], done["hashes"]))
+            if done["source"] is None:
                 continue
-            canonical[record.sha256] = key
-            if record.group:
-                reader_groups[key] = record.group
-            rows.append({"key": key, "source": source_key, "sha256": record.sha256,
-                         "bytes": record.n_bytes, **record.meta})
+            progress.update()
+            source_key = public("key", done["source"])
+            quarantine.extend({"key": public("key", item["key"]), "reason": item["reason"]}
+                              for item in done["rejected"])
+            for record in done["records"]:
+                key = public("key", record["key"])
+                if record["sha256"] in canonical:
+                    alias[key] = canonical[record["sha256"]]
+                    duplicates.append({"key": key, "duplicate_of": canonical[record["sha256"]]})
+                    continue
+                canonical[record["sha256"]] = key
+                if record["group"]:
+                    reader_groups[key] = record["group"]
+                rows.append({"key": key, "source": source_key, "sha256": record["sha256"],
+                             "bytes": record["n_bytes"], **record["meta"]})
+    progress.close()
+    raw_inputs = {key: file_hashes[path.relative_to(corpus).as_posix()] for key, path in found.files}
     summary, missing = _attach_labels_and_splits(rows, labels, reader_groups, alias, quarantine, cfg, public)
     summary.update(files=len(found.files) + found.hidden, sources=len(found.sources),
                    symlinks_followed_out_of_corpus=found.links_followed,
@@ -191,6 +255,7 @@ def _ingest(cfg: DomainConfig, domain: Domain, paths: DomainPaths, corpus: Path)
         write_json(out / "summary.json", summary)
         recorder.raw_inputs = raw_inputs
         recorder.write(out)
+    work.finish()
     if problem:
         raise PipelineError(problem)
     log.info("ingest %s: %d records, %d quarantined, %d duplicates dropped, %d labeled",

@@ -1,0 +1,185 @@
+"""A stage's per-file work spread over local processes or a Dask cluster, in chunks a kill does not lose.
+
+`ChunkedWork.results(function, chunks)` calls `function(chunk)` for every chunk and yields the
+results in the chunks' order, whatever the engine and however many workers ran them, so what the
+stage writes from them is byte-identical for 1 worker, N workers and a Dask cluster:
+
+- one worker and no scheduler: in this process, no pool;
+- `workers` > 1: a `concurrent.futures.ProcessPoolExecutor` of that many processes (forkserver:
+  nothing of this process' threads or locks is inherited);
+- a Dask scheduler address (the section's `scheduler`, else Dask's own `DASK_SCHEDULER_ADDRESS`):
+  `distributed.Client(address).submit` for every chunk. The workers import this package, so they
+  run in an environment with the project installed and see the corpus at the same path (a shared
+  file system); README "Corpora of a million files" shows a SLURM cluster (dask-jobqueue) and a
+  two-machine setup.
+
+Each chunk's result is written, as JSON, into the stage's work folder the moment it is in
+(`<index>-<digest>.json`, atomically), the digest covering the chunk's identity (what the caller
+says names its inputs: paths, sizes, modification times) and the settings that shape the result.
+A run killed part-way starts again at the first chunk without a result; a chunk whose inputs or
+settings changed has another digest and is done again. Every result, fresh or read back, goes
+through the same JSON text, so a resumed run writes the same bytes as an uninterrupted one. The
+folder is the stage's working state (under `.ssl-pipeline/work/`, never a DVC output), removed
+once the stage's output is in place (`finish`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any
+
+from ssl_models.core.errors import PipelineError
+from tasks.io import write_text
+
+log = logging.getLogger("workers")
+
+SCHEDULER_ENV = "DASK_SCHEDULER_ADDRESS"  # Dask's own variable (dask config `scheduler-address`)
+# the execution settings of an `ingest:` / `preprocess:` section: how the work runs, never what it
+# makes (left out of lineage records and of the chunks' digests)
+EXECUTION_SETTINGS = ("workers", "scheduler", "chunk_size")
+
+
+def resolve_workers(setting: int | str | None) -> int:
+    """`auto` (or null): the cores this process may run on; else the number given (at least 1)."""
+    if setting in (None, "auto"):
+        try:
+            return max(1, len(os.sched_getaffinity(0)))
+        except AttributeError:  # not Linux
+            return max(1, os.cpu_count() or 1)
+    return max(1, int(setting))
+
+
+def scheduler_address(setting: str | None) -> str | None:
+    """The Dask scheduler to run on: the section's `scheduler`, else $DASK_SCHEDULER_ADDRESS, else none."""
+    return setting or os.environ.get(SCHEDULER_ENV) or None
+
+
+def digest(*parts: Any) -> str:
+    """A short stable digest of JSON-ready `parts` (a chunk's identity, the settings)."""
+    text = json.dumps(parts, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+class ChunkedWork:
+    """Run one stage's chunks (see the module docstring) with the results kept in `folder`."""
+
+    def __init__(self, folder: Path, settings: Any, *, workers: int | str | None = 1,
+                 scheduler: str | None = None, window: int = 2) -> None:
+        self.folder, self.settings = folder, digest(settings)
+        self.workers, self.scheduler = resolve_workers(workers), scheduler_address(scheduler)
+        self.window = window  # chunks in flight per worker
+        self.resumed = 0  # chunks read back from an earlier run
+
+    @property
+    def engine(self) -> str:
+        if self.scheduler:
+            return f"Dask scheduler {self.scheduler}"
+        return f"{self.workers} local process(es)" if self.workers > 1 else "this process"
+
+    def _path(self, index: int, identity: str) -> Path:
+        return self.folder / f"{index:07d}-{digest(self.settings, identity)}.json"
+
+    def _keep_only(self, expected: set[str]) -> None:
+        """Remove the chunk files of other runs' corpora or settings (and temporaries of a killed write)."""
+        if not self.folder.is_dir():
+            return
+        with os.scandir(self.folder) as entries:
+            for entry in entries:
+                if entry.name not in expected:
+                    Path(entry.path).unlink(missing_ok=True)
+
+    def results(self, function: Callable[[Any], Any], chunks: Sequence[Any],
+                identities: Sequence[str]) -> Iterator[Any]:
+        """`function(chunk)` of every chunk, in order (read back where a run before finished it)."""
+        paths = [self._path(index, identity) for index, identity in enumerate(identities)]
+        self._keep_only({path.name for path in paths})
+        self.folder.mkdir(parents=True, exist_ok=True)
+        done = [path.exists() for path in paths]
+        self.resumed = sum(done)
+        if self.resumed:
+            log.info("resuming: %d of %d chunks were finished by a run before", self.resumed, len(paths))
+        todo = [index for index, finished in enumerate(done) if not finished]
+        if not todo:
+            yield from (self._read(path) for path in paths)
+            return
+        with self._submitter(len(todo)) as submit:
+            in_flight: dict[int, Future] = {}
+            queue = iter(todo)
+            limit = max(1, self.window * (self.workers if not self.scheduler else max(self.workers, 2)))
+            for index, path in enumerate(paths):
+                while len(in_flight) < limit and (nxt := next(queue, None)) is not None:
+                    in_flight[nxt] = submit(function, chunks[nxt])
+                if index in in_flight:
+                    text = json.dumps(in_flight.pop(index).result(), sort_keys=True, default=str)
+                    write_text(path, text + "\n")
+                    yield json.loads(text)
+                else:
+                    yield self._read(path)
+
+    @staticmethod
+    def _read(path: Path) -> Any:
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as error:
+            raise PipelineError(f"{path}: a chunk result that does not read back ({type(error).__name__}); "
+                                f"remove {path.parent} and run the stage again") from None
+
+    def _submitter(self, chunks: int):
+        import contextlib
+
+        @contextlib.contextmanager
+        def in_process():
+            class Done(Future):
+                def __init__(self, value: Any) -> None:
+                    super().__init__()
+                    self.set_result(value)
+
+            yield lambda function, chunk: Done(function(chunk))
+
+        @contextlib.contextmanager
+        def local_pool():
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            with ProcessPoolExecutor(max_workers=min(self.workers, chunks),
+                                     mp_context=multiprocessing.get_context("forkserver")) as pool:
+                yield pool.submit
+
+        @contextlib.contextmanager
+        def dask():
+            try:
+                from distributed import Client
+            except ImportError:  # pragma: no cover - a dependency of the project
+                raise PipelineError("a Dask scheduler is named but `distributed` is not installed") from None
+            try:
+                client = Client(self.scheduler, timeout="30s", set_as_default=False)
+            except (OSError, TimeoutError) as error:
+                raise PipelineError(f"cannot reach the Dask scheduler {self.scheduler} ({error}); start it, or "
+                                    f"unset the section's `scheduler` and ${SCHEDULER_ENV} to run locally") from None
+            with client:
+                yield lambda function, chunk: client.submit(function, chunk, pure=False)
+
+        if self.scheduler:
+            return dask()
+        return local_pool() if self.workers > 1 and chunks > 1 else in_process()
+
+    def finish(self) -> None:
+        """The stage's output is in place: its chunk results are no longer needed."""
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def chunked_work(cfg: Any, paths: Any, stage: str, settings: Any) -> ChunkedWork:
+    """The ChunkedWork of a data stage (`ingest`, `preprocess`) of one domain, run as its section says."""
+    section = getattr(cfg, stage)
+    return ChunkedWork(paths.work(stage), settings, workers=section.workers, scheduler=section.scheduler)
+
+
+def chunked(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
+    return [items[start:start + size] for start in range(0, len(items), max(1, size))]
