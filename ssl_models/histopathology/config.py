@@ -192,6 +192,7 @@ METHODS.register_lazy("byol", "ssl_models.histopathology.methods:BYOL", options=
 METHODS.register_lazy("mae", "ssl_models.histopathology.methods:MAE", options=MAEOptions)
 METHODS.register_lazy("barlow_twins", "ssl_models.histopathology.barlow_twins:BarlowTwins",
                       options="ssl_models.histopathology.barlow_twins:BarlowTwinsOptions")
+METHODS.register_lazy("dino", "ssl_models.histopathology.dino:DINO", options="ssl_models.histopathology.dino:DINOOptions")
 
 BACKBONES: Registry[Callable[..., Encoder]] = Registry("histopathology backbone")
 BACKBONES.register_lazy("resnet", "ssl_models.histopathology.backbones:build_resnet")

@@ -137,6 +137,7 @@ METHODS.register_lazy("vit_inpainting_contrastive", "ssl_models.medical3d.method
 METHODS.register_lazy("simclr", "ssl_models.medical3d.methods:SimCLR3D", options=SimCLROptions)
 METHODS.register_lazy("barlow_twins", "ssl_models.medical3d.barlow_twins:BarlowTwins3D",
                       options="ssl_models.medical3d.barlow_twins:BarlowTwinsOptions")
+METHODS.register_lazy("dino", "ssl_models.medical3d.dino:DINO3D", options="ssl_models.medical3d.dino:DINOOptions")
 VIT_METHODS = ("vit_inpainting_contrastive", "mae")  # they read the ViT's patch tokens
 
 BACKBONES: Registry = Registry("3D backbone")

@@ -35,6 +35,9 @@ METHODS = {
     "byol": ("byol", {"momentum": 0.5, **NO_BN}),
     "mae": ("mae", {}),
     "barlow_twins": ("barlow_twins", NO_BN),
+    # a fast teacher (momentum 0.5 and up) and centre, and iBOT's masked patches: all weigh within 3 steps
+    "dino": ("dino", {"momentum": 0.5, "momentum_steps": 3, "center_momentum": 0.5, "warmup_teacher_temp_steps": 2,
+                      "ibot_weight": 0.5, "output_dim": 64, "crops": {"local_crops": 2}}),
 }
 # Weights the loss does not depend on at all have a gradient of pure float rounding noise, which
 # Adam scales to steps of the learning rate's size, different in any two runs that sum in another

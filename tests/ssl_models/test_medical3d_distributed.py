@@ -28,7 +28,10 @@ SHORT = {"steps": 3, "batch_size": 4, "checkpoint_every": 3, "warmup_steps": 0, 
          "num_workers": 0}
 NO_BN = {"head_batch_norm": False}
 METHODS = {"mae": {}, "vit_inpainting_contrastive": NO_BN, "simclr": NO_BN,
-           "barlow_twins": NO_BN}  # all on the tiny ViT
+           "barlow_twins": NO_BN,  # all on the tiny ViT
+           # a fast teacher (momentum 0.5 and up) and centre, and iBOT's masked patches: all weigh within 3 steps
+           "dino": {"momentum": 0.5, "momentum_steps": 3, "center_momentum": 0.5, "warmup_teacher_temp_steps": 2,
+                    "ibot_weight": 0.5, "output_dim": 64, "crops": {"local_crops": 2}}}
 # Barlow Twins standardises each projected dimension over the batch: over 4 volumes its gradient
 # divides by spreads of 4 values, which lifts float32 rounding to ~4e-5 in the weights; over 8, below 1e-5
 BATCH = {"barlow_twins": {"batch_size": 8, "rankme_samples": 8}}
