@@ -68,13 +68,15 @@ METHODS.register_lazy("tera", "ssl_models.audio.methods:TERA", options=TERAOptio
 METHODS.register_lazy("masked_spectrogram", "ssl_models.audio.methods:MaskedSpectrogramModeling",
                       options=MaskedSpectrogramOptions)
 METHODS.register_lazy("wav2vec2", "ssl_models.audio.methods:Wav2Vec2Contrastive", options=Wav2Vec2Options)
+METHODS.register_lazy("hubert", "ssl_models.audio.hubert:HuBERT", options="ssl_models.audio.hubert:HuBERTOptions")
 
 BACKBONES: Registry = Registry("audio backbone")
 BACKBONES.register_lazy("spectrogram_transformer", "ssl_models.audio.backbones:build_spectrogram_transformer")
 BACKBONES.register_lazy("wav2vec2", "ssl_models.audio.backbones:build_wav2vec2")
 
 # What each method and each backbone reads from the shards: log-mel frames or the raw waveform.
-METHOD_INPUTS: dict[str, InputKind] = {"tera": "log_mel", "masked_spectrogram": "log_mel", "wav2vec2": "waveform"}
+METHOD_INPUTS: dict[str, InputKind] = {"tera": "log_mel", "masked_spectrogram": "log_mel", "wav2vec2": "waveform",
+                                       "hubert": "log_mel"}
 BACKBONE_INPUTS: dict[str, InputKind] = {"spectrogram_transformer": "log_mel", "wav2vec2": "waveform"}
 # wav2vec2's feature encoder, transformers' default (kernel, stride) per convolution: 320x fewer frames
 WAV2VEC2_CONV_LAYERS = ((10, 5), (3, 2), (3, 2), (3, 2), (3, 2), (2, 2), (2, 2))
@@ -118,7 +120,7 @@ class AudioIngestConfig(IngestLimits):
 class AudioPreprocessConfig:
     """`preprocess:` block: the model input stored in the shards."""
 
-    input: InputKind = "log_mel"  # log_mel (tera, masked_spectrogram) | waveform (wav2vec2)
+    input: InputKind = "log_mel"  # log_mel (tera, masked_spectrogram, hubert) | waveform (wav2vec2)
     n_mels: int = 64
     n_fft: int = 400  # samples per STFT window (25 ms at 16 kHz)
     hop_length: int = 160  # samples between frames (10 ms at 16 kHz)

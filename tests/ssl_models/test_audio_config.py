@@ -120,7 +120,7 @@ def test_the_example_blocks_load_typed(tmp_path: Path) -> None:
 
 def test_model_backbone_choices_are_the_registered_backbones() -> None:
     assert sorted(typing.get_args(typing.get_type_hints(AudioModelConfig)["backbone"])) == BACKBONES.names()
-    assert METHODS.names() == ["masked_spectrogram", "tera", "wav2vec2"]
+    assert METHODS.names() == ["hubert", "masked_spectrogram", "tera", "wav2vec2"]
 
 
 def test_the_cli_prints_one_line_and_exits_2_within_two_seconds(tmp_path: Path) -> None:
