@@ -3,11 +3,15 @@
 
 The spectrogram backbone and the small wav2vec2 have no BatchNorm and no dropout (model.dropout
 0), and every random draw (TERA's alterations, SSAST's token masks, wav2vec2's span masks,
-distractors and Gumbel noise) comes from the clip's own seed, so only float rounding differs:
-the gradients are summed in another order (DDP's all-reduce of two half-batch means)."""
+distractors and Gumbel noise, HuBERT's span masks) comes from the clip's own seed, so only float
+rounding differs: the gradients are summed in another order (DDP's all-reduce of two half-batch
+means). HuBERT's k-means codebook, fit at the first step on the batch gathered from every process
+in rank order, is the same bits on one process or two; a run resumed from a checkpoint takes it
+from there."""
 
 from __future__ import annotations
 
+import logging
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +19,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from safetensors.torch import load_file
+
+from tasks.cli import run_stage
+from tasks.io import read_json
 from tests.conftest import assert_close_weights, pretrained_state, run_stages, write_params
 from tests.ssl_models.test_audio_pipeline import audio_params
 
@@ -27,7 +35,7 @@ pytestmark = pytest.mark.slow
 # error (a missing gather gradient, a wrong mean) flips the step of many elements, by up to 2 lr.
 WEIGHT_ATOL, LOSS_RTOL = 1e-4, 1e-5
 SETTINGS = {"steps": 3, "batch_size": 8, "checkpoint_every": 3, "warmup_steps": 0, "num_workers": 0}
-INPUTS = {"tera": "log_mel", "masked_spectrogram": "log_mel", "wav2vec2": "waveform"}
+INPUTS = {"tera": "log_mel", "masked_spectrogram": "log_mel", "wav2vec2": "waveform", "hubert": "log_mel"}
 BACKBONES = {"log_mel": "spectrogram_transformer", "waveform": "wav2vec2"}
 
 
@@ -75,3 +83,26 @@ def test_loader_workers_change_nothing(projects: dict[str, Path]) -> None:
     assert inline.keys() == workers.keys()
     for name in inline:
         assert torch.equal(inline[name], workers[name]), name
+
+
+def test_hubert_resumed_from_a_checkpoint_ends_where_the_uninterrupted_run_ends(
+        projects: dict[str, Path], caplog: pytest.LogCaptureFixture) -> None:
+    root = projects["log_mel"]
+    write_params(root, params("hubert"))
+    uninterrupted, log = pretrained_state(root, "audio", nproc=1, **{**SETTINGS, "steps": 4, "checkpoint_every": 2,
+                                                                       "keep_checkpoints": 4})
+    # as if killed after the checkpoint of step 2: the later checkpoint and the outputs are gone
+    models = root / "models/audio"
+    for path in (models / "checkpoints").glob("step_00000004.pt*"):
+        path.unlink()
+    shutil.rmtree(models / "pretrain")
+    caplog.set_level(logging.INFO, logger="pretrain")
+    run_stage("pretrain", "audio", root)
+    assert "resuming audio pretraining from step 2" in caplog.text
+    assert "codebook" not in caplog.text  # restored with the checkpoint, not fit again on step 3's batch
+    resumed = {f"{path.name}:{k}": v for path in sorted((models / "pretrain/encoder").glob("*.safetensors"))
+               for k, v in load_file(str(path)).items()}
+    assert resumed.keys() == uninterrupted.keys()
+    for name, tensor in uninterrupted.items():
+        assert torch.equal(tensor, resumed[name]), name
+    assert read_json(models / "pretrain/log.json")["loss"] == log["loss"]
