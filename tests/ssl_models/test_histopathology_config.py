@@ -74,8 +74,9 @@ def method(name: str, **options: object) -> dict:
     # across sections
     (method("mae"), f"{W}.pretrain.method: mae needs model.backbone: vit"),
     ({"model": {"backbone": "vit", "patch_size": 5}}, f"{W}.model.patch_size: 5 must divide the stored tile size 32"),
-    ({"pretrain": {"method": "dino"}},
-     f"{W}.pretrain.method: unknown histopathology SSL method 'dino'; valid names: barlow_twins, byol, mae, simclr, vicreg"),
+    ({"pretrain": {"method": "swav"}},
+     f"{W}.pretrain.method: unknown histopathology SSL method 'swav'; valid names: barlow_twins, byol, dino, mae, "
+     "simclr, vicreg"),
 ])
 def test_each_bad_setting_fails_naming_its_key(tmp_path: Path, overrides: dict, message: str) -> None:
     write_params(tmp_path, histo_params(**overrides))
@@ -101,7 +102,7 @@ def test_sections_and_method_options_arrive_typed(tmp_path: Path) -> None:
 def test_backbone_choices_are_the_registered_backbones() -> None:
     allowed = typing.get_args(typing.get_type_hints(HistoModelConfig)["backbone"])
     assert sorted(allowed) == BACKBONES.names() == ["resnet", "vit"]
-    assert METHODS.names() == ["barlow_twins", "byol", "mae", "simclr", "vicreg"]
+    assert METHODS.names() == ["barlow_twins", "byol", "dino", "mae", "simclr", "vicreg"]
 
 
 def test_a_bad_setting_fails_through_the_cli_in_one_line_within_two_seconds(tmp_path: Path) -> None:
@@ -120,3 +121,15 @@ def test_a_method_in_a_file_of_its_own_names_its_options_lazily_and_they_parse(t
     write_params(tmp_path, histo_params(**method("barlow_twins", lambda_param=-1)))
     with pytest.raises(PipelineError, match="lambda_param: must be zero or positive"):
         load_config("histo", tmp_path / "params.yaml")
+
+
+def test_dino_options_nest_the_crops_and_check_them_before_any_work(tmp_path: Path) -> None:
+    write_params(tmp_path, histo_params(**method("dino", ibot_weight=0.5, crops={"local_crops": 6})))
+    options = load_config("histo", tmp_path / "params.yaml")[0].pretrain.options
+    assert type(options).__name__ == "DINOOptions" and (options.ibot_weight, options.crops.local_crops) == (0.5, 6)
+    for bad, message in [({"crops": {"local_scale": [0.5, 0.1]}}, r"crops.local_scale: must be \[low, high\]"),
+                         ({"warmup_teacher_temp": 0.1, "teacher_temp": 0.05}, "must not exceed teacher_temp"),
+                         ({"augment": {"batch_styles_standardization": True}}, "no batch-level style swap")]:
+        write_params(tmp_path, histo_params(**method("dino", **bad)))
+        with pytest.raises(PipelineError, match=message):
+            load_config("histo", tmp_path / "params.yaml")

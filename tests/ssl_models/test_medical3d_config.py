@@ -109,7 +109,7 @@ def test_sections_and_method_options_arrive_typed(tmp_path: Path, pretrain: dict
 def test_backbone_choices_are_the_registered_backbones() -> None:
     allowed = typing.get_args(typing.get_type_hints(VolumeModelConfig)["backbone"])
     assert sorted(allowed) == BACKBONES.names()
-    assert METHODS.names() == ["barlow_twins", "mae", "simclr", "vit_inpainting_contrastive"]
+    assert METHODS.names() == ["barlow_twins", "dino", "mae", "simclr", "vit_inpainting_contrastive"]
 
 
 def test_the_repository_params_parse() -> None:
