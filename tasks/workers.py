@@ -13,12 +13,13 @@ stage writes from them is byte-identical for 1 worker, N workers and a Dask clus
   file system); README "Corpora of a million files" shows a SLURM cluster (dask-jobqueue) and a
   two-machine setup.
 
-Each chunk's result is written, as JSON, into the stage's work folder the moment it is in
-(`<index>-<digest>.json`, atomically), the digest covering the chunk's identity (what the caller
+Each chunk's result is written into the stage's work folder the moment it is in
+(`<index>-<digest>.arrow`, atomically: an Arrow IPC file whose rows are the result's `bytes`
+values, e.g. tiles, and whose schema metadata holds the rest as JSON; never a pickle), the digest covering the chunk's identity (what the caller
 says names its inputs: paths, sizes, modification times) and the settings that shape the result.
 A run killed part-way starts again at the first chunk without a result; a chunk whose inputs or
 settings changed has another digest and is done again. Every result, fresh or read back, goes
-through the same JSON text, so a resumed run writes the same bytes as an uninterrupted one. The
+through the same encoding, so a resumed run writes the same bytes as an uninterrupted one. The
 folder is the stage's working state (under `.ssl-pipeline/work/`, never a DVC output), removed
 once the stage's output is in place (`finish`).
 """
@@ -36,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from ssl_models.core.errors import PipelineError
-from tasks.io import write_text
+from tasks.io import atomic_file
 
 log = logging.getLogger("workers")
 
@@ -84,7 +85,7 @@ class ChunkedWork:
         return f"{self.workers} local process(es)" if self.workers > 1 else "this process"
 
     def _path(self, index: int, identity: str) -> Path:
-        return self.folder / f"{index:07d}-{digest(self.settings, identity)}.json"
+        return self.folder / f"{index:07d}-{digest(self.settings, identity)}.arrow"
 
     def _keep_only(self, expected: set[str]) -> None:
         """Remove the chunk files of other runs' corpora or settings (and temporaries of a killed write)."""
@@ -117,17 +118,17 @@ class ChunkedWork:
                 while len(in_flight) < limit and (nxt := next(queue, None)) is not None:
                     in_flight[nxt] = submit(function, chunks[nxt])
                 if index in in_flight:
-                    text = json.dumps(in_flight.pop(index).result(), sort_keys=True, default=str)
-                    write_text(path, text + "\n")
-                    yield json.loads(text)
+                    encoded = encode(in_flight.pop(index).result())
+                    write_bytes(path, encoded)
+                    yield decode(encoded)
                 else:
                     yield self._read(path)
 
     @staticmethod
     def _read(path: Path) -> Any:
         try:
-            return json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as error:
+            return decode(path.read_bytes())
+        except (OSError, ValueError, KeyError) as error:
             raise PipelineError(f"{path}: a chunk result that does not read back ({type(error).__name__}); "
                                 f"remove {path.parent} and run the stage again") from None
 
@@ -175,10 +176,62 @@ class ChunkedWork:
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
+_BLOB = "__blob__"
+
+
+def encode(value: Any) -> bytes:
+    """`value` (JSON-ready, `bytes` anywhere in it) as an Arrow IPC stream: the bytes as the rows of
+    one binary column, the rest as JSON (sorted keys) in the schema's metadata."""
+    import pyarrow as pa
+
+    blobs: list[bytes] = []
+
+    def lift(item: Any) -> Any:
+        if isinstance(item, (bytes, bytearray, memoryview)):
+            blobs.append(bytes(item))
+            return {_BLOB: len(blobs) - 1}
+        if isinstance(item, dict):
+            return {str(key): lift(inner) for key, inner in item.items()}
+        if isinstance(item, (list, tuple)):
+            return [lift(inner) for inner in item]
+        return item
+
+    text = json.dumps(lift(value), sort_keys=True, default=str)
+    table = pa.table({"blob": pa.array(blobs, type=pa.large_binary())}).replace_schema_metadata({"json": text})
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return sink.getvalue().to_pybytes()
+
+
+def decode(data: bytes) -> Any:
+    import pyarrow as pa
+
+    table = pa.ipc.open_stream(pa.py_buffer(data)).read_all()
+    blobs = table.column("blob").to_pylist() if table.num_rows else []
+
+    def lower(item: Any) -> Any:
+        if isinstance(item, dict):
+            if set(item) == {_BLOB}:
+                return blobs[item[_BLOB]]
+            return {key: lower(inner) for key, inner in item.items()}
+        if isinstance(item, list):
+            return [lower(inner) for inner in item]
+        return item
+
+    return lower(json.loads(table.schema.metadata[b"json"]))
+
+
+def write_bytes(path: Path, data: bytes) -> None:
+    with atomic_file(path) as tmp:
+        tmp.write_bytes(data)
+
+
 def chunked_work(cfg: Any, paths: Any, stage: str, settings: Any) -> ChunkedWork:
     """The ChunkedWork of a data stage (`ingest`, `preprocess`) of one domain, run as its section says."""
     section = getattr(cfg, stage)
-    return ChunkedWork(paths.work(stage), settings, workers=section.workers, scheduler=section.scheduler)
+    return ChunkedWork(paths.work(stage), settings, workers=getattr(section, "workers", 1),
+                       scheduler=getattr(section, "scheduler", None))
 
 
 def chunked(items: Sequence[Any], size: int) -> list[Sequence[Any]]:

@@ -20,6 +20,7 @@ from ssl_models.core.domain import Source
 from ssl_models.core.errors import UnreadableFileError
 from ssl_models.core.privacy import without_names
 from ssl_models.core.shards import PRETRAIN_TRAIN, PRETRAIN_VAL, write_shards
+from ssl_models.core.workers import digest_of_inputs, file_stamp, run_chunks
 from ssl_models.histopathology.config import HistoPreprocessConfig
 from ssl_models.histopathology.readers import MAX_DECODED_PIXELS, open_slide
 from ssl_models.histopathology.tiling import evenly_spaced, tile_slide
@@ -27,46 +28,66 @@ from ssl_models.histopathology.tiling import evenly_spaced, tile_slide
 log = logging.getLogger("preprocess")
 
 
+def tile_chunk(job: tuple[HistoPreprocessConfig, int, list[tuple[dict[str, Any], list[Path]]]]) -> list[dict[str, Any]]:
+    """Tile each slide of one chunk, in any process (`ssl_models.core.workers`): its tiles (pixels as
+    bytes), grid counts and stain flag, or the reason it failed."""
+    options, max_pixels, chunk = job
+    done = []
+    for row, paths in chunk:
+        try:
+            with open_slide(paths[0], max_pixels) as slide:
+                result = tile_slide(slide, options)
+        except UnreadableFileError as error:  # changed since ingest, or a level that no longer decodes
+            done.append({"reason": f"tiling failed: {error.reason}"})
+            continue
+        except Exception as error:  # pixels that decoded at ingest but fail deeper in the pyramid
+            done.append({"reason": f"tiling failed: {type(error).__name__}: {without_names(str(error), paths)[:200]}"})
+            continue
+        done.append({"reason": None, "counts": dict(result.counts), "stain_normalised": bool(result.stain_normalised),
+                     "tiles": [{"x": int(t.x), "y": int(t.y), "level": int(t.level), "pixels": t.pixels.tobytes()}
+                               for t in result.tiles]})
+    return done
+
+
 def write_tile_shards(manifest: list[dict[str, Any]], locate: Callable[[dict[str, Any]], Source],
                       options: HistoPreprocessConfig, split_of_block: Callable[[str], str],
-                      out_dir: Path, max_pixels: int = MAX_DECODED_PIXELS) -> dict[str, Any]:
+                      out_dir: Path, max_pixels: int = MAX_DECODED_PIXELS, chunk_size: int = 1) -> dict[str, Any]:
     pretrain: dict[str, dict[str, list]] = {s: {"pixels": [], "source": [], "x": [], "y": []} for s in ("train", "val")}
     labeled: list[dict[str, Any]] = []
     counts: Counter = Counter()
     quarantine: list[dict[str, str]] = []  # slides that fail tiling, with the reason (the report lists them)
     normalised = 0
-    for row in tqdm(manifest, desc="tile slides", unit="slide", disable=None):
-        paths = locate(row).paths
-        try:
-            with open_slide(paths[0], max_pixels) as slide:
-                result = tile_slide(slide, options)
-        except UnreadableFileError as error:  # changed since ingest, or a level that no longer decodes
-            reason = f"tiling failed: {error.reason}"
-        except Exception as error:  # pixels that decoded at ingest but fail deeper in the pyramid
-            reason = f"tiling failed: {type(error).__name__}: {without_names(str(error), paths)[:200]}"
-        else:
-            reason = None
+    located = [(row, locate(row).paths) for row in manifest]
+    chunks = [located[start:start + chunk_size] for start in range(0, len(located), chunk_size)]
+    identities = [digest_of_inputs([(row["key"], row["sha256"], [file_stamp(p) for p in paths])
+                                    for row, paths in chunk]) for chunk in chunks]
+    results = (result for done in run_chunks(tile_chunk, [(options, max_pixels, chunk) for chunk in chunks],
+                                             identities) for result in done)
+    for row, result in tqdm(zip(manifest, results), total=len(manifest), desc="tile slides", unit="slide",
+                            disable=None):
+        reason = result["reason"]
         if reason is not None:
             quarantine.append({"key": row["key"], "reason": reason})
             log.warning("preprocess: a slide could not be tiled (%s); quarantined", reason)
             continue
-        counts.update(result.counts)
-        normalised += result.stain_normalised
+        counts.update(result["counts"])
+        normalised += result["stain_normalised"]
         group = str(row.get("group") or row["sha256"])
         tile_rows = []
-        for tile in result.tiles:
+        for tile in result["tiles"]:
             if options.spatial_block:
-                tile_group = f"{group}:block-{tile.x // options.spatial_block}-{tile.y // options.spatial_block}"
+                tile_group = f"{group}:block-{tile['x'] // options.spatial_block}-{tile['y'] // options.spatial_block}"
                 split = split_of_block(tile_group)
             else:
                 tile_group, split = group, row["split"]
-            blob = tile.pixels.tobytes()
+            blob = tile["pixels"]
             if split in pretrain:
-                for column, value in (("pixels", blob), ("source", row["key"]), ("x", tile.x), ("y", tile.y)):
+                for column, value in (("pixels", blob), ("source", row["key"]), ("x", tile["x"]), ("y", tile["y"])):
                     pretrain[split][column].append(value)
-            sample_id = hashlib.sha256(f"{row['sha256']}:{tile.level}:{tile.x}:{tile.y}".encode()).hexdigest()
+            sample_id = hashlib.sha256(f"{row['sha256']}:{tile['level']}:{tile['x']}:{tile['y']}".encode()).hexdigest()
             tile_rows.append({"sample_id": sample_id, "pixels": [blob], "label": str(row.get("label")),
-                              "split": split, "group": tile_group, "source": row["key"], "x": tile.x, "y": tile.y})
+                              "split": split, "group": tile_group, "source": row["key"], "x": tile["x"],
+                              "y": tile["y"]})
         if row.get("label") is None or not tile_rows:
             continue
         if options.labeled_unit == "tile":

@@ -15,11 +15,28 @@ from datasets import Features, Sequence, Value
 from tqdm import tqdm
 
 from ssl_models.core.config import DomainConfig
-from ssl_models.core.domain import Locate
+from ssl_models.core.domain import Locate, Source
 from ssl_models.core.errors import UnreadableFileError
 from ssl_models.core.shards import LABELED, PRETRAIN_PARTS, PRETRAIN_TRAIN, PRETRAIN_VAL, write_shards
+from ssl_models.core.workers import digest_of_inputs, file_stamp, run_chunks
 from ssl_models.medical3d.readers import read_volume
 from ssl_models.medical3d.transforms import preprocess_volume
+
+
+def cube_chunk(job: tuple[DomainConfig, list[tuple[dict[str, Any], Source]]]) -> list[dict[str, Any]]:
+    """Each volume of one chunk read and made a cube, in any process (`ssl_models.core.workers`): the
+    cube's bytes and shape, or the reason it no longer reads."""
+    cfg, chunk = job
+    done = []
+    for row, source in chunk:
+        try:
+            volume = read_volume(source, cfg.ingest)
+        except UnreadableFileError as error:
+            done.append({"reason": f"unreadable at preprocess: {error.reason}"})
+            continue
+        cube = preprocess_volume(volume.array, volume.spacing, row["modality"], cfg.preprocess, cfg.model.size)
+        done.append({"reason": None, "cube": cube.tobytes(), "shape": [int(n) for n in cube.shape]})
+    return done
 
 
 def write_volume_shards(cfg: DomainConfig, manifest: list[dict[str, Any]], out_dir: Path,
@@ -34,13 +51,18 @@ def write_volume_shards(cfg: DomainConfig, manifest: list[dict[str, Any]], out_d
     for extra in ("label", "split", "group"):
         columns[LABELED][extra] = []
     quarantine: list[dict[str, str]] = []
-    for row in tqdm(manifest, desc=f"preprocess {cfg.name}", unit="volume", disable=None):
-        try:  # read at ingest, but the file may have changed since: quarantined, not a traceback
-            volume = read_volume(locate(row), cfg.ingest)
-        except UnreadableFileError as error:
-            quarantine.append({"key": row["key"], "reason": f"unreadable at preprocess: {error.reason}"})
+    located = [(row, locate(row)) for row in manifest]
+    chunk_size = max(1, int(getattr(options, "chunk_size", 1)))
+    chunks = [located[start:start + chunk_size] for start in range(0, len(located), chunk_size)]
+    identities = [digest_of_inputs([(row["key"], row["sha256"], [file_stamp(p) for p in source.paths])
+                                    for row, source in chunk]) for chunk in chunks]
+    results = (result for done in run_chunks(cube_chunk, [(cfg, chunk) for chunk in chunks], identities)
+               for result in done)
+    for row, result in tqdm(zip(manifest, results), total=len(manifest), desc=f"preprocess {cfg.name}",
+                            unit="volume", disable=None):
+        if result["reason"] is not None:  # read at ingest, but the file may have changed since
+            quarantine.append({"key": row["key"], "reason": result["reason"]})
             continue
-        cube = preprocess_volume(volume.array, volume.spacing, row["modality"], options, size)
         targets = [PRETRAIN_PARTS[row["split"]]] if row["split"] in PRETRAIN_PARTS else []
         if row.get("label") is not None:
             targets.append(LABELED)
@@ -49,8 +71,8 @@ def write_volume_shards(cfg: DomainConfig, manifest: list[dict[str, Any]], out_d
             columns[LABELED]["group"].append(str(row.get("group") or row["sha256"]))
         for target in targets:
             columns[target]["sample_id"].append(row["sha256"])
-            columns[target]["image"].append(cube.tobytes())
-            columns[target]["shape"].append(list(cube.shape))
+            columns[target]["image"].append(result["cube"])
+            columns[target]["shape"].append(list(result["shape"]))
     rows = write_shards(out_dir, **columns, features=features)
     modalities = sorted({row["modality"] for row in manifest})
     return {"cube_size": size, "spacing_mm": options.spacing, "modalities": modalities, "quarantine": quarantine,

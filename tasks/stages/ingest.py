@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import csv
 import logging
-import os
 from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
@@ -25,6 +24,7 @@ from ssl_models.core.errors import PipelineError, UnreadableFileError
 from ssl_models.core.hashing import sha256_file
 from ssl_models.core.privacy import without_names
 from ssl_models.core.splits import assign_split
+from ssl_models.core.workers import file_stamp
 from tasks.io import atomic_dir, private_outputs, write_json, write_jsonl
 from tasks.lineage import LineageRecorder
 from tasks.paths import DomainPaths
@@ -127,16 +127,8 @@ def _chunks(found: Discovery, corpus: Path, size: int) -> tuple[list[list[tuple[
     identities = []
     for chunk in chunks:
         files = [path for kind, item in chunk for path in (item.paths if kind == "source" else [item])]
-        identities.append(digest([(path.relative_to(corpus).as_posix(), *_stamp(path)) for path in files]))
+        identities.append(digest([(path.relative_to(corpus).as_posix(), *file_stamp(path)) for path in files]))
     return chunks, identities
-
-
-def _stamp(path: Path) -> tuple[int, int]:
-    try:
-        status = os.stat(path)
-    except OSError:
-        return (-1, -1)
-    return (status.st_size, status.st_mtime_ns)
 
 
 def ingest_chunk(job: tuple[DomainConfig, list[tuple[str, Any]]]) -> list[dict[str, Any]]:

@@ -12,14 +12,16 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from ssl_models.core.config import DomainConfig, section_params
+from ssl_models.core.config import DomainConfig, made_by, section_params
 from ssl_models.core.domain import Domain, Source
 from ssl_models.core.errors import PipelineError
 from ssl_models.core.shards import LABELED
 from tasks.io import atomic_dir, read_json, read_jsonl, write_json, write_jsonl
 from tasks.lineage import LineageRecorder
 from tasks.paths import DomainPaths
+from ssl_models.core.workers import running_on
 from tasks.sources import discover, public_namer
+from tasks.workers import chunked_work
 
 log = logging.getLogger("preprocess")
 
@@ -29,7 +31,7 @@ def preprocess(cfg: DomainConfig, domain: Domain, paths: DomainPaths) -> dict[st
     manifest = _read_manifest(paths, domain_name)
     recorder = LineageRecorder(f"preprocess@{domain_name}", paths.shards, root=paths.root,
                                params={"corpus": str(cfg.corpus), "privacy": asdict(cfg.privacy),
-                                       "preprocess": section_params(cfg.preprocess),
+                                       "preprocess": made_by(cfg.preprocess),
                                        "model": section_params(cfg.model)},
                                upstream=[paths.manifest])
     pretrained_on = {row["sha256"] for row in manifest if row["split"] == "train"}
@@ -42,7 +44,10 @@ def preprocess(cfg: DomainConfig, domain: Domain, paths: DomainPaths) -> dict[st
                                 f"re-run ingest@{domain_name}")
         return sources[row["source"]]
 
-    with atomic_dir(paths.shards) as out:
+    work = chunked_work(cfg, paths, "preprocess", {"domain": cfg.name, "preprocess": made_by(cfg.preprocess),
+                                                   "ingest": made_by(cfg.ingest), "model": section_params(cfg.model)})
+    log.info("preprocess %s: per-source work on %s", domain_name, work.engine)
+    with atomic_dir(paths.shards) as out, running_on(work):
         summary = domain.preprocess(cfg, manifest, out, locate)
         # what failed here (a slide that does not tile, a file changed since ingest), with its reason;
         # the report lists it beside the manifest's quarantine.jsonl
@@ -56,6 +61,7 @@ def preprocess(cfg: DomainConfig, domain: Domain, paths: DomainPaths) -> dict[st
         write_jsonl(out / "quarantine.jsonl", quarantine)
         write_json(out / "summary.json", summary)
         recorder.write(out)
+    work.finish()
     log.info("preprocess %s: %s", domain_name, summary)
     if problem:
         raise PipelineError(problem)
