@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
-from ssl_models.core.config import IngestLimits, require
+from ssl_models.core.config import IngestLimits, ParallelWork, require
 from ssl_models.core.registry import Registry
 
 if TYPE_CHECKING:
@@ -35,7 +35,7 @@ class HistoIngestConfig(IngestLimits):
 
 
 @dataclass
-class HistoPreprocessConfig:
+class HistoPreprocessConfig(ParallelWork):
     """`preprocess:` block: tiling, tissue and pen-mark rejection, stain normalisation, splits."""
 
     level: int = 0  # pyramid level to tile (the slide's last level when it has fewer)
@@ -55,6 +55,7 @@ class HistoPreprocessConfig:
     max_tiles_per_slide_bag: int = 16  # tiles per slide row when labeled_unit: slide
 
     def validate(self, where: str) -> None:
+        super().validate(where)
         require(self.level >= 0, f"{where}.level", "must be >= 0")
         require(self.tile_size >= 8, f"{where}.tile_size", "must be at least 8 pixels")
         require(0 < self.scale <= 1, f"{where}.scale", "must be in (0, 1]")

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from ssl_models.core.config import IngestLimits, require
+from ssl_models.core.config import IngestLimits, ParallelWork, require
 from ssl_models.core.registry import Registry
 
 
@@ -31,7 +31,7 @@ class VolumeIngestConfig(IngestLimits):
 
 
 @dataclass
-class VolumePreprocessConfig:
+class VolumePreprocessConfig(ParallelWork):
     spacing: list[float] | None = field(default_factory=lambda: [1.0, 1.0, 1.0])  # mm; null keeps each volume's
     ct_window: list[float] = field(default_factory=lambda: [-1000.0, 1000.0])  # HU clipped and scaled to [0, 1]
     mr_normalisation: Literal["percentile", "zscore"] = "percentile"  # 1st-99th to [0, 1] | z-score of nonzero voxels
@@ -40,6 +40,7 @@ class VolumePreprocessConfig:
     foreground_threshold: float = 0.05  # after normalisation, voxels above this are foreground
 
     def validate(self, where: str) -> None:
+        super().validate(where)
         require(self.spacing is None or (len(self.spacing) == 3 and min(self.spacing) > 0), f"{where}.spacing",
                 "must be null or three positive millimetre values")
         require(len(self.ct_window) == 2 and self.ct_window[0] < self.ct_window[1], f"{where}.ct_window",
