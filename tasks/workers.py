@@ -72,11 +72,19 @@ class ChunkedWork:
     """Run one stage's chunks (see the module docstring) with the results kept in `folder`."""
 
     def __init__(self, folder: Path, settings: Any, *, workers: int | str | None = 1,
-                 scheduler: str | None = None, window: int = 2) -> None:
-        self.folder, self.settings = folder, digest(settings)
+                 scheduler: str | None = None, chunk_size: int | str | None = "auto", window: int = 2) -> None:
+        self.folder, self.settings, self.chunk_size = folder, digest(settings), chunk_size
         self.workers, self.scheduler = resolve_workers(workers), scheduler_address(scheduler)
         self.window = window  # chunks in flight per worker
         self.resumed = 0  # chunks read back from an earlier run
+
+    def chunk_length(self, items: int) -> int:
+        """Items a chunk carries: the section's `chunk_size`, or (auto) enough chunks for every worker
+        to take several (load balance, resume granularity), at most 64 items each."""
+        if self.chunk_size not in (None, "auto"):
+            return max(1, int(self.chunk_size))
+        slots = 4 * (max(self.workers, 8) if self.scheduler else self.workers)
+        return max(1, min(64, -(-items // slots)))
 
     @property
     def engine(self) -> str:
@@ -231,7 +239,7 @@ def chunked_work(cfg: Any, paths: Any, stage: str, settings: Any) -> ChunkedWork
     """The ChunkedWork of a data stage (`ingest`, `preprocess`) of one domain, run as its section says."""
     section = getattr(cfg, stage)
     return ChunkedWork(paths.work(stage), settings, workers=getattr(section, "workers", 1),
-                       scheduler=getattr(section, "scheduler", None))
+                       scheduler=getattr(section, "scheduler", None), chunk_size=getattr(section, "chunk_size", "auto"))
 
 
 def chunked(items: Sequence[Any], size: int) -> list[Sequence[Any]]:

@@ -135,7 +135,7 @@ def test_every_section_a_stage_reads_is_among_its_params(tmp_path: Path, monkeyp
 
     from ssl_models.core import config as config_module
 
-    write_params(tmp_path, tiny_params())
+    write_params(tmp_path, tiny_params(ingest={"workers": 1}))  # every read in this process, where it is recorded
     read: set[str] = set()
     fields = {f.name for f in dataclasses.fields(config_module.DomainConfig)}
 

@@ -189,11 +189,13 @@ class ParallelWork:
     # a Dask scheduler address (tcp://host:8786) to run the work on that cluster instead; null: the
     # environment's DASK_SCHEDULER_ADDRESS when set, else the local `workers`
     scheduler: str | None = None
-    chunk_size: int = 64  # sources a task carries, and committed together (a killed run resumes at a chunk)
+    # sources a task carries, committed together (a killed run resumes at a chunk); auto: about four
+    # chunks per worker, at most 64 sources each
+    chunk_size: int | Literal["auto"] = "auto"
 
     def validate(self, where: str) -> None:
         require(self.workers == "auto" or self.workers >= 1, f"{where}.workers", "must be auto or at least 1")
-        require(self.chunk_size >= 1, f"{where}.chunk_size", "must be at least 1")
+        require(self.chunk_size == "auto" or self.chunk_size >= 1, f"{where}.chunk_size", "must be auto or at least 1")
         require(self.scheduler is None or "://" in self.scheduler or ":" in self.scheduler, f"{where}.scheduler",
                 "must be a Dask scheduler address such as tcp://10.0.0.5:8786")
 

@@ -1,8 +1,9 @@
 """How a domain's per-source work reaches the stage's engine (local processes, a Dask cluster,
 chunks kept across a kill: tasks/workers.py) without the domain knowing which.
 
-A domain's preprocess calls `run_chunks(function, chunks, identities)`: `function(chunk)` (a
-module-level function, so any process can run it) for every chunk, results in the chunks' order.
+A domain's preprocess calls `run_items(function, shared, items, identities)`: `function((shared,
+chunk))` (a module-level function, so any process can run it) for every chunk of the items, one
+result per item in the items' order.
 The stage sets the engine for the block it runs the domain in (`running_on`); outside a stage
 (a test, a notebook) the chunks run here, one after the other.
 """
@@ -16,6 +17,8 @@ from typing import Any, Protocol
 
 
 class Engine(Protocol):
+    def chunk_length(self, items: int) -> int: ...
+
     def results(self, function: Callable[[Any], Any], chunks: Sequence[Any],
                 identities: Sequence[str]) -> Iterator[Any]: ...
 
@@ -32,13 +35,20 @@ def running_on(engine: Engine) -> Iterator[None]:
         _ENGINE.reset(token)
 
 
-def run_chunks(function: Callable[[Any], Any], chunks: Sequence[Any], identities: Sequence[str]) -> Iterator[Any]:
-    """`function(chunk)` of every chunk in order, on the stage's engine (here when none is set).
-    `identities[i]` names chunk i's inputs (paths, sizes, times: see `tasks.workers`)."""
+def run_items(function: Callable[[Any], list[Any]], shared: Any, items: Sequence[Any],
+              identities: Sequence[Any]) -> Iterator[Any]:
+    """One result per item of `items`, in order: `function((shared, chunk))` returns the results of
+    a chunk of items, run on the stage's engine in chunks of its size (all at once here when no
+    engine is set). `identities[i]` names item i's inputs (key, content hash, `file_stamp`s): a
+    chunk whose inputs changed is never taken from an earlier run."""
     engine = _ENGINE.get()
-    if engine is None:
-        return (function(chunk) for chunk in chunks)
-    return engine.results(function, chunks, identities)
+    size = engine.chunk_length(len(items)) if engine is not None else max(1, len(items))
+    starts = range(0, len(items), size)
+    jobs = [(shared, items[start:start + size]) for start in starts]
+    names = [digest_of_inputs(list(identities[start:start + size])) for start in starts]
+    results = engine.results(function, jobs, names) if engine is not None else map(function, jobs)
+    for done in results:
+        yield from done
 
 
 def file_stamp(path: Any) -> tuple[int, int]:

@@ -56,7 +56,7 @@ class Histopathology(Domain, module="histopathology"):
         split = cfg.split
         return write_tile_shards(manifest, locate, cfg.preprocess,
                                  lambda block: assign_split(block, split.val, split.test, split.salt), out_dir,
-                                 cfg.ingest.max_pixels, chunk_size=max(1, int(getattr(cfg.preprocess, "chunk_size", 1))))
+                                 cfg.ingest.max_pixels)
 
     def export(self, cfg: DomainConfig, encoder: Encoder, out_dir: Path) -> dict[str, Any]:
         """timm's `save_for_hf` layout: `model.safetensors` (the bare backbone, no head) and

@@ -20,7 +20,7 @@ from ssl_models.core.domain import Source
 from ssl_models.core.errors import UnreadableFileError
 from ssl_models.core.privacy import without_names
 from ssl_models.core.shards import PRETRAIN_TRAIN, PRETRAIN_VAL, write_shards
-from ssl_models.core.workers import digest_of_inputs, file_stamp, run_chunks
+from ssl_models.core.workers import file_stamp, run_items
 from ssl_models.histopathology.config import HistoPreprocessConfig
 from ssl_models.histopathology.readers import MAX_DECODED_PIXELS, open_slide
 from ssl_models.histopathology.tiling import evenly_spaced, tile_slide
@@ -28,10 +28,11 @@ from ssl_models.histopathology.tiling import evenly_spaced, tile_slide
 log = logging.getLogger("preprocess")
 
 
-def tile_chunk(job: tuple[HistoPreprocessConfig, int, list[tuple[dict[str, Any], list[Path]]]]) -> list[dict[str, Any]]:
+def tile_chunk(job: tuple[tuple[HistoPreprocessConfig, int], list[tuple[dict[str, Any], list[Path]]]]
+               ) -> list[dict[str, Any]]:
     """Tile each slide of one chunk, in any process (`ssl_models.core.workers`): its tiles (pixels as
     bytes), grid counts and stain flag, or the reason it failed."""
-    options, max_pixels, chunk = job
+    (options, max_pixels), chunk = job
     done = []
     for row, paths in chunk:
         try:
@@ -51,18 +52,15 @@ def tile_chunk(job: tuple[HistoPreprocessConfig, int, list[tuple[dict[str, Any],
 
 def write_tile_shards(manifest: list[dict[str, Any]], locate: Callable[[dict[str, Any]], Source],
                       options: HistoPreprocessConfig, split_of_block: Callable[[str], str],
-                      out_dir: Path, max_pixels: int = MAX_DECODED_PIXELS, chunk_size: int = 1) -> dict[str, Any]:
+                      out_dir: Path, max_pixels: int = MAX_DECODED_PIXELS) -> dict[str, Any]:
     pretrain: dict[str, dict[str, list]] = {s: {"pixels": [], "source": [], "x": [], "y": []} for s in ("train", "val")}
     labeled: list[dict[str, Any]] = []
     counts: Counter = Counter()
     quarantine: list[dict[str, str]] = []  # slides that fail tiling, with the reason (the report lists them)
     normalised = 0
     located = [(row, locate(row).paths) for row in manifest]
-    chunks = [located[start:start + chunk_size] for start in range(0, len(located), chunk_size)]
-    identities = [digest_of_inputs([(row["key"], row["sha256"], [file_stamp(p) for p in paths])
-                                    for row, paths in chunk]) for chunk in chunks]
-    results = (result for done in run_chunks(tile_chunk, [(options, max_pixels, chunk) for chunk in chunks],
-                                             identities) for result in done)
+    identities = [(row["key"], row["sha256"], [file_stamp(path) for path in paths]) for row, paths in located]
+    results = run_items(tile_chunk, (options, max_pixels), located, identities)
     for row, result in tqdm(zip(manifest, results), total=len(manifest), desc="tile slides", unit="slide",
                             disable=None):
         reason = result["reason"]

@@ -18,7 +18,7 @@ from ssl_models.core.config import DomainConfig
 from ssl_models.core.domain import Locate, Source
 from ssl_models.core.errors import UnreadableFileError
 from ssl_models.core.shards import LABELED, PRETRAIN_PARTS, PRETRAIN_TRAIN, PRETRAIN_VAL, write_shards
-from ssl_models.core.workers import digest_of_inputs, file_stamp, run_chunks
+from ssl_models.core.workers import file_stamp, run_items
 from ssl_models.medical3d.readers import read_volume
 from ssl_models.medical3d.transforms import preprocess_volume
 
@@ -52,12 +52,8 @@ def write_volume_shards(cfg: DomainConfig, manifest: list[dict[str, Any]], out_d
         columns[LABELED][extra] = []
     quarantine: list[dict[str, str]] = []
     located = [(row, locate(row)) for row in manifest]
-    chunk_size = max(1, int(getattr(options, "chunk_size", 1)))
-    chunks = [located[start:start + chunk_size] for start in range(0, len(located), chunk_size)]
-    identities = [digest_of_inputs([(row["key"], row["sha256"], [file_stamp(p) for p in source.paths])
-                                    for row, source in chunk]) for chunk in chunks]
-    results = (result for done in run_chunks(cube_chunk, [(cfg, chunk) for chunk in chunks], identities)
-               for result in done)
+    identities = [(row["key"], row["sha256"], [file_stamp(path) for path in source.paths]) for row, source in located]
+    results = run_items(cube_chunk, cfg, located, identities)
     for row, result in tqdm(zip(manifest, results), total=len(manifest), desc=f"preprocess {cfg.name}",
                             unit="volume", disable=None):
         if result["reason"] is not None:  # read at ingest, but the file may have changed since

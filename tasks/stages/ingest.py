@@ -29,7 +29,7 @@ from tasks.io import atomic_dir, private_outputs, write_json, write_jsonl
 from tasks.lineage import LineageRecorder
 from tasks.paths import DomainPaths
 from tasks.sources import Discovery, Namer, discover, public_namer
-from tasks.workers import chunked, chunked_work, digest
+from tasks.workers import ChunkedWork, chunked, chunked_work, digest
 
 log = logging.getLogger("ingest")
 
@@ -117,13 +117,13 @@ def read_source(domain: Domain, source: Source, cfg: DomainConfig) -> tuple[list
     return records, rejected
 
 
-def _chunks(found: Discovery, corpus: Path, size: int) -> tuple[list[list[tuple[str, Any]]], list[str]]:
-    """The work of ingest in chunks of `size` sources (each with its files), then the files no
-    source reads (hashed only); and each chunk's identity: its files' paths, sizes and times."""
+def _chunks(found: Discovery, corpus: Path, work: ChunkedWork) -> tuple[list[list[tuple[str, Any]]], list[str]]:
+    """The work of ingest in chunks of the engine's size: the sources (each with its files), then the
+    files no source reads (hashed only); and each chunk's identity: its files' paths, sizes and times."""
     items: list[tuple[str, Any]] = [("source", source) for source in found.sources.values()]
     in_sources = {path for source in found.sources.values() for path in source.paths}
     items += [("file", path) for _, path in found.files if path not in in_sources]
-    chunks = chunked(items, size)
+    chunks = chunked(items, work.chunk_length(len(items)))
     identities = []
     for chunk in chunks:
         files = [path for kind, item in chunk for path in (item.paths if kind == "source" else [item])]
@@ -202,7 +202,7 @@ def _ingest(cfg: DomainConfig, domain: Domain, paths: DomainPaths, corpus: Path)
     reader_groups: dict[str, str] = {}  # key -> the group a reader found (a patient), private
     work = chunked_work(cfg, paths, "ingest", {"module": cfg.module, "corpus": str(corpus),
                                                "ingest": section_params(cfg.ingest)})
-    items, identities = _chunks(found, corpus, cfg.ingest.chunk_size)
+    items, identities = _chunks(found, corpus, work)
     log.info("ingest %s: %d sources in %d chunks on %s", domain_name, len(found.sources), len(items), work.engine)
     file_hashes: dict[str, str] = {}  # corpus-relative path -> sha256, private
     progress = tqdm(total=len(found.sources), desc=f"ingest {domain_name}", unit="source", disable=None)
