@@ -6,13 +6,14 @@ with its work spread over 2 local processes: the kill takes them too."""
 from __future__ import annotations
 
 import re
+import shutil
 from pathlib import Path
 
 import pytest
 
 from tasks.paths import DomainPaths
 from tests.conftest import run_stages, tiny_params, wait_for, write_params
-from tests.faults.test_kills import leftovers
+from tests.faults.test_kills import SALT, leftovers
 from tests.stage_processes import StageProcesses
 from tests.tasks.test_parallel_ingest import manifest_digests
 
@@ -53,4 +54,45 @@ def test_a_killed_chunked_ingest_resumes_at_its_first_unfinished_chunk(tmp_path:
     assert resumed and int(resumed.group(1)) >= finished and int(resumed.group(2)) == FILES, stderr[-3000:]
     assert manifest_digests(killed, "legal") == manifest_digests(whole, "legal")
     assert not DomainPaths("legal", killed).work("ingest").exists()
+    assert leftovers(killed) == []
+
+
+SLIDES = 120
+
+
+def slide_project(root: Path, like: Path | None = None) -> Path:
+    """SLIDES crops of the real IHC image as PNG slides, unlabeled, tiled one slide a chunk on 2
+    processes; ingested with `like`'s pseudonym salt when given (the same keys)."""
+    from tests.ssl_models.histo_files import histo_params, ihc, save_png
+
+    if like is not None:
+        (root / SALT).parent.mkdir(parents=True)
+        shutil.copy2(like / SALT, root / SALT)
+    for i in range(SLIDES):
+        save_png(root / "slides" / f"slide-{i:03d}.png", ihc(top=(i * 37) % 384, left=(i * 53) % 384, size=128))
+    write_params(root, histo_params(corpus="slides", labels=None, preprocess={"workers": 2, "chunk_size": 1}))
+    run_stages(root, "histo", "ingest")
+    return root
+
+
+def test_a_killed_chunked_tiling_resumes_at_its_first_unfinished_chunk(tmp_path: Path,
+                                                                        stage_processes: StageProcesses) -> None:
+    from tests.tasks.test_parallel_ingest import folder_digests
+
+    whole = slide_project(tmp_path / "whole")
+    run_stages(whole, "histo", "preprocess")
+    killed = slide_project(tmp_path / "killed", like=whole)
+    process = stage_processes.start(killed, "preprocess", "histo")
+    wait_for("a tenth of the slides tiled", lambda: chunks_done(killed, "preprocess", "histo") >= SLIDES // 10
+             or process.wait(0) is not None, timeout=300, every=0.02)
+    process.kill()
+    finished = chunks_done(killed, "preprocess", "histo")
+    assert SLIDES // 10 <= finished < SLIDES, "the kill did not land mid-way: tile more slides"
+    code, stderr, _ = stage_processes.run(killed, "preprocess", "histo")
+    assert code == 0, stderr[-3000:]
+    resumed = re.search(r"resuming: (\d+) of (\d+) chunks", stderr)
+    assert resumed and int(resumed.group(1)) >= finished and int(resumed.group(2)) == SLIDES, stderr[-3000:]
+    shards = lambda root: folder_digests(DomainPaths("histo", root).shards)  # noqa: E731
+    assert shards(killed) == shards(whole)
+    assert not DomainPaths("histo", killed).work("preprocess").exists()
     assert leftovers(killed) == []
