@@ -119,7 +119,11 @@ class SpectrogramTransformer(nn.Module):
                                 "to the `encoder` folder of an earlier audio pretraining")
         model = cls(**json.loads((folder / CONFIG_FILE).read_text()))
         if weights:
-            model.load_state_dict(load_file(str(folder / WEIGHTS_FILE)))
+            from ssl_models.core.domain import load_checkpoint_strictly
+
+            load_checkpoint_strictly(model, load_file(str(folder / WEIGHTS_FILE)), folder,
+                                     "the spectrogram backbone its audio_backbone.json describes",
+                                     "its weights and audio_backbone.json do not belong together: save it again")
         return model
 
 
@@ -185,7 +189,7 @@ def build_spectrogram_transformer(cfg: DomainConfig, shards_dir: Path) -> Spectr
     spec, model_cfg = InputSpec.from_config(cfg.ingest, cfg.preprocess), cfg.model
     mean, std = stats_of(shards_dir)
     if model_cfg.base_checkpoint:
-        backbone = SpectrogramTransformer.load(cfg.resolve(model_cfg.base_checkpoint))
+        backbone = base_spectrogram_transformer(cfg.resolve(model_cfg.base_checkpoint), model_cfg.dropout)
         if backbone.config["n_mels"] != spec.width:
             raise PipelineError(f"model.base_checkpoint has {backbone.config['n_mels']} mel bins; "
                                 f"set preprocess.n_mels: {backbone.config['n_mels']}")
@@ -201,12 +205,28 @@ def build_spectrogram_transformer(cfg: DomainConfig, shards_dir: Path) -> Spectr
         pool_segments=model_cfg.pool_segments, mean=mean, std=std), spec)
 
 
+def base_spectrogram_transformer(folder: Path, dropout: float) -> SpectrogramTransformer:
+    """The spectrogram backbone in `folder`, strictly loaded: the `encoder` folder of an earlier
+    pretraining (audio_backbone.json + model.safetensors) or this project's export of one (timm's
+    save_for_hf layout, its config.json with `ssl_pipeline_features`)."""
+    config_file = folder / "config.json"
+    if not (folder / CONFIG_FILE).exists() and config_file.exists():
+        config = json.loads(config_file.read_text())
+        if "ssl_pipeline_features" not in config or not (folder / WEIGHTS_FILE).exists():
+            raise PipelineError(f"model.base_checkpoint {str(folder)!r}: a config.json without this project's "
+                                f"spectrogram features (ssl_pipeline_features) or without {WEIGHTS_FILE}; give the "
+                                "encoder folder of an audio pretraining or its export")
+        return from_timm(config, load_file(str(folder / WEIGHTS_FILE)), folder, dropout)
+    return SpectrogramTransformer.load(folder)
+
+
 def quiet_transformers() -> Any:
     """transformers (its logging quietened), imported by the wav2vec2 code only: the spectrogram
     backbone and its methods start without it (several seconds per process here)."""
     import transformers
 
     transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()  # loading a small checkpoint takes milliseconds
     return transformers
 
 
@@ -277,12 +297,29 @@ def _checkpoint_folder(path: Path) -> Path:
     return path
 
 
+def _strictly_from_pretrained(model_class: Any, path: Path) -> Any:
+    """`model_class` from the Hugging Face wav2vec2 folder `path` (config.json + model.safetensors or
+    pytorch_model.bin), its encoder strictly: every weight with its shape, or one line naming them.
+    The pretraining heads (quantiser, projections) start new where the folder is a bare encoder."""
+    from ssl_models.core.domain import check_pretrained_loading
+
+    folder = _checkpoint_folder(path)
+    try:
+        model, loading = model_class.from_pretrained(folder, output_loading_info=True, ignore_mismatched_sizes=True)
+    except (OSError, ValueError) as error:  # no weights file, or a config.json of another model type
+        raise PipelineError(f"model.base_checkpoint {str(path)!r}: not a Hugging Face wav2vec2 folder "
+                            f"({' '.join(str(error).split())[:200]})") from None
+    check_pretrained_loading(model, loading, folder, f"a {model_class.__name__} of its config.json",
+                             "give a wav2vec2 checkpoint folder whose weights match its config.json")
+    return model
+
+
 def build_wav2vec2(cfg: DomainConfig, shards_dir: Path) -> Wav2Vec2Encoder:
     """The `wav2vec2` backbone to pretrain (with its pretraining heads): from `model.base_checkpoint`
     when one is set (continued pretraining), else a small model from scratch."""
     spec, pretraining = InputSpec.from_config(cfg.ingest, cfg.preprocess), quiet_transformers().Wav2Vec2ForPreTraining
     if cfg.model.base_checkpoint:
-        model = pretraining.from_pretrained(_checkpoint_folder(cfg.resolve(cfg.model.base_checkpoint)))
+        model = _strictly_from_pretrained(pretraining, cfg.resolve(cfg.model.base_checkpoint))
         model.config.pool_segments = cfg.model.pool_segments
         return Wav2Vec2Encoder(model, spec)
     return Wav2Vec2Encoder(pretraining(small_config(cfg.model)), spec)
@@ -304,8 +341,9 @@ def generic_encoder(cfg: DomainConfig) -> Encoder:
     """`model.base_checkpoint` as it is (a wav2vec2 checkpoint pooled into `model.pool_segments`)."""
     folder = cfg.resolve(str(cfg.model.base_checkpoint))
     if cfg.model.backbone != "wav2vec2":
-        return saved_encoder(cfg, folder)
-    model = quiet_transformers().Wav2Vec2Model.from_pretrained(_checkpoint_folder(folder))
+        return SpectrogramEncoder(base_spectrogram_transformer(folder, cfg.model.dropout),
+                                  InputSpec.from_config(cfg.ingest, cfg.preprocess))
+    model = _strictly_from_pretrained(quiet_transformers().Wav2Vec2Model, folder)
     model.config.pool_segments = cfg.model.pool_segments
     return Wav2Vec2Encoder(model, InputSpec.from_config(cfg.ingest, cfg.preprocess))
 

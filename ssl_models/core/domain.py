@@ -11,6 +11,7 @@ and checking the config, default_data and ingest start in a second.
 from __future__ import annotations
 
 import importlib
+import logging
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
@@ -21,6 +22,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from ssl_models.core.errors import PipelineError
 from ssl_models.core.registry import Registry
 from ssl_models.core.shards import PRETRAIN_PARTS
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:  # torch is imported by the stages that train, not by ingest
     from ssl_models.core.config import DomainConfig
@@ -292,6 +295,74 @@ def load_exported_weights(module: Any, state: dict[str, Any], folder: Path) -> N
         raise PipelineError(f"the export {folder} does not fit the model its settings describe ({reason}); "
                             "export the encoder again") from None
     require_exact_load(folder, result.missing_keys, result.unexpected_keys)
+
+
+# Continued pretraining (`model.base_checkpoint`) loads strictly: a checkpoint whose names or shapes
+# differ from the configured backbone is one line naming the first few of each, never a backbone
+# left partly random in silence (nor torch's multi-line "Error(s) in loading state_dict").
+def require_checkpoint_fits(source: object, target: str, missing: Sequence[str], unexpected: Sequence[str],
+                            mismatched: Sequence[tuple[str, Sequence[int], Sequence[int]]], hint: str) -> None:
+    """One line when `missing` / `unexpected` names or `mismatched` (name, checkpoint shape, model
+    shape) say the checkpoint at `source` does not load strictly into `target`."""
+    if not (missing or unexpected or mismatched):
+        return
+
+    def first(items: Sequence[str]) -> str:
+        return ", ".join(list(items)[:3]) + (", ..." if len(items) > 3 else "")
+
+    shapes = [f"{name}: checkpoint {list(theirs)}, model {list(ours)}" for name, theirs, ours in sorted(mismatched)]
+    parts = [f"{len(found)} {kind} ({first(sorted(found))})"
+             for kind, found in (("missing", missing), ("unexpected", unexpected), ("of another shape", shapes))
+             if found]
+    raise PipelineError(f"checkpoint {source} does not load strictly into {target}: "
+                        f"{'; '.join(parts)}; {hint}")
+
+
+def load_checkpoint_strictly(module: Any, state: dict[str, Any], source: object, target: str, hint: str) -> None:
+    """`state` into the torch `module`: every tensor of the module from `state` with its shape and
+    nothing of `state` left over, or one line (`require_checkpoint_fits`)."""
+    own = module.state_dict()
+    mismatched = [(name, tuple(state[name].shape), tuple(tensor.shape)) for name, tensor in own.items()
+                  if name in state and tuple(state[name].shape) != tuple(tensor.shape)]
+    require_checkpoint_fits(source, target, [name for name in own if name not in state],
+                            [name for name in state if name not in own], mismatched, hint)
+    module.load_state_dict(state, strict=True)
+    log.info("model.base_checkpoint: all %d tensors of %s loaded from %s", len(own), target, source)
+
+
+def check_pretrained_loading(model: Any, loading: dict[str, Any], source: object, target: str,
+                             hint: str) -> list[str]:
+    """Strict loading of a transformers model read with `from_pretrained(..., output_loading_info=True,
+    ignore_mismatched_sizes=True)`: its base model (the encoder) wholly from the checkpoint with
+    every shape; each head beside it (an MLM head, wav2vec2's quantiser) wholly from the checkpoint
+    or wholly new (a bare encoder's checkpoint has none: returned, by name), never partly; tensors of
+    parts the model does not have (BERT's pooler, another task's head) left out, and logged."""
+    prefix = model.base_model_prefix
+    encoder_parts = {name for name, _ in model.base_model.named_children()}
+    own = set(model.state_dict())
+    heads: dict[str, set[str]] = {}
+    for name in own:
+        if not name.startswith(f"{prefix}."):
+            heads.setdefault(name.split(".", 1)[0], set()).add(name)
+    missing = set(loading["missing_keys"])
+    new_heads = sorted(head for head, names in heads.items() if names & missing and names - set(
+        getattr(model, "_tied_weights_keys", None) or {}) <= missing)
+    fresh = {name for head in new_heads for name in heads[head]}
+    unexpected = set(loading["unexpected_keys"])
+    # a checkpoint tensor named like a part of the encoder that the encoder has no place for: a near miss
+    near_misses = {name for name in unexpected
+                   if name.removeprefix(f"{prefix}.").split(".", 1)[0] in encoder_parts}
+    require_checkpoint_fits(source, target, sorted(missing - fresh), sorted(near_misses),
+                            [(name, tuple(theirs), tuple(ours)) for name, theirs, ours in loading["mismatched_keys"]],
+                            hint)
+    if new_heads:
+        log.info("model.base_checkpoint %s holds no %s: %s start%s new", source, " or ".join(new_heads),
+                  "they" if len(new_heads) > 1 else "it", "" if len(new_heads) > 1 else "s")
+    if unexpected - near_misses:
+        log.info("model.base_checkpoint %s: %d tensor(s) of parts %s has not (e.g. %s) left out", source,
+                  len(unexpected - near_misses), target, sorted(unexpected - near_misses)[0])
+    log.info("model.base_checkpoint: the encoder of %s loaded strictly from %s", target, source)
+    return new_heads
 
 
 DOMAINS: Registry[type[Domain]] = Registry("domain module")

@@ -4,16 +4,18 @@ and pixel decoding."""
 from __future__ import annotations
 
 import json
+import pickle
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from ssl_models.core.config import DomainConfig
+from ssl_models.core.domain import load_checkpoint_strictly
 from ssl_models.core.errors import PipelineError
 from ssl_models.core.modules import Encoder
 from ssl_models.histopathology.config import HistoModelConfig
@@ -133,20 +135,48 @@ def build_vit(cfg: DomainConfig, shards_dir: Path) -> TileEncoder:
 
 def _encoder(backbone: nn.Module, cfg: DomainConfig) -> TileEncoder:
     if cfg.model.base_checkpoint:
-        load_weights(backbone, cfg.resolve(cfg.model.base_checkpoint))
+        load_weights(backbone, cfg.resolve(cfg.model.base_checkpoint),
+                     timm_description(cfg.model, cfg.preprocess.stored_size)["architecture"])
     return TileEncoder(backbone, cfg.model, cfg.preprocess.stored_size)
 
 
-def load_weights(backbone: nn.Module, path: Path) -> None:
-    """Load a backbone state dict from a .safetensors file (or a folder holding model.safetensors)."""
-    file = path / "model.safetensors" if path.is_dir() else path
-    if not file.is_file():
-        raise PipelineError(f"checkpoint {path} not found: give a .safetensors file or a folder with model.safetensors")
-    missing, unexpected = backbone.load_state_dict(load_file(str(file)), strict=False)
-    if missing or unexpected:
-        raise PipelineError(f"checkpoint {path} does not fit model settings in params.yaml "
-                            f"(missing {len(missing)} and unexpected {len(unexpected)} tensors, e.g. "
-                            f"{(missing or unexpected)[:2]}); set model.backbone/width/depth to match it")
+# A folder in timm's save_for_hf layout (config.json beside the weights: what the export and the
+# pretrain stage write, safetensors, or torch's pickle where save_for_hf was left at its default)
+FOLDER_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
+
+
+def load_weights(backbone: nn.Module, path: Path, architecture: str | None = None) -> None:
+    """A timm state dict into `backbone`, strictly: a .safetensors file, a torch state dict
+    (`torch.save(model.state_dict())`, read weights-only, also nested as timm's training checkpoints
+    nest it), or a save_for_hf folder. A classifier the headless backbone has no place for (timm's
+    `pretrained_cfg["classifier"]` of `architecture`) is left out, as timm does for num_classes=0."""
+    from safetensors import SafetensorError
+    from timm.models import get_pretrained_cfg
+    from timm.models import load_state_dict as timm_state_dict
+
+    file = next((path / name for name in FOLDER_WEIGHTS if (path / name).is_file()), None) if path.is_dir() else path
+    if file is None or not file.is_file():
+        raise PipelineError(f"checkpoint {path} not found: give a timm state dict (.safetensors, or .pth/.bin saved "
+                            f"with torch.save) or a folder holding {' or '.join(FOLDER_WEIGHTS)}")
+    try:  # timm's reader: weights_only torch.load, the EMA / `state_dict` / `model` entry, no DDP prefix
+        state = timm_state_dict(str(file), weights_only=True)
+    except SafetensorError as error:
+        raise PipelineError(f"checkpoint {file} is not a safetensors file ({' '.join(str(error).split())}); "
+                            "it was not loaded") from None
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError):
+        # torch's own message advises weights_only=False, which would run the pickle's code: not repeated
+        raise PipelineError(f"checkpoint {file} is not a weights-only state dict (or is damaged); it was not "
+                            "loaded: give a .safetensors file, or a state dict of tensors saved with "
+                            "torch.save") from None
+    if not isinstance(state, dict) or not all(isinstance(value, torch.Tensor) for value in state.values()):
+        raise PipelineError(f"checkpoint {file} holds more than a state dict of tensors; give a timm model's "
+                            "state_dict() (or a .safetensors file)")
+    own = backbone.state_dict()
+    classifier = getattr(get_pretrained_cfg(architecture), "classifier", None) if architecture else None
+    if classifier and not any(name.startswith(f"{classifier}.") for name in own):
+        state = {name: value for name, value in state.items() if not name.startswith(f"{classifier}.")}
+    load_checkpoint_strictly(backbone, state, file, f"the {type(backbone).__name__} backbone",
+                             "set model.backbone, width, depth (and patch_size, num_heads) to the checkpoint's")
 
 
 def saved_model(pretrained_dir: Path) -> tuple[HistoModelConfig, int]:

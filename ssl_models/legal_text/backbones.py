@@ -26,6 +26,7 @@ from transformers import (
 )
 
 from ssl_models.core.config import DomainConfig
+from ssl_models.core.domain import check_pretrained_loading
 from ssl_models.core.errors import PipelineError
 from ssl_models.core.modules import Encoder
 
@@ -281,7 +282,11 @@ def build_bert(cfg: DomainConfig, shards_dir: Path) -> TextEncoder:
     if model_cfg.base_checkpoint:
         checkpoint = resolve_checkpoint(cfg)
         # float32 master weights whatever dtype the checkpoint was published in (autocast does bf16)
-        masked_lm = AutoModelForMaskedLM.from_pretrained(checkpoint, dtype=torch.float32)
+        masked_lm, loading = AutoModelForMaskedLM.from_pretrained(
+            checkpoint, dtype=torch.float32, output_loading_info=True, ignore_mismatched_sizes=True)
+        # strict on the encoder; a sentence encoder's checkpoint (MiniLM) has no MLM head: it starts new
+        check_pretrained_loading(masked_lm, loading, checkpoint, f"a {type(masked_lm).__name__} of its config.json",
+                                 "give a Hugging Face folder whose weights match its config.json")
         pooling = Pooling.read(checkpoint)  # a sentence encoder's pooling, kept through continued pretraining
         if masked_lm.config.vocab_size < len(tokenizer):
             raise PipelineError("the base checkpoint's vocabulary is smaller than the tokenizer's; with "

@@ -147,17 +147,10 @@ class Medical3D(Domain, module="medical3d"):
 
         from ssl_models.medical3d.backbones import load_saved_weights, saved_model
 
-        encoder = self.build_encoder(replace(cfg, model=saved_model(pretrained_dir)), shards_dir)
+        # the saved model section names the checkpoint it continued from: its weights are the saved ones now
+        model = replace(saved_model(pretrained_dir), base_checkpoint=None)
+        encoder = self.build_encoder(replace(cfg, model=model), shards_dir)
         load_saved_weights(encoder.backbone, pretrained_dir)
-        return encoder
-
-    def build_generic(self, cfg: DomainConfig, shards_dir: Path) -> Encoder:
-        """`model.backbone` with the tensors of the `model.base_checkpoint` state dict that fit it."""
-        from ssl_models.medical3d.backbones import load_backbone_weights, read_state
-
-        encoder = self.build_encoder(cfg, shards_dir)
-        load_backbone_weights(encoder.backbone, read_state(cfg.resolve(cfg.model.base_checkpoint)),
-                              str(cfg.model.base_checkpoint))
         return encoder
 
     # the report's sentence on what the labeled task is

@@ -13,8 +13,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 
 from ssl_models.core.config import DomainConfig, parse_section
+from ssl_models.core.domain import load_checkpoint_strictly
 from ssl_models.core.errors import PipelineError
 from ssl_models.core.modules import Encoder
 from ssl_models.medical3d.config import VolumeModelConfig
@@ -83,41 +85,72 @@ def build_vit(cfg: DomainConfig, shards_dir: Path) -> VolumeEncoder:
     """MONAI's ViT on the model cube, patch tokens without a class token."""
     from monai.networks.nets import ViT
 
-    return VolumeEncoder(cfg.model, ViT(**_arguments(cfg.model)), cfg.model.hidden_size)
+    return _with_base_checkpoint(VolumeEncoder(cfg.model, ViT(**_arguments(cfg.model)), cfg.model.hidden_size), cfg)
 
 
 def build_resnet(cfg: DomainConfig, shards_dir: Path) -> VolumeEncoder:
     """MONAI's 3D ResNet (one basic block per stage), globally pooled features."""
     from monai.networks.nets import ResNet
 
-    return VolumeEncoder(cfg.model, ResNet(**_arguments(cfg.model)), cfg.model.resnet_widths[-1])
+    return _with_base_checkpoint(VolumeEncoder(cfg.model, ResNet(**_arguments(cfg.model)),
+                                               cfg.model.resnet_widths[-1]), cfg)
 
 
 def _arguments(m: VolumeModelConfig) -> dict[str, Any]:
     return {k: v for k, v in network_def(m).items() if k != "_target_"}
 
 
+def _with_base_checkpoint(encoder: VolumeEncoder, cfg: DomainConfig) -> VolumeEncoder:
+    """`encoder` with the weights of `model.base_checkpoint`, when one is set (continued pretraining
+    and the `generic` init), loaded strictly."""
+    if cfg.model.base_checkpoint:
+        load_backbone_weights(encoder.backbone, read_state(cfg.resolve(cfg.model.base_checkpoint)),
+                              str(cfg.model.base_checkpoint))
+    return encoder
+
+
+# The parts of MONAI's networks around a ViT that a ViT backbone has no place for: ViTAutoEnc's
+# decoder (the self-supervised tutorial's network, whose weights MONAI publishes) and UNETR's,
+# which holds its ViT under `vit.`.
+AUTOENCODER_DECODER = ("conv3d_transpose.", "conv3d_transpose_1.")
+
+
+def backbone_tensors(state: dict[str, torch.Tensor], backbone: nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors of a checkpoint as the backbone names them: without DataParallel's `module.`,
+    a ViT out of UNETR (`vit.`) or ViTAutoEnc (its decoder left out)."""
+    from monai.networks.nets import ViT
+
+    state = dict(state)
+    consume_prefix_in_state_dict_if_present(state, "module.")
+    if not isinstance(backbone, ViT):
+        return state
+    if any(name.startswith("vit.") for name in state):
+        vit = {name.removeprefix("vit."): value for name, value in state.items() if name.startswith("vit.")}
+        log.info("checkpoint: the ViT of a UNETR (`vit.`), %d tensors of its decoder left out", len(state) - len(vit))
+        return vit
+    decoder = [name for name in state if name.startswith(AUTOENCODER_DECODER)]
+    if decoder:
+        log.info("checkpoint: the ViT of a ViTAutoEnc, its decoder's %d tensors left out", len(decoder))
+    return {name: value for name, value in state.items() if name not in decoder}
+
+
 def load_backbone_weights(backbone: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """Load the tensors whose names and shapes match (MONAI's ViTAutoEnc and ViT share
-    `patch_embedding`, `blocks` and `norm`); fail when most of the backbone would stay random."""
-    own = backbone.state_dict()
-    usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
-    if len(usable) < len(own) / 2:
-        missing = next(k for k in own if k not in usable)
-        found = tuple(state[missing].shape) if missing in state else "absent"
-        raise PipelineError(f"checkpoint {source} has no tensor matching {len(own) - len(usable)} of the "
-                            f"backbone's {len(own)} (e.g. {missing}: needs {tuple(own[missing].shape)}, "
-                            f"checkpoint has {found}); check model.backbone and its sizes")
-    if len(usable) < len(own):
-        log.warning("checkpoint %s: %d of %d backbone tensors loaded, the rest stay random",
-                    source, len(usable), len(own))
-    backbone.load_state_dict(usable, strict=False)
+    """A checkpoint's tensors into `backbone`, strictly (MONAI's ViTAutoEnc, UNETR and ViT share
+    `patch_embedding`, `blocks` and `norm`): one line naming what is missing, unexpected or of
+    another shape."""
+    from monai.networks.nets import ViT
+
+    kind = "vit" if isinstance(backbone, ViT) else "resnet"
+    load_checkpoint_strictly(backbone, backbone_tensors(state, backbone), source, f"the {kind} backbone",
+                             f"set model.backbone and its sizes (model.size, patch_size, hidden_size, num_layers, "
+                             f"mlp_dim; resnet_widths) to the checkpoint's")
 
 
 def read_state(path: Path) -> dict[str, torch.Tensor]:
     """The tensors of `model.base_checkpoint`: a .safetensors file, or a torch state dict that
-    torch.load(weights_only=True) reads (a pickle of anything else is never loaded)."""
-    if not path.exists():
+    torch.load(weights_only=True) reads, also nested under "state_dict" or "model" as training
+    checkpoints and MONAI's published SSL weights nest it (a pickle of anything else is never loaded)."""
+    if not path.is_file():
         raise PipelineError(f"checkpoint {path} not found; set model.base_checkpoint to a local file")
     if path.suffix == ".safetensors":
         try:
@@ -132,7 +165,8 @@ def read_state(path: Path) -> dict[str, torch.Tensor]:
         raise PipelineError(f"checkpoint {path} is not a weights-only checkpoint (or is damaged); it was not "
                             "loaded (give a .safetensors file, or a state dict of tensors saved with "
                             "torch.save)") from None
-    state = state.get("state_dict", state) if isinstance(state, dict) else state
+    if isinstance(state, dict):
+        state = next((state[key] for key in ("state_dict", "model") if isinstance(state.get(key), dict)), state)
     if not isinstance(state, dict):
         raise PipelineError(f"checkpoint {path} holds a {type(state).__name__}, not a state dict of tensors; "
                             "give a MONAI network's state_dict() or a .safetensors file")
