@@ -31,6 +31,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from pathlib import Path
@@ -60,6 +61,18 @@ def resolve_workers(setting: int | str | None) -> int:
 def scheduler_address(setting: str | None) -> str | None:
     """The Dask scheduler to run on: the section's `scheduler`, else $DASK_SCHEDULER_ADDRESS, else none."""
     return setting or os.environ.get(SCHEDULER_ENV) or None
+
+
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+
+
+def share_cores(threads: int) -> None:
+    """In a worker process, before its libraries start their thread pools: `threads` each (torch,
+    numpy's BLAS, OpenMP), so N workers use the machine's cores once, not N times over."""
+    for variable in THREAD_VARIABLES:
+        os.environ[variable] = str(threads)
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(threads)
 
 
 def digest(*parts: Any) -> str:
@@ -157,8 +170,10 @@ class ChunkedWork:
             import multiprocessing
             from concurrent.futures import ProcessPoolExecutor
 
-            with ProcessPoolExecutor(max_workers=min(self.workers, chunks),
-                                     mp_context=multiprocessing.get_context("forkserver")) as pool:
+            processes = min(self.workers, chunks)
+            threads = max(1, resolve_workers("auto") // processes)  # the cores shared, not oversubscribed
+            with ProcessPoolExecutor(max_workers=processes, mp_context=multiprocessing.get_context("forkserver"),
+                                     initializer=share_cores, initargs=(threads,)) as pool:
                 yield pool.submit
 
         @contextlib.contextmanager
