@@ -106,6 +106,11 @@ class PretrainMethod(nn.Module, ABC):
         """The encoder being pretrained (the same modules, not a copy)."""
         return self.backbone_encoder
 
+    def prepare(self, rows: Any) -> None:
+        """Called once before the first step of a run that does not resume, with the training rows
+        (the same on every process): where a method fits something on the data first (HuBERT's
+        k-means codebook). What it fits must be module state, so checkpoints carry it. Nothing by default."""
+
     @abstractmethod
     def data_side(self) -> DataSide:
         """The picklable callable that turns pretraining rows into this method's batches."""

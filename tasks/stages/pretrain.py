@@ -109,6 +109,8 @@ def train(cfg: DomainConfig, domain: Domain, paths: DomainPaths, world: World, d
 
     # --- resume from the newest checkpoint of this run, if there is one
     state = resume_point(folder, fingerprint, plan, world)
+    if state is None:
+        method.prepare(train_rows)  # what a method fits on the data before training (a resume restores it)
     training = Training.start(method, settings, world, device)
     if state is not None:
         training.resume(state)
