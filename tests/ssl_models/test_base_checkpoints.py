@@ -124,18 +124,6 @@ def test_a_timm_checkpoint_of_tiles_loads_strictly_and_pretraining_continues(tmp
     continue_pretraining(method, tile_rows())
 
 
-@pytest.mark.xfail(strict=True, reason="ssl_models/histopathology/methods.py MAE wraps the ViT in lightly's "
-                   "MaskedVisionTransformerTIMM with its default weight and sincos position initialisation, which "
-                   "overwrite the base checkpoint's weights: it needs weight_initialization='skip' and "
-                   "pos_embed_initialization='skip' when model.base_checkpoint is set")
-def test_mae_continues_from_the_checkpoint_of_its_vit(tmp_path: Path) -> None:
-    cfg, domain = histo_config(tmp_path, "base.safetensors", method="mae")
-    torch.manual_seed(1)
-    state = {name: tensor.contiguous() for name, tensor in timm_vit(cfg, num_classes=0).state_dict().items()}
-    save_file(state, str(tmp_path / "base.safetensors"))
-    assert_holds(domain.build_pretrain_method(cfg, tmp_path).encoder().backbone, state)
-
-
 def test_a_resnet_checkpoint_that_does_not_fit_is_one_line_naming_the_tensors(tmp_path: Path) -> None:
     cfg, domain = histo_config(tmp_path, "base.safetensors", backbone="resnet", width=8, depth=1)
     good = domain.build_encoder(histo_config(tmp_path, None, backbone="resnet", width=8, depth=1)[0], tmp_path)
@@ -163,7 +151,8 @@ def medical_config(root: Path, base_checkpoint: str | None, method: str = "mae",
     return load_config("medical", root / "params.yaml")
 
 
-def test_monai_ssl_vit_weights_load_strictly_and_pretraining_continues(tmp_path: Path) -> None:
+def test_monai_ssl_vit_weights_load_strictly_and_pretraining_continues(tmp_path: Path,
+                                                                       caplog: pytest.LogCaptureFixture) -> None:
     """The self-supervised tutorial's network (ViTAutoEnc), saved as MONAI publishes it: under
     "state_dict", here from a DataParallel run (`module.`); its decoder is not the encoder's."""
     from monai.networks.nets import ViTAutoEnc
@@ -175,8 +164,11 @@ def test_monai_ssl_vit_weights_load_strictly_and_pretraining_continues(tmp_path:
                tmp_path / "ssl_pretrained_weights.pth")
     cfg, domain = medical_config(tmp_path, "ssl_pretrained_weights.pth")
     encoder_part = {k: v for k, v in autoencoder.state_dict().items() if not k.startswith("conv3d_transpose")}
+    caplog.set_level("INFO")
     method = domain.build_pretrain_method(cfg, tmp_path)
     assert_holds(method.encoder().backbone, encoder_part)
+    assert (f"model.base_checkpoint: all {len(encoder_part)} tensors of the vit backbone loaded from "
+            "ssl_pretrained_weights.pth") in caplog.text  # what the pretrain stage's log says
     continue_pretraining(method, cube_rows(4))
     generic = domain.load_encoder("generic", cfg, tmp_path, tmp_path / "unused", seed=0)  # the same strict load
     assert_holds(generic.backbone, encoder_part)
@@ -211,6 +203,41 @@ def test_a_volume_checkpoint_that_does_not_fit_is_one_line_naming_the_tensors(tm
     with pytest.raises(PipelineError, match=r"of another shape \(blocks.0.attn.out_proj.bias: checkpoint \[24\], "
                                             r"model \[32\]"):
         domain.load_encoder("generic", cfg, tmp_path, tmp_path, seed=0)
+
+
+# --- every method of tiles and volumes trains the checkpoint's weights, not new ones ------------------
+
+def build_with_checkpoint(root: Path, configure: Any, method: str) -> tuple[dict[str, torch.Tensor], PretrainMethod]:
+    """An encoder's weights saved as the base checkpoint, and `method` built from it."""
+    cfg, domain = configure(root, None, method=method)
+    torch.manual_seed(7)
+    state = {k: v.contiguous() for k, v in domain.build_encoder(cfg, root).backbone.state_dict().items()}
+    save_file(state, str(root / "base.safetensors"))
+    cfg, domain = configure(root, "base.safetensors", method=method)
+    torch.manual_seed(0)  # whatever the method draws for its own heads
+    return state, domain.build_pretrain_method(cfg, root)
+
+
+MAE_REINITIALISES = pytest.mark.xfail(strict=True, reason=(
+    "ssl_models/histopathology/methods.py MAE wraps the ViT in lightly's MaskedVisionTransformerTIMM with its "
+    "default weight and sincos position initialisation, which overwrite the base checkpoint's weights: it needs "
+    "weight_initialization='skip', pos_embed_initialization='skip' when model.base_checkpoint is set"))
+
+
+def method_cases() -> list[Any]:
+    from ssl_models.histopathology.config import METHODS as TILE_METHODS
+    from ssl_models.medical3d.config import METHODS as VOLUME_METHODS
+
+    tiles = [pytest.param(histo_config, name, id=f"histo-{name}", marks=[MAE_REINITIALISES] if name == "mae" else [])
+             for name in TILE_METHODS.names()]
+    return tiles + [pytest.param(medical_config, name, id=f"medical-{name}") for name in VOLUME_METHODS.names()]
+
+
+@pytest.mark.parametrize("configure, method", method_cases())
+def test_each_method_starts_from_the_checkpoint_weights(tmp_path: Path, configure: Any, method: str) -> None:
+    """A method that initialises the backbone again after it is built would throw the checkpoint away."""
+    state, built = build_with_checkpoint(tmp_path, configure, method)
+    assert_holds(built.encoder().backbone, state)
 
 
 # --- audio: a Hugging Face wav2vec2 folder; the project's own spectrogram backbone -------------------
