@@ -148,7 +148,11 @@ class MAE(TileMethod):
         if not isinstance(vit, VisionTransformer):
             raise PipelineError("pretrain.method mae needs model.backbone: vit")
         self.patch_size = vit.patch_embed.patch_size[0]
-        self.masked_vit = MaskedVisionTransformerTIMM(vit=vit)
+        # lightly initialises the ViT's weights and sincos position embeddings again unless told to skip:
+        # a continued pretraining must start from model.base_checkpoint's, not from new ones
+        keep = "skip" if encoder.cfg.base_checkpoint else ""
+        self.masked_vit = MaskedVisionTransformerTIMM(vit=vit, weight_initialization=keep,
+                                                      pos_embed_initialization="skip" if keep == "skip" else "sincos")
         self.decoder = MAEDecoderTIMM(num_patches=vit.patch_embed.num_patches, patch_size=self.patch_size,
                                       embed_dim=vit.embed_dim, decoder_embed_dim=options.decoder_dim,
                                       decoder_depth=options.decoder_depth, decoder_num_heads=options.decoder_heads,

@@ -218,18 +218,11 @@ def build_with_checkpoint(root: Path, configure: Any, method: str) -> tuple[dict
     return state, domain.build_pretrain_method(cfg, root)
 
 
-MAE_REINITIALISES = pytest.mark.xfail(strict=True, reason=(
-    "ssl_models/histopathology/methods.py MAE wraps the ViT in lightly's MaskedVisionTransformerTIMM with its "
-    "default weight and sincos position initialisation, which overwrite the base checkpoint's weights: it needs "
-    "weight_initialization='skip', pos_embed_initialization='skip' when model.base_checkpoint is set"))
-
-
 def method_cases() -> list[Any]:
     from ssl_models.histopathology.config import METHODS as TILE_METHODS
     from ssl_models.medical3d.config import METHODS as VOLUME_METHODS
 
-    tiles = [pytest.param(histo_config, name, id=f"histo-{name}", marks=[MAE_REINITIALISES] if name == "mae" else [])
-             for name in TILE_METHODS.names()]
+    tiles = [pytest.param(histo_config, name, id=f"histo-{name}") for name in TILE_METHODS.names()]
     return tiles + [pytest.param(medical_config, name, id=f"medical-{name}") for name in VOLUME_METHODS.names()]
 
 
