@@ -110,7 +110,7 @@ def corpus_files(corpus: Path, labels: Path | None, follow_symlinks: bool = Fals
     walked: set[str] = set()  # real paths of the folders walked
 
     def set_aside(path: Path, reason: str) -> None:
-        listing.set_aside.append((path.relative_to(corpus).as_posix(), reason))
+        listing.set_aside.append((relative_key(path, corpus), reason))
 
     def walk(folder: Path, through_link: bool) -> None:
         walked.add(os.path.realpath(folder))
@@ -158,6 +158,15 @@ def corpus_files(corpus: Path, labels: Path | None, follow_symlinks: bool = Fals
     return listing
 
 
+def relative_key(path: Path, corpus: Path) -> str:
+    """`path` relative to `corpus`, POSIX separators (the walk's paths start with the corpus' own
+    text, so this is a string slice: a million `Path.relative_to` calls cost seconds)."""
+    text, base = os.fspath(path), os.fspath(corpus)
+    if os.sep == "/" and text.startswith(base + "/"):
+        return text[len(base) + 1:]
+    return path.relative_to(corpus).as_posix()
+
+
 def _below(target: str, folders: set[str]) -> bool:
     """Whether the real path `target` is one of `folders` or lies below one of them."""
     return any(target == folder or target.startswith(folder.rstrip(os.sep) + os.sep) for folder in folders)
@@ -199,7 +208,7 @@ def discover(domain: Domain, cfg: DomainConfig, public: Namer) -> Discovery:
         else:
             found.set_aside.append({"key": public("key", relative), "reason": reason})
     for path in listing.files:
-        relative = path.relative_to(corpus).as_posix()
+        relative = relative_key(path, corpus)
         if _hidden(relative):
             found.hidden += 1
             continue

@@ -14,8 +14,8 @@ stage writes from them is byte-identical for 1 worker, N workers and a Dask clus
   two-machine setup.
 
 Each chunk's result is written into the stage's work folder the moment it is in
-(`<index>-<digest>.arrow`, atomically: an Arrow IPC file whose rows are the result's `bytes`
-values, e.g. tiles, and whose schema metadata holds the rest as JSON; never a pickle), the digest covering the chunk's identity (what the caller
+(`<index>-<digest>.chunk`, under a temporary name then renamed: the result as JSON with its
+`bytes` values, e.g. tiles, as length-prefixed blobs after it; never a pickle), the digest covering the chunk's identity (what the caller
 says names its inputs: paths, sizes, modification times) and the settings that shape the result.
 A run killed part-way starts again at the first chunk without a result; a chunk whose inputs or
 settings changed has another digest and is done again. Every result, fresh or read back, goes
@@ -38,7 +38,6 @@ from pathlib import Path
 from typing import Any
 
 from ssl_models.core.errors import PipelineError
-from tasks.io import atomic_file
 
 log = logging.getLogger("workers")
 
@@ -106,7 +105,7 @@ class ChunkedWork:
         return f"{self.workers} local process(es)" if self.workers > 1 else "this process"
 
     def _path(self, index: int, identity: str) -> Path:
-        return self.folder / f"{index:07d}-{digest(self.settings, identity)}.arrow"
+        return self.folder / f"{index:07d}-{digest(self.settings, identity)}.chunk"
 
     def _keep_only(self, expected: set[str]) -> None:
         """Remove the chunk files of other runs' corpora or settings (and temporaries of a killed write)."""
@@ -129,7 +128,7 @@ class ChunkedWork:
             log.info("resuming: %d of %d chunks were finished by a run before", self.resumed, len(paths))
         todo = [index for index, finished in enumerate(done) if not finished]
         if not todo:
-            yield from (self._read(path) for path in paths)
+            yield from (self._read(path, function, chunk) for path, chunk in zip(paths, chunks))
             return
         with self._submitter(len(todo)) as submit:
             in_flight: dict[int, Future] = {}
@@ -137,21 +136,25 @@ class ChunkedWork:
             limit = max(1, self.window * (self.workers if not self.scheduler else max(self.workers, 2)))
             for index, path in enumerate(paths):
                 while len(in_flight) < limit and (nxt := next(queue, None)) is not None:
-                    in_flight[nxt] = submit(function, chunks[nxt])
+                    in_flight[nxt] = submit(encoded_call, function, chunks[nxt])  # encoded where it ran
                 if index in in_flight:
-                    encoded = encode(in_flight.pop(index).result())
+                    encoded = in_flight.pop(index).result()
                     write_bytes(path, encoded)
                     yield decode(encoded)
                 else:
-                    yield self._read(path)
+                    yield self._read(path, function, chunks[index])
 
     @staticmethod
-    def _read(path: Path) -> Any:
+    def _read(path: Path, function: Callable[[Any], Any], chunk: Any) -> Any:
+        """A chunk result of a run before; done again here when it does not read back (the file is
+        written without fsync: after a power cut it may be empty or cut short)."""
         try:
             return decode(path.read_bytes())
-        except (OSError, ValueError, KeyError) as error:
-            raise PipelineError(f"{path}: a chunk result that does not read back ({type(error).__name__}); "
-                                f"remove {path.parent} and run the stage again") from None
+        except (OSError, ValueError, KeyError, TypeError, IndexError) as error:
+            log.info("chunk %s does not read back (%s): done again", path.name, type(error).__name__)
+            encoded = encoded_call(function, chunk)
+            write_bytes(path, encoded)
+            return decode(encoded)
 
     def _submitter(self, chunks: int):
         import contextlib
@@ -163,7 +166,7 @@ class ChunkedWork:
                     super().__init__()
                     self.set_result(value)
 
-            yield lambda function, chunk: Done(function(chunk))
+            yield lambda function, *args: Done(function(*args))
 
         @contextlib.contextmanager
         def local_pool():
@@ -188,7 +191,7 @@ class ChunkedWork:
                 raise PipelineError(f"cannot reach the Dask scheduler {self.scheduler} ({error}); start it, or "
                                     f"unset the section's `scheduler` and ${SCHEDULER_ENV} to run locally") from None
             with client:
-                yield lambda function, chunk: client.submit(function, chunk, pure=False)
+                yield lambda function, *args: client.submit(function, *args, pure=False)
 
         if self.scheduler:
             return dask()
@@ -202,52 +205,69 @@ class ChunkedWork:
 _BLOB = "__blob__"
 
 
-def encode(value: Any) -> bytes:
-    """`value` (JSON-ready, `bytes` anywhere in it) as an Arrow IPC stream: the bytes as the rows of
-    one binary column, the rest as JSON (sorted keys) in the schema's metadata."""
-    import pyarrow as pa
+_MAGIC = b"SSLCHUNK1\n"
 
+
+def encode(value: Any) -> bytes:
+    """`value` (JSON-ready, `bytes` anywhere in it) as bytes: a magic line, the JSON text (sorted keys;
+    each `bytes` value replaced by its blob's number) and the blobs, each behind its 8-byte length.
+    Plain data only: reading it back runs nothing (never a pickle)."""
     blobs: list[bytes] = []
 
-    def lift(item: Any) -> Any:
+    def lift(item: Any) -> Any:  # json's hook for what it cannot write: bytes become a numbered blob
         if isinstance(item, (bytes, bytearray, memoryview)):
             blobs.append(bytes(item))
             return {_BLOB: len(blobs) - 1}
-        if isinstance(item, dict):
-            return {str(key): lift(inner) for key, inner in item.items()}
-        if isinstance(item, (list, tuple)):
-            return [lift(inner) for inner in item]
-        return item
+        return str(item)
 
-    text = json.dumps(lift(value), sort_keys=True, default=str)
-    table = pa.table({"blob": pa.array(blobs, type=pa.large_binary())}).replace_schema_metadata({"json": text})
-    sink = pa.BufferOutputStream()
-    with pa.ipc.new_stream(sink, table.schema) as writer:
-        writer.write_table(table)
-    return sink.getvalue().to_pybytes()
+    text = json.dumps(value, sort_keys=True, default=lift).encode()
+    parts = [_MAGIC, len(text).to_bytes(8, "little"), text]
+    for blob in blobs:
+        parts += [len(blob).to_bytes(8, "little"), blob]
+    return b"".join(parts)
 
 
 def decode(data: bytes) -> Any:
-    import pyarrow as pa
+    """`encode`'s value back; ValueError when `data` is not a whole chunk result."""
+    view, at = memoryview(data), len(_MAGIC)
+    if bytes(view[:at]) != _MAGIC:
+        raise ValueError("not a chunk result")
 
-    table = pa.ipc.open_stream(pa.py_buffer(data)).read_all()
-    blobs = table.column("blob").to_pylist() if table.num_rows else []
+    def take() -> bytes:
+        nonlocal at
+        if at + 8 > len(view):
+            raise ValueError("cut short")
+        size = int.from_bytes(view[at:at + 8], "little")
+        if at + 8 + size > len(view):
+            raise ValueError("cut short")
+        at += 8 + size
+        return bytes(view[at - size:at])
 
-    def lower(item: Any) -> Any:
-        if isinstance(item, dict):
-            if set(item) == {_BLOB}:
-                return blobs[item[_BLOB]]
-            return {key: lower(inner) for key, inner in item.items()}
-        if isinstance(item, list):
-            return [lower(inner) for inner in item]
-        return item
+    text = take()
+    blobs: list[bytes] = []
+    while at < len(view):
+        blobs.append(take())
 
-    return lower(json.loads(table.schema.metadata[b"json"]))
+    def lower(item: dict) -> Any:
+        return blobs[item[_BLOB]] if len(item) == 1 and _BLOB in item else item
+
+    return json.loads(text, object_hook=lower)
+
+
+def encoded_call(function: Callable[[Any], Any], chunk: Any) -> bytes:
+    """`function(chunk)`, encoded in the process that ran it (the stage's own then only writes it)."""
+    return encode(function(chunk))
 
 
 def write_bytes(path: Path, data: bytes) -> None:
-    with atomic_file(path) as tmp:
+    """Written under a temporary name and renamed: never a half-written file under `path` while the
+    machine runs. Not fsynced (working state; `_read` does a chunk again when it does not read back)."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
         tmp.write_bytes(data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def chunked_work(cfg: Any, paths: Any, stage: str, settings: Any) -> ChunkedWork:

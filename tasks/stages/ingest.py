@@ -28,7 +28,7 @@ from ssl_models.core.workers import file_stamp
 from tasks.io import atomic_dir, private_outputs, write_json, write_jsonl
 from tasks.lineage import LineageRecorder
 from tasks.paths import DomainPaths
-from tasks.sources import Discovery, Namer, discover, public_namer
+from tasks.sources import Discovery, Namer, discover, public_namer, relative_key
 from tasks.workers import ChunkedWork, chunked, chunked_work, digest
 
 log = logging.getLogger("ingest")
@@ -127,7 +127,7 @@ def _chunks(found: Discovery, corpus: Path, work: ChunkedWork) -> tuple[list[lis
     identities = []
     for chunk in chunks:
         files = [path for kind, item in chunk for path in (item.paths if kind == "source" else [item])]
-        identities.append(digest([(path.relative_to(corpus).as_posix(), *file_stamp(path)) for path in files]))
+        identities.append(digest([(relative_key(path, corpus), *file_stamp(path)) for path in files]))
     return chunks, identities
 
 
@@ -140,7 +140,7 @@ def ingest_chunk(job: tuple[DomainConfig, list[tuple[str, Any]]]) -> list[dict[s
     done = []
     for kind, item in chunk:
         files = item.paths if kind == "source" else [item]
-        entry: dict[str, Any] = {"files": [path.relative_to(corpus).as_posix() for path in files],
+        entry: dict[str, Any] = {"files": [relative_key(path, corpus) for path in files],
                                  "hashes": [_hash_or_none(path) for path in files], "source": None}
         if kind == "source":
             records, rejected = read_source(domain, item, cfg)
@@ -188,7 +188,7 @@ def _ingest(cfg: DomainConfig, domain: Domain, paths: DomainPaths, corpus: Path)
                                                    "pseudonymised": domain.pseudonymises(cfg)}})
     found = discover(domain, cfg, public)
     # a label may name any file of a multi-file source (one slice of a DICOM series): it labels the source
-    member_of = {public("key", path.relative_to(corpus).as_posix()): key
+    member_of = {public("key", relative_key(path, corpus)): key
                  for key, source in found.sources.items() if len(source.paths) > 1 for path in source.paths}
     labels = _labels_by_source(labels, member_of, written_as, cfg, domain)
     if found.links_followed:
@@ -227,14 +227,14 @@ def _ingest(cfg: DomainConfig, domain: Domain, paths: DomainPaths, corpus: Path)
                 rows.append({"key": key, "source": source_key, "sha256": record["sha256"],
                              "bytes": record["n_bytes"], **record["meta"]})
     progress.close()
-    raw_inputs = {key: file_hashes[path.relative_to(corpus).as_posix()] for key, path in found.files}
+    raw_inputs = {key: file_hashes[relative_key(path, corpus)] for key, path in found.files}
     summary, missing = _attach_labels_and_splits(rows, labels, reader_groups, alias, quarantine, cfg, public)
     summary.update(files=len(found.files) + found.hidden, sources=len(found.sources),
                    symlinks_followed_out_of_corpus=found.links_followed,
                    hidden_files_skipped=found.hidden, records=len(rows),
                    quarantined=len(quarantine), duplicates_dropped=len(duplicates),
                    pseudonymised=domain.pseudonymises(cfg))
-    corpus_keys = [path.relative_to(corpus).as_posix() for _, path in found.files]
+    corpus_keys = [relative_key(path, corpus) for _, path in found.files]
     problem = (_quarantine_problem(cfg, domain, paths, rows, quarantine)
                or _missing_labels_problem(cfg, domain, missing, labels, written_as, corpus_keys)
                or _class_problem(cfg, domain, rows, labels))

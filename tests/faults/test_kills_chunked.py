@@ -33,7 +33,7 @@ def text_project(root: Path) -> Path:
 
 def chunks_done(root: Path, stage: str, domain: str) -> int:
     folder = DomainPaths(domain, root).work(stage)
-    return sum(1 for path in folder.glob("*.arrow")) if folder.is_dir() else 0
+    return sum(1 for path in folder.glob("*.chunk")) if folder.is_dir() else 0
 
 
 def test_a_killed_chunked_ingest_resumes_at_its_first_unfinished_chunk(tmp_path: Path,
