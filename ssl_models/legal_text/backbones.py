@@ -29,6 +29,7 @@ from ssl_models.core.config import DomainConfig
 from ssl_models.core.domain import check_pretrained_loading
 from ssl_models.core.errors import PipelineError
 from ssl_models.core.modules import Encoder
+from ssl_models.legal_text.vocab import initialise_added_embeddings
 
 transformers.logging.set_verbosity_error()
 transformers.utils.logging.disable_progress_bar()  # loading a small checkpoint takes milliseconds
@@ -184,6 +185,9 @@ class TextEncoder(Encoder):
         # whole windows only: `max_document_tokens` is a budget, not a length to fill
         self.windows_per_document = max(1, self.max_document_tokens // max_length)
         self.window_cache = WindowCache()
+        # whether the weights are a base checkpoint's, pretraining continuing from them (build_bert
+        # sets it): what self-distillation's frozen teacher is
+        self.continues_checkpoint = False
 
     def collate(self, samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         """`input_ids` and `attention_mask` of every window of the batch [windows, length], and
@@ -288,6 +292,8 @@ def build_bert(cfg: DomainConfig, shards_dir: Path) -> TextEncoder:
         check_pretrained_loading(masked_lm, loading, checkpoint, f"a {type(masked_lm).__name__} of its config.json",
                                  "give a Hugging Face folder whose weights match its config.json")
         pooling = Pooling.read(checkpoint)  # a sentence encoder's pooling, kept through continued pretraining
+        # the words preprocess.extend_vocabulary added: new rows, each the mean of its pieces'
+        initialise_added_embeddings(masked_lm, tokenizer, AutoTokenizer.from_pretrained(checkpoint))
         if masked_lm.config.vocab_size < len(tokenizer):
             raise PipelineError("the base checkpoint's vocabulary is smaller than the tokenizer's; with "
                                 "model.base_checkpoint set, use preprocess.tokenizer: base")
@@ -302,8 +308,10 @@ def build_bert(cfg: DomainConfig, shards_dir: Path) -> TextEncoder:
     if len(heads) != 1:
         raise PipelineError(f"backbone bert needs a BERT-style masked LM (a base model and one MLM head); "
                             f"the base checkpoint is a {type(masked_lm).__name__}")
-    return TextEncoder(masked_lm.base_model, tokenizer, model_cfg.max_length, masked_lm_head=heads[0],
-                       max_document_tokens=model_cfg.max_document_tokens, pooling=pooling)
+    encoder = TextEncoder(masked_lm.base_model, tokenizer, model_cfg.max_length, masked_lm_head=heads[0],
+                          max_document_tokens=model_cfg.max_document_tokens, pooling=pooling)
+    encoder.continues_checkpoint = bool(model_cfg.base_checkpoint)
+    return encoder
 
 
 def load_text_encoder(source: Path, cfg: DomainConfig, weights: bool = True, strict: bool = False) -> TextEncoder:

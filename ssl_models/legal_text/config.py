@@ -25,9 +25,15 @@ class MLMOptions:
     """`pretrain.options` of `mlm`: the share of (non-special) tokens each block predicts."""
 
     mlm_probability: float = 0.15
+    # weight of the self-distillation term (0: off): the mean squared difference between the final
+    # hidden states of the model being pretrained and of the frozen base checkpoint it started from,
+    # on the same masked blocks; keeps continued pretraining close to the generic model (needs
+    # model.base_checkpoint)
+    distill_weight: float = 0.0
 
     def validate(self, where: str) -> None:
         require(0 < self.mlm_probability < 1, f"{where}.mlm_probability", "must be in (0, 1)")
+        require(self.distill_weight >= 0, f"{where}.distill_weight", "must be >= 0 (0: no self-distillation)")
 
 
 @dataclass
@@ -93,11 +99,21 @@ class TextPreprocessConfig:
     min_frequency: int = 2
     lowercase: bool = True
     block_size: int = 128  # tokens per pretraining block
+    # with tokenizer: base, up to this many of the training split's most frequent whole words that the
+    # base vocabulary cuts into several pieces become tokens of their own (0: the base vocabulary as is);
+    # their embeddings start as the mean of their pieces'
+    extend_vocabulary: int = 0
+    extend_min_frequency: int = 20  # occurrences in the training split a word needs to be added
 
     def validate(self, where: str) -> None:
         require(self.vocab_size >= 16, f"{where}.vocab_size", "must be at least 16 (5 special tokens and an alphabet)")
         require(self.min_frequency >= 1, f"{where}.min_frequency", "must be at least 1")
         require(self.block_size >= 8, f"{where}.block_size", "must be at least 8")
+        require(self.extend_vocabulary >= 0, f"{where}.extend_vocabulary", "must be >= 0 (0: no new words)")
+        require(self.extend_min_frequency >= 1, f"{where}.extend_min_frequency", "must be at least 1")
+        require(self.extend_vocabulary == 0 or self.tokenizer == "base", f"{where}.extend_vocabulary",
+                "extends the base checkpoint's vocabulary: set tokenizer: base (a trained tokenizer "
+                "already learns the corpus' words)")
 
 
 @dataclass

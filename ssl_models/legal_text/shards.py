@@ -14,6 +14,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedToken
 
 from ssl_models.core.config import DomainConfig
 from ssl_models.legal_text.backbones import resolve_checkpoint
+from ssl_models.legal_text.vocab import extend_vocabulary
 
 SPECIAL_TOKENS = {"unk_token": "[UNK]", "pad_token": "[PAD]", "cls_token": "[CLS]",
                   "sep_token": "[SEP]", "mask_token": "[MASK]"}
@@ -24,10 +25,16 @@ def build_tokenizer(cfg: DomainConfig, train_texts: list[str]) -> PreTrainedToke
     (`preprocess.tokenizer`; the domain's `validate` pairs `base` with a base checkpoint).
 
     The CaseHOLD study (Zheng et al., ICAIL 2021) found a legal vocabulary gave the largest
-    gains of domain pretraining, hence training one is the default."""
+    gains of domain pretraining, hence training one is the default. With `base`, the training
+    split's frequent words the base vocabulary splits are added to it (`preprocess.extend_vocabulary`)."""
     options = cfg.preprocess
     if options.tokenizer == "base":
-        return AutoTokenizer.from_pretrained(resolve_checkpoint(cfg))
+        tokenizer = AutoTokenizer.from_pretrained(resolve_checkpoint(cfg))
+        if options.extend_vocabulary:
+            # in pieces, as pack_blocks tokenises: the counting trainer too holds a string's alignments at once
+            extend_vocabulary(tokenizer, (piece for text in train_texts for piece in text_pieces(text)),
+                              options.extend_vocabulary, options.extend_min_frequency)
+        return tokenizer
     wordpiece = BertWordPieceTokenizer(lowercase=options.lowercase)
     # in pieces, as pack_blocks tokenises: the trainer too holds a whole string's alignments at once
     pieces = (piece for text in train_texts for piece in text_pieces(text))

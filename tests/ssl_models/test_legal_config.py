@@ -36,6 +36,10 @@ SPAN = {"method": "mlm_span_contrastive"}
     ({"preprocess": {"block_size": 4}}, f"{W}.preprocess.block_size: must be at least 8"),
     ({"preprocess": {"vocab_size": 5}}, f"{W}.preprocess.vocab_size: must be at least 16"),
     ({"preprocess": {"min_frequency": 0}}, f"{W}.preprocess.min_frequency: must be at least 1"),
+    ({"preprocess": {"extend_vocabulary": -1}}, f"{W}.preprocess.extend_vocabulary: must be >= 0"),
+    ({"preprocess": {"extend_vocabulary": 100}}, f"{W}.preprocess.extend_vocabulary: extends the base checkpoint's "
+                                                 "vocabulary: set tokenizer: base"),
+    ({"preprocess": {"extend_min_frequency": 0}}, f"{W}.preprocess.extend_min_frequency: must be at least 1"),
     # model
     ({"model": {"layers": 2}}, f"{W}.model: unknown setting(s) ['layers']"),
     ({"model": {"hidden_size": 32.5}}, f"{W}.model.hidden_size: 32.5 should be a valid integer"),
@@ -52,6 +56,9 @@ SPAN = {"method": "mlm_span_contrastive"}
     ({"pretrain": {"options": {"mlm_probability": "high"}}},
      f"{W}.pretrain.options.mlm_probability: 'high' should be a valid number"),
     ({"pretrain": {"options": {"mlm_probability": 1.5}}}, f"{W}.pretrain.options.mlm_probability: must be in (0, 1)"),
+    ({"pretrain": {"options": {"distill_weight": -0.5}}}, f"{W}.pretrain.options.distill_weight: must be >= 0"),
+    ({"pretrain": {**SPAN, "options": {"distill_weight": "on"}}},
+     f"{W}.pretrain.options.distill_weight: 'on' should be a valid number"),
     ({"pretrain": {**SPAN, "options": {"temprature": 0.1}}},
      f"{W}.pretrain.options: unknown setting(s) ['temprature']"),
     ({"pretrain": {**SPAN, "options": {"temperature": [0.1]}}},
