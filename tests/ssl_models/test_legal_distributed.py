@@ -25,7 +25,16 @@ import yaml
 from safetensors.torch import load_file
 
 from tasks.cli import run_stage
-from tests.conftest import assert_close_weights, pretrained_state, run_stages, stage_env, tiny_params, write_params
+from tests.conftest import (
+    assert_close_weights,
+    copy_project,
+    pretrained_state,
+    run_stages,
+    stage_env,
+    tiny_params,
+    write_params,
+)
+from tests.ssl_models.test_legal_vocab import write_generic_base_checkpoint
 
 pytestmark = pytest.mark.slow
 
@@ -40,8 +49,12 @@ SETTINGS = {"steps": 3, "batch_size": 8, "checkpoint_every": 3, "warmup_steps": 
 WEIGHTS = "models/legal/pretrain/encoder/model.safetensors"
 
 
-def params(**pretrain: object) -> dict:
-    return tiny_params(cpu_threads=1, model={"dropout": 0.0}, pretrain=pretrain)
+def params(dapt: bool = False, **pretrain: object) -> dict:
+    if not dapt:
+        return tiny_params(cpu_threads=1, model={"dropout": 0.0}, pretrain=pretrain)
+    # continued pretraining of the tiny base checkpoint, its vocabulary extended by the corpus' words
+    return tiny_params(cpu_threads=1, model={"dropout": 0.0, "base_checkpoint": "base"}, pretrain=pretrain,
+                       preprocess={"tokenizer": "base", "extend_vocabulary": 20, "extend_min_frequency": 5})
 
 
 @pytest.fixture(scope="module")
@@ -54,9 +67,25 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     torch.set_num_threads(threads)  # the stages set cpu_threads for the whole test process
 
 
-@pytest.mark.parametrize("method", ["mlm", "mlm_span_contrastive"])
-def test_two_processes_with_half_the_batch_each_end_where_one_process_ends(project: Path, method: str) -> None:
-    write_params(project, params(method=method))
+@pytest.fixture(scope="module")
+def dapt_project(project: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`project` preprocessed again for DAPT of a tiny base checkpoint (generic English vocabulary,
+    extended by 20 words of the training split)."""
+    root = copy_project(project, tmp_path_factory.mktemp("legal_distributed_dapt"))
+    write_generic_base_checkpoint(root / "base")
+    write_params(root, params(dapt=True))
+    run_stages(root, "legal", "preprocess")
+    return root
+
+
+@pytest.mark.parametrize("method, options, dapt", [
+    ("mlm", {}, False), ("mlm_span_contrastive", {}, False),
+    # self-distillation: the teacher's term is a mean over the global batch's tokens too
+    ("mlm", {"distill_weight": 1.0}, True)], ids=["mlm", "mlm_span_contrastive", "mlm-distilled-extended-vocabulary"])
+def test_two_processes_with_half_the_batch_each_end_where_one_process_ends(
+        request: pytest.FixtureRequest, method: str, options: dict, dapt: bool) -> None:
+    project = request.getfixturevalue("dapt_project" if dapt else "project")
+    write_params(project, params(dapt, method=method, options=options))
     single = pretrained_state(project, "legal", nproc=1, **SETTINGS)
     double = pretrained_state(project, "legal", nproc=2, **SETTINGS)
     assert [step for step, _ in single[1]["loss"]] == [step for step, _ in double[1]["loss"]] == [1, 2, 3]

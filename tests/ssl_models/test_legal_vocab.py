@@ -37,11 +37,13 @@ EXTEND = {"tokenizer": "base", "extend_vocabulary": 8, "extend_min_frequency": 2
 
 def write_base_checkpoint(folder: Path, tokenizer: PreTrainedTokenizerFast) -> Path:
     """A one-layer BERT masked LM (seed 0, its output bias random too) over `tokenizer`, saved as a
-    Hugging Face folder."""
+    Hugging Face folder. Without dropout (a base checkpoint keeps its own, whatever model.dropout
+    says): the method's training mode draws nothing, and processes compute the same."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = BertForMaskedLM(BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1,
                                            num_attention_heads=2, intermediate_size=64,
+                                           hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
                                            pad_token_id=tokenizer.pad_token_id))
         torch.nn.init.normal_(model.cls.predictions.bias)  # zeros at init: its mean would be trivially right
     model.save_pretrained(folder)
@@ -49,14 +51,20 @@ def write_base_checkpoint(folder: Path, tokenizer: PreTrainedTokenizerFast) -> P
     return folder
 
 
+def write_generic_base_checkpoint(folder: Path) -> Path:
+    """`write_base_checkpoint` over a WordPiece vocabulary of generic English (120 tokens: the
+    alphabet and a few words), which spells every legal word in pieces."""
+    wordpiece = BertWordPieceTokenizer(lowercase=True)
+    wordpiece.train_from_iterator(GENERIC, vocab_size=120, min_frequency=1,
+                                  special_tokens=list(SPECIAL_TOKENS.values()), show_progress=False)
+    return write_base_checkpoint(folder, PreTrainedTokenizerFast(tokenizer_object=wordpiece, **SPECIAL_TOKENS))
+
+
 @pytest.fixture(scope="module")
 def base_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A project root holding the base checkpoint `base/` (a vocabulary of generic English)."""
     root = tmp_path_factory.mktemp("legal_vocab")
-    wordpiece = BertWordPieceTokenizer(lowercase=True)
-    wordpiece.train_from_iterator(GENERIC, vocab_size=120, min_frequency=1,
-                                  special_tokens=list(SPECIAL_TOKENS.values()), show_progress=False)
-    write_base_checkpoint(root / "base", PreTrainedTokenizerFast(tokenizer_object=wordpiece, **SPECIAL_TOKENS))
+    write_generic_base_checkpoint(root / "base")
     return root
 
 
@@ -160,7 +168,9 @@ def distilled_method(root: Path, shards_root: Path, weight: float = 1.0):
 def test_distillation_is_zero_while_the_student_is_the_teacher_and_grows_after_a_step(
         base_root: Path, tmp_path: Path) -> None:
     method, batch = distilled_method(base_root, tmp_path)
+    method.train()  # as the pretrain stage runs it; the teacher stays in eval mode
     teacher = method.teacher
+    assert not teacher.training
     assert teacher is not None and not any(p.requires_grad for p in teacher.parameters())
     # not part of the method's state: no checkpoint key, no optimizer parameter
     assert not any(key.startswith("teacher") for key in method.state_dict())
@@ -179,6 +189,7 @@ def test_the_distilled_loss_falls_and_the_model_stays_closer_to_the_base(base_ro
     for weight in (0.0, 10.0):
         method, batch = distilled_method(base_root, tmp_path / str(weight), weight)
         assert (method.teacher is None) == (weight == 0)  # off: no copy made
+        method.train()
         base = copy.deepcopy(method.backbone_encoder.model)
         optimizer = torch.optim.AdamW(method.parameters(), lr=1e-2)
         losses = []
@@ -187,7 +198,7 @@ def test_the_distilled_loss_falls_and_the_model_stays_closer_to_the_base(base_ro
             loss.backward()
             optimizer.step()
             optimizer.zero_grad()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
         assert losses[-1] < 0.9 * losses[0], losses
         with torch.no_grad():
             ids = batch["input_ids"]
