@@ -1,5 +1,6 @@
-"""The three protocols that measure an encoder on a few labels: linear probe, kNN, fine-tune;
-the probe's regularisation chosen inside the labeled subset, and 2D views of frozen features."""
+"""The protocols that measure an encoder on a few labels: linear probe, kNN, fine-tune (and over
+bags of instances, attention-based MIL: `tasks.mil`); the probe's regularisation chosen inside the
+labeled subset, and 2D views of frozen features."""
 
 from __future__ import annotations
 

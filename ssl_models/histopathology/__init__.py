@@ -32,8 +32,17 @@ class Histopathology(Domain, module="histopathology"):
         manifest split: ingest cannot tell which classes reach the train split."""
         return bool(cfg.preprocess.spatial_block)
 
+    def gives_bags(self, cfg: DomainConfig) -> bool:
+        """Whether each labeled row is a bag of instances whose encoder gives their own features
+        (`instance_features`, `pool_instances`): what the `abmil` protocol needs. Slides are."""
+        return cfg.preprocess.labeled_unit == "slide"
+
     def validate(self, cfg: DomainConfig) -> None:
         where = f"domains.{cfg.name}"
+        asked = [*cfg.finetune.protocols, *(cfg.finetune.generic_protocols or [])]
+        require("abmil" not in asked or self.gives_bags(cfg), f"{where}.finetune.protocols",
+                "abmil pools the tiles of a slide: it needs preprocess.labeled_unit: slide (with labels per tile, "
+                "use linear, knn or finetune)")
         require(cfg.pretrain.method != "mae" or cfg.model.backbone == "vit", f"{where}.pretrain.method",
                 "mae needs model.backbone: vit")
         require(cfg.model.backbone != "vit" or cfg.preprocess.stored_size % cfg.model.patch_size == 0,
@@ -126,7 +135,9 @@ class Histopathology(Domain, module="histopathology"):
                     "task shows whether pretraining helps encode stain and texture, not diagnostic value. Regions "
                     "are the split unit: test tiles come from regions never seen in pretraining or training. "
                     + ATTRIBUTION)
-        unit = ("slides (mean of their tiles' embeddings)" if preprocess.labeled_unit == "slide"
+        pooling = ("mean of their tiles' embeddings; `abmil`: gated attention over them"
+                   if "abmil" in cfg.finetune.protocols else "mean of their tiles' embeddings")
+        unit = (f"slides ({pooling})" if preprocess.labeled_unit == "slide"
                 else "tiles, each labeled with its slide's label")
         splits = (f"spatial blocks of {preprocess.spatial_block} pixels (test tiles come from regions "
                   "never trained on)" if preprocess.spatial_block else "slide or labels-CSV group")

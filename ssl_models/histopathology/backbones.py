@@ -36,7 +36,8 @@ def normalise(images: torch.Tensor) -> torch.Tensor:
 
 class TileEncoder(Encoder):
     """Backbone features of tiles; a labeled row holding several tiles of one slide (a bag) is
-    mean-pooled into one slide embedding. Saves its weights with the model block and tile size."""
+    mean-pooled into one slide embedding (`instance_features` gives the tiles' own, for
+    attention-based MIL). Saves its weights with the model block and tile size."""
 
     def __init__(self, backbone: nn.Module, cfg: HistoModelConfig, image_size: int) -> None:
         super().__init__()
@@ -50,18 +51,24 @@ class TileEncoder(Encoder):
         bags = torch.repeat_interleave(torch.arange(len(samples)), torch.tensor([len(s["pixels"]) for s in samples]))
         return {"images": normalise(decode_tiles(blobs)), "bag": bags}
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def instance_features(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Each tile's features [tiles, dim], in the order of `batch["bag"]` (its row's index)."""
         # A parameter-free normalisation before any head, as MAE's linear probing adds one:
         # features of a random or drifting backbone keep one scale, so a probe's head (folded
         # with its feature scaler for LP-FT) does not saturate when fine-tuning moves them.
-        features = nn.functional.layer_norm(self.backbone(batch["images"]), (self.dim,))
-        bags = batch["bag"]
+        return nn.functional.layer_norm(self.backbone(batch["images"]), (self.dim,))
+
+    def pool_instances(self, features: torch.Tensor, bags: torch.Tensor) -> torch.Tensor:
+        """The mean of each row's tile features [rows, dim] (the rows of one tile each: as they are)."""
         n_bags = int(bags.max()) + 1 if len(bags) else 0
         if n_bags == len(bags):
             return features
         pooled = torch.zeros(n_bags, features.shape[1], dtype=features.dtype,
                              device=features.device).index_add_(0, bags, features)
         return pooled / torch.bincount(bags, minlength=n_bags).unsqueeze(1).to(features.dtype)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.pool_instances(self.instance_features(batch), batch["bag"])
 
     def save(self, out_dir: Path) -> None:
         """`model.safetensors` and `config.json` (the model block and the tile size)."""

@@ -1,5 +1,9 @@
 """finetune: each initialisation x label fraction x seed x protocol on the small labeled set.
 
+Protocols: `linear` (probe), `knn`, `finetune` (the whole encoder) and, where each labeled
+row is a bag of instances (slides of tiles), `abmil` (gated-attention MIL on the frozen instance
+embeddings, `tasks.mil`), trained with the class weights and step rule of fine-tuning.
+
 Initialisations: `ssl` (domain-pretrained), `scratch` (same architecture, random init),
 `generic` (the off-the-shelf checkpoint, when configured; `finetune.generic_protocols`) and
 `baseline` (the domain's classical features, when it ships them; linear probe only). The
@@ -58,6 +62,7 @@ from ssl_models.core.shards import LABELED
 from ssl_models.core.splits import select_label_subset
 from tasks.io import atomic_dir, read_json, write_json
 from tasks.lineage import LineageRecorder
+from tasks.mil import abmil_probe, abmil_steps, embed_bags
 from tasks.paths import DomainPaths
 from tasks.probes import (
     ChosenC,
@@ -76,6 +81,7 @@ log = logging.getLogger("finetune")
 
 Rows = list[dict[str, Any]]
 Features = tuple[Any, Any]  # (pool, test): numpy arrays, or scipy sparse matrices for a baseline
+Bags = tuple[list[np.ndarray], list[np.ndarray]]  # (pool, test): each row's instance features [instances, dim]
 Probe = tuple[ChosenC, Any]  # the chosen C and the fitted probe (None for a one-class subset)
 
 # inits whose frozen features do not depend on the seed: embedded once per process
@@ -148,6 +154,7 @@ class Reuse:
     subset is the whole pool). Deterministic computations, so reuse changes no result."""
 
     features: dict[str, Features] = field(default_factory=dict)
+    bags: dict[str, Bags] = field(default_factory=dict)  # for abmil
     probes: dict[tuple[str, tuple[int, ...]], Probe] = field(default_factory=dict)
 
 
@@ -161,6 +168,7 @@ class JobResult:
 def finetune(cfg: DomainConfig, domain: Domain, paths: DomainPaths) -> list[dict[str, Any]]:
     domain_name = cfg.name
     settings = cfg.finetune
+    require_bags_for_abmil(cfg, domain)
     set_cpu_threads(cfg.cpu_threads)
     pool, test = load_labeled(paths.shards)
     classes = sorted({r["label"] for r in pool} | {r["label"] for r in test})
@@ -210,6 +218,16 @@ def finetune(cfg: DomainConfig, domain: Domain, paths: DomainPaths) -> list[dict
         recorder.write(out)
     log.info("finetune %s: %d results", domain_name, len(results))
     return results
+
+
+def require_bags_for_abmil(cfg: DomainConfig, domain: Domain) -> None:
+    """abmil needs labeled rows that are bags of instances (`Domain.gives_bags`): one line otherwise."""
+    asked = [*cfg.finetune.protocols, *(cfg.finetune.generic_protocols or [])]
+    gives_bags = getattr(domain, "gives_bags", None)
+    if "abmil" in asked and not (gives_bags is not None and gives_bags(cfg)):
+        raise PipelineError(f"params.yaml domains.{cfg.name}.finetune.protocols: abmil needs labeled rows that are "
+                            f"bags of instances (histopathology with preprocess.labeled_unit: slide); {domain.name} "
+                            "gives one embedding per labeled row here: remove abmil")
 
 
 def run_in_processes(plan: Plan, jobs: list[tuple[str, int]], nproc: int, device: torch.device,
@@ -291,17 +309,25 @@ def run_job(plan: Plan, init: str, seed: int, pool: Rows, test: Rows, device: to
     test_y = [r["label"] for r in test]
     encoder: Encoder | None = None
     features = reuse.features.get(init) if init in SEED_FREE_INITS else None
-    if init != "baseline" and (features is None or "finetune" in protocols):
+    bags = reuse.bags.get(init) if init in SEED_FREE_INITS else None
+    embed = features is None or ("abmil" in protocols and bags is None)
+    if init != "baseline" and (embed or "finetune" in protocols):
         encoder = plan.domain.load_encoder(init, cfg, plan.paths.shards, plan.paths.pretrain / "encoder",
                                            seed).to(device)
-    if features is None:
+    if embed:
         if init == "baseline":
             features = baseline_features(plan, pool, test)
+        elif "abmil" in protocols:  # one pass gives both: the mean-pooled features and each tile's
+            embedded, instances = embed_bags(encoder, pool + test, precision=settings.precision)
+            features, bags = (embedded[:len(pool)], embedded[len(pool):]), (instances[:len(pool)],
+                                                                            instances[len(pool):])
         else:
             embedded = embed_rows(encoder, pool + test, precision=settings.precision)
             features = embedded[:len(pool)], embedded[len(pool):]
         if init in SEED_FREE_INITS:
             reuse.features[init] = features
+            if bags is not None:
+                reuse.bags[init] = bags
     pool_x, test_x = features
     results: list[dict[str, Any]] = []
     seconds: dict[str, float] = {}
@@ -336,8 +362,12 @@ def run_job(plan: Plan, init: str, seed: int, pool: Rows, test: Rows, device: to
                 if settings.save_models and init == "ssl" and seed == settings.seeds_for(fraction)[0]:
                     _save_model(plan.out / "models" / f"{init}_fraction-{fraction}_seed-{seed}", model, head,
                                 plan.classes)
+            elif protocol == "abmil":
+                chosen["steps"] = abmil_steps(settings, len(subset))
+                predicted, probabilities = abmil_probe([bags[0][i] for i in subset], train_y, bags[1],
+                                                       plan.classes, settings, seed, device)
             else:
-                raise PipelineError(f"unknown protocol {protocol!r}: use linear, knn or finetune")
+                raise PipelineError(f"unknown protocol {protocol!r}: use linear, knn, finetune or abmil")
             results.append({**base, "protocol": protocol, **scores(test_y, predicted, probabilities, plan.classes),
                             "chosen": chosen, "predicted": [plan.classes.index(label) for label in predicted]})
             seconds[f"{init}/{protocol}/{fraction}/{seed}"] = round(time.time() - started, 2)
