@@ -345,6 +345,7 @@ def run_stage(stage: str, domain_name: str, root: Path = Path("."),
     """Run `stage` under the domain's lock on the domain's block as `load_config` parsed it
     (`loaded`; parsed here when not given), as the CLI does."""
     from ssl_models.core.config import load_config
+    from ssl_models.core.hashing import hash_cache
     from tasks.io import clean_stale, private_outputs
     from tasks.lineage import check_raw_inputs_unchanged
     from tasks.paths import DomainPaths
@@ -357,11 +358,14 @@ def run_stage(stage: str, domain_name: str, root: Path = Path("."),
             for output in paths.outputs(stage) + paths.working_state(stage):
                 for line in clean_stale(output.parent) + clean_stale(output, recursive=True):
                     log.info("%s@%s: %s", stage, domain_name, line)
-        check_inputs(stage, paths)
-        if stage == "preprocess":
-            check_raw_inputs_unchanged(paths.manifest, root, f"ingest@{domain_name}")
-        with private_outputs(domain.pseudonymises(cfg)):  # a private domain's outputs: the owner's alone
-            return function(cfg, domain, paths)
+        # the digests this machine took of files untouched since (ssl_models/core/hashing.HashCache): a
+        # stage's start checks its inputs, and the raw corpus, without reading them again
+        with hash_cache(paths.workspace / "hashes.sqlite"):
+            check_inputs(stage, paths)
+            if stage == "preprocess":
+                check_raw_inputs_unchanged(paths.manifest, root, f"ingest@{domain_name}")
+            with private_outputs(domain.pseudonymises(cfg)):  # a private domain's outputs: the owner's alone
+                return function(cfg, domain, paths)
 
 
 def _one_line(text: object) -> str:

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from ssl_models.core.errors import PipelineError
-from ssl_models.core.hashing import digest_of, sha256_file
+from ssl_models.core.hashing import digest_of, file_sha256, sha256_file
 from ssl_models.core.privacy import pseudonymiser
 from ssl_models.core.shards import LABELED, PRETRAIN_PARTS
 from tasks.io import read_jsonl, write_text
@@ -38,7 +38,7 @@ PREFECT_RUN_ENV = "SSL_PIPELINE_PREFECT_FLOW_RUN_ID"
 
 def hash_outputs(artifact: Path, exclude: str = RECORD_NAME) -> dict[str, str]:
     """sha256 of every file of an artifact folder, its lineage record (or the `exclude` file) left out."""
-    return {str(p.relative_to(artifact)): sha256_file(p)
+    return {str(p.relative_to(artifact)): file_sha256(p)
             for p in sorted(artifact.rglob("*")) if p.is_file() and p.name != exclude}
 
 
@@ -108,7 +108,7 @@ class LineageRecorder:
         for name, path in self.inputs.items():
             if not path.is_file():
                 raise PipelineError(f"{self.stage}: input file {name} not found")
-            self.input_hashes[name] = sha256_file(path)
+            self.input_hashes[name] = file_sha256(path)
 
     def write(self, folder: Path | None = None) -> dict[str, Any]:
         """Hash the artifact's files and write the record; `folder` is where the files are
@@ -301,7 +301,7 @@ def _verify_raw_inputs(record: dict[str, Any], root: Path) -> list[str]:
         shown = f"{shown_corpus}/{name}"
         if raw is None or not raw.exists():
             problems.append(f"raw file {shown}: missing")
-        elif sha256_file(raw) != digest:
+        elif file_sha256(raw) != digest:
             problems.append(f"raw file {shown}: content changed")
     return problems
 

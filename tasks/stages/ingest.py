@@ -21,7 +21,7 @@ from tqdm import tqdm
 from ssl_models.core.config import DomainConfig, made_by, section_params
 from ssl_models.core.domain import Domain, Record, Rejected, Source, get_domain
 from ssl_models.core.errors import PipelineError, UnreadableFileError
-from ssl_models.core.hashing import sha256_file
+from ssl_models.core.hashing import remember_digest, stamped_sha256
 from ssl_models.core.privacy import without_names
 from ssl_models.core.splits import assign_split
 from ssl_models.core.workers import file_stamp
@@ -140,8 +140,10 @@ def ingest_chunk(job: tuple[DomainConfig, list[tuple[str, Any]]]) -> list[dict[s
     done = []
     for kind, item in chunk:
         files = item.paths if kind == "source" else [item]
+        hashed = [_hash_or_none(path) for path in files]
         entry: dict[str, Any] = {"files": [relative_key(path, corpus) for path in files],
-                                 "hashes": [_hash_or_none(path) for path in files], "source": None}
+                                 "hashes": [digest for _, digest in hashed], "stamps": [stamp for stamp, _ in hashed],
+                                 "source": None}
         if kind == "source":
             records, rejected = read_source(domain, item, cfg)
             entry.update(source=item.key, rejected=rejected,
@@ -151,11 +153,12 @@ def ingest_chunk(job: tuple[DomainConfig, list[tuple[str, Any]]]) -> list[dict[s
     return done
 
 
-def _hash_or_none(path: Path) -> str | None:
+def _hash_or_none(path: Path) -> tuple[Any, str | None]:
+    """(HashCache stamp or None, sha256 or None): preprocess then checks the file by its stamp."""
     try:
-        return sha256_file(path)
+        return stamped_sha256(path)
     except OSError:  # gone or unreadable since the walk: the reader quarantines it
-        return None
+        return None, None
 
 
 def ingest(cfg: DomainConfig, domain: Domain, paths: DomainPaths) -> dict[str, Any]:
@@ -209,6 +212,8 @@ def _ingest(cfg: DomainConfig, domain: Domain, paths: DomainPaths, corpus: Path)
     for result in work.results(ingest_chunk, [(cfg, chunk) for chunk in items], identities):
         for done in result:
             file_hashes.update(zip(done["files"], done["hashes"]))
+            for stamp, digest in zip(done["stamps"], done["hashes"]):
+                remember_digest(stamp, digest)
             if done["source"] is None:
                 continue
             progress.update()

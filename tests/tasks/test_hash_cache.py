@@ -1,0 +1,80 @@
+"""A stage checks its inputs against the digests recorded when they were written without reading
+them again while they are untouched (issue 23), and still catches one changed since."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from ssl_models.core import hashing
+from ssl_models.core.hashing import file_sha256, hash_cache, sha256_file
+from tasks.cli import check_inputs
+from tasks.lineage import check_raw_inputs_unchanged
+from tasks.paths import DomainPaths
+from tests.conftest import run_stages
+
+
+@pytest.fixture
+def reads(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
+    """The files whose bytes are read for a digest from now on."""
+    seen: list[Path] = []
+
+    def counting(path: Path, chunk: int = 1 << 20) -> str:
+        seen.append(Path(path))
+        return sha256_file(path, chunk)
+
+    monkeypatch.setattr(hashing, "sha256_file", counting)
+    return seen
+
+
+def test_an_untouched_file_is_not_read_again_and_a_rewritten_one_is(tmp_path: Path, reads: list[Path]) -> None:
+    data = tmp_path / "shard.arrow"
+    data.write_bytes(b"x" * 1000)
+    time.sleep(0.15)  # older than the racy window: its stamp can vouch for its digest
+    with hash_cache(tmp_path / "hashes.sqlite"):
+        first = file_sha256(data)
+    with hash_cache(tmp_path / "hashes.sqlite"):
+        assert file_sha256(data) == first
+    assert reads == [data]
+    stat = os.stat(data)
+    data.write_bytes(b"y" * 1000)  # same size, modification time put back: the change time still moves
+    os.utime(data, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    with hash_cache(tmp_path / "hashes.sqlite"):
+        assert file_sha256(data) != first
+    assert reads == [data, data]
+
+
+def test_a_file_written_just_before_it_was_hashed_is_read_again_next_time(tmp_path: Path, reads: list[Path]) -> None:
+    """File times tick coarsely: a write in the same tick after the read could leave the same stamp."""
+    data = tmp_path / "fresh.bin"
+    data.write_bytes(b"z" * 10)
+    with hash_cache(tmp_path / "hashes.sqlite"):
+        file_sha256(data)
+        file_sha256(data)
+    assert len(reads) == 2
+
+
+def test_a_stage_start_reads_neither_its_inputs_nor_the_raw_corpus_again(tiny_project: Path,
+                                                                         reads: list[Path]) -> None:
+    run_stages(tiny_project, "legal", "default_data", "ingest", "preprocess")
+    paths = DomainPaths("legal", tiny_project)
+    time.sleep(0.15)
+    with hash_cache(paths.workspace / "hashes.sqlite"):  # outputs written just before their record: once more
+        check_inputs("pretrain", paths)
+    reads.clear()
+    with hash_cache(paths.workspace / "hashes.sqlite"):
+        check_inputs("pretrain", paths)
+        check_raw_inputs_unchanged(paths.manifest, tiny_project, "ingest@legal")
+    assert reads == []
+    shard = next(paths.shards.rglob("*.arrow"))
+    with open(shard, "r+b") as handle:  # one byte changed in place by a program
+        handle.seek(100)
+        byte = handle.read(1)
+        handle.seek(100)
+        handle.write(bytes([byte[0] ^ 1]))
+    with hash_cache(paths.workspace / "hashes.sqlite"), pytest.raises(Exception, match="content changed"):
+        check_inputs("pretrain", paths)
+    assert reads == [shard]
