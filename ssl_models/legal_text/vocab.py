@@ -2,11 +2,11 @@
 words that the base checkpoint's tokenizer cuts into several pieces become tokens of their own,
 each new embedding starting as the mean of its pieces' embeddings in the base model.
 
-The recipe of exBERT / AdaptaBERT-style adaptation as practised since (e.g. Sachidananda et al.,
-"Efficient Domain Adaptation of Language Models via Adaptive Tokenization", 2021; Hewitt's note
-"Initializing New Word Embeddings for Pretrained Language Models"): a legal term the generic
-vocabulary splits into four pieces costs four positions and is learned as a phrase; as one token
-it is one position, and the mean of its pieces starts it where the base model already reads it.
+A word the generic vocabulary splits into four pieces costs four positions and is learned as a
+phrase; as one token it is one position. Its embedding starts as the mean of its pieces' (the
+initialisation of Sachidananda et al., "Efficient Domain Adaptation of Language Models via
+Adaptive Tokenization", 2021, and of Gee et al.'s "Fast Vocabulary Transfer", 2022), where the
+base model already reads it, rather than at random.
 """
 
 from __future__ import annotations
@@ -107,23 +107,16 @@ def initialise_added_embeddings(masked_lm: PreTrainedModel, tokenizer: PreTraine
     size = max(input_rows.shape[0], len(tokenizer))
     with torch.random.fork_rng(devices=[]):
         masked_lm.resize_token_embeddings(size, mean_resizing=False)
-    output = masked_lm.get_output_embeddings()
-    rows = [masked_lm.get_input_embeddings().weight]
-    if output is not None and output.weight is not rows[0]:  # untied: the decoder's rows too
+    inputs, output = masked_lm.get_input_embeddings().weight, masked_lm.get_output_embeddings()
+    rows = [inputs]
+    if output is not None and output.weight is not inputs:  # untied: the decoder's rows too
         rows.append(output.weight)
-    biases = [bias for bias in {id(b): b for b in _output_biases(masked_lm)}.values()]
+    if output is not None and getattr(output, "bias", None) is not None:  # BERT's decoder bias (predictions.bias)
+        rows.append(output.bias)
     with torch.no_grad():
         for word, index in words.items():
             ids = torch.tensor(pieces[word])
-            for matrix in [*rows, *biases]:
+            for matrix in rows:
                 matrix[index] = matrix[ids].mean(dim=0)
     return words
 
-
-def _output_biases(masked_lm: PreTrainedModel) -> list[torch.Tensor]:
-    """The per-token bias vectors of the MLM head (BERT's `predictions.bias`, tied or not to the
-    decoder's own): every parameter of the head with one entry per vocabulary token."""
-    size = masked_lm.get_input_embeddings().weight.shape[0]
-    prefix = masked_lm.base_model_prefix
-    return [parameter for name, parameter in masked_lm.named_parameters(remove_duplicate=True)
-            if not name.startswith(prefix + ".") and parameter.dim() == 1 and parameter.shape[0] == size]
