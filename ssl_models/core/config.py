@@ -322,10 +322,14 @@ class FinetuneConfig:
     # (or model.base_checkpoint); baseline: the domain's classical features + logistic regression
     inits: list[Literal["ssl", "scratch", "generic", "baseline"]] = field(
         default_factory=lambda: ["ssl", "scratch", "generic", "baseline"])
-    protocols: list[Literal["linear", "knn", "finetune"]] = field(
+    protocols: list[Literal["linear", "knn", "finetune", "abmil"]] = field(
         default_factory=lambda: ["linear", "knn", "finetune"])
     generic_checkpoint: str | None = None  # the off-the-shelf encoder to compare with; null: model.base_checkpoint
-    generic_protocols: list[Literal["linear", "knn", "finetune"]] | None = None  # null: every protocol
+    generic_protocols: list[Literal["linear", "knn", "finetune", "abmil"]] | None = None  # null: every protocol
+    # abmil (labeled slides, bags of tiles): a gated-attention MIL head (Ilse et al., ICML 2018) on the
+    # frozen tile embeddings, `abmil_hidden` wide, `abmil_epochs` passes over the subset (capped at max_steps)
+    abmil_hidden: int = 128
+    abmil_epochs: float = 50.0
     # where fine-tuning's linear head starts: probe (LP-FT: the fitted probe's head, Kumar et al. 2022)
     # or fresh (a random head, as transformers' AutoModelForSequenceClassification and timm's
     # create_model(num_classes=...) start); generic_head_init: the generic checkpoint's (null: head_init)
@@ -362,6 +366,7 @@ class FinetuneConfig:
         require(self.epochs > 0 and self.max_steps > 0 and self.batch_size > 0, where,
                 "epochs, max_steps and batch_size must be positive")
         require(self.knn_neighbors > 0, where, "knn_neighbors must be positive")
+        require(self.abmil_hidden > 0 and self.abmil_epochs > 0, where, "abmil_hidden and abmil_epochs must be positive")
         require(self.linear_c == "cv" or self.linear_c > 0, f"{where}.linear_c", "must be cv or a positive number")
         require(bool(self.linear_c_grid) and all(c > 0 for c in self.linear_c_grid), f"{where}.linear_c_grid",
                 "must list positive numbers")
