@@ -28,6 +28,9 @@ class LegalText(Domain, module="legal_text"):
             raise PipelineError(f"params.yaml domains.{cfg.name}: preprocess.tokenizer: base goes with "
                                 "model.base_checkpoint (the checkpoint's vocabulary), tokenizer: train with a "
                                 "model from scratch")
+        if getattr(cfg.pretrain.options, "distill_weight", 0) > 0 and not cfg.model.base_checkpoint:
+            raise PipelineError(f"params.yaml domains.{cfg.name}.pretrain.options.distill_weight: distillation keeps "
+                                "the continued model close to model.base_checkpoint; set one, or distill_weight: 0")
 
     def read(self, source: Source, cfg: DomainConfig) -> Iterator[Record | Rejected]:
         ingest = cfg.ingest

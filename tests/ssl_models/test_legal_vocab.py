@@ -275,3 +275,11 @@ def test_preprocess_extends_from_the_training_split_and_pretraining_distils_with
     assert checkpoint["model"] and not any("teacher" in key for key in checkpoint["model"])
     encoder = load_text_encoder(root / "models/legal/pretrain/encoder", config(root)[0])
     assert list(added_words(encoder.tokenizer, base)) == words
+
+
+def test_distillation_without_a_base_checkpoint_fails_when_params_load(tmp_path: Path) -> None:
+    from tests.conftest import tiny_params, write_params
+
+    write_params(tmp_path, tiny_params(pretrain={"options": {"distill_weight": 1.0}}))
+    with pytest.raises(PipelineError, match="distill_weight: distillation keeps"):
+        load_config("legal", tmp_path / "params.yaml")
