@@ -58,6 +58,10 @@ def network_def(m: VolumeModelConfig) -> dict[str, Any]:
         return {"_target_": "monai.networks.nets.ViT", "in_channels": 1, "img_size": m.size,
                 "patch_size": m.patch_size, "hidden_size": m.hidden_size, "mlp_dim": m.mlp_dim,
                 "num_layers": m.num_layers, "num_heads": m.num_heads, "classification": False, "spatial_dims": 3}
+    if m.backbone == "swin":  # what MONAI's SwinUNETR builds as its `swinViT` from the same sizes
+        return {"_target_": "monai.networks.nets.swin_unetr.SwinTransformer", "in_chans": 1,
+                "embed_dim": m.swin_feature_size, "window_size": [m.swin_window_size] * 3, "patch_size": [2, 2, 2],
+                "depths": list(m.swin_depths), "num_heads": list(m.swin_num_heads), "spatial_dims": 3}
     return {"_target_": "monai.networks.nets.ResNet", "block": "basic", "layers": [1, 1, 1, 1],
             "block_inplanes": list(m.resnet_widths), "spatial_dims": 3, "n_input_channels": 1, "conv1_t_size": 3,
             "conv1_t_stride": 1, "no_max_pool": True, "feed_forward": False, "num_classes": 1}
@@ -77,6 +81,8 @@ network.load_state_dict(torch.load(f"{FOLDER}/models/model.pt", weights_only=Tru
 def embed(images):
     """images: float32 [n, 1, size, size, size], preprocessed as configs/metadata.json says."""
     out = network(torch.as_tensor(images, dtype=torch.float32))
+    if isinstance(out, list):  # a Swin Transformer's five stages: the deepest, mean-pooled
+        return out[-1].flatten(2).mean(dim=2)
     return out[0].mean(dim=1) if isinstance(out, tuple) else out  # a ViT's tokens are mean-pooled
 '''
 
@@ -139,7 +145,12 @@ def load_backbone_weights(backbone: nn.Module, state: dict[str, torch.Tensor], s
     `patch_embedding`, `blocks` and `norm`): one line naming what is missing, unexpected or of
     another shape."""
     from monai.networks.nets import ViT
+    from monai.networks.nets.swin_unetr import SwinTransformer
 
+    if isinstance(backbone, SwinTransformer):  # SwinUNETR's checkpoint layouts
+        from ssl_models.medical3d.swin import load_swin_weights
+
+        return load_swin_weights(backbone, state, source)
     kind = "vit" if isinstance(backbone, ViT) else "resnet"
     load_checkpoint_strictly(backbone, backbone_tensors(state, backbone), source, f"the {kind} backbone",
                              f"set model.backbone and its sizes (model.size, patch_size, hidden_size, num_layers, "

@@ -51,7 +51,8 @@ class VolumePreprocessConfig(ParallelWork):
 
 @dataclass
 class VolumeModelConfig:
-    backbone: Literal["vit", "resnet"] = "vit"  # MONAI ViT | MONAI 3D ResNet (the names BACKBONES registers)
+    # MONAI ViT | MONAI 3D ResNet | SwinUNETR's Swin Transformer encoder (the names BACKBONES registers)
+    backbone: Literal["vit", "resnet", "swin"] = "vit"
     size: int = 32  # voxels per side of the model's input cube
     patch_size: int = 8  # ViT
     hidden_size: int = 96  # ViT width
@@ -59,6 +60,13 @@ class VolumeModelConfig:
     num_heads: int = 4
     mlp_dim: int = 192
     resnet_widths: list[int] = field(default_factory=lambda: [16, 32, 64, 128])
+    # swin: SwinUNETR's `swinViT` (2-voxel patches, four stages, each halving the grid). SwinUNETR's own
+    # sizes are feature size 48 and window 7 on 96-voxel crops (its published SSL weights); a window of 4
+    # tiles a 32-voxel cube's stage grids (16, 8, 4, 2) exactly, where 7 pads them (~30x the CPU time)
+    swin_feature_size: int = 12  # channels of the first stage, doubled at each; a multiple of 12 (SwinUNETR's rule)
+    swin_depths: list[int] = field(default_factory=lambda: [2, 2, 2, 2])  # Swin blocks per stage
+    swin_num_heads: list[int] = field(default_factory=lambda: [3, 6, 12, 24])  # attention heads per stage
+    swin_window_size: int = 4  # voxels per side of an attention window
     base_checkpoint: str | None = None  # a local state dict (e.g. MONAI's published ViT SSL weights): init `generic`
 
     def validate(self, where: str) -> None:
@@ -68,6 +76,18 @@ class VolumeModelConfig:
         require(self.hidden_size % self.num_heads == 0, f"{where}.hidden_size", "must be a multiple of num_heads")
         require(len(self.resnet_widths) == 4 and min(self.resnet_widths) > 0, f"{where}.resnet_widths",
                 "lists four positive stage widths")
+        require(self.swin_feature_size > 0 and self.swin_feature_size % 12 == 0, f"{where}.swin_feature_size",
+                "must be a positive multiple of 12 (as MONAI's SwinUNETR requires)")
+        require(len(self.swin_depths) == 4 and min(self.swin_depths) > 0, f"{where}.swin_depths",
+                "lists four positive numbers of blocks")
+        require(len(self.swin_num_heads) == 4 and min(self.swin_num_heads) > 0 and all(
+            (self.swin_feature_size << stage) % heads == 0 for stage, heads in enumerate(self.swin_num_heads)),
+                f"{where}.swin_num_heads", "lists four head counts, each dividing its stage's width "
+                "(swin_feature_size doubled at each stage)")
+        require(self.swin_window_size > 0, f"{where}.swin_window_size", "must be positive")
+        if self.backbone == "swin":
+            require(self.size % 32 == 0, f"{where}.size",
+                    "must be a multiple of 32 for the swin backbone (SwinUNETR halves the grid five times)")
 
 
 @dataclass
@@ -139,11 +159,13 @@ METHODS.register_lazy("simclr", "ssl_models.medical3d.methods:SimCLR3D", options
 METHODS.register_lazy("barlow_twins", "ssl_models.medical3d.barlow_twins:BarlowTwins3D",
                       options="ssl_models.medical3d.barlow_twins:BarlowTwinsOptions")
 METHODS.register_lazy("dino", "ssl_models.medical3d.dino:DINO3D", options="ssl_models.medical3d.dino:DINOOptions")
+METHODS.register_lazy("swin_ssl", "ssl_models.medical3d.swin:SwinSSL", options="ssl_models.medical3d.swin:SwinSSLOptions")
 VIT_METHODS = ("vit_inpainting_contrastive", "mae")  # they read the ViT's patch tokens
 
 BACKBONES: Registry = Registry("3D backbone")
 BACKBONES.register_lazy("vit", "ssl_models.medical3d.backbones:build_vit")
 BACKBONES.register_lazy("resnet", "ssl_models.medical3d.backbones:build_resnet")
+BACKBONES.register_lazy("swin", "ssl_models.medical3d.swin:build_swin")
 
 
 # The domain's params.yaml sections, each parsed and checked by `load_config` before any stage runs.
