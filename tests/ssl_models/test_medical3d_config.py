@@ -18,12 +18,14 @@ from ssl_models.medical3d.config import (
     SimCLROptions,
     VolumeModelConfig,
 )
+from ssl_models.medical3d.swin import SwinSSLOptions
 from tests.conftest import cli_error, write_params
 from tests.ssl_models.medical_files import medical_params
 
 W = "domains.medical"
 INPAINT = {"method": "vit_inpainting_contrastive"}
 SIMCLR = {"method": "simclr"}
+SWIN_SSL = {"method": "swin_ssl"}
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -45,7 +47,15 @@ SIMCLR = {"method": "simclr"}
     # model
     ({"model": {"depth": 2}}, f"{W}.model: unknown setting(s) ['depth']"),
     ({"model": {"size": 16.5}}, f"{W}.model.size: 16.5 should be a valid integer"),
-    ({"model": {"backbone": "swin"}}, f"{W}.model.backbone: 'swin' should be 'vit' or 'resnet'"),
+    ({"model": {"backbone": "unetr"}}, f"{W}.model.backbone: 'unetr' should be 'vit', 'resnet' or 'swin'"),
+    ({"model": {"backbone": "swin", "size": 48}},
+     f"{W}.model.size: must be a multiple of 32 for the swin backbone (SwinUNETR halves the grid five times)"),
+    ({"model": {"swin_feature_size": 16}},
+     f"{W}.model.swin_feature_size: must be a positive multiple of 12 (as MONAI's SwinUNETR requires)"),
+    ({"model": {"swin_depths": [2, 2, 2]}}, f"{W}.model.swin_depths: lists four positive numbers of blocks"),
+    ({"model": {"swin_num_heads": [3, 6, 12, 20]}},
+     f"{W}.model.swin_num_heads: lists four head counts, each dividing its stage's width"),
+    ({"model": {"swin_window_size": 0}}, f"{W}.model.swin_window_size: must be positive"),
     ({"model": {"base_checkpoint": 3}}, f"{W}.model.base_checkpoint: 3 should be a valid string or null"),
     ({"model": {"num_heads": 0}}, f"{W}.model.num_heads: must be positive"),
     ({"model": {"size": 20}}, f"{W}.model.size: must be a multiple of patch_size"),
@@ -81,6 +91,12 @@ SIMCLR = {"method": "simclr"}
     ({"pretrain": {**SIMCLR, "options": {"projection_dim": 0}}},
      f"{W}.pretrain.options.projection_dim: must be at least 1"),
     ({"pretrain": {**SIMCLR, "options": {"temperature": -0.1}}}, f"{W}.pretrain.options.temperature: must be positive"),
+    ({"pretrain": {**SWIN_SSL, "options": {"rotation_weight": -1}}},
+     f"{W}.pretrain.options.rotation_weight: must be zero or positive"),
+    ({"pretrain": {**SWIN_SSL, "options": {"reconstruction_weight": 0, "rotation_weight": 0,
+                                           "contrastive_weight": 0}}},
+     f"{W}.pretrain.options: at least one of reconstruction_weight, rotation_weight and contrastive_weight"),
+    ({"pretrain": {**SWIN_SSL, "options": {"max_dropped": 1}}}, f"{W}.pretrain.options.max_dropped: must be in (0, 1)"),
     # across sections
     ({"model": {"backbone": "resnet"}}, f"{W}: method 'mae' trains a ViT; set model.backbone: vit"),
     ({"pretrain": {"options": {"masking_ratio": 0.9}}},  # 8 patches in a 16-voxel cube: int(0.1 * 8) = 0 kept
@@ -97,6 +113,7 @@ def test_each_bad_setting_fails_naming_its_key(tmp_path: Path, overrides: dict, 
     ({"method": "mae", "options": {"masking_ratio": 0.5}}, MaeOptions(masking_ratio=0.5)),
     ({**INPAINT, "options": {"contrastive_weight": 1}}, InpaintingContrastiveOptions(contrastive_weight=1.0)),
     ({**SIMCLR}, SimCLROptions()),
+    ({**SWIN_SSL, "options": {"contrastive_weight": 0.5}}, SwinSSLOptions(contrastive_weight=0.5)),
 ])
 def test_sections_and_method_options_arrive_typed(tmp_path: Path, pretrain: dict, options: object) -> None:
     write_params(tmp_path, medical_params(pretrain=pretrain))
@@ -109,7 +126,7 @@ def test_sections_and_method_options_arrive_typed(tmp_path: Path, pretrain: dict
 def test_backbone_choices_are_the_registered_backbones() -> None:
     allowed = typing.get_args(typing.get_type_hints(VolumeModelConfig)["backbone"])
     assert sorted(allowed) == BACKBONES.names()
-    assert METHODS.names() == ["barlow_twins", "dino", "mae", "simclr", "vit_inpainting_contrastive"]
+    assert METHODS.names() == ["barlow_twins", "dino", "mae", "simclr", "swin_ssl", "vit_inpainting_contrastive"]
 
 
 def test_the_repository_params_parse() -> None:
