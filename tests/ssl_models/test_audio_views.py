@@ -15,7 +15,8 @@ from ssl_models.core.modules import sample_seeds
 from tests.ssl_models.test_audio_methods import method_and_rows
 
 LENGTHS = [1.0, 0.35, 0.8, 0.12, 1.0, 0.6]  # seconds: full clips and short ones, padded to the clip length
-MASKS = {"tera": "time_mask", "masked_spectrogram": "masked_tokens", "wav2vec2": "mask_time_indices"}
+MASKS = {"tera": "time_mask", "masked_spectrogram": "masked_tokens", "wav2vec2": "mask_time_indices",
+         "hubert": "masked_steps"}
 
 
 @pytest.fixture(params=METHODS.names())
@@ -77,6 +78,10 @@ def test_draws_stay_inside_each_clip(built) -> None:
         counts = batch["masked_tokens"].sum(1)
         assert torch.equal(counts, batch["masked_valid"].sum(1)) and (counts >= 1).all()
         assert counts[1] < counts[0]  # a short clip masks its own share of its own tokens
+    elif name == "hubert":  # masked time steps lie inside the clip's real steps, and every clip has some
+        masked, features = batch["masked_steps"], batch["target_features"]
+        real = features.abs().sum(-1) > 0  # the steps a clip's frames fill (padding has no features)
+        assert not (masked & ~real).any() and masked.any(1).all()
     else:
         masked, negatives = batch["mask_time_indices"], batch["sampled_negative_indices"]
         frames = masked.shape[1]

@@ -134,8 +134,8 @@ def test_the_rule_per_method_covers_every_registered_method() -> None:
         methods = get_domain(module).methods
         for name in methods.names():
             rules[choice_rule("auto", name, methods.get(name).checkpoint_rule)[0]].add(name)
-    assert rules["rankme"] == {"simclr", "vicreg", "byol", "barlow_twins"}  # the joint-embedding classes declare it
-    assert {"mae", "mlm", "tera", "masked_spectrogram"} <= rules["last"]
+    assert rules["rankme"] == {"simclr", "vicreg", "byol", "barlow_twins", "dino"}  # the joint-embedding classes declare it
+    assert {"mae", "mlm", "tera", "masked_spectrogram", "hubert"} <= rules["last"]
     assert choice_rule("rankme", "mlm", "last")[0] == "rankme" and choice_rule("last", "simclr", "rankme")[0] == "last"
     assert choice_rule("auto", "simclr", "rankme")[1] == (
         "simclr is a joint-embedding method: the logged checkpoint of highest RankMe (label-free, Garrido et al. 2023)")
