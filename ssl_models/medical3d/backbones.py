@@ -1,4 +1,5 @@
-"""3D backbones (MONAI ViT, MONAI 3D ResNet) as encoders, and the saved or published weights fine-tuning loads."""
+"""3D backbones (MONAI ViT, MONAI 3D ResNet; SwinUNETR's Swin encoder in swin.py) as encoders, and the
+saved or published weights fine-tuning loads."""
 
 from __future__ import annotations
 

@@ -159,7 +159,8 @@ METHODS.register_lazy("simclr", "ssl_models.medical3d.methods:SimCLR3D", options
 METHODS.register_lazy("barlow_twins", "ssl_models.medical3d.barlow_twins:BarlowTwins3D",
                       options="ssl_models.medical3d.barlow_twins:BarlowTwinsOptions")
 METHODS.register_lazy("dino", "ssl_models.medical3d.dino:DINO3D", options="ssl_models.medical3d.dino:DINOOptions")
-METHODS.register_lazy("swin_ssl", "ssl_models.medical3d.swin:SwinSSL", options="ssl_models.medical3d.swin:SwinSSLOptions")
+METHODS.register_lazy("swin_ssl", "ssl_models.medical3d.swin:SwinSSL",
+                      options="ssl_models.medical3d.swin:SwinSSLOptions")
 VIT_METHODS = ("vit_inpainting_contrastive", "mae")  # they read the ViT's patch tokens
 
 BACKBONES: Registry = Registry("3D backbone")
