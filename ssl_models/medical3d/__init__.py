@@ -31,6 +31,8 @@ class Medical3D(Domain, module="medical3d"):
         if method in VIT_METHODS and model.backbone != "vit":
             raise PipelineError(f"{where}: method {method!r} trains a ViT; set model.backbone: vit "
                                 f"(or use method simclr with backbone {model.backbone!r})")
+        if method == "swin_ssl" and model.backbone != "swin":
+            raise PipelineError(f"{where}: method 'swin_ssl' trains SwinUNETR's Swin encoder; set model.backbone: swin")
         if method == "mae":
             n_patches = (model.size // model.patch_size) ** 3
             if int((1 - cfg.pretrain.options.masking_ratio) * n_patches) < 1:

@@ -146,7 +146,9 @@ def test_a_pickle_that_is_more_than_tensors_is_never_unpickled(tmp_path: Path) -
 
 def medical_config(root: Path, base_checkpoint: str | None, method: str = "mae", **model: Any,
                    ) -> tuple[DomainConfig, Any]:
-    write_params(root, medical_params(model={"patch_size": 4, **model, "base_checkpoint": base_checkpoint},
+    shape = ({"backbone": "swin", "size": 32, "swin_depths": [1, 1, 1, 1]} if method == "swin_ssl"  # Swin's own
+             else {"patch_size": 4})
+    write_params(root, medical_params(model={**shape, **model, "base_checkpoint": base_checkpoint},
                                       pretrain={"method": method}))
     return load_config("medical", root / "params.yaml")
 
@@ -354,6 +356,7 @@ def legal_checkpoint(root: Path) -> tuple[DomainConfig, Any, Path, Any]:
     model = BertForMaskedLM(BertConfig(vocab_size=len(tokenizer), hidden_size=16, num_hidden_layers=1,
                                        num_attention_heads=2, intermediate_size=32))
     model.save_pretrained(root / "bert")
+    tokenizer.save_pretrained(root / "bert")  # a checkpoint folder carries its tokenizer (the base vocabulary)
     write_params(root, tiny_params(preprocess={"tokenizer": "base"}, model={"base_checkpoint": "bert",
                                                                            "max_length": 16}))
     cfg, domain = load_config("legal", root / "params.yaml")
