@@ -3,6 +3,7 @@ read rate against `sha256sum`, and what DVC costs on a corpus of many small file
 
     python benchmarks/data_scale.py speedup [--texts 20000] [--slides 160] [--volumes 96]
     python benchmarks/data_scale.py dvc --files 100000
+    python benchmarks/data_scale.py memory --sizes 100000 1000000
 
 `speedup`: each stage runs as the CLI runs it (`ssl-pipeline STAGE DOMAIN` in the project
 folder), with `workers: 1` and `workers: 2` alternated, twice each, on the same generated corpus;
@@ -184,6 +185,18 @@ def dvc_scale(args: argparse.Namespace) -> None:
         print(f"kept: {folder}")
 
 
+def ingest_memory(args: argparse.Namespace) -> None:
+    """Peak resident memory and time of `ssl-pipeline ingest legal` alone (no DVC) at each size."""
+    for count in args.sizes:
+        folder = Path(tempfile.mkdtemp(prefix="ingest-memory-"))
+        write_texts(folder / "corpus", count)
+        (folder / "params.yaml").write_text(yaml.safe_dump(params_for("legal", "corpus", args.workers)))
+        seconds, rss = peak_rss_and_seconds(folder, "ssl-pipeline", "ingest", "legal")
+        print(f"ingest alone, {count} files, {args.workers} workers: {seconds:.1f} s, peak RSS {rss:.0f} MiB",
+              flush=True)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -196,8 +209,11 @@ def main() -> None:
     two.add_argument("--files", type=int, default=100000)
     two.add_argument("--workers", type=int, default=2)
     two.add_argument("--keep", action="store_true")
+    three = commands.add_parser("memory")
+    three.add_argument("--sizes", type=int, nargs="+", default=[100000, 1000000])
+    three.add_argument("--workers", type=int, default=2)
     args = parser.parse_args()
-    speedup(args) if args.command == "speedup" else dvc_scale(args)
+    {"speedup": speedup, "dvc": dvc_scale, "memory": ingest_memory}[args.command](args)
 
 
 if __name__ == "__main__":
