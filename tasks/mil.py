@@ -26,7 +26,7 @@ from ssl_models.core.config import FinetuneConfig, epoch_steps
 from ssl_models.core.device import autocast, fused_adamw, move
 from ssl_models.core.errors import PipelineError
 from ssl_models.core.modules import Encoder
-from tasks.probes import class_weights
+from tasks.probes import class_weights, shuffled_batches
 
 BATCH_ROWS = 64  # labeled rows (bags) per forward pass of the frozen encoder, as `embed_rows`
 
@@ -135,13 +135,8 @@ def _train_and_predict(train_bags: list[np.ndarray], train_y: list[str], test_ba
     scheduler = get_cosine_schedule_with_warmup(optimizer, max(1, steps // 10), steps)
     targets = torch.tensor([classes.index(y) for y in train_y], device=device)
     weight = class_weights(train_y, classes, cfg.class_weight).to(device)
-    generator = torch.Generator().manual_seed(seed)
-    order: list[int] = []
     head.train()
-    for _ in range(steps):
-        while len(order) < cfg.batch_size:  # fresh permutations, also when the subset is smaller than a batch
-            order += torch.randperm(len(train_bags), generator=generator).tolist()
-        batch_ids, order = order[:cfg.batch_size], order[cfg.batch_size:]
+    for batch_ids in shuffled_batches(len(train_bags), cfg.batch_size, seed, steps):
         instances, mask = pad_bags([train_bags[i] for i in batch_ids])
         logits, _ = head(instances.to(device), mask.to(device))
         loss = nn.functional.cross_entropy(logits, targets[batch_ids], weight=weight)

@@ -269,6 +269,19 @@ def class_weights(train_y: list[str], classes: list[str], class_weight: Literal[
     return torch.tensor([weights.get(label, 0.0) for label in classes], dtype=torch.float32)
 
 
+
+def shuffled_batches(count: int, batch_size: int, seed: int, steps: int) -> Iterator[list[int]]:
+    """`steps` batches of indices into `count` training items: consecutive seeded permutations cut
+    into batches (fresh ones also when the subset is smaller than a batch). Fine-tuning and ABMIL draw
+    their batches so."""
+    generator = torch.Generator().manual_seed(seed)
+    order: list[int] = []
+    for _ in range(steps):
+        while len(order) < batch_size:
+            order += torch.randperm(count, generator=generator).tolist()
+        batch, order = order[:batch_size], order[batch_size:]
+        yield batch
+
 def finetune_encoder(encoder: Encoder, train_rows: list[dict[str, Any]], train_y: list[str],
                      test_rows: list[dict[str, Any]], classes: list[str], cfg: FinetuneConfig,
                      seed: int, head: torch.nn.Linear) -> tuple[list[str], np.ndarray, Encoder, torch.nn.Linear]:
@@ -286,13 +299,8 @@ def finetune_encoder(encoder: Encoder, train_rows: list[dict[str, Any]], train_y
     scheduler = get_cosine_schedule_with_warmup(optimizer, max(1, steps // 10), steps)
     targets = torch.tensor([classes.index(y) for y in train_y], device=device)
     weight = class_weights(train_y, classes, cfg.class_weight).to(device)
-    generator = torch.Generator().manual_seed(seed)
-    order: list[int] = []
     model.train()
-    for _ in range(steps):
-        while len(order) < cfg.batch_size:  # fresh permutations, also when the subset is smaller than a batch
-            order += torch.randperm(len(train_rows), generator=generator).tolist()
-        batch_ids, order = order[:cfg.batch_size], order[cfg.batch_size:]
+    for batch_ids in shuffled_batches(len(train_rows), cfg.batch_size, seed, steps):
         with autocast(device, cfg.precision):
             logits = head(model(move(model.collate([train_rows[i] for i in batch_ids]), device)))
             loss = torch.nn.functional.cross_entropy(logits.float(), targets[batch_ids], weight=weight)

@@ -347,6 +347,17 @@ def pretrained_state(root: Path, domain: str, **pretrain: object) -> tuple[dict,
     return tensors, read_json(folder / "log.json")
 
 
+@pytest.fixture
+def one_torch_thread():
+    """Small models on shared CPU cores: one thread is several times faster (as cpu_threads: 1)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def restore_torch_threads():
     """A stage applies `cpu_threads` to the whole process; put torch's thread count back after each

@@ -24,13 +24,7 @@ from tests.ssl_models.histo_files import histo_params
 from tests.ssl_models.medical_files import cube_rows, medical_params
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small models on shared CPU cores: one thread is several times faster."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 def continue_pretraining(method: PretrainMethod, rows: list[dict[str, Any]], steps: int = 3) -> None:

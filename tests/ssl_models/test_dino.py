@@ -16,12 +16,7 @@ from tests.ssl_models.medical_files import cube_rows, medical_params
 from tests.ssl_models.test_histopathology_methods import histo_config, real_tile_rows
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 def medical_method(tmp_path: Path, backbone: str, options: dict):

@@ -25,13 +25,7 @@ def real_tile_rows(n: int = 32, size: int = 32) -> list[dict]:
     return rows
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small models on shared CPU cores: one thread is several times faster (as cpu_threads: 1)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 def histo_config(tmp_path: Path, method: str, backbone: str, options: dict) -> tuple[DomainConfig, object]:

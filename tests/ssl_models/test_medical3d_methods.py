@@ -9,9 +9,8 @@ import torch
 
 from ssl_models.core.config import load_config
 from ssl_models.core.errors import PipelineError
-from ssl_models.core.modules import sample_seeds
 from tests.conftest import run_stages, write_params
-from tests.ssl_models.medical_files import blob_volume, cube_rows, medical_params, write_nifti
+from tests.ssl_models.medical_files import assert_learns_then_reloads, blob_volume, cube_rows, medical_params, write_nifti
 
 
 # DINO's loss is a cross-entropy to a moving target: with the teacher's temperature fixed (no warm-up,
@@ -31,24 +30,8 @@ def test_each_method_learns_and_its_encoder_is_what_finetuning_loads(method: str
     torch.manual_seed(0)
     model = domain.build_pretrain_method(cfg, tmp_path)
     rows = cube_rows(8)
-    batch = model.data_side()(rows, sample_seeds(0, 0, range(len(rows))))  # fixed views and masks
-
-    def loss() -> float:
-        with torch.no_grad():
-            return model(batch).item()
-
-    before = loss()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for _ in range(15):
-        model(batch).backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    assert loss() < 0.9 * before
-    model.eval()
-    model.encoder().save(tmp_path / "encoder")
-    encoder = domain.load_encoder("ssl", cfg, tmp_path, tmp_path / "encoder", seed=1).eval()
+    assert_learns_then_reloads(model, domain, cfg, tmp_path, rows, learning_rate=3e-3, steps=15)
     with torch.no_grad():
-        assert torch.allclose(encoder(encoder.collate(rows)), model.embed(rows), atol=1e-5)
         scratch, again = (domain.load_encoder("scratch", cfg, tmp_path, tmp_path / "encoder", seed=1) for _ in "ab")
         assert all(torch.equal(a, b) for a, b in zip(scratch.state_dict().values(), again.state_dict().values()))
         assert not torch.allclose(scratch(scratch.collate(rows)), model.embed(rows), atol=1e-3)

@@ -17,7 +17,7 @@ from ssl_models.core.errors import PipelineError
 from ssl_models.core.modules import sample_seeds
 from ssl_models.medical3d.views import images_of
 from tests.conftest import write_params
-from tests.ssl_models.medical_files import cube_rows, medical_params
+from tests.ssl_models.medical_files import assert_learns_then_reloads, cube_rows, medical_params
 
 # tiny on the CPU: 32-voxel cubes (the smallest a SwinUNETR takes), one Swin block per stage
 SWIN = {"backbone": "swin", "size": 32, "swin_depths": [1, 1, 1, 1]}
@@ -56,26 +56,8 @@ def test_swin_ssl_learns_and_its_encoder_is_what_finetuning_loads(tmp_path: Path
     torch.manual_seed(0)
     model = domain.build_pretrain_method(cfg, tmp_path)
     rows = cube_rows(2, size=32)
-    batch = model.data_side()(rows, sample_seeds(0, 0, range(len(rows))))  # fixed views
-
-    def loss() -> float:
-        with torch.no_grad():
-            return model(batch).item()
-
-    before = loss()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    for _ in range(5):
-        model(batch).backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    assert loss() < 0.9 * before
-    model.eval()
-    model.encoder().save(tmp_path / "encoder")
-    encoder = domain.load_encoder("ssl", cfg, tmp_path, tmp_path / "encoder", seed=1).eval()
-    with torch.no_grad():
-        embeddings = model.embed(rows)
-        assert embeddings.shape == (2, 16 * 12) == (2, encoder.dim)
-        assert torch.allclose(encoder(encoder.collate(rows)), embeddings, atol=1e-5)
+    encoder = assert_learns_then_reloads(model, domain, cfg, tmp_path, rows, learning_rate=1e-3, steps=5)
+    assert model.embed(rows).shape == (2, 16 * 12) == (2, encoder.dim)
 
 
 def test_the_views_are_quarter_turns_of_the_volume_with_noised_boxes(tmp_path: Path) -> None:
