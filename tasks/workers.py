@@ -62,6 +62,7 @@ def scheduler_address(setting: str | None) -> str | None:
     return setting or os.environ.get(SCHEDULER_ENV) or None
 
 
+AUTO_MIN_ITEMS = 256  # `workers: auto` below this many sources: in the stage's process
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 
 
@@ -84,15 +85,20 @@ class ChunkedWork:
     """Run one stage's chunks (see the module docstring) with the results kept in `folder`."""
 
     def __init__(self, folder: Path, settings: Any, *, workers: int | str | None = 1,
-                 scheduler: str | None = None, chunk_size: int | str | None = "auto", window: int = 2) -> None:
+                 scheduler: str | None = None, chunk_size: int | str | None = "auto", window: int = 2,
+                 label: str = "work") -> None:
+        self.label = label
         self.folder, self.settings, self.chunk_size = folder, digest(settings), chunk_size
         self.workers, self.scheduler = resolve_workers(workers), scheduler_address(scheduler)
+        self.chosen = workers not in (None, "auto")  # a number the user set: always used
+        self.items: int | None = None  # what the work is made of, once chunk_length was asked
         self.window = window  # chunks in flight per worker
         self.resumed = 0  # chunks read back from an earlier run
 
     def chunk_length(self, items: int) -> int:
         """Items a chunk carries: the section's `chunk_size`, or (auto) enough chunks for every worker
         to take several (load balance, resume granularity), at most 64 items each."""
+        self.items = items
         if self.chunk_size not in (None, "auto"):
             return max(1, int(self.chunk_size))
         slots = 4 * (max(self.workers, 8) if self.scheduler else self.workers)
@@ -102,7 +108,7 @@ class ChunkedWork:
     def engine(self) -> str:
         if self.scheduler:
             return f"Dask scheduler {self.scheduler}"
-        return f"{self.workers} local process(es)" if self.workers > 1 else "this process"
+        return f"{self.workers} local process(es)" if self.workers > 1 and self.worth_processes() else "this process"
 
     def _path(self, index: int, identity: str) -> Path:
         return self.folder / f"{index:07d}-{digest(self.settings, identity)}.chunk"
@@ -127,6 +133,7 @@ class ChunkedWork:
         if self.resumed:
             log.info("resuming: %d of %d chunks were finished by a run before", self.resumed, len(paths))
         todo = [index for index, finished in enumerate(done) if not finished]
+        log.info("%s: %d chunk(s) on %s", self.label, len(paths), self.engine)
         if not todo:
             yield from (self._read(path, function, chunk) for path, chunk in zip(paths, chunks))
             return
@@ -195,7 +202,12 @@ class ChunkedWork:
 
         if self.scheduler:
             return dask()
-        return local_pool() if self.workers > 1 and chunks > 1 else in_process()
+        return local_pool() if self.workers > 1 and chunks > 1 and self.worth_processes() else in_process()
+
+    def worth_processes(self) -> bool:
+        """With `workers: auto`, processes only for AUTO_MIN_ITEMS sources or more: each worker pays its
+        own start and imports (seconds for MONAI and torch), more than a small corpus saves."""
+        return self.chosen or self.items is None or self.items >= AUTO_MIN_ITEMS
 
     def finish(self) -> None:
         """The stage's output is in place: its chunk results are no longer needed."""
@@ -274,7 +286,8 @@ def chunked_work(cfg: Any, paths: Any, stage: str, settings: Any) -> ChunkedWork
     """The ChunkedWork of a data stage (`ingest`, `preprocess`) of one domain, run as its section says."""
     section = getattr(cfg, stage)
     return ChunkedWork(paths.work(stage), settings, workers=getattr(section, "workers", 1),
-                       scheduler=getattr(section, "scheduler", None), chunk_size=getattr(section, "chunk_size", "auto"))
+                       scheduler=getattr(section, "scheduler", None), chunk_size=getattr(section, "chunk_size", "auto"),
+                       label=f"{stage} {paths.domain}")
 
 
 def chunked(items: Sequence[Any], size: int) -> list[Sequence[Any]]:

@@ -206,7 +206,6 @@ def _ingest(cfg: DomainConfig, domain: Domain, paths: DomainPaths, corpus: Path)
     work = chunked_work(cfg, paths, "ingest", {"module": cfg.module, "corpus": str(corpus),
                                                "ingest": section_params(cfg.ingest)})
     items, identities = _chunks(found, corpus, work)
-    log.info("ingest %s: %d sources in %d chunks on %s", domain_name, len(found.sources), len(items), work.engine)
     file_hashes: dict[str, str] = {}  # corpus-relative path -> sha256, private
     progress = tqdm(total=len(found.sources), desc=f"ingest {domain_name}", unit="source", disable=None)
     for result in work.results(ingest_chunk, [(cfg, chunk) for chunk in items], identities):

@@ -46,7 +46,6 @@ def preprocess(cfg: DomainConfig, domain: Domain, paths: DomainPaths) -> dict[st
 
     work = chunked_work(cfg, paths, "preprocess", {"domain": cfg.name, "preprocess": made_by(cfg.preprocess),
                                                    "ingest": made_by(cfg.ingest), "model": section_params(cfg.model)})
-    log.info("preprocess %s: per-source work on %s", domain_name, work.engine)
     with atomic_dir(paths.shards) as out, running_on(work):
         summary = domain.preprocess(cfg, manifest, out, locate)
         # what failed here (a slide that does not tile, a file changed since ingest), with its reason;

@@ -107,3 +107,16 @@ def test_chunk_results_come_back_in_order_and_one_cut_short_is_done_again(tmp_pa
     assert again.resumed == 3
     other = ChunkedWork(tmp_path / "work", {"setting": 2}, workers=1)  # other settings: nothing taken over
     assert list(other.results(square_all, chunks, names)) == first and other.resumed == 0
+
+
+def test_auto_workers_stay_in_the_stage_for_a_small_corpus_and_a_number_is_always_used(tmp_path: Path) -> None:
+    from tasks.workers import AUTO_MIN_ITEMS, ChunkedWork
+
+    auto = ChunkedWork(tmp_path, {}, workers="auto")
+    auto.chunk_length(AUTO_MIN_ITEMS - 1)
+    assert auto.engine == "this process"
+    auto.chunk_length(AUTO_MIN_ITEMS)
+    assert auto.engine == ("this process" if auto.workers == 1 else f"{auto.workers} local process(es)")
+    chosen = ChunkedWork(tmp_path, {}, workers=2)
+    chosen.chunk_length(3)
+    assert chosen.engine == "2 local process(es)"
