@@ -5,6 +5,7 @@ learned on generic sentences (so legal words come in pieces) and a one-layer BER
 from __future__ import annotations
 
 import copy
+import dataclasses
 import re
 import shutil
 from pathlib import Path
@@ -239,8 +240,11 @@ def test_the_teacher_follows_the_method_to_another_dtype_and_copy(base_root: Pat
 
 
 def test_distillation_without_a_base_checkpoint_is_one_clear_error(tmp_path: Path) -> None:
-    write_params(tmp_path, tiny_params(pretrain={"options": {"distill_weight": 1.0}}))
+    """Built from a block that skipped the load-time check (a program's own config): still one line."""
+    write_params(tmp_path, tiny_params())
     cfg, domain = load_config("legal", tmp_path / "params.yaml")
+    options = dataclasses.replace(cfg.pretrain.options, distill_weight=1.0)
+    cfg = dataclasses.replace(cfg, pretrain=dataclasses.replace(cfg.pretrain, options=options))
     shards = shards_with_tokenizer(tmp_path, cfg, TRAIN * 4)
     with pytest.raises(PipelineError, match="distill_weight .*set model.base_checkpoint"):
         domain.build_pretrain_method(cfg, shards)

@@ -116,10 +116,11 @@ def test_each_bad_setting_fails_naming_its_key(tmp_path: Path, overrides: dict, 
     ({**SWIN_SSL, "options": {"contrastive_weight": 0.5}}, SwinSSLOptions(contrastive_weight=0.5)),
 ])
 def test_sections_and_method_options_arrive_typed(tmp_path: Path, pretrain: dict, options: object) -> None:
-    write_params(tmp_path, medical_params(pretrain=pretrain))
+    swin = pretrain.get("method") == "swin_ssl"  # trains SwinUNETR's encoder, on cubes of a multiple of 32
+    write_params(tmp_path, medical_params(pretrain=pretrain, **({"model": {"backbone": "swin", "size": 32}} if swin else {})))
     cfg, _ = load_config("medical", tmp_path / "params.yaml")
     assert cfg.pretrain.options == options
-    assert cfg.model.size == 16 and cfg.preprocess.spacing is None and cfg.ingest.nifti_modality == "auto"
+    assert cfg.model.size == (32 if swin else 16) and cfg.preprocess.spacing is None and cfg.ingest.nifti_modality == "auto"
     assert cfg.default_data.crop_size == 24
 
 
