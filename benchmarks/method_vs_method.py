@@ -7,6 +7,10 @@ protocol against best protocol, re-chosen in every replicate, and per protocol).
     .venv/bin/python benchmarks/method_vs_method.py histo barlow_twins simclr [--steps 100]
     .venv/bin/python benchmarks/method_vs_method.py medical barlow_twins mae [--set pretrain.steps=300]
     .venv/bin/python benchmarks/method_vs_method.py audio hubert tera [--save reports/hubert_vs_tera.json]
+    .venv/bin/python benchmarks/method_vs_method.py medical swin_ssl mae --set model.size=32 --set-a model.backbone=swin
+
+`--set` applies to both runs; `--set-a` and `--set-b` (applied after it) to method_a's and method_b's run only,
+for what one method needs and the other must not get (a backbone, a patch size).
 """
 
 from __future__ import annotations
@@ -78,11 +82,17 @@ def main() -> None:
     parser.add_argument("method_b")
     parser.add_argument("--steps", type=int, default=100, help="histo: pretraining steps of both")
     parser.add_argument("--set", action="append", default=[], help="a setting for both runs, e.g. pretrain.steps=300")
+    parser.add_argument("--set-a", action="append", default=[], metavar="KEY=VALUE",
+                        help="a setting for method_a's run only, applied after --set, e.g. model.backbone=swin")
+    parser.add_argument("--set-b", action="append", default=[], metavar="KEY=VALUE",
+                        help="a setting for method_b's run only, applied after --set")
     parser.add_argument("--save", type=Path, help="write both runs' metrics (with finetune results) to this JSON file")
     args = parser.parse_args()
+    if args.method_a == args.method_b:
+        sys.exit("method_a and method_b are the same method: nothing to compare")
     results = {}
-    for method in (args.method_a, args.method_b):
-        results[method] = RUNS[args.domain](method, args.steps, args.set)
+    for method, own in ((args.method_a, args.set_a), (args.method_b, args.set_b)):
+        results[method] = RUNS[args.domain](method, args.steps, [*args.set, *own])
         print_comparison(results[method], "rows", results[method].get("comparisons"))
         print()
     if args.save:
