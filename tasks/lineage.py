@@ -288,11 +288,11 @@ def _verify_raw_inputs(record: dict[str, Any], root: Path) -> list[str]:
     privacy = record["params"].get("privacy") or {}
     if privacy.get("pseudonymised"):
         public = pseudonymiser(_under(root, privacy["salt_file"]), create=False)
-        from tasks.sources import corpus_files  # the corpus as ingest listed it (its symlink rule included)
+        from tasks.sources import corpus_files, relative_key  # the corpus as ingest listed it (its symlink rule)
 
         follow = (record["params"].get("ingest") or {}).get("follow_symlinks", False)
         listed = corpus_files(corpus, None, follow_symlinks=follow).files
-        files = {public("key", p.relative_to(corpus).as_posix()): p for p in listed}
+        files = {public("key", relative_key(p, corpus)): p for p in listed}
     else:
         files = {name: corpus / name for name in record["raw_inputs"]}
     problems = []

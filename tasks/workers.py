@@ -26,7 +26,6 @@ once the stage's output is in place (`finish`).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -38,23 +37,17 @@ from pathlib import Path
 from typing import Any
 
 from ssl_models.core.errors import PipelineError
+from ssl_models.core.processes import available_cores
+from ssl_models.core.workers import digest_of_inputs
 
 log = logging.getLogger("workers")
 
 SCHEDULER_ENV = "DASK_SCHEDULER_ADDRESS"  # Dask's own variable (dask config `scheduler-address`)
-# the execution settings of an `ingest:` / `preprocess:` section: how the work runs, never what it
-# makes (left out of lineage records and of the chunks' digests)
-EXECUTION_SETTINGS = ("workers", "scheduler", "chunk_size")
 
 
 def resolve_workers(setting: int | str | None) -> int:
     """`auto` (or null): the cores this process may run on; else the number given (at least 1)."""
-    if setting in (None, "auto"):
-        try:
-            return max(1, len(os.sched_getaffinity(0)))
-        except AttributeError:  # not Linux
-            return max(1, os.cpu_count() or 1)
-    return max(1, int(setting))
+    return available_cores() if setting in (None, "auto") else max(1, int(setting))
 
 
 def scheduler_address(setting: str | None) -> str | None:
@@ -75,12 +68,6 @@ def share_cores(threads: int) -> None:
         sys.modules["torch"].set_num_threads(threads)
 
 
-def digest(*parts: Any) -> str:
-    """A short stable digest of JSON-ready `parts` (a chunk's identity, the settings)."""
-    text = json.dumps(parts, sort_keys=True, default=str, separators=(",", ":"))
-    return hashlib.sha256(text.encode()).hexdigest()[:24]
-
-
 class ChunkedWork:
     """Run one stage's chunks (see the module docstring) with the results kept in `folder`."""
 
@@ -88,7 +75,7 @@ class ChunkedWork:
                  scheduler: str | None = None, chunk_size: int | str | None = "auto", window: int = 2,
                  label: str = "work") -> None:
         self.label = label
-        self.folder, self.settings, self.chunk_size = folder, digest(settings), chunk_size
+        self.folder, self.settings, self.chunk_size = folder, digest_of_inputs(settings), chunk_size
         self.workers, self.scheduler = resolve_workers(workers), scheduler_address(scheduler)
         self.chosen = workers not in (None, "auto")  # a number the user set: always used
         self.items: int | None = None  # what the work is made of, once chunk_length was asked
@@ -111,7 +98,7 @@ class ChunkedWork:
         return f"{self.workers} local process(es)" if self.workers > 1 and self.worth_processes() else "this process"
 
     def _path(self, index: int, identity: str) -> Path:
-        return self.folder / f"{index:07d}-{digest(self.settings, identity)}.chunk"
+        return self.folder / f"{index:07d}-{digest_of_inputs([self.settings, identity])}.chunk"
 
     def _keep_only(self, expected: set[str]) -> None:
         """Remove the chunk files of other runs' corpora or settings (and temporaries of a killed write)."""
@@ -289,6 +276,3 @@ def chunked_work(cfg: Any, paths: Any, stage: str, settings: Any) -> ChunkedWork
                        scheduler=getattr(section, "scheduler", None), chunk_size=getattr(section, "chunk_size", "auto"),
                        label=f"{stage} {paths.domain}")
 
-
-def chunked(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
-    return [items[start:start + size] for start in range(0, len(items), max(1, size))]

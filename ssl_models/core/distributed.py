@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from ssl_models.core.errors import PipelineError
+from ssl_models.core.processes import available_cores
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,7 @@ def resolve_workers(setting: int | str, nproc: int, on_gpu: bool) -> int:
     builds each batch between steps."""
     if setting != "auto":
         return int(setting)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)
+    cores = available_cores()
     per_process = cores // int(os.environ.get("LOCAL_WORLD_SIZE", nproc))
     if on_gpu:
         return max(1, min(4, per_process - 1))

@@ -48,14 +48,18 @@ class HashCache:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.touch(mode=0o600, exist_ok=True)  # digests of a private corpus' files: the owner's only
         try:
-            self.db = sqlite3.connect(path, timeout=60)
-            self.db.execute("CREATE TABLE IF NOT EXISTS digests (dev INTEGER, ino INTEGER, size INTEGER, "
-                            "mtime INTEGER, ctime INTEGER, sha256 TEXT, PRIMARY KEY (dev, ino))")
-        except sqlite3.DatabaseError:
+            self.db = self._open(path)
+        except sqlite3.DatabaseError:  # not a database (damaged): set aside, rebuilt empty
             path.unlink(missing_ok=True)
-            self.db = sqlite3.connect(path, timeout=60)
-            self.db.execute("CREATE TABLE digests (dev INTEGER, ino INTEGER, size INTEGER, mtime INTEGER, "
-                            "ctime INTEGER, sha256 TEXT, PRIMARY KEY (dev, ino))")
+            path.touch(mode=0o600)
+            self.db = self._open(path)
+
+    @staticmethod
+    def _open(path: Path) -> sqlite3.Connection:
+        db = sqlite3.connect(path, timeout=60)
+        db.execute("CREATE TABLE IF NOT EXISTS digests (dev INTEGER, ino INTEGER, size INTEGER, "
+                   "mtime INTEGER, ctime INTEGER, sha256 TEXT, PRIMARY KEY (dev, ino))")
+        return db
 
     @staticmethod
     def stamp(status: os.stat_result) -> tuple[int, int, int, int, int]:

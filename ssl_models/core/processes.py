@@ -19,6 +19,13 @@ def process_alive(pid: int) -> bool:
     return True
 
 
+def available_cores() -> int:
+    """The CPU cores this process may run on (its affinity where the OS has one), at least 1."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return max(1, os.cpu_count() or 1)
+
+
 def parent_death_signal(signum: int | None = None) -> int:
     """On Linux, prctl(PR_SET_PDEATHSIG, signum) when given: the kernel sends `signum` to this
     process when its parent (thread) exits. Returns the signal set before (0 for none, and always

@@ -21,7 +21,7 @@ from ssl_models.core.errors import PipelineError
 from ssl_models.core.modules import DataSide, generator
 from ssl_models.medical3d.backbones import VolumeEncoder
 from ssl_models.medical3d.methods import _VolumeMethod, freeze_unused_norms
-from ssl_models.medical3d.views import images_of
+from ssl_models.medical3d.views import crop_then_jitter, images_of
 
 __all__ = ["DINO3D", "DINOOptions", "MultiCropSubvolumes", "subvolume_views"]
 
@@ -31,24 +31,10 @@ LOCAL_STREAM = 0x10CA1  # a volume's local crops draw from its seed xor this: a 
 def subvolume_views(side: int, scale: Sequence[float]):
     """A random box covering a volume share in `scale` (each side drawn between the cube roots,
     per axis), resized to a `side`-voxel cube, then flips and intensity scale, shift and noise."""
-    from monai.transforms import (
-        Compose,
-        RandFlip,
-        RandGaussianNoise,
-        RandScaleCrop,
-        RandScaleIntensity,
-        RandShiftIntensity,
-        Resize,
-    )
+    from monai.transforms import RandScaleCrop
 
     low, high = (share ** (1 / 3) for share in scale)
-    return Compose([
-        RandScaleCrop(roi_scale=low, max_roi_scale=high, random_size=True),
-        Resize(spatial_size=(side, side, side), mode="trilinear"),
-        RandFlip(prob=0.5, spatial_axis=0), RandFlip(prob=0.5, spatial_axis=1), RandFlip(prob=0.5, spatial_axis=2),
-        RandScaleIntensity(factors=0.2, prob=0.8), RandShiftIntensity(offsets=0.1, prob=0.8),
-        RandGaussianNoise(prob=0.5, std=0.05),
-    ])
+    return crop_then_jitter(RandScaleCrop(roi_scale=low, max_roi_scale=high, random_size=True), side)
 
 
 @dataclass

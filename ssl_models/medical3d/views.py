@@ -39,25 +39,25 @@ def inpainting_views(size: int):
     ])
 
 
-def contrastive_views(size: int):
-    """Crop-and-resize, flips, intensity scale/shift and noise: SimCLR's recipe in 3D."""
-    from monai.transforms import (
-        Compose,
-        RandFlip,
-        RandGaussianNoise,
-        RandScaleIntensity,
-        RandShiftIntensity,
-        RandSpatialCrop,
-        Resize,
-    )
+def crop_then_jitter(crop, side: int):
+    """`crop` (a MONAI crop transform), resized to a `side`-voxel cube, then flips, intensity scale and
+    shift, and noise: the 3D two-view recipe (SimCLR's) and DINO's crops share all but the crop."""
+    from monai.transforms import Compose, RandFlip, RandGaussianNoise, RandScaleIntensity, RandShiftIntensity, Resize
 
     return Compose([
-        RandSpatialCrop(roi_size=int(size * 0.6), max_roi_size=size, random_size=True),
-        Resize(spatial_size=(size, size, size), mode="trilinear"),
+        crop,
+        Resize(spatial_size=(side, side, side), mode="trilinear"),
         RandFlip(prob=0.5, spatial_axis=0), RandFlip(prob=0.5, spatial_axis=1), RandFlip(prob=0.5, spatial_axis=2),
         RandScaleIntensity(factors=0.2, prob=0.8), RandShiftIntensity(offsets=0.1, prob=0.8),
         RandGaussianNoise(prob=0.5, std=0.05),
     ])
+
+
+def contrastive_views(size: int):
+    """Crop-and-resize, flips, intensity scale/shift and noise: SimCLR's recipe in 3D."""
+    from monai.transforms import RandSpatialCrop
+
+    return crop_then_jitter(RandSpatialCrop(roi_size=int(size * 0.6), max_roi_size=size, random_size=True), size)
 
 
 @dataclass

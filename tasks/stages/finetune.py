@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
-import os
 import time
 import warnings
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -58,6 +57,7 @@ from ssl_models.core.distributed import resolve_nproc
 from ssl_models.core.domain import Domain
 from ssl_models.core.errors import PipelineError
 from ssl_models.core.modules import Encoder
+from ssl_models.core.processes import available_cores
 from ssl_models.core.shards import LABELED
 from ssl_models.core.splits import select_label_subset
 from tasks.io import atomic_dir, read_json, write_json
@@ -238,7 +238,7 @@ def run_in_processes(plan: Plan, jobs: list[tuple[str, int]], nproc: int, device
         devices = [f"cuda:{i % torch.cuda.device_count()}" for i in range(nproc)]
     else:
         devices = [str(device)] * nproc
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = available_cores()
     threads = max(1, cores // nproc)  # workers x threads <= cores: oversubscribed threads wait on each other
     if plan.cfg.cpu_threads:
         threads = min(threads, plan.cfg.cpu_threads)

@@ -18,18 +18,18 @@ from typing import Any
 
 from tqdm import tqdm
 
-from ssl_models.core.config import DomainConfig, made_by, section_params
+from ssl_models.core.config import DomainConfig, made_by
 from ssl_models.core.domain import Domain, Record, Rejected, Source, get_domain
 from ssl_models.core.errors import PipelineError, UnreadableFileError
 from ssl_models.core.hashing import remember_digest, stamped_sha256
 from ssl_models.core.privacy import without_names
 from ssl_models.core.splits import assign_split
-from ssl_models.core.workers import file_stamp
+from ssl_models.core.workers import file_stamp, run_items, running_on
 from tasks.io import atomic_dir, private_outputs, write_json, write_jsonl
 from tasks.lineage import LineageRecorder
 from tasks.paths import DomainPaths
 from tasks.sources import Discovery, Namer, discover, public_namer, relative_key
-from tasks.workers import ChunkedWork, chunked, chunked_work, digest
+from tasks.workers import chunked_work
 
 log = logging.getLogger("ingest")
 
@@ -117,18 +117,15 @@ def read_source(domain: Domain, source: Source, cfg: DomainConfig) -> tuple[list
     return records, rejected
 
 
-def _chunks(found: Discovery, corpus: Path, work: ChunkedWork) -> tuple[list[list[tuple[str, Any]]], list[str]]:
-    """The work of ingest in chunks of the engine's size: the sources (each with its files), then the
-    files no source reads (hashed only); and each chunk's identity: its files' paths, sizes and times."""
+def _work_items(found: Discovery, corpus: Path) -> tuple[list[tuple[str, Any]], list[list[tuple[Any, ...]]]]:
+    """Ingest's items: the sources (each with its files), then the files no source reads (hashed
+    only); and each item's identity: its files' paths, sizes and times."""
     items: list[tuple[str, Any]] = [("source", source) for source in found.sources.values()]
     in_sources = {path for source in found.sources.values() for path in source.paths}
     items += [("file", path) for _, path in found.files if path not in in_sources]
-    chunks = chunked(items, work.chunk_length(len(items)))
-    identities = []
-    for chunk in chunks:
-        files = [path for kind, item in chunk for path in (item.paths if kind == "source" else [item])]
-        identities.append(digest([(relative_key(path, corpus), *file_stamp(path)) for path in files]))
-    return chunks, identities
+    identities = [[(relative_key(path, corpus), *file_stamp(path)) for path in
+                   (item.paths if kind == "source" else [item])] for kind, item in items]
+    return items, identities
 
 
 def ingest_chunk(job: tuple[DomainConfig, list[tuple[str, Any]]]) -> list[dict[str, Any]]:
@@ -204,12 +201,12 @@ def _ingest(cfg: DomainConfig, domain: Domain, paths: DomainPaths, corpus: Path)
     alias: dict[str, str] = {}  # duplicate key -> kept key
     reader_groups: dict[str, str] = {}  # key -> the group a reader found (a patient), private
     work = chunked_work(cfg, paths, "ingest", {"module": cfg.module, "corpus": str(corpus),
-                                               "ingest": section_params(cfg.ingest)})
-    items, identities = _chunks(found, corpus, work)
+                                               "ingest": made_by(cfg.ingest)})
+    items, identities = _work_items(found, corpus)
     file_hashes: dict[str, str] = {}  # corpus-relative path -> sha256, private
     progress = tqdm(total=len(found.sources), desc=f"ingest {domain_name}", unit="source", disable=None)
-    for result in work.results(ingest_chunk, [(cfg, chunk) for chunk in items], identities):
-        for done in result:
+    with running_on(work):
+        for done in run_items(ingest_chunk, cfg, items, identities):
             file_hashes.update(zip(done["files"], done["hashes"]))
             for stamp, digest in zip(done["stamps"], done["hashes"]):
                 remember_digest(stamp, digest)

@@ -36,25 +36,32 @@ def chunks_done(root: Path, stage: str, domain: str) -> int:
     return sum(1 for path in folder.glob("*.chunk")) if folder.is_dir() else 0
 
 
+def kill_midway_then_rerun(stage_processes: StageProcesses, root: Path, stage: str, domain: str, chunks: int,
+                           output: Path) -> None:
+    """Start `stage`, SIGKILL it (and its workers) once a tenth of its `chunks` are kept, run it again:
+    it must resume from at least those chunks, finish, and leave no chunk or temporary behind."""
+    process = stage_processes.start(root, stage, domain)
+    wait_for(f"a tenth of {stage}'s chunks", lambda: chunks_done(root, stage, domain) >= chunks // 10
+             or process.wait(0) is not None, timeout=300, every=0.02)
+    process.kill()
+    finished = chunks_done(root, stage, domain)
+    assert chunks // 10 <= finished < chunks, "the kill did not land mid-way: give the stage more to do"
+    assert not output.exists()
+    code, stderr, _ = stage_processes.run(root, stage, domain)
+    assert code == 0, stderr[-3000:]
+    resumed = re.search(r"resuming: (\d+) of (\d+) chunks", stderr)
+    assert resumed and int(resumed.group(1)) >= finished and int(resumed.group(2)) == chunks, stderr[-3000:]
+    assert not DomainPaths(domain, root).work(stage).exists()
+    assert leftovers(root) == []
+
+
 def test_a_killed_chunked_ingest_resumes_at_its_first_unfinished_chunk(tmp_path: Path,
                                                                         stage_processes: StageProcesses) -> None:
     whole = text_project(tmp_path / "whole")
     run_stages(whole, "legal", "ingest")
     killed = text_project(tmp_path / "killed")
-    process = stage_processes.start(killed, "ingest", "legal")
-    wait_for("a tenth of ingest's chunks", lambda: chunks_done(killed, "ingest", "legal") >= FILES // 10
-             or process.wait(0) is not None, timeout=300, every=0.02)
-    process.kill()
-    finished = chunks_done(killed, "ingest", "legal")
-    assert FILES // 10 <= finished < FILES, "the kill did not land mid-way: make the corpus larger"
-    assert not DomainPaths("legal", killed).manifest.exists()
-    code, stderr, _ = stage_processes.run(killed, "ingest", "legal")
-    assert code == 0, stderr[-3000:]
-    resumed = re.search(r"resuming: (\d+) of (\d+) chunks", stderr)
-    assert resumed and int(resumed.group(1)) >= finished and int(resumed.group(2)) == FILES, stderr[-3000:]
+    kill_midway_then_rerun(stage_processes, killed, "ingest", "legal", FILES, DomainPaths("legal", killed).manifest)
     assert manifest_digests(killed, "legal") == manifest_digests(whole, "legal")
-    assert not DomainPaths("legal", killed).work("ingest").exists()
-    assert leftovers(killed) == []
 
 
 SLIDES = 120
@@ -82,17 +89,5 @@ def test_a_killed_chunked_tiling_resumes_at_its_first_unfinished_chunk(tmp_path:
     whole = slide_project(tmp_path / "whole")
     run_stages(whole, "histo", "preprocess")
     killed = slide_project(tmp_path / "killed", like=whole)
-    process = stage_processes.start(killed, "preprocess", "histo")
-    wait_for("a tenth of the slides tiled", lambda: chunks_done(killed, "preprocess", "histo") >= SLIDES // 10
-             or process.wait(0) is not None, timeout=300, every=0.02)
-    process.kill()
-    finished = chunks_done(killed, "preprocess", "histo")
-    assert SLIDES // 10 <= finished < SLIDES, "the kill did not land mid-way: tile more slides"
-    code, stderr, _ = stage_processes.run(killed, "preprocess", "histo")
-    assert code == 0, stderr[-3000:]
-    resumed = re.search(r"resuming: (\d+) of (\d+) chunks", stderr)
-    assert resumed and int(resumed.group(1)) >= finished and int(resumed.group(2)) == SLIDES, stderr[-3000:]
-    shards = lambda root: folder_digests(DomainPaths("histo", root).shards)  # noqa: E731
-    assert shards(killed) == shards(whole)
-    assert not DomainPaths("histo", killed).work("preprocess").exists()
-    assert leftovers(killed) == []
+    kill_midway_then_rerun(stage_processes, killed, "preprocess", "histo", SLIDES, DomainPaths("histo", killed).shards)
+    assert folder_digests(DomainPaths("histo", killed).shards) == folder_digests(DomainPaths("histo", whole).shards)

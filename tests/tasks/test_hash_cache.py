@@ -78,3 +78,13 @@ def test_a_stage_start_reads_neither_its_inputs_nor_the_raw_corpus_again(tiny_pr
     with hash_cache(paths.workspace / "hashes.sqlite"), pytest.raises(Exception, match="content changed"):
         check_inputs("pretrain", paths)
     assert reads == [shard]
+
+
+def test_a_damaged_cache_file_is_rebuilt_and_trusts_nothing_from_before(tmp_path: Path, reads: list[Path]) -> None:
+    data = tmp_path / "shard.arrow"
+    data.write_bytes(b"x" * 100)
+    (tmp_path / "hashes.sqlite").write_bytes(b"not a database at all" * 100)
+    with hash_cache(tmp_path / "hashes.sqlite"):
+        assert file_sha256(data) == sha256_file(data)
+    assert reads == [data]
+    assert (tmp_path / "hashes.sqlite").stat().st_mode & 0o077 == 0

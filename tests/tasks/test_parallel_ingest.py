@@ -114,9 +114,9 @@ def test_auto_workers_stay_in_the_stage_for_a_small_corpus_and_a_number_is_alway
 
     auto = ChunkedWork(tmp_path, {}, workers="auto")
     auto.chunk_length(AUTO_MIN_ITEMS - 1)
-    assert auto.engine == "this process"
+    assert not auto.worth_processes() and auto.engine == "this process"
     auto.chunk_length(AUTO_MIN_ITEMS)
-    assert auto.engine == ("this process" if auto.workers == 1 else f"{auto.workers} local process(es)")
+    assert auto.worth_processes()
     chosen = ChunkedWork(tmp_path, {}, workers=2)
     chosen.chunk_length(3)
     assert chosen.engine == "2 local process(es)"
