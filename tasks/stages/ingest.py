@@ -50,13 +50,16 @@ def read_labels(path: Path | None, corpus: Path, show_paths: bool = True) -> dic
     """labels CSV -> {path relative to the corpus: {"label", "group", "line"}}; columns `path,label`
     and an optional `group`. A record inside a .jsonl file is `file.jsonl#L<line>`. A file listed
     twice with another label (or group) is refused, naming both lines (and the path when
-    `show_paths`: not where the domain pseudonymises); listed twice alike, it is kept once."""
+    `show_paths`: not where the domain pseudonymises); listed twice alike, it is kept once. A CSV of
+    its header alone is an unlabeled corpus (what `labels: null` says, in a form DVC can take as a
+    dependency); rows of which none has both a path and a label are refused."""
     if path is None:
         return {}
     if not path.is_file():
         raise PipelineError(f"labels file {path} not found; set `labels:` in params.yaml or remove it")
     labels: dict[str, dict[str, Any]] = {}
     repeated: list[int] = []  # lines that repeat an earlier row
+    rows_seen = 0
     with open(path, newline="", encoding="utf-8-sig") as handle:
         reader = csv.DictReader(handle)
         try:
@@ -65,6 +68,7 @@ def read_labels(path: Path | None, corpus: Path, show_paths: bool = True) -> dic
                 raise PipelineError(f"{path}: needs columns path,label (and optionally group); "
                                     f"found {sorted(columns)}")
             for row in reader:
+                rows_seen += 1
                 row = {k.strip(): v for k, v in row.items() if isinstance(k, str)}
                 if row.get("path") and row.get("label") not in (None, ""):
                     key = normalise_label_path(row["path"], corpus)
@@ -82,6 +86,11 @@ def read_labels(path: Path | None, corpus: Path, show_paths: bool = True) -> dic
         except csv.Error as error:
             raise PipelineError(f"{path}: line {reader.line_num} is not CSV ({error}); "
                                 "write it as comma-separated path,label[,group] rows") from None
+    if rows_seen and not labels:
+        raise PipelineError(f"{path}: no row with both a path and a label; fill in the labels CSV, or leave its "
+                            "header line alone (`path,label`) to ingest the corpus without labels")
+    if not rows_seen:
+        log.info("%s: a header and no rows: the corpus is ingested without labels", path)
     if repeated:
         log.info("%s: %d row(s) repeat a file listed above with the same label, kept once (line(s) %s)", path,
                  len(repeated), ", ".join(map(str, repeated[:10])) + (", ..." if len(repeated) > 10 else ""))
@@ -175,9 +184,6 @@ def _ingest(cfg: DomainConfig, domain: Domain, paths: DomainPaths, corpus: Path)
         _warn_if_dvc_cache_open(paths.root)
     labels_file = cfg.resolve(cfg.labels) if cfg.labels else None
     private_labels = read_labels(labels_file, corpus, show_paths=not domain.pseudonymises(cfg))
-    if labels_file is not None and not private_labels:
-        raise PipelineError(f"{cfg.labels}: no row with both a path and a label; fill in the labels CSV, or set "
-                            f"domains.{domain_name}.labels: null to ingest without labels")
     labels = {public("key", key): value for key, value in private_labels.items()}
     written_as = {public("key", key): key for key in private_labels}  # for the messages, never written
     recorder = LineageRecorder(f"ingest@{domain_name}", paths.manifest, root=paths.root,

@@ -219,6 +219,23 @@ def test_a_labels_csv_that_is_not_utf8_is_one_line_at_the_cli(corpus_project: Pa
     (corpus_project / "corpus" / "labels.csv").write_text("path,label\ncontracts/c1.txt,\n")
     lines, _ = cli_error(corpus_project, "ingest", "legal")
     assert len(lines) == 1 and "corpus/labels.csv: no row with both a path and a label" in lines[0]
+    assert "leave its header line alone" in lines[0]
+
+
+def test_a_labels_csv_of_its_header_alone_ingests_without_labels_also_under_dvc(corpus_project: Path) -> None:
+    """`labels: null` cannot be a DVC dependency (DVC fails on `${item.labels}`); the header alone can."""
+    import subprocess
+
+    from tests.conftest import SCRIPTS, copy_project_code, stage_env
+
+    (corpus_project / "corpus" / "labels.csv").write_text("path,label\n")
+    copy_project_code(corpus_project)  # git and DVC initialised
+    done = subprocess.run([str(SCRIPTS / "dvc"), "repro", "-s", "ingest@legal"], cwd=corpus_project, env=stage_env(),
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    summary = json.loads((corpus_project / "data/legal/manifest/summary.json").read_text())
+    assert summary["labeled"] == 0 and summary["records"] > 0
+    assert all(row["label"] is None for row in read_jsonl(corpus_project / "data/legal/manifest/manifest.jsonl"))
 
 
 def test_preprocess_before_ingest_is_one_line(tiny_project: Path) -> None:
