@@ -33,6 +33,7 @@ A domain's method subclasses `SelfDistillation` (and the domain's method base), 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import warnings
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -84,14 +85,16 @@ class DINOOptions:
     center_momentum: float = 0.9  # of the centre subtracted from the teacher's output
     momentum: float = 0.996  # of the EMA teacher, raised to `momentum_end` along a cosine
     momentum_end: float = 1.0
-    momentum_steps: int = 300  # over this many optimizer steps (set it to the run's steps for the paper's schedule)
+    momentum_steps: int | str = "auto"  # over this many optimizer steps; auto: the run's (the paper's schedule)
     ibot_weight: float = 0.0  # iBOT's masked-patch term (ViT backbones); 0: DINO alone
     ibot_mask_ratio: float = 0.3  # share of a global crop's patches the student sees masked
     crops: MultiCropOptions = field(default_factory=MultiCropOptions)
 
     def validate(self, where: str) -> None:
-        for name in ("output_dim", "hidden_dim", "bottleneck_dim", "momentum_steps"):
+        for name in ("output_dim", "hidden_dim", "bottleneck_dim"):
             require(getattr(self, name) >= 1, f"{where}.{name}", "must be positive")
+        require(self.momentum_steps == "auto" or (isinstance(self.momentum_steps, int) and self.momentum_steps >= 1),
+                f"{where}.momentum_steps", "must be auto (the run's steps) or a positive number")
         for name in ("student_temp", "teacher_temp", "warmup_teacher_temp"):
             require(getattr(self, name) > 0, f"{where}.{name}", "must be positive")
         require(self.warmup_teacher_temp <= self.teacher_temp, f"{where}.warmup_teacher_temp",
@@ -102,6 +105,10 @@ class DINOOptions:
                 "must be in [0, 1] and at most momentum_end (at most 1)")
         require(self.ibot_weight >= 0, f"{where}.ibot_weight", "must be zero or positive")
         require(0 < self.ibot_mask_ratio < 1, f"{where}.ibot_mask_ratio", "must be in (0, 1)")
+
+    def for_steps(self, steps: int) -> DINOOptions:
+        """These options for a run of `steps` optimizer steps: `momentum_steps: auto` becomes `steps`."""
+        return dataclasses.replace(self, momentum_steps=steps) if self.momentum_steps == "auto" else self
 
 
 class PendingMean(nn.Module):
@@ -182,6 +189,9 @@ class SelfDistillation(PretrainMethod):
         """The heads, the teacher (a copy of the backbone being pretrained, its features `dim` wide) and the losses."""
         from lightly.models.utils import deactivate_requires_grad
 
+        if options.momentum_steps == "auto":
+            raise ValueError("DINO options with momentum_steps: auto need the run's steps: build the method with "
+                             "Domain.build_pretrain_method (options.for_steps)")
         self.head = dino_head(dim, options)
         self.teacher_backbone = copy.deepcopy(self.student_backbone())
         self.teacher_head = copy.deepcopy(self.head)

@@ -157,8 +157,13 @@ class Domain(ABC):
         return self.backbones.get(cfg.model.backbone)(cfg, shards_dir)
 
     def build_pretrain_method(self, cfg: DomainConfig, shards_dir: Path) -> PretrainMethod:
-        """The method named by `pretrain.method` around a new encoder, with its parsed options."""
-        return self.methods.get(cfg.pretrain.method)(self.build_encoder(cfg, shards_dir), cfg.pretrain.options)
+        """The method named by `pretrain.method` around a new encoder, with its parsed options; options
+        with a `for_steps(steps)` (a schedule over the whole run: DINO's teacher momentum) get the
+        run's steps (`pretrain.steps`, the planned number once the pretrain stage sized it)."""
+        options = cfg.pretrain.options
+        if hasattr(options, "for_steps"):
+            options = options.for_steps(cfg.pretrain.steps)
+        return self.methods.get(cfg.pretrain.method)(self.build_encoder(cfg, shards_dir), options)
 
     def load_encoder(self, init: str, cfg: DomainConfig, shards_dir: Path,
                      pretrained_dir: Path, seed: int) -> Encoder:

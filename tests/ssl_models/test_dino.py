@@ -118,3 +118,22 @@ def test_dino_declares_rankme_for_its_checkpoint_choice(tmp_path: Path) -> None:
     cfg, domain = histo_config(tmp_path, "dino", "resnet", {})
     assert type(domain.build_pretrain_method(cfg, tmp_path)).checkpoint_rule == "rankme"
     assert type(medical_method(tmp_path, "resnet", {})).checkpoint_rule == "rankme"
+
+
+def test_the_teacher_momentum_reaches_its_end_at_the_run_s_last_step_unless_set(tmp_path: Path) -> None:
+    """`momentum_steps: auto` (the default): the cosine from `momentum` to `momentum_end` spans the run's
+    planned steps, as in the paper, so a short CPU run's teacher ends at `momentum_end` too."""
+    import dataclasses
+
+    from lightly.utils.scheduler import cosine_schedule
+
+    cfg, domain = histo_config(tmp_path, "dino", "resnet", {})
+    cfg.pretrain = dataclasses.replace(cfg.pretrain, steps=40)  # what the pretrain stage planned
+    options = domain.build_pretrain_method(cfg, tmp_path).options
+    assert options.momentum_steps == 40
+    assert cosine_schedule(39, options.momentum_steps, options.momentum, options.momentum_end) == pytest.approx(
+        options.momentum_end, abs=1e-4)
+    cfg, domain = histo_config(tmp_path, "dino", "resnet", {"momentum_steps": 300})
+    assert domain.build_pretrain_method(cfg, tmp_path).options.momentum_steps == 300
+    with pytest.raises(PipelineError, match="momentum_steps.*auto"):
+        histo_config(tmp_path, "dino", "resnet", {"momentum_steps": "soon"})
