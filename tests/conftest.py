@@ -40,6 +40,19 @@ def _share_the_cores() -> None:
 
 _share_the_cores()
 
+
+def _interrupt_as_from_a_terminal() -> None:
+    """A suite started as a background job of a non-interactive shell (`pytest &`) inherits SIGINT
+    ignored, and so would every process the tests start, which keep an ignored signal ignored (as
+    under nohup): the cancel tests' Ctrl-C would reach nothing. The processes start as from a terminal."""
+    import signal
+
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+_interrupt_as_from_a_terminal()
+
 def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
     """`-n auto`: a worker per core and one more, since the worker test spends most of its six
     minutes waiting on Prefect's heartbeat windows (PYTEST_XDIST_AUTO_NUM_WORKERS overrides)."""
