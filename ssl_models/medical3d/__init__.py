@@ -79,7 +79,8 @@ class Medical3D(Domain, module="medical3d"):
     def export(self, cfg: DomainConfig, encoder: Encoder, out_dir: Path) -> dict[str, Any]:
         """A MONAI bundle: `configs/inference.json` (the network), `configs/metadata.json` (with
         `network_data_format`, and the preprocessing: spacing, orientation, CT window, MR scaling),
-        `models/model.pt` and `models/model.safetensors` (the bare backbone), `docs/README.md`."""
+        `models/model.pt` and `models/model.safetensors` (the bare backbone; a Swin one also as
+        `models/model_swinvit.pt`, MONAI's published layout), `docs/README.md`."""
         import json
 
         import monai
@@ -95,6 +96,10 @@ class Medical3D(Domain, module="medical3d"):
         (out_dir / "docs").mkdir()
         torch.save(state, out_dir / "models" / "model.pt")
         save_file(state, str(out_dir / "models" / "model.safetensors"))
+        if m.backbone == "swin":  # also as MONAI publishes SwinUNETR's SSL weights: `SwinUNETR.load_from` takes it
+            from ssl_models.medical3d.swin import published_layout
+
+            torch.save(published_layout(state), out_dir / "models" / "model_swinvit.pt")
         (out_dir / "configs" / "inference.json").write_text(json.dumps({"network_def": network_def(m)}, indent=1))
         preprocessing = {
             "orientation": "RAS", "spacing_mm": pre.spacing or "each volume's own (not resampled)", "cube_voxels": m.size,

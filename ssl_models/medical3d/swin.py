@@ -20,7 +20,8 @@ Checkpoints: `model.base_checkpoint` may be a SwinUNETR or SSLHead state dict (`
 decoder and heads left out), MONAI's published `model_swinvit.pt` (under "state_dict", `module.`
 prefixes, the MLP named `fc1` / `fc2` as `SwinTransformerBlock.load_from` reads it) or this
 backbone's own; all load strictly. The export is the bare `SwinTransformer` (`network_def`), whose
-tensors are SwinUNETR's `swinViT.` ones: `SwinUNETR(...).swinViT.load_state_dict(...)` takes them.
+tensors are SwinUNETR's `swinViT.` ones: `SwinUNETR(...).swinViT.load_state_dict(...)` takes them; its
+`models/model_swinvit.pt` holds them in the published layout, which `SwinUNETR(...).load_from` takes.
 
 Registered in config.py: `BACKBONES.register_lazy("swin", ...:build_swin)`,
 `METHODS.register_lazy("swin_ssl", ...:SwinSSL, options=...:SwinSSLOptions)`.
@@ -109,6 +110,15 @@ def swin_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         state = encoder
     return {name.replace(".mlp.fc1.", ".mlp.linear1.").replace(".mlp.fc2.", ".mlp.linear2."): value
             for name, value in state.items()}
+
+
+def published_layout(state: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """The bare `SwinTransformer`'s tensors as MONAI publishes SwinUNETR's self-supervised weights
+    (`model_swinvit.pt`): under "state_dict", each name with `module.`, the MLP's layers `fc1` / `fc2`,
+    which `SwinUNETR.load_from` reads (MONAI's fine-tuning tutorials start from it). `swin_tensors`
+    reads it back."""
+    return {"state_dict": {f"module.{name}".replace(".mlp.linear1.", ".mlp.fc1.").replace(".mlp.linear2.", ".mlp.fc2."):
+                           value for name, value in state.items()}}
 
 
 def load_swin_weights(backbone: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:

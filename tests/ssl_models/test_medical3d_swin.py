@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 from ssl_models.core.config import load_config
 from ssl_models.core.errors import PipelineError
 from ssl_models.core.modules import sample_seeds
+from ssl_models.medical3d.swin import published_layout  # checked against MONAI's own `load_from` below
 from ssl_models.medical3d.views import images_of
 from tests.conftest import write_params
 from tests.ssl_models.medical_files import assert_learns_then_reloads, cube_rows, medical_params
@@ -36,13 +37,6 @@ def swin_unetr(seed: int = 1, **sizes: Any) -> torch.nn.Module:
     torch.manual_seed(seed)
     settings = {"feature_size": 12, "depths": (1, 1, 1, 1), "num_heads": (3, 6, 12, 24), "window_size": 4, **sizes}
     return SwinUNETR(in_channels=1, out_channels=2, **settings)
-
-
-def published_layout(encoder: dict[str, torch.Tensor]) -> dict[str, Any]:
-    """A Swin encoder's tensors as MONAI publishes SwinUNETR's SSL weights (model_swinvit.pt): under
-    "state_dict", each name with `module.`, the MLP's layers named `fc1` / `fc2`."""
-    return {"state_dict": {f"module.{k}".replace(".mlp.linear1.", ".mlp.fc1.").replace(".mlp.linear2.", ".mlp.fc2."): v
-                           for k, v in encoder.items()}}
 
 
 def assert_holds(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
@@ -168,6 +162,10 @@ def test_the_export_is_a_monai_network_whose_tensors_a_fresh_swinunetr_takes(tmp
     result = network.load_state_dict({f"swinViT.{k}": v for k, v in exported.items()}, strict=False)
     assert not result.unexpected_keys and result.missing_keys
     assert not [k for k in result.missing_keys if k.startswith("swinViT.")]
+    assert_holds(network.swinViT, encoder.backbone.state_dict())
+
+    network = swin_unetr(seed=6)  # MONAI's own fine-tuning start: `load_from` the published layout
+    network.load_from(torch.load(folder / "models" / "model_swinvit.pt", weights_only=True))
     assert_holds(network.swinViT, encoder.backbone.state_dict())
 
     parser = ConfigParser()
