@@ -46,7 +46,8 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from ssl_models.core.config import load_config  # noqa: E402
-from ssl_models.core.device import keep_freed_memory, training_device  # noqa: E402
+from ssl_models.core.device import training_device  # noqa: E402
+from ssl_models.core.processes import keep_freed_memory  # noqa: E402
 from ssl_models.core.distributed import World  # noqa: E402
 from ssl_models.core.modules import sample_seeds  # noqa: E402
 from ssl_models.core.offline import apply_offline_env  # noqa: E402

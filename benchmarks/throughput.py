@@ -66,7 +66,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from ssl_models.core import distributed  # noqa: E402
 from ssl_models.core.config import DomainConfig, PretrainConfig, load_config  # noqa: E402
-from ssl_models.core.device import autocast, keep_freed_memory, set_cpu_threads, training_device  # noqa: E402
+from ssl_models.core.device import autocast, set_cpu_threads, training_device  # noqa: E402
+from ssl_models.core.processes import keep_freed_memory  # noqa: E402
 from ssl_models.core.distributed import World  # noqa: E402
 from ssl_models.core.domain import Domain  # noqa: E402
 from ssl_models.core.offline import apply_offline_env  # noqa: E402

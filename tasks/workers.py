@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from ssl_models.core.errors import PipelineError
-from ssl_models.core.processes import available_cores
+from ssl_models.core.processes import available_cores, keep_freed_memory
 from ssl_models.core.workers import digest_of_inputs
 
 log = logging.getLogger("workers")
@@ -61,11 +61,13 @@ THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"
 
 def share_cores(threads: int) -> None:
     """In a worker process, before its libraries start their thread pools: `threads` each (torch,
-    numpy's BLAS, OpenMP), so N workers use the machine's cores once, not N times over."""
+    numpy's BLAS, OpenMP), so N workers use the machine's cores once, not N times over; and freed
+    file-sized blocks kept for the next file (`keep_freed_memory`)."""
     for variable in THREAD_VARIABLES:
         os.environ[variable] = str(threads)
     if "torch" in sys.modules:
         sys.modules["torch"].set_num_threads(threads)
+    keep_freed_memory()
 
 
 class ChunkedWork:
@@ -155,6 +157,7 @@ class ChunkedWork:
 
         @contextlib.contextmanager
         def in_process():
+            keep_freed_memory()  # as in a worker: files of one size decoded one after another
             class Done(Future):
                 def __init__(self, value: Any) -> None:
                     super().__init__()

@@ -8,10 +8,7 @@ for bit (cuDNN kernels are not all deterministic); on the CPU both hold.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import os
-import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -67,28 +64,6 @@ def set_cpu_threads(threads: int | None) -> None:
     matrix products mostly wait for each other. None keeps torch's default."""
     if threads:
         torch.set_num_threads(threads)
-
-
-# glibc's mallopt parameters (malloc.h) and the largest mmap threshold it accepts on 64-bit systems
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX = -1, -3, 32 * 2**20
-
-
-def keep_freed_memory(trim_threshold: int = 2**30) -> bool:
-    """Have glibc's malloc keep freed blocks of up to 32 MiB in the process (and up to
-    `trim_threshold` bytes free at the top of its heap) instead of handing them back to the
-    system, as PyTorch's CUDA caching allocator does on the GPU. A training loop frees and
-    allocates batches and activations of the same sizes every step: handed back, each one is
-    faulted in again page by page (measured: building 8 medical batches back to back cost 1.0 ms
-    per batch, 0.5 with the memory kept). Returns False where there is no glibc (the settings
-    are glibc's; jemalloc or tcmalloc preloaded by the user ignore them, as they should)."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX)) and bool(mallopt(M_TRIM_THRESHOLD, trim_threshold))
 
 
 def fused_adamw(device: torch.device) -> bool:

@@ -34,7 +34,8 @@ from tqdm import tqdm
 
 from ssl_models.core import distributed
 from ssl_models.core.config import DomainConfig, section_params
-from ssl_models.core.device import keep_freed_memory, set_cpu_threads, training_device
+from ssl_models.core.device import set_cpu_threads, training_device
+from ssl_models.core.processes import keep_freed_memory
 from ssl_models.core.distributed import World
 from ssl_models.core.domain import Domain
 from ssl_models.core.errors import PipelineError

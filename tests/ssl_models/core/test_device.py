@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from ssl_models.core.device import keep_freed_memory
+from ssl_models.core.processes import keep_freed_memory
 
 BLOCK = 8 * 2**20  # a batch of a few MiB: above glibc's default 128 KiB mmap threshold
 
