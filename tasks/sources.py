@@ -153,7 +153,8 @@ def corpus_files(corpus: Path, labels: Path | None, follow_symlinks: bool = Fals
                 set_aside(path, NOT_A_FILE)
 
     walk(corpus, through_link=False)
-    listing.files.sort()
+    # the order Path comparison gives on POSIX (part by part), without a Path comparison per step
+    listing.files.sort(key=lambda path: path.parts)
     listing.set_aside.sort()
     return listing
 
