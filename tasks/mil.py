@@ -20,13 +20,12 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 from torch import nn
-from transformers import get_cosine_schedule_with_warmup
 
 from ssl_models.core.config import FinetuneConfig, epoch_steps
 from ssl_models.core.device import autocast, fused_adamw, move
 from ssl_models.core.errors import PipelineError
 from ssl_models.core.modules import Encoder
-from tasks.probes import class_weights, shuffled_batches
+from tasks.probes import train_class_weighted
 
 BATCH_ROWS = 64  # labeled rows (bags) per forward pass of the frozen encoder, as `embed_rows`
 
@@ -131,19 +130,13 @@ def _train_and_predict(train_bags: list[np.ndarray], train_y: list[str], test_ba
         torch.manual_seed(seed)
         head = GatedAttentionMIL(train_bags[0].shape[1], cfg.abmil_hidden, len(classes)).to(device)
     optimizer = torch.optim.AdamW(head.parameters(), lr=cfg.head_learning_rate, fused=fused_adamw(device))
-    steps = abmil_steps(cfg, len(train_bags))
-    scheduler = get_cosine_schedule_with_warmup(optimizer, max(1, steps // 10), steps)
-    targets = torch.tensor([classes.index(y) for y in train_y], device=device)
-    weight = class_weights(train_y, classes, cfg.class_weight).to(device)
-    head.train()
-    for batch_ids in shuffled_batches(len(train_bags), cfg.batch_size, seed, steps):
+
+    def logits_of(batch_ids: list[int]) -> torch.Tensor:
         instances, mask = pad_bags([train_bags[i] for i in batch_ids])
-        logits, _ = head(instances.to(device), mask.to(device))
-        loss = nn.functional.cross_entropy(logits, targets[batch_ids], weight=weight)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        return head(instances.to(device), mask.to(device))[0]
+
+    head.train()
+    train_class_weighted(optimizer, abmil_steps(cfg, len(train_bags)), train_y, classes, cfg, seed, device, logits_of)
     head.eval()
     probabilities = []
     with torch.no_grad():

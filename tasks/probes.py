@@ -8,7 +8,7 @@ import contextlib
 import copy
 import warnings
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -269,7 +269,6 @@ def class_weights(train_y: list[str], classes: list[str], class_weight: Literal[
     return torch.tensor([weights.get(label, 0.0) for label in classes], dtype=torch.float32)
 
 
-
 def shuffled_batches(count: int, batch_size: int, seed: int, steps: int) -> Iterator[list[int]]:
     """`steps` batches of indices into `count` training items: consecutive seeded permutations cut
     into batches (fresh ones also when the subset is smaller than a batch). Fine-tuning and ABMIL draw
@@ -281,6 +280,26 @@ def shuffled_batches(count: int, batch_size: int, seed: int, steps: int) -> Iter
             order += torch.randperm(count, generator=generator).tolist()
         batch, order = order[:batch_size], order[batch_size:]
         yield batch
+
+
+def train_class_weighted(optimizer: torch.optim.Optimizer, steps: int, train_y: list[str], classes: list[str],
+                         cfg: FinetuneConfig, seed: int, device: torch.device,
+                         logits_of: Callable[[list[int]], torch.Tensor],
+                         precision: str | None = None) -> None:
+    """`steps` optimizer steps of cross-entropy weighted by `cfg.class_weight`, on `shuffled_batches` of
+    the training items (`logits_of(batch_ids)` gives their logits; under `autocast` at `precision`
+    when given), a cosine schedule with a tenth of the steps as warm-up: fine-tuning's loop, and ABMIL's."""
+    scheduler = get_cosine_schedule_with_warmup(optimizer, max(1, steps // 10), steps)
+    targets = torch.tensor([classes.index(y) for y in train_y], device=device)
+    weight = class_weights(train_y, classes, cfg.class_weight).to(device)
+    for batch_ids in shuffled_batches(len(train_y), cfg.batch_size, seed, steps):
+        with autocast(device, precision) if precision is not None else contextlib.nullcontext():
+            loss = torch.nn.functional.cross_entropy(logits_of(batch_ids).float(), targets[batch_ids], weight=weight)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
 
 def finetune_encoder(encoder: Encoder, train_rows: list[dict[str, Any]], train_y: list[str],
                      test_rows: list[dict[str, Any]], classes: list[str], cfg: FinetuneConfig,
@@ -295,19 +314,10 @@ def finetune_encoder(encoder: Encoder, train_rows: list[dict[str, Any]], train_y
     optimizer = torch.optim.AdamW([{"params": model.parameters(), "lr": cfg.learning_rate},
                                    {"params": head.parameters(), "lr": cfg.head_learning_rate}],
                                   fused=fused_adamw(device))
-    steps = finetune_steps(cfg, len(train_rows))
-    scheduler = get_cosine_schedule_with_warmup(optimizer, max(1, steps // 10), steps)
-    targets = torch.tensor([classes.index(y) for y in train_y], device=device)
-    weight = class_weights(train_y, classes, cfg.class_weight).to(device)
     model.train()
-    for batch_ids in shuffled_batches(len(train_rows), cfg.batch_size, seed, steps):
-        with autocast(device, cfg.precision):
-            logits = head(model(move(model.collate([train_rows[i] for i in batch_ids]), device)))
-            loss = torch.nn.functional.cross_entropy(logits.float(), targets[batch_ids], weight=weight)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+    train_class_weighted(optimizer, finetune_steps(cfg, len(train_rows)), train_y, classes, cfg, seed, device,
+                         lambda ids: head(model(move(model.collate([train_rows[i] for i in ids]), device))),
+                         precision=cfg.precision)
     model.eval()
     with torch.no_grad():
         features = torch.from_numpy(embed_rows(model, test_rows, precision=cfg.precision)).to(device)

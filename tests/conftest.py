@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -186,6 +187,22 @@ def tiny_project(tmp_path: Path) -> Path:
     """An empty project folder with tiny legal params (stages take it as their root)."""
     write_params(tmp_path, tiny_params())
     return tmp_path
+
+
+def losses_on_one_batch(method: Any, batch: dict, steps: int, learning_rate: float) -> list[float]:
+    """`method`'s loss at each of `steps` AdamW steps on the same `batch` (views and masks drawn once):
+    the tests that a method learns assert that it falls."""
+    import torch
+
+    optimizer = torch.optim.AdamW(method.parameters(), lr=learning_rate)
+    losses = []
+    for _ in range(steps):
+        loss = method(batch)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return losses
 
 
 def run_stages(root: Path, domain: str, *stages: str) -> list[object]:

@@ -587,6 +587,10 @@ def parse_block(domain: str, block: Any, root: Path, source: str = "params.yaml"
         finetune=parsed.finetune, privacy=parsed.privacy, cpu_threads=parsed.cpu_threads, root=root,
         preset=parsed.preset, presets=tuple(parsed.presets),
         **{name: getattr(parsed, name) for name in DOMAIN_SECTIONS})
+    asked = [*cfg.finetune.protocols, *(cfg.finetune.generic_protocols or [])]
+    require("abmil" not in asked or owner.gives_bags(cfg), f"{where}.finetune.protocols",
+            "abmil pools the instances of a bag: it needs labeled rows that are bags (histopathology with "
+            "preprocess.labeled_unit: slide); with one embedding per labeled row, use linear, knn or finetune")
     owner.validate(cfg)
     return cfg, owner
 

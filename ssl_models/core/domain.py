@@ -120,6 +120,11 @@ class Domain(ABC):
         check that every class reaches the train split; preprocess does)."""
         return False
 
+    def gives_bags(self, cfg: DomainConfig) -> bool:
+        """Whether each labeled row is a bag of instances whose encoder gives their own features
+        (`instance_features`, `pool_instances`): what the `abmil` protocol needs."""
+        return False
+
     def validate(self, cfg: DomainConfig) -> None:
         """Checks across sections (each section checked itself when parsed): fail with
         `PipelineError` naming the settings that do not fit together."""

@@ -104,9 +104,10 @@ def keep_freed_memory(trim_threshold: int = 2**30) -> bool:
     system, as PyTorch's CUDA caching allocator does on the GPU. A training loop frees and
     allocates batches and activations of the same sizes every step: handed back, each one is
     faulted in again page by page (measured: building 8 medical batches back to back cost 1.0 ms
-    per batch, 0.5 with the memory kept); a data stage decodes and resamples volumes of one size
-    after another (3D preprocess: 21.6 s -> 18.5 s on 96 volumes). Returns False where there is no glibc (the settings
-    are glibc's; jemalloc or tcmalloc preloaded by the user ignore them, as they should)."""
+    per batch, 0.5 with the memory kept); a data stage decodes and resamples files of one size
+    after another (3D preprocess of 96 volumes in one process: 22.0 s -> 19.4 s). Returns False
+    where there is no glibc (the settings are glibc's; jemalloc or tcmalloc preloaded by the user
+    ignore them, as they should)."""
     if not sys.platform.startswith("linux"):
         return False
     try:

@@ -33,16 +33,11 @@ class Histopathology(Domain, module="histopathology"):
         return bool(cfg.preprocess.spatial_block)
 
     def gives_bags(self, cfg: DomainConfig) -> bool:
-        """Whether each labeled row is a bag of instances whose encoder gives their own features
-        (`instance_features`, `pool_instances`): what the `abmil` protocol needs. Slides are."""
+        """Slides (`preprocess.labeled_unit: slide`) are bags of tiles."""
         return cfg.preprocess.labeled_unit == "slide"
 
     def validate(self, cfg: DomainConfig) -> None:
         where = f"domains.{cfg.name}"
-        asked = [*cfg.finetune.protocols, *(cfg.finetune.generic_protocols or [])]
-        require("abmil" not in asked or self.gives_bags(cfg), f"{where}.finetune.protocols",
-                "abmil pools the tiles of a slide: it needs preprocess.labeled_unit: slide (with labels per tile, "
-                "use linear, knn or finetune)")
         require(cfg.pretrain.method != "mae" or cfg.model.backbone == "vit", f"{where}.pretrain.method",
                 "mae needs model.backbone: vit")
         require(cfg.model.backbone != "vit" or cfg.preprocess.stored_size % cfg.model.patch_size == 0,

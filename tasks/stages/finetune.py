@@ -168,7 +168,6 @@ class JobResult:
 def finetune(cfg: DomainConfig, domain: Domain, paths: DomainPaths) -> list[dict[str, Any]]:
     domain_name = cfg.name
     settings = cfg.finetune
-    require_bags_for_abmil(cfg, domain)
     set_cpu_threads(cfg.cpu_threads)
     pool, test = load_labeled(paths.shards)
     classes = sorted({r["label"] for r in pool} | {r["label"] for r in test})
@@ -218,16 +217,6 @@ def finetune(cfg: DomainConfig, domain: Domain, paths: DomainPaths) -> list[dict
         recorder.write(out)
     log.info("finetune %s: %d results", domain_name, len(results))
     return results
-
-
-def require_bags_for_abmil(cfg: DomainConfig, domain: Domain) -> None:
-    """abmil needs labeled rows that are bags of instances (`Domain.gives_bags`): one line otherwise."""
-    asked = [*cfg.finetune.protocols, *(cfg.finetune.generic_protocols or [])]
-    gives_bags = getattr(domain, "gives_bags", None)
-    if "abmil" in asked and not (gives_bags is not None and gives_bags(cfg)):
-        raise PipelineError(f"params.yaml domains.{cfg.name}.finetune.protocols: abmil needs labeled rows that are "
-                            f"bags of instances (histopathology with preprocess.labeled_unit: slide); {domain.name} "
-                            "gives one embedding per labeled row here: remove abmil")
 
 
 def run_in_processes(plan: Plan, jobs: list[tuple[str, int]], nproc: int, device: torch.device,

@@ -16,7 +16,7 @@ from ssl_models.audio.hubert import HuBERT, HuBERTOptions, fit_codebook, frame_f
 from ssl_models.core.config import load_config
 from ssl_models.core.errors import PipelineError
 from ssl_models.core.modules import sample_seeds
-from tests.conftest import write_params
+from tests.conftest import losses_on_one_batch, write_params
 from tests.ssl_models.test_audio_methods import method_and_rows, one_torch_thread, spoken_like_clips  # noqa: F401
 
 
@@ -105,14 +105,7 @@ def test_log_mel_targets_lower_the_loss_too(tmp_path: Path) -> None:
     method, rows = hubert(tmp_path, features="log_mel", num_clusters=20)
     assert method.codebook.shape == (20, 32)
     batch = method.data_side()(rows, sample_seeds(0, 0, range(len(rows))))
-    optimizer = torch.optim.AdamW(method.parameters(), lr=3e-3)
-    losses = []
-    for _ in range(15):
-        loss = method(batch)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
+    losses = losses_on_one_batch(method, batch, steps=15, learning_rate=3e-3)
     assert losses[-1] < 0.8 * losses[0], losses
 
 

@@ -14,7 +14,7 @@ from ssl_models.audio.config import BACKBONE_INPUTS, METHOD_INPUTS, METHODS
 from ssl_models.audio.features import INPUT_FILE, InputSpec, encode_row, model_input
 from ssl_models.core.config import DomainConfig, load_config
 from ssl_models.core.modules import PretrainMethod, sample_seeds
-from tests.conftest import write_params
+from tests.conftest import losses_on_one_batch, write_params
 
 TINY_MODEL = {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64}
 PREPROCESS = {"log_mel": {"input": "log_mel", "n_mels": 32, "n_fft": 400, "hop_length": 160, "clip_seconds": 1.0},
@@ -78,14 +78,7 @@ def method_and_rows(root: Path, name: str, lengths: list[float] | None = None,
 def test_each_audio_method_lowers_its_loss_in_a_few_steps(tmp_path: Path, name: str) -> None:
     method, rows, _ = method_and_rows(tmp_path, name)
     batch = method.data_side()(rows, sample_seeds(0, 0, range(len(rows))))  # one fixed batch: the loss must fall
-    optimizer = torch.optim.AdamW(method.parameters(), lr=3e-3)
-    losses = []
-    for _ in range(20):
-        loss = method(batch)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
+    losses = losses_on_one_batch(method, batch, steps=20, learning_rate=3e-3)
     assert all(np.isfinite(losses))
     assert losses[-1] < 0.8 * losses[0], losses
     assert method.embed(rows[:3]).shape == (3, 32)

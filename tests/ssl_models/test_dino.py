@@ -122,17 +122,27 @@ def test_dino_declares_rankme_for_its_checkpoint_choice(tmp_path: Path) -> None:
 
 def test_the_teacher_momentum_reaches_its_end_at_the_run_s_last_step_unless_set(tmp_path: Path) -> None:
     """`momentum_steps: auto` (the default): the cosine from `momentum` to `momentum_end` spans the run's
-    planned steps, as in the paper, so a short CPU run's teacher ends at `momentum_end` too."""
+    planned steps, as in the paper: from 0 to 1 over a 3-step run, the teacher is the student after
+    step 1, moves halfway after step 2 and stays where it is after step 3 (with the old fixed 300
+    steps it still moved). An explicit `momentum_steps` is kept."""
     import dataclasses
 
-    from lightly.utils.scheduler import cosine_schedule
-
-    cfg, domain = histo_config(tmp_path, "dino", "resnet", {})
-    cfg.pretrain = dataclasses.replace(cfg.pretrain, steps=40)  # what the pretrain stage planned
-    options = domain.build_pretrain_method(cfg, tmp_path).options
-    assert options.momentum_steps == 40
-    assert cosine_schedule(39, options.momentum_steps, options.momentum, options.momentum_end) == pytest.approx(
-        options.momentum_end, abs=1e-4)
+    cfg, domain = histo_config(tmp_path, "dino", "resnet", {"momentum": 0.0, "momentum_end": 1.0})
+    cfg.pretrain = dataclasses.replace(cfg.pretrain, steps=3)  # what the pretrain stage planned
+    method = domain.build_pretrain_method(cfg, tmp_path)
+    assert method.options.momentum_steps == 3
+    rows, data_side = real_tile_rows(8), method.data_side()
+    optimizer = torch.optim.AdamW(method.parameters(), lr=1e-2)
+    batch = data_side(rows, sample_seeds(0, 0, range(8)))
+    teachers = []
+    for _ in range(4):  # each forward begins a step: the teacher follows the step before
+        method(batch).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        teachers.append({k: v.clone() for k, v in method.teacher_head.state_dict().items()})
+    moved = [max(float((after[k] - before[k]).abs().max()) for k in after if after[k].is_floating_point())
+             for before, after in zip(teachers, teachers[1:])]
+    assert moved[0] > 0 and moved[1] > 0 and moved[2] == 0, moved
     cfg, domain = histo_config(tmp_path, "dino", "resnet", {"momentum_steps": 300})
     assert domain.build_pretrain_method(cfg, tmp_path).options.momentum_steps == 300
     with pytest.raises(PipelineError, match="momentum_steps.*auto"):

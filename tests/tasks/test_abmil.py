@@ -17,7 +17,6 @@ from tasks.cli import run_stage
 from tasks.io import read_json
 from tasks.mil import abmil_probe, abmil_steps, embed_bags
 from tasks.probes import embed_rows, fit_chosen_probe, knn_probe, probe_predictions, scores
-from tasks.stages.finetune import require_bags_for_abmil
 from tests.conftest import run_stages, tiny_params, write_params
 from tests.ssl_models.histo_files import histo_params
 
@@ -103,14 +102,14 @@ def test_a_slide_bag_is_embedded_once_with_the_mean_the_probes_use(tmp_path: Pat
 
 
 def test_abmil_is_refused_where_labeled_rows_are_not_bags(tmp_path: Path) -> None:
+    """Refused when params load, in every domain: before any stage has run."""
     write_params(tmp_path, histo_params(finetune={"protocols": ["linear", "abmil"]}))  # labeled_unit: tile
-    with pytest.raises(PipelineError, match=r"finetune.protocols: abmil .* needs preprocess.labeled_unit: slide"):
+    with pytest.raises(PipelineError, match=r"domains.histo.finetune.protocols: abmil .* needs labeled rows that are "
+                                            r"bags \(histopathology with preprocess.labeled_unit: slide\)"):
         load_config("histo", tmp_path / "params.yaml")
-    write_params(tmp_path, tiny_params(finetune={"protocols": ["linear", "abmil"]}))
-    cfg, domain = load_config("legal", tmp_path / "params.yaml")
-    with pytest.raises(PipelineError, match=r"domains.legal.finetune.protocols: abmil needs labeled rows that are "
-                                            r"bags of instances .*: remove abmil"):
-        require_bags_for_abmil(cfg, domain)
+    write_params(tmp_path, tiny_params(finetune={"protocols": ["linear"], "generic_protocols": ["abmil"]}))
+    with pytest.raises(PipelineError, match=r"domains.legal.finetune.protocols: abmil .* use linear, knn or finetune"):
+        load_config("legal", tmp_path / "params.yaml")
 
 
 def test_slides_run_abmil_through_finetune_and_evaluate(tmp_path: Path) -> None:
