@@ -52,7 +52,9 @@ def test_two_accumulation_rounds_of_half_a_batch_end_where_one_round_of_the_whol
     assert len(sums) == 2 and all(torch.allclose(one[k], two[k], rtol=1e-5, atol=1e-5) for k in sums)
     gaps = {k: float((one[k].double() - two[k].double()).abs().max())
             for k in one if one[k].is_floating_point() and k not in sums}
-    assert max(gaps.values()) < 1e-5, max(gaps, key=gaps.get)
+    # AdamW divides by the root of tiny second moments, so float32 rounding of the two batchings can
+    # reach a few 1e-5 on a bias (2e-5 seen in a full suite run); a centre moved twice differs by far more
+    assert max(gaps.values()) < 1e-4, max(gaps, key=gaps.get)
 
 
 def test_the_teacher_follows_the_student_once_per_step_and_a_loaded_state_resumes_the_schedule(tmp_path: Path) -> None:
