@@ -18,6 +18,7 @@ import platform
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -93,6 +94,8 @@ class LineageRecorder:
     upstream: list[Path] = field(default_factory=list)
     seeds: list[int] = field(default_factory=list)
     raw_inputs: dict[str, str] | None = None  # raw file -> sha256, for the first stage only
+    # or, for a corpus too large to hold: (the artifact's JSON-lines file of {"key", "sha256"}, its lines)
+    raw_inputs_file: tuple[str, int] | None = None
     root: Path = Path(".")
     started: float = field(default_factory=time.time)
     run_details: dict[str, Any] = field(default_factory=dict)  # timings and the like: run record only
@@ -130,6 +133,9 @@ class LineageRecorder:
         if self.raw_inputs is not None:
             record["raw_inputs"] = self.raw_inputs
             record["raw_inputs_digest"] = digest_of(self.raw_inputs)
+        if self.raw_inputs_file is not None:
+            name, count = self.raw_inputs_file
+            record.update(raw_inputs_file=name, raw_inputs_count=count, raw_inputs_digest=outputs[name])
         _write_json_atomically(record_path(folder), record)
         run = {"artifact": record["artifact"], "stage": self.stage, "outputs_digest": record["outputs_digest"],
                "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(self.started)),
@@ -215,9 +221,10 @@ def show(artifact: Path, root: Path = Path("."), runs: bool = True) -> str:
                          + (f"  prefect run {run['prefect_flow_run_id']}" if run.get("prefect_flow_run_id") else ""))
         for name, digest in (record.get("inputs") or {}).items():
             lines.append(f"{pad}  input {name}: sha256 {digest[:16]}")
-        if "raw_inputs" in record:
+        if has_raw_inputs(record):
+            count = record["raw_inputs_count"] if "raw_inputs_file" in record else len(record["raw_inputs"])
             lines.append(f"{pad}  raw corpus {record['params'].get('corpus')}: "
-                         f"{len(record['raw_inputs'])} files, digest {record['raw_inputs_digest'][:16]}")
+                         f"{count} files, digest {record['raw_inputs_digest'][:16]}")
     return "\n".join(lines)
 
 
@@ -240,7 +247,7 @@ def verify(artifact: Path, root: Path = Path(".")) -> list[str]:
                 problems.append(f"{up['artifact']}: re-made since {record['artifact']} was built from it")
         for name, digest in (record.get("inputs") or {}).items():
             problems.extend(_verify_input(name, digest, root, record["stage"]))
-        if "raw_inputs" in record:
+        if has_raw_inputs(record):
             problems.extend(_verify_raw_inputs(record, root))
     return problems
 
@@ -273,11 +280,29 @@ def check_raw_inputs_unchanged(artifact: Path, root: Path, made_by: str) -> None
     """Before a stage reads the raw corpus again: every raw file still has the hash `made_by`
     recorded in `artifact`, else one line naming the file (by its pseudonym when names are hidden)."""
     record = read_record(artifact)
-    problems = _verify_raw_inputs(record, root) if "raw_inputs" in record else []
+    problems = _verify_raw_inputs(record, root) if has_raw_inputs(record) else []
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         raise PipelineError(f"{problems[0]}{more} since {made_by} recorded it in {record['artifact']}; "
                             f"re-run {made_by} first (`dvc repro` does both)")
+
+
+def has_raw_inputs(record: dict[str, Any]) -> bool:
+    """Whether a lineage record lists the raw files its stage read (ingest's does)."""
+    return "raw_inputs" in record or "raw_inputs_file" in record
+
+
+def raw_inputs(record: dict[str, Any], root: Path) -> Iterator[tuple[str, str]]:
+    """(key, sha256) of every raw file a lineage record lists, one at a time: from its artifact's
+    `raw_inputs_file` (ingest writes one, so a corpus of millions is never held), or from an
+    older record's inline `raw_inputs`."""
+    if "raw_inputs_file" not in record:
+        yield from (record.get("raw_inputs") or {}).items()
+        return
+    with open(_under(root, record["artifact"]) / record["raw_inputs_file"], encoding="utf-8") as handle:
+        for line in handle:
+            entry = json.loads(line)
+            yield entry["key"], entry["sha256"]
 
 
 def _verify_raw_inputs(record: dict[str, Any], root: Path) -> list[str]:
@@ -294,10 +319,10 @@ def _verify_raw_inputs(record: dict[str, Any], root: Path) -> list[str]:
         listed = corpus_files(corpus, None, follow_symlinks=follow).files
         files = {public("key", relative_key(p, corpus)): p for p in listed}
     else:
-        files = {name: corpus / name for name in record["raw_inputs"]}
+        files = None
     problems = []
-    for name, digest in record["raw_inputs"].items():
-        raw = files.get(name)
+    for name, digest in raw_inputs(record, root):
+        raw = corpus / name if files is None else files.get(name)
         shown = f"{shown_corpus}/{name}"
         if raw is None or not raw.exists():
             problems.append(f"raw file {shown}: missing")
@@ -350,8 +375,7 @@ def which(query: str, root: Path = Path("."), domains: list[str] | None = None) 
             continue
         manifest_record = read_record(paths.manifest)
         keys = _record_keys(query, manifest_record, root)
-        raw = manifest_record.get("raw_inputs") or {}
-        keys |= {key for key, digest in raw.items() if digest == query}
+        keys |= {key for key, digest in raw_inputs(manifest_record, root) if digest == query}
         rows = [row for row in read_jsonl(paths.manifest / "manifest.jsonl")
                 if row["key"] in keys or row.get("source") in keys or row["sha256"] == query]
         quarantined = [row for row in read_jsonl(paths.manifest / "quarantine.jsonl") if row["key"] in keys]
@@ -460,7 +484,7 @@ def diff(a: Path, b: Path) -> list[str]:
             continue
         (path_a, x), (path_b, y) = chain_a[name], chain_b[name]
         stage = x["stage"]
-        lines += _changes(f"{stage} raw file", x.get("raw_inputs", {}), y.get("raw_inputs", {}), values=False)
+        lines += _changes(f"{stage} raw file", dict(raw_inputs(x, root_a)), dict(raw_inputs(y, root_b)), values=False)
         lines += _changes(f"{stage} input", x.get("inputs", {}), y.get("inputs", {}), values=False)
         lines += _changes(f"{stage} param", _flatten(x["params"]), _flatten(y["params"]))
         if x["seeds"] != y["seeds"]:

@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import errno
 import os
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from ssl_models.core.config import DomainConfig
 from ssl_models.core.domain import Domain, Rejected, Source
@@ -103,16 +105,26 @@ class CorpusListing:
 def corpus_files(corpus: Path, labels: Path | None, follow_symlinks: bool = False) -> CorpusListing:
     """Every file below `corpus` (the labels file excluded), sorted; symlinks kept to the corpus
     unless `follow_symlinks` (see the module's docstring). Never loops: a folder is walked once."""
+    listing = CorpusListing()
+    listing.files = list(walk_corpus(corpus, labels, listing, follow_symlinks))
+    return listing
+
+
+def walk_corpus(corpus: Path, labels: Path | None, listing: CorpusListing,
+                follow_symlinks: bool = False) -> Iterator[Path]:
+    """`corpus_files` as a stream: the files one at a time, in the same order (each folder's entries
+    sorted by name and walked depth first is the order of the paths' parts), holding one folder's
+    entries per level of the walk and never the whole corpus. What it sets aside and the links it
+    followed go into `listing` (its `set_aside` sorted once the walk is over)."""
     labels_file = os.path.realpath(labels) if labels else None  # may sit inside the corpus folder
     labels_name = Path(labels_file).name if labels_file else None
     boundary = os.path.realpath(corpus)
-    listing = CorpusListing()
     walked: set[str] = set()  # real paths of the folders walked
 
     def set_aside(path: Path, reason: str) -> None:
         listing.set_aside.append((relative_key(path, corpus), reason))
 
-    def walk(folder: Path, through_link: bool) -> None:
+    def walk(folder: Path, through_link: bool) -> Iterator[Path]:
         walked.add(os.path.realpath(folder))
         with os.scandir(folder) as scan:
             entries = sorted(scan, key=lambda entry: entry.name)
@@ -141,22 +153,19 @@ def corpus_files(corpus: Path, labels: Path | None, follow_symlinks: bool = Fals
                         set_aside(path, FOLDER_READ_ALREADY)
                         continue
                 listing.links_followed += leaves
-                walk(path, through_link or leaves)
+                yield from walk(path, through_link or leaves)
             elif entry.is_file():
                 listing.links_followed += leaves
                 # only a link, or a file of the same name, can be the labels file: no realpath per file
                 named_so = entry.name == labels_name or entry.is_symlink() or through_link
                 if not (named_so and os.path.realpath(path) == labels_file):
-                    listing.files.append(path)
                     listing.files_through_links += through_link or leaves
+                    yield path
             else:
                 set_aside(path, NOT_A_FILE)
 
-    walk(corpus, through_link=False)
-    # the order Path comparison gives on POSIX (part by part), without a Path comparison per step
-    listing.files.sort(key=lambda path: path.parts)
+    yield from walk(corpus, through_link=False)
     listing.set_aside.sort()
-    return listing
 
 
 def relative_key(path: Path, corpus: Path) -> str:
@@ -191,7 +200,7 @@ class Discovery:
         return self.set_aside + [{"key": key, "reason": reads} for key in self.unsupported] + self.rejected
 
 
-def _hidden(relative: str) -> bool:
+def is_hidden(relative: str) -> bool:
     """A corpus-relative POSIX key with a part starting with a dot (a string test: a Path per file
     costs seconds over a million files)."""
     return relative.startswith(".") or "/." in relative
@@ -200,29 +209,77 @@ def _hidden(relative: str) -> bool:
 def discover(domain: Domain, cfg: DomainConfig, public: Namer) -> Discovery:
     """Every non-hidden file of the corpus, and the sources the domain groups them into."""
     found = Discovery()
-    accepted = []
+    for kind, key, value in discover_stream(domain, cfg, public, found):
+        if kind == "listed":
+            found.files.append((key, value))
+        elif kind == "unsupported":
+            found.unsupported.append(key)
+        elif kind == "source":
+            found.sources[key] = value
+        elif kind == "rejected":
+            found.rejected.append(value)
+    return found
+
+
+def discover_stream(domain: Domain, cfg: DomainConfig, public: Namer,
+                    found: Discovery) -> Iterator[tuple[str, str, Any]]:
+    """`discover` as a stream of (kind, public key, value), for a corpus too large to hold:
+    `listed` (every non-hidden file, with its path), `unsupported` (a file of a type the domain
+    does not read, with its path), `source` (with the Source), `rejected` (a source the domain
+    refused: the quarantine entry) and `unread` (an accepted file no source reads, with its path).
+    A domain that groups files into sources one file at a time (`Domain.streams_sources`) is
+    given the files as the walk finds them; one grouping across the corpus (DICOM series) is
+    given the accepted files as a list once the walk is over. `found` takes the counts and what
+    the walk set aside (complete once the stream is)."""
     corpus = cfg.resolve(cfg.corpus)
-    listing = corpus_files(corpus, cfg.resolve(cfg.labels) if cfg.labels else None,
-                           follow_symlinks=bool(getattr(cfg.ingest, "follow_symlinks", False)))
+    listing = CorpusListing()
+    walk = walk_corpus(corpus, cfg.resolve(cfg.labels) if cfg.labels else None, listing,
+                       follow_symlinks=bool(getattr(cfg.ingest, "follow_symlinks", False)))
+    events: deque[tuple[str, str, Any]] = deque()  # what the walk met before the next source
+
+    def accepted() -> Iterator[Path]:
+        for path in walk:
+            relative = relative_key(path, corpus)
+            if is_hidden(relative):
+                found.hidden += 1
+                continue
+            key = public("key", relative)
+            events.append(("listed", key, path))
+            if domain.accepts(path):
+                yield path
+            else:
+                events.append(("unsupported", key, path))
+
+    def sources(files: Iterable[Path]) -> Iterator[tuple[str, str, Any]]:
+        for item in domain.sources(files, corpus, cfg):
+            yield from _drain(events)
+            if isinstance(item, Rejected):
+                yield "rejected", item.key, {"key": public("key", item.key), "reason": item.reason}
+            else:
+                yield "source", public("key", item.key), item
+
+    if domain.streams_sources:
+        yield from sources(accepted())
+        yield from _drain(events)
+    else:
+        files = list(accepted())
+        yield from _drain(events)
+        in_sources: set[Path] = set()
+        for kind, key, value in sources(files):
+            if kind == "source":
+                in_sources.update(value.paths)
+            yield kind, key, value
+        for path in files:
+            if path not in in_sources:
+                yield "unread", public("key", relative_key(path, corpus)), path
     found.links_followed, found.files_through_links = listing.links_followed, listing.files_through_links
     for relative, reason in listing.set_aside:
-        if _hidden(relative):
+        if is_hidden(relative):
             found.hidden += 1
         else:
             found.set_aside.append({"key": public("key", relative), "reason": reason})
-    for path in listing.files:
-        relative = relative_key(path, corpus)
-        if _hidden(relative):
-            found.hidden += 1
-            continue
-        found.files.append((public("key", relative), path))
-        if domain.accepts(path):
-            accepted.append(path)
-        else:
-            found.unsupported.append(public("key", relative))
-    for item in domain.sources(accepted, corpus, cfg):
-        if isinstance(item, Rejected):
-            found.rejected.append({"key": public("key", item.key), "reason": item.reason})
-        else:
-            found.sources[public("key", item.key)] = item
-    return found
+
+
+def _drain(events: deque) -> Iterator[Any]:
+    while events:
+        yield events.popleft()

@@ -26,12 +26,14 @@ once the stage's output is in place (`finish`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import shutil
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
@@ -55,6 +57,7 @@ def scheduler_address(setting: str | None) -> str | None:
     return setting or os.environ.get(SCHEDULER_ENV) or None
 
 
+READ_AHEAD = 256  # chunks kept by a run before, read back in order, that may wait behind those in flight
 AUTO_MIN_ITEMS = 256  # `workers: auto` below this many sources: in the stage's process
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 
@@ -111,34 +114,63 @@ class ChunkedWork:
                 if entry.name not in expected:
                     Path(entry.path).unlink(missing_ok=True)
 
-    def results(self, function: Callable[[Any], Any], chunks: Sequence[Any],
-                identities: Sequence[str]) -> Iterator[Any]:
+    def results(self, function: Callable[[Any], Any], chunks: Iterable[Any],
+                identities: Iterable[str]) -> Iterator[Any]:
         """`function(chunk)` of every chunk, in order (read back where a run before finished it)."""
-        paths = [self._path(index, identity) for index, identity in enumerate(identities)]
-        self._keep_only({path.name for path in paths})
+        return self.results_of(function, zip(chunks, identities))
+
+    def results_of(self, function: Callable[[Any], Any], pairs: Iterable[tuple[Any, str]]) -> Iterator[Any]:
+        """`results` of (chunk, identity) pairs, which may be a stream: they are taken as the workers
+        are ready for them, a window ahead of the result being yielded, never all at once."""
         self.folder.mkdir(parents=True, exist_ok=True)
-        done = [path.exists() for path in paths]
-        self.resumed = sum(done)
-        if self.resumed:
-            log.info("resuming: %d of %d chunks were finished by a run before", self.resumed, len(paths))
-        todo = [index for index, finished in enumerate(done) if not finished]
-        log.info("%s: %d chunk(s) on %s", self.label, len(paths), self.engine)
-        if not todo:
-            yield from (self._read(path, function, chunk) for path, chunk in zip(paths, chunks))
-            return
-        with self._submitter(len(todo)) as submit:
-            in_flight: dict[int, Future] = {}
-            queue = iter(todo)
-            limit = max(1, self.window * (self.workers if not self.scheduler else max(self.workers, 2)))
-            for index, path in enumerate(paths):
-                while len(in_flight) < limit and (nxt := next(queue, None)) is not None:
-                    in_flight[nxt] = submit(encoded_call, function, chunks[nxt])  # encoded where it ran
-                if index in in_flight:
-                    encoded = in_flight.pop(index).result()
-                    write_bytes(path, encoded)
-                    yield decode(encoded)
+        self.resumed = 0
+        kept: list[str] = []  # this run's chunk file names (a few bytes a chunk, not a file)
+        limit = max(1, self.window * (self.workers if not self.scheduler else max(self.workers, 2)))
+        ahead: deque[tuple[Path, Any, Future | None]] = deque()  # in order: (file, chunk, its future or None)
+        pairs = iter(pairs)
+        stack = contextlib.ExitStack()
+        submit = None
+        in_flight = 0
+
+        def take() -> None:  # chunks a window ahead: submitted, or noted as kept by a run before
+            nonlocal submit, in_flight
+            while in_flight < limit and len(ahead) < limit + READ_AHEAD and (pair := next(pairs, None)):
+                chunk, identity = pair
+                path = self._path(len(kept), identity)
+                kept.append(path.name)
+                if path.exists():
+                    ahead.append((path, chunk, None))
+                    continue
+                if submit is None:  # the pool starts with the first chunk to do (none when all are kept)
+                    submit = stack.enter_context(self._submitter())
+                ahead.append((path, chunk, submit(encoded_call, function, chunk)))  # encoded where it ran
+                in_flight += 1
+
+        with stack:
+            take()
+            while ahead:
+                path, chunk, future = ahead.popleft()
+                if future is None:
+                    self.resumed += 1
+                    value = self._read(path, function, chunk)
                 else:
-                    yield self._read(path, function, chunks[index])
+                    in_flight -= 1
+                    encoded = future.result()
+                    write_bytes(path, encoded)
+                    value = decode(encoded)
+                take()
+                if not ahead:  # the last: the work's end is settled before it is handed over (a caller
+                    stack.close()  # zipping the results with its rows never asks for more)
+                    self._ended(kept)
+                yield value
+            if not kept:
+                self._ended(kept)
+
+    def _ended(self, kept: list[str]) -> None:
+        self._keep_only(set(kept))
+        log.info("%s: %d chunk(s) on %s", self.label, len(kept), self.engine)
+        if self.resumed:
+            log.info("resuming: %d of %d chunks were finished by a run before", self.resumed, len(kept))
 
     @staticmethod
     def _read(path: Path, function: Callable[[Any], Any], chunk: Any) -> Any:
@@ -152,8 +184,7 @@ class ChunkedWork:
             write_bytes(path, encoded)
             return decode(encoded)
 
-    def _submitter(self, chunks: int):
-        import contextlib
+    def _submitter(self):
 
         @contextlib.contextmanager
         def in_process():
@@ -170,7 +201,7 @@ class ChunkedWork:
             import multiprocessing
             from concurrent.futures import ProcessPoolExecutor
 
-            processes = min(self.workers, chunks)
+            processes = min(self.workers, self.chunks_expected())
             threads = max(1, resolve_workers("auto") // processes)  # the cores shared, not oversubscribed
             with ProcessPoolExecutor(max_workers=processes, mp_context=multiprocessing.get_context("forkserver"),
                                      initializer=share_cores, initargs=(threads,)) as pool:
@@ -192,7 +223,15 @@ class ChunkedWork:
 
         if self.scheduler:
             return dask()
-        return local_pool() if self.workers > 1 and chunks > 1 and self.worth_processes() else in_process()
+        several = self.workers > 1 and self.chunks_expected() > 1
+        return local_pool() if several and self.worth_processes() else in_process()
+
+    def chunks_expected(self) -> int:
+        """Chunks the work makes, as far as `chunk_length` was told (all the items, or the first
+        LOOKAHEAD of a longer stream: then at least that many)."""
+        if self.items is None:
+            return self.workers
+        return -(-self.items // self.chunk_length(self.items))
 
     def worth_processes(self) -> bool:
         """With `workers: auto`, processes only for AUTO_MIN_ITEMS sources or more: each worker pays its

@@ -43,6 +43,8 @@ class HashCache:
     `ssl-pipeline lineage verify` catches by re-reading everything. A sqlite file in the
     workspace: no path, no name, nothing private; unreadable, it is set aside and rebuilt."""
 
+    FLUSH_EVERY = 10_000  # digests held before they are written: a bounded buffer, one commit each
+
     def __init__(self, path: Path) -> None:
         self.path, self.pending = path, []
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -73,7 +75,7 @@ class HashCache:
 
     def remember(self, stamp: tuple[int, int, int, int, int], digest: str) -> None:
         self.pending.append((*stamp, digest))
-        if len(self.pending) >= 10_000:
+        if len(self.pending) >= self.FLUSH_EVERY:
             self.flush()
 
     def flush(self) -> None:
@@ -122,9 +124,27 @@ def hash_cache(path: Path) -> Iterator[HashCache]:
         cache.db.close()
 
 
+_TAKEN: contextvars.ContextVar[dict[str, str] | None] = contextvars.ContextVar("ssl_pipeline_digests_taken",
+                                                                              default=None)
+
+
+@contextlib.contextmanager
+def digests_taken(digests: dict[str, str]) -> Iterator[None]:
+    """In the block, `file_sha256` answers from `digests` (path -> the sha256 this process has just
+    taken of it): a reader that records a file's hash does not read the file a second time for it."""
+    token = _TAKEN.set(digests)
+    try:
+        yield
+    finally:
+        _TAKEN.reset(token)
+
+
 def file_sha256(path: Path) -> str:
-    """sha256 of a file: through the block's HashCache when one is set (a stage's start checks its
-    inputs without reading them again), else read."""
+    """sha256 of a file: one just taken in the block (`digests_taken`), else through the block's
+    HashCache when one is set (a stage's start checks its inputs without reading them again), else read."""
+    taken = _TAKEN.get()
+    if taken is not None and (digest := taken.get(os.fspath(path))) is not None:
+        return digest
     cache = _CACHE.get()
     return sha256_file(path) if cache is None else cache.sha256(path)
 

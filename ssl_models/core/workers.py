@@ -12,15 +12,15 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from collections.abc import Callable, Iterator, Sequence
+import itertools
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Protocol
 
 
 class Engine(Protocol):
     def chunk_length(self, items: int) -> int: ...
 
-    def results(self, function: Callable[[Any], Any], chunks: Sequence[Any],
-                identities: Sequence[str]) -> Iterator[Any]: ...
+    def results_of(self, function: Callable[[Any], Any], chunks: Iterable[tuple[Any, str]]) -> Iterator[Any]: ...
 
 
 _ENGINE: contextvars.ContextVar[Engine | None] = contextvars.ContextVar("ssl_pipeline_engine", default=None)
@@ -35,19 +35,35 @@ def running_on(engine: Engine) -> Iterator[None]:
         _ENGINE.reset(token)
 
 
-def run_items(function: Callable[[Any], list[Any]], shared: Any, items: Sequence[Any],
-              identities: Sequence[Any]) -> Iterator[Any]:
+LOOKAHEAD = 16_384  # items read ahead to size the chunks: the whole stream when it is shorter
+
+
+def run_items(function: Callable[[Any], list[Any]], shared: Any, items: Iterable[Any],
+              identities: Iterable[Any] | Callable[[Any], Any]) -> Iterator[Any]:
     """One result per item of `items`, in order: `function((shared, chunk))` returns the results of
     a chunk of items, run on the stage's engine in chunks of its size (all at once here when no
-    engine is set). `identities[i]` names item i's inputs (key, content hash, `file_stamp`s): a
-    chunk whose inputs changed is never taken from an earlier run."""
+    engine is set). `identities[i]` (or `identities(item)`) names item i's inputs (key, content hash,
+    `file_stamp`s): a chunk whose inputs changed is never taken from an earlier run. `items` may be a
+    stream (a corpus listed as it is walked): the chunks are sized from the first LOOKAHEAD items
+    (the whole stream when it is shorter) and made as the engine takes them, so no list of the
+    items is ever held."""
     engine = _ENGINE.get()
-    size = engine.chunk_length(len(items)) if engine is not None else max(1, len(items))
-    starts = range(0, len(items), size)
-    jobs = [(shared, items[start:start + size]) for start in starts]
-    names = [digest_of_inputs(list(identities[start:start + size])) for start in starts]
-    results = engine.results(function, jobs, names) if engine is not None else map(function, jobs)
-    for done in results:
+    pairs = (((item, identities(item)) for item in items) if callable(identities)
+             else zip(items, identities))
+    head = list(itertools.islice(pairs, LOOKAHEAD))
+    size = engine.chunk_length(len(head)) if engine is not None else max(1, len(head))
+    stream = itertools.chain(head, pairs)
+    del head
+
+    def chunks() -> Iterator[tuple[Any, str]]:
+        while batch := list(itertools.islice(stream, size)):
+            yield (shared, [item for item, _ in batch]), digest_of_inputs([identity for _, identity in batch])
+
+    if engine is None:
+        for job, _ in chunks():
+            yield from function(job)
+        return
+    for done in engine.results_of(function, chunks()):
         yield from done
 
 

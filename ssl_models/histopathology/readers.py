@@ -15,7 +15,7 @@ import numpy as np
 
 from ssl_models.core.domain import Record, Source
 from ssl_models.core.errors import UnreadableFileError
-from ssl_models.core.hashing import sha256_file
+from ssl_models.core.hashing import file_sha256
 from ssl_models.core.privacy import without_names
 
 TILE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -291,7 +291,7 @@ def read_slide(source: Source, min_side: int, max_pixels: int = MAX_DECODED_PIXE
     a level is decoded whole only within `max_pixels` (ingest.max_pixels)."""
     path = source.paths[0]
     try:
-        digest, size = sha256_file(path), path.stat().st_size
+        digest, size = file_sha256(path), path.stat().st_size  # ingest's own digest of it, when it took one
     except OSError as error:
         raise UnreadableFileError(f"cannot read file ({error.strerror})") from None
     if size == 0:

@@ -23,6 +23,7 @@ class Medical3D(Domain, module="medical3d"):
     default_method = "mae"
     name, suffixes = "medical3d", VOLUME_SUFFIXES
     pseudonymise_by_default = True  # file names of medical data often carry patient names
+    streams_sources = False  # a DICOM series is grouped from every file of the corpus
     sections, methods, backbones = SECTIONS, METHODS, BACKBONES
     baseline = "ssl_models.medical3d.baseline"
 

@@ -10,8 +10,14 @@ files never moves old ones between splits.
 from __future__ import annotations
 
 import csv
+import itertools
+import json
 import logging
+import os
+import shutil
+import sqlite3
 from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -21,14 +27,14 @@ from tqdm import tqdm
 from ssl_models.core.config import DomainConfig, made_by
 from ssl_models.core.domain import Domain, Record, Rejected, Source, get_domain
 from ssl_models.core.errors import PipelineError, UnreadableFileError
-from ssl_models.core.hashing import remember_digest, stamped_sha256
+from ssl_models.core.hashing import digests_taken, remember_digest, stamped_sha256
 from ssl_models.core.privacy import without_names
 from ssl_models.core.splits import assign_split
 from ssl_models.core.workers import file_stamp, run_items, running_on
 from tasks.io import atomic_dir, private_outputs, write_json, write_jsonl
 from tasks.lineage import LineageRecorder
 from tasks.paths import DomainPaths
-from tasks.sources import Discovery, Namer, discover, public_namer, relative_key
+from tasks.sources import Discovery, Namer, corpus_files, discover_stream, is_hidden, public_namer, relative_key
 from tasks.workers import chunked_work
 
 log = logging.getLogger("ingest")
@@ -126,15 +132,10 @@ def read_source(domain: Domain, source: Source, cfg: DomainConfig) -> tuple[list
     return records, rejected
 
 
-def _work_items(found: Discovery, corpus: Path) -> tuple[list[tuple[str, Any]], list[list[tuple[Any, ...]]]]:
-    """Ingest's items: the sources (each with its files), then the files no source reads (hashed
-    only); and each item's identity: its files' paths, sizes and times."""
-    items: list[tuple[str, Any]] = [("source", source) for source in found.sources.values()]
-    in_sources = {path for source in found.sources.values() for path in source.paths}
-    items += [("file", path) for _, path in found.files if path not in in_sources]
-    identities = [[(relative_key(path, corpus), *file_stamp(path)) for path in
-                   (item.paths if kind == "source" else [item])] for kind, item in items]
-    return items, identities
+def _identity(item: tuple[str, Any], corpus: Path) -> list[tuple[Any, ...]]:
+    """An ingest item's identity: its files' corpus-relative paths, sizes and times."""
+    kind, value = item
+    return [(relative_key(path, corpus), *file_stamp(path)) for path in (value.paths if kind == "source" else [value])]
 
 
 def ingest_chunk(job: tuple[DomainConfig, list[tuple[str, Any]]]) -> list[dict[str, Any]]:
@@ -151,7 +152,8 @@ def ingest_chunk(job: tuple[DomainConfig, list[tuple[str, Any]]]) -> list[dict[s
                                  "hashes": [digest for _, digest in hashed], "stamps": [stamp for stamp, _ in hashed],
                                  "source": None}
         if kind == "source":
-            records, rejected = read_source(domain, item, cfg)
+            with digests_taken({os.fspath(path): digest for path, (_, digest) in zip(files, hashed) if digest}):
+                records, rejected = read_source(domain, item, cfg)  # a reader hashing a file reads it once
             entry.update(source=item.key, rejected=rejected,
                          records=[{"key": r.key, "sha256": r.sha256, "n_bytes": r.n_bytes, "meta": r.meta,
                                    "group": r.group} for r in records])
@@ -178,6 +180,11 @@ def ingest(cfg: DomainConfig, domain: Domain, paths: DomainPaths) -> dict[str, A
 
 
 def _ingest(cfg: DomainConfig, domain: Domain, paths: DomainPaths, corpus: Path) -> dict[str, Any]:
+    """Two passes over streams, so memory stays flat however large the corpus: the first reads every
+    source (on the stage's engine) and writes rows, quarantine entries, duplicates and raw-file
+    digests to scratch files as they come; the second gives each row its label, group and split
+    and writes the manifest. What is held is per label (the labels CSV), never per file; exact
+    duplicates are found through an on-disk index of content hashes (sqlite)."""
     domain_name = cfg.name
     public = public_namer(domain, cfg)
     if domain.pseudonymises(cfg):
@@ -192,74 +199,178 @@ def _ingest(cfg: DomainConfig, domain: Domain, paths: DomainPaths, corpus: Path)
                                        "split": asdict(cfg.split), "ingest": made_by(cfg.ingest),
                                        "privacy": {**asdict(cfg.privacy),
                                                    "pseudonymised": domain.pseudonymises(cfg)}})
-    found = discover(domain, cfg, public)
-    # a label may name any file of a multi-file source (one slice of a DICOM series): it labels the source
-    member_of = {public("key", relative_key(path, corpus)): key
-                 for key, source in found.sources.items() if len(source.paths) > 1 for path in source.paths}
-    labels = _labels_by_source(labels, member_of, written_as, cfg, domain)
-    if found.links_followed:
-        log.info("ingest %s: followed %d symlink(s) leaving the corpus (ingest.follow_symlinks), %d file(s) read "
-                 "through them", domain_name, found.links_followed, found.files_through_links)
-    quarantine = found.quarantined(domain)
-    rows: list[dict[str, Any]] = []
-    duplicates: list[dict[str, str]] = []
-    canonical: dict[str, str] = {}  # content hash -> first key with it
-    alias: dict[str, str] = {}  # duplicate key -> kept key
-    reader_groups: dict[str, str] = {}  # key -> the group a reader found (a patient), private
     work = chunked_work(cfg, paths, "ingest", {"module": cfg.module, "corpus": str(corpus),
                                                "ingest": made_by(cfg.ingest)})
-    items, identities = _work_items(found, corpus)
-    file_hashes: dict[str, str] = {}  # corpus-relative path -> sha256, private
-    progress = tqdm(total=len(found.sources), desc=f"ingest {domain_name}", unit="source", disable=None)
-    with running_on(work):
-        for done in run_items(ingest_chunk, cfg, items, identities):
-            file_hashes.update(zip(done["files"], done["hashes"]))
-            for stamp, digest in zip(done["stamps"], done["hashes"]):
-                remember_digest(stamp, digest)
-            if done["source"] is None:
-                continue
-            progress.update()
-            source_key = public("key", done["source"])
-            quarantine.extend({"key": public("key", item["key"]), "reason": item["reason"]}
-                              for item in done["rejected"])
-            for record in done["records"]:
-                key = public("key", record["key"])
-                if record["sha256"] in canonical:
-                    alias[key] = canonical[record["sha256"]]
-                    duplicates.append({"key": key, "duplicate_of": canonical[record["sha256"]]})
-                    continue
-                canonical[record["sha256"]] = key
-                if record["group"]:
-                    reader_groups[key] = record["group"]
-                rows.append({"key": key, "source": source_key, "sha256": record["sha256"],
-                             "bytes": record["n_bytes"], **record["meta"]})
-    progress.close()
-    raw_inputs = {key: file_hashes[relative_key(path, corpus)] for key, path in found.files}
-    summary, missing = _attach_labels_and_splits(rows, labels, reader_groups, alias, quarantine, cfg, public)
-    summary.update(files=len(found.files) + found.hidden, sources=len(found.sources),
-                   symlinks_followed_out_of_corpus=found.links_followed,
-                   hidden_files_skipped=found.hidden, records=len(rows),
-                   quarantined=len(quarantine), duplicates_dropped=len(duplicates),
-                   pseudonymised=domain.pseudonymises(cfg))
-    corpus_keys = [relative_key(path, corpus) for _, path in found.files]
-    problem = (_quarantine_problem(cfg, domain, paths, rows, quarantine)
-               or _missing_labels_problem(cfg, domain, missing, labels, written_as, corpus_keys)
-               or _class_problem(cfg, domain, rows, labels))
-    if problem:  # the manifest is still written, so the quarantine list can be read; preprocess refuses it
-        summary["stopped"] = problem
-    with atomic_dir(paths.manifest) as out:
-        write_jsonl(out / "manifest.jsonl", rows)
-        write_jsonl(out / "quarantine.jsonl", quarantine)
-        write_jsonl(out / "duplicates.jsonl", duplicates)
-        write_json(out / "summary.json", summary)
-        recorder.raw_inputs = raw_inputs
-        recorder.write(out)
+    scratch = paths.work("ingest-scratch")  # this run's streams; a killed run's are dropped
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir(parents=True)
+    try:
+        with _Pass(scratch, labels) as first:
+            found = Discovery()
+            first.read_corpus(domain, cfg, corpus, public, found, work)
+        first.quarantined_labels.update(q["key"] for q in found.set_aside if first.labeled(q["key"]))
+        if found.links_followed:
+            log.info("ingest %s: followed %d symlink(s) leaving the corpus (ingest.follow_symlinks), %d file(s) read "
+                     "through them", domain_name, found.links_followed, found.files_through_links)
+        # a label may name any file of a multi-file source (one slice of a DICOM series): it labels the source
+        labels = _labels_by_source(labels, first.member_of, written_as, cfg, domain)
+        assigned, missing, on_quarantined, conflicting = _assign_labels(labels, first)
+        quarantined = len(found.set_aside) + first.quarantined
+        reasons = first.reasons + Counter(reason_kind(q["reason"]) for q in found.set_aside)
+        summary: dict[str, Any] = {}
+        with atomic_dir(paths.manifest) as out:
+            by_class: Counter = Counter()  # (label, split) of the labeled rows
+            write_jsonl(out / "manifest.jsonl", _labeled_rows(scratch / "rows.jsonl", assigned, cfg, public,
+                                                              summary, by_class))
+            write_jsonl(out / "quarantine.jsonl", itertools.chain(
+                found.set_aside, *(read_stream(scratch / name) for name in _Pass.QUARANTINE)))
+            write_jsonl(out / "duplicates.jsonl", read_stream(scratch / "duplicates.jsonl"))
+            shutil.move(scratch / RAW_INPUTS, out / RAW_INPUTS)
+            summary.update(labels_without_file=len(missing), labels_without_file_examples=missing[:10],
+                           labels_on_quarantined_files=on_quarantined, labels_conflicting_on_duplicates=conflicting,
+                           files=first.listed + found.hidden, sources=first.sources,
+                           symlinks_followed_out_of_corpus=found.links_followed, hidden_files_skipped=found.hidden,
+                           records=first.rows, quarantined=quarantined, duplicates_dropped=first.duplicates,
+                           pseudonymised=domain.pseudonymises(cfg))
+            problem = (_quarantine_problem(cfg, domain, paths, first.rows, quarantined, reasons)
+                       or _missing_labels_problem(cfg, domain, missing, labels, written_as,
+                                                  lambda: _corpus_keys(cfg, corpus))
+                       or _class_problem(cfg, domain, by_class, labels))
+            if problem:  # the manifest is still written, so the quarantine list can be read; preprocess refuses it
+                summary["stopped"] = problem
+            write_json(out / "summary.json", summary)
+            recorder.raw_inputs_file = (RAW_INPUTS, first.raw_files)
+            recorder.write(out)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     work.finish()
     if problem:
         raise PipelineError(problem)
     log.info("ingest %s: %d records, %d quarantined, %d duplicates dropped, %d labeled",
-             domain_name, len(rows), len(quarantine), len(duplicates), summary["labeled"])
+             domain_name, first.rows, quarantined, first.duplicates, summary["labeled"])
     return summary
+
+
+RAW_INPUTS = "raw_inputs.jsonl"  # every raw file's key and sha256, in the order ingest read them
+
+
+class _Pass:
+    """Ingest's first pass: the corpus read as a stream, everything per file written to scratch
+    files as it comes (rows with their private reader group, quarantine entries, duplicates, raw
+    digests); held in memory only what concerns the labels' keys, and counts."""
+
+    QUARANTINE = ("unsupported.jsonl", "rejected.jsonl", "unreadable.jsonl")  # after what the walk set aside
+
+    def __init__(self, scratch: Path, labels: dict[str, dict[str, Any]]) -> None:
+        self.scratch, self.labels = scratch, labels
+        self.listed = self.sources = self.rows = self.duplicates = self.quarantined = self.raw_files = 0
+        self.reasons: Counter = Counter()  # quarantine reasons by kind
+        self.member_of: dict[str, str] = {}  # labeled file of a multi-file source -> the source's key
+        self.labeled_sources: set[str] = set()  # those sources' keys
+        self.alias: dict[str, str] = {}  # labeled duplicate -> the key kept
+        self.present: set[str] = set()  # labeled keys that are rows
+        self.quarantined_labels: set[str] = set()  # labeled keys quarantined
+
+    def __enter__(self) -> _Pass:
+        self.streams = {name: open(self.scratch / name, "w", encoding="utf-8")
+                        for name in ("rows.jsonl", "duplicates.jsonl", RAW_INPUTS, *self.QUARANTINE)}
+        self.seen = sqlite3.connect(self.scratch / "contents.sqlite", isolation_level=None)
+        self.seen.executescript("PRAGMA journal_mode = OFF; PRAGMA synchronous = OFF; "
+                                "CREATE TABLE seen (sha256 TEXT PRIMARY KEY, key TEXT) WITHOUT ROWID; BEGIN;")
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for stream in self.streams.values():
+            stream.close()
+        self.seen.close()
+
+    def labeled(self, key: str) -> bool:
+        """Whether a label may land on `key`: one names it, or names a file of its source."""
+        return key in self.labels or key in self.labeled_sources
+
+    def write(self, name: str, value: Any) -> None:
+        self.streams[name].write(json.dumps(value, sort_keys=True, default=str) + "\n")
+
+    def quarantine(self, name: str, entry: dict[str, str]) -> None:
+        self.write(name, entry)
+        self.quarantined += 1
+        self.reasons[reason_kind(entry["reason"])] += 1
+        if self.labeled(entry["key"]):
+            self.quarantined_labels.add(entry["key"])
+
+    def items(self, stream: Iterator[tuple[str, str, Any]], domain: Domain, corpus: Path,
+              public: Namer) -> Iterator[tuple[str, Any]]:
+        """Ingest's items from discovery's stream: each source, and each file no source reads (hashed only)."""
+        reads = f"unsupported file type; {domain.name} reads {', '.join(domain.suffixes)}"
+        for kind, key, value in stream:
+            if kind == "listed":
+                self.listed += 1
+            elif kind == "unsupported":
+                self.quarantine("unsupported.jsonl", {"key": key, "reason": reads})
+                yield "file", value
+            elif kind == "unread":
+                yield "file", value
+            elif kind == "rejected":
+                self.quarantine("rejected.jsonl", value)
+            else:
+                self.sources += 1
+                if len(value.paths) > 1:
+                    for path in value.paths:
+                        member = public("key", relative_key(path, corpus))
+                        if member in self.labels:
+                            self.member_of[member] = key
+                            self.labeled_sources.add(key)  # before its rows come back from the engine
+                yield "source", value
+
+    def read_corpus(self, domain: Domain, cfg: DomainConfig, corpus: Path, public: Namer, found: Discovery,
+                    work: Any) -> None:
+        items = self.items(discover_stream(domain, cfg, public, found), domain, corpus, public)
+        progress = tqdm(desc=f"ingest {cfg.name}", unit="source", disable=None)
+        with running_on(work):
+            for done in run_items(ingest_chunk, cfg, items, lambda item: _identity(item, corpus)):
+                for file, digest in zip(done["files"], done["hashes"]):
+                    self.write(RAW_INPUTS, {"key": public("key", file), "sha256": digest})
+                    self.raw_files += 1
+                for stamp, digest in zip(done["stamps"], done["hashes"]):
+                    remember_digest(stamp, digest)
+                if done["source"] is not None:
+                    progress.update()
+                    self.read_source(done, public)
+        progress.close()
+
+    def read_source(self, done: dict[str, Any], public: Namer) -> None:
+        source_key = public("key", done["source"])
+        for item in done["rejected"]:
+            self.quarantine("unreadable.jsonl", {"key": public("key", item["key"]), "reason": item["reason"]})
+        for record in done["records"]:
+            key = public("key", record["key"])
+            if not self.seen.execute("INSERT OR IGNORE INTO seen VALUES (?, ?)", (record["sha256"], key)).rowcount:
+                kept = self.seen.execute("SELECT key FROM seen WHERE sha256 = ?", (record["sha256"],)).fetchone()[0]
+                if self.labeled(key):
+                    self.alias[key] = kept
+                self.write("duplicates.jsonl", {"key": key, "duplicate_of": kept})
+                self.duplicates += 1
+                continue
+            if self.labeled(key):
+                self.present.add(key)
+            self.rows += 1
+            self.write("rows.jsonl", {"row": {"key": key, "source": source_key, "sha256": record["sha256"],
+                                              "bytes": record["n_bytes"], **record["meta"]},
+                                      "group": record["group"] or None})
+
+
+def read_stream(path: Path) -> Iterator[Any]:
+    """The values of a JSON-lines file, one at a time."""
+    with open(path, encoding="utf-8") as handle:
+        for line in handle:
+            yield json.loads(line)
+
+
+def _corpus_keys(cfg: DomainConfig, corpus: Path) -> list[str]:
+    """Every file of the corpus, corpus-relative (walked again: only a failing run's message needs them)."""
+    listing = corpus_files(corpus, cfg.resolve(cfg.labels) if cfg.labels else None,
+                           follow_symlinks=bool(getattr(cfg.ingest, "follow_symlinks", False)))
+    return [key for key in (relative_key(path, corpus) for path in listing.files) if not is_hidden(key)]
 
 
 def _labels_by_source(labels: dict[str, dict[str, Any]], member_of: dict[str, str], written_as: dict[str, str],
@@ -296,24 +407,23 @@ def _warn_if_dvc_cache_open(root: Path) -> None:
                     cache, cache.stat().st_mode & 0o777, cache)
 
 
-def _quarantine_problem(cfg: DomainConfig, domain: Domain, paths: DomainPaths, rows: list[dict[str, Any]],
-                        quarantine: list[dict[str, str]]) -> str | None:
+def _quarantine_problem(cfg: DomainConfig, domain: Domain, paths: DomainPaths, rows: int, quarantined: int,
+                        reasons: Counter) -> str | None:
     """Too large a quarantined share (or nothing usable): the corpus or the reader settings are wrong."""
     where, limit = f"ingest@{cfg.name}", cfg.ingest.max_quarantined_fraction
-    total = len(rows) + len(quarantine)
+    total = rows + quarantined
     if total == 0:
         return (f"{where}: the corpus folder {cfg.corpus} holds no file to read ({domain.name} reads "
                 f"{', '.join(domain.suffixes)}); point domains.{cfg.name}.corpus at the data")
-    share = len(quarantine) / total
+    share = quarantined / total
     if rows and share <= limit:
         return None
-    reasons = Counter(reason_kind(q["reason"]) for q in quarantine).most_common(3)
-    common = "; ".join(f"{reason!r} x{count}" for reason, count in reasons)
+    common = "; ".join(f"{reason!r} x{count}" for reason, count in reasons.most_common(3))
     listed = f"see {paths.manifest.relative_to(paths.root).as_posix()}/quarantine.jsonl"
     if not rows:
         return (f"{where}: every one of the {total} files or records was quarantined (most common: {common}); "
                 f"{listed}, and fix the corpus or the ingest settings")
-    return (f"{where}: {len(quarantine)} of {total} files or records quarantined ({share:.0%}, above "
+    return (f"{where}: {quarantined} of {total} files or records quarantined ({share:.0%}, above "
             f"ingest.max_quarantined_fraction {limit:.0%}; most common: {common}); {listed}, fix the corpus or "
             f"the ingest settings, or raise domains.{cfg.name}.ingest.max_quarantined_fraction")
 
@@ -325,7 +435,7 @@ def reason_kind(reason: str) -> str:
 
 def _missing_labels_problem(cfg: DomainConfig, domain: Domain, missing: list[str],
                             labels: dict[str, dict[str, Any]], written_as: dict[str, str],
-                            corpus_keys: list[str]) -> str | None:
+                            corpus_keys: Callable[[], list[str]]) -> str | None:
     """Labels that name no file: a wrong folder in the paths, or files left out of the corpus.
     No tolerance: a label that reaches no file is a sample the user thinks is trained or scored."""
     if not missing:
@@ -336,7 +446,7 @@ def _missing_labels_problem(cfg: DomainConfig, domain: Domain, missing: list[str
         examples = "lines " + ", ".join(str(line) for line in lines[:3]) + (", ..." if len(lines) > 3 else "")
     else:
         examples = ", ".join(repr(written_as[key]) for key in missing[:3]) + (", ..." if len(missing) > 3 else "")
-    hint = _path_hint([written_as[key] for key in missing], corpus_keys, private)
+    hint = _path_hint([written_as[key] for key in missing], corpus_keys(), private)
     return (f"{cfg.labels}: {len(missing)} of {len(labels)} labels name no file in the corpus folder {cfg.corpus} "
             f"({examples}){hint}; write each path relative to the corpus folder, or remove those rows")
 
@@ -373,7 +483,7 @@ def _path_hint(missing: list[str], corpus_keys: list[str], private: bool) -> str
     return ""
 
 
-def _class_problem(cfg: DomainConfig, domain: Domain, rows: list[dict[str, Any]],
+def _class_problem(cfg: DomainConfig, domain: Domain, by_class: Counter,
                    labels: dict[str, dict[str, Any]]) -> str | None:
     """Every class of the labels needs a labeled row in the train split, or no probe can learn it."""
     classes = sorted({value["label"] for value in labels.values()})
@@ -382,9 +492,8 @@ def _class_problem(cfg: DomainConfig, domain: Domain, rows: list[dict[str, Any]]
     if domain.splits_labeled_rows_at_preprocess(cfg):
         return None  # tiles take their spatial block's split in preprocess, which checks then
     splits_of: dict[str, Counter] = {c: Counter() for c in classes}
-    for row in rows:
-        if row["label"] is not None:
-            splits_of[row["label"]][row["split"]] += 1
+    for (label, split), count in by_class.items():
+        splits_of[label][split] += count
     lacking = [c for c in classes if not splits_of[c]["train"]]
     if not lacking:
         return None
@@ -400,40 +509,50 @@ def _class_problem(cfg: DomainConfig, domain: Domain, rows: list[dict[str, Any]]
             f"share a split), or drop the class from the labels")
 
 
-def _attach_labels_and_splits(rows: list[dict[str, Any]], labels: dict[str, dict[str, str | None]],
-                              reader_groups: dict[str, str], alias: dict[str, str],
-                              quarantine: list[dict[str, str]], cfg: DomainConfig,
-                              public: Namer) -> tuple[dict[str, Any], list[str]]:
-    """Label each row, give it its group (the labels CSV's, else the reader's) and its split.
-    The split hashes the private group with the public split salt, so it does not depend on the
-    pseudonym salt: the same data splits the same way on every machine. Also returns the (public)
-    keys of the labels that name no file."""
-    groups = dict(reader_groups)
-    by_key = {row["key"]: row for row in rows}
-    quarantined = {q["key"] for q in quarantine}
+def _assign_labels(labels: dict[str, dict[str, Any]],
+                   first: _Pass) -> tuple[dict[str, dict[str, Any]], list[str], int, int]:
+    """Which row each label lands on (a label on a dropped duplicate labels the copy kept; of two
+    different labels for one content the first in the CSV stays), with the label's group when it
+    gives one; and the (public) keys of the labels that name no file, the count of labels on
+    quarantined files and of labels conflicting on duplicates."""
+    assigned: dict[str, dict[str, Any]] = {}  # row key -> {"label", "group" (private, or None)}
     missing, on_quarantined, conflicting = [], 0, 0
     for key, value in labels.items():
-        row = by_key.get(alias.get(key, key))
-        if row is None:
-            if key in quarantined:
+        if key not in first.alias and key not in first.present:
+            if key in first.quarantined_labels:
                 on_quarantined += 1
             else:
                 missing.append(key)
             continue
-        if row.get("label") is not None and row["label"] != value["label"]:
+        row_key = first.alias.get(key, key)
+        current = assigned.get(row_key)
+        if current is not None and current["label"] != value["label"]:
             conflicting += 1  # two identical files labeled differently: the first label stays
             continue
-        row["label"] = value["label"]
-        if value["group"]:
-            groups[row["key"]] = value["group"]
-    for row in rows:
-        row.setdefault("label", None)
-        group = groups.get(row["key"])
+        assigned[row_key] = {"label": value["label"],
+                             "group": value["group"] or (current["group"] if current else None)}
+    return assigned, missing, on_quarantined, conflicting
+
+
+def _labeled_rows(rows: Path, assigned: dict[str, dict[str, Any]], cfg: DomainConfig, public: Namer,
+                  summary: dict[str, Any], by_class: Counter) -> Iterator[dict[str, Any]]:
+    """The first pass' rows, each with its label, group (the labels CSV's, else the reader's) and
+    split; the counts by split go into `summary`, the labeled rows' (label, split) into `by_class`.
+    The split hashes the private group with the public split salt, so it does not depend on the
+    pseudonym salt: the same data splits the same way on every machine."""
+    by_split: Counter = Counter()
+    labeled_by_split: Counter = Counter()
+    for entry in read_stream(rows):
+        row, given = entry["row"], assigned.get(entry["row"]["key"])
+        row["label"] = given["label"] if given else None
+        group = (given and given["group"]) or entry["group"]
         row["group"] = public("group", group) if group else None
         row["split"] = assign_split(group or row["sha256"], cfg.split.val, cfg.split.test, cfg.split.salt)
-    labeled = [r for r in rows if r["label"] is not None]
-    return {"labeled": len(labeled),
-            "labeled_by_split": {s: sum(r["split"] == s for r in labeled) for s in ("train", "val", "test")},
-            "records_by_split": {s: sum(r["split"] == s for r in rows) for s in ("train", "val", "test")},
-            "labels_without_file": len(missing), "labels_without_file_examples": missing[:10],
-            "labels_on_quarantined_files": on_quarantined, "labels_conflicting_on_duplicates": conflicting}, missing
+        by_split[row["split"]] += 1
+        if row["label"] is not None:
+            labeled_by_split[row["split"]] += 1
+            by_class[row["label"], row["split"]] += 1
+        yield row
+    summary.update(labeled=sum(labeled_by_split.values()),
+                   labeled_by_split={s: labeled_by_split[s] for s in ("train", "val", "test")},
+                   records_by_split={s: by_split[s] for s in ("train", "val", "test")})

@@ -90,3 +90,16 @@ def test_a_damaged_cache_file_is_rebuilt_and_trusts_nothing_from_before(tmp_path
         assert file_sha256(data) == sha256_file(data)
     assert reads == [data]
     assert (tmp_path / "hashes.sqlite").stat().st_mode & 0o077 == 0
+
+
+def test_ingest_reads_a_slide_once_for_its_hash(tmp_path: Path, reads: list[Path]) -> None:
+    """A slide's record carries its file's sha256, which ingest has just taken of the raw file: the
+    histopathology reader takes it from there instead of reading the slide a second time."""
+    from tests.conftest import write_params
+    from tests.ssl_models.histo_files import histo_params, ihc, save_png
+
+    slides = [save_png(tmp_path / "slides" / f"slide-{i}.png", ihc(top=16 * i, size=128)) for i in range(3)]
+    write_params(tmp_path, histo_params(corpus="slides", labels=None, ingest={"workers": 1}))
+    (summary,) = run_stages(tmp_path, "histo", "ingest")
+    assert summary["records"] == 3
+    assert sorted(path.name for path in reads if path.suffix == ".png") == sorted(p.name for p in slides)
