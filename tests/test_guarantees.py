@@ -111,6 +111,9 @@ GUARANTEES: dict[str, list[str]] = {
         "tests/flows/test_remote.py::test_a_fresh_clone_pulls_from_the_remote_and_has_nothing_to_run",
         "tests/flows/test_remote.py::test_lineage_diff_of_pulled_outputs_names_no_code_difference",
     ],
+    "ingest's memory does not grow with the corpus": [
+        "tests/tasks/test_ingest.py::test_ingest_memory_does_not_grow_with_the_corpus",
+    ],
     "the data side spreads over cores or a Dask cluster": [
         "tests/tasks/test_parallel_ingest.py::test_manifest_quarantine_and_shards_are_byte_identical_for_1_and_2_workers_and_dask",
         "tests/faults/test_kills_chunked.py::test_a_killed_chunked_ingest_resumes_at_its_first_unfinished_chunk",
