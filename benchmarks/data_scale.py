@@ -4,6 +4,7 @@ read rate against `sha256sum`, and what DVC costs on a corpus of many small file
     python benchmarks/data_scale.py speedup [--texts 20000] [--slides 160] [--volumes 96]
     python benchmarks/data_scale.py dvc --files 100000
     python benchmarks/data_scale.py memory --sizes 100000 1000000
+    python benchmarks/data_scale.py floor --files 1000000
 
 `speedup`: each stage runs as the CLI runs it (`ssl-pipeline STAGE DOMAIN` in the project
 folder), with `workers: 1` and `workers: 2` alternated, twice each, on the same generated corpus;
@@ -197,6 +198,23 @@ def ingest_memory(args: argparse.Namespace) -> None:
         shutil.rmtree(folder, ignore_errors=True)
 
 
+def stat_floor(args: argparse.Namespace) -> None:
+    """What any check for a changed, added or removed raw file must do at least: one stat a file.
+    `find -printf` (C) and this project's own corpus walk plus one `os.stat` a file, twice each."""
+    from tasks.sources import CorpusListing, walk_corpus
+
+    folder = Path(tempfile.mkdtemp(prefix="stat-floor-"))
+    write_texts(folder / "corpus", args.files)
+    for _ in range(2):
+        started = time.perf_counter()
+        subprocess.run(f"find '{folder}/corpus' -type f -printf '%s %T@\\n' > /dev/null", shell=True, check=True)
+        print(f"find -printf size and mtime of {args.files} files: {time.perf_counter() - started:.1f} s", flush=True)
+        started = time.perf_counter()
+        count = sum(1 for path in walk_corpus(folder / "corpus", None, CorpusListing()) if os.stat(path))
+        print(f"walk_corpus and os.stat of {count} files: {time.perf_counter() - started:.1f} s", flush=True)
+    shutil.rmtree(folder, ignore_errors=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -212,8 +230,10 @@ def main() -> None:
     three = commands.add_parser("memory")
     three.add_argument("--sizes", type=int, nargs="+", default=[100000, 1000000])
     three.add_argument("--workers", type=int, default=2)
+    four = commands.add_parser("floor")
+    four.add_argument("--files", type=int, default=1000000)
     args = parser.parse_args()
-    {"speedup": speedup, "dvc": dvc_scale, "memory": ingest_memory}[args.command](args)
+    {"speedup": speedup, "dvc": dvc_scale, "memory": ingest_memory, "floor": stat_floor}[args.command](args)
 
 
 if __name__ == "__main__":
