@@ -183,6 +183,37 @@ def test_switching_pseudonymisation_makes_ingest_and_everything_downstream_stale
     assert "ingest@legal" in status and "domains.legal.privacy" in status
 
 
+@pytest.mark.slow
+def test_a_changed_raw_file_reruns_preprocess_through_the_manifest(tmp_path: Path) -> None:
+    """Preprocess does not list the corpus (DVC would stat it twice a call): a raw file changed after
+    both ran makes ingest stale, and ingest's new manifest (its raw files' digests) makes preprocess
+    stale; re-run, both are up to date."""
+    import subprocess
+
+    from tests.conftest import SCRIPTS, copy_project_code, stage_env
+
+    copy_project_code(tmp_path)
+    for i in range(40):
+        (tmp_path / "corpus" / f"{i // 10}").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "corpus" / f"{i // 10}" / f"doc{i}.txt").write_text(
+            f"Agreement {i}. The supplier shall deliver {i} units of goods to the buyer within {i + 3} days.\n")
+    (tmp_path / "labels.csv").write_text("path,label\n")  # unlabeled: DVC cannot take a null dependency
+    write_params(tmp_path, tiny_params(corpus="corpus", labels="labels.csv"))
+    dvc = lambda *args: subprocess.run([str(SCRIPTS / "dvc"), *args], cwd=tmp_path, env=stage_env(),  # noqa: E731
+                                       capture_output=True, text=True, check=True).stdout
+    stages = ("ingest@legal", "preprocess@legal")
+    dvc("repro", "-s", *stages)
+    assert not any(stage in dvc("status", *stages) for stage in stages)
+    (tmp_path / "corpus" / "2" / "doc25.txt").write_text("Agreement 25, amended. The buyer shall pay on delivery.\n")
+    status = dvc("status", *stages)
+    assert "ingest@legal" in status and "preprocess@legal" not in status
+    dvc("repro", "-s", "ingest@legal")
+    status = dvc("status", *stages)
+    assert "preprocess@legal" in status and "data/legal/manifest" in status and "ingest@legal" not in status
+    dvc("repro", "-s", "preprocess@legal")
+    assert not any(stage in dvc("status", *stages) for stage in stages)
+
+
 def test_importing_a_project_module_finds_its_file() -> None:
     """The closure above resolves module names to files; a wrong rule would make it vacuous."""
     assert module_file("ssl_models.core.config") == REPO / "ssl_models/core/config.py"
