@@ -41,8 +41,8 @@ LOOKAHEAD = 16_384  # items read ahead to size the chunks: the whole stream when
 def run_items(function: Callable[[Any], list[Any]], shared: Any, items: Iterable[Any],
               identities: Iterable[Any] | Callable[[Any], Any]) -> Iterator[Any]:
     """One result per item of `items`, in order: `function((shared, chunk))` returns the results of
-    a chunk of items, run on the stage's engine in chunks of its size (all at once here when no
-    engine is set). `identities[i]` (or `identities(item)`) names item i's inputs (key, content hash,
+    a chunk of items, run on the stage's engine in chunks of its size (here, in LOOKAHEAD items at a
+    time, when no engine is set). `identities[i]` (or `identities(item)`) names item i's inputs (key, content hash,
     `file_stamp`s): a chunk whose inputs changed is never taken from an earlier run. `items` may be a
     stream (a corpus listed as it is walked): the chunks are sized from the first LOOKAHEAD items
     (the whole stream when it is shorter) and made as the engine takes them, so no list of the
