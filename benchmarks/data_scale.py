@@ -187,9 +187,11 @@ def dvc_scale(args: argparse.Namespace) -> None:
         for listed in (False, True):  # the corpus not a dependency of preprocess (dvc.yaml), then listed again
             if listed:
                 text = (folder / "dvc.yaml").read_text()
-                (folder / "dvc.yaml").write_text(text.replace("      deps:\n        - data/${key}/manifest\n",
-                                                              "      deps:\n        - ${item.corpus}\n"
-                                                              "        - data/${key}/manifest\n", 1))
+                listed = text.replace("      deps:\n        - data/${key}/manifest\n",
+                                      "      deps:\n        - ${item.corpus}\n        - data/${key}/manifest\n", 1)
+                if listed == text:
+                    raise SystemExit("dvc.yaml's preprocess deps are not as this benchmark expects: nothing compared")
+                (folder / "dvc.yaml").write_text(listed)
                 subprocess.run([str(SCRIPTS / "dvc"), "commit", "-f", "preprocess@legal"], cwd=folder, env=stage_env(),
                                check=True, capture_output=True)
             status = min(peak_rss_and_seconds(folder, "dvc", "status", *both)[0] for _ in range(2))

@@ -93,8 +93,7 @@ class LineageRecorder:
     params: dict[str, Any]
     upstream: list[Path] = field(default_factory=list)
     seeds: list[int] = field(default_factory=list)
-    raw_inputs: dict[str, str] | None = None  # raw file -> sha256, for the first stage only
-    # or, for a corpus too large to hold: (the artifact's JSON-lines file of {"key", "sha256"}, its lines)
+    # the first stage's raw files: (its artifact's JSON-lines file of {"key", "sha256"}, its lines)
     raw_inputs_file: tuple[str, int] | None = None
     root: Path = Path(".")
     started: float = field(default_factory=time.time)
@@ -130,9 +129,6 @@ class LineageRecorder:
         }
         if self.input_hashes:
             record["inputs"] = dict(self.input_hashes)
-        if self.raw_inputs is not None:
-            record["raw_inputs"] = self.raw_inputs
-            record["raw_inputs_digest"] = digest_of(self.raw_inputs)
         if self.raw_inputs_file is not None:
             name, count = self.raw_inputs_file
             record.update(raw_inputs_file=name, raw_inputs_count=count, raw_inputs_digest=outputs[name])

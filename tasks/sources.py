@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ssl_models.core.config import DomainConfig
-from ssl_models.core.domain import Domain, Rejected, Source
+from ssl_models.core.domain import Domain, Rejected, Source, relative_key
 from ssl_models.core.errors import PipelineError
 from ssl_models.core.privacy import new_salt, pseudonymiser
 from tasks.io import read_json
@@ -168,15 +168,6 @@ def walk_corpus(corpus: Path, labels: Path | None, listing: CorpusListing,
     listing.set_aside.sort()
 
 
-def relative_key(path: Path, corpus: Path) -> str:
-    """`path` relative to `corpus`, POSIX separators (the walk's paths start with the corpus' own
-    text, so this is a string slice: a million `Path.relative_to` calls cost seconds)."""
-    text, base = os.fspath(path), os.fspath(corpus)
-    if os.sep == "/" and text.startswith(base + "/"):
-        return text[len(base) + 1:]
-    return path.relative_to(corpus).as_posix()
-
-
 def _below(target: str, folders: set[str]) -> bool:
     """Whether the real path `target` is one of `folders` or lies below one of them."""
     return any(target == folder or target.startswith(folder.rstrip(os.sep) + os.sep) for folder in folders)
@@ -196,8 +187,13 @@ class Discovery:
     def quarantined(self, domain: Domain) -> list[dict[str, str]]:
         """The quarantine entries of what discovery set aside: links it did not follow, files of a
         type the domain does not read, then sources it refused."""
-        reads = f"unsupported file type; {domain.name} reads {', '.join(domain.suffixes)}"
+        reads = unsupported_reason(domain)
         return self.set_aside + [{"key": key, "reason": reads} for key in self.unsupported] + self.rejected
+
+
+def unsupported_reason(domain: Domain) -> str:
+    """The quarantine reason of a file of a type `domain` does not read."""
+    return f"unsupported file type; {domain.name} reads {', '.join(domain.suffixes)}"
 
 
 def is_hidden(relative: str) -> bool:

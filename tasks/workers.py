@@ -1,6 +1,6 @@
 """A stage's per-file work spread over local processes or a Dask cluster, in chunks a kill does not lose.
 
-`ChunkedWork.results(function, chunks)` calls `function(chunk)` for every chunk and yields the
+`ChunkedWork.results_of(function, pairs)` calls `function(chunk)` for every chunk and yields the
 results in the chunks' order, whatever the engine and however many workers ran them, so what the
 stage writes from them is byte-identical for 1 worker, N workers and a Dask cluster:
 
@@ -114,14 +114,10 @@ class ChunkedWork:
                 if entry.name not in expected:
                     Path(entry.path).unlink(missing_ok=True)
 
-    def results(self, function: Callable[[Any], Any], chunks: Iterable[Any],
-                identities: Iterable[str]) -> Iterator[Any]:
-        """`function(chunk)` of every chunk, in order (read back where a run before finished it)."""
-        return self.results_of(function, zip(chunks, identities))
-
     def results_of(self, function: Callable[[Any], Any], pairs: Iterable[tuple[Any, str]]) -> Iterator[Any]:
-        """`results` of (chunk, identity) pairs, which may be a stream: they are taken as the workers
-        are ready for them, a window ahead of the result being yielded, never all at once."""
+        """`function(chunk)` of every (chunk, identity) pair, in order (read back where a run before
+        finished it). `pairs` may be a stream: taken as the workers are ready for them, a window
+        ahead of the result being yielded, never all at once."""
         self.folder.mkdir(parents=True, exist_ok=True)
         self.resumed = 0
         kept: list[str] = []  # this run's chunk file names (a few bytes a chunk, not a file)

@@ -11,8 +11,8 @@ and checking the config, default_data and ingest start in a second.
 from __future__ import annotations
 
 import importlib
-import os
 import logging
+import os
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -29,6 +29,15 @@ log = logging.getLogger(__name__)
 if TYPE_CHECKING:  # torch is imported by the stages that train, not by ingest
     from ssl_models.core.config import DomainConfig
     from ssl_models.core.modules import Encoder, PretrainMethod
+
+
+def relative_key(path: Path, corpus: Path) -> str:
+    """`path` relative to `corpus`, POSIX separators (the walk's paths start with the corpus' own
+    text, so this is a string slice: a million `Path.relative_to` calls cost seconds)."""
+    text, base = os.fspath(path), os.fspath(corpus)
+    if os.sep == "/" and text.startswith(base + "/"):
+        return text[len(base) + 1:]
+    return path.relative_to(corpus).as_posix()
 
 
 @dataclass
@@ -111,11 +120,8 @@ class Domain(ABC):
     def sources(self, files: Iterable[Path], corpus: Path, cfg: DomainConfig) -> Iterator[Source | Rejected]:
         """Group the accepted files of the corpus into sources, one `read` each; by default one
         file is one source. A domain whose samples span files (DICOM series) overrides this."""
-        base = os.fspath(corpus) + "/"
         for path in files:
-            text = os.fspath(path)  # a string slice: a million `relative_to` calls cost seconds
-            key = text[len(base):] if os.sep == "/" and text.startswith(base) else path.relative_to(corpus).as_posix()
-            yield Source(key, [path])
+            yield Source(relative_key(path, corpus), [path])
 
     def pseudonymises(self, cfg: DomainConfig) -> bool:
         """Whether keys, file names and groups leave ingest only as salted hashes."""

@@ -34,7 +34,8 @@ from ssl_models.core.workers import file_stamp, run_items, running_on
 from tasks.io import atomic_dir, private_outputs, write_json, write_jsonl
 from tasks.lineage import LineageRecorder
 from tasks.paths import DomainPaths
-from tasks.sources import Discovery, Namer, corpus_files, discover_stream, is_hidden, public_namer, relative_key
+from tasks.sources import (Discovery, Namer, corpus_files, discover_stream, is_hidden, public_namer, relative_key,
+                           unsupported_reason)
 from tasks.workers import chunked_work
 
 log = logging.getLogger("ingest")
@@ -208,31 +209,28 @@ def _ingest(cfg: DomainConfig, domain: Domain, paths: DomainPaths, corpus: Path)
         with _Pass(scratch, labels) as first:
             found = Discovery()
             first.read_corpus(domain, cfg, corpus, public, found, work)
-        first.quarantined_labels.update(q["key"] for q in found.set_aside if first.labeled(q["key"]))
         if found.links_followed:
             log.info("ingest %s: followed %d symlink(s) leaving the corpus (ingest.follow_symlinks), %d file(s) read "
                      "through them", domain_name, found.links_followed, found.files_through_links)
         # a label may name any file of a multi-file source (one slice of a DICOM series): it labels the source
         labels = _labels_by_source(labels, first.member_of, written_as, cfg, domain)
         assigned, missing, on_quarantined, conflicting = _assign_labels(labels, first)
-        quarantined = len(found.set_aside) + first.quarantined
-        reasons = first.reasons + Counter(reason_kind(q["reason"]) for q in found.set_aside)
         summary: dict[str, Any] = {}
         with atomic_dir(paths.manifest) as out:
             by_class: Counter = Counter()  # (label, split) of the labeled rows
             write_jsonl(out / "manifest.jsonl", _labeled_rows(scratch / "rows.jsonl", assigned, cfg, public,
                                                               summary, by_class))
-            write_jsonl(out / "quarantine.jsonl", itertools.chain(
-                found.set_aside, *(read_stream(scratch / name) for name in _Pass.QUARANTINE)))
+            write_jsonl(out / "quarantine.jsonl", itertools.chain(*(read_stream(scratch / name)
+                                                                  for name in _Pass.QUARANTINE)))
             write_jsonl(out / "duplicates.jsonl", read_stream(scratch / "duplicates.jsonl"))
             shutil.move(scratch / RAW_INPUTS, out / RAW_INPUTS)
             summary.update(labels_without_file=len(missing), labels_without_file_examples=missing[:10],
                            labels_on_quarantined_files=on_quarantined, labels_conflicting_on_duplicates=conflicting,
                            files=first.listed + found.hidden, sources=first.sources,
                            symlinks_followed_out_of_corpus=found.links_followed, hidden_files_skipped=found.hidden,
-                           records=first.rows, quarantined=quarantined, duplicates_dropped=first.duplicates,
+                           records=first.rows, quarantined=first.quarantined, duplicates_dropped=first.duplicates,
                            pseudonymised=domain.pseudonymises(cfg))
-            problem = (_quarantine_problem(cfg, domain, paths, first.rows, quarantined, reasons)
+            problem = (_quarantine_problem(cfg, domain, paths, first.rows, first.quarantined, first.reasons)
                        or _missing_labels_problem(cfg, domain, missing, labels, written_as,
                                                   lambda: _corpus_keys(cfg, corpus))
                        or _class_problem(cfg, domain, by_class, labels))
@@ -247,7 +245,7 @@ def _ingest(cfg: DomainConfig, domain: Domain, paths: DomainPaths, corpus: Path)
     if problem:
         raise PipelineError(problem)
     log.info("ingest %s: %d records, %d quarantined, %d duplicates dropped, %d labeled",
-             domain_name, first.rows, quarantined, first.duplicates, summary["labeled"])
+             domain_name, first.rows, first.quarantined, first.duplicates, summary["labeled"])
     return summary
 
 
@@ -259,7 +257,7 @@ class _Pass:
     files as it comes (rows with their private reader group, quarantine entries, duplicates, raw
     digests); held in memory only what concerns the labels' keys, and counts."""
 
-    QUARANTINE = ("unsupported.jsonl", "rejected.jsonl", "unreadable.jsonl")  # after what the walk set aside
+    QUARANTINE = ("set_aside.jsonl", "unsupported.jsonl", "rejected.jsonl", "unreadable.jsonl")  # in this order
 
     def __init__(self, scratch: Path, labels: dict[str, dict[str, Any]]) -> None:
         self.scratch, self.labels = scratch, labels
@@ -301,7 +299,7 @@ class _Pass:
     def items(self, stream: Iterator[tuple[str, str, Any]], domain: Domain, corpus: Path,
               public: Namer) -> Iterator[tuple[str, Any]]:
         """Ingest's items from discovery's stream: each source, and each file no source reads (hashed only)."""
-        reads = f"unsupported file type; {domain.name} reads {', '.join(domain.suffixes)}"
+        reads = unsupported_reason(domain)
         for kind, key, value in stream:
             if kind == "listed":
                 self.listed += 1
@@ -337,6 +335,8 @@ class _Pass:
                     progress.update()
                     self.read_source(done, public)
         progress.close()
+        for entry in found.set_aside:  # complete once the walk is over: links not followed, pipes
+            self.quarantine("set_aside.jsonl", entry)
 
     def read_source(self, done: dict[str, Any], public: Namer) -> None:
         source_key = public("key", done["source"])

@@ -9,7 +9,8 @@ import pytest
 from ssl_models.core.errors import PipelineError
 from tasks.cli import run_stage
 from tasks.io import read_json, read_jsonl
-from tasks.lineage import raw_inputs
+from ssl_models.core.hashing import sha256_file
+from tasks.lineage import check_raw_inputs_unchanged, raw_inputs
 from tests.conftest import tiny_params, write_params
 
 
@@ -78,8 +79,22 @@ def test_lineage_records_raw_file_hashes(corpus_project: Path) -> None:
     run_stage("ingest", "legal", corpus_project)
     record = read_json((corpus_project / "data/legal/manifest/lineage.json"))
     assert record["artifact"] == "data/legal/manifest"
-    assert {key for key, _ in raw_inputs(record, corpus_project)} >= {"contracts/c0.txt", "empty.txt", "photo.png"}
+    listed = dict(raw_inputs(record, corpus_project))
+    corpus = corpus_project / "corpus"
+    # every non-hidden file, read or quarantined, with its own sha256 (the labels CSV inside is not a raw file)
+    expected = {path.relative_to(corpus).as_posix(): sha256_file(path) for path in corpus.rglob("*")
+                if path.is_file() and not path.name.startswith(".") and path.name != "labels.csv"}
+    assert listed == expected and record["raw_inputs_count"] == len(expected)
+    assert record["raw_inputs_digest"] == sha256_file(corpus_project / "data/legal/manifest" / record["raw_inputs_file"])
     assert record["params"]["corpus"] == "corpus"
+    # a record written before the digests moved to their own file still reads
+    legacy = {k: v for k, v in record.items() if not k.startswith("raw_inputs")} | {"raw_inputs": expected}
+    assert dict(raw_inputs(legacy, corpus_project)) == expected
+    (corpus_project / "data/legal/manifest/lineage.json").write_text(json.dumps(legacy))
+    check_raw_inputs_unchanged(corpus_project / "data/legal/manifest", corpus_project, "ingest@legal")
+    (corpus / "empty.txt").write_text("now with words in it")
+    with pytest.raises(PipelineError, match="raw file corpus/empty.txt: content changed"):
+        check_raw_inputs_unchanged(corpus_project / "data/legal/manifest", corpus_project, "ingest@legal")
 
 
 def test_bad_labels_csv_is_a_clear_error(corpus_project: Path) -> None:

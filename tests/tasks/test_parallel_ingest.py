@@ -96,17 +96,17 @@ def test_chunk_results_come_back_in_order_and_one_cut_short_is_done_again(tmp_pa
 
     chunks, names = [[1, 2], [3], [4, 5, 6]], ["a", "b", "c"]
     work = ChunkedWork(tmp_path / "work", {"setting": 1}, workers=2)
-    first = list(work.results(square_all, chunks, names))
+    first = list(work.results_of(square_all, zip(chunks, names)))
     assert first == [{"squares": [1, 4], "raw": b"\x01\x02"}, {"squares": [9], "raw": b"\x03"},
                      {"squares": [16, 25, 36], "raw": b"\x04\x05\x06"}]
     files = sorted((tmp_path / "work").iterdir())
     assert len(files) == 3
     files[1].write_bytes(files[1].read_bytes()[:-2])  # a write a power cut left short
     again = ChunkedWork(tmp_path / "work", {"setting": 1}, workers=1)
-    assert list(again.results(square_all, chunks, names)) == first
+    assert list(again.results_of(square_all, zip(chunks, names))) == first
     assert again.resumed == 3
     other = ChunkedWork(tmp_path / "work", {"setting": 2}, workers=1)  # other settings: nothing taken over
-    assert list(other.results(square_all, chunks, names)) == first and other.resumed == 0
+    assert list(other.results_of(square_all, zip(chunks, names))) == first and other.resumed == 0
 
 
 def test_auto_workers_stay_in_the_stage_for_a_small_corpus_and_a_number_is_always_used(tmp_path: Path) -> None:
