@@ -85,6 +85,11 @@ def test_two_runs_of_one_stage_started_at_once_leave_one_intact_output(tiny_proj
         import sys, time
         from pathlib import Path
         import tasks.cli, tasks.stages.default_data, ssl_models.core.config, ssl_models.legal_text
+        stage = tasks.stages.default_data.default_data
+        def held_a_while(*args, **kwargs):  # the lock's holder works 2 s: the other run surely meets it
+            time.sleep(2)
+            return stage(*args, **kwargs)
+        tasks.stages.default_data.default_data = held_a_while
         while not Path({str(go)!r}).exists():
             time.sleep(0.01)
         sys.exit(tasks.cli.main(["--root", {str(tiny_project)!r}, "default_data", "legal"]))
