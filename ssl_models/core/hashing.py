@@ -101,13 +101,26 @@ def stamped_sha256(path: Path) -> tuple[tuple[int, int, int, int, int] | None, s
     """(the file's HashCache stamp, its sha256); the stamp is None when it cannot vouch for the digest:
     the file changed while it was read, or had changed under RACY_NS before (file times tick
     coarsely, so a write in the same tick after the read would leave the same stamp)."""
+    stamp, digest, _ = stamped_read(path)
+    return stamp, digest
+
+
+def stamped_read(path: Path, keep: int = 0) -> tuple[tuple[int, int, int, int, int] | None, str, bytes | None]:
+    """`stamped_sha256`, and the file's bytes when it holds at most `keep` of them (read whole, then
+    hashed: the bytes are those the digest is of), else None (streamed through the hash)."""
     started = time.time_ns()
     before = os.stat(path)
-    digest = sha256_file(path)
+    data = None
+    if before.st_size <= keep:
+        with open(path, "rb") as handle:
+            data = handle.read()
+        digest = sha256_bytes(data)
+    else:
+        digest = sha256_file(path)
     after = os.stat(path)
     stamp = HashCache.stamp(before)
     trusted = stamp == HashCache.stamp(after) and before.st_ctime_ns < started - RACY_NS
-    return (stamp if trusted else None), digest
+    return (stamp if trusted else None), digest, data
 
 
 @contextlib.contextmanager
@@ -137,6 +150,27 @@ def digests_taken(digests: dict[str, str]) -> Iterator[None]:
         yield
     finally:
         _TAKEN.reset(token)
+
+
+_CONTENTS: contextvars.ContextVar[dict[str, tuple[bytes, str]] | None] = contextvars.ContextVar(
+    "ssl_pipeline_contents_taken", default=None)
+
+
+@contextlib.contextmanager
+def contents_taken(contents: dict[str, tuple[bytes, str]]) -> Iterator[None]:
+    """In the block, `file_contents` answers from `contents` (path -> the bytes this process has just
+    read of it and their sha256): a reader of small files does not open them a second time."""
+    token = _CONTENTS.set(contents)
+    try:
+        yield
+    finally:
+        _CONTENTS.reset(token)
+
+
+def file_contents(path: Path) -> tuple[bytes, str] | None:
+    """(bytes, sha256) of `path` read just before in the block (`contents_taken`), else None."""
+    taken = _CONTENTS.get()
+    return None if taken is None else taken.get(os.fspath(path))
 
 
 def file_sha256(path: Path) -> str:

@@ -22,6 +22,7 @@ class LegalText(Domain, module="legal_text"):
     default_method = "mlm"
     name, suffixes, sections, methods, backbones = "legal_text", TEXT_SUFFIXES, SECTIONS, METHODS, BACKBONES
     baseline = "ssl_models.legal_text.baseline"
+    reads_taken_bytes = 16 * 2 ** 20  # a document is read once at ingest: for its digest and its text
 
     def validate(self, cfg: DomainConfig) -> None:
         if (cfg.preprocess.tokenizer == "base") != bool(cfg.model.base_checkpoint):

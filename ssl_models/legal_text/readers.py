@@ -13,6 +13,7 @@ import charset_normalizer
 
 from ssl_models.core.domain import Record, Rejected
 from ssl_models.core.errors import UnreadableFileError
+from ssl_models.core.hashing import file_contents
 
 TEXT_SUFFIXES = (".txt", ".md", ".html", ".htm", ".jsonl")
 # A text file is read into memory whole (a .jsonl of many documents too): a larger one, a disk
@@ -110,12 +111,13 @@ def read_text_file(path: Path, key: str, text_field: str, fallback_encoding: str
                    max_characters: int = MAX_DOCUMENT_CHARACTERS) -> Iterator[Record | Rejected]:
     """Yield one record per document: the file itself, or one per line of a .jsonl file; a
     document (or record) over `max_characters` is refused with its size."""
+    taken = file_contents(path)  # ingest read it for its digest just before: not opened again
     try:
-        size = path.stat().st_size
+        size = len(taken[0]) if taken else path.stat().st_size
         if size > MAX_TEXT_BYTES:
             raise UnreadableFileError(f"file too large for a text document ({size:,} bytes, the limit is "
                                       f"{MAX_TEXT_BYTES // 2 ** 20} MiB); split it into several files")
-        raw = path.read_bytes()
+        raw = taken[0] if taken else path.read_bytes()
     except OSError as error:
         raise UnreadableFileError(f"cannot read file ({error.strerror})") from None
     if not raw.strip():
@@ -131,7 +133,8 @@ def read_text_file(path: Path, key: str, text_field: str, fallback_encoding: str
         raise UnreadableFileError(too_long(len(text), max_characters))
     if len(text.strip()) < min_characters:
         raise UnreadableFileError(f"text too short ({len(text.strip())} characters < {min_characters})")
-    yield _record(key, text, hashlib.sha256(raw).hexdigest(), len(raw), suffix.lstrip("."), encoding)
+    yield _record(key, text, taken[1] if taken else hashlib.sha256(raw).hexdigest(), len(raw), suffix.lstrip("."),
+                  encoding)
 
 
 def _read_jsonl(text: str, key: str, text_field: str, encoding: str, min_characters: int,

@@ -3,6 +3,7 @@ them again while they are untouched (issue 23), and still catches one changed si
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -103,3 +104,45 @@ def test_ingest_reads_a_slide_once_for_its_hash(tmp_path: Path, reads: list[Path
     (summary,) = run_stages(tmp_path, "histo", "ingest")
     assert summary["records"] == 3
     assert sorted(path.name for path in reads if path.suffix == ".png") == sorted(p.name for p in slides)
+
+
+def test_ingest_opens_each_legal_text_once_for_its_hash_and_its_text(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A text is read whole once by ingest: its digest and the reader's text come from the same bytes
+    (before, ingest streamed it through the hash and the reader read it again). A text over the
+    domain's `reads_taken_bytes` is still read by the reader itself, and both give one record."""
+    import builtins
+    import pathlib
+
+    from ssl_models.legal_text import LegalText
+    from tests.conftest import write_params
+
+    corpus = tmp_path / "texts"
+    corpus.mkdir()
+    for i in range(4):
+        (corpus / f"doc-{i}.txt").write_text(f"Clause {i}: the parties agree to the terms set out below. " * 4)
+    (corpus / "long.txt").write_text("A long agreement between the parties, binding on both. " * 40)
+    monkeypatch.setattr(LegalText, "reads_taken_bytes", 1000)  # long.txt is over it, the others under
+    opened: list[str] = []
+    real_open, real_read_bytes = builtins.open, pathlib.Path.read_bytes
+
+    def counting_open(file, mode="r", *args, **kwargs):
+        if str(file).startswith(str(corpus)) and "b" in mode:
+            opened.append(Path(file).name)
+        return real_open(file, mode, *args, **kwargs)
+
+    def counting_read_bytes(self: Path) -> bytes:
+        if str(self).startswith(str(corpus)):
+            opened.append(self.name)
+        return real_read_bytes(self)
+
+    monkeypatch.setattr(hashing, "open", counting_open, raising=False)  # the digest's read
+    monkeypatch.setattr(pathlib.Path, "read_bytes", counting_read_bytes)  # the reader's own read
+    write_params(tmp_path, {"domains": {"legal": {"module": "legal_text", "corpus": "texts", "labels": None,
+                                                  "ingest": {"workers": 1, "min_characters": 10}}}})
+    (summary,) = run_stages(tmp_path, "legal", "ingest")
+    assert summary["records"] == 5
+    assert sorted(opened) == sorted([f"doc-{i}.txt" for i in range(4)] + ["long.txt", "long.txt"])
+    rows = [json.loads(line) for line in (tmp_path / "data/legal/manifest/manifest.jsonl").read_text().splitlines()]
+    assert {row["key"]: row["sha256"] for row in rows} == {
+        path.name: sha256_file(path) for path in corpus.iterdir()}
