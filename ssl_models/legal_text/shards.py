@@ -7,14 +7,15 @@ import re
 from collections.abc import Iterable, Iterator
 
 import numpy as np
-from tokenizers import BertWordPieceTokenizer
-from tokenizers.models import WordPiece
+from tokenizers import BertWordPieceTokenizer, Tokenizer
+from tokenizers.models import WordLevel
 from tokenizers.processors import TemplateProcessing
+from tokenizers.trainers import WordLevelTrainer
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from ssl_models.core.config import DomainConfig
 from ssl_models.legal_text.backbones import resolve_checkpoint
-from ssl_models.legal_text.vocab import extend_vocabulary
+from ssl_models.legal_text.vocab import ALL_WORDS, extend_vocabulary
 
 SPECIAL_TOKENS = {"unk_token": "[UNK]", "pad_token": "[PAD]", "cls_token": "[CLS]",
                   "sep_token": "[SEP]", "mask_token": "[MASK]"}
@@ -35,12 +36,16 @@ def build_tokenizer(cfg: DomainConfig, train_texts: list[str]) -> PreTrainedToke
             extend_vocabulary(tokenizer, (piece for text in train_texts for piece in text_pieces(text)),
                               options.extend_vocabulary, options.extend_min_frequency)
         return tokenizer
-    wordpiece = BertWordPieceTokenizer(lowercase=options.lowercase)
+    trainer = BertWordPieceTokenizer(lowercase=options.lowercase)
     # in pieces, as pack_blocks tokenises: the trainer too holds a whole string's alignments at once
-    pieces = (piece for text in train_texts for piece in text_pieces(text))
-    wordpiece.train_from_iterator(pieces, vocab_size=options.vocab_size, min_frequency=options.min_frequency,
-                                  special_tokens=list(SPECIAL_TOKENS.values()), show_progress=False)
-    renumber_deterministically(wordpiece)
+    pieces = lambda: (piece for text in train_texts for piece in text_pieces(text))  # noqa: E731
+    inner = continuing_pieces(trainer, pieces())  # numbered before the trainer starts (see there)
+    trainer.train_from_iterator(pieces(), vocab_size=options.vocab_size, min_frequency=options.min_frequency,
+                                special_tokens=[*SPECIAL_TOKENS.values(), *inner], show_progress=False)
+    # the learned vocabulary in a tokenizer of its own: `inner` were given as special tokens only to
+    # number them, they are ordinary pieces
+    wordpiece = BertWordPieceTokenizer(vocab=deterministic_vocabulary(trainer.get_vocab()),
+                                       lowercase=options.lowercase)
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=wordpiece, model_max_length=options.block_size,
                                         **SPECIAL_TOKENS)
     # BERT's [CLS] text [SEP] around each labeled window, as around each pretraining block
@@ -52,15 +57,32 @@ def build_tokenizer(cfg: DomainConfig, train_texts: list[str]) -> PreTrainedToke
     return tokenizer
 
 
-def renumber_deterministically(wordpiece: BertWordPieceTokenizer) -> None:
-    """The trainer learns the same vocabulary every run but numbers its alphabet in hash-map
-    order, which differs between processes; number it by token instead (special tokens keep
-    their places). WordPiece splits words by the vocabulary alone, so only the ids change."""
-    learned = wordpiece.get_vocab()
+def continuing_pieces(trainer: BertWordPieceTokenizer, texts: Iterable[str]) -> list[str]:
+    """`##c` for every character c inside a word (not its first) of `texts`, in code-point order.
+
+    The WordPiece trainer (tokenizers 0.23, huggingface/tokenizers#1794) numbers these pieces as
+    it meets them in a hash map of the words, whose order changes from run to run, and breaks ties
+    between merges of equal count by those numbers: the same texts gave another vocabulary each
+    run (six runs, six vocabularies, on the 3,841 clauses of LexGLUE's unfair-ToS at the default
+    settings). Given first, as special tokens, they are numbered in this order instead, which
+    makes every tie break the same way. The words are those the trainer sees (its normaliser and
+    pre-tokeniser), counted by the WordLevel trainer; a word's count does not matter here."""
+    counter = Tokenizer(WordLevel(unk_token=SPECIAL_TOKENS["unk_token"]))
+    counter.normalizer = trainer.normalizer
+    counter.pre_tokenizer = trainer.pre_tokenizer
+    counter.train_from_iterator(texts, WordLevelTrainer(vocab_size=ALL_WORDS, min_frequency=0, special_tokens=[],
+                                                        show_progress=False))
+    prefix = "##"
+    return sorted({prefix + char for word in counter.get_vocab() for char in word[1:]})
+
+
+def deterministic_vocabulary(learned: dict[str, int]) -> dict[str, int]:
+    """The learned tokens numbered by token (special tokens first, in their places): the trainer
+    numbers its alphabet in hash-map order, which differs between processes. WordPiece splits
+    words by the vocabulary alone, so only the ids change."""
     specials = sorted((t for t in SPECIAL_TOKENS.values() if t in learned), key=learned.get)
     ordered = specials + sorted(t for t in learned if t not in SPECIAL_TOKENS.values())
-    wordpiece._tokenizer.model = WordPiece({token: i for i, token in enumerate(ordered)},
-                                           unk_token=SPECIAL_TOKENS["unk_token"])
+    return {token: i for i, token in enumerate(ordered)}
 
 
 # A fast tokenizer keeps some 20 bytes of alignment per character of the strings it is given at

@@ -1,0 +1,50 @@
+"""The domain-trained WordPiece vocabulary is the same every run (huggingface/tokenizers#1794: the
+trainer breaks ties between merges by numbers it gives in hash-map order)."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+from ssl_models.core.config import load_config
+from ssl_models.legal_text.shards import SPECIAL_TOKENS, build_tokenizer
+from tests.conftest import tiny_params, write_params
+
+WORDS = ("the lessee shall pay rent agreement term party notice clause liability indemnify warranty "
+         "termination breach supplier deliver goods services confidential information court law").split()
+
+
+def tied_texts(count: int = 300) -> list[str]:
+    """Numbered documents of a few words: many merges of equal count. With tokenizers 0.23's own
+    trainer, eight trainings on these gave eight different vocabularies."""
+    rng = random.Random(0)
+    return [f"Document {i}. " + " ".join(rng.choice(WORDS) for _ in range(8)) for i in range(count)]
+
+
+def test_training_the_vocabulary_again_gives_the_same_tokenizer_files(tmp_path: Path) -> None:
+    write_params(tmp_path, tiny_params(preprocess={"tokenizer": "train", "vocab_size": 150, "min_frequency": 2}))
+    cfg, _ = load_config("legal", tmp_path / "params.yaml")
+    texts = tied_texts()
+    for run in range(4):
+        build_tokenizer(cfg, texts).save_pretrained(tmp_path / f"run-{run}")
+    first = tmp_path / "run-0"
+    names = sorted(path.name for path in first.iterdir())
+    assert "tokenizer.json" in names
+    for run in range(1, 4):
+        for name in names:
+            assert (tmp_path / f"run-{run}" / name).read_bytes() == (first / name).read_bytes(), (run, name)
+
+
+def test_the_pieces_numbered_first_are_ordinary_tokens_of_the_vocabulary(tmp_path: Path) -> None:
+    """`##c` pieces go to the trainer as special tokens only to be numbered: the tokenizer it hands on
+    has BERT's five special tokens, and the pieces split words as any other."""
+    write_params(tmp_path, tiny_params(preprocess={"tokenizer": "train", "vocab_size": 150, "min_frequency": 2}))
+    tokenizer = build_tokenizer(load_config("legal", tmp_path / "params.yaml")[0], tied_texts())
+    assert sorted(tokenizer.all_special_tokens) == sorted(SPECIAL_TOKENS.values())
+    assert sorted(str(token) for token in tokenizer.added_tokens_decoder.values()) == sorted(SPECIAL_TOKENS.values())
+    vocabulary = tokenizer.get_vocab()
+    assert len(vocabulary) == 150 and "##q" not in vocabulary  # no q inside a word of the texts
+    assert tokenizer.tokenize("Document 1234. indemnify") == ["document", "1", "##2", "##3", "##4", ".", "indemnify"]
+    assert "##e" not in tokenizer.tokenize("a ##e in the text")  # not matched as a token of its own
+    assert tokenizer.decode(tokenizer("indemnify the lessee")["input_ids"], skip_special_tokens=True) == \
+        "indemnify the lessee"
