@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +18,25 @@ from ssl_models.legal_text.readers import TEXT_SUFFIXES, read_text_file
 
 if TYPE_CHECKING:
     from ssl_models.core.modules import Encoder
+
+
+@contextlib.contextmanager
+def tokenizer_threads() -> Iterator[None]:
+    """`tokenizers`' own thread pool (Rust, rayon: every core, or RAYON_NUM_THREADS) on while the
+    vocabulary is trained and the texts tokenised; off everywhere else (the offline settings), where
+    DataLoader workers fork after it. The vocabulary and the ids do not depend on it (tested)."""
+    before = os.environ.get(PARALLELISM)
+    os.environ[PARALLELISM] = "true"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(PARALLELISM, None)
+        else:
+            os.environ[PARALLELISM] = before
+
+
+PARALLELISM = "TOKENIZERS_PARALLELISM"
 
 
 class LegalText(Domain, module="legal_text"):
@@ -52,10 +73,11 @@ class LegalText(Domain, module="legal_text"):
         by_split: dict[str, list[str]] = defaultdict(list)
         for row in manifest:
             by_split[row["split"]].append(texts[row["key"]])
-        tokenizer = build_tokenizer(cfg, by_split["train"])
-        tokenizer.save_pretrained(out_dir / "tokenizer")
+        with tokenizer_threads():
+            tokenizer = build_tokenizer(cfg, by_split["train"])
+            tokenizer.save_pretrained(out_dir / "tokenizer")
+            blocks = {split: pack_blocks(tokenizer, by_split[split], options.block_size) for split in ("train", "val")}
         summary: dict[str, Any] = {"tokenizer": options.tokenizer, "vocab_size": len(tokenizer)}
-        blocks = {split: pack_blocks(tokenizer, by_split[split], options.block_size) for split in ("train", "val")}
         for split, split_blocks in blocks.items():
             summary[f"pretrain_{split}_blocks"] = int(split_blocks.shape[0])
             summary[f"pretrain_{split}_tokens"] = int(split_blocks.size)

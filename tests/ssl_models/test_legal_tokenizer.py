@@ -3,11 +3,16 @@ trainer breaks ties between merges by numbers it gives in hash-map order)."""
 
 from __future__ import annotations
 
+import os
 import random
 from pathlib import Path
 
+import numpy as np
+import pytest
+
 from ssl_models.core.config import load_config
-from ssl_models.legal_text.shards import SPECIAL_TOKENS, build_tokenizer
+from ssl_models.legal_text import tokenizer_threads
+from ssl_models.legal_text.shards import SPECIAL_TOKENS, build_tokenizer, pack_blocks
 from tests.conftest import tiny_params, write_params
 
 WORDS = ("the lessee shall pay rent agreement term party notice clause liability indemnify warranty "
@@ -48,3 +53,23 @@ def test_the_pieces_numbered_first_are_ordinary_tokens_of_the_vocabulary(tmp_pat
     assert "##e" not in tokenizer.tokenize("a ##e in the text")  # not matched as a token of its own
     assert tokenizer.decode(tokenizer("indemnify the lessee")["input_ids"], skip_special_tokens=True) == \
         "indemnify the lessee"
+
+
+def test_tokenizers_threads_change_neither_the_vocabulary_nor_the_blocks(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Preprocess trains and tokenises with `tokenizers`' own threads on (`tokenizer_threads`)."""
+    write_params(tmp_path, tiny_params(preprocess={"tokenizer": "train", "vocab_size": 150, "min_frequency": 2}))
+    cfg, _ = load_config("legal", tmp_path / "params.yaml")
+    texts = tied_texts(2000)
+    made = []
+    for parallel in ("false", "true"):
+        monkeypatch.setenv("TOKENIZERS_PARALLELISM", parallel)
+        tokenizer = build_tokenizer(cfg, texts)
+        tokenizer.save_pretrained(tmp_path / parallel)
+        made.append(((tmp_path / parallel / "tokenizer.json").read_bytes(), pack_blocks(tokenizer, texts, 32)))
+    assert made[0][0] == made[1][0]
+    assert made[0][1].shape[0] > 100 and np.array_equal(made[0][1], made[1][1])
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
+    with tokenizer_threads():
+        assert os.environ["TOKENIZERS_PARALLELISM"] == "true"
+    assert os.environ["TOKENIZERS_PARALLELISM"] == "false"  # off again for what forks after
