@@ -87,8 +87,8 @@ class LegalText(Domain, module="legal_text"):
         summary["labeled_test_near_copies_in_pretraining"] = sum(
             normalised_text_hash(texts[r["key"]]) in pretrain_near_copies for r in labeled
             if r["split"] == "test") if pretrain_near_copies else 0
-        write_shards(out_dir, pretrain_train={"input_ids": blocks["train"].tolist()},
-                     pretrain_val={"input_ids": blocks["val"].tolist()}, labeled={
+        write_shards(out_dir, pretrain_train={"input_ids": blocks["train"]},
+                     pretrain_val={"input_ids": blocks["val"]}, labeled={
                          "sample_id": [r["sha256"] for r in labeled],
                          "text": [texts[r["key"]] for r in labeled],
                          "label": [str(r["label"]) for r in labeled],
