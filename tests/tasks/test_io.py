@@ -144,3 +144,19 @@ def test_a_failing_block_leaves_the_old_output_and_no_temporary(tmp_path: Path) 
         raise RuntimeError("the stage failed")
     assert (target / "report.md").read_text() == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["report"]
+
+
+def test_read_jsonl_rows_share_their_field_names_and_read_as_json_does(tmp_path: Path) -> None:
+    rows = [{"key": f"doc-{i}.txt", "split": "train", "meta": {"bytes": i, "format": "txt"}, "label": None,
+             "twice": 1} for i in range(3)]
+    path = tmp_path / "manifest.jsonl"
+    path.write_text("\n".join(json.dumps(row) for row in rows) + '\n\n{"twice": 1, "twice": 2}\n', encoding="utf-8")
+    read = io.read_jsonl(path)
+    assert read == [*rows, {"twice": 2}]  # a blank line skipped; a repeated key keeps the last, as json does
+    first, second = (next(key for key in row if key == "split") for row in read[:2])
+    assert first is second  # one string for the field name, not one a row
+    nested = [next(key for key in row["meta"] if key == "format") for row in read[:2]]
+    assert nested[0] is nested[1]
+    path.write_text('{"key": "a"}\n{"key": \n', encoding="utf-8")
+    with pytest.raises(json.JSONDecodeError):
+        io.read_jsonl(path)
