@@ -11,7 +11,7 @@ from tasks.cli import run_stage
 from tasks.io import read_json, read_jsonl
 from ssl_models.core.hashing import sha256_file
 from tasks.lineage import check_raw_inputs_unchanged, raw_inputs
-from tests.conftest import tiny_params, write_params
+from tests.conftest import stage_env, tiny_params, write_params
 
 
 def make_corpus(root: Path) -> None:
@@ -284,18 +284,31 @@ def _peak_traced_ingest(root: Path, files: int) -> int:
         assert summary["records"] == files - 1 and summary["duplicates_dropped"] == 1 and summary["labeled"] == 40
 
 
-def test_ingest_memory_does_not_grow_with_the_corpus(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_ingest_memory_does_not_grow_with_the_corpus(tmp_path: Path) -> None:
     """Nothing per file is held: the listing is walked as a stream, rows, quarantine entries and raw
     digests go to scratch files, duplicates are found on disk. Twelve times the files, nearly the same
     peak (the stream read ahead to size the chunks is made short here, as a corpus far longer than
     it would make it negligible, and so is the hash cache's write buffer). What is left is noise:
     pathlib interns every file name, and a resize of the interpreter's table of interned strings
-    can land in either run (a few MB at once, here up to about 300 bytes a file); the code before
-    held 1.3-2.7 KB a file."""
-    monkeypatch.setattr("ssl_models.core.workers.LOOKAHEAD", 256)
-    monkeypatch.setattr("ssl_models.core.hashing.HashCache.FLUSH_EVERY", 256)
-    _peak_traced_ingest(tmp_path / "warm", 300)  # the modules a first ingest imports are not the corpus
-    small = _peak_traced_ingest(tmp_path / "small", 1000)
-    large = _peak_traced_ingest(tmp_path / "large", 12000)
+    can land in either run (here up to about 300 bytes a file); the code before held 1.3-2.7 KB a
+    file. Measured in a fresh interpreter: in a test process that has run many tests before, that
+    table is large and one resize of it alone took 16 MB (1.5 KB a file of the larger run)."""
+    import subprocess
+    import sys
+
+    code = f"""
+import sys
+sys.path.insert(0, {str(Path(__file__).resolve().parents[2])!r})
+import ssl_models.core.workers, ssl_models.core.hashing
+from pathlib import Path
+from tests.tasks.test_ingest import _peak_traced_ingest
+ssl_models.core.workers.LOOKAHEAD = 256
+ssl_models.core.hashing.HashCache.FLUSH_EVERY = 256
+_peak_traced_ingest(Path({str(tmp_path)!r}) / "warm", 300)  # the modules a first ingest imports are not the corpus
+print(_peak_traced_ingest(Path({str(tmp_path)!r}) / "small", 1000), _peak_traced_ingest(Path({str(tmp_path)!r}) / "large", 12000))
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=stage_env())
+    assert done.returncode == 0, done.stderr[-2000:]
+    small, large = map(int, done.stdout.split()[-2:])
     per_file = (large - small) / 11000
     assert per_file < 500, f"{per_file:.0f} bytes more per file ({small} -> {large} bytes at peak)"
