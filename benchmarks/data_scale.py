@@ -3,7 +3,7 @@ read rate against `sha256sum`, and what DVC costs on a corpus of many small file
 
     python benchmarks/data_scale.py speedup [--texts 20000] [--slides 160] [--volumes 96]
     python benchmarks/data_scale.py dvc --files 100000
-    python benchmarks/data_scale.py memory --sizes 100000 1000000
+    python benchmarks/data_scale.py memory --sizes 100000 1000000 [--stage preprocess]
     python benchmarks/data_scale.py floor --files 1000000
 
 `speedup`: each stage runs as the CLI runs it (`ssl-pipeline STAGE DOMAIN` in the project
@@ -241,13 +241,16 @@ def dvc_scale(args: argparse.Namespace) -> None:
 
 
 def ingest_memory(args: argparse.Namespace) -> None:
-    """Peak resident memory and time of `ssl-pipeline ingest legal` alone (no DVC) at each size."""
+    """Peak resident memory and time of `ssl-pipeline STAGE legal` alone (no DVC) at each size
+    (`--stage preprocess`: ingest first, unmeasured)."""
     for count in args.sizes:
         folder = Path(tempfile.mkdtemp(prefix="ingest-memory-"))
         write_texts(folder / "corpus", count)
         (folder / "params.yaml").write_text(yaml.safe_dump(params_for("legal", "corpus", args.workers)))
-        seconds, rss = peak_rss_and_seconds(folder, "ssl-pipeline", "ingest", "legal")
-        print(f"ingest alone, {count} files, {args.workers} workers: {seconds:.1f} s, peak RSS {rss:.0f} MiB",
+        if args.stage == "preprocess":
+            timed(folder, "ssl-pipeline", "ingest", "legal")
+        seconds, rss = peak_rss_and_seconds(folder, "ssl-pipeline", args.stage, "legal")
+        print(f"{args.stage} alone, {count} files, {args.workers} workers: {seconds:.1f} s, peak RSS {rss:.0f} MiB",
               flush=True)
         shutil.rmtree(folder, ignore_errors=True)
 
@@ -287,6 +290,7 @@ def main() -> None:
     three = commands.add_parser("memory")
     three.add_argument("--sizes", type=int, nargs="+", default=[100000, 1000000])
     three.add_argument("--workers", type=int, default=2)
+    three.add_argument("--stage", choices=["ingest", "preprocess"], default="ingest")
     four = commands.add_parser("floor")
     four.add_argument("--files", type=int, default=1000000)
     args = parser.parse_args()
