@@ -20,7 +20,7 @@ from tasks.io import atomic_dir, read_json, read_jsonl, write_json, write_jsonl
 from tasks.lineage import LineageRecorder
 from tasks.paths import DomainPaths
 from ssl_models.core.workers import running_on
-from tasks.sources import discover, public_namer
+from tasks.sources import Discovery, discover_stream, public_namer
 from tasks.workers import chunked_work
 
 log = logging.getLogger("preprocess")
@@ -36,7 +36,9 @@ def preprocess(cfg: DomainConfig, domain: Domain, paths: DomainPaths) -> dict[st
                                upstream=[paths.manifest])
     pretrained_on = {row["sha256"] for row in manifest if row["split"] == "train"}
     test_labeled = [row for row in manifest if row.get("label") is not None and row["split"] == "test"]
-    sources = discover(domain, cfg, public_namer(domain, cfg, create_salt=False)).sources
+    # the sources alone (not `discover`'s list of every file, which preprocess does not need)
+    public = public_namer(domain, cfg, create_salt=False)
+    sources = {key: value for kind, key, value in discover_stream(domain, cfg, public, Discovery()) if kind == "source"}
 
     def locate(row: dict[str, Any]) -> Source:
         if row["source"] not in sources:
