@@ -285,10 +285,38 @@ def open_slide(path: Path, max_pixels: int = MAX_DECODED_PIXELS) -> SlideImage:
     raise UnreadableFileError("cannot open slide (" + "; ".join(errors) + ")")
 
 
+def _checked_png(path: Path, max_pixels: int) -> tuple[int, int]:
+    """(width, height) of a PNG whose every chunk is whole and matches its CRC (Pillow's `verify`:
+    the chunks are read, the pixels not inflated), within `max_pixels` by its header; else
+    `UnreadableFileError` or `ImageTooLargeError`, as `open_slide` says them."""
+    from PIL import Image
+
+    pillows_limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, max_pixels  # as in _open_with_pillow
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(path)
+        with image:
+            check_decoded_size(image.width, image.height, max(3, len(image.getbands())), max_pixels)
+            size = image.size
+            image.verify()
+        return size
+    except Image.DecompressionBombError as error:
+        raise ImageTooLargeError(f"image exceeds ingest.max_pixels={max_pixels}: {error}") from None
+    except (ImageTooLargeError, UnreadableFileError):
+        raise
+    except Exception as error:  # Pillow raises many types for corrupt files
+        raise UnreadableFileError(f"cannot decode image: {without_names(str(error), [path])}") from None
+    finally:
+        Image.MAX_IMAGE_PIXELS = pillows_limit
+
+
 def read_slide(source: Source, min_side: int, max_pixels: int = MAX_DECODED_PIXELS) -> Record:
-    """One record per slide or tile: its hash and pyramid metadata. The pixels are checked
-    (a thumbnail is decoded) so that a corrupt file is quarantined here, not in preprocess;
-    a level is decoded whole only within `max_pixels` (ingest.max_pixels)."""
+    """One record per slide or tile: its hash and pyramid metadata, checked so that a corrupt
+    file is quarantined here: a slide's smallest level is decoded (its thumbnail), a JPEG tile
+    decoded whole; a PNG tile's chunks are read and checked against their CRCs without decoding
+    its pixels, which tiling decodes (a PNG whose compressed data is broken behind valid CRCs is
+    quarantined there). A level is decoded whole only within `max_pixels` (ingest.max_pixels)."""
     path = source.paths[0]
     try:
         digest, size = file_sha256(path), path.stat().st_size  # ingest's own digest of it, when it took one
@@ -296,6 +324,13 @@ def read_slide(source: Source, min_side: int, max_pixels: int = MAX_DECODED_PIXE
         raise UnreadableFileError(f"cannot read file ({error.strerror})") from None
     if size == 0:
         raise UnreadableFileError("empty file")
+    if path.suffix.lower() == ".png":
+        width, height = _checked_png(path, max_pixels)
+        if min(width, height) < min_side:
+            raise UnreadableFileError(f"image too small ({width}x{height} pixels < ingest.min_side {min_side})")
+        meta = {"format": "png", "backend": "pillow", "width": width, "height": height, "levels": 1,
+                "mpp": None, "objective": None}  # what the decoded tile's SlideImage says
+        return Record(key=source.key, sha256=digest, n_bytes=size, meta=meta)
     slide = open_slide(path, max_pixels)
     try:
         width, height = slide.dimensions[0]

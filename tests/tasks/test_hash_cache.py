@@ -146,3 +146,56 @@ def test_ingest_opens_each_legal_text_once_for_its_hash_and_its_text(tmp_path: P
     rows = [json.loads(line) for line in (tmp_path / "data/legal/manifest/manifest.jsonl").read_text().splitlines()]
     assert {row["key"]: row["sha256"] for row in rows} == {
         path.name: sha256_file(path) for path in corpus.iterdir()}
+
+
+def _idat_recompressed_badly(path: Path) -> None:
+    """Break a PNG's compressed pixels behind valid chunk CRCs: every chunk whole and checked, the
+    image still not decodable (what a CRC check cannot see)."""
+    import struct
+    import zlib
+
+    data = bytearray(path.read_bytes())
+    at = data.index(b"IDAT") - 4
+    length = struct.unpack(">I", data[at:at + 4])[0]
+    body = bytearray(data[at + 8:at + 8 + length])
+    body[2:] = b"\xff" * (len(body) - 2)  # the zlib header kept, the deflate stream garbage
+    data[at + 8:at + 8 + length] = body
+    data[at + 8 + length:at + 12 + length] = struct.pack(">I", zlib.crc32(b"IDAT" + bytes(body)))
+    path.write_bytes(bytes(data))
+
+
+def test_ingest_checks_a_png_tile_without_decoding_it_and_tiling_quarantines_what_does_not_decode(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ingest reads a PNG's chunks against their CRCs and its header against ingest.max_pixels, and
+    decodes no pixel (tiling decodes each tile once). A bit flipped in the pixels' chunk is caught
+    there; compressed data broken behind valid CRCs passes ingest and is quarantined by preprocess,
+    with its reason."""
+    from PIL import Image
+
+    from tests.conftest import write_params
+    from tests.ssl_models.histo_files import histo_params, ihc, save_png
+
+    slides = [save_png(tmp_path / "slides" / f"slide-{i}.png", ihc(top=8 * i, size=128)) for i in range(8)]
+    flipped = slides[6].read_bytes()
+    at = flipped.index(b"IDAT") + 40
+    slides[6].write_bytes(flipped[:at] + bytes([flipped[at] ^ 1]) + flipped[at + 1:])
+    _idat_recompressed_badly(slides[7])
+    write_params(tmp_path, histo_params(corpus="slides", labels=None, ingest={"workers": 1},
+                                        preprocess={"workers": 1}, privacy={"pseudonymise": False}))
+    decoded: list[str] = []
+    real_load = Image.Image.load
+
+    def counting_load(self):
+        decoded.append(getattr(self, "filename", "") or "")
+        return real_load(self)
+
+    monkeypatch.setattr(Image.Image, "load", counting_load)
+    (summary,) = run_stages(tmp_path, "histo", "ingest")
+    assert summary["records"] == 7 and summary["quarantined"] == 1
+    assert not [name for name in decoded if name.endswith(".png")]
+    quarantine = [json.loads(line) for line in (tmp_path / "data/histo/manifest/quarantine.jsonl").open()]
+    assert [q["key"] for q in quarantine] == ["slide-6.png"] and "cannot decode image" in quarantine[0]["reason"]
+    (summary,) = run_stages(tmp_path, "histo", "preprocess")
+    assert summary["quarantined"] == 1
+    later = [json.loads(line) for line in (tmp_path / "data/histo/shards/quarantine.jsonl").open()]
+    assert [q["key"] for q in later] == ["slide-7.png"] and later[0]["reason"]
