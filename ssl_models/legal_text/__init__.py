@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -39,6 +39,49 @@ def tokenizer_threads() -> Iterator[None]:
 PARALLELISM = "TOKENIZERS_PARALLELISM"
 
 
+class SpilledTexts:
+    """The manifest's texts, read from the corpus once, written to a scratch file and read back by
+    key in any order as often as needed: preprocess holds an offset a row, not the texts (a firm's
+    store of a million documents would not fit in memory). The file lies in the stage's output
+    folder while it is being made (private as the shards, which carry the labeled texts) and is
+    removed before that folder is put in place."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.where = path, {}
+        self.handle: Any = None
+
+    def __enter__(self) -> SpilledTexts:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.handle is not None:
+            self.handle.close()
+        self.path.unlink(missing_ok=True)
+
+    def write(self, texts: Iterable[tuple[str, str]]) -> None:
+        with open(self.path, "wb") as out:
+            for key, text in texts:
+                data = text.encode("utf-8", "surrogatepass")
+                self.where[key] = (out.tell(), len(data))
+                out.write(data)
+        self.handle = open(self.path, "rb")
+
+    def get(self, key: str) -> str:
+        offset, size = self.where[key]
+        self.handle.seek(offset)
+        return self.handle.read(size).decode("utf-8", "surrogatepass")
+
+    def of(self, keys: list[str]) -> Iterable[str]:
+        """The texts of `keys` in their order, as an iterable that reads them again each time it is iterated."""
+        spilled = self
+
+        class Texts:
+            def __iter__(self) -> Iterator[str]:
+                return (spilled.get(key) for key in keys)
+
+        return Texts()
+
+
 class LegalText(Domain, module="legal_text"):
     default_method = "mlm"
     name, suffixes, sections, methods, backbones = "legal_text", TEXT_SUFFIXES, SECTIONS, METHODS, BACKBONES
@@ -69,45 +112,46 @@ class LegalText(Domain, module="legal_text"):
         from ssl_models.legal_text.shards import build_tokenizer, normalised_text_hash, pack_blocks
 
         options = cfg.preprocess
-        texts = self._read_texts(cfg, manifest, locate)
-        by_split: dict[str, list[str]] = defaultdict(list)
-        for row in manifest:
-            by_split[row["split"]].append(texts[row["key"]])
-        with tokenizer_threads():
-            tokenizer = build_tokenizer(cfg, by_split["train"])
-            tokenizer.save_pretrained(out_dir / "tokenizer")
-            blocks = {split: pack_blocks(tokenizer, by_split[split], options.block_size) for split in ("train", "val")}
-        summary: dict[str, Any] = {"tokenizer": options.tokenizer, "vocab_size": len(tokenizer)}
-        for split, split_blocks in blocks.items():
-            summary[f"pretrain_{split}_blocks"] = int(split_blocks.shape[0])
-            summary[f"pretrain_{split}_tokens"] = int(split_blocks.size)
-        labeled = [row for row in manifest if row.get("label") is not None]
-        pretrain_near_copies = {normalised_text_hash(texts[r["key"]]) for r in manifest if r["split"] == "train"}
-        # without training rows (embed's chunks) nothing can be a near-copy: no test text is hashed
-        summary["labeled_test_near_copies_in_pretraining"] = sum(
-            normalised_text_hash(texts[r["key"]]) in pretrain_near_copies for r in labeled
-            if r["split"] == "test") if pretrain_near_copies else 0
-        write_shards(out_dir, pretrain_train={"input_ids": blocks["train"]},
-                     pretrain_val={"input_ids": blocks["val"]}, labeled={
-                         "sample_id": [r["sha256"] for r in labeled],
-                         "text": [texts[r["key"]] for r in labeled],
-                         "label": [str(r["label"]) for r in labeled],
-                         "split": [r["split"] for r in labeled],
-                         "group": [str(r.get("group") or r["sha256"]) for r in labeled]})
+        with SpilledTexts(out_dir / ".texts") as texts:
+            texts.write(self._read_texts(cfg, manifest, locate))
+            by_split: dict[str, list[str]] = defaultdict(list)
+            for row in manifest:
+                by_split[row["split"]].append(row["key"])
+            with tokenizer_threads():
+                tokenizer = build_tokenizer(cfg, texts.of(by_split["train"]))
+                tokenizer.save_pretrained(out_dir / "tokenizer")
+                blocks = {split: pack_blocks(tokenizer, texts.of(by_split[split]), options.block_size)
+                          for split in ("train", "val")}
+            summary: dict[str, Any] = {"tokenizer": options.tokenizer, "vocab_size": len(tokenizer)}
+            for split, split_blocks in blocks.items():
+                summary[f"pretrain_{split}_blocks"] = int(split_blocks.shape[0])
+                summary[f"pretrain_{split}_tokens"] = int(split_blocks.size)
+            labeled = [row for row in manifest if row.get("label") is not None]
+            pretrain_near_copies = {normalised_text_hash(text) for text in texts.of(by_split["train"])}
+            # without training rows (embed's chunks) nothing can be a near-copy: no test text is hashed
+            summary["labeled_test_near_copies_in_pretraining"] = sum(
+                normalised_text_hash(texts.get(r["key"])) in pretrain_near_copies for r in labeled
+                if r["split"] == "test") if pretrain_near_copies else 0
+            write_shards(out_dir, pretrain_train={"input_ids": blocks["train"]},
+                         pretrain_val={"input_ids": blocks["val"]}, labeled={
+                             "sample_id": [r["sha256"] for r in labeled],
+                             "text": [texts.get(r["key"]) for r in labeled],
+                             "label": [str(r["label"]) for r in labeled],
+                             "split": [r["split"] for r in labeled],
+                             "group": [str(r.get("group") or r["sha256"]) for r in labeled]})
         return summary
 
     def _read_texts(self, cfg: DomainConfig, manifest: list[dict[str, Any]],
-                    locate: Locate) -> dict[str, str]:
-        """Manifest key -> text; a JSONL file is read once for all its records."""
+                    locate: Locate) -> Iterator[tuple[str, str]]:
+        """(manifest key, text) of every row, source by source; a JSONL file is read once for all its records."""
         by_source: dict[str, list[dict[str, Any]]] = defaultdict(list)
         for row in manifest:
             by_source[row["source"]].append(row)
-        texts: dict[str, str] = {}
         for rows in by_source.values():
             by_hash = {record.sha256: record.content for record in self.read(locate(rows[0]), cfg)
                        if isinstance(record, Record)}
-            texts.update((row["key"], by_hash[row["sha256"]]) for row in rows)
-        return texts
+            for row in rows:
+                yield row["key"], by_hash[row["sha256"]]
 
     def load_pretrained(self, cfg: DomainConfig, shards_dir: Path, pretrained_dir: Path) -> Encoder:
         from ssl_models.legal_text.backbones import load_text_encoder

@@ -73,3 +73,16 @@ def test_tokenizers_threads_change_neither_the_vocabulary_nor_the_blocks(tmp_pat
     with tokenizer_threads():
         assert os.environ["TOKENIZERS_PARALLELISM"] == "true"
     assert os.environ["TOKENIZERS_PARALLELISM"] == "false"  # off again for what forks after
+
+
+def test_spilled_texts_read_back_by_key_as_often_as_asked_and_leave_no_file(tmp_path: Path) -> None:
+    """Legal preprocess keeps an offset a row, not the texts: each is read back from a scratch file."""
+    from ssl_models.legal_text import SpilledTexts
+
+    texts = {"a.txt": "Clause 1 — the Lessee’s duties", "b.jsonl#L2": "lone \ud800 surrogate from JSON", "c.txt": ""}
+    with SpilledTexts(tmp_path / ".texts") as spilled:
+        spilled.write(iter(texts.items()))
+        again = spilled.of(["c.txt", "a.txt", "b.jsonl#L2", "a.txt"])
+        assert list(again) == list(again) == [texts["c.txt"], texts["a.txt"], texts["b.jsonl#L2"], texts["a.txt"]]
+        assert spilled.get("b.jsonl#L2") == texts["b.jsonl#L2"]
+    assert not (tmp_path / ".texts").exists()
