@@ -104,9 +104,9 @@ class Domain(ABC):
     # `sources` takes the corpus' files as a stream, one source at a time (ingest then holds no
     # list of the corpus); False where grouping needs every file first (DICOM series)
     streams_sources = True
-    # a source whose files hold at most this many bytes in all is read whole by ingest for its digest
-    # and its reader takes those bytes (`hashing.file_contents`) instead of opening it again; 0: the
-    # reader opens its files itself (a slide or a volume, decoded from the file by its library)
+    # a file of a source of at most this many bytes is read whole by ingest for its digest and its
+    # reader takes those bytes (`hashing.file_contents`) instead of opening it again; 0: the reader
+    # opens its files itself (a slide or a volume, decoded from the file by its library)
     reads_taken_bytes = 0
     default_method: ClassVar[str] = ""  # the `methods` entry pretrain.method names when params.yaml names none
     sections: ClassVar[dict[str, type]] = {}

@@ -111,7 +111,7 @@ def stamped_read(path: Path, keep: int = 0) -> tuple[tuple[int, int, int, int, i
     started = time.time_ns()
     before = os.stat(path)
     data = None
-    if before.st_size <= keep:
+    if 0 < keep and before.st_size <= keep:
         with open(path, "rb") as handle:
             data = handle.read()
         digest = sha256_bytes(data)
@@ -137,48 +137,34 @@ def hash_cache(path: Path) -> Iterator[HashCache]:
         cache.db.close()
 
 
-_TAKEN: contextvars.ContextVar[dict[str, str] | None] = contextvars.ContextVar("ssl_pipeline_digests_taken",
-                                                                              default=None)
+_TAKEN: contextvars.ContextVar[dict[str, tuple[str, bytes | None]] | None] = contextvars.ContextVar(
+    "ssl_pipeline_taken", default=None)
 
 
 @contextlib.contextmanager
-def digests_taken(digests: dict[str, str]) -> Iterator[None]:
-    """In the block, `file_sha256` answers from `digests` (path -> the sha256 this process has just
-    taken of it): a reader that records a file's hash does not read the file a second time for it."""
-    token = _TAKEN.set(digests)
+def taken_by_ingest(files: dict[str, tuple[str, bytes | None]]) -> Iterator[None]:
+    """In the block, `file_sha256` and `file_contents` answer from `files` (path -> the sha256 this
+    process has just taken of it, and the bytes it read whole for it, or None): a reader that
+    records a file's hash, or decodes a small file, does not read the file a second time."""
+    token = _TAKEN.set(files)
     try:
         yield
     finally:
         _TAKEN.reset(token)
 
 
-_CONTENTS: contextvars.ContextVar[dict[str, tuple[bytes, str]] | None] = contextvars.ContextVar(
-    "ssl_pipeline_contents_taken", default=None)
-
-
-@contextlib.contextmanager
-def contents_taken(contents: dict[str, tuple[bytes, str]]) -> Iterator[None]:
-    """In the block, `file_contents` answers from `contents` (path -> the bytes this process has just
-    read of it and their sha256): a reader of small files does not open them a second time."""
-    token = _CONTENTS.set(contents)
-    try:
-        yield
-    finally:
-        _CONTENTS.reset(token)
-
-
 def file_contents(path: Path) -> tuple[bytes, str] | None:
-    """(bytes, sha256) of `path` read just before in the block (`contents_taken`), else None."""
-    taken = _CONTENTS.get()
-    return None if taken is None else taken.get(os.fspath(path))
+    """(bytes, sha256) of `path` read whole just before in the block (`taken_by_ingest`), else None."""
+    taken = (_TAKEN.get() or {}).get(os.fspath(path))
+    return None if taken is None or taken[1] is None else (taken[1], taken[0])
 
 
 def file_sha256(path: Path) -> str:
-    """sha256 of a file: one just taken in the block (`digests_taken`), else through the block's
+    """sha256 of a file: one just taken in the block (`taken_by_ingest`), else through the block's
     HashCache when one is set (a stage's start checks its inputs without reading them again), else read."""
-    taken = _TAKEN.get()
-    if taken is not None and (digest := taken.get(os.fspath(path))) is not None:
-        return digest
+    taken = (_TAKEN.get() or {}).get(os.fspath(path))
+    if taken is not None:
+        return taken[0]
     cache = _CACHE.get()
     return sha256_file(path) if cache is None else cache.sha256(path)
 

@@ -48,8 +48,10 @@ def _arrow_rows(values: Any) -> Any:
     """A 2-D numpy array as an Arrow list array of its rows (of its own dtype); anything else as given."""
     import numpy as np
 
-    if not isinstance(values, np.ndarray) or values.ndim != 2 or not len(values):
-        return values.tolist() if isinstance(values, np.ndarray) else values
+    if not isinstance(values, np.ndarray):
+        return values
+    if values.ndim != 2 or not len(values):
+        return values.tolist()
     import pyarrow as pa
 
     width = values.shape[1]

@@ -7,7 +7,9 @@ tiling does not care whether a source is a 40x slide or a 512-pixel tile.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -201,7 +203,10 @@ class OpenSlideImage(SlideImage):
         self.slide.close()
 
 
-def _open_with_pillow(path: Path, max_pixels: int) -> SlideImage:
+@contextlib.contextmanager
+def _pillow_image(path: Path, max_pixels: int) -> Iterator[Any]:
+    """The image opened lazily (its header only), its decoded size (the header's size and bands)
+    checked against `max_pixels`; closed after the block."""
     from PIL import Image
 
     # Pillow's own guard at the same scale while it opens the file (it warns over MAX_IMAGE_PIXELS and
@@ -217,8 +222,13 @@ def _open_with_pillow(path: Path, max_pixels: int) -> SlideImage:
     finally:
         Image.MAX_IMAGE_PIXELS = pillows_limit
     with image:
+        check_decoded_size(image.width, image.height, max(3, len(image.getbands())), max_pixels)
+        yield image
+
+
+def _open_with_pillow(path: Path, max_pixels: int) -> SlideImage:
+    with _pillow_image(path, max_pixels) as image:
         bands = max(3, len(image.getbands()))  # decoded as they are, converted to RGB
-        check_decoded_size(image.width, image.height, bands, max_pixels)
         image.load()  # decode now: a truncated file fails here, not in the middle of preprocess
         if image.mode in ("I;16", "I;16B", "I;16L", "I", "F", "RGB", "RGBA", "L", "LA"):
             array = np.asarray(image)  # to_rgb converts these itself, a strip at a time
@@ -226,6 +236,25 @@ def _open_with_pillow(path: Path, max_pixels: int) -> SlideImage:
             array = np.asarray(image.convert("RGBA" if "A" in image.getbands() else "RGB"))
         size = (image.width, image.height)
     return InMemoryLevels([lambda: array], [size], "pillow", bands, max_pixels)
+
+
+def _checked_png(path: Path, max_pixels: int) -> tuple[int, int]:
+    """(width, height) of a PNG whose every chunk is whole and matches its CRC (Pillow's `verify`:
+    the chunks are read, the pixels not inflated), within `max_pixels` by its header."""
+    with _pillow_image(path, max_pixels) as image:
+        size = image.size
+        image.verify()
+    return size
+
+
+def _as_tile(path: Path, open_tile: Callable[[Path, int], Any], max_pixels: int) -> Any:
+    """`open_tile(path, max_pixels)` with Pillow's many error types for a corrupt file said as one reason."""
+    try:
+        return open_tile(path, max_pixels)
+    except ImageTooLargeError:
+        raise
+    except Exception as error:  # Pillow raises many types for corrupt files
+        raise UnreadableFileError(f"cannot decode image: {without_names(str(error), [path])}") from None
 
 
 def _open_with_tifffile(path: Path, max_pixels: int) -> SlideImage:
@@ -256,12 +285,7 @@ def open_slide(path: Path, max_pixels: int = MAX_DECODED_PIXELS) -> SlideImage:
     suffix = path.suffix.lower()
     errors = []
     if suffix in TILE_SUFFIXES:
-        try:
-            return _open_with_pillow(path, max_pixels)
-        except ImageTooLargeError:
-            raise
-        except Exception as error:  # Pillow raises many types for corrupt files
-            raise UnreadableFileError(f"cannot decode image: {without_names(str(error), [path])}") from None
+        return _as_tile(path, _open_with_pillow, max_pixels)
     import openslide
 
     try:
@@ -285,30 +309,9 @@ def open_slide(path: Path, max_pixels: int = MAX_DECODED_PIXELS) -> SlideImage:
     raise UnreadableFileError("cannot open slide (" + "; ".join(errors) + ")")
 
 
-def _checked_png(path: Path, max_pixels: int) -> tuple[int, int]:
-    """(width, height) of a PNG whose every chunk is whole and matches its CRC (Pillow's `verify`:
-    the chunks are read, the pixels not inflated), within `max_pixels` by its header; else
-    `UnreadableFileError` or `ImageTooLargeError`, as `open_slide` says them."""
-    from PIL import Image
-
-    pillows_limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, max_pixels  # as in _open_with_pillow
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(path)
-        with image:
-            check_decoded_size(image.width, image.height, max(3, len(image.getbands())), max_pixels)
-            size = image.size
-            image.verify()
-        return size
-    except Image.DecompressionBombError as error:
-        raise ImageTooLargeError(f"image exceeds ingest.max_pixels={max_pixels}: {error}") from None
-    except (ImageTooLargeError, UnreadableFileError):
-        raise
-    except Exception as error:  # Pillow raises many types for corrupt files
-        raise UnreadableFileError(f"cannot decode image: {without_names(str(error), [path])}") from None
-    finally:
-        Image.MAX_IMAGE_PIXELS = pillows_limit
+def _check_min_side(width: int, height: int, min_side: int) -> None:
+    if min(width, height) < min_side:
+        raise UnreadableFileError(f"image too small ({width}x{height} pixels < ingest.min_side {min_side})")
 
 
 def read_slide(source: Source, min_side: int, max_pixels: int = MAX_DECODED_PIXELS) -> Record:
@@ -325,17 +328,15 @@ def read_slide(source: Source, min_side: int, max_pixels: int = MAX_DECODED_PIXE
     if size == 0:
         raise UnreadableFileError("empty file")
     if path.suffix.lower() == ".png":
-        width, height = _checked_png(path, max_pixels)
-        if min(width, height) < min_side:
-            raise UnreadableFileError(f"image too small ({width}x{height} pixels < ingest.min_side {min_side})")
+        width, height = _as_tile(path, _checked_png, max_pixels)
+        _check_min_side(width, height, min_side)
         meta = {"format": "png", "backend": "pillow", "width": width, "height": height, "levels": 1,
                 "mpp": None, "objective": None}  # what the decoded tile's SlideImage says
         return Record(key=source.key, sha256=digest, n_bytes=size, meta=meta)
     slide = open_slide(path, max_pixels)
     try:
         width, height = slide.dimensions[0]
-        if min(width, height) < min_side:
-            raise UnreadableFileError(f"image too small ({width}x{height} pixels < ingest.min_side {min_side})")
+        _check_min_side(width, height, min_side)
         try:
             slide.thumbnail(64)
         except UnreadableFileError:

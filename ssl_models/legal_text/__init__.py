@@ -5,7 +5,8 @@ from __future__ import annotations
 import contextlib
 import os
 from collections import defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -47,7 +48,8 @@ class SpilledTexts:
     removed before that folder is put in place."""
 
     def __init__(self, path: Path) -> None:
-        self.path, self.where = path, {}
+        self.path = path
+        self.where: dict[str, tuple[int, int]] = {}  # key -> (offset, bytes) in the file
         self.handle: Any = None
 
     def __enter__(self) -> SpilledTexts:
@@ -72,14 +74,18 @@ class SpilledTexts:
         return self.handle.read(size).decode("utf-8", "surrogatepass")
 
     def of(self, keys: list[str]) -> Iterable[str]:
-        """The texts of `keys` in their order, as an iterable that reads them again each time it is iterated."""
-        spilled = self
+        """The texts of `keys` in their order, read again each time the result is iterated."""
+        return _Reiterable(lambda: map(self.get, keys))
 
-        class Texts:
-            def __iter__(self) -> Iterator[str]:
-                return (spilled.get(key) for key in keys)
 
-        return Texts()
+@dataclass
+class _Reiterable:
+    """An iterable whose every iteration is a fresh `make()`."""
+
+    make: Callable[[], Iterator[Any]]
+
+    def __iter__(self) -> Iterator[Any]:
+        return self.make()
 
 
 class LegalText(Domain, module="legal_text"):

@@ -7,27 +7,26 @@ import re
 from collections.abc import Iterable, Iterator
 
 import numpy as np
-from tokenizers import BertWordPieceTokenizer, Tokenizer
-from tokenizers.models import WordLevel
+from tokenizers import BertWordPieceTokenizer
 from tokenizers.processors import TemplateProcessing
-from tokenizers.trainers import WordLevelTrainer
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from ssl_models.core.config import DomainConfig
 from ssl_models.legal_text.backbones import resolve_checkpoint
-from ssl_models.legal_text.vocab import ALL_WORDS, extend_vocabulary
+from ssl_models.legal_text.vocab import extend_vocabulary, ranked_words
 
 SPECIAL_TOKENS = {"unk_token": "[UNK]", "pad_token": "[PAD]", "cls_token": "[CLS]",
                   "sep_token": "[SEP]", "mask_token": "[MASK]"}
 
 
-def build_tokenizer(cfg: DomainConfig, train_texts: list[str]) -> PreTrainedTokenizerBase:
+def build_tokenizer(cfg: DomainConfig, train_texts: Iterable[str]) -> PreTrainedTokenizerBase:
     """Train a WordPiece vocabulary on the training split, or load the base checkpoint's
     (`preprocess.tokenizer`; the domain's `validate` pairs `base` with a base checkpoint).
 
     The CaseHOLD study (Zheng et al., ICAIL 2021) found a legal vocabulary gave the largest
     gains of domain pretraining, hence training one is the default. With `base`, the training
-    split's frequent words the base vocabulary splits are added to it (`preprocess.extend_vocabulary`)."""
+    split's frequent words the base vocabulary splits are added to it (`preprocess.extend_vocabulary`).
+    `train_texts` is iterated more than once (a list, or `SpilledTexts.of`)."""
     options = cfg.preprocess
     if options.tokenizer == "base":
         tokenizer = AutoTokenizer.from_pretrained(resolve_checkpoint(cfg))
@@ -66,14 +65,9 @@ def continuing_pieces(trainer: BertWordPieceTokenizer, texts: Iterable[str]) -> 
     run (six runs, six vocabularies, on the 3,841 clauses of LexGLUE's unfair-ToS at the default
     settings). Given first, as special tokens, they are numbered in this order instead, which
     makes every tie break the same way. The words are those the trainer sees (its normaliser and
-    pre-tokeniser), counted by the WordLevel trainer; a word's count does not matter here."""
-    counter = Tokenizer(WordLevel(unk_token=SPECIAL_TOKENS["unk_token"]))
-    counter.normalizer = trainer.normalizer
-    counter.pre_tokenizer = trainer.pre_tokenizer
-    counter.train_from_iterator(texts, WordLevelTrainer(vocab_size=ALL_WORDS, min_frequency=0, special_tokens=[],
-                                                        show_progress=False))
-    prefix = "##"
-    return sorted({prefix + char for word in counter.get_vocab() for char in word[1:]})
+    pre-tokeniser) (`vocab.ranked_words`); a word's count does not matter here."""
+    words = ranked_words(trainer.normalizer, trainer.pre_tokenizer, texts, min_frequency=0)
+    return sorted({"##" + char for word in words for char in word[1:]})
 
 
 def deterministic_vocabulary(learned: dict[str, int]) -> dict[str, int]:

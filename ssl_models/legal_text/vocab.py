@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 from tokenizers import AddedToken, Tokenizer
@@ -40,12 +41,8 @@ def frequent_split_words(tokenizer: PreTrainedTokenizerBase, texts: Iterable[str
     `tokenizers` WordLevel trainer (in Rust, over all cores), which numbers its vocabulary by
     descending count, then by the word: the order, and so the words chosen, are the same every run."""
     backend = tokenizer.backend_tokenizer
-    counter = Tokenizer(WordLevel(unk_token=tokenizer.unk_token))
-    counter.normalizer = backend.normalizer
-    counter.pre_tokenizer = backend.pre_tokenizer
-    counter.train_from_iterator(texts, WordLevelTrainer(vocab_size=ALL_WORDS, min_frequency=min_frequency,
-                                                        special_tokens=[], show_progress=False))
-    ranked = sorted(counter.get_vocab().items(), key=lambda item: item[1])
+    ranked = sorted(ranked_words(backend.normalizer, backend.pre_tokenizer, texts, min_frequency).items(),
+                    key=lambda item: item[1])
     vocabulary, unknown = tokenizer.get_vocab(), tokenizer.unk_token
     chosen: list[str] = []
     for word, _ in ranked:
@@ -57,6 +54,18 @@ def frequent_split_words(tokenizer: PreTrainedTokenizerBase, texts: Iterable[str
         if len(pieces) > 1 and unknown not in pieces:
             chosen.append(word)
     return chosen
+
+
+def ranked_words(normalizer: Any, pre_tokenizer: Any, texts: Iterable[str], min_frequency: int) -> dict[str, int]:
+    """Every word of `texts` seen at least `min_frequency` times -> its rank (descending count, then the
+    word), a word being what `normalizer` and `pre_tokenizer` make of the text: counted by the
+    `tokenizers` WordLevel trainer (in Rust, over all cores)."""
+    counter = Tokenizer(WordLevel(unk_token="[UNK]"))
+    counter.normalizer = normalizer
+    counter.pre_tokenizer = pre_tokenizer
+    counter.train_from_iterator(texts, WordLevelTrainer(vocab_size=ALL_WORDS, min_frequency=min_frequency,
+                                                        special_tokens=[], show_progress=False))
+    return counter.get_vocab()
 
 
 def add_whole_words(tokenizer: PreTrainedTokenizerBase, words: list[str]) -> None:

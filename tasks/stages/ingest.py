@@ -27,7 +27,7 @@ from tqdm import tqdm
 from ssl_models.core.config import DomainConfig, made_by
 from ssl_models.core.domain import Domain, Record, Rejected, Source, get_domain
 from ssl_models.core.errors import PipelineError, UnreadableFileError
-from ssl_models.core.hashing import contents_taken, digests_taken, remember_digest, stamped_read
+from ssl_models.core.hashing import remember_digest, stamped_read, taken_by_ingest
 from ssl_models.core.privacy import without_names
 from ssl_models.core.splits import assign_split
 from ssl_models.core.workers import file_stamp, run_items, running_on
@@ -149,15 +149,12 @@ def ingest_chunk(job: tuple[DomainConfig, list[tuple[str, Any]]]) -> list[dict[s
     for kind, item in chunk:
         files = item.paths if kind == "source" else [item]
         hashed = [_hash_or_none(path, domain.reads_taken_bytes if kind == "source" else 0) for path in files]
-        if sum(len(data) for _, _, data in hashed if data is not None) > domain.reads_taken_bytes:
-            hashed = [(stamp, digest, None) for stamp, digest, _ in hashed]  # the reader opens them
         entry: dict[str, Any] = {"files": [relative_key(path, corpus) for path in files],
                                  "hashes": [digest for _, digest, _ in hashed],
                                  "stamps": [stamp for stamp, _, _ in hashed], "source": None}
         if kind == "source":
-            taken = [(os.fspath(path), digest, data) for path, (_, digest, data) in zip(files, hashed) if digest]
-            with digests_taken({path: digest for path, digest, _ in taken}), \
-                    contents_taken({path: (data, digest) for path, digest, data in taken if data is not None}):
+            taken = {os.fspath(path): (digest, data) for path, (_, digest, data) in zip(files, hashed) if digest}
+            with taken_by_ingest(taken):
                 records, rejected = read_source(domain, item, cfg)  # a reader hashing a file reads it once
             entry.update(source=item.key, rejected=rejected,
                          records=[{"key": r.key, "sha256": r.sha256, "n_bytes": r.n_bytes, "meta": r.meta,
