@@ -230,6 +230,12 @@ def write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> None:
             handle.write(json.dumps(row, sort_keys=True, default=str) + "\n")
 
 
+def write_lines(path: Path, lines: Iterable[str]) -> None:
+    """Lines of text (each with its newline) streamed to a temporary file renamed over `path` when complete."""
+    with atomic_file(path) as tmp, open(tmp, "w", encoding="utf-8") as handle:
+        handle.writelines(lines)
+
+
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     """Every row of a JSON-lines file. The rows' keys are interned, so a million manifest rows share
     one string per field name instead of each holding its own (a row of ten fields: 0.73 KB

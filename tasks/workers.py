@@ -18,7 +18,9 @@ Each chunk's result is written into the stage's work folder the moment it is in
 `bytes` values, e.g. tiles, as length-prefixed blobs after it; never a pickle), the digest covering the chunk's identity (what the caller
 says names its inputs: paths, sizes, modification times) and the settings that shape the result.
 A run killed part-way starts again at the first chunk without a result; a chunk whose inputs or
-settings changed has another digest and is done again. Every result, fresh or read back, goes
+settings changed has another digest and is done again. A caller whose identities name the inputs
+without their state (ingest: the files' keys, no `stat` of each in the stage's process) passes
+`fresh`, which checks a chunk read back against what its result recorded of its inputs. Every result, fresh or read back, goes
 through the same encoding, so a resumed run writes the same bytes as an uninterrupted one. The
 folder is the stage's working state (under `.ssl-pipeline/work/`, never a DVC output), removed
 once the stage's output is in place (`finish`).
@@ -78,9 +80,10 @@ class ChunkedWork:
 
     def __init__(self, folder: Path, settings: Any, *, workers: int | str | None = 1,
                  scheduler: str | None = None, chunk_size: int | str | None = "auto", window: int = 2,
-                 label: str = "work") -> None:
+                 label: str = "work", max_items: int = 64) -> None:
         self.label = label
         self.folder, self.settings, self.chunk_size = folder, digest_of_inputs(settings), chunk_size
+        self.max_items = max_items
         self.workers, self.scheduler = resolve_workers(workers), scheduler_address(scheduler)
         self.chosen = workers not in (None, "auto")  # a number the user set: always used
         self.items: int | None = None  # what the work is made of, once chunk_length was asked
@@ -89,12 +92,12 @@ class ChunkedWork:
 
     def chunk_length(self, items: int) -> int:
         """Items a chunk carries: the section's `chunk_size`, or (auto) enough chunks for every worker
-        to take several (load balance, resume granularity), at most 64 items each."""
+        to take several (load balance, resume granularity), at most `max_items` each."""
         self.items = items
         if self.chunk_size not in (None, "auto"):
             return max(1, int(self.chunk_size))
         slots = 4 * (max(self.workers, 8) if self.scheduler else self.workers)
-        return max(1, min(64, -(-items // slots)))
+        return max(1, min(self.max_items, -(-items // slots)))
 
     @property
     def engine(self) -> str:
@@ -114,10 +117,12 @@ class ChunkedWork:
                 if entry.name not in expected:
                     Path(entry.path).unlink(missing_ok=True)
 
-    def results_of(self, function: Callable[[Any], Any], pairs: Iterable[tuple[Any, str]]) -> Iterator[Any]:
+    def results_of(self, function: Callable[[Any], Any], pairs: Iterable[tuple[Any, str]],
+                   fresh: Callable[[Any, Any], bool] | None = None) -> Iterator[Any]:
         """`function(chunk)` of every (chunk, identity) pair, in order (read back where a run before
-        finished it). `pairs` may be a stream: taken as the workers are ready for them, a window
-        ahead of the result being yielded, never all at once."""
+        finished it, unless `fresh(chunk, result)` says its inputs changed since: then done again
+        here). `pairs` may be a stream: taken as the workers are ready for them, a window ahead of the
+        result being yielded, never all at once."""
         self.folder.mkdir(parents=True, exist_ok=True)
         self.resumed = 0
         kept: list[str] = []  # this run's chunk file names (a few bytes a chunk, not a file)
@@ -147,8 +152,14 @@ class ChunkedWork:
             while ahead:
                 path, chunk, future = ahead.popleft()
                 if future is None:
-                    self.resumed += 1
-                    value = self._read(path, function, chunk)
+                    kept_value = self._read(path, chunk, fresh)
+                    if kept_value is not None:
+                        self.resumed += 1
+                        value = kept_value[0]
+                    else:  # done again here: rare (a power cut, a file edited between the runs)
+                        encoded = encoded_call(function, chunk)
+                        write_bytes(path, encoded)
+                        value = decode(encoded)
                 else:
                     in_flight -= 1
                     encoded = future.result()
@@ -169,16 +180,19 @@ class ChunkedWork:
             log.info("resuming: %d of %d chunks were finished by a run before", self.resumed, len(kept))
 
     @staticmethod
-    def _read(path: Path, function: Callable[[Any], Any], chunk: Any) -> Any:
-        """A chunk result of a run before; done again here when it does not read back (the file is
-        written without fsync: after a power cut it may be empty or cut short)."""
+    def _read(path: Path, chunk: Any, fresh: Callable[[Any, Any], bool] | None) -> tuple[Any] | None:
+        """(a run before's result of `chunk`,), or None when it is to be done again: it does not read
+        back (the file is written without fsync: after a power cut it may be empty or cut short), or
+        `fresh` finds the chunk's inputs changed since."""
         try:
-            return decode(path.read_bytes())
+            value = decode(path.read_bytes())
         except (OSError, ValueError, KeyError, TypeError, IndexError) as error:
             log.info("chunk %s does not read back (%s): done again", path.name, type(error).__name__)
-            encoded = encoded_call(function, chunk)
-            write_bytes(path, encoded)
-            return decode(encoded)
+            return None
+        if fresh is not None and not fresh(chunk, value):
+            log.info("chunk %s: its inputs changed since it was done: done again", path.name)
+            return None
+        return (value,)
 
     def _submitter(self):
 
@@ -307,10 +321,11 @@ def write_bytes(path: Path, data: bytes) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def chunked_work(cfg: Any, paths: Any, stage: str, settings: Any) -> ChunkedWork:
-    """The ChunkedWork of a data stage (`ingest`, `preprocess`) of one domain, run as its section says."""
+def chunked_work(cfg: Any, paths: Any, stage: str, settings: Any, max_items: int = 64) -> ChunkedWork:
+    """The ChunkedWork of a data stage (`ingest`, `preprocess`) of one domain, run as its section says
+    (`max_items`: the most items to a chunk when its `chunk_size` is auto)."""
     section = getattr(cfg, stage)
     return ChunkedWork(paths.work(stage), settings, workers=getattr(section, "workers", 1),
                        scheduler=getattr(section, "scheduler", None), chunk_size=getattr(section, "chunk_size", "auto"),
-                       label=f"{stage} {paths.domain}")
+                       label=f"{stage} {paths.domain}", max_items=max_items)
 

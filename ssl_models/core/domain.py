@@ -108,6 +108,10 @@ class Domain(ABC):
     # reader takes those bytes (`hashing.file_contents`) instead of opening it again; 0: the reader
     # opens its files itself (a slide or a volume, decoded from the file by its library)
     reads_taken_bytes = 0
+    # at most this many sources to a chunk of ingest's work when `ingest.chunk_size` is auto: enough
+    # that a chunk's own cost (a round trip to a worker, its result file, one duplicate-index query)
+    # is small beside its files' work, few enough that a kill loses little
+    ingest_chunk_items = 64
     default_method: ClassVar[str] = ""  # the `methods` entry pretrain.method names when params.yaml names none
     sections: ClassVar[dict[str, type]] = {}
     methods: ClassVar[Registry]

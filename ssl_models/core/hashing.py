@@ -10,6 +10,7 @@ import sqlite3
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -101,11 +102,18 @@ def stamped_sha256(path: Path) -> tuple[tuple[int, int, int, int, int] | None, s
     """(the file's HashCache stamp, its sha256); the stamp is None when it cannot vouch for the digest:
     the file changed while it was read, or had changed under RACY_NS before (file times tick
     coarsely, so a write in the same tick after the read would leave the same stamp)."""
-    stamp, digest, _ = stamped_read(path)
-    return stamp, digest
+    read = stamped_read(path)
+    return read.stamp, read.digest
 
 
-def stamped_read(path: Path, keep: int = 0) -> tuple[tuple[int, int, int, int, int] | None, str, bytes | None]:
+class StampedRead(NamedTuple):
+    stamp: tuple[int, int, int, int, int] | None  # the HashCache stamp, None when it cannot vouch for the digest
+    digest: str
+    data: bytes | None  # the bytes, when the file held at most `keep` of them
+    seen: tuple[int, int]  # (size, modification time in ns) before the read: `file_stamp`'s values
+
+
+def stamped_read(path: Path, keep: int = 0) -> StampedRead:
     """`stamped_sha256`, and the file's bytes when it holds at most `keep` of them (read whole, then
     hashed: the bytes are those the digest is of), else None (streamed through the hash)."""
     started = time.time_ns()
@@ -120,7 +128,7 @@ def stamped_read(path: Path, keep: int = 0) -> tuple[tuple[int, int, int, int, i
     after = os.stat(path)
     stamp = HashCache.stamp(before)
     trusted = stamp == HashCache.stamp(after) and before.st_ctime_ns < started - RACY_NS
-    return (stamp if trusted else None), digest, data
+    return StampedRead(stamp if trusted else None, digest, data, (before.st_size, before.st_mtime_ns))
 
 
 @contextlib.contextmanager

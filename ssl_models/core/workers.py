@@ -20,7 +20,8 @@ from typing import Any, Protocol
 class Engine(Protocol):
     def chunk_length(self, items: int) -> int: ...
 
-    def results_of(self, function: Callable[[Any], Any], chunks: Iterable[tuple[Any, str]]) -> Iterator[Any]: ...
+    def results_of(self, function: Callable[[Any], Any], chunks: Iterable[tuple[Any, str]],
+                   fresh: Callable[[Any, Any], bool] | None = None) -> Iterator[Any]: ...
 
 
 _ENGINE: contextvars.ContextVar[Engine | None] = contextvars.ContextVar("ssl_pipeline_engine", default=None)
@@ -39,14 +40,18 @@ LOOKAHEAD = 16_384  # items read ahead to size the chunks: the whole stream when
 
 
 def run_items(function: Callable[[Any], list[Any]], shared: Any, items: Iterable[Any],
-              identities: Iterable[Any] | Callable[[Any], Any]) -> Iterator[Any]:
+              identities: Iterable[Any] | Callable[[Any], Any],
+              fresh: Callable[[list[Any], list[Any]], bool] | None = None) -> Iterator[Any]:
     """One result per item of `items`, in order: `function((shared, chunk))` returns the results of
     a chunk of items, run on the stage's engine in chunks of its size (here, in LOOKAHEAD items at a
     time, when no engine is set). `identities[i]` (or `identities(item)`) names item i's inputs (key, content hash,
     `file_stamp`s): a chunk whose inputs changed is never taken from an earlier run. `items` may be a
     stream (a corpus listed as it is walked): the chunks are sized from the first LOOKAHEAD items
     (the whole stream when it is shorter) and made as the engine takes them, so no list of the
-    items is ever held."""
+    items is ever held. `fresh(items, results)`, when given, is asked of a chunk an earlier run
+    finished before its results are taken: False (an input changed since) has the chunk done again.
+    It lets an identity name the inputs without a `stat` of each (ingest: their keys), the results
+    carrying what `fresh` compares."""
     engine = _ENGINE.get()
     pairs = (((item, identities(item)) for item in items) if callable(identities)
              else zip(items, identities))
@@ -63,7 +68,8 @@ def run_items(function: Callable[[Any], list[Any]], shared: Any, items: Iterable
         for job, _ in chunks():
             yield from function(job)
         return
-    for done in engine.results_of(function, chunks()):
+    kept_fresh = None if fresh is None else (lambda job, results: fresh(job[1], results))
+    for done in engine.results_of(function, chunks(), kept_fresh):
         yield from done
 
 

@@ -93,6 +93,7 @@ class LegalText(Domain, module="legal_text"):
     name, suffixes, sections, methods, backbones = "legal_text", TEXT_SUFFIXES, SECTIONS, METHODS, BACKBONES
     baseline = "ssl_models.legal_text.baseline"
     reads_taken_bytes = 16 * 2 ** 20  # a document is read once at ingest: for its digest and its text
+    ingest_chunk_items = 256  # a short text is read, hashed and decoded in tens of microseconds
 
     def validate(self, cfg: DomainConfig) -> None:
         if (cfg.preprocess.tokenizer == "base") != bool(cfg.model.base_checkpoint):

@@ -17,6 +17,7 @@ import os
 import shutil
 import sqlite3
 from collections import Counter
+from json.encoder import encode_basestring_ascii as _json_string
 from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
@@ -27,11 +28,11 @@ from tqdm import tqdm
 from ssl_models.core.config import DomainConfig, made_by
 from ssl_models.core.domain import Domain, Record, Rejected, Source, get_domain
 from ssl_models.core.errors import PipelineError, UnreadableFileError
-from ssl_models.core.hashing import remember_digest, stamped_read, taken_by_ingest
+from ssl_models.core.hashing import StampedRead, remember_digest, stamped_read, taken_by_ingest
 from ssl_models.core.privacy import without_names
 from ssl_models.core.splits import assign_split
 from ssl_models.core.workers import file_stamp, run_items, running_on
-from tasks.io import atomic_dir, private_outputs, write_json, write_jsonl
+from tasks.io import atomic_dir, private_outputs, write_json, write_jsonl, write_lines
 from tasks.lineage import LineageRecorder
 from tasks.paths import DomainPaths
 from tasks.sources import (Discovery, Namer, corpus_files, discover_stream, is_hidden, public_namer, relative_key,
@@ -133,10 +134,23 @@ def read_source(domain: Domain, source: Source, cfg: DomainConfig) -> tuple[list
     return records, rejected
 
 
-def _identity(item: tuple[str, Any], corpus: Path) -> list[tuple[Any, ...]]:
-    """An ingest item's identity: its files' corpus-relative paths, sizes and times."""
+def _files_of(item: tuple[str, Any]) -> list[Path]:
     kind, value = item
-    return [(relative_key(path, corpus), *file_stamp(path)) for path in (value.paths if kind == "source" else [value])]
+    return value.paths if kind == "source" else [value]
+
+
+def _identity(item: tuple[str, Any], corpus: Path) -> list[str]:
+    """An ingest item's identity: its files' corpus-relative paths (no `stat` here: what each file
+    was when read is in the chunk's results, which `_unchanged` checks when a re-run reads them back)."""
+    return [relative_key(path, corpus) for path in _files_of(item)]
+
+
+def _unchanged(items: list[tuple[str, Any]], results: list[dict[str, Any]]) -> bool:
+    """Whether the files of a chunk an earlier run read are still of the size and modification time
+    its worker saw before reading them (a file edited between a killed run and its re-run is read again)."""
+    return len(items) == len(results) and all(
+        [list(file_stamp(path)) for path in _files_of(item)] == [list(seen) for seen in entry["seen"]]
+        for item, entry in zip(items, results))
 
 
 def ingest_chunk(job: tuple[DomainConfig, list[tuple[str, Any]]]) -> list[dict[str, Any]]:
@@ -147,13 +161,14 @@ def ingest_chunk(job: tuple[DomainConfig, list[tuple[str, Any]]]) -> list[dict[s
     corpus = cfg.resolve(cfg.corpus)
     done = []
     for kind, item in chunk:
-        files = item.paths if kind == "source" else [item]
+        files = _files_of((kind, item))
         hashed = [_hash_or_none(path, domain.reads_taken_bytes if kind == "source" else 0) for path in files]
         entry: dict[str, Any] = {"files": [relative_key(path, corpus) for path in files],
-                                 "hashes": [digest for _, digest, _ in hashed],
-                                 "stamps": [stamp for stamp, _, _ in hashed], "source": None}
+                                 "hashes": [read.digest for read in hashed],
+                                 "stamps": [read.stamp for read in hashed],
+                                 "seen": [read.seen for read in hashed], "source": None}
         if kind == "source":
-            taken = {os.fspath(path): (digest, data) for path, (_, digest, data) in zip(files, hashed) if digest}
+            taken = {os.fspath(path): (read.digest, read.data) for path, read in zip(files, hashed) if read.digest}
             with taken_by_ingest(taken):
                 records, rejected = read_source(domain, item, cfg)  # a reader hashing a file reads it once
             entry.update(source=item.key, rejected=rejected,
@@ -163,13 +178,14 @@ def ingest_chunk(job: tuple[DomainConfig, list[tuple[str, Any]]]) -> list[dict[s
     return done
 
 
-def _hash_or_none(path: Path, keep: int) -> tuple[Any, str | None, bytes | None]:
-    """(HashCache stamp or None, sha256 or None, the bytes when at most `keep`): preprocess then
-    checks the file by its stamp; the domain's reader takes the bytes instead of reading them again."""
+def _hash_or_none(path: Path, keep: int) -> StampedRead:
+    """The file's HashCache stamp (or None), sha256 and, when at most `keep`, its bytes: preprocess
+    then checks the file by its stamp; the domain's reader takes the bytes instead of reading them
+    again. A file gone or unreadable since the walk has no digest: the reader quarantines it."""
     try:
         return stamped_read(path, keep)
-    except OSError:  # gone or unreadable since the walk: the reader quarantines it
-        return None, None, None
+    except OSError:
+        return StampedRead(None, None, None, file_stamp(path))
 
 
 def ingest(cfg: DomainConfig, domain: Domain, paths: DomainPaths) -> dict[str, Any]:
@@ -203,12 +219,12 @@ def _ingest(cfg: DomainConfig, domain: Domain, paths: DomainPaths, corpus: Path)
                                        "privacy": {**asdict(cfg.privacy),
                                                    "pseudonymised": domain.pseudonymises(cfg)}})
     work = chunked_work(cfg, paths, "ingest", {"module": cfg.module, "corpus": str(corpus),
-                                               "ingest": made_by(cfg.ingest)})
+                                               "ingest": made_by(cfg.ingest)}, max_items=domain.ingest_chunk_items)
     scratch = paths.work("ingest-scratch")  # this run's streams; a killed run's are dropped
     shutil.rmtree(scratch, ignore_errors=True)
     scratch.mkdir(parents=True)
     try:
-        with _Pass(scratch, labels) as first:
+        with _Pass(scratch, labels, cfg, public) as first:
             found = Discovery()
             first.read_corpus(domain, cfg, corpus, public, found, work)
         if found.links_followed:
@@ -220,7 +236,7 @@ def _ingest(cfg: DomainConfig, domain: Domain, paths: DomainPaths, corpus: Path)
         summary: dict[str, Any] = {}
         with atomic_dir(paths.manifest) as out:
             by_class: Counter = Counter()  # (label, split) of the labeled rows
-            write_jsonl(out / "manifest.jsonl", _labeled_rows(scratch / "rows.jsonl", assigned, cfg, public,
+            write_lines(out / "manifest.jsonl", _labeled_rows(scratch / "rows.jsonl", first, assigned, cfg, public,
                                                               summary, by_class))
             write_jsonl(out / "quarantine.jsonl", itertools.chain(*(read_stream(scratch / name)
                                                                   for name in _Pass.QUARANTINE)))
@@ -254,15 +270,27 @@ def _ingest(cfg: DomainConfig, domain: Domain, paths: DomainPaths, corpus: Path)
 RAW_INPUTS = "raw_inputs.jsonl"  # every raw file's key and sha256, in the order ingest read them
 
 
+def _raw_input_line(key: str, digest: str | None) -> str:
+    """`json.dumps({"key": key, "sha256": digest}, sort_keys=True)` and a newline, the same bytes
+    from json's own string encoder without a dict and an encoder pass a file."""
+    return f'{{"key": {_json_string(key)}, "sha256": {"null" if digest is None else _json_string(digest)}}}\n'
+
+
 class _Pass:
     """Ingest's first pass: the corpus read as a stream, everything per file written to scratch
-    files as it comes (rows with their private reader group, quarantine entries, duplicates, raw
-    digests); held in memory only what concerns the labels' keys, and counts."""
+    files as it comes (rows as the manifest takes them when no label lands on them, quarantine
+    entries, duplicates, raw digests); held in memory only what concerns the labels' keys, and
+    counts. The rows a label may land on are noted by line, with their reader's private group, for
+    the second pass to rewrite; it copies every other line as it is."""
 
     QUARANTINE = ("set_aside.jsonl", "unsupported.jsonl", "rejected.jsonl", "unreadable.jsonl")  # in this order
+    BATCH = 512  # records checked against the index of contents at once (one query, one insert)
 
-    def __init__(self, scratch: Path, labels: dict[str, dict[str, Any]]) -> None:
-        self.scratch, self.labels = scratch, labels
+    def __init__(self, scratch: Path, labels: dict[str, dict[str, Any]], cfg: DomainConfig, public: Namer) -> None:
+        self.scratch, self.labels, self.split, self.public = scratch, labels, cfg.split, public
+        self.by_split: Counter = Counter()  # the rows' splits as first written (before any label)
+        self.candidates: dict[str, tuple[int, str | None]] = {}  # row key a label may land on -> (line, private group)
+        self.pending: list[tuple[str, str, dict[str, Any]]] = []  # (key, source key, record) to check for copies
         self.listed = self.sources = self.rows = self.duplicates = self.quarantined = self.raw_files = 0
         self.reasons: Counter = Counter()  # quarantine reasons by kind
         self.member_of: dict[str, str] = {}  # labeled file of a multi-file source -> the source's key
@@ -276,7 +304,8 @@ class _Pass:
                         for name in ("rows.jsonl", "duplicates.jsonl", RAW_INPUTS, *self.QUARANTINE)}
         self.seen = sqlite3.connect(self.scratch / "contents.sqlite", isolation_level=None)
         self.seen.executescript("PRAGMA journal_mode = OFF; PRAGMA synchronous = OFF; "
-                                "CREATE TABLE seen (sha256 TEXT PRIMARY KEY, key TEXT) WITHOUT ROWID; BEGIN;")
+                                "CREATE TABLE seen (sha256 TEXT PRIMARY KEY, key TEXT, line INTEGER, grp TEXT) WITHOUT ROWID; "
+                                "BEGIN;")
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -327,15 +356,17 @@ class _Pass:
         items = self.items(discover_stream(domain, cfg, public, found), domain, corpus, public)
         progress = tqdm(desc=f"ingest {cfg.name}", unit="source", disable=None)
         with running_on(work):
-            for done in run_items(ingest_chunk, cfg, items, lambda item: _identity(item, corpus)):
+            for done in run_items(ingest_chunk, cfg, items, lambda item: _identity(item, corpus), _unchanged):
+                raw_inputs = self.streams[RAW_INPUTS]
                 for file, digest in zip(done["files"], done["hashes"]):
-                    self.write(RAW_INPUTS, {"key": public("key", file), "sha256": digest})
+                    raw_inputs.write(_raw_input_line(public("key", file), digest))
                     self.raw_files += 1
                 for stamp, digest in zip(done["stamps"], done["hashes"]):
                     remember_digest(stamp, digest)
                 if done["source"] is not None:
                     progress.update()
                     self.read_source(done, public)
+        self.check_pending()
         progress.close()
         for entry in found.set_aside:  # complete once the walk is over: links not followed, pipes
             self.quarantine("set_aside.jsonl", entry)
@@ -344,21 +375,51 @@ class _Pass:
         source_key = public("key", done["source"])
         for item in done["rejected"]:
             self.quarantine("unreadable.jsonl", {"key": public("key", item["key"]), "reason": item["reason"]})
-        for record in done["records"]:
-            key = public("key", record["key"])
-            if not self.seen.execute("INSERT OR IGNORE INTO seen VALUES (?, ?)", (record["sha256"], key)).rowcount:
-                kept = self.seen.execute("SELECT key FROM seen WHERE sha256 = ?", (record["sha256"],)).fetchone()[0]
+        self.pending.extend((public("key", record["key"]), source_key, record) for record in done["records"])
+        if len(self.pending) >= self.BATCH:
+            self.check_pending()
+
+    def check_pending(self) -> None:
+        """The records waiting, in order, against the index of contents (one query for them all):
+        the first record of a content becomes a row, each later one a duplicate of it."""
+        pending, self.pending = self.pending, []
+        if not pending:
+            return
+        digests = list({record["sha256"] for _, _, record in pending})
+        kept = {sha: (key, line, group) for sha, key, line, group in self.seen.execute(
+            f"SELECT sha256, key, line, grp FROM seen WHERE sha256 IN ({','.join('?' * len(digests))})", digests)}
+        new, rows = [], self.streams["rows.jsonl"]
+        for key, source_key, record in pending:
+            sha = record["sha256"]
+            if sha in kept:
+                kept_key, kept_line, kept_group = kept[sha]
                 if self.labeled(key):
-                    self.alias[key] = kept
-                self.write("duplicates.jsonl", {"key": key, "duplicate_of": kept})
+                    self.alias[key] = kept_key
+                    self.candidates[kept_key] = (kept_line, kept_group)
+                self.write("duplicates.jsonl", {"key": key, "duplicate_of": kept_key})
                 self.duplicates += 1
                 continue
+            group = record["group"] or None
+            kept[sha] = (key, self.rows, group)
+            new.append((sha, key, self.rows, group))
             if self.labeled(key):
                 self.present.add(key)
+                self.candidates[key] = (self.rows, group)
+            row = {"key": key, "source": source_key, "sha256": sha, "bytes": record["n_bytes"], **record["meta"]}
+            set_group_and_split(row, None, group, self.split, self.public)
+            self.by_split[row["split"]] += 1
+            rows.write(json.dumps(row, sort_keys=True, default=str) + "\n")
             self.rows += 1
-            self.write("rows.jsonl", {"row": {"key": key, "source": source_key, "sha256": record["sha256"],
-                                              "bytes": record["n_bytes"], **record["meta"]},
-                                      "group": record["group"] or None})
+        self.seen.executemany("INSERT INTO seen VALUES (?, ?, ?, ?)", new)
+
+
+def set_group_and_split(row: dict[str, Any], label: str | None, group: str | None, split: Any, public: Namer) -> None:
+    """A manifest row's label, group (the private `group` as the namer writes it) and split. The
+    split hashes the private group with the public split salt, so it does not depend on the
+    pseudonym salt: the same data splits the same way on every machine."""
+    row["label"] = label
+    row["group"] = public("group", group) if group else None
+    row["split"] = assign_split(group or row["sha256"], split.val, split.test, split.salt)
 
 
 def read_stream(path: Path) -> Iterator[Any]:
@@ -536,25 +597,26 @@ def _assign_labels(labels: dict[str, dict[str, Any]],
     return assigned, missing, on_quarantined, conflicting
 
 
-def _labeled_rows(rows: Path, assigned: dict[str, dict[str, Any]], cfg: DomainConfig, public: Namer,
-                  summary: dict[str, Any], by_class: Counter) -> Iterator[dict[str, Any]]:
-    """The first pass' rows, each with its label, group (the labels CSV's, else the reader's) and
-    split; the counts by split go into `summary`, the labeled rows' (label, split) into `by_class`.
-    The split hashes the private group with the public split salt, so it does not depend on the
-    pseudonym salt: the same data splits the same way on every machine."""
-    by_split: Counter = Counter()
+def _labeled_rows(rows: Path, first: _Pass, assigned: dict[str, dict[str, Any]], cfg: DomainConfig, public: Namer,
+                  summary: dict[str, Any], by_class: Counter) -> Iterator[str]:
+    """The manifest's lines: the first pass' rows, each line a label lands on rewritten with the
+    label, the group (the labels CSV's, else the reader's) and the split that follows; every other
+    line as the first pass wrote it. The counts by split go into `summary`, the labeled rows'
+    (label, split) into `by_class`."""
+    rewrite = {first.candidates[key][0]: (given, first.candidates[key][1]) for key, given in assigned.items()}
+    by_split = Counter(first.by_split)
     labeled_by_split: Counter = Counter()
-    for entry in read_stream(rows):
-        row, given = entry["row"], assigned.get(entry["row"]["key"])
-        row["label"] = given["label"] if given else None
-        group = (given and given["group"]) or entry["group"]
-        row["group"] = public("group", group) if group else None
-        row["split"] = assign_split(group or row["sha256"], cfg.split.val, cfg.split.test, cfg.split.salt)
-        by_split[row["split"]] += 1
-        if row["label"] is not None:
-            labeled_by_split[row["split"]] += 1
-            by_class[row["label"], row["split"]] += 1
-        yield row
+    with open(rows, encoding="utf-8") as handle:
+        for number, line in enumerate(handle):
+            if number in rewrite:
+                (given, reader_group), row = rewrite[number], json.loads(line)
+                by_split[row["split"]] -= 1
+                set_group_and_split(row, given["label"], given["group"] or reader_group, cfg.split, public)
+                by_split[row["split"]] += 1
+                labeled_by_split[row["split"]] += 1
+                by_class[row["label"], row["split"]] += 1
+                line = json.dumps(row, sort_keys=True, default=str) + "\n"
+            yield line
     summary.update(labeled=sum(labeled_by_split.values()),
                    labeled_by_split={s: labeled_by_split[s] for s in ("train", "val", "test")},
                    records_by_split={s: by_split[s] for s in ("train", "val", "test")})

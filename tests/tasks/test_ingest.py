@@ -312,3 +312,29 @@ print(_peak_traced_ingest(Path({str(tmp_path)!r}) / "small", 1000), _peak_traced
     small, large = map(int, done.stdout.split()[-2:])
     per_file = (large - small) / 11000
     assert per_file < 500, f"{per_file:.0f} bytes more per file ({small} -> {large} bytes at peak)"
+
+
+def test_a_label_on_a_dropped_copy_lands_on_the_row_kept_and_the_counts_follow(tiny_project: Path) -> None:
+    """Ingest writes each row as it comes and rewrites, in its second pass, only the rows a label
+    lands on: one labeled through its dropped copy, one whose copy carries another label (the first
+    label in the CSV stays), one labeled directly with a group; every count agrees with the rows."""
+    corpus = tiny_project / "corpus"
+    corpus.mkdir()
+    texts = {f"t{i}.txt": f"Clause {i}. The tenant shall repair the roof within {i} days.\n" for i in range(30)}
+    texts |= {"zz_copy_of_t0.txt": texts["t0.txt"], "zz_copy_of_t1.txt": texts["t1.txt"]}
+    for name, text in texts.items():
+        (corpus / name).write_text(text)
+    (corpus / "labels.csv").write_text("path,label,group\nzz_copy_of_t0.txt,lease,\nt1.txt,sale,g1\n"
+                                       "zz_copy_of_t1.txt,lease,\nt2.txt,sale,g2\n")
+    write_params(tiny_project, tiny_params(corpus="corpus", labels="corpus/labels.csv"))
+    summary = run_stage("ingest", "legal", tiny_project)
+    rows = {row["key"]: row for row in read_jsonl(tiny_project / "data/legal/manifest/manifest.jsonl")}
+    assert set(rows) == {f"t{i}.txt" for i in range(30)}
+    assert (rows["t0.txt"]["label"], rows["t1.txt"]["label"], rows["t2.txt"]["label"]) == ("lease", "sale", "sale")
+    assert (rows["t1.txt"]["group"], rows["t2.txt"]["group"]) == ("g1", "g2")
+    assert all(row["label"] is None for key, row in rows.items() if key not in {"t0.txt", "t1.txt", "t2.txt"})
+    assert summary["labeled"] == 3 and summary["labels_conflicting_on_duplicates"] == 1
+    splits = [row["split"] for row in rows.values()]
+    assert summary["records_by_split"] == {s: splits.count(s) for s in ("train", "val", "test")}
+    labeled = [rows[key]["split"] for key in ("t0.txt", "t1.txt", "t2.txt")]
+    assert summary["labeled_by_split"] == {s: labeled.count(s) for s in ("train", "val", "test")}

@@ -13,7 +13,7 @@ import pytest
 
 from ssl_models.core.hashing import sha256_file
 from tasks.paths import DomainPaths
-from tests.conftest import copy_project, reference_params, run_stages, write_params
+from tests.conftest import copy_project, reference_params, run_stages, tiny_params, write_params
 
 DOMAINS = ["legal", "audio", "histo", "medical"]
 
@@ -104,9 +104,37 @@ def test_chunk_results_come_back_in_order_and_one_cut_short_is_done_again(tmp_pa
     files[1].write_bytes(files[1].read_bytes()[:-2])  # a write a power cut left short
     again = ChunkedWork(tmp_path / "work", {"setting": 1}, workers=1)
     assert list(again.results_of(square_all, zip(chunks, names))) == first
-    assert again.resumed == 3
+    assert again.resumed == 2  # the one cut short was done again
     other = ChunkedWork(tmp_path / "work", {"setting": 2}, workers=1)  # other settings: nothing taken over
     assert list(other.results_of(square_all, zip(chunks, names))) == first and other.resumed == 0
+
+
+def test_a_kept_chunk_is_done_again_when_one_of_its_files_changed_since(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch,
+                                                                     caplog: pytest.LogCaptureFixture) -> None:
+    """A chunk's identity names its files only (no `stat` a file in the stage's process): what each
+    file was when read travels in the chunk's result, and a re-run reading it back checks it."""
+    import json
+    import os
+
+    from tasks.workers import ChunkedWork
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(6):
+        (corpus / f"doc-{i}.txt").write_text(f"Agreement {i}. The lessee shall pay {i * 7} euros by day {i}.\n")
+    write_params(tmp_path, tiny_params(corpus="corpus", labels=None, ingest={"workers": 1, "chunk_size": 2}))
+    monkeypatch.setattr(ChunkedWork, "finish", lambda self: None)  # its chunks stay, as a killed run leaves them
+    run_stages(tmp_path, "legal", "ingest")
+    edited = corpus / "doc-3.txt"
+    before = edited.stat()
+    edited.write_text(edited.read_text().replace("Agreement", "Agreemant"))  # the same size
+    os.utime(edited, ns=(before.st_atime_ns, before.st_mtime_ns + 2_000_000_000))
+    with caplog.at_level(logging.INFO):
+        run_stages(tmp_path, "legal", "ingest")
+    assert "resuming: 2 of 3 chunks" in caplog.text and "inputs changed since" in caplog.text
+    rows = [json.loads(line) for line in (DomainPaths("legal", tmp_path).manifest / "manifest.jsonl").open()]
+    assert {row["key"]: row["sha256"] for row in rows}["doc-3.txt"] == sha256_file(edited)
 
 
 def test_auto_workers_stay_in_the_stage_for_a_small_corpus_and_a_number_is_always_used(tmp_path: Path) -> None:
