@@ -58,9 +58,9 @@ def write_tile_shards(manifest: list[dict[str, Any]], locate: Callable[[dict[str
     counts: Counter = Counter()
     quarantine: list[dict[str, str]] = []  # slides that fail tiling, with the reason (the report lists them)
     normalised = 0
-    located = [(row, locate(row).paths) for row in manifest]
-    identities = [(row["key"], row["sha256"], [file_stamp(path) for path in paths]) for row, paths in located]
-    results = run_items(tile_chunk, (options, max_pixels), located, identities)
+    located = ((row, locate(row).paths) for row in manifest)  # a stream: the manifest's rows are not held
+    results = run_items(tile_chunk, (options, max_pixels), located,
+                        lambda pair: (pair[0]["key"], pair[0]["sha256"], [file_stamp(path) for path in pair[1]]))
     for row, result in tqdm(zip(manifest, results), total=len(manifest), desc="tile slides", unit="slide",
                             disable=None):
         reason = result["reason"]

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
+from array import array
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -42,14 +44,14 @@ PARALLELISM = "TOKENIZERS_PARALLELISM"
 
 class SpilledTexts:
     """The manifest's texts, read from the corpus once, written to a scratch file and read back by
-    key in any order as often as needed: preprocess holds an offset a row, not the texts (a firm's
-    store of a million documents would not fit in memory). The file lies in the stage's output
-    folder while it is being made (private as the shards, which carry the labeled texts) and is
-    removed before that folder is put in place."""
+    row number (their order in the manifest) in any order as often as needed: preprocess holds two
+    integers a row, not the texts (a firm's store of a million documents would not fit in memory).
+    The file lies in the stage's output folder while it is being made (private as the shards,
+    which carry the labeled texts) and is removed before that folder is put in place."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.where: dict[str, tuple[int, int]] = {}  # key -> (offset, bytes) in the file
+        self.offsets, self.sizes = array("Q"), array("Q")  # row number -> where its text lies in the file
         self.handle: Any = None
 
     def __enter__(self) -> SpilledTexts:
@@ -60,22 +62,23 @@ class SpilledTexts:
             self.handle.close()
         self.path.unlink(missing_ok=True)
 
-    def write(self, texts: Iterable[tuple[str, str]]) -> None:
+    def write(self, texts: Iterable[str]) -> None:
+        """The texts of rows 0, 1, 2... in that order."""
         with open(self.path, "wb") as out:
-            for key, text in texts:
+            for text in texts:
                 data = text.encode("utf-8", "surrogatepass")
-                self.where[key] = (out.tell(), len(data))
+                self.offsets.append(out.tell())
+                self.sizes.append(len(data))
                 out.write(data)
         self.handle = open(self.path, "rb")
 
-    def get(self, key: str) -> str:
-        offset, size = self.where[key]
-        self.handle.seek(offset)
-        return self.handle.read(size).decode("utf-8", "surrogatepass")
+    def get(self, number: int) -> str:
+        self.handle.seek(self.offsets[number])
+        return self.handle.read(self.sizes[number]).decode("utf-8", "surrogatepass")
 
-    def of(self, keys: list[str]) -> Iterable[str]:
-        """The texts of `keys` in their order, read again each time the result is iterated."""
-        return _Reiterable(lambda: map(self.get, keys))
+    def of(self, numbers: Sequence[int]) -> Iterable[str]:
+        """The texts of rows `numbers` in their order, read again each time the result is iterated."""
+        return _Reiterable(lambda: map(self.get, numbers))
 
 
 @dataclass
@@ -121,9 +124,12 @@ class LegalText(Domain, module="legal_text"):
         options = cfg.preprocess
         with SpilledTexts(out_dir / ".texts") as texts:
             texts.write(self._read_texts(cfg, manifest, locate))
-            by_split: dict[str, list[str]] = defaultdict(list)
-            for row in manifest:
-                by_split[row["split"]].append(row["key"])
+            by_split: dict[str, array] = defaultdict(lambda: array("Q"))  # row numbers: 8 bytes a row
+            labeled: list[tuple[int, dict[str, Any]]] = []
+            for number, row in enumerate(manifest):
+                by_split[row["split"]].append(number)
+                if row.get("label") is not None:
+                    labeled.append((number, row))
             with tokenizer_threads():
                 tokenizer = build_tokenizer(cfg, texts.of(by_split["train"]))
                 tokenizer.save_pretrained(out_dir / "tokenizer")
@@ -133,32 +139,30 @@ class LegalText(Domain, module="legal_text"):
             for split, split_blocks in blocks.items():
                 summary[f"pretrain_{split}_blocks"] = int(split_blocks.shape[0])
                 summary[f"pretrain_{split}_tokens"] = int(split_blocks.size)
-            labeled = [row for row in manifest if row.get("label") is not None]
             pretrain_near_copies = {normalised_text_hash(text) for text in texts.of(by_split["train"])}
             # without training rows (embed's chunks) nothing can be a near-copy: no test text is hashed
             summary["labeled_test_near_copies_in_pretraining"] = sum(
-                normalised_text_hash(texts.get(r["key"])) in pretrain_near_copies for r in labeled
+                normalised_text_hash(texts.get(n)) in pretrain_near_copies for n, r in labeled
                 if r["split"] == "test") if pretrain_near_copies else 0
             write_shards(out_dir, pretrain_train={"input_ids": blocks["train"]},
                          pretrain_val={"input_ids": blocks["val"]}, labeled={
-                             "sample_id": [r["sha256"] for r in labeled],
-                             "text": [texts.get(r["key"]) for r in labeled],
-                             "label": [str(r["label"]) for r in labeled],
-                             "split": [r["split"] for r in labeled],
-                             "group": [str(r.get("group") or r["sha256"]) for r in labeled]})
+                             "sample_id": [r["sha256"] for _, r in labeled],
+                             "text": [texts.get(n) for n, _ in labeled],
+                             "label": [str(r["label"]) for _, r in labeled],
+                             "split": [r["split"] for _, r in labeled],
+                             "group": [str(r.get("group") or r["sha256"]) for _, r in labeled]})
         return summary
 
-    def _read_texts(self, cfg: DomainConfig, manifest: list[dict[str, Any]],
-                    locate: Locate) -> Iterator[tuple[str, str]]:
-        """(manifest key, text) of every row, source by source; a JSONL file is read once for all its records."""
-        by_source: dict[str, list[dict[str, Any]]] = defaultdict(list)
-        for row in manifest:
-            by_source[row["source"]].append(row)
-        for rows in by_source.values():
+    def _read_texts(self, cfg: DomainConfig, manifest: Iterable[dict[str, Any]], locate: Locate) -> Iterator[str]:
+        """The text of every row, in the manifest's order, source by source (ingest wrote a source's
+        rows one after another): a JSONL file is read once for all its records, and only one
+        source's rows are held at a time."""
+        for _, group in itertools.groupby(manifest, key=lambda row: row["source"]):
+            rows = list(group)
             by_hash = {record.sha256: record.content for record in self.read(locate(rows[0]), cfg)
                        if isinstance(record, Record)}
             for row in rows:
-                yield row["key"], by_hash[row["sha256"]]
+                yield by_hash[row["sha256"]]
 
     def load_pretrained(self, cfg: DomainConfig, shards_dir: Path, pretrained_dir: Path) -> Encoder:
         from ssl_models.legal_text.backbones import load_text_encoder

@@ -51,9 +51,9 @@ def write_volume_shards(cfg: DomainConfig, manifest: list[dict[str, Any]], out_d
     for extra in ("label", "split", "group"):
         columns[LABELED][extra] = []
     quarantine: list[dict[str, str]] = []
-    located = [(row, locate(row)) for row in manifest]
-    identities = [(row["key"], row["sha256"], [file_stamp(path) for path in source.paths]) for row, source in located]
-    results = run_items(cube_chunk, cfg, located, identities)
+    located = ((row, locate(row)) for row in manifest)  # a stream: the manifest's rows are not held
+    results = run_items(cube_chunk, cfg, located, lambda pair: (pair[0]["key"], pair[0]["sha256"],
+                                                                [file_stamp(path) for path in pair[1].paths]))
     for row, result in tqdm(zip(manifest, results), total=len(manifest), desc=f"preprocess {cfg.name}",
                             unit="volume", disable=None):
         if result["reason"] is not None:  # read at ingest, but the file may have changed since

@@ -10,13 +10,14 @@ from __future__ import annotations
 import logging
 from dataclasses import asdict
 from pathlib import Path
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from ssl_models.core.config import DomainConfig, made_by, section_params
 from ssl_models.core.domain import Domain, Source
 from ssl_models.core.errors import PipelineError
 from ssl_models.core.shards import LABELED
-from tasks.io import atomic_dir, read_json, read_jsonl, write_json, write_jsonl
+from tasks.io import JsonlRows, atomic_dir, read_json, write_json, write_jsonl
 from tasks.lineage import LineageRecorder
 from tasks.paths import DomainPaths
 from ssl_models.core.workers import running_on
@@ -34,17 +35,16 @@ def preprocess(cfg: DomainConfig, domain: Domain, paths: DomainPaths) -> dict[st
                                        "preprocess": made_by(cfg.preprocess),
                                        "model": section_params(cfg.model)},
                                upstream=[paths.manifest])
-    pretrained_on = {row["sha256"] for row in manifest if row["split"] == "train"}
-    test_labeled = [row for row in manifest if row.get("label") is not None and row["split"] == "test"]
-    # the sources alone (not `discover`'s list of every file, which preprocess does not need)
+    pretrained_on, test_labeled = set(), []  # content hashes of the train split; the labeled test rows
+    for row in manifest:
+        if row["split"] == "train":
+            pretrained_on.add(row["sha256"])
+        elif row.get("label") is not None and row["split"] == "test":
+            test_labeled.append(row)
     public = public_namer(domain, cfg, create_salt=False)
-    sources = {key: value for kind, key, value in discover_stream(domain, cfg, public, Discovery()) if kind == "source"}
-
-    def locate(row: dict[str, Any]) -> Source:
-        if row["source"] not in sources:
-            raise PipelineError(f"a source of the manifest is no longer in {cfg.corpus} (or the salt changed); "
-                                f"re-run ingest@{domain_name}")
-        return sources[row["source"]]
+    locate = SourcesInOrder(lambda: discover_stream(domain, cfg, public, Discovery()),
+                            f"a source of the manifest is no longer in {cfg.corpus} (or the salt changed); "
+                            f"re-run ingest@{domain_name}")
 
     work = chunked_work(cfg, paths, "preprocess", {"domain": cfg.name, "preprocess": made_by(cfg.preprocess),
                                                    "ingest": made_by(cfg.ingest), "model": section_params(cfg.model)})
@@ -69,7 +69,38 @@ def preprocess(cfg: DomainConfig, domain: Domain, paths: DomainPaths) -> dict[st
     return summary
 
 
-def _read_manifest(paths: DomainPaths, domain_name: str) -> list[dict[str, Any]]:
+class SourcesInOrder:
+    """`locate(row)`: the Source of a manifest row, found by walking the corpus alongside the
+    manifest. Ingest wrote the rows in the walk's order, so a domain asking for them in the
+    manifest's order is answered from a single walk that drops each source it passes: one source
+    is held, not the corpus (about 0.6 KB a file as a dict). A row asked out of that order has
+    the corpus walked again, once, and every source kept from then on."""
+
+    def __init__(self, walk: Callable[[], Iterator[tuple[str, str, Any]]], missing: str) -> None:
+        self.walk, self.missing = walk, missing
+        self.stream = self._sources(walk())
+        self.current: tuple[str, Source] | None = None
+        self.every: dict[str, Source] | None = None  # once a row came out of order
+
+    @staticmethod
+    def _sources(stream: Iterator[tuple[str, str, Any]]) -> Iterator[tuple[str, Source]]:
+        return ((key, value) for kind, key, value in stream if kind == "source")
+
+    def __call__(self, row: dict[str, Any]) -> Source:
+        key = row["source"]
+        if self.every is None:
+            if self.current is not None and self.current[0] == key:
+                return self.current[1]
+            for self.current in self.stream:
+                if self.current[0] == key:
+                    return self.current[1]
+            self.every = dict(self._sources(self.walk()))
+        if key not in self.every:
+            raise PipelineError(self.missing)
+        return self.every[key]
+
+
+def _read_manifest(paths: DomainPaths, domain_name: str) -> JsonlRows:
     """The manifest, if ingest finished and passed its checks; else one line saying what to run."""
     folder = paths.manifest
     shown = folder.relative_to(paths.root).as_posix() if folder.is_relative_to(paths.root) else str(folder)
@@ -79,7 +110,7 @@ def _read_manifest(paths: DomainPaths, domain_name: str) -> list[dict[str, Any]]
     stopped = read_json(folder / "summary.json").get("stopped")
     if stopped:
         raise PipelineError(f"ingest@{domain_name} stopped on a problem to fix first: {stopped}")
-    return read_jsonl(folder / "manifest.jsonl")
+    return JsonlRows(folder / "manifest.jsonl")
 
 
 def _preprocess_problem(cfg: DomainConfig, manifest: list[dict[str, Any]], quarantine: list[dict[str, str]],

@@ -79,10 +79,10 @@ def test_spilled_texts_read_back_by_key_as_often_as_asked_and_leave_no_file(tmp_
     """Legal preprocess keeps an offset a row, not the texts: each is read back from a scratch file."""
     from ssl_models.legal_text import SpilledTexts
 
-    texts = {"a.txt": "Clause 1 — the Lessee’s duties", "b.jsonl#L2": "lone \ud800 surrogate from JSON", "c.txt": ""}
+    texts = ["Clause 1 — the Lessee’s duties", "lone \ud800 surrogate from JSON", ""]
     with SpilledTexts(tmp_path / ".texts") as spilled:
-        spilled.write(iter(texts.items()))
-        again = spilled.of(["c.txt", "a.txt", "b.jsonl#L2", "a.txt"])
-        assert list(again) == list(again) == [texts["c.txt"], texts["a.txt"], texts["b.jsonl#L2"], texts["a.txt"]]
-        assert spilled.get("b.jsonl#L2") == texts["b.jsonl#L2"]
+        spilled.write(iter(texts))
+        again = spilled.of([2, 0, 1, 0])
+        assert list(again) == list(again) == [texts[2], texts[0], texts[1], texts[0]]
+        assert spilled.get(1) == texts[1]
     assert not (tmp_path / ".texts").exists()

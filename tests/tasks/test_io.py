@@ -160,3 +160,40 @@ def test_read_jsonl_rows_share_their_field_names_and_read_as_json_does(tmp_path:
     path.write_text('{"key": "a"}\n{"key": \n', encoding="utf-8")
     with pytest.raises(json.JSONDecodeError):
         io.read_jsonl(path)
+
+
+def test_jsonl_rows_read_each_row_from_its_line_and_hold_only_offsets(tmp_path: Path) -> None:
+    from tasks.io import JsonlRows, read_jsonl, write_jsonl
+
+    rows = [{"key": f"doc-{i}.txt", "split": "train" if i % 3 else "test", "text": "é" * i} for i in range(50)]
+    path = tmp_path / "manifest.jsonl"
+    write_jsonl(path, rows)
+    with open(path, "a") as handle:
+        handle.write("\n")  # a blank line is no row, as for read_jsonl
+    lazy = JsonlRows(path)
+    assert len(lazy) == 50 and list(lazy) == list(lazy) == read_jsonl(path) == rows
+    assert lazy[7] == rows[7] and lazy[-1] == rows[-1] and lazy[3:6] == rows[3:6]
+    assert lazy._offsets.itemsize * len(lazy) == 8 * 50  # what it holds: an offset a row
+
+
+def test_sources_are_found_in_one_walk_in_manifest_order_and_again_out_of_it() -> None:
+    """Preprocess' locate: asked in the walk's order it drops every source it passed (one held);
+    asked out of order it walks again, once, and keeps them all; a source gone is one clear error."""
+    from ssl_models.core.errors import PipelineError
+    from tasks.stages.preprocess import SourcesInOrder
+
+    walks = []
+
+    def walk():
+        walks.append(1)
+        yield "listed", "a", None
+        for key in ("a", "b", "c", "d"):
+            yield "source", key, f"source {key}"
+
+    locate = SourcesInOrder(walk, "gone: re-run ingest")
+    assert [locate({"source": key}) for key in ("a", "a", "c", "d")] == ["source a", "source a", "source c",
+                                                                           "source d"]
+    assert len(walks) == 1 and locate.every is None
+    assert locate({"source": "b"}) == "source b" and len(walks) == 2 and len(locate.every) == 4
+    with pytest.raises(PipelineError, match="gone: re-run ingest"):
+        locate({"source": "e"})
