@@ -3,8 +3,9 @@ spectrogram modelling and wav2vec2 pretraining, clip classification downstream."
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 from ssl_models.audio.config import (
     BACKBONE_INPUTS,
@@ -71,23 +72,19 @@ class Audio(Domain, module="audio"):
         from ssl_models.audio.shards import write_audio_shards
 
         spec = InputSpec.from_config(cfg.ingest, cfg.preprocess)
-        summary = write_audio_shards(self._records(cfg, manifest, locate), {row["key"]: row for row in manifest}, spec,
-                               out_dir)
+        summary = write_audio_shards(self._records(cfg, manifest, locate), spec, out_dir)
         spec.save(out_dir)
         return summary
 
-    def _records(self, cfg: DomainConfig, manifest: list[dict[str, Any]],
-                 locate: Callable[[dict[str, Any]], Source]) -> Iterator[Record]:
-        """The manifest's records, re-read file by file in manifest order (one file in memory at a time)."""
-        wanted = {row["key"] for row in manifest}
-        sources: dict[str, Source] = {}
-        for row in manifest:
-            source = locate(row)
-            sources.setdefault(source.key, source)
-        for source in sources.values():
-            for record in self.read(source, cfg):
-                if isinstance(record, Record) and record.key in wanted:
-                    yield record
+    def _records(self, cfg: DomainConfig, manifest: Iterable[dict[str, Any]],
+                 locate: Callable[[dict[str, Any]], Source]) -> Iterator[tuple[dict[str, Any], Record]]:
+        """(row, record) of the manifest's records, re-read file by file in manifest order (ingest
+        wrote a source's rows one after another): one file, and its rows, in memory at a time."""
+        for _, group in itertools.groupby(manifest, key=lambda row: row["source"]):
+            rows = {row["key"]: row for row in group}
+            for record in self.read(locate(next(iter(rows.values()))), cfg):
+                if isinstance(record, Record) and record.key in rows:
+                    yield rows[record.key], record
 
     def export(self, cfg: DomainConfig, encoder: Encoder, out_dir: Path) -> dict[str, Any]:
         """The spectrogram backbone as a timm VisionTransformer folder, wav2vec2 as a Hugging Face

@@ -22,16 +22,15 @@ def _columns(rows: list[dict[str, Any]], names: Iterable[str]) -> dict[str, list
     return {name: [row[name] for row in rows] for name in names}
 
 
-def write_audio_shards(records: Iterable[Record], rows_by_key: dict[str, dict[str, Any]], spec: InputSpec,
-                 out_dir: Path) -> dict[str, Any]:
+def write_audio_shards(records: Iterable[tuple[dict[str, Any], Record]], spec: InputSpec,
+                       out_dir: Path) -> dict[str, Any]:
     """Pretraining crops of the train and val splits (the test split is never pretrained on),
-    one centre-cropped clip per labeled record; returns the counts."""
+    one centre-cropped clip per labeled record, from (manifest row, record) pairs; returns the counts."""
     pretrain: dict[str, list[dict[str, Any]]] = {"train": [], "val": []}
     labeled: list[dict[str, Any]] = []
     moments = RunningMoments(spec.width)
     seconds = {"train": 0.0, "val": 0.0, "test": 0.0}
-    for record in records:
-        row = rows_by_key[record.key]
+    for row, record in records:
         steps = model_input(record.content, spec)
         seconds[row["split"]] += len(record.content) / spec.sample_rate
         if row["split"] in pretrain:
