@@ -314,6 +314,57 @@ print(_peak_traced_ingest(Path({str(tmp_path)!r}) / "small", 1000), _peak_traced
     assert per_file < 500, f"{per_file:.0f} bytes more per file ({small} -> {large} bytes at peak)"
 
 
+def _peak_traced_preprocess(root: Path, files: int) -> int:
+    """Peak Python memory (tracemalloc) of an in-process legal preprocess of `files` short texts
+    (ingested first, untraced)."""
+    import tracemalloc
+
+    corpus = root / "corpus"
+    for i in range(files):
+        folder = corpus / f"{i // 500:03d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"doc-{i:05d}.txt").write_text(f"Document {i}. The lessee shall pay the rent of {i} on time.\n")
+    write_params(root, tiny_params(corpus="corpus", labels=None, split={"test": 0.2, "val": 0.1},
+                                   ingest={"workers": 1}))
+    run_stage("ingest", "legal", root)
+    tracemalloc.start()
+    try:
+        summary = run_stage("preprocess", "legal", root)
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+        assert summary["pretrain_train_blocks"] > 0
+
+
+def test_preprocess_memory_holds_no_row_and_no_source(tmp_path: Path) -> None:
+    """Preprocess reads the manifest a row at a time (JsonlRows: an offset a row), finds each row's
+    source by walking the corpus alongside it (one source held), and legal keeps its texts in a
+    scratch file (two integers a row). What still grows is per record and small: the train split's
+    content hashes (for the test rows' exact copies), the normalised-text hashes of the near-copy
+    check, the token blocks themselves. The code before held every row (0.75 KB), every source
+    (0.6 KB), a key-to-offset map and an array a text: 1.8 KB a text here, against 0.44 KB now. In a fresh interpreter, as the ingest test,
+    with the tokenizer's batches made short (they are bounded, not per row: 2 MiB of text each)."""
+    import subprocess
+    import sys
+
+    code = f"""
+import sys
+sys.path.insert(0, {str(Path(__file__).resolve().parents[2])!r})
+from pathlib import Path
+import ssl_models.legal_text.shards
+from tests.tasks.test_ingest import _peak_traced_preprocess
+ssl_models.legal_text.shards.BATCH_CHARACTERS = 4096  # a batch of 2 MiB of text is ~35,000 of these texts
+_peak_traced_preprocess(Path({str(tmp_path)!r}) / "warm", 300)  # the modules a first run imports are not the corpus
+print(_peak_traced_preprocess(Path({str(tmp_path)!r}) / "small", 1000),
+      _peak_traced_preprocess(Path({str(tmp_path)!r}) / "large", 9000))
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=stage_env())
+    assert done.returncode == 0, done.stderr[-2000:]
+    small, large = map(int, done.stdout.split()[-2:])
+    per_text = (large - small) / 8000
+    assert per_text < 1000, f"{per_text:.0f} bytes more per text ({small} -> {large} bytes at peak)"
+
+
 def test_a_label_on_a_dropped_copy_lands_on_the_row_kept_and_the_counts_follow(tiny_project: Path) -> None:
     """Ingest writes each row as it comes and rewrites, in its second pass, only the rows a label
     lands on: one labeled through its dropped copy, one whose copy carries another label (the first
