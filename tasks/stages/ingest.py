@@ -17,9 +17,9 @@ import os
 import shutil
 import sqlite3
 from collections import Counter
-from json.encoder import encode_basestring_ascii as _json_string
 from collections.abc import Callable, Iterator
 from dataclasses import asdict
+from json.encoder import encode_basestring_ascii as _json_string
 from pathlib import Path
 from typing import Any
 
