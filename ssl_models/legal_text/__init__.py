@@ -139,11 +139,15 @@ class LegalText(Domain, module="legal_text"):
             for split, split_blocks in blocks.items():
                 summary[f"pretrain_{split}_blocks"] = int(split_blocks.shape[0])
                 summary[f"pretrain_{split}_tokens"] = int(split_blocks.size)
-            pretrain_near_copies = {normalised_text_hash(text) for text in texts.of(by_split["train"])}
-            # without training rows (embed's chunks) nothing can be a near-copy: no test text is hashed
-            summary["labeled_test_near_copies_in_pretraining"] = sum(
-                normalised_text_hash(texts.get(n)) in pretrain_near_copies for n, r in labeled
-                if r["split"] == "test") if pretrain_near_copies else 0
+            # the labeled test texts' hashes (a few) looked for among the train texts', not the train
+            # texts' hashes kept (a million of them); without training rows (embed's chunks) none is hashed
+            tests = [normalised_text_hash(texts.get(n)) for n, r in labeled if r["split"] == "test"] \
+                if by_split["train"] else []
+            found: set[str] = set()
+            if tests:
+                wanted = set(tests)
+                found = {h for h in map(normalised_text_hash, texts.of(by_split["train"])) if h in wanted}
+            summary["labeled_test_near_copies_in_pretraining"] = sum(h in found for h in tests)
             write_shards(out_dir, pretrain_train={"input_ids": blocks["train"]},
                          pretrain_val={"input_ids": blocks["val"]}, labeled={
                              "sample_id": [r["sha256"] for _, r in labeled],

@@ -132,14 +132,20 @@ def pack_blocks(tokenizer: PreTrainedTokenizerBase, texts: Iterable[str], block_
                 size = 0
     if batch:
         flush()
-    stream = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32)
-    del parts
+    # the blocks filled from the batches' arrays, each let go once copied: the tokens are held about
+    # once (concatenating them first, then the [CLS]/[SEP] columns to the blocks, held them three times)
     body = block_size - 2
-    n_blocks = len(stream) // body
-    blocks = stream[: n_blocks * body].reshape(n_blocks, body)
-    cls_column = np.full((n_blocks, 1), tokenizer.cls_token_id, dtype=np.int32)
-    sep_column = np.full((n_blocks, 1), sep, dtype=np.int32)
-    return np.concatenate([cls_column, blocks, sep_column], axis=1)
+    n_blocks = sum(len(part) for part in parts) // body
+    blocks = np.empty((n_blocks, block_size), dtype=np.int32)
+    blocks[:, 0], blocks[:, -1] = tokenizer.cls_token_id, sep
+    row, carry = 0, np.zeros(0, dtype=np.int32)
+    for index in range(len(parts)):
+        segment = np.concatenate([carry, parts[index]]) if len(carry) else parts[index]
+        parts[index] = None
+        whole = min(len(segment) // body, n_blocks - row)
+        blocks[row:row + whole, 1:-1] = segment[:whole * body].reshape(whole, body)
+        row, carry = row + whole, segment[whole * body:]
+    return blocks
 
 
 def normalised_text_hash(text: str) -> str:

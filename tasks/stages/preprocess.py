@@ -35,12 +35,12 @@ def preprocess(cfg: DomainConfig, domain: Domain, paths: DomainPaths) -> dict[st
                                        "preprocess": made_by(cfg.preprocess),
                                        "model": section_params(cfg.model)},
                                upstream=[paths.manifest])
-    pretrained_on, test_labeled = set(), []  # content hashes of the train split; the labeled test rows
-    for row in manifest:
-        if row["split"] == "train":
-            pretrained_on.add(row["sha256"])
-        elif row.get("label") is not None and row["split"] == "test":
-            test_labeled.append(row)
+    # the labeled test rows (a few), then which of their contents the train split holds too: the
+    # train split's content hashes are looked up as they stream by, not kept (a million of them)
+    test_labeled = [row for row in manifest if row.get("label") is not None and row["split"] == "test"]
+    wanted = {row["sha256"] for row in test_labeled}
+    pretrained_on = {row["sha256"] for row in manifest if row["split"] == "train" and row["sha256"] in wanted} \
+        if wanted else set()
     public = public_namer(domain, cfg, create_salt=False)
     locate = SourcesInOrder(lambda: discover_stream(domain, cfg, public, Discovery()),
                             f"a source of the manifest is no longer in {cfg.corpus} (or the salt changed); "
