@@ -261,27 +261,38 @@ def test_preprocess_before_ingest_is_one_line(tiny_project: Path) -> None:
     assert len(lines) == 1 and "data/legal/manifest" in lines[0] and "run ingest@legal first" in lines[0]
 
 
-def _peak_traced_ingest(root: Path, files: int) -> int:
-    """Peak Python memory (tracemalloc) of an in-process ingest of `files` short texts, one worker."""
-    import tracemalloc
-
-    corpus = root / "corpus"
+def _short_texts(corpus: Path, files: int) -> Path:
+    """`files` one-line texts, 500 a folder."""
     for i in range(files):
         folder = corpus / f"{i // 500:03d}"
         folder.mkdir(parents=True, exist_ok=True)
         (folder / f"doc-{i:05d}.txt").write_text(f"Document {i}. The lessee shall pay the rent of {i} on time.\n")
+    return corpus
+
+
+def _peak_traced_ingest(root: Path, files: int) -> int:
+    """Peak Python memory (tracemalloc) of an in-process ingest of `files` short texts, one worker."""
+    corpus = _short_texts(root / "corpus", files)
     (corpus / "000" / "doc-00001.txt").write_text("Document 0. The lessee shall pay the rent of 0 on time.\n")
     labels = root / "labels.csv"
     labels.write_text("path,label\n" + "".join(f"000/doc-{i:05d}.txt,{'ab'[i % 2]}\n" for i in range(2, 42)))
     write_params(root, tiny_params(corpus="corpus", labels="labels.csv", split={"test": 0.2, "val": 0.1},
                                    ingest={"workers": 1, "chunk_size": 64}))
+    peak, summary = _traced_stage(root, "ingest")
+    assert summary["records"] == files - 1 and summary["duplicates_dropped"] == 1 and summary["labeled"] == 40
+    return peak
+
+
+def _traced_stage(root: Path, stage: str) -> tuple[int, dict]:
+    """(peak Python memory (tracemalloc), summary) of an in-process legal `stage`."""
+    import tracemalloc
+
     tracemalloc.start()
     try:
-        summary = run_stage("ingest", "legal", root)
-        return tracemalloc.get_traced_memory()[1]
+        summary = run_stage(stage, "legal", root)
+        return tracemalloc.get_traced_memory()[1], summary
     finally:
         tracemalloc.stop()
-        assert summary["records"] == files - 1 and summary["duplicates_dropped"] == 1 and summary["labeled"] == 40
 
 
 def test_ingest_memory_does_not_grow_with_the_corpus(tmp_path: Path) -> None:
@@ -317,31 +328,20 @@ print(_peak_traced_ingest(Path({str(tmp_path)!r}) / "small", 1000), _peak_traced
 def _peak_traced_preprocess(root: Path, files: int) -> int:
     """Peak Python memory (tracemalloc) of an in-process legal preprocess of `files` short texts
     (ingested first, untraced)."""
-    import tracemalloc
-
-    corpus = root / "corpus"
-    for i in range(files):
-        folder = corpus / f"{i // 500:03d}"
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / f"doc-{i:05d}.txt").write_text(f"Document {i}. The lessee shall pay the rent of {i} on time.\n")
+    _short_texts(root / "corpus", files)
     write_params(root, tiny_params(corpus="corpus", labels=None, split={"test": 0.2, "val": 0.1},
                                    ingest={"workers": 1}))
     run_stage("ingest", "legal", root)
-    tracemalloc.start()
-    try:
-        summary = run_stage("preprocess", "legal", root)
-        return tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
-        assert summary["pretrain_train_blocks"] > 0
+    peak, summary = _traced_stage(root, "preprocess")
+    assert summary["pretrain_train_blocks"] > 0
+    return peak
 
 
 def test_preprocess_memory_holds_no_row_and_no_source(tmp_path: Path) -> None:
     """Preprocess reads the manifest a row at a time (JsonlRows: an offset a row), finds each row's
     source by walking the corpus alongside it (one source held), and legal keeps its texts in a
-    scratch file (two integers a row). What still grows is per record and small: the train split's
-    content hashes (for the test rows' exact copies), the normalised-text hashes of the near-copy
-    check, the token blocks themselves. The code before held every row (0.75 KB), every source
+    scratch file (two integers a row); the copy checks keep the labeled test rows' hashes only. What
+    still grows is the output, the token blocks themselves, and small per-row arrays. The code before held every row (0.75 KB), every source
     (0.6 KB), a key-to-offset map and an array a text: 1.8 KB a text here, against 0.44 KB now. In a fresh interpreter, as the ingest test,
     with the tokenizer's batches made short (they are bounded, not per row: 2 MiB of text each)."""
     import subprocess
