@@ -161,12 +161,15 @@ class Domain(ABC):
         return what was written (counts), for the stage's log."""
 
     @abstractmethod
-    def preprocess(self, cfg: DomainConfig, manifest: list[dict[str, Any]], out_dir: Path,
+    def preprocess(self, cfg: DomainConfig, manifest: Sequence[dict[str, Any]], out_dir: Path,
                    locate: Locate) -> dict[str, Any]:
         """Write `pretrain_train`, `pretrain_val` and `labeled` Arrow datasets under `out_dir`
         (`ssl_models.core.shards.write_shards`); return a summary (counts, what the shards hold;
         `labeled_test` when the labeled rows are not the manifest's, e.g. tiles). `locate(row)`
-        gives the source a manifest row was read from (no file names in a pseudonymised manifest)."""
+        gives the source a manifest row was read from (no file names in a pseudonymised manifest).
+        The stage passes the manifest as `tasks.io.JsonlRows`: iterate it (each pass reads the file
+        again) rather than keep its rows, and call `locate` in the manifest's order (the stage then
+        holds one source at a time; out of order it keeps them all)."""
 
     def pretrain_dataset(self, shards_dir: Path, split: str) -> Sequence[dict[str, Any]]:
         """The `train` or `val` pretraining rows, indexable (a `datasets.Dataset`; [] when empty)."""
