@@ -22,9 +22,9 @@ import secrets
 import shutil
 import stat
 import sys
-from pathlib import Path
 from array import array
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from ssl_models.core.processes import process_alive
@@ -242,8 +242,15 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     """Every row of a JSON-lines file. The rows' keys are interned, so a million manifest rows share
     one string per field name instead of each holding its own (a row of ten fields: 0.73 KB
     instead of 1.27 KB; reading takes about 1.5 times as long)."""
+    return list(iter_jsonl(path))
+
+
+def iter_jsonl(path: Path) -> Iterator[dict[str, Any]]:
+    """`read_jsonl`'s rows one at a time, as the file is read."""
     with open(path, encoding="utf-8") as handle:
-        return [_DECODER.decode(line) for line in handle if line.strip()]
+        for line in handle:
+            if line.strip():
+                yield _DECODER.decode(line)
 
 
 def _interned(pairs: list[tuple[str, Any]], intern: Any = sys.intern) -> dict[str, Any]:
@@ -272,10 +279,7 @@ class JsonlRows(Sequence):
         return len(self._offsets)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        with open(self.path, encoding="utf-8") as handle:
-            for line in handle:
-                if line.strip():
-                    yield _DECODER.decode(line)
+        return iter_jsonl(self.path)
 
     def __getitem__(self, index: Any) -> Any:
         if isinstance(index, slice):

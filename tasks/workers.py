@@ -152,14 +152,7 @@ class ChunkedWork:
             while ahead:
                 path, chunk, future = ahead.popleft()
                 if future is None:
-                    kept_value = self._read(path, chunk, fresh)
-                    if kept_value is not None:
-                        self.resumed += 1
-                        value = kept_value[0]
-                    else:  # done again here: rare (a power cut, a file edited between the runs)
-                        encoded = encoded_call(function, chunk)
-                        write_bytes(path, encoded)
-                        value = decode(encoded)
+                    value = self._read(path, function, chunk, fresh)
                 else:
                     in_flight -= 1
                     encoded = future.result()
@@ -179,20 +172,22 @@ class ChunkedWork:
         if self.resumed:
             log.info("resuming: %d of %d chunks were finished by a run before", self.resumed, len(kept))
 
-    @staticmethod
-    def _read(path: Path, chunk: Any, fresh: Callable[[Any, Any], bool] | None) -> tuple[Any] | None:
-        """(a run before's result of `chunk`,), or None when it is to be done again: it does not read
-        back (the file is written without fsync: after a power cut it may be empty or cut short), or
-        `fresh` finds the chunk's inputs changed since."""
+    def _read(self, path: Path, function: Callable[[Any], Any], chunk: Any,
+              fresh: Callable[[Any, Any], bool] | None) -> Any:
+        """A run before's result of `chunk` (counted in `resumed`); done again here, rarely, when it
+        does not read back (the file is written without fsync: after a power cut it may be empty or
+        cut short) or `fresh` finds the chunk's inputs changed since (or cannot read the result)."""
         try:
             value = decode(path.read_bytes())
+            if fresh is None or fresh(chunk, value):
+                self.resumed += 1
+                return value
+            log.info("chunk %s: its inputs changed since it was done: done again", path.name)
         except (OSError, ValueError, KeyError, TypeError, IndexError) as error:
             log.info("chunk %s does not read back (%s): done again", path.name, type(error).__name__)
-            return None
-        if fresh is not None and not fresh(chunk, value):
-            log.info("chunk %s: its inputs changed since it was done: done again", path.name)
-            return None
-        return (value,)
+        encoded = encoded_call(function, chunk)
+        write_bytes(path, encoded)
+        return decode(encoded)
 
     def _submitter(self):
 

@@ -3,7 +3,6 @@ spectrogram modelling and wav2vec2 pretraining, clip classification downstream."
 
 from __future__ import annotations
 
-import itertools
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
@@ -20,7 +19,7 @@ from ssl_models.audio.config import (
 from ssl_models.audio.default_data import ATTRIBUTION
 from ssl_models.audio.readers import AUDIO_SUFFIXES, read_audio_file
 from ssl_models.core.config import DomainConfig
-from ssl_models.core.domain import Domain, Record, Rejected
+from ssl_models.core.domain import Domain, Record, Rejected, rows_by_source
 from ssl_models.core.errors import PipelineError
 
 if TYPE_CHECKING:
@@ -80,11 +79,11 @@ class Audio(Domain, module="audio"):
                  locate: Callable[[dict[str, Any]], Source]) -> Iterator[tuple[dict[str, Any], Record]]:
         """(row, record) of the manifest's records, re-read file by file in manifest order (ingest
         wrote a source's rows one after another): one file, and its rows, in memory at a time."""
-        for _, group in itertools.groupby(manifest, key=lambda row: row["source"]):
-            rows = {row["key"]: row for row in group}
-            for record in self.read(locate(next(iter(rows.values()))), cfg):
-                if isinstance(record, Record) and record.key in rows:
-                    yield rows[record.key], record
+        for source, rows in rows_by_source(manifest, locate):
+            by_key = {row["key"]: row for row in rows}
+            for record in self.read(source, cfg):
+                if isinstance(record, Record) and record.key in by_key:
+                    yield by_key[record.key], record
 
     def export(self, cfg: DomainConfig, encoder: Encoder, out_dir: Path) -> dict[str, Any]:
         """The spectrogram backbone as a timm VisionTransformer folder, wav2vec2 as a Hugging Face

@@ -11,6 +11,7 @@ and checking the config, default_data and ingest start in a second.
 from __future__ import annotations
 
 import importlib
+import itertools
 import logging
 import os
 import re
@@ -78,6 +79,14 @@ class Rejected:
 
 
 Locate = Callable[[dict[str, Any]], Source]
+
+
+def rows_by_source(manifest: Iterable[dict[str, Any]], locate: Locate) -> Iterator[tuple[Source, list[dict[str, Any]]]]:
+    """(source, its rows) in the manifest's order: ingest writes a source's rows one after another,
+    so one source's rows are held at a time, and `locate` is asked in the manifest's order."""
+    for _, group in itertools.groupby(manifest, key=lambda row: row["source"]):
+        rows = list(group)
+        yield locate(rows[0]), rows
 
 
 class Domain(ABC):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import itertools
 import os
 from array import array
 from collections import defaultdict
@@ -13,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ssl_models.core.config import DomainConfig
-from ssl_models.core.domain import Domain, Locate, Record, Rejected, Source
+from ssl_models.core.domain import Domain, Locate, Record, Rejected, Source, rows_by_source
 from ssl_models.core.errors import PipelineError
 from ssl_models.legal_text.config import BACKBONES, METHODS, SECTIONS
 from ssl_models.legal_text.default_data import ATTRIBUTION, write_licensedcode_corpus
@@ -161,9 +160,8 @@ class LegalText(Domain, module="legal_text"):
         """The text of every row, in the manifest's order, source by source (ingest wrote a source's
         rows one after another): a JSONL file is read once for all its records, and only one
         source's rows are held at a time."""
-        for _, group in itertools.groupby(manifest, key=lambda row: row["source"]):
-            rows = list(group)
-            by_hash = {record.sha256: record.content for record in self.read(locate(rows[0]), cfg)
+        for source, rows in rows_by_source(manifest, locate):
+            by_hash = {record.sha256: record.content for record in self.read(source, cfg)
                        if isinstance(record, Record)}
             for row in rows:
                 yield by_hash[row["sha256"]]

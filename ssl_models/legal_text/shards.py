@@ -142,7 +142,7 @@ def pack_blocks(tokenizer: PreTrainedTokenizerBase, texts: Iterable[str], block_
     for index in range(len(parts)):
         segment = np.concatenate([carry, parts[index]]) if len(carry) else parts[index]
         parts[index] = None
-        whole = min(len(segment) // body, n_blocks - row)
+        whole = len(segment) // body
         blocks[row:row + whole, 1:-1] = segment[:whole * body].reshape(whole, body)
         row, carry = row + whole, segment[whole * body:]
     return blocks

@@ -54,8 +54,10 @@ def write_volume_shards(cfg: DomainConfig, manifest: list[dict[str, Any]], out_d
     located = ((row, locate(row)) for row in manifest)  # a stream: the manifest's rows are not held
     results = run_items(cube_chunk, cfg, located, lambda pair: (pair[0]["key"], pair[0]["sha256"],
                                                                 [file_stamp(path) for path in pair[1].paths]))
+    modalities: set[str] = set()  # of every row, quarantined or not
     for row, result in tqdm(zip(manifest, results), total=len(manifest), desc=f"preprocess {cfg.name}",
                             unit="volume", disable=None):
+        modalities.add(row["modality"])
         if result["reason"] is not None:  # read at ingest, but the file may have changed since
             quarantine.append({"key": row["key"], "reason": result["reason"]})
             continue
@@ -70,6 +72,5 @@ def write_volume_shards(cfg: DomainConfig, manifest: list[dict[str, Any]], out_d
             columns[target]["image"].append(result["cube"])
             columns[target]["shape"].append(list(result["shape"]))
     rows = write_shards(out_dir, **columns, features=features)
-    modalities = sorted({row["modality"] for row in manifest})
-    return {"cube_size": size, "spacing_mm": options.spacing, "modalities": modalities, "quarantine": quarantine,
+    return {"cube_size": size, "spacing_mm": options.spacing, "modalities": sorted(modalities), "quarantine": quarantine,
             **{f"{name}_volumes": n for name, n in rows.items()}}

@@ -32,7 +32,7 @@ from ssl_models.core.hashing import StampedRead, remember_digest, stamped_read, 
 from ssl_models.core.privacy import without_names
 from ssl_models.core.splits import assign_split
 from ssl_models.core.workers import file_stamp, run_items, running_on
-from tasks.io import atomic_dir, private_outputs, write_json, write_jsonl, write_lines
+from tasks.io import atomic_dir, iter_jsonl, private_outputs, write_json, write_jsonl, write_lines
 from tasks.lineage import LineageRecorder
 from tasks.paths import DomainPaths
 from tasks.sources import (Discovery, Namer, corpus_files, discover_stream, is_hidden, public_namer, relative_key,
@@ -236,11 +236,10 @@ def _ingest(cfg: DomainConfig, domain: Domain, paths: DomainPaths, corpus: Path)
         summary: dict[str, Any] = {}
         with atomic_dir(paths.manifest) as out:
             by_class: Counter = Counter()  # (label, split) of the labeled rows
-            write_lines(out / "manifest.jsonl", _labeled_rows(scratch / "rows.jsonl", first, assigned, cfg, public,
-                                                              summary, by_class))
-            write_jsonl(out / "quarantine.jsonl", itertools.chain(*(read_stream(scratch / name)
+            write_lines(out / "manifest.jsonl", _labeled_rows(first, assigned, summary, by_class))
+            write_jsonl(out / "quarantine.jsonl", itertools.chain(*(iter_jsonl(scratch / name)
                                                                   for name in _Pass.QUARANTINE)))
-            write_jsonl(out / "duplicates.jsonl", read_stream(scratch / "duplicates.jsonl"))
+            write_jsonl(out / "duplicates.jsonl", iter_jsonl(scratch / "duplicates.jsonl"))
             shutil.move(scratch / RAW_INPUTS, out / RAW_INPUTS)
             summary.update(labels_without_file=len(missing), labels_without_file_examples=missing[:10],
                            labels_on_quarantined_files=on_quarantined, labels_conflicting_on_duplicates=conflicting,
@@ -355,9 +354,9 @@ class _Pass:
                     work: Any) -> None:
         items = self.items(discover_stream(domain, cfg, public, found), domain, corpus, public)
         progress = tqdm(desc=f"ingest {cfg.name}", unit="source", disable=None)
+        raw_inputs = self.streams[RAW_INPUTS]
         with running_on(work):
             for done in run_items(ingest_chunk, cfg, items, lambda item: _identity(item, corpus), _unchanged):
-                raw_inputs = self.streams[RAW_INPUTS]
                 for file, digest in zip(done["files"], done["hashes"]):
                     raw_inputs.write(_raw_input_line(public("key", file), digest))
                     self.raw_files += 1
@@ -420,13 +419,6 @@ def set_group_and_split(row: dict[str, Any], label: str | None, group: str | Non
     row["label"] = label
     row["group"] = public("group", group) if group else None
     row["split"] = assign_split(group or row["sha256"], split.val, split.test, split.salt)
-
-
-def read_stream(path: Path) -> Iterator[Any]:
-    """The values of a JSON-lines file, one at a time."""
-    with open(path, encoding="utf-8") as handle:
-        for line in handle:
-            yield json.loads(line)
 
 
 def _corpus_keys(cfg: DomainConfig, corpus: Path) -> list[str]:
@@ -597,8 +589,8 @@ def _assign_labels(labels: dict[str, dict[str, Any]],
     return assigned, missing, on_quarantined, conflicting
 
 
-def _labeled_rows(rows: Path, first: _Pass, assigned: dict[str, dict[str, Any]], cfg: DomainConfig, public: Namer,
-                  summary: dict[str, Any], by_class: Counter) -> Iterator[str]:
+def _labeled_rows(first: _Pass, assigned: dict[str, dict[str, Any]], summary: dict[str, Any],
+                  by_class: Counter) -> Iterator[str]:
     """The manifest's lines: the first pass' rows, each line a label lands on rewritten with the
     label, the group (the labels CSV's, else the reader's) and the split that follows; every other
     line as the first pass wrote it. The counts by split go into `summary`, the labeled rows'
@@ -606,12 +598,12 @@ def _labeled_rows(rows: Path, first: _Pass, assigned: dict[str, dict[str, Any]],
     rewrite = {first.candidates[key][0]: (given, first.candidates[key][1]) for key, given in assigned.items()}
     by_split = Counter(first.by_split)
     labeled_by_split: Counter = Counter()
-    with open(rows, encoding="utf-8") as handle:
+    with open(first.scratch / "rows.jsonl", encoding="utf-8") as handle:
         for number, line in enumerate(handle):
             if number in rewrite:
                 (given, reader_group), row = rewrite[number], json.loads(line)
                 by_split[row["split"]] -= 1
-                set_group_and_split(row, given["label"], given["group"] or reader_group, cfg.split, public)
+                set_group_and_split(row, given["label"], given["group"] or reader_group, first.split, first.public)
                 by_split[row["split"]] += 1
                 labeled_by_split[row["split"]] += 1
                 by_class[row["label"], row["split"]] += 1

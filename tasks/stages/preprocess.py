@@ -8,9 +8,9 @@ only, so labeled test samples are never pretrained on; the summary counts any ex
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict
 from pathlib import Path
-from collections.abc import Callable, Iterator
 from typing import Any
 
 from ssl_models.core.config import DomainConfig, made_by, section_params
@@ -113,7 +113,7 @@ def _read_manifest(paths: DomainPaths, domain_name: str) -> JsonlRows:
     return JsonlRows(folder / "manifest.jsonl")
 
 
-def _preprocess_problem(cfg: DomainConfig, manifest: list[dict[str, Any]], quarantine: list[dict[str, str]],
+def _preprocess_problem(cfg: DomainConfig, manifest: Sequence[dict[str, Any]], quarantine: list[dict[str, str]],
                         out: Path) -> str | None:
     """Stop when preprocess quarantined too much (every source, or more than the ingest share), or
     when a class of the labeled rows has none in the train split (a domain that splits labeled

@@ -173,7 +173,17 @@ def test_jsonl_rows_read_each_row_from_its_line_and_hold_only_offsets(tmp_path: 
     lazy = JsonlRows(path)
     assert len(lazy) == 50 and list(lazy) == list(lazy) == read_jsonl(path) == rows
     assert lazy[7] == rows[7] and lazy[-1] == rows[-1] and lazy[3:6] == rows[3:6]
-    assert lazy._offsets.itemsize * len(lazy) == 8 * 50  # what it holds: an offset a row
+    import tracemalloc
+
+    write_jsonl(path, [{**row, "key": f"doc-{i}.txt"} for i in range(5000) for row in rows[:1]])
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        lazy = JsonlRows(path)
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert len(lazy) == 5000 and held < 5000 * 16, f"{held / 5000:.0f} bytes a row"  # read_jsonl: ~500
 
 
 def test_sources_are_found_in_one_walk_in_manifest_order_and_again_out_of_it() -> None:
