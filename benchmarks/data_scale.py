@@ -3,7 +3,7 @@ read rate against `sha256sum`, and what DVC costs on a corpus of many small file
 
     python benchmarks/data_scale.py speedup [--texts 20000] [--slides 160] [--volumes 96]
     python benchmarks/data_scale.py dvc --files 100000
-    python benchmarks/data_scale.py memory --sizes 100000 1000000 [--stage preprocess]
+    python benchmarks/data_scale.py memory --sizes 100000 1000000 [--stage preprocess] [--domain legal]
     python benchmarks/data_scale.py floor --files 1000000
 
 `speedup`: each stage runs as the CLI runs it (`ssl-pipeline STAGE DOMAIN` in the project
@@ -241,17 +241,19 @@ def dvc_scale(args: argparse.Namespace) -> None:
 
 
 def ingest_memory(args: argparse.Namespace) -> None:
-    """Peak resident memory and time of `ssl-pipeline STAGE legal` alone (no DVC) at each size
-    (`--stage preprocess`: ingest first, unmeasured)."""
+    """Peak resident memory and time of `ssl-pipeline STAGE DOMAIN` alone (no DVC) at each size
+    (`--stage preprocess`: ingest first, unmeasured): short texts, 768-pixel PNG slides (64-pixel
+    tiles) or 96-voxel CT volumes."""
+    write = {"legal": write_texts, "histo": write_slides, "medical": write_volumes}[args.domain]
     for count in args.sizes:
         folder = Path(tempfile.mkdtemp(prefix="ingest-memory-"))
-        write_texts(folder / "corpus", count)
-        (folder / "params.yaml").write_text(yaml.safe_dump(params_for("legal", "corpus", args.workers)))
+        write(folder / "corpus", count)
+        (folder / "params.yaml").write_text(yaml.safe_dump(params_for(args.domain, "corpus", args.workers)))
         if args.stage == "preprocess":
-            timed(folder, "ssl-pipeline", "ingest", "legal")
-        seconds, rss = peak_rss_and_seconds(folder, "ssl-pipeline", args.stage, "legal")
-        print(f"{args.stage} alone, {count} files, {args.workers} workers: {seconds:.1f} s, peak RSS {rss:.0f} MiB",
-              flush=True)
+            timed(folder, "ssl-pipeline", "ingest", args.domain)
+        seconds, rss = peak_rss_and_seconds(folder, "ssl-pipeline", args.stage, args.domain)
+        print(f"{args.domain} {args.stage} alone, {count} files, {args.workers} workers: {seconds:.1f} s, "
+              f"peak RSS {rss:.0f} MiB", flush=True)
         shutil.rmtree(folder, ignore_errors=True)
 
 
@@ -291,6 +293,7 @@ def main() -> None:
     three.add_argument("--sizes", type=int, nargs="+", default=[100000, 1000000])
     three.add_argument("--workers", type=int, default=2)
     three.add_argument("--stage", choices=["ingest", "preprocess"], default="ingest")
+    three.add_argument("--domain", choices=["legal", "histo", "medical"], default="legal")
     four = commands.add_parser("floor")
     four.add_argument("--files", type=int, default=1000000)
     args = parser.parse_args()

@@ -121,6 +121,9 @@ class Domain(ABC):
     # that a chunk's own cost (a round trip to a worker, its result file, one duplicate-index query)
     # is small beside its files' work, few enough that a kill loses little
     ingest_chunk_items = 64
+    # the same for preprocess: a chunk's results (its tiles, cubes) are held while they are written,
+    # two chunks a worker in flight, so a domain whose sources make large outputs keeps this small
+    preprocess_chunk_items = 64
     default_method: ClassVar[str] = ""  # the `methods` entry pretrain.method names when params.yaml names none
     sections: ClassVar[dict[str, type]] = {}
     methods: ClassVar[Registry]

@@ -26,6 +26,10 @@ class Histopathology(Domain, module="histopathology"):
     # slide file names carry accession and case numbers (`S21-04711 A1.svs`): pseudonyms unless a
     # user sets privacy.pseudonymise: false
     pseudonymise_by_default = True
+    # a slide to a chunk of tiling: a whole-slide image makes thousands of tiles (hundreds of MB),
+    # held while they are written, and takes seconds to minutes to tile, beside which a chunk's
+    # own cost (a result file, a round trip to a worker) is nothing
+    preprocess_chunk_items = 1
 
     def splits_labeled_rows_at_preprocess(self, cfg: DomainConfig) -> bool:
         """With spatial blocks, tiles take their block's split in preprocess, not their slide's

@@ -19,7 +19,7 @@ from tqdm import tqdm
 from ssl_models.core.domain import Source
 from ssl_models.core.errors import UnreadableFileError
 from ssl_models.core.privacy import without_names
-from ssl_models.core.shards import PRETRAIN_TRAIN, PRETRAIN_VAL, write_shards
+from ssl_models.core.shards import LABELED, PRETRAIN_TRAIN, PRETRAIN_VAL, ShardWriter
 from ssl_models.core.workers import file_stamp, run_items
 from ssl_models.histopathology.config import HistoPreprocessConfig
 from ssl_models.histopathology.readers import MAX_DECODED_PIXELS, open_slide
@@ -50,58 +50,80 @@ def tile_chunk(job: tuple[tuple[HistoPreprocessConfig, int], list[tuple[dict[str
     return done
 
 
+def tile_features() -> Any:
+    """The shards' column types: a pretraining tile's pixels as bytes, a labeled row's as a list of
+    tiles (one, or a slide's bag)."""
+    from datasets import Features, List, Value
+
+    return {"pretrain": Features({"pixels": Value("binary"), "source": Value("string"), "x": Value("int64"),
+                                  "y": Value("int64")}),
+            "labeled": Features({"sample_id": Value("string"), "pixels": List(Value("binary")),
+                                 "label": Value("string"), "split": Value("string"), "group": Value("string"),
+                                 "source": Value("string"), "x": Value("int64"), "y": Value("int64")})}
+
+
 def write_tile_shards(manifest: list[dict[str, Any]], locate: Callable[[dict[str, Any]], Source],
                       options: HistoPreprocessConfig, split_of_block: Callable[[str], str],
                       out_dir: Path, max_pixels: int = MAX_DECODED_PIXELS) -> dict[str, Any]:
-    pretrain: dict[str, dict[str, list]] = {s: {"pixels": [], "source": [], "x": [], "y": []} for s in ("train", "val")}
-    labeled: list[dict[str, Any]] = []
+    """Tiles written to the shards as each slide's come back (`ShardWriter`): what is held is a
+    slide's tiles and the counts, never the corpus' tiles."""
+    features = tile_features()
+    pretrain_parts = {"train": PRETRAIN_TRAIN, "val": PRETRAIN_VAL}
     counts: Counter = Counter()
+    labeled_by_split: Counter = Counter()
     quarantine: list[dict[str, str]] = []  # slides that fail tiling, with the reason (the report lists them)
     normalised = 0
     located = ((row, locate(row).paths) for row in manifest)  # a stream: the manifest's rows are not held
     results = run_items(tile_chunk, (options, max_pixels), located,
                         lambda pair: (pair[0]["key"], pair[0]["sha256"], [file_stamp(path) for path in pair[1]]))
-    for row, result in tqdm(zip(manifest, results), total=len(manifest), desc="tile slides", unit="slide",
-                            disable=None):
-        reason = result["reason"]
-        if reason is not None:
-            quarantine.append({"key": row["key"], "reason": reason})
-            log.warning("preprocess: a slide could not be tiled (%s); quarantined", reason)
-            continue
-        counts.update(result["counts"])
-        normalised += result["stain_normalised"]
-        group = str(row.get("group") or row["sha256"])
-        tile_rows = []
-        for tile in result["tiles"]:
-            if options.spatial_block:
-                tile_group = f"{group}:block-{tile['x'] // options.spatial_block}-{tile['y'] // options.spatial_block}"
-                split = split_of_block(tile_group)
-            else:
-                tile_group, split = group, row["split"]
-            blob = tile["pixels"]
-            if split in pretrain:
-                for column, value in (("pixels", blob), ("source", row["key"]), ("x", tile["x"]), ("y", tile["y"])):
-                    pretrain[split][column].append(value)
-            sample_id = hashlib.sha256(f"{row['sha256']}:{tile['level']}:{tile['x']}:{tile['y']}".encode()).hexdigest()
-            tile_rows.append({"sample_id": sample_id, "pixels": [blob], "label": str(row.get("label")),
-                              "split": split, "group": tile_group, "source": row["key"], "x": tile["x"],
-                              "y": tile["y"]})
-        if row.get("label") is None or not tile_rows:
-            continue
-        if options.labeled_unit == "tile":
-            labeled.extend(tile_rows)
-        else:  # one row per slide: a bag of its tiles, mean-pooled by the encoder
-            bag = evenly_spaced(tile_rows, options.max_tiles_per_slide_bag)
-            labeled.append({"sample_id": row["sha256"], "pixels": [blob for t in bag for blob in t["pixels"]],
-                            "label": str(row["label"]), "split": row["split"], "group": group,
-                            "source": row["key"], "x": -1, "y": -1})
-    columns = ("sample_id", "pixels", "label", "split", "group", "source", "x", "y")
-    rows = write_shards(out_dir, pretrain_train=pretrain["train"], pretrain_val=pretrain["val"],
-                        labeled={c: [r[c] for r in labeled] for c in columns})
+    with ShardWriter(out_dir, {PRETRAIN_TRAIN: features["pretrain"], PRETRAIN_VAL: features["pretrain"],
+                               LABELED: features["labeled"]}) as shards:
+        for row, result in tqdm(zip(manifest, results), total=len(manifest), desc="tile slides", unit="slide",
+                                disable=None):
+            reason = result["reason"]
+            if reason is not None:
+                quarantine.append({"key": row["key"], "reason": reason})
+                log.warning("preprocess: a slide could not be tiled (%s); quarantined", reason)
+                continue
+            counts.update(result["counts"])
+            normalised += result["stain_normalised"]
+            group = str(row.get("group") or row["sha256"])
+            tile_rows = []
+            for tile in result["tiles"]:
+                if options.spatial_block:
+                    tile_group = (f"{group}:block-{tile['x'] // options.spatial_block}-"
+                                  f"{tile['y'] // options.spatial_block}")
+                    split = split_of_block(tile_group)
+                else:
+                    tile_group, split = group, row["split"]
+                blob = tile["pixels"]
+                if split in pretrain_parts:
+                    shards.add(pretrain_parts[split], {"pixels": blob, "source": row["key"], "x": tile["x"],
+                                                       "y": tile["y"]})
+                if row.get("label") is None:
+                    continue
+                sample_id = hashlib.sha256(f"{row['sha256']}:{tile['level']}:{tile['x']}:{tile['y']}"
+                                           .encode()).hexdigest()
+                tile_rows.append({"sample_id": sample_id, "pixels": [blob], "label": str(row["label"]),
+                                  "split": split, "group": tile_group, "source": row["key"], "x": tile["x"],
+                                  "y": tile["y"]})
+            if not tile_rows:
+                continue
+            if options.labeled_unit == "tile":
+                for tile_row in tile_rows:
+                    shards.add(LABELED, tile_row)
+                    labeled_by_split[tile_row["split"]] += 1
+            else:  # one row per slide: a bag of its tiles, mean-pooled by the encoder
+                bag = evenly_spaced(tile_rows, options.max_tiles_per_slide_bag)
+                shards.add(LABELED, {"sample_id": row["sha256"], "pixels": [blob for t in bag for blob in t["pixels"]],
+                                     "label": str(row["label"]), "split": row["split"], "group": group,
+                                     "source": row["key"], "x": -1, "y": -1})
+                labeled_by_split[row["split"]] += 1
+        rows = shards.close()
     return {"tile_size": options.stored_size, "level": options.level, "labeled_unit": options.labeled_unit,
             "sources_tiled": len(manifest) - len(quarantine), "sources_failed": len(quarantine),
             "quarantine": quarantine,
             "sources_stain_normalised": normalised, "tile_positions": dict(sorted(counts.items())),
             "pretrain_train_tiles": rows[PRETRAIN_TRAIN], "pretrain_val_tiles": rows[PRETRAIN_VAL],
-            "labeled_rows_by_split": {s: sum(r["split"] == s for r in labeled) for s in ("train", "val", "test")},
-            "labeled_test": sum(r["split"] == "test" for r in labeled)}  # tiles (or slides) scored
+            "labeled_rows_by_split": {s: labeled_by_split[s] for s in ("train", "val", "test")},
+            "labeled_test": labeled_by_split["test"]}  # tiles (or slides) scored

@@ -117,11 +117,17 @@ class LegalText(Domain, module="legal_text"):
 
     def preprocess(self, cfg: DomainConfig, manifest: list[dict[str, Any]], out_dir: Path,
                    locate: Locate) -> dict[str, Any]:
-        from ssl_models.core.shards import write_shards
-        from ssl_models.legal_text.shards import build_tokenizer, normalised_text_hash, pack_blocks
+        from datasets import Features, List, Value
+
+        from ssl_models.core.shards import LABELED, PRETRAIN_PARTS, ShardWriter
+        from ssl_models.legal_text.shards import build_tokenizer, iter_blocks, normalised_text_hash
 
         options = cfg.preprocess
-        with SpilledTexts(out_dir / ".texts") as texts:
+        labeled_columns = ("sample_id", "text", "label", "split", "group")
+        pretrain = Features({"input_ids": List(Value("int32"))})
+        with SpilledTexts(out_dir / ".texts") as texts, ShardWriter(out_dir, {
+                **dict.fromkeys(PRETRAIN_PARTS.values(), pretrain),
+                LABELED: Features(dict.fromkeys(labeled_columns, Value("string")))}) as shards:
             texts.write(self._read_texts(cfg, manifest, locate))
             by_split: dict[str, array] = defaultdict(lambda: array("Q"))  # row numbers: 8 bytes a row
             labeled: list[tuple[int, dict[str, Any]]] = []
@@ -129,15 +135,17 @@ class LegalText(Domain, module="legal_text"):
                 by_split[row["split"]].append(number)
                 if row.get("label") is not None:
                     labeled.append((number, row))
+            summary: dict[str, Any] = {"tokenizer": options.tokenizer}
             with tokenizer_threads():
                 tokenizer = build_tokenizer(cfg, texts.of(by_split["train"]))
                 tokenizer.save_pretrained(out_dir / "tokenizer")
-                blocks = {split: pack_blocks(tokenizer, texts.of(by_split[split]), options.block_size)
-                          for split in ("train", "val")}
-            summary: dict[str, Any] = {"tokenizer": options.tokenizer, "vocab_size": len(tokenizer)}
-            for split, split_blocks in blocks.items():
-                summary[f"pretrain_{split}_blocks"] = int(split_blocks.shape[0])
-                summary[f"pretrain_{split}_tokens"] = int(split_blocks.size)
+                summary["vocab_size"] = len(tokenizer)
+                for split, part in PRETRAIN_PARTS.items():  # the blocks written as each batch of texts fills them
+                    summary[f"pretrain_{split}_blocks"] = summary[f"pretrain_{split}_tokens"] = 0
+                    for blocks in iter_blocks(tokenizer, texts.of(by_split[split]), options.block_size):
+                        shards.add_columns(part, {"input_ids": blocks})
+                        summary[f"pretrain_{split}_blocks"] += int(blocks.shape[0])
+                        summary[f"pretrain_{split}_tokens"] += int(blocks.size)
             # the labeled test texts' hashes (a few) looked for among the train texts', not the train
             # texts' hashes kept (a million of them); without training rows (embed's chunks) none is hashed
             tests = [normalised_text_hash(texts.get(n)) for n, r in labeled if r["split"] == "test"] \
@@ -147,13 +155,10 @@ class LegalText(Domain, module="legal_text"):
                 wanted = set(tests)
                 found = {h for h in map(normalised_text_hash, texts.of(by_split["train"])) if h in wanted}
             summary["labeled_test_near_copies_in_pretraining"] = sum(h in found for h in tests)
-            write_shards(out_dir, pretrain_train={"input_ids": blocks["train"]},
-                         pretrain_val={"input_ids": blocks["val"]}, labeled={
-                             "sample_id": [r["sha256"] for _, r in labeled],
-                             "text": [texts.get(n) for n, _ in labeled],
-                             "label": [str(r["label"]) for _, r in labeled],
-                             "split": [r["split"] for _, r in labeled],
-                             "group": [str(r.get("group") or r["sha256"]) for _, r in labeled]})
+            for number, row in labeled:
+                shards.add(LABELED, {"sample_id": row["sha256"], "text": texts.get(number), "label": str(row["label"]),
+                                     "split": row["split"], "group": str(row.get("group") or row["sha256"])})
+            shards.close()
         return summary
 
     def _read_texts(self, cfg: DomainConfig, manifest: Iterable[dict[str, Any]], locate: Locate) -> Iterator[str]:

@@ -102,24 +102,39 @@ def text_pieces(text: str, limit: int | None = None) -> Iterator[str]:
 
 
 def pack_blocks(tokenizer: PreTrainedTokenizerBase, texts: Iterable[str], block_size: int) -> np.ndarray:
-    """Concatenate documents (separated by [SEP]) and cut into [CLS] ... [SEP] blocks;
-    the last partial block is dropped. Returns int32 [n_blocks, block_size]. The tokenizer gets
-    the documents in batches of bounded size, long ones in pieces (`text_pieces`)."""
-    sep = tokenizer.sep_token_id
-    parts: list[np.ndarray] = []
+    """Every block of `iter_blocks` in one int32 array [n_blocks, block_size]."""
+    parts = list(iter_blocks(tokenizer, texts, block_size))
+    return np.concatenate(parts) if parts else np.empty((0, block_size), dtype=np.int32)
+
+
+def iter_blocks(tokenizer: PreTrainedTokenizerBase, texts: Iterable[str], block_size: int) -> Iterator[np.ndarray]:
+    """Concatenate documents (separated by [SEP]) and cut into [CLS] ... [SEP] blocks, yielded as
+    int32 arrays [n, block_size] as each tokenizer batch fills them; the last partial block is
+    dropped. The tokenizer gets the documents in batches of bounded size, long ones in pieces
+    (`text_pieces`): what is held is one batch's tokens, whatever the corpus."""
+    sep, cls = tokenizer.sep_token_id, tokenizer.cls_token_id
+    body = block_size - 2
+    carry = np.zeros(0, dtype=np.int32)
     batch: list[str] = []
     ends: list[bool] = []  # whether each piece of the batch ends its document ([SEP] after it)
     size = 0
 
-    def flush() -> None:  # one array a batch: an array a document cost ~100 bytes of its own
+    def flush() -> np.ndarray:  # the batch's whole blocks; what is left over waits for the next batch
+        nonlocal carry
         stream: list[int] = []
         for ids, last in zip(tokenizer(batch, add_special_tokens=False)["input_ids"], ends):
             stream.extend(ids)
             if last:
                 stream.append(sep)
-        parts.append(np.asarray(stream, dtype=np.int32))
         batch.clear()
         ends.clear()
+        segment = np.concatenate([carry, np.asarray(stream, dtype=np.int32)])
+        whole = len(segment) // body
+        blocks = np.empty((whole, block_size), dtype=np.int32)
+        blocks[:, 0], blocks[:, -1] = cls, sep
+        blocks[:, 1:-1] = segment[:whole * body].reshape(whole, body)
+        carry = segment[whole * body:]
+        return blocks
 
     for text in texts:
         pieces = list(text_pieces(text))
@@ -128,24 +143,11 @@ def pack_blocks(tokenizer: PreTrainedTokenizerBase, texts: Iterable[str], block_
             ends.append(index == len(pieces) - 1)
             size += len(piece)
             if size >= BATCH_CHARACTERS:
-                flush()
+                if len(blocks := flush()):
+                    yield blocks
                 size = 0
-    if batch:
-        flush()
-    # the blocks filled from the batches' arrays, each let go once copied: the tokens are held about
-    # once (concatenating them first, then the [CLS]/[SEP] columns to the blocks, held them three times)
-    body = block_size - 2
-    n_blocks = sum(len(part) for part in parts) // body
-    blocks = np.empty((n_blocks, block_size), dtype=np.int32)
-    blocks[:, 0], blocks[:, -1] = tokenizer.cls_token_id, sep
-    row, carry = 0, np.zeros(0, dtype=np.int32)
-    for index in range(len(parts)):
-        segment = np.concatenate([carry, parts[index]]) if len(carry) else parts[index]
-        parts[index] = None
-        whole = len(segment) // body
-        blocks[row:row + whole, 1:-1] = segment[:whole * body].reshape(whole, body)
-        row, carry = row + whole, segment[whole * body:]
-    return blocks
+    if batch and len(blocks := flush()):
+        yield blocks
 
 
 def normalised_text_hash(text: str) -> str:

@@ -17,7 +17,7 @@ from tqdm import tqdm
 from ssl_models.core.config import DomainConfig
 from ssl_models.core.domain import Locate, Source
 from ssl_models.core.errors import UnreadableFileError
-from ssl_models.core.shards import LABELED, PRETRAIN_PARTS, PRETRAIN_TRAIN, PRETRAIN_VAL, write_shards
+from ssl_models.core.shards import LABELED, PRETRAIN_PARTS, PRETRAIN_TRAIN, PRETRAIN_VAL, ShardWriter
 from ssl_models.core.workers import file_stamp, run_items
 from ssl_models.medical3d.readers import read_volume
 from ssl_models.medical3d.transforms import preprocess_volume
@@ -46,31 +46,27 @@ def write_volume_shards(cfg: DomainConfig, manifest: list[dict[str, Any]], out_d
     features = Features({"sample_id": Value("string"), "image": Value("binary"), "shape": Sequence(Value("int32")),
                          "label": Value("string"), "split": Value("string"), "group": Value("string")})
     options, size = cfg.preprocess, cfg.model.size
-    columns: dict[str, dict[str, list]] = {name: {"sample_id": [], "image": [], "shape": []}
-                                           for name in (PRETRAIN_TRAIN, PRETRAIN_VAL, LABELED)}
-    for extra in ("label", "split", "group"):
-        columns[LABELED][extra] = []
+    pretrain_columns = ("sample_id", "image", "shape")
     quarantine: list[dict[str, str]] = []
     located = ((row, locate(row)) for row in manifest)  # a stream: the manifest's rows are not held
     results = run_items(cube_chunk, cfg, located, lambda pair: (pair[0]["key"], pair[0]["sha256"],
                                                                 [file_stamp(path) for path in pair[1].paths]))
     modalities: set[str] = set()  # of every row, quarantined or not
-    for row, result in tqdm(zip(manifest, results), total=len(manifest), desc=f"preprocess {cfg.name}",
-                            unit="volume", disable=None):
-        modalities.add(row["modality"])
-        if result["reason"] is not None:  # read at ingest, but the file may have changed since
-            quarantine.append({"key": row["key"], "reason": result["reason"]})
-            continue
-        targets = [PRETRAIN_PARTS[row["split"]]] if row["split"] in PRETRAIN_PARTS else []
-        if row.get("label") is not None:
-            targets.append(LABELED)
-            columns[LABELED]["label"].append(str(row["label"]))
-            columns[LABELED]["split"].append(row["split"])
-            columns[LABELED]["group"].append(str(row.get("group") or row["sha256"]))
-        for target in targets:
-            columns[target]["sample_id"].append(row["sha256"])
-            columns[target]["image"].append(result["cube"])
-            columns[target]["shape"].append(list(result["shape"]))
-    rows = write_shards(out_dir, **columns, features=features)
+    # each cube written as it comes back (`ShardWriter`): a million volumes' cubes are never held
+    with ShardWriter(out_dir, {PRETRAIN_TRAIN: pretrain_columns, PRETRAIN_VAL: pretrain_columns,
+                               LABELED: (*pretrain_columns, "label", "split", "group")}, features) as shards:
+        for row, result in tqdm(zip(manifest, results), total=len(manifest), desc=f"preprocess {cfg.name}",
+                                unit="volume", disable=None):
+            modalities.add(row["modality"])
+            if result["reason"] is not None:  # read at ingest, but the file may have changed since
+                quarantine.append({"key": row["key"], "reason": result["reason"]})
+                continue
+            cube = {"sample_id": row["sha256"], "image": result["cube"], "shape": list(result["shape"])}
+            if row["split"] in PRETRAIN_PARTS:
+                shards.add(PRETRAIN_PARTS[row["split"]], cube)
+            if row.get("label") is not None:
+                shards.add(LABELED, {**cube, "label": str(row["label"]), "split": row["split"],
+                                     "group": str(row.get("group") or row["sha256"])})
+        rows = shards.close()
     return {"cube_size": size, "spacing_mm": options.spacing, "modalities": sorted(modalities), "quarantine": quarantine,
             **{f"{name}_volumes": n for name, n in rows.items()}}

@@ -47,7 +47,8 @@ def preprocess(cfg: DomainConfig, domain: Domain, paths: DomainPaths) -> dict[st
                             f"re-run ingest@{domain_name}")
 
     work = chunked_work(cfg, paths, "preprocess", {"domain": cfg.name, "preprocess": made_by(cfg.preprocess),
-                                                   "ingest": made_by(cfg.ingest), "model": section_params(cfg.model)})
+                                                   "ingest": made_by(cfg.ingest), "model": section_params(cfg.model)},
+                        max_items=domain.preprocess_chunk_items)
     with atomic_dir(paths.shards) as out, running_on(work):
         summary = domain.preprocess(cfg, manifest, out, locate)
         # what failed here (a slide that does not tile, a file changed since ingest), with its reason;

@@ -92,3 +92,55 @@ def test_real_slides_with_a_broken_one_run_ingest_and_tiling_by_spatial_block(hi
     for row in labeled:
         blocks.setdefault(row["group"], set()).add(row["split"])
     assert all(len(s) == 1 for s in blocks.values())
+
+
+def _peak_traced_tiling(root: Path, slides: int) -> int:
+    """Peak Python memory (tracemalloc) of an in-process histo preprocess of `slides` distinct crops
+    of the IHC image, 32-pixel tiles of 3 KB (ingested first, untraced)."""
+    import tracemalloc
+
+    from tests.conftest import run_stage
+    from tests.ssl_models.histo_files import ihc, save_png
+
+    image = ihc(size=512)
+    for number in range(slides):
+        top, left = divmod(number, 8)
+        save_png(root / "corpus" / f"slide{number:03d}.png", image[top * 48:top * 48 + 128, left * 48:left * 48 + 128])
+    write_params(root, histo_params(corpus="corpus", labels=None, ingest={"workers": 1},
+                                    preprocess={"workers": 1}))
+    run_stage("ingest", "histo", root)
+    tracemalloc.start()
+    try:
+        summary = run_stage("preprocess", "histo", root)
+        assert summary["sources_tiled"] == slides
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_tiling_memory_does_not_grow_with_the_slides(tmp_path: Path) -> None:
+    """Tiles go to the shards as each slide's come back (`ShardWriter`, its buffer made 64 KiB here),
+    not gathered for the whole archive first, and a chunk of tiling carries one slide: five times the
+    slides, about the same peak. With the buffer never flushed (every tile held to the end, as the
+    code before did) the peak grew 97 KB a slide here. In a fresh interpreter, as the ingest memory
+    tests."""
+    import subprocess
+    import sys
+
+    from tests.conftest import stage_env
+
+    code = f"""
+import sys
+sys.path.insert(0, {str(Path(__file__).resolve().parents[2])!r})
+from pathlib import Path
+from ssl_models.core.shards import ShardWriter
+from tests.ssl_models.test_histopathology_pipeline import _peak_traced_tiling
+ShardWriter.FLUSH_BYTES = 64 * 1024
+_peak_traced_tiling(Path({str(tmp_path)!r}) / "warm", 3)  # the modules a first run imports are not the slides
+print(_peak_traced_tiling(Path({str(tmp_path)!r}) / "small", 8), _peak_traced_tiling(Path({str(tmp_path)!r}) / "large", 40))
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=stage_env())
+    assert done.returncode == 0, done.stderr[-2000:]
+    small, large = map(int, done.stdout.split()[-2:])
+    per_slide = (large - small) / 32
+    assert per_slide < 15_000, f"{per_slide:.0f} bytes more per slide ({small} -> {large} bytes at peak)"

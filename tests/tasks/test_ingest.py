@@ -340,10 +340,13 @@ def _peak_traced_preprocess(root: Path, files: int) -> int:
 def test_preprocess_memory_holds_no_row_and_no_source(tmp_path: Path) -> None:
     """Preprocess reads the manifest a row at a time (JsonlRows: an offset a row), finds each row's
     source by walking the corpus alongside it (one source held), and legal keeps its texts in a
-    scratch file (two integers a row); the copy checks keep the labeled test rows' hashes only. What
-    still grows is the output, the token blocks themselves, and small per-row arrays. The code before held every row (0.75 KB), every source
-    (0.6 KB), a key-to-offset map and an array a text: 1.8 KB a text here, against 0.44 KB now. In a fresh interpreter, as the ingest test,
-    with the tokenizer's batches made short (they are bounded, not per row: 2 MiB of text each)."""
+    scratch file (two integers a row); the copy checks keep the labeled test rows' hashes only, and
+    the token blocks go to the shards as each tokenizer batch fills them (`ShardWriter`). What still
+    grows is a few integers a row (the row numbers by split, the texts' and the rows' offsets): 58
+    bytes a text here. Held before: every row (0.75 KB), every source (0.6 KB), a key-to-offset map
+    and an array a text, 1.8 KB a text; then, with those gone, the blocks until the end, 0.44 KB. In
+    a fresh interpreter, as the ingest test, with the tokenizer's batches made short (they are
+    bounded, not per row: 2 MiB of text each) and the writer's buffer with them."""
     import subprocess
     import sys
 
@@ -354,6 +357,8 @@ from pathlib import Path
 import ssl_models.legal_text.shards
 from tests.tasks.test_ingest import _peak_traced_preprocess
 ssl_models.legal_text.shards.BATCH_CHARACTERS = 4096  # a batch of 2 MiB of text is ~35,000 of these texts
+from ssl_models.core.shards import ShardWriter
+ShardWriter.FLUSH_BYTES = 64 * 1024
 _peak_traced_preprocess(Path({str(tmp_path)!r}) / "warm", 300)  # the modules a first run imports are not the corpus
 print(_peak_traced_preprocess(Path({str(tmp_path)!r}) / "small", 1000),
       _peak_traced_preprocess(Path({str(tmp_path)!r}) / "large", 9000))
@@ -362,7 +367,7 @@ print(_peak_traced_preprocess(Path({str(tmp_path)!r}) / "small", 1000),
     assert done.returncode == 0, done.stderr[-2000:]
     small, large = map(int, done.stdout.split()[-2:])
     per_text = (large - small) / 8000
-    assert per_text < 1000, f"{per_text:.0f} bytes more per text ({small} -> {large} bytes at peak)"
+    assert per_text < 200, f"{per_text:.0f} bytes more per text ({small} -> {large} bytes at peak)"
 
 
 def test_a_label_on_a_dropped_copy_lands_on_the_row_kept_and_the_counts_follow(tiny_project: Path) -> None:
