@@ -1,7 +1,7 @@
 """The data side at scale (issue 23): parallel ingest and preprocess against one worker, ingest's
 read rate against `sha256sum`, and what DVC costs on a corpus of many small files.
 
-    python benchmarks/data_scale.py speedup [--texts 20000] [--slides 160] [--volumes 96]
+    python benchmarks/data_scale.py speedup [--texts 20000] [--slides 160] [--volumes 96] [--series 48]
     python benchmarks/data_scale.py dvc --files 100000
     python benchmarks/data_scale.py memory --sizes 100000 1000000 [--stage preprocess] [--domain legal]
     python benchmarks/data_scale.py floor --files 1000000
@@ -82,6 +82,31 @@ def write_volumes(corpus: Path, count: int, size: int = 96) -> None:
         nib.save(nib.Nifti1Image(volume, np.diag([1.2, 1.2, 1.5, 1.0])), corpus / f"ct-{i:04d}.nii.gz")
 
 
+def write_dicom(corpus: Path, count: int, slices: int = 48, size: int = 64) -> None:
+    """`count` CT series of `slices` single-frame DICOM files each (pydicom's bundled CT_small.dcm as
+    the template: a PACS export's layout, a folder a series), smooth random HU."""
+    import pydicom
+    from pydicom.data import get_testdata_file
+    from pydicom.uid import generate_uid
+    from scipy.ndimage import gaussian_filter
+
+    template = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    rng = np.random.default_rng(0)
+    for series in range(count):
+        folder = corpus / f"patient-{series % 97:03d}" / f"series-{series:05d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        volume = gaussian_filter(rng.normal(0, 400, (slices, size, size)), 2).astype(np.int16) + 1024
+        uid = generate_uid()
+        for k in range(slices):
+            ds = template.copy()
+            ds.PatientID, ds.SeriesInstanceUID, ds.SOPInstanceUID = f"P{series % 97}", uid, generate_uid()
+            ds.InstanceNumber, ds.ImagePositionPatient = k + 1, [0.0, 0.0, 2.0 * k]
+            ds.ImageOrientationPatient, ds.PixelSpacing = [1, 0, 0, 0, 1, 0], [0.8, 0.8]
+            ds.Rows = ds.Columns = size
+            ds.PixelData = volume[k].tobytes()
+            ds.save_as(folder / f"IM{k:04d}.dcm", enforce_file_format=True)
+
+
 def params_for(domain: str, corpus: str, workers: int) -> dict:
     blocks = {
         "legal": {"module": "legal_text", "corpus": corpus, "labels": None},
@@ -89,6 +114,7 @@ def params_for(domain: str, corpus: str, workers: int) -> dict:
                   "preprocess": {"tile_size": 64, "stride": 64, "workers": workers}},
         "medical": {"module": "medical3d", "corpus": corpus, "labels": None,
                     "ingest": {"nifti_modality": "ct"}, "preprocess": {"workers": workers}},
+        "dicom": {"module": "medical3d", "corpus": corpus, "labels": None, "preprocess": {"workers": workers}},
     }
     block = blocks[domain]
     block.setdefault("ingest", {})["workers"] = workers
@@ -153,7 +179,7 @@ def speedup(args: argparse.Namespace) -> None:
     work = Path(tempfile.mkdtemp(prefix="data-scale-"))
     cases = [("legal", "ingest", args.texts, write_texts), ("histo", "ingest", args.slides, write_slides),
              ("histo", "preprocess", args.slides, write_slides), ("medical", "ingest", args.volumes, write_volumes),
-             ("medical", "preprocess", args.volumes, write_volumes)]
+             ("medical", "preprocess", args.volumes, write_volumes), ("dicom", "ingest", args.series, write_dicom)]
     if args.pin_threads:
         ENV_EXTRA.update(PINNED)
     print(f"machine: {os.cpu_count()} cores; load before: {open('/proc/loadavg').read().split()[:3]}"
@@ -281,6 +307,7 @@ def main() -> None:
     one.add_argument("--texts", type=int, default=20000)
     one.add_argument("--slides", type=int, default=160)
     one.add_argument("--volumes", type=int, default=96)
+    one.add_argument("--series", type=int, default=48, help="DICOM series of 48 slices (dicom-ingest)")
     one.add_argument("--only", nargs="*", help="cases to run: legal-ingest histo-ingest histo-preprocess ...")
     one.add_argument("--pin-threads", action="store_true", help="OMP_NUM_THREADS=1 for every stage run")
     two = commands.add_parser("dvc")

@@ -83,12 +83,23 @@ class ChunkedWork:
                  label: str = "work", max_items: int = 64) -> None:
         self.label = label
         self.folder, self.settings, self.chunk_size = folder, digest_of_inputs(settings), chunk_size
+        self.setting = workers
+        self.parts: list[ChunkedWork] = []
         self.max_items = max_items
         self.workers, self.scheduler = resolve_workers(workers), scheduler_address(scheduler)
         self.chosen = workers not in (None, "auto")  # a number the user set: always used
         self.items: int | None = None  # what the work is made of, once chunk_length was asked
         self.window = window  # chunks in flight per worker
         self.resumed = 0  # chunks read back from an earlier run
+
+    def part(self, name: str) -> ChunkedWork:
+        """Work of its own within the stage, on the same engine, its chunks in a folder beside the
+        stage's (removed with it by `finish`)."""
+        work = ChunkedWork(self.folder.with_name(f"{self.folder.name}-{name}"), [self.settings, name],
+                           workers=self.setting, scheduler=self.scheduler, chunk_size=self.chunk_size,
+                           window=self.window, label=f"{self.label} ({name})", max_items=self.max_items)
+        self.parts.append(work)
+        return work
 
     def chunk_length(self, items: int) -> int:
         """Items a chunk carries: the section's `chunk_size`, or (auto) enough chunks for every worker
@@ -246,6 +257,8 @@ class ChunkedWork:
     def finish(self) -> None:
         """The stage's output is in place: its chunk results are no longer needed."""
         shutil.rmtree(self.folder, ignore_errors=True)
+        for part in self.parts:
+            part.finish()
 
 
 _BLOB = "__blob__"

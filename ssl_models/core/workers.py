@@ -23,6 +23,8 @@ class Engine(Protocol):
     def results_of(self, function: Callable[[Any], Any], chunks: Iterable[tuple[Any, str]],
                    fresh: Callable[[Any, Any], bool] | None = None) -> Iterator[Any]: ...
 
+    def part(self, name: str) -> Engine: ...
+
 
 _ENGINE: contextvars.ContextVar[Engine | None] = contextvars.ContextVar("ssl_pipeline_engine", default=None)
 
@@ -41,7 +43,7 @@ LOOKAHEAD = 16_384  # items read ahead to size the chunks: the whole stream when
 
 def run_items(function: Callable[[Any], list[Any]], shared: Any, items: Iterable[Any],
               identities: Iterable[Any] | Callable[[Any], Any],
-              fresh: Callable[[list[Any], list[Any]], bool] | None = None) -> Iterator[Any]:
+              fresh: Callable[[list[Any], list[Any]], bool] | None = None, part: str | None = None) -> Iterator[Any]:
     """One result per item of `items`, in order: `function((shared, chunk))` returns the results of
     a chunk of items, run on the stage's engine in chunks of its size (here, in LOOKAHEAD items at a
     time, when no engine is set). `identities[i]` (or `identities(item)`) names item i's inputs (key, content hash,
@@ -51,8 +53,12 @@ def run_items(function: Callable[[Any], list[Any]], shared: Any, items: Iterable
     items is ever held. `fresh(items, results)`, when given, is asked of a chunk an earlier run
     finished before its results are taken: False (an input changed since) has the chunk done again.
     It lets an identity name the inputs without a `stat` of each (ingest: their keys), the results
-    carrying what `fresh` compares."""
+    carrying what `fresh` compares. `part` names work of its own within the stage (3D ingest reads
+    the DICOM headers on the engine before it reads the series): its chunks are kept apart from
+    the stage's own."""
     engine = _ENGINE.get()
+    if engine is not None and part:
+        engine = engine.part(part)
     pairs = (((item, identities(item)) for item in items) if callable(identities)
              else zip(items, identities))
     head = list(itertools.islice(pairs, LOOKAHEAD))

@@ -47,10 +47,13 @@ class Medical3D(Domain, module="medical3d"):
         return name.endswith(VOLUME_SUFFIXES) or looks_like_dicom(path)
 
     def sources(self, files: list[Path], corpus: Path, cfg: DomainConfig) -> Iterator[Source | Rejected]:
-        from ssl_models.medical3d.dicom import group_series, looks_like_dicom
+        from ssl_models.core.workers import file_stamp, run_items
+        from ssl_models.medical3d.dicom import group_series, looks_like_dicom, series_headers
 
         dicom = [p for p in files if looks_like_dicom(p)]
-        yield from group_series(dicom, corpus)
+        # every header read on the stage's engine (a PACS export: hundreds of thousands of files)
+        headers = run_items(series_headers, None, dicom, lambda path: (str(path), file_stamp(path)), part="dicom-headers")
+        yield from group_series(dicom, corpus, headers)
         for path in files:
             if not looks_like_dicom(path):
                 yield Source(path.relative_to(corpus).as_posix(), [path])

@@ -8,13 +8,15 @@ warnings, which can quote header values, are silenced while reading.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import warnings
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -76,20 +78,38 @@ def is_dicom(dataset) -> bool:
     return any(tag in dataset for tag in _IMAGE_TAGS)
 
 
-def group_series(files: list[Path], corpus: Path) -> list[Source | Rejected]:
+def series_headers(job: tuple[Any, list[Path]]) -> list[list | None]:
+    """Of each file of one chunk, in any process (`ssl_models.core.workers`): [a digest of its
+    SeriesInstanceUID ("" when it is no DICOM object or has none), whether it holds pixel data], or
+    None when it does not read. A digest: the chunk's result is written to the stage's work folder,
+    and grouping needs only to tell UIDs apart."""
+    _, paths = job
+    found: list[list | None] = []
+    for path in paths:
+        try:
+            header = read_header(path)
+            uid = str(header.get("SeriesInstanceUID", "")) if is_dicom(header) else ""
+            found.append([hashlib.sha256(uid.encode()).hexdigest() if uid else "", "PixelData" in header])
+        except Exception:  # unreadable here: read() quarantines it with the reason
+            found.append(None)
+    return found
+
+
+def group_series(files: list[Path], corpus: Path, headers: Iterable[list | None] | None = None
+                 ) -> list[Source | Rejected]:
     """One source per SeriesInstanceUID. A source is named by its folder when that folder holds
     one series of several files, by the file for a single file, else `folder#series-<n>`.
     A file without pixel data beside slices of its series (a header-only copy, a structured
-    report sharing the UID) is rejected on its own, so the series is still read."""
+    report sharing the UID) is rejected on its own, so the series is still read. `headers`: each
+    file's `series_headers` entry, in order (read on the stage's engine); else read here."""
+    if headers is None:
+        headers = series_headers((None, files))
     by_series: dict[str, list[Path]] = defaultdict(list)
     has_pixels: dict[Path, bool] = {}
-    for path in files:
-        try:
-            header = read_header(path)
-            uid = (str(header.get("SeriesInstanceUID", "")) if is_dicom(header) else "") or f"file:{path}"
-            has_pixels[path] = "PixelData" in header
-        except Exception:  # unreadable here: read() quarantines it with the reason
-            uid = f"file:{path}"
+    for path, header in zip(files, headers, strict=True):
+        uid = (header[0] if header is not None else "") or f"file:{path}"
+        if header is not None:
+            has_pixels[path] = header[1]
         by_series[uid].append(path)
     found: list[Source | Rejected] = []
     per_folder: dict[Path, list[list[Path]]] = defaultdict(list)

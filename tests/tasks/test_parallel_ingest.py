@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from ssl_models.core.hashing import sha256_file
+from tasks.io import read_jsonl
 from tasks.paths import DomainPaths
 from tests.conftest import copy_project, reference_params, run_stages, tiny_params, write_params
 
@@ -148,3 +149,50 @@ def test_auto_workers_stay_in_the_stage_for_a_small_corpus_and_a_number_is_alway
     chosen = ChunkedWork(tmp_path, {}, workers=2)
     chosen.chunk_length(3)
     assert chosen.engine == "2 local process(es)"
+
+
+def test_dicom_headers_are_read_on_the_engine_and_the_manifest_is_the_same(
+        tmp_path: Path, dask_scheduler: str, caplog: pytest.LogCaptureFixture) -> None:
+    """A PACS export is hundreds of thousands of DICOM files, whose headers must all be read to
+    group them into series: that reading runs on the stage's engine like the rest of ingest (its
+    chunks kept apart, and gone once the manifest is in place), and the manifest, quarantine list
+    and duplicates are byte-identical for 1 worker, 2 workers and Dask. The corpus: three series
+    (one split over two folders, one with a header-only file), a lone slice (not a volume), and a
+    `.dcm` that is no DICOM."""
+    from tests.ssl_models.medical_files import medical_params, write_series, write_without_pixels
+
+    corpus = tmp_path / "corpus"
+    for number in range(3):
+        write_series(corpus / f"patient{number}" / "ct", f"Doe^P{number}", f"PID-{number}", n_slices=8,
+                     contrast=100.0 * number)
+    moved = sorted((corpus / "patient2" / "ct").iterdir())[:4]
+    (corpus / "patient2" / "more").mkdir()
+    for path in moved:
+        path.rename(corpus / "patient2" / "more" / path.name)
+    write_without_pixels(corpus / "patient1" / "ct" / "report.dcm")
+    write_series(corpus / "lone", "Doe^L", "PID-9", n_slices=1)
+    (corpus / "broken.dcm").write_bytes(b"not a dicom file at all" * 10)
+    made = {}
+    for name, settings in (("one", {"workers": 1}), ("two", {"workers": 2}),
+                           ("dask", {"workers": 1, "scheduler": dask_scheduler})):
+        root = tmp_path / name
+        if name == "one":
+            root.mkdir()
+        else:  # the same secret salt, so the same pseudonyms
+            shutil.copytree(tmp_path / "one" / "secret", root / "secret")
+        write_params(root, medical_params(corpus=str(corpus), labels=None,
+                                          ingest={**settings, "chunk_size": 2, "max_quarantined_fraction": 0.9}))
+        with caplog.at_level(logging.INFO):
+            caplog.clear()
+            run_stages(root, "medical", "ingest")
+        lines = [r.getMessage() for r in caplog.records]
+        engine = "2 local process(es)" if name == "two" else f"Dask scheduler {dask_scheduler}" if name == "dask" \
+            else "this process"
+        assert any(line.startswith("ingest medical (dicom-headers): 14 chunk(s) on " + engine) for line in lines), lines
+        assert not DomainPaths("medical", root).work("ingest-dicom-headers").exists()
+        made[name] = manifest_digests(root, "medical")
+    assert made["one"] == made["two"] == made["dask"]
+    rows = [line for line in (tmp_path / "one/data/medical/manifest/manifest.jsonl").read_text().splitlines()]
+    reasons = sorted(entry["reason"].split(" (")[0].split(":")[0] for entry in
+                     read_jsonl(tmp_path / "one/data/medical/manifest/quarantine.jsonl"))
+    assert len(rows) == 3 and reasons == ["DICOM without pixel data", "not a 3D volume", "not a DICOM file"], reasons
