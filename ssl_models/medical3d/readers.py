@@ -57,7 +57,10 @@ def read_nifti(path: Path, max_voxels: int = MAX_VOXELS) -> Volume:
 
     _empty_check(path)
     try:
-        image = nib.load(path)  # the header only: the voxels stay on disk behind `dataobj`
+        # the header only: the voxels stay on disk behind `dataobj`, whose file stays open while the
+        # slabs are read (one after another, forward). Opened again for each slab, a .nii.gz was
+        # decompressed from its start every time: a 512x512x160 CT took 3.7 s instead of 0.74 s.
+        image = nib.load(path, keep_file_open=True)
         shape = tuple(int(n) for n in image.shape)
     except Exception as error:  # nibabel raises many types for a file cut short or corrupt
         raise UnreadableFileError(f"truncated or corrupt NIfTI header ({type(error).__name__}: "

@@ -166,3 +166,30 @@ def test_a_corrupt_nifti_reason_carries_no_path(medical_project: Path) -> None:
     assert reasons[2].startswith("volume too large: the header declares 2048x2048x2048")
     for reason in reasons:
         assert "DOE" in str(folder) and "DOE" not in reason and "/" not in reason, reason
+
+
+def test_a_compressed_nifti_is_decompressed_once_however_many_slabs(tmp_path: Path, monkeypatch) -> None:
+    """`read_nifti` reads a volume a slab of slices at a time (temporaries stay small). Each slab
+    used to open the .nii.gz again and decompress it from its start: 20 slabs, 20 decompressions
+    (a 512x512x160 CT took 3.7 s instead of 0.74 s). The file now stays open while the slabs are
+    read, forward: the voxels are those of a whole read, from one opening of the file."""
+    import gzip
+
+    from ssl_models.medical3d import readers
+
+    volume = np.random.default_rng(0).normal(0, 300, (32, 32, 40)).astype(np.int16)
+    path = tmp_path / "ct.nii.gz"
+    nib.save(nib.Nifti1Image(volume, np.diag([0.8, 0.8, 2.0, 1.0])), path)
+    monkeypatch.setattr(readers, "_SLAB_VOXELS", 32 * 32 * 2)  # 20 slabs of 2 slices
+    whole = np.asarray(nib.as_closest_canonical(nib.load(path)).dataobj, dtype=np.float32)
+    opened = []
+    real_init = gzip.GzipFile.__init__
+
+    def counting_init(self, *args, **kwargs):
+        opened.append(1)
+        real_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(gzip.GzipFile, "__init__", counting_init)
+    read = readers.read_nifti(path)
+    assert np.array_equal(read.array, whole) and np.allclose(read.spacing, (0.8, 0.8, 2.0))
+    assert len(opened) <= 3, f"the file was opened {len(opened)} times"
