@@ -27,6 +27,7 @@ then a no-op `dvc repro` and a `dvc status` of the same workspace.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import re
 import shutil
@@ -177,9 +178,10 @@ def corpus_bytes(corpus: Path) -> int:
 
 def speedup(args: argparse.Namespace) -> None:
     work = Path(tempfile.mkdtemp(prefix="data-scale-"))
+    volumes = functools.partial(write_volumes, size=args.volume_size)
     cases = [("legal", "ingest", args.texts, write_texts), ("histo", "ingest", args.slides, write_slides),
-             ("histo", "preprocess", args.slides, write_slides), ("medical", "ingest", args.volumes, write_volumes),
-             ("medical", "preprocess", args.volumes, write_volumes), ("dicom", "ingest", args.series, write_dicom)]
+             ("histo", "preprocess", args.slides, write_slides), ("medical", "ingest", args.volumes, volumes),
+             ("medical", "preprocess", args.volumes, volumes), ("dicom", "ingest", args.series, write_dicom)]
     if args.pin_threads:
         ENV_EXTRA.update(PINNED)
     print(f"machine: {os.cpu_count()} cores; load before: {open('/proc/loadavg').read().split()[:3]}"
@@ -307,6 +309,7 @@ def main() -> None:
     one.add_argument("--texts", type=int, default=20000)
     one.add_argument("--slides", type=int, default=160)
     one.add_argument("--volumes", type=int, default=96)
+    one.add_argument("--volume-size", type=int, default=96, help="voxels along each axis of a generated CT volume")
     one.add_argument("--series", type=int, default=48, help="DICOM series of 48 slices (dicom-ingest)")
     one.add_argument("--only", nargs="*", help="cases to run: legal-ingest histo-ingest histo-preprocess ...")
     one.add_argument("--pin-threads", action="store_true", help="OMP_NUM_THREADS=1 for every stage run")
