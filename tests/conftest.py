@@ -178,6 +178,27 @@ def wsd_plan_resuming(step: int, warmup: int) -> int:
     return steps
 
 
+def peaks_in_a_fresh_interpreter(folder: Path, function: str, sizes: tuple[int, int, int],
+                                 settings: str = "") -> tuple[int, int]:
+    """The peaks `module:name` returns for `folder/small` and `folder/large` at the last two `sizes`,
+    run in a fresh interpreter after `settings` (Python lines, e.g. a smaller buffer) and one
+    warm-up run at the first size: the modules a first run imports, and the interpreter's tables
+    a test process has grown by then, are not what is measured."""
+    import subprocess
+
+    module, name = function.split(":")
+    warm, small, large = sizes
+    code = "\n".join([f"import sys; sys.path.insert(0, {str(REPO)!r})", "from pathlib import Path",
+                      f"from {module} import {name}", settings,
+                      f"{name}(Path({str(folder)!r}) / 'warm', {warm})",
+                      f"print({name}(Path({str(folder)!r}) / 'small', {small}), "
+                      f"{name}(Path({str(folder)!r}) / 'large', {large}))"])
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=stage_env())
+    assert done.returncode == 0, done.stderr[-2000:]
+    first, second = map(int, done.stdout.split()[-2:])
+    return first, second
+
+
 def write_params(folder: Path, params: dict) -> None:
     (folder / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 

@@ -116,7 +116,8 @@ class ShardWriter:
         for part in PARTS:
             self._flush(part)
             if part not in self.writers:
-                Dataset.from_dict(self._empty(part), features=self.features[part]).save_to_disk(str(self.out_dir / part))
+                empty = Dataset.from_dict(self._empty(part), features=self.features[part])
+                empty.save_to_disk(str(self.out_dir / part))
                 continue
             writer = self.writers.pop(part)
             writer.finalize()

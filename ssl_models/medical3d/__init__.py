@@ -52,7 +52,8 @@ class Medical3D(Domain, module="medical3d"):
 
         dicom = [p for p in files if looks_like_dicom(p)]
         # every header read on the stage's engine (a PACS export: hundreds of thousands of files)
-        headers = run_items(series_headers, None, dicom, lambda path: (str(path), file_stamp(path)), part="dicom-headers")
+        headers = run_items(series_headers, None, dicom, lambda path: (str(path), file_stamp(path)),
+                            part="dicom-headers")
         yield from group_series(dicom, corpus, headers)
         for path in files:
             if not looks_like_dicom(path):

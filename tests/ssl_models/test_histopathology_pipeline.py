@@ -124,23 +124,10 @@ def test_tiling_memory_does_not_grow_with_the_slides(tmp_path: Path) -> None:
     slides, about the same peak. With the buffer never flushed (every tile held to the end, as the
     code before did) the peak grew 97 KB a slide here. In a fresh interpreter, as the ingest memory
     tests."""
-    import subprocess
-    import sys
+    from tests.conftest import peaks_in_a_fresh_interpreter
 
-    from tests.conftest import stage_env
-
-    code = f"""
-import sys
-sys.path.insert(0, {str(Path(__file__).resolve().parents[2])!r})
-from pathlib import Path
-from ssl_models.core.shards import ShardWriter
-from tests.ssl_models.test_histopathology_pipeline import _peak_traced_tiling
-ShardWriter.FLUSH_BYTES = 64 * 1024
-_peak_traced_tiling(Path({str(tmp_path)!r}) / "warm", 3)  # the modules a first run imports are not the slides
-print(_peak_traced_tiling(Path({str(tmp_path)!r}) / "small", 8), _peak_traced_tiling(Path({str(tmp_path)!r}) / "large", 40))
-"""
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=stage_env())
-    assert done.returncode == 0, done.stderr[-2000:]
-    small, large = map(int, done.stdout.split()[-2:])
+    small, large = peaks_in_a_fresh_interpreter(
+        tmp_path, "tests.ssl_models.test_histopathology_pipeline:_peak_traced_tiling", (3, 8, 40),
+        "from ssl_models.core.shards import ShardWriter\nShardWriter.FLUSH_BYTES = 64 * 1024")
     per_slide = (large - small) / 32
     assert per_slide < 15_000, f"{per_slide:.0f} bytes more per slide ({small} -> {large} bytes at peak)"

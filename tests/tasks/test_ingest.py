@@ -11,7 +11,7 @@ from tasks.cli import run_stage
 from tasks.io import read_json, read_jsonl
 from ssl_models.core.hashing import sha256_file
 from tasks.lineage import check_raw_inputs_unchanged, raw_inputs
-from tests.conftest import stage_env, tiny_params, write_params
+from tests.conftest import peaks_in_a_fresh_interpreter, tiny_params, write_params
 
 
 def make_corpus(root: Path) -> None:
@@ -304,23 +304,10 @@ def test_ingest_memory_does_not_grow_with_the_corpus(tmp_path: Path) -> None:
     can land in either run (here up to about 300 bytes a file); the code before held 1.3-2.7 KB a
     file. Measured in a fresh interpreter: in a test process that has run many tests before, that
     table is large and one resize of it alone took 16 MB (1.5 KB a file of the larger run)."""
-    import subprocess
-    import sys
-
-    code = f"""
-import sys
-sys.path.insert(0, {str(Path(__file__).resolve().parents[2])!r})
-import ssl_models.core.workers, ssl_models.core.hashing
-from pathlib import Path
-from tests.tasks.test_ingest import _peak_traced_ingest
-ssl_models.core.workers.LOOKAHEAD = 256
-ssl_models.core.hashing.HashCache.FLUSH_EVERY = 256
-_peak_traced_ingest(Path({str(tmp_path)!r}) / "warm", 300)  # the modules a first ingest imports are not the corpus
-print(_peak_traced_ingest(Path({str(tmp_path)!r}) / "small", 1000), _peak_traced_ingest(Path({str(tmp_path)!r}) / "large", 12000))
-"""
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=stage_env())
-    assert done.returncode == 0, done.stderr[-2000:]
-    small, large = map(int, done.stdout.split()[-2:])
+    small, large = peaks_in_a_fresh_interpreter(
+        tmp_path, "tests.tasks.test_ingest:_peak_traced_ingest", (300, 1000, 12000),
+        "import ssl_models.core.workers, ssl_models.core.hashing\n"
+        "ssl_models.core.workers.LOOKAHEAD = 256\nssl_models.core.hashing.HashCache.FLUSH_EVERY = 256")
     per_file = (large - small) / 11000
     assert per_file < 500, f"{per_file:.0f} bytes more per file ({small} -> {large} bytes at peak)"
 
@@ -347,25 +334,12 @@ def test_preprocess_memory_holds_no_row_and_no_source(tmp_path: Path) -> None:
     and an array a text, 1.8 KB a text; then, with those gone, the blocks until the end, 0.44 KB. In
     a fresh interpreter, as the ingest test, with the tokenizer's batches made short (they are
     bounded, not per row: 2 MiB of text each) and the writer's buffer with them."""
-    import subprocess
-    import sys
-
-    code = f"""
-import sys
-sys.path.insert(0, {str(Path(__file__).resolve().parents[2])!r})
-from pathlib import Path
-import ssl_models.legal_text.shards
-from tests.tasks.test_ingest import _peak_traced_preprocess
-ssl_models.legal_text.shards.BATCH_CHARACTERS = 4096  # a batch of 2 MiB of text is ~35,000 of these texts
-from ssl_models.core.shards import ShardWriter
-ShardWriter.FLUSH_BYTES = 64 * 1024
-_peak_traced_preprocess(Path({str(tmp_path)!r}) / "warm", 300)  # the modules a first run imports are not the corpus
-print(_peak_traced_preprocess(Path({str(tmp_path)!r}) / "small", 1000),
-      _peak_traced_preprocess(Path({str(tmp_path)!r}) / "large", 9000))
-"""
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=stage_env())
-    assert done.returncode == 0, done.stderr[-2000:]
-    small, large = map(int, done.stdout.split()[-2:])
+    small, large = peaks_in_a_fresh_interpreter(
+        tmp_path, "tests.tasks.test_ingest:_peak_traced_preprocess", (300, 1000, 9000),
+        "import ssl_models.legal_text.shards\n"
+        "ssl_models.legal_text.shards.BATCH_CHARACTERS = 4096  # a batch of 2 MiB of text is ~35,000 of these texts\n"
+        "from ssl_models.core.shards import ShardWriter\n"
+        "ShardWriter.FLUSH_BYTES = 64 * 1024")
     per_text = (large - small) / 8000
     assert per_text < 200, f"{per_text:.0f} bytes more per text ({small} -> {large} bytes at peak)"
 
