@@ -4,7 +4,7 @@ spectrogram modelling and wav2vec2 pretraining, clip classification downstream."
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from ssl_models.audio.config import (
     BACKBONE_INPUTS,
@@ -71,19 +71,11 @@ class Audio(Domain, module="audio"):
         from ssl_models.audio.shards import write_audio_shards
 
         spec = InputSpec.from_config(cfg.ingest, cfg.preprocess)
-        summary = write_audio_shards(self._records(cfg, manifest, locate), spec, out_dir)
+        # a source (a file) and its rows at a time, in the manifest's order (ingest wrote a source's
+        # rows one after another), each read again and made model input on the stage's engine
+        summary = write_audio_shards(cfg, rows_by_source(manifest, locate), spec, out_dir)
         spec.save(out_dir)
         return summary
-
-    def _records(self, cfg: DomainConfig, manifest: Iterable[dict[str, Any]],
-                 locate: Callable[[dict[str, Any]], Source]) -> Iterator[tuple[dict[str, Any], Record]]:
-        """(row, record) of the manifest's records, re-read file by file in manifest order (ingest
-        wrote a source's rows one after another): one file, and its rows, in memory at a time."""
-        for source, rows in rows_by_source(manifest, locate):
-            by_key = {row["key"]: row for row in rows}
-            for record in self.read(source, cfg):
-                if isinstance(record, Record) and record.key in by_key:
-                    yield by_key[record.key], record
 
     def export(self, cfg: DomainConfig, encoder: Encoder, out_dir: Path) -> dict[str, Any]:
         """The spectrogram backbone as a timm VisionTransformer folder, wav2vec2 as a Hugging Face

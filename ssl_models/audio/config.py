@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
-from ssl_models.core.config import IngestLimits, require
+from ssl_models.core.config import IngestLimits, ParallelWork, require
 from ssl_models.core.registry import Registry
 
 if TYPE_CHECKING:
@@ -117,8 +117,9 @@ class AudioIngestConfig(IngestLimits):
 
 
 @dataclass
-class AudioPreprocessConfig:
-    """`preprocess:` block: the model input stored in the shards."""
+class AudioPreprocessConfig(ParallelWork):
+    """`preprocess:` block: the model input stored in the shards (each file's on the stage's
+    engine: `workers`, `scheduler`, `chunk_size`)."""
 
     input: InputKind = "log_mel"  # log_mel (tera, masked_spectrogram, hubert) | waveform (wav2vec2)
     n_mels: int = 64
@@ -127,6 +128,7 @@ class AudioPreprocessConfig:
     clip_seconds: float = 1.0  # pretraining crops and labeled clips are cut or padded to this length
 
     def validate(self, where: str) -> None:
+        super().validate(where)
         require(self.n_mels >= 8, f"{where}.n_mels", "must be at least 8")
         require(self.n_fft >= 16, f"{where}.n_fft", "must be at least 16 samples")
         require(0 < self.hop_length <= self.n_fft, f"{where}.hop_length", "must be in (0, n_fft]")

@@ -102,9 +102,13 @@ class RunningMoments:
         self.total_squares = np.zeros(width)
 
     def add(self, steps: np.ndarray) -> None:
-        self.count += len(steps)
-        self.total += steps.sum(axis=0, dtype=np.float64)
-        self.total_squares += np.square(steps, dtype=np.float64).sum(axis=0)
+        self.add_sums(len(steps), steps.sum(axis=0, dtype=np.float64), np.square(steps, dtype=np.float64).sum(axis=0))
+
+    def add_sums(self, count: int, total: np.ndarray, total_squares: np.ndarray) -> None:
+        """An array's count and column sums, taken where it was made (`audio_chunk`)."""
+        self.count += count
+        self.total += total
+        self.total_squares += total_squares
 
     def result(self) -> tuple[list[float], list[float]]:
         if self.count == 0:

@@ -1,6 +1,6 @@
 """Ingest and preprocess spread over local processes or a Dask cluster write the same bytes as one
 process, in every domain (issue 23). Where a domain's preprocess has no per-source work to spread
-(legal trains one tokenizer, audio...), its shards are compared all the same."""
+(legal trains one tokenizer), its shards are compared all the same."""
 
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ def data_digests(root: Path, domain: str) -> dict[str, str]:
             **{f"shards/{k}": v for k, v in folder_digests(paths.shards).items()}}
 
 
-PER_SOURCE_PREPROCESS = {"histo", "medical"}  # the domains whose preprocess reads `workers` (a section of its own)
+PER_SOURCE_PREPROCESS = {"histo", "medical", "audio"}  # the domains whose preprocess reads `workers`
 
 
 def with_settings(domain: str, **settings: object) -> dict:
