@@ -110,7 +110,7 @@ class ShardWriter:
     def close(self) -> dict[str, int]:
         """Every part saved as `out_dir/<part>`; the rows of each. A part of zero rows is written
         without a table file (datasets writes none), which `Domain.pretrain_dataset` reads as no rows."""
-        from datasets import Dataset, DatasetInfo
+        from datasets import Dataset, DatasetInfo, Features
         from datasets.table import MemoryMappedTable
 
         for part in PARTS:
@@ -122,10 +122,11 @@ class ShardWriter:
             writer = self.writers.pop(part)
             writer.finalize()
             path = self.scratch / f"{part}.arrow"
-            dataset = Dataset(MemoryMappedTable.from_file(str(path)), info=DatasetInfo(features=writer._features),
+            table = MemoryMappedTable.from_file(str(path))  # its schema carries the features it was written with
+            dataset = Dataset(table, info=DatasetInfo(features=Features.from_arrow_schema(table.schema)),
                               fingerprint=self.digests[part].hexdigest()[:16])
             dataset.save_to_disk(str(self.out_dir / part))
-            del dataset
+            del dataset, table
             path.unlink()
         shutil.rmtree(self.scratch, ignore_errors=True)
         return dict(self.rows)
