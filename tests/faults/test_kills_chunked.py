@@ -1,5 +1,5 @@
-"""SIGKILL part-way through a chunked ingest (and a chunked tiling): the re-run reads back the
-chunks finished before the kill, does the rest, and ends bit-identical to an uninterrupted run
+"""SIGKILL part-way through a chunked ingest (and a chunked tiling, and audio preprocess): the re-run
+reads back the chunks finished before the kill, does the rest, and ends bit-identical to an uninterrupted run
 (issue 23). The stage runs as the CLI runs it, in a process of its own (tests/stage_processes.py),
 with its work spread over 2 local processes: the kill takes them too."""
 
@@ -91,3 +91,41 @@ def test_a_killed_chunked_tiling_resumes_at_its_first_unfinished_chunk(tmp_path:
     killed = slide_project(tmp_path / "killed", like=whole)
     kill_midway_then_rerun(stage_processes, killed, "preprocess", "histo", SLIDES, DomainPaths("histo", killed).shards)
     assert folder_digests(DomainPaths("histo", killed).shards) == folder_digests(DomainPaths("histo", whole).shards)
+
+
+RECORDINGS = 120
+
+
+def audio_project(root: Path) -> Path:
+    """RECORDINGS generated 20-second recordings (a gliding tone in noise), unlabeled, made model
+    input one recording a chunk on 2 processes; ingested."""
+    import numpy as np
+    import soundfile
+
+    rng = np.random.default_rng(0)
+    (root / "corpus").mkdir(parents=True)
+    seconds = np.arange(16000 * 20) / 16000
+    for i in range(RECORDINGS):
+        wave = 0.3 * np.sin(2 * np.pi * (150 + 7 * i) * seconds * (1 + 0.05 * np.sin(seconds)))
+        noisy = (wave + 0.02 * rng.normal(size=wave.size)).astype(np.float32)
+        soundfile.write(root / "corpus" / f"rec-{i:03d}.wav", noisy, 16000)
+    write_params(root, {"domains": {"audio": {"module": "audio", "corpus": "corpus", "labels": None,
+                                              "ingest": {"workers": 2},
+                                              "preprocess": {"workers": 2, "chunk_size": 1}}}})
+    run_stages(root, "audio", "ingest")
+    return root
+
+
+def test_a_killed_chunked_audio_preprocess_resumes_at_its_first_unfinished_chunk(
+        tmp_path: Path, stage_processes: StageProcesses) -> None:
+    """The shards and the normalisation statistics (summed in the manifest's order from every
+    chunk's column sums, read back or made again) are those of an uninterrupted run."""
+    from tests.tasks.test_parallel_ingest import folder_digests
+
+    whole = audio_project(tmp_path / "whole")
+    run_stages(whole, "audio", "preprocess")
+    killed = audio_project(tmp_path / "killed")
+    kill_midway_then_rerun(stage_processes, killed, "preprocess", "audio", RECORDINGS,
+                           DomainPaths("audio", killed).shards)
+    assert folder_digests(DomainPaths("audio", killed).shards) == folder_digests(DomainPaths("audio", whole).shards)
+    assert (DomainPaths("audio", killed).shards / "normalisation.json").exists()
