@@ -83,7 +83,7 @@ class ChunkedWork:
                  label: str = "work", max_items: int = 64) -> None:
         self.label = label
         self.folder, self.settings, self.chunk_size = folder, digest_of_inputs(settings), chunk_size
-        self.setting = workers
+        self.workers_setting = workers  # as given (auto or a number): a part is run as the stage is
         self.parts: list[ChunkedWork] = []
         self.max_items = max_items
         self.workers, self.scheduler = resolve_workers(workers), scheduler_address(scheduler)
@@ -96,7 +96,7 @@ class ChunkedWork:
         """Work of its own within the stage, on the same engine, its chunks in a folder beside the
         stage's (removed with it by `finish`)."""
         work = ChunkedWork(self.folder.with_name(f"{self.folder.name}-{name}"), [self.settings, name],
-                           workers=self.setting, scheduler=self.scheduler, chunk_size=self.chunk_size,
+                           workers=self.workers_setting, scheduler=self.scheduler, chunk_size=self.chunk_size,
                            window=self.window, label=f"{self.label} ({name})", max_items=self.max_items)
         self.parts.append(work)
         return work

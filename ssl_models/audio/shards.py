@@ -14,7 +14,7 @@ from datasets import Features, Value
 from ssl_models.audio.features import InputSpec, RunningMoments, centre_crop, crops, encode_row, model_input
 from ssl_models.core.config import DomainConfig
 from ssl_models.core.domain import Record, Source
-from ssl_models.core.shards import LABELED, PRETRAIN_PARTS, PRETRAIN_TRAIN, PRETRAIN_VAL, ShardWriter
+from ssl_models.core.shards import LABELED, PRETRAIN_PARTS, ShardWriter
 from ssl_models.core.workers import file_stamp, run_items
 
 PRETRAIN_COLUMNS = ("input", "length")
@@ -64,16 +64,15 @@ def write_audio_shards(cfg: DomainConfig, sources: Iterable[tuple[Source, list[d
     seconds = {"train": 0.0, "val": 0.0, "test": 0.0}
     results = run_items(audio_chunk, cfg, sources, lambda pair: (
         pair[0].key, [row["sha256"] for row in pair[1]], [file_stamp(path) for path in pair[0].paths]))
-    with ShardWriter(out_dir, {PRETRAIN_TRAIN: PRETRAIN_COLUMNS, PRETRAIN_VAL: PRETRAIN_COLUMNS,
-                               LABELED: tuple(FEATURES)}, FEATURES) as shards:
+    with ShardWriter(out_dir, PRETRAIN_COLUMNS, tuple(FEATURES), FEATURES) as shards:
         for made in results:
             for entry in made:
                 seconds[entry["split"]] += entry["seconds"]
                 for crop in entry.get("crops", ()):
                     shards.add(PRETRAIN_PARTS[entry["split"]], crop)
                 if "moments" in entry:  # normalisation from the training split only
-                    part = entry["moments"]
-                    moments.add_sums(part["count"], np.frombuffer(part["total"]), np.frombuffer(part["squares"]))
+                    sums = entry["moments"]
+                    moments.add_sums(sums["count"], np.frombuffer(sums["total"]), np.frombuffer(sums["squares"]))
                 if entry["label"] is not None:
                     shards.add(LABELED, {"sample_id": entry["sha256"], **entry["clip"], "label": str(entry["label"]),
                                          "split": entry["split"], "group": str(entry["group"] or entry["sha256"])})

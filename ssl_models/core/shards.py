@@ -21,7 +21,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-
 if TYPE_CHECKING:  # datasets is imported by the stages that write or read shards, not by ingest
     from datasets import Features
 
@@ -34,8 +33,8 @@ class ShardWriter:
     """The three parts of `out_dir` written as their rows come (a context manager; `close` returns
     the rows of each part).
 
-    `columns` names each part's columns in order, or gives them with their types (a part's
-    `Features`); else `features` types them by name (each part takes those of its own columns), or
+    `pretrain` names the columns of both pretraining parts in order, `labeled` those of the labeled
+    part; each gives them with their types (a `Features`), or `features` types them by name, or
     datasets infers them from the first batch. Rows wait in memory until a part holds `FLUSH_BYTES`
     of them (or `FLUSH_ROWS`), then go to the part's scratch file
     (`out_dir/.parts`, removed on close or on an error). A part's dataset is saved from that file
@@ -45,9 +44,10 @@ class ShardWriter:
     FLUSH_BYTES = 32 * 2 ** 20
     FLUSH_ROWS = 10_000
 
-    def __init__(self, out_dir: Path, columns: Mapping[str, Sequence[str]],
+    def __init__(self, out_dir: Path, pretrain: Sequence[str] | Features, labeled: Sequence[str] | Features,
                  features: Mapping[str, Any] | Features | None = None) -> None:
         self.out_dir, self.scratch = out_dir, out_dir / ".parts"
+        columns = {PRETRAIN_TRAIN: pretrain, PRETRAIN_VAL: pretrain, LABELED: labeled}
         self.columns = {part: tuple(columns[part]) for part in PARTS}
         self.features = {part: _features_of(columns[part], features) for part in PARTS}
         self.buffered: dict[str, dict[str, list]] = {part: self._empty(part) for part in PARTS}
@@ -138,9 +138,9 @@ def write_shards(out_dir: Path, *, pretrain_train: Mapping[str, Sequence[Any]],
     """Save each part's columns as the Arrow dataset `out_dir/<part>` (`ShardWriter`); return the
     rows of each part. A column given as a 2-D numpy array (legal's token blocks) becomes an Arrow
     list column straight from its buffer, without a Python list of ints in between; for int32
-    blocks the table is the one the lists would give."""
+    blocks the table is the one the lists would give. The two pretraining parts have the same columns."""
     given = {PRETRAIN_TRAIN: pretrain_train, PRETRAIN_VAL: pretrain_val, LABELED: labeled}
-    with ShardWriter(out_dir, {part: list(columns) for part, columns in given.items()}, features) as writer:
+    with ShardWriter(out_dir, list(pretrain_train), list(labeled), features) as writer:
         for part, columns in given.items():
             writer.add_columns(part, columns)
         return writer.close()
@@ -177,7 +177,6 @@ def _size_of(value: Any) -> int:
     if isinstance(value, (list, tuple)):
         return sum(map(_size_of, value))
     return 8
-
 
 
 def _arrow_rows(values: Any) -> Any:

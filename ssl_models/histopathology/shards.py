@@ -19,7 +19,7 @@ from tqdm import tqdm
 from ssl_models.core.domain import Source
 from ssl_models.core.errors import UnreadableFileError
 from ssl_models.core.privacy import without_names
-from ssl_models.core.shards import LABELED, PRETRAIN_TRAIN, PRETRAIN_VAL, ShardWriter
+from ssl_models.core.shards import LABELED, PRETRAIN_PARTS, PRETRAIN_TRAIN, PRETRAIN_VAL, ShardWriter
 from ssl_models.core.workers import file_stamp, run_items
 from ssl_models.histopathology.config import HistoPreprocessConfig
 from ssl_models.histopathology.readers import MAX_DECODED_PIXELS, open_slide
@@ -68,7 +68,6 @@ def write_tile_shards(manifest: list[dict[str, Any]], locate: Callable[[dict[str
     """Tiles written to the shards as each slide's come back (`ShardWriter`): what is held is a
     slide's tiles and the counts, never the corpus' tiles."""
     features = tile_features()
-    pretrain_parts = {"train": PRETRAIN_TRAIN, "val": PRETRAIN_VAL}
     counts: Counter = Counter()
     labeled_by_split: Counter = Counter()
     quarantine: list[dict[str, str]] = []  # slides that fail tiling, with the reason (the report lists them)
@@ -76,8 +75,7 @@ def write_tile_shards(manifest: list[dict[str, Any]], locate: Callable[[dict[str
     located = ((row, locate(row).paths) for row in manifest)  # a stream: the manifest's rows are not held
     results = run_items(tile_chunk, (options, max_pixels), located,
                         lambda pair: (pair[0]["key"], pair[0]["sha256"], [file_stamp(path) for path in pair[1]]))
-    with ShardWriter(out_dir, {PRETRAIN_TRAIN: features["pretrain"], PRETRAIN_VAL: features["pretrain"],
-                               LABELED: features["labeled"]}) as shards:
+    with ShardWriter(out_dir, features["pretrain"], features["labeled"]) as shards:
         for row, result in tqdm(zip(manifest, results), total=len(manifest), desc="tile slides", unit="slide",
                                 disable=None):
             reason = result["reason"]
@@ -97,8 +95,8 @@ def write_tile_shards(manifest: list[dict[str, Any]], locate: Callable[[dict[str
                 else:
                     tile_group, split = group, row["split"]
                 blob = tile["pixels"]
-                if split in pretrain_parts:
-                    shards.add(pretrain_parts[split], {"pixels": blob, "source": row["key"], "x": tile["x"],
+                if split in PRETRAIN_PARTS:
+                    shards.add(PRETRAIN_PARTS[split], {"pixels": blob, "source": row["key"], "x": tile["x"],
                                                        "y": tile["y"]})
                 if row.get("label") is None:
                     continue

@@ -125,9 +125,8 @@ class LegalText(Domain, module="legal_text"):
         options = cfg.preprocess
         labeled_columns = ("sample_id", "text", "label", "split", "group")
         pretrain = Features({"input_ids": List(Value("int32"))})
-        with SpilledTexts(out_dir / ".texts") as texts, ShardWriter(out_dir, {
-                **dict.fromkeys(PRETRAIN_PARTS.values(), pretrain),
-                LABELED: Features(dict.fromkeys(labeled_columns, Value("string")))}) as shards:
+        with SpilledTexts(out_dir / ".texts") as texts, ShardWriter(
+                out_dir, pretrain, Features(dict.fromkeys(labeled_columns, Value("string")))) as shards:
             texts.write(self._read_texts(cfg, manifest, locate))
             by_split: dict[str, array] = defaultdict(lambda: array("Q"))  # row numbers: 8 bytes a row
             labeled: list[tuple[int, dict[str, Any]]] = []

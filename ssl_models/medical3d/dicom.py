@@ -95,15 +95,12 @@ def series_headers(job: tuple[Any, list[Path]]) -> list[list | None]:
     return found
 
 
-def group_series(files: list[Path], corpus: Path, headers: Iterable[list | None] | None = None
-                 ) -> list[Source | Rejected]:
+def group_series(files: list[Path], corpus: Path, headers: Iterable[list | None]) -> list[Source | Rejected]:
     """One source per SeriesInstanceUID. A source is named by its folder when that folder holds
     one series of several files, by the file for a single file, else `folder#series-<n>`.
     A file without pixel data beside slices of its series (a header-only copy, a structured
     report sharing the UID) is rejected on its own, so the series is still read. `headers`: each
-    file's `series_headers` entry, in order (read on the stage's engine); else read here."""
-    if headers is None:
-        headers = series_headers((None, files))
+    file's `series_headers` entry, in order."""
     by_series: dict[str, list[Path]] = defaultdict(list)
     has_pixels: dict[Path, bool] = {}
     for path, header in zip(files, headers, strict=True):

@@ -17,7 +17,7 @@ from tqdm import tqdm
 from ssl_models.core.config import DomainConfig
 from ssl_models.core.domain import Locate, Source
 from ssl_models.core.errors import UnreadableFileError
-from ssl_models.core.shards import LABELED, PRETRAIN_PARTS, PRETRAIN_TRAIN, PRETRAIN_VAL, ShardWriter
+from ssl_models.core.shards import LABELED, PRETRAIN_PARTS, ShardWriter
 from ssl_models.core.workers import file_stamp, run_items
 from ssl_models.medical3d.readers import read_volume
 from ssl_models.medical3d.transforms import preprocess_volume
@@ -53,8 +53,7 @@ def write_volume_shards(cfg: DomainConfig, manifest: list[dict[str, Any]], out_d
                                                                 [file_stamp(path) for path in pair[1].paths]))
     modalities: set[str] = set()  # of every row, quarantined or not
     # each cube written as it comes back (`ShardWriter`): a million volumes' cubes are never held
-    with ShardWriter(out_dir, {PRETRAIN_TRAIN: pretrain_columns, PRETRAIN_VAL: pretrain_columns,
-                               LABELED: (*pretrain_columns, "label", "split", "group")}, features) as shards:
+    with ShardWriter(out_dir, pretrain_columns, (*pretrain_columns, "label", "split", "group"), features) as shards:
         for row, result in tqdm(zip(manifest, results), total=len(manifest), desc=f"preprocess {cfg.name}",
                                 unit="volume", disable=None):
             modalities.add(row["modality"])

@@ -44,7 +44,7 @@ def _peak_of_writing(folder: Path, rows: int) -> int:
     blob = np.random.default_rng(0).bytes(16 * 1024)
     tracemalloc.start()
     try:
-        with ShardWriter(folder, dict.fromkeys(PARTS, ("id", "pixels"))) as writer:
+        with ShardWriter(folder, ("id", "pixels"), ("id", "pixels")) as writer:
             for number in range(rows):
                 for part in PARTS:
                     writer.add(part, {"id": str(number), "pixels": blob + number.to_bytes(4, "little")})
