@@ -15,7 +15,6 @@ import json
 import logging
 import os
 import shutil
-import sqlite3
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import asdict
@@ -32,6 +31,7 @@ from ssl_models.core.hashing import StampedRead, remember_digest, stamped_read, 
 from ssl_models.core.privacy import without_names
 from ssl_models.core.splits import assign_split
 from ssl_models.core.workers import file_stamp, run_items, running_on
+from tasks.content_index import ContentIndex
 from tasks.io import atomic_dir, iter_jsonl, private_outputs, write_json, write_jsonl, write_lines
 from tasks.lineage import LineageRecorder
 from tasks.paths import DomainPaths
@@ -172,10 +172,40 @@ def ingest_chunk(job: tuple[DomainConfig, list[tuple[str, Any]]]) -> list[dict[s
             with taken_by_ingest(taken):
                 records, rejected = read_source(domain, item, cfg)  # a reader hashing a file reads it once
             entry.update(source=item.key, rejected=rejected,
-                         records=[{"key": r.key, "sha256": r.sha256, "n_bytes": r.n_bytes, "meta": r.meta,
-                                   "group": r.group} for r in records])
+                         records=[[r.key, r.sha256, r.group, *_unlabeled_line(r, cfg.split)] for r in records])
         done.append(entry)
     return done
+
+
+# What stands in a row's line for the names the stage's process gives (`public`: the salted
+# pseudonym where the domain pseudonymises), as JSON writes them; the line is otherwise final.
+_KEY, _SOURCE, _GROUP = (_json_string(f"\0{what}\0") for what in ("key", "source", "group"))
+
+
+def _unlabeled_line(record: Record, split: Any) -> tuple[str, str]:
+    """(split, manifest line) of `record` with no label, rendered where it was read (a worker), with
+    `_KEY`, `_SOURCE` and `_GROUP` where its names go: the stage's process only puts them in. The
+    line is the record's size and metadata instead where a marker would not be found once exactly (a
+    metadata value that spells one): `_row_line` then renders it whole."""
+    fields = {"key": "\0key\0", "source": "\0source\0", "sha256": record.sha256, "bytes": record.n_bytes,
+              **record.meta}
+    set_group_and_split(fields, None, record.group, split, lambda kind, value: "\0group\0")
+    line = json.dumps(fields, sort_keys=True, default=str)
+    markers = (_KEY, _SOURCE, _GROUP) if record.group else (_KEY, _SOURCE)
+    if all(line.count(marker) == 1 for marker in markers) and (record.group or _GROUP not in line):
+        return fields["split"], line
+    return fields["split"], json.dumps([record.n_bytes, record.meta], default=str)
+
+
+def _row_line(line: str, key: str, source: str, group: str | None, sha: str, split: Any, public: Namer) -> str:
+    """The manifest line of a row read by `ingest_chunk`: its names put in (see `_unlabeled_line`)."""
+    if line.startswith("["):  # the rare record whose metadata spells a marker: rendered here
+        n_bytes, meta = json.loads(line)
+        row = {"key": key, "source": source, "sha256": sha, "bytes": n_bytes, **meta}
+        set_group_and_split(row, None, group, split, public)
+        return json.dumps(row, sort_keys=True, default=str)
+    line = line.replace(_KEY, _json_string(key), 1).replace(_SOURCE, _json_string(source), 1)
+    return line.replace(_GROUP, _json_string(public("group", group)), 1) if group else line
 
 
 def _hash_or_none(path: Path, keep: int) -> StampedRead:
@@ -203,7 +233,7 @@ def _ingest(cfg: DomainConfig, domain: Domain, paths: DomainPaths, corpus: Path)
     source (on the stage's engine) and writes rows, quarantine entries, duplicates and raw-file
     digests to scratch files as they come; the second gives each row its label, group and split
     and writes the manifest. What is held is per label (the labels CSV), never per file; exact
-    duplicates are found through an on-disk index of content hashes (sqlite)."""
+    duplicates are found through an index of content hashes on disk (`tasks.content_index`)."""
     domain_name = cfg.name
     public = public_namer(domain, cfg)
     if domain.pseudonymises(cfg):
@@ -218,8 +248,11 @@ def _ingest(cfg: DomainConfig, domain: Domain, paths: DomainPaths, corpus: Path)
                                        "split": asdict(cfg.split), "ingest": made_by(cfg.ingest),
                                        "privacy": {**asdict(cfg.privacy),
                                                    "pseudonymised": domain.pseudonymises(cfg)}})
-    work = chunked_work(cfg, paths, "ingest", {"module": cfg.module, "corpus": str(corpus),
-                                               "ingest": made_by(cfg.ingest)}, max_items=domain.ingest_chunk_items)
+    # what shapes a chunk's result: its rows' lines carry their splits (`_unlabeled_line`); `rows` is
+    # the results' form, so that a kept chunk of an older form is not read back as this one
+    work = chunked_work(cfg, paths, "ingest", {"module": cfg.module, "corpus": str(corpus), "rows": 2,
+                                               "ingest": made_by(cfg.ingest), "split": asdict(cfg.split)},
+                        max_items=domain.ingest_chunk_items)
     scratch = paths.work("ingest-scratch")  # this run's streams; a killed run's are dropped
     shutil.rmtree(scratch, ignore_errors=True)
     scratch.mkdir(parents=True)
@@ -301,10 +334,7 @@ class _Pass:
     def __enter__(self) -> _Pass:
         self.streams = {name: open(self.scratch / name, "w", encoding="utf-8")
                         for name in ("rows.jsonl", "duplicates.jsonl", RAW_INPUTS, *self.QUARANTINE)}
-        self.seen = sqlite3.connect(self.scratch / "contents.sqlite", isolation_level=None)
-        self.seen.executescript("PRAGMA journal_mode = OFF; PRAGMA synchronous = OFF; "
-                                "CREATE TABLE seen (sha256 TEXT PRIMARY KEY, key TEXT, line INTEGER, grp TEXT) WITHOUT ROWID; "
-                                "BEGIN;")
+        self.seen = ContentIndex(self.scratch / "contents.sqlite")
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -374,7 +404,8 @@ class _Pass:
         source_key = public("key", done["source"])
         for item in done["rejected"]:
             self.quarantine("unreadable.jsonl", {"key": public("key", item["key"]), "reason": item["reason"]})
-        self.pending.extend((public("key", record["key"]), source_key, record) for record in done["records"])
+        self.pending.extend((public("key", key), source_key, sha, group, split, line)
+                            for key, sha, group, split, line in done["records"])
         if len(self.pending) >= self.BATCH:
             self.check_pending()
 
@@ -384,12 +415,9 @@ class _Pass:
         pending, self.pending = self.pending, []
         if not pending:
             return
-        digests = list({record["sha256"] for _, _, record in pending})
-        kept = {sha: (key, line, group) for sha, key, line, group in self.seen.execute(
-            f"SELECT sha256, key, line, grp FROM seen WHERE sha256 IN ({','.join('?' * len(digests))})", digests)}
+        kept = self.seen.find(list({sha for _, _, sha, *_ in pending}))
         new, rows = [], self.streams["rows.jsonl"]
-        for key, source_key, record in pending:
-            sha = record["sha256"]
+        for key, source_key, sha, group, split, line in pending:
             if sha in kept:
                 kept_key, kept_line, kept_group = kept[sha]
                 if self.labeled(key):
@@ -398,18 +426,16 @@ class _Pass:
                 self.write("duplicates.jsonl", {"key": key, "duplicate_of": kept_key})
                 self.duplicates += 1
                 continue
-            group = record["group"] or None
+            group = group or None
             kept[sha] = (key, self.rows, group)
             new.append((sha, key, self.rows, group))
             if self.labeled(key):
                 self.present.add(key)
                 self.candidates[key] = (self.rows, group)
-            row = {"key": key, "source": source_key, "sha256": sha, "bytes": record["n_bytes"], **record["meta"]}
-            set_group_and_split(row, None, group, self.split, self.public)
-            self.by_split[row["split"]] += 1
-            rows.write(json.dumps(row, sort_keys=True, default=str) + "\n")
+            self.by_split[split] += 1
+            rows.write(_row_line(line, key, source_key, group, sha, self.split, self.public) + "\n")
             self.rows += 1
-        self.seen.executemany("INSERT INTO seen VALUES (?, ?, ?, ?)", new)
+        self.seen.add(new)
 
 
 def set_group_and_split(row: dict[str, Any], label: str | None, group: str | None, split: Any, public: Namer) -> None:
