@@ -3,7 +3,7 @@
 Each kept row's (sha256, key, manifest line, private group) is appended to a sqlite table on disk
 (its line is the table's integer key: appended in order, never a search through a tree of digests
 per insert); what is held in memory is the first 8 bytes of each digest with its line, 16 bytes a
-row, sorted (numpy) plus the last rows added (a dict, merged in every MERGE rows). A digest whose
+row, sorted (numpy) plus the last rows added (a dict of at most MERGE rows, then merged in). A digest whose
 8 bytes match is looked up in the table by line and compared whole, so two contents sharing those
 bytes are never taken for one.
 """
@@ -23,7 +23,7 @@ def _prefix(sha: str) -> int:
 
 
 class ContentIndex:
-    MERGE = 16_384  # rows added before they join the sorted arrays
+    MERGE = 8_192  # rows added before they join the sorted arrays (a merge copies them: O(rows))
 
     def __init__(self, path: Path) -> None:
         self.db = sqlite3.connect(path, isolation_level=None)
@@ -31,7 +31,7 @@ class ContentIndex:
                               "CREATE TABLE kept (line INTEGER PRIMARY KEY, sha256 TEXT, key TEXT, grp TEXT); BEGIN;")
         self.prefixes = np.empty(0, dtype=np.int64)  # sorted
         self.lines = np.empty(0, dtype=np.int64)  # the line of each prefix
-        self.recent: dict[int, list[int]] = {}  # prefix -> lines, added since the last merge
+        self.recent: dict[int, int] = {}  # prefix -> line, added since the last merge
 
     def close(self) -> None:
         self.db.close()
@@ -46,8 +46,7 @@ class ContentIndex:
         lines: list[int] = []
         for start, end in zip(low[high > low].tolist(), high[high > low].tolist()):
             lines.extend(self.lines[start:end].tolist())
-        for prefix in asked.tolist():
-            lines.extend(self.recent.get(prefix, ()))
+        lines.extend(line for line in map(self.recent.get, asked.tolist()) if line is not None)
         if not lines:
             return {}
         wanted = set(digests)
@@ -59,12 +58,13 @@ class ContentIndex:
         """(sha256, key, line, private group) of rows just kept, their lines increasing."""
         self.db.executemany("INSERT INTO kept (sha256, key, line, grp) VALUES (?, ?, ?, ?)", rows)
         for sha, _, line, _ in rows:
-            self.recent.setdefault(_prefix(sha), []).append(line)
-        if len(self.recent) >= self.MERGE:
-            self._merge()
+            prefix = _prefix(sha)
+            if prefix in self.recent or len(self.recent) >= self.MERGE:  # (two prefixes alike: 1 in 2**64)
+                self._merge()
+            self.recent[prefix] = line
 
     def _merge(self) -> None:
-        pairs = sorted((prefix, line) for prefix, lines in self.recent.items() for line in lines)
+        pairs = sorted(self.recent.items())
         prefixes = np.fromiter((p for p, _ in pairs), dtype=np.int64, count=len(pairs))
         lines = np.fromiter((line for _, line in pairs), dtype=np.int64, count=len(pairs))
         at = np.searchsorted(self.prefixes, prefixes, side="right")

@@ -296,8 +296,8 @@ def _traced_stage(root: Path, stage: str) -> tuple[int, dict]:
 
 
 def test_ingest_memory_does_not_grow_with_the_corpus(tmp_path: Path) -> None:
-    """Nothing per file is held: the listing is walked as a stream, rows, quarantine entries and raw
-    digests go to scratch files, duplicates are found on disk. Twelve times the files, nearly the same
+    """Nothing per file is held but 16 bytes of the index of contents (tasks/content_index.py): the
+    listing is walked as a stream, rows, quarantine entries and raw digests go to scratch files. Twelve times the files, nearly the same
     peak (the stream read ahead to size the chunks is made short here, as a corpus far longer than
     it would make it negligible, and so is the hash cache's write buffer). What is left is noise:
     pathlib interns every file name, and a resize of the interpreter's table of interned strings
