@@ -83,7 +83,10 @@ def write_volumes(corpus: Path, count: int, size: int = 96) -> None:
         nib.save(nib.Nifti1Image(volume, np.diag([1.2, 1.2, 1.5, 1.0])), corpus / f"ct-{i:04d}.nii.gz")
 
 
-def write_dicom(corpus: Path, count: int, slices: int = 48, size: int = 64) -> None:
+SERIES_SLICES = 48  # the slices of a generated DICOM series
+
+
+def write_dicom(corpus: Path, count: int, slices: int = SERIES_SLICES, size: int = 64) -> None:
     """`count` CT series of `slices` single-frame DICOM files each (pydicom's bundled CT_small.dcm as
     the template: a PACS export's layout, a folder a series), smooth random HU."""
     import pydicom
@@ -198,7 +201,7 @@ def speedup(args: argparse.Namespace) -> None:
             made.add(domain)
         times = stage_speedup(folder, domain, stage, "corpus")
         best1, best2 = min(times[1]), min(times[2])
-        what = f"{count} series of 48 slices" if domain == "dicom" else f"{count} files"
+        what = f"{count} series of {SERIES_SLICES} slices" if domain == "dicom" else f"{count} files"
         line = (f"{domain} {stage}: {what}, 1 worker {best1:.1f} s, 2 workers {best2:.1f} s "
                 f"(all: {times}) -> x{best1 / best2:.2f}")
         if stage == "ingest":
@@ -311,7 +314,7 @@ def main() -> None:
     one.add_argument("--slides", type=int, default=160)
     one.add_argument("--volumes", type=int, default=96)
     one.add_argument("--volume-size", type=int, default=96, help="voxels along each axis of a generated CT volume")
-    one.add_argument("--series", type=int, default=48, help="DICOM series of 48 slices (dicom-ingest)")
+    one.add_argument("--series", type=int, default=48, help=f"DICOM series of {SERIES_SLICES} slices (dicom-ingest)")
     one.add_argument("--only", nargs="*", help="cases to run: legal-ingest histo-ingest histo-preprocess ...")
     one.add_argument("--pin-threads", action="store_true", help="OMP_NUM_THREADS=1 for every stage run")
     two = commands.add_parser("dvc")

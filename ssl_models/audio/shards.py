@@ -13,7 +13,7 @@ from datasets import Features, Value
 
 from ssl_models.audio.features import InputSpec, RunningMoments, centre_crop, crops, encode_row, model_input
 from ssl_models.core.config import DomainConfig
-from ssl_models.core.domain import Record, Source
+from ssl_models.core.domain import Record, Source, get_domain
 from ssl_models.core.shards import LABELED, PRETRAIN_PARTS, ShardWriter
 from ssl_models.core.workers import file_stamp, run_items
 
@@ -28,8 +28,6 @@ def audio_chunk(job: tuple[DomainConfig, list[tuple[Source, list[dict[str, Any]]
     split, label, group and digest, its seconds, its pretraining crops (train and val), its
     labeled clip, and (train) the count and float64 column sums of its steps, which the stage adds
     up in the manifest's order: the normalisation statistics are those of one process."""
-    from ssl_models.core.domain import get_domain
-
     cfg, chunk = job
     domain, spec = get_domain(cfg.module), InputSpec.from_config(cfg.ingest, cfg.preprocess)
     done = []

@@ -187,12 +187,11 @@ def _unlabeled_line(record: Record, split: Any) -> tuple[str, str]:
     `_KEY`, `_SOURCE` and `_GROUP` where its names go: the stage's process only puts them in. The
     line is the record's size and metadata instead where a marker would not be found once exactly (a
     metadata value that spells one): `_row_line` then renders it whole."""
-    fields = {"key": "\0key\0", "source": "\0source\0", "sha256": record.sha256, "bytes": record.n_bytes,
-              **record.meta}
-    set_group_and_split(fields, None, record.group, split, lambda kind, value: "\0group\0")
+    fields = _unlabeled_row("\0key\0", "\0source\0", record.sha256, record.n_bytes, record.meta, record.group,
+                            split, lambda kind, value: "\0group\0")
     line = json.dumps(fields, sort_keys=True, default=str)
-    markers = (_KEY, _SOURCE, _GROUP) if record.group else (_KEY, _SOURCE)
-    if all(line.count(marker) == 1 for marker in markers) and (record.group or _GROUP not in line):
+    expected = ((_KEY, 1), (_SOURCE, 1), (_GROUP, 1 if record.group else 0))
+    if all(line.count(marker) == count for marker, count in expected):
         return fields["split"], line
     return fields["split"], json.dumps([record.n_bytes, record.meta], default=str)
 
@@ -201,11 +200,18 @@ def _row_line(line: str, key: str, source: str, group: str | None, sha: str, spl
     """The manifest line of a row read by `ingest_chunk`: its names put in (see `_unlabeled_line`)."""
     if line.startswith("["):  # the rare record whose metadata spells a marker: rendered here
         n_bytes, meta = json.loads(line)
-        row = {"key": key, "source": source, "sha256": sha, "bytes": n_bytes, **meta}
-        set_group_and_split(row, None, group, split, public)
-        return json.dumps(row, sort_keys=True, default=str)
+        return json.dumps(_unlabeled_row(key, source, sha, n_bytes, meta, group, split, public), sort_keys=True,
+                          default=str)
     line = line.replace(_KEY, _json_string(key), 1).replace(_SOURCE, _json_string(source), 1)
     return line.replace(_GROUP, _json_string(public("group", group)), 1) if group else line
+
+
+def _unlabeled_row(key: str, source: str, sha: str, n_bytes: int, meta: dict[str, Any], group: str | None,
+                   split: Any, public: Namer) -> dict[str, Any]:
+    """A manifest row with no label (the metadata's fields beside the row's own, as ingest writes them)."""
+    row = {"key": key, "source": source, "sha256": sha, "bytes": n_bytes, **meta}
+    set_group_and_split(row, None, group, split, public)
+    return row
 
 
 def _hash_or_none(path: Path, keep: int) -> StampedRead:
@@ -334,13 +340,13 @@ class _Pass:
     def __enter__(self) -> _Pass:
         self.streams = {name: open(self.scratch / name, "w", encoding="utf-8")
                         for name in ("rows.jsonl", "duplicates.jsonl", RAW_INPUTS, *self.QUARANTINE)}
-        self.seen = ContentIndex(self.scratch / "contents.sqlite")
+        self.contents = ContentIndex(self.scratch / "contents.sqlite")
         return self
 
     def __exit__(self, *exc: Any) -> None:
         for stream in self.streams.values():
             stream.close()
-        self.seen.close()
+        self.contents.close()
 
     def labeled(self, key: str) -> bool:
         """Whether a label may land on `key`: one names it, or names a file of its source."""
@@ -415,7 +421,7 @@ class _Pass:
         pending, self.pending = self.pending, []
         if not pending:
             return
-        kept = self.seen.find(list({sha for _, _, sha, *_ in pending}))
+        kept = self.contents.find(list({sha for _, _, sha, *_ in pending}))
         new, rows = [], self.streams["rows.jsonl"]
         for key, source_key, sha, group, split, line in pending:
             if sha in kept:
@@ -435,7 +441,7 @@ class _Pass:
             self.by_split[split] += 1
             rows.write(_row_line(line, key, source_key, group, sha, self.split, self.public) + "\n")
             self.rows += 1
-        self.seen.add(new)
+        self.contents.add(new)
 
 
 def set_group_and_split(row: dict[str, Any], label: str | None, group: str | None, split: Any, public: Namer) -> None:

@@ -127,5 +127,5 @@ def test_a_killed_chunked_audio_preprocess_resumes_at_its_first_unfinished_chunk
     killed = audio_project(tmp_path / "killed")
     kill_midway_then_rerun(stage_processes, killed, "preprocess", "audio", RECORDINGS,
                            DomainPaths("audio", killed).shards)
-    assert folder_digests(DomainPaths("audio", killed).shards) == folder_digests(DomainPaths("audio", whole).shards)
-    assert (DomainPaths("audio", killed).shards / "normalisation.json").exists()
+    resumed = folder_digests(DomainPaths("audio", killed).shards)
+    assert resumed == folder_digests(DomainPaths("audio", whole).shards) and "normalisation.json" in resumed

@@ -22,7 +22,8 @@ def test_finds_every_kept_content_before_and_after_merges_and_nothing_else(tmp_p
     index = ContentIndex(tmp_path / "index.sqlite")
     kept = {}
     for start in range(0, 1000, 64):
-        rows = [(_sha(i), f"doc-{i}", i, None if i % 3 else f"patient-{i % 7}") for i in range(start, min(1000, start + 64))]
+        rows = [(_sha(i), f"doc-{i}", i, None if i % 3 else f"patient-{i % 7}")
+                for i in range(start, min(1000, start + 64))]
         index.add(rows)
         kept.update({sha: (key, line, group) for sha, key, line, group in rows})
         asked = [_sha(i) for i in random.Random(start).sample(range(2000), 100)]
@@ -32,16 +33,22 @@ def test_finds_every_kept_content_before_and_after_merges_and_nothing_else(tmp_p
     index.close()
 
 
-def test_two_contents_sharing_their_first_eight_bytes_are_not_taken_for_one(tmp_path, monkeypatch):
+def test_two_contents_sharing_their_first_eight_bytes_are_not_taken_for_one(tmp_path):
     first = "ab" * 8 + "0" * 48
     second = "ab" * 8 + "f" * 48  # the same 64-bit prefix, another content
-    for merge in (1, 10_000):  # in the sorted arrays, and still among the recent rows
-        monkeypatch.setattr(ContentIndex, "MERGE", merge)
-        index = ContentIndex(tmp_path / f"index-{merge}.sqlite")
+    for merged in (False, True):  # looked up among the recent rows, then in the sorted arrays
+        index = ContentIndex(tmp_path / f"index-{merged}.sqlite")
         index.add([(first, "a.txt", 0, None)])
+        if merged:
+            index._merge()
+        assert (len(index.prefixes), len(index.recent)) == ((1, 0) if merged else (0, 1))
         assert index.find([second]) == {}
-        index.add([(second, "b.txt", 1, "g")])
+        index.add([(second, "b.txt", 1, "g")])  # its prefix among the recent rows merges them in first
+        assert len(index.prefixes) == 1 and len(index.recent) == 1
         assert index.find([first, second]) == {first: ("a.txt", 0, None), second: ("b.txt", 1, "g")}
+        index._merge()  # both in the sorted arrays, one prefix twice
+        assert list(index.lines) == [0, 1] and not index.recent
+        assert index.find([second, first]) == {first: ("a.txt", 0, None), second: ("b.txt", 1, "g")}
         index.close()
 
 

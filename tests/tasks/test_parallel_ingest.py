@@ -192,7 +192,7 @@ def test_dicom_headers_are_read_on_the_engine_and_the_manifest_is_the_same(
         assert not DomainPaths("medical", root).work("ingest-dicom-headers").exists()
         made[name] = manifest_digests(root, "medical")
     assert made["one"] == made["two"] == made["dask"]
-    rows = [line for line in (tmp_path / "one/data/medical/manifest/manifest.jsonl").read_text().splitlines()]
+    rows = (tmp_path / "one/data/medical/manifest/manifest.jsonl").read_text().splitlines()
     reasons = sorted(entry["reason"].split(" (")[0].split(":")[0] for entry in
                      read_jsonl(tmp_path / "one/data/medical/manifest/quarantine.jsonl"))
     assert len(rows) == 3 and reasons == ["DICOM without pixel data", "not a 3D volume", "not a DICOM file"], reasons
