@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
-from datasets import Features, Value
 
 from ssl_models.audio.features import InputSpec, RunningMoments, centre_crop, crops, encode_row, model_input
 from ssl_models.core.config import DomainConfig
@@ -18,7 +17,13 @@ from ssl_models.core.shards import LABELED, PRETRAIN_PARTS, ShardWriter
 from ssl_models.core.workers import file_stamp, run_items
 
 PRETRAIN_COLUMNS = ("input", "length")
-FEATURES = Features({"sample_id": Value("string"), "input": Value("binary"), "length": Value("int64"),
+
+
+def features():
+    """The shards' columns (`datasets` imported here: the workers that make the rows never load it)."""
+    from datasets import Features, Value
+
+    return Features({"sample_id": Value("string"), "input": Value("binary"), "length": Value("int64"),
                      "label": Value("string"), "split": Value("string"), "group": Value("string")})
 
 
@@ -62,7 +67,8 @@ def write_audio_shards(cfg: DomainConfig, sources: Iterable[tuple[Source, list[d
     seconds = {"train": 0.0, "val": 0.0, "test": 0.0}
     results = run_items(audio_chunk, cfg, sources, lambda pair: (
         pair[0].key, [row["sha256"] for row in pair[1]], [file_stamp(path) for path in pair[0].paths]))
-    with ShardWriter(out_dir, PRETRAIN_COLUMNS, tuple(FEATURES), FEATURES) as shards:
+    columns = features()
+    with ShardWriter(out_dir, PRETRAIN_COLUMNS, tuple(columns), columns) as shards:
         for made in results:
             for entry in made:
                 seconds[entry["split"]] += entry["seconds"]

@@ -11,7 +11,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from datasets import Features, Sequence, Value
 from tqdm import tqdm
 
 from ssl_models.core.config import DomainConfig
@@ -43,6 +42,8 @@ def write_volume_shards(cfg: DomainConfig, manifest: list[dict[str, Any]], out_d
                         locate: Locate) -> dict[str, Any]:
     """The `pretrain_train`, `pretrain_val` and `labeled` shards of `manifest` in `out_dir`, and
     the preprocess summary (cube size, spacing, modalities, quarantine, volumes per shard)."""
+    from datasets import Features, Sequence, Value  # here: the workers making the cubes never load it
+
     features = Features({"sample_id": Value("string"), "image": Value("binary"), "shape": Sequence(Value("int32")),
                          "label": Value("string"), "split": Value("string"), "group": Value("string")})
     options, size = cfg.preprocess, cfg.model.size
