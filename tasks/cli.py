@@ -364,8 +364,29 @@ def run_stage(stage: str, domain_name: str, root: Path = Path("."),
             check_inputs(stage, paths)
             if stage == "preprocess":
                 check_raw_inputs_unchanged(paths.manifest, root, f"ingest@{domain_name}")
-            with private_outputs(domain.pseudonymises(cfg)):  # a private domain's outputs: the owner's alone
-                return function(cfg, domain, paths)
+            with private_outputs(domain.pseudonymises(cfg)), _collecting_less(stage in DATA_STAGES):
+                return function(cfg, domain, paths)  # a private domain's outputs: the owner's alone
+
+
+DATA_STAGES = ("ingest", "preprocess")  # a few short-lived objects a record, for every record of the corpus
+
+
+@contextlib.contextmanager
+def _collecting_less(data_stage: bool) -> Iterator[None]:
+    """A data stage runs with the garbage collector's young generation collected less often
+    (`collect_less`); the thresholds before are set back after it (a test runs many stages in one process)."""
+    if not data_stage:
+        yield
+        return
+    import gc
+
+    from ssl_models.core.processes import collect_less
+
+    before = collect_less()
+    try:
+        yield
+    finally:
+        gc.set_threshold(*before)
 
 
 def _one_line(text: object) -> str:

@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from ssl_models.core.errors import PipelineError
-from ssl_models.core.processes import available_cores, keep_freed_memory
+from ssl_models.core.processes import available_cores, collect_less, keep_freed_memory
 from ssl_models.core.workers import digest_of_inputs
 
 log = logging.getLogger("workers")
@@ -75,7 +75,8 @@ WORKER_NICENESS = 10  # a local worker's scheduling priority below the stage's p
 def share_cores(threads: int) -> None:
     """In a worker process, before its libraries start their thread pools: `threads` each (torch,
     numpy's BLAS, OpenMP), so N workers use the machine's cores once, not N times over; and freed
-    file-sized blocks kept for the next file (`keep_freed_memory`). The worker runs niced: the
+    file-sized blocks kept for the next file (`keep_freed_memory`); the garbage collector run less
+    often (`collect_less`), as in the stage's own process. The worker runs niced: the
     stage's own process hands out the chunks and writes their results in order, so the workers
     wait on it; with as many workers as cores, at equal priority it got a third of a core less
     than it needed (legal ingest, 2 workers on 2 cores) while the workers ran ahead."""
@@ -86,6 +87,7 @@ def share_cores(threads: int) -> None:
     if "torch" in sys.modules:
         sys.modules["torch"].set_num_threads(threads)
     keep_freed_memory()
+    collect_less()  # as the stage's own process: a few short-lived objects a record
 
 
 class ChunkedWork:

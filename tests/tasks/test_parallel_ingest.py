@@ -196,3 +196,31 @@ def test_dicom_headers_are_read_on_the_engine_and_the_manifest_is_the_same(
     reasons = sorted(entry["reason"].split(" (")[0].split(":")[0] for entry in
                      read_jsonl(tmp_path / "one/data/medical/manifest/quarantine.jsonl"))
     assert len(rows) == 3 and reasons == ["DICOM without pixel data", "not a 3D volume", "not a DICOM file"], reasons
+
+
+def young_threshold(job: list[int]) -> list[int]:
+    import gc
+
+    return [gc.get_threshold()[0] for _ in job]
+
+
+def test_data_stages_and_their_workers_collect_garbage_less_often(tmp_path: Path, monkeypatch) -> None:
+    """`collect_less`: the stage's process while ingest runs (set back after it: tests run many stages
+    in one process), and a local worker for its life."""
+    import gc
+
+    import tasks.stages.ingest as ingest_module
+    from ssl_models.core.processes import YOUNG_COLLECTION_EVERY
+    from tasks.cli import run_stage
+    from tasks.workers import ChunkedWork
+
+    before = gc.get_threshold()
+    assert before[0] < YOUNG_COLLECTION_EVERY
+    seen: list[int] = []
+    monkeypatch.setattr(ingest_module, "ingest", lambda cfg, domain, paths: seen.append(gc.get_threshold()[0]))
+    (tmp_path / "corpus").mkdir()
+    write_params(tmp_path, tiny_params(corpus="corpus", labels=None))
+    run_stage("ingest", "legal", tmp_path)
+    assert seen == [YOUNG_COLLECTION_EVERY] and gc.get_threshold() == before
+    work = ChunkedWork(tmp_path / "work", {}, workers=2)
+    assert list(work.results_of(young_threshold, zip([[1], [2]], ["a", "b"]))) == [[YOUNG_COLLECTION_EVERY]] * 2
