@@ -104,6 +104,7 @@ class ChunkedWork:
         self.workers, self.scheduler = resolve_workers(workers), scheduler_address(scheduler)
         self.chosen = workers not in (None, "auto")  # a number the user set: always used
         self.items: int | None = None  # what the work is made of, once chunk_length was asked
+        self.whole = True  # whether `items` is all of it (else the first items of a longer stream)
         self.window = window  # chunks in flight per worker
         self.resumed = 0  # chunks read back from an earlier run
 
@@ -116,13 +117,16 @@ class ChunkedWork:
         self.parts.append(work)
         return work
 
-    def chunk_length(self, items: int) -> int:
+    def chunk_length(self, items: int, whole: bool = True) -> int:
         """Items a chunk carries: the section's `chunk_size`, or (auto) enough chunks for every worker
-        to take several (load balance, resume granularity), at most `max_items` each."""
-        self.items = items
+        to take several (load balance, resume granularity), at most `max_items` each. `whole`: `items`
+        is all of the work (CHUNKS_PER_WORKER each); else the first items of a longer stream, of which
+        4 chunks a worker are made: the rest of the stream makes more, so the last is a smaller part
+        of the whole (legal ingest of 200,000 texts on 2 workers: 1,024 texts a chunk, not 512)."""
+        self.items, self.whole = items, whole
         if self.chunk_size not in (None, "auto"):
             return max(1, int(self.chunk_size))
-        slots = CHUNKS_PER_WORKER * (max(self.workers, 8) if self.scheduler else self.workers)
+        slots = (CHUNKS_PER_WORKER if whole else 4) * (max(self.workers, 8) if self.scheduler else self.workers)
         return max(1, min(self.max_items, -(-items // slots)))
 
     @property
@@ -262,7 +266,7 @@ class ChunkedWork:
         LOOKAHEAD of a longer stream: then at least that many)."""
         if self.items is None:
             return self.workers
-        return -(-self.items // self.chunk_length(self.items))
+        return -(-self.items // self.chunk_length(self.items, self.whole))
 
     def worth_processes(self) -> bool:
         """With `workers: auto`, processes only for AUTO_MIN_ITEMS sources or more: each worker pays its

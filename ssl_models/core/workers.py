@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 
 class Engine(Protocol):
-    def chunk_length(self, items: int) -> int: ...
+    def chunk_length(self, items: int, whole: bool = True) -> int: ...
 
     def results_of(self, function: Callable[[Any], Any], chunks: Iterable[tuple[Any, str]],
                    fresh: Callable[[Any, Any], bool] | None = None) -> Iterator[Any]: ...
@@ -62,7 +62,7 @@ def run_items(function: Callable[[Any], list[Any]], shared: Any, items: Iterable
     pairs = (((item, identities(item)) for item in items) if callable(identities)
              else zip(items, identities))
     head = list(itertools.islice(pairs, LOOKAHEAD))
-    size = engine.chunk_length(len(head)) if engine is not None else max(1, len(head))
+    size = engine.chunk_length(len(head), len(head) < LOOKAHEAD) if engine is not None else max(1, len(head))
     stream = itertools.chain(head, pairs)
     del head
 

@@ -224,3 +224,17 @@ def test_data_stages_and_their_workers_collect_garbage_less_often(tmp_path: Path
     assert seen == [YOUNG_COLLECTION_EVERY] and gc.get_threshold() == before
     work = ChunkedWork(tmp_path / "work", {}, workers=2)
     assert list(work.results_of(young_threshold, zip([[1], [2]], ["a", "b"]))) == [[YOUNG_COLLECTION_EVERY]] * 2
+
+
+def test_auto_chunks_are_small_for_a_list_and_the_domains_size_for_a_long_stream(tmp_path: Path) -> None:
+    """The stage ends with its last chunk: a corpus known whole comes in CHUNKS_PER_WORKER chunks a
+    worker (384 DICOM series on 2 workers: 32 chunks of 12, not 8 of 48); the first LOOKAHEAD items of
+    a longer stream in 4 a worker, so short texts keep the domain's 1,024 a chunk."""
+    from ssl_models.core.workers import LOOKAHEAD
+    from tasks.workers import CHUNKS_PER_WORKER, ChunkedWork
+
+    listed = ChunkedWork(tmp_path, {}, workers=2, max_items=64)
+    assert listed.chunk_length(384) == -(-384 // (2 * CHUNKS_PER_WORKER)) and listed.chunks_expected() >= 32
+    streamed = ChunkedWork(tmp_path, {}, workers=2, max_items=1024)
+    assert streamed.chunk_length(LOOKAHEAD, whole=False) == 1024
+    assert streamed.chunk_length(LOOKAHEAD - 1) == -(-(LOOKAHEAD - 1) // (2 * CHUNKS_PER_WORKER))
