@@ -126,8 +126,8 @@ def collect_less() -> tuple[int, int, int]:
     YOUNG_COLLECTION_EVERY allocations of container objects instead of 700, the older ones in the
     same proportions as before. A data stage makes a few short-lived lists and dicts a record
     (a chunk's JSON read back, a row, a manifest line): by default a collection ran every hundred
-    records or so. Legal ingest of 200,000 texts in one process took 15.4-15.8 s against 18.8 s
-    (idle, alternated, two runs each). What those records hold is freed by reference counting as
+    records or so. Legal ingest of 200,000 texts in one process took 15.4 s against 17.7 s (idle,
+    best of 3 alternated; BENCHMARKS.md). What those records hold is freed by reference counting as
     it goes; only reference cycles wait longer to be freed. Returns the thresholds set before."""
     import gc
 
