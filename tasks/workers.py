@@ -64,9 +64,10 @@ AUTO_MIN_ITEMS = 256  # `workers: auto` below this many sources: in the stage's 
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 
 
-# auto chunks a worker takes (at most `max_items` items each). The work ends when the last chunk
-# does, and the other workers wait for it: with 4 a worker, 384 DICOM series on 2 workers came in
-# 8 chunks of 48 series and one worker ran 18.1 s of them against 15.7 s for the other.
+# auto chunks a worker takes where the run knows all its items (at most `max_items` items each; a
+# longer stream: 4 a worker of its first LOOKAHEAD items, see `chunk_length`). The work ends when the
+# last chunk does, and the other workers wait for it: with 4 a worker, 384 DICOM series on 2 workers
+# came in 8 chunks of 48 series and one worker ran 18.1 CPU-s of them against 15.7 for the other.
 CHUNKS_PER_WORKER = 16
 
 WORKER_NICENESS = 10  # a local worker's scheduling priority below the stage's process (nice(1)'s default)
