@@ -346,6 +346,7 @@ def run_stage(stage: str, domain_name: str, root: Path = Path("."),
     (`loaded`; parsed here when not given), as the CLI does."""
     from ssl_models.core.config import load_config
     from ssl_models.core.hashing import hash_cache
+    from ssl_models.core.processes import collecting_less
     from tasks.io import clean_stale, private_outputs
     from tasks.lineage import check_raw_inputs_unchanged
     from tasks.paths import DomainPaths
@@ -364,29 +365,13 @@ def run_stage(stage: str, domain_name: str, root: Path = Path("."),
             check_inputs(stage, paths)
             if stage == "preprocess":
                 check_raw_inputs_unchanged(paths.manifest, root, f"ingest@{domain_name}")
-            with private_outputs(domain.pseudonymises(cfg)), _collecting_less(stage in DATA_STAGES):
-                return function(cfg, domain, paths)  # a private domain's outputs: the owner's alone
+            # a data stage makes a few short-lived objects a record: the garbage collector runs less often
+            collector = collecting_less() if stage in DATA_STAGES else contextlib.nullcontext()
+            with private_outputs(domain.pseudonymises(cfg)), collector:  # private outputs: the owner's alone
+                return function(cfg, domain, paths)
 
 
-DATA_STAGES = ("ingest", "preprocess")  # a few short-lived objects a record, for every record of the corpus
-
-
-@contextlib.contextmanager
-def _collecting_less(data_stage: bool) -> Iterator[None]:
-    """A data stage runs with the garbage collector's young generation collected less often
-    (`collect_less`); the thresholds before are set back after it (a test runs many stages in one process)."""
-    if not data_stage:
-        yield
-        return
-    import gc
-
-    from ssl_models.core.processes import collect_less
-
-    before = collect_less()
-    try:
-        yield
-    finally:
-        gc.set_threshold(*before)
+DATA_STAGES = ("ingest", "preprocess")
 
 
 def _one_line(text: object) -> str:

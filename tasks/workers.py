@@ -69,6 +69,7 @@ THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"
 # last chunk does, and the other workers wait for it: with 4 a worker, 384 DICOM series on 2 workers
 # came in 8 chunks of 48 series and one worker ran 18.1 CPU-s of them against 15.7 for the other.
 CHUNKS_PER_WORKER = 16
+STREAM_CHUNKS_PER_WORKER = 4  # of the first LOOKAHEAD items of a longer stream, whose rest makes more
 
 WORKER_NICENESS = 10  # a local worker's scheduling priority below the stage's process (nice(1)'s default)
 
@@ -105,7 +106,7 @@ class ChunkedWork:
         self.workers, self.scheduler = resolve_workers(workers), scheduler_address(scheduler)
         self.chosen = workers not in (None, "auto")  # a number the user set: always used
         self.items: int | None = None  # what the work is made of, once chunk_length was asked
-        self.whole = True  # whether `items` is all of it (else the first items of a longer stream)
+        self.length = 1  # the items a chunk carries, as chunk_length settled it
         self.window = window  # chunks in flight per worker
         self.resumed = 0  # chunks read back from an earlier run
 
@@ -121,14 +122,18 @@ class ChunkedWork:
     def chunk_length(self, items: int, whole: bool = True) -> int:
         """Items a chunk carries: the section's `chunk_size`, or (auto) enough chunks for every worker
         to take several (load balance, resume granularity), at most `max_items` each. `whole`: `items`
-        is all of the work (CHUNKS_PER_WORKER each); else the first items of a longer stream, of which
-        4 chunks a worker are made: the rest of the stream makes more, so the last is a smaller part
-        of the whole (legal ingest of 200,000 texts on 2 workers: 1,024 texts a chunk, not 512)."""
-        self.items, self.whole = items, whole
+        is all of the work (CHUNKS_PER_WORKER chunks a worker); else the first items of a longer
+        stream (STREAM_CHUNKS_PER_WORKER a worker of them: the rest of the stream makes more, so the
+        last is a smaller part of the whole; legal ingest of 200,000 texts on 2 workers: 1,024 texts a
+        chunk, not 512)."""
+        self.items = items
         if self.chunk_size not in (None, "auto"):
-            return max(1, int(self.chunk_size))
-        slots = (CHUNKS_PER_WORKER if whole else 4) * (max(self.workers, 8) if self.scheduler else self.workers)
-        return max(1, min(self.max_items, -(-items // slots)))
+            self.length = max(1, int(self.chunk_size))
+        else:
+            per_worker = CHUNKS_PER_WORKER if whole else STREAM_CHUNKS_PER_WORKER
+            slots = per_worker * (max(self.workers, 8) if self.scheduler else self.workers)
+            self.length = max(1, min(self.max_items, -(-items // slots)))
+        return self.length
 
     @property
     def engine(self) -> str:
@@ -267,7 +272,7 @@ class ChunkedWork:
         LOOKAHEAD of a longer stream: then at least that many)."""
         if self.items is None:
             return self.workers
-        return -(-self.items // self.chunk_length(self.items, self.whole))
+        return -(-self.items // self.length)
 
     def worth_processes(self) -> bool:
         """With `workers: auto`, processes only for AUTO_MIN_ITEMS sources or more: each worker pays its

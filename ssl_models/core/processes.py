@@ -3,11 +3,12 @@ the signal the kernel sends a process when its parent dies."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 
 def process_alive(pid: int) -> bool:
@@ -134,3 +135,16 @@ def collect_less() -> tuple[int, int, int]:
     before = gc.get_threshold()
     gc.set_threshold(YOUNG_COLLECTION_EVERY, *before[1:])
     return before
+
+
+@contextlib.contextmanager
+def collecting_less() -> Iterator[None]:
+    """`collect_less` while the block runs, the thresholds before set back after it (a test runs
+    many stages in one process)."""
+    import gc
+
+    before = collect_less()
+    try:
+        yield
+    finally:
+        gc.set_threshold(*before)
